@@ -1,0 +1,503 @@
+"""tokenizer.py: the Llama 3 tokenizer. Byte-level BPE, trained here, saved and loaded in Meta's format.
+
+Stage 1 of the recipe. Llama 3 replaced Llama 2's SentencePiece with a tiktoken-style byte-level BPE
+(128K vocabulary: 100K from tiktoken's cl100k plus 28K extra, Llama 3 paper section 2.2). This file
+trains such a tokenizer on our own text and reads/writes the exact file format Meta ships.
+
+Design choices
+- Byte-level BPE: the 256 byte values are the first 256 tokens, so any string encodes, nothing is unknown.
+- Text is first split into chunks by LLAMA3_PATTERN (Meta's regex, verbatim); merges never cross a chunk
+  boundary, so " the", "123" and "\n\n" become tokens but "e t" never does.
+- Training (train_bpe) counts the unique chunks once, then merges incrementally: the pair counts, an
+  index pair -> chunks containing it, and a heap give the most frequent pair without rescanning the
+  corpus. train_bpe_reference is the plain minbpe-style loop that rescans everything each merge; the
+  tests hold the two to identical merges. Ties: the pair with the highest count wins, among equal counts
+  the smallest pair of ids (a, b) -- so the result does not depend on the order the text came in.
+- File format: tiktoken's / Meta's `tokenizer.model`, one `base64(token bytes) rank` line per token.
+  There is no merge list: the ranks are the merges (to encode a chunk, repeatedly join the adjacent pair
+  whose joined bytes have the lowest rank, encode_reference below). So Tokenizer.load reads Meta's own
+  tokenizer.model (128000 ranks) and gives Meta's ids. A `.vocab` file beside it is for human eyes only.
+- Special tokens: Meta's Llama 3 layout, 256 ids right after the ranks (<|begin_of_text|> = 128000 and
+  <|eot_id|> = 128009 for Meta's vocabulary). encode() treats every string as plain text, so a user
+  who types "<|eot_id|>" gets ordinary characters, never the control token.
+- Encoding runs in tiktoken (Rust) built from our ranks; encode_reference is the pure-Python spec.
+- Chat format (Llama 3): <|begin_of_text|> then per message
+  <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>; encode_dialog returns a loss mask
+  that is 1 on the assistant's content and its <|eot_id|> only.
+
+Run it
+  python tokenizer.py                                      # train on this Python's standard library
+  python tokenizer.py --input notes/ book.txt --vocab-size 32000 --out tok.model
+  python tokenizer.py --load tok.model --encode "Hello world"    # show the tokens of a string
+  python tokenizer.py --load Meta-Llama-3-8B/original/tokenizer.model --encode "Hello world"
+"""
+import argparse
+import base64
+import hashlib
+import heapq
+import multiprocessing
+import os
+import sys
+import sysconfig
+import unicodedata
+from collections import Counter, defaultdict
+
+import regex
+import tiktoken
+from tqdm import tqdm
+
+# Meta's split regex for Llama 3 (meta-llama/llama3, llama/tokenizer.py `pat_str`; the same as tiktoken's
+# cl100k_base): contractions, letters with one optional leading non-letter, numbers of at most 3 digits,
+# punctuation runs, newlines, and whitespace that never swallows the space before a word.
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+
+# Meta's Llama 3 special tokens, in id order after the mergeable ranks (meta-llama/llama3 tokenizer.py).
+# Llama 3.1 later renamed some reserved slots (<|eom_id|> at +8, <|python_tag|> at +10); the ids we use
+# (begin/end of text, headers, eot) are the same in both.
+N_SPECIAL = 256
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",  # end of turn
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, N_SPECIAL - 5)]
+assert len(SPECIAL_TOKENS) == N_SPECIAL
+
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference BPE, minbpe-style: short, slow, obviously right. The fast trainer below must match it.
+
+def get_stats(ids, counts=None, weight=1):
+    """Count adjacent pairs: ids=[1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids, pair, idx):
+    """Replace every occurrence of pair, left to right: ids=[1, 2, 3, 1, 2], pair=(1, 2), idx=4 -> [4, 3, 4]."""
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] == pair[0] and i + 1 < len(ids) and ids[i + 1] == pair[1]:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def train_bpe_reference(chunk_counts, n_tokens):
+    """Learn merges until the vocabulary has n_tokens tokens, rescanning every chunk at every merge.
+
+    chunk_counts: {chunk bytes: how often the chunk occurs}. Returns (merges, vocab): merges is the list
+    of ((a, b), new_id) in order, vocab[id] the token's bytes. If the joined bytes of the best pair are
+    already a token (joined differently before, e.g. "ab"+"c" then "a"+"bc"), the pair merges into that
+    token and the vocabulary does not grow: tiktoken's format needs each token's bytes to be unique."""
+    words = Counter({tuple(chunk): n for chunk, n in chunk_counts.items()})
+    vocab = [bytes([b]) for b in range(256)]
+    token_id = {tok: i for i, tok in enumerate(vocab)}
+    merges = []
+    while len(vocab) < n_tokens:
+        stats = {}
+        for word, n in words.items():
+            get_stats(word, stats, n)
+        if not stats:
+            break  # every chunk is a single token: nothing left to merge
+        pair = min(stats, key=lambda p: (-stats[p], p))  # most frequent; ties: smallest (a, b)
+        new = vocab[pair[0]] + vocab[pair[1]]
+        idx = token_id.setdefault(new, len(vocab))
+        if idx == len(vocab):
+            vocab.append(new)
+        merges.append((pair, idx))
+        merged = Counter()
+        for word, n in words.items():
+            merged[tuple(merge(word, pair, idx))] += n
+        words = merged
+    return merges, vocab
+
+
+def encode_reference(ranks, text, pattern=LLAMA3_PATTERN):
+    """What tiktoken does, in plain Python: split text by the pattern, then in each chunk repeatedly join
+    the adjacent pair whose joined bytes have the lowest rank, until no joined pair is a token.
+    ranks: {token bytes: id}. E.g. ranks with b"ab"=256, b"abc"=257: "abc" -> [a,b,c] -> [ab,c] -> [abc]."""
+    ids = []
+    for chunk in regex.findall(pattern, text):
+        parts = [bytes([b]) for b in chunk.encode("utf-8")]
+        while len(parts) > 1:
+            joined = [ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
+            best = min((r, i) for i, r in enumerate(joined) if r is not None) if any(
+                r is not None for r in joined) else None
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids.extend(ranks[p] for p in parts)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast trainer. Step 1: count the unique chunks once (in worker processes for large inputs).
+
+def _count_chunks(args):
+    """Worker: (pattern, texts) -> Counter of the pattern's chunks in those texts."""
+    pattern, texts = args
+    rx, counts = regex.compile(pattern), Counter()
+    for text in texts:
+        counts.update(rx.findall(text))
+    return counts
+
+
+def _batches(texts, batch_chars):
+    """Group an iterable of strings into lists of about batch_chars characters."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def count_chunks(texts, pattern=LLAMA3_PATTERN, processes=None, batch_chars=4_000_000):
+    """Split every text with the pattern and count each distinct chunk: -> {chunk bytes: count}.
+
+    A few MB of text has only ~10^5 distinct chunks, so after this the corpus itself is never read again.
+    Inputs bigger than one batch are split across `processes` worker processes (default: all cores)."""
+    batches = _batches(texts, batch_chars)
+    first = next(batches, None)
+    second = next(batches, None)
+    counts = Counter()
+    if first is not None and second is None or processes == 1:  # small input: count right here
+        for batch in [b for b in (first, second) if b is not None] + list(batches):
+            counts.update(_count_chunks((pattern, batch)))
+    elif first is not None:
+        # fork (Linux) starts workers without re-importing the caller's script; spawn elsewhere
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ctx.Pool(processes or os.cpu_count()) as pool:
+            jobs = ((pattern, b) for b in _chain([first, second], batches))
+            for part in pool.imap_unordered(_count_chunks, jobs):
+                counts.update(part)  # addition commutes: the order the parts come back in does not matter
+    return {chunk.encode("utf-8", errors="replace"): n for chunk, n in counts.items()}
+
+
+def _chain(head, rest):
+    yield from head
+    yield from rest
+
+
+# Step 2: merge incrementally. Per merge we touch only the chunks that contain the merged pair.
+
+def train_bpe(chunk_counts, n_tokens, verbose=False):
+    """Same contract and result as train_bpe_reference, in time proportional to what each merge changes.
+
+    State: words[w] is distinct chunk w as a list of token ids and freq[w] its count; pair_counts[p] the
+    weighted count of pair p over all chunks; where[p] the chunks that contain (or once contained) p;
+    a heap of (-count, pair). Counts of existing pairs only go down when something merges, and every
+    pair whose count goes up is pushed again, so a popped entry is either current (take it) or too high
+    (push the current count back and pop again) -- "lazy invalidation", no decrease-key needed."""
+    words = [list(chunk) for chunk in chunk_counts]
+    freq = list(chunk_counts.values())
+    pair_counts, where = defaultdict(int), defaultdict(set)
+    for w, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freq[w]
+            where[pair].add(w)
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)  # smallest (-count, a, b) first: most frequent pair, ties to the smallest ids
+
+    vocab = [bytes([b]) for b in range(256)]
+    token_id = {tok: i for i, tok in enumerate(vocab)}
+    merges = []
+    bar = tqdm(total=n_tokens - len(vocab), desc="bpe merges", unit="tok", disable=not verbose)
+    while len(vocab) < n_tokens and heap:
+        neg, pair = heapq.heappop(heap)
+        n = pair_counts.get(pair, 0)
+        if n != -neg:  # stale entry
+            if 0 < n < -neg:
+                heapq.heappush(heap, (-n, pair))
+            continue
+        new = vocab[pair[0]] + vocab[pair[1]]
+        idx = token_id.setdefault(new, len(vocab))  # joined bytes already a token: reuse it (see reference)
+        if idx == len(vocab):
+            vocab.append(new)
+            bar.update()
+        merges.append((pair, idx))
+
+        # Re-merge only the chunks that contain the pair; collect how each pair's count changes.
+        delta = defaultdict(int)
+        a, b = pair
+        for w in where.pop(pair):
+            word = words[w]
+            new_word = merge(word, pair, idx)
+            if len(new_word) == len(word):
+                continue  # index entry left over from an earlier merge of this chunk
+            f = freq[w]
+            for p in zip(word, word[1:]):
+                delta[p] -= f
+            for p in zip(new_word, new_word[1:]):
+                delta[p] += f
+                where[p].add(w)
+            words[w] = new_word
+        for p, d in delta.items():
+            if d:
+                pair_counts[p] += d
+                if d > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+                elif pair_counts[p] == 0:
+                    del pair_counts[p]
+    bar.close()
+    return merges, vocab
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corpora: the Python standard library (the default, always on disk) or the user's files.
+
+def stdlib_sources():
+    """Yield (path, text) for every .py file of this interpreter's standard library, in sorted path order.
+    site-packages is not the standard library and is skipped; files that are not UTF-8 (a few test
+    fixtures) are skipped too and counted in one line on stderr."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    skipped = 0
+    for path in sorted(paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            skipped += 1
+            continue
+        yield path, text
+    if skipped:
+        print(f"stdlib_sources: skipped {skipped} files under {root} that are not UTF-8", file=sys.stderr)
+
+
+def read_texts(paths):
+    """Yield the text of each file, folders walked recursively in sorted order. Bytes that are not UTF-8
+    become U+FFFD (nothing is dropped); the files where that happened are counted and reported."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files += sorted(os.path.join(folder, n) for n in names if not n.startswith("."))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    bad = []
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(path)
+            yield data.decode("utf-8", errors="replace")
+    if bad:
+        print(f"read_texts: {len(bad)} of {len(files)} files were not valid UTF-8 and were decoded with "
+              f"U+FFFD replacement characters, e.g. {bad[0]}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tokenizer: ranks + special tokens, encoding through tiktoken.
+
+def render_token(token):
+    """Token bytes -> printable text for the .vocab file: invalid UTF-8 as \\xNN, control chars escaped."""
+    s = token.decode("utf-8", errors="backslashreplace")
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c)[0] == "C" else c for c in s)
+
+
+class Tokenizer:
+    def __init__(self, ranks, pattern=LLAMA3_PATTERN, special_tokens=SPECIAL_TOKENS, name="nanollama3"):
+        """ranks: {token bytes: id} with ids exactly 0..len(ranks)-1. Special tokens follow the ranks."""
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError("token ranks must be exactly 0..n-1, each once")
+        self.ranks, self.pattern = ranks, pattern
+        self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
+        self.n_words = len(ranks) + len(self.special_tokens)  # what ModelArgs.vocab_size must be at least
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.start_header_id = self.special_tokens["<|start_header_id|>"]
+        self.end_header_id = self.special_tokens["<|end_header_id|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.stop_ids = {self.eos_id, self.eot_id}  # generation ends at either
+
+    @classmethod
+    def train(cls, texts, vocab_size, pattern=LLAMA3_PATTERN, processes=None, verbose=False):
+        """Learn a BPE vocabulary of vocab_size tokens in all (the 256 special tokens included, like
+        Meta's 128256) from an iterable of strings."""
+        n_tokens = vocab_size - N_SPECIAL
+        if n_tokens < 256:
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and "
+                             f"the {N_SPECIAL} special tokens, so at least {256 + N_SPECIAL}")
+        if isinstance(texts, str):
+            texts = [texts]
+        chunk_counts = count_chunks(texts, pattern, processes)
+        if not chunk_counts:
+            raise ValueError("empty corpus: the texts given to Tokenizer.train contain no characters")
+        merges, vocab = train_bpe(chunk_counts, n_tokens, verbose=verbose)
+        if len(vocab) < n_tokens:
+            print(f"Tokenizer.train: the corpus ran out of pairs to merge at {len(vocab)} tokens "
+                  f"(asked for {n_tokens} + {N_SPECIAL} special); give it more text", file=sys.stderr)
+        return cls({tok: i for i, tok in enumerate(vocab)}, pattern)
+
+    @classmethod
+    def load(cls, path, pattern=LLAMA3_PATTERN):
+        """Read a tiktoken / Meta tokenizer.model file (`base64(token) rank` per line). The file does not
+        store the split pattern: Llama 3's is assumed, as Meta's loader does."""
+        ranks, seen = {}, {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    b64, rank = line.split()
+                    token, rank = base64.b64decode(b64, validate=True), int(rank)
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: malformed line {line[:60]!r}: "
+                                     f"expected 'base64(token bytes) rank'") from None
+                if token in ranks or rank in seen or rank < 0:
+                    raise ValueError(f"{path}:{lineno}: token {token!r} rank {rank} is a duplicate"
+                                     + (f" of line {seen[rank]}" if rank in seen else "") + " or negative")
+                ranks[token], seen[rank] = rank, lineno
+        if not ranks:
+            raise ValueError(f"{path}: no tokens in the file")
+        missing = sorted(set(range(len(ranks))) - set(seen))
+        if missing:
+            raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} with no gaps; rank {missing[0]} "
+                             f"is missing")
+        return cls(ranks, pattern)
+
+    def save(self, path):
+        """Write `path` (tiktoken / Meta format) atomically, and a readable `.vocab` file beside it."""
+        by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        _write_atomic(path, "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank))
+        vocab_path = os.path.splitext(path)[0] + ".vocab"
+        lines = [f"{rank}\t{render_token(tok)}\n" for tok, rank in by_rank]
+        lines += [f"{i}\t{tok}\n" for tok, i in self.special_tokens.items()]
+        _write_atomic(vocab_path, "".join(lines))
+
+    def fingerprint(self):
+        """Short hash of ranks, split pattern and special tokens: the same fingerprint, the same ids."""
+        h = hashlib.sha256(self.pattern.encode())
+        for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            h.update(base64.b64encode(tok) + b" %d\n" % rank)
+        h.update("\n".join(self.special_tokens).encode())
+        return h.hexdigest()[:16]
+
+    def encode(self, text, bos=False, eos=False):
+        """Plain text -> ids. Special-token strings in text are ordinary characters (encode_ordinary)."""
+        ids = self.enc.encode_ordinary(text)
+        if bos:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts, bos=False, eos=False):
+        """Many texts at once, on tiktoken's thread pool."""
+        batch = self.enc.encode_ordinary_batch(list(texts))
+        if bos or eos:
+            batch = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
+        return batch
+
+    def decode_bytes(self, ids):
+        """ids -> raw bytes. A prefix of a stream may end inside a UTF-8 character: decode once complete."""
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.n_words):
+            bad = next(i for i in ids if not 0 <= i < self.n_words)
+            raise ValueError(f"token id {bad} is out of range: this tokenizer has ids 0..{self.n_words - 1}")
+        return self.enc.decode_bytes(ids)
+
+    def decode(self, ids):
+        """ids -> str; bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # Llama 3 chat format (Meta's llama3 ChatFormat): a header per message, content stripped, <|eot_id|>.
+    def _header(self, role):
+        return [self.start_header_id] + self.encode(role) + [self.end_header_id] + self.encode("\n\n")
+
+    def _check_roles(self, messages):
+        """An optional system message first, then user and assistant taking turns, user first."""
+        if not messages:
+            raise ValueError("a dialog needs at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+        turns = messages[1:] if messages[0]["role"] == "system" else messages
+        for i, m in enumerate(turns):
+            want = "user" if i % 2 == 0 else "assistant"
+            if m["role"] != want:
+                raise ValueError(f"message {messages.index(m)} has role {m['role']!r}, expected {want!r}: "
+                                 "an optional system message, then user and assistant alternating")
+
+    def encode_dialog(self, messages):
+        """Render a conversation for training -> (ids, mask); mask[i] = 1 on the tokens the model learns
+        to produce (each assistant message's content and its <|eot_id|>), 0 elsewhere."""
+        self._check_roles(messages)
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            header = self._header(m["role"])
+            body = self.encode(m["content"].strip()) + [self.eot_id]
+            ids += header + body
+            mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body)
+        return ids, mask
+
+    def encode_dialog_prompt(self, messages):
+        """Render a conversation that the model should answer: ends with an open assistant header."""
+        self._check_roles(messages)
+        if messages[-1]["role"] == "assistant":
+            raise ValueError("the last message is the assistant's: the prompt must end with the user's turn")
+        ids, _ = self.encode_dialog(messages)
+        return ids + self._header("assistant")
+
+
+def _write_atomic(path, text):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Train or inspect a Llama 3 style BPE tokenizer.")
+    parser.add_argument("--input", nargs="+", help="files or folders of text (default: the Python stdlib)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="tokens in all, 256 specials included")
+    parser.add_argument("--out", default="tok.model", help="where to write the tokenizer (+ .vocab beside it)")
+    parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")
+    parser.add_argument("--encode", help="a string to show as tokens")
+    args = parser.parse_args()
+
+    if args.load:
+        tok = Tokenizer.load(args.load)
+    else:
+        texts = read_texts(args.input) if args.input else (text for _, text in stdlib_sources())
+        tok = Tokenizer.train(texts, args.vocab_size, verbose=True)
+        tok.save(args.out)
+        print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab: {tok.n_words} tokens "
+              f"({len(tok.ranks)} merged + {N_SPECIAL} special), fingerprint {tok.fingerprint()}")
+    if args.encode is not None:
+        ids = tok.encode(args.encode)
+        print(ids)
+        print(" | ".join(render_token(tok.decode_bytes([i])) for i in ids))
