@@ -1,0 +1,630 @@
+"""The Llama 3 transformer, its KV cache, and its checkpoints (ours, Meta's, Hugging Face's).
+
+One file, read top to bottom: ModelArgs and the named shapes -> RMSNorm -> RoPE (with Llama 3.1's
+frequency scaling) -> grouped-query attention -> SwiGLU feed-forward -> Transformer (training forward,
+cached forward for generation, parameter/FLOP counts, optimizer) -> checkpoint IO.
+
+Design choices
+- Module names are Meta's (tok_embeddings, layers.N.attention.wq, feed_forward.w1, attention_norm, ...),
+  so `model.state_dict()` IS Meta's checkpoint layout: consolidated.00.pth loads with no renaming.
+- RoPE rotates interleaved pairs (x[2i], x[2i+1]) as Meta does, written with real cos/sin instead of
+  complex numbers (torch.compile and FSDP handle real tensors better). The frequencies are recomputed in each
+  forward (a few ops on head_dim/2 numbers), so the model has no buffers: it builds on the meta device and
+  survives `.to(bfloat16)` without losing RoPE precision.
+- Attention and RMSNorm go through kernels/ (Triton on GPU, plain PyTorch on CPU). Training passes
+  doc_ids so a packed sequence never attends across documents (Llama 3 paper, section 3.2).
+- Generation: a KV cache preallocated per layer, written by index. When every row of the batch sits at the
+  same position (prefill, chat, equal prompts) attention is kernels.attention on the cache, bottom-right
+  causal; rows at different positions (ragged batches) use a plain length mask, which the kernel
+  contract does not have.
+- Init: N(0, 0.02) for every matrix, the two residual-branch outputs (wo, w2) scaled by 1/sqrt(2 n_layers)
+  (GPT-2 paper, section 2.3): each block's update starts small, so the residual stream's variance does not
+  grow with depth and the first steps are stable at lr 1e-3 without warm-up tricks.
+
+Run:  python model.py            # prints every preset's parameter count and FLOPs per token
+Tests: python -m pytest -q tests/test_model.py
+"""
+import dataclasses
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import attention
+from kernels.rmsnorm import rms_norm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: Meta's field names (params.json), plus a few of ours
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None       # grouped-query attention; None means n_heads (plain multi-head)
+    vocab_size: int = 128256               # Llama 3: 128000 BPE tokens + 256 special tokens
+    multiple_of: int = 256                 # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0           # Llama 3 raised RoPE's base from 10000 (paper, section 3.2)
+    use_scaled_rope: bool = False          # Llama 3.1's long-context frequency scaling
+    max_seq_len: int = 8192                # Llama 3's pretraining context; caps the KV cache a caller sets up
+    # ours, written to params.json only when they differ from these defaults (Meta's loader stays happy)
+    rope_scaling_factor: float = 8.0       # Llama 3.1 uses 8, Llama 3.2 (1B, 3B) uses 32
+    tie_embeddings: bool = False           # output shares tok_embeddings (Llama 3.2 1B/3B)
+    ffn_hidden_dim: Optional[int] = None   # explicit SwiGLU hidden size (HF configs give intermediate_size)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        checks = [
+            (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0 and self.n_kv_heads > 0,
+             "dim, n_layers, n_heads, n_kv_heads must be positive"),
+            (self.dim % self.n_heads == 0, f"dim={self.dim} is not a multiple of n_heads={self.n_heads}"),
+            (self.n_heads % self.n_kv_heads == 0,
+             f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"),
+            ((self.dim // self.n_heads) % 2 == 0, f"head_dim={self.dim // self.n_heads} must be even for RoPE"),
+            (self.vocab_size > 0, f"vocab_size={self.vocab_size} must be positive"),
+            (self.multiple_of > 0, f"multiple_of={self.multiple_of} must be positive"),
+            (self.max_seq_len > 0, f"max_seq_len={self.max_seq_len} must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ModelArgs: {message}")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    def to_params(self) -> dict:
+        """The params.json dict: Meta's fields always, ours only where they are not the default."""
+        defaults = ModelArgs()
+        ours = {"rope_scaling_factor", "tie_embeddings", "ffn_hidden_dim"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ours or v != getattr(defaults, k)}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ModelArgs":
+        unknown = sorted(set(params) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"params: unknown fields {unknown}")
+        return cls(**params)
+
+
+PRESETS = {
+    # ~6M parameters with the tokenizer's 8K vocab: learns Python's look in minutes on 2 CPU cores.
+    "cpu": ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=32,
+                     rope_theta=10000.0, max_seq_len=256, tie_embeddings=True),
+    # Meta's published shapes (params.json of each download; Llama 3 paper, table 3).
+    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
+                             multiple_of=256, use_scaled_rope=True, rope_scaling_factor=32.0,
+                             max_seq_len=131072, tie_embeddings=True),
+    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0,
+                             multiple_of=256, use_scaled_rope=True, rope_scaling_factor=32.0,
+                             max_seq_len=131072, tie_embeddings=True),
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                           multiple_of=1024),
+    "llama3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                            multiple_of=4096),
+    "llama3.1-405b": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim_multiplier=1.2,
+                               multiple_of=4096, use_scaled_rope=True, max_seq_len=131072),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019); the fused kernel is in kernels/rmsnorm.py."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def scale_rope_frequencies(freqs, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192):
+    """Llama 3.1's RoPE scaling (llama-models, apply_scaling): a frequency whose wavelength is shorter than
+    original_context / high_freq_factor is kept, one longer than original_context / low_freq_factor is divided
+    by `factor`, and in between the two are blended linearly in original_context / wavelength."""
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)  # 1: short wavelength, keep; 0: long wavelength, divide by factor
+    return (1 - smooth) * freqs / factor + smooth * freqs
+
+
+def rope_frequencies(args, device=None):
+    """theta^(-2i/head_dim) for i < head_dim/2 (Su et al. 2021, RoFormer eq. 15), fp32, shape (head_dim/2,)."""
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if args.use_scaled_rope:
+        freqs = scale_rope_frequencies(freqs, args.rope_scaling_factor)
+    return freqs
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, D) by angle position * freq_i; cos, sin (B|1, T, 1, D/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each: Meta's interleaved pairs
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, H, D/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): n_heads query heads share n_kv_heads key/value heads,
+    which shrinks the KV cache n_heads/n_kv_heads times at almost no quality cost."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_seq_len, head_dim) once setup_cache is called
+
+    def forward(self, x, cos, sin, doc_ids=None, start_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
+        if start_pos is None:
+            y = attention(q, k, v, doc_ids)
+        else:
+            y = self.cached_attention(q, k, v, start_pos)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        return self.wo(y)
+
+    def cached_attention(self, q, k, v, start_pos):
+        """Write this chunk's k, v into the cache at its positions, then attend over everything cached so far.
+        start_pos: an int (every row at the same position) or a (B,) tensor (row b's chunk starts at start_pos[b])."""
+        B, _, T, _ = q.shape
+        if isinstance(start_pos, int):
+            end = start_pos + T
+            self.cache_k[:B, :, start_pos:end] = k
+            self.cache_v[:B, :, start_pos:end] = v
+            return attention(q, self.cache_k[:B, :, :end], self.cache_v[:B, :, :end])  # causal, bottom-right
+        pos = start_pos[:, None] + torch.arange(T, device=q.device)  # (B, T) absolute position of each query
+        rows = torch.arange(B, device=q.device)[:, None]
+        self.cache_k[rows, :, pos] = k.transpose(1, 2)  # index update, (B, T, Hkv, head_dim) slots
+        self.cache_v[rows, :, pos] = v.transpose(1, 2)
+        end = int(pos.max()) + 1
+        keys = torch.arange(end, device=q.device)
+        mask = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, end): causal within each row
+        # plain PyTorch path: the kernel contract has no per-row lengths (slots past a row's position hold junk)
+        return F.scaled_dot_product_attention(q, self.cache_k[:B, :, :end], self.cache_v[:B, :, :end],
+                                              attn_mask=mask, enable_gqa=True)
+
+
+def swiglu_hidden_dim(args):
+    """Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices, so this keeps the parameters of a 4*dim MLP,
+    Shazeer 2020), times ffn_dim_multiplier, rounded up to a multiple of multiple_of. 8B: 4096 -> 14336."""
+    if args.ffn_hidden_dim is not None:
+        return args.ffn_hidden_dim
+    hidden = int(2 * 4 * args.dim / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args):
+        super().__init__()
+        hidden = swiglu_hidden_dim(args)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, doc_ids=None, start_pos=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+class Transformer(nn.Module):
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """N(0, 0.02); wo and w2 (the writes into the residual stream) scaled by 1/sqrt(2 n_layers), GPT-2 style.
+        Also usable after `to_empty()` on a model built on the meta device."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def rope(self, positions):
+        """positions (B|1, T) -> cos, sin (B|1, T, 1, head_dim/2), broadcast over heads."""
+        angles = positions[..., None].float() * rope_frequencies(self.args, positions.device)  # (B|1, T, D/2)
+        return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+    def hidden_states(self, tokens, doc_ids=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, dim); doc_ids (B, T) masks attention across docs."""
+        B, T = tokens.shape
+        cos, sin = self.rope(torch.arange(T, device=tokens.device)[None])
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, doc_ids)
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None, doc_ids=None):
+        """No targets: logits (B, T, vocab) in fp32. With targets (B, T): mean cross-entropy over targets != -100."""
+        logits = self.output(self.hidden_states(tokens, doc_ids)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    # --- generation: KV cache ------------------------------------------------------------------------------
+
+    def setup_cache(self, batch_size, max_seq_len, device=None, dtype=None):
+        """Preallocate every layer's K and V: (batch_size, n_kv_heads, max_seq_len, head_dim) each."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"KV cache of {max_seq_len} positions exceeds the model's max_seq_len "
+                             f"{self.args.max_seq_len}")
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            a = layer.attention
+            shape = (batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
+            a.cache_k = torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype)
+            a.cache_v = torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    def forward_cached(self, tokens, start_pos):
+        """Run a chunk through the model using and filling the KV cache; returns final-normed hidden states
+        (B, T, dim) (apply `model.output` to the positions whose logits you need).
+        tokens (B, T); start_pos: int (all rows) or LongTensor (B,) (per row) position of tokens[:, 0]."""
+        B, T = tokens.shape
+        cache = self.layers[0].attention.cache_k
+        if cache is None:
+            raise RuntimeError("forward_cached needs model.setup_cache(batch_size, max_seq_len) first")
+        last = start_pos + T if isinstance(start_pos, int) else int(start_pos.max()) + T
+        if B > cache.shape[0] or last > cache.shape[2]:
+            raise ValueError(f"KV cache holds {cache.shape[0]} rows x {cache.shape[2]} positions; "
+                             f"this chunk needs {B} rows x {last}")
+        offsets = torch.arange(T, device=tokens.device)
+        positions = (start_pos + offsets)[None] if isinstance(start_pos, int) else start_pos[:, None] + offsets
+        cos, sin = self.rope(positions)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos=start_pos)
+        return self.norm(h)
+
+    # --- accounting and optimizer ----------------------------------------------------------------------------
+
+    def num_params(self, exclude_embedding=True):
+        """Parameter count (a tied matrix once). The embedding lookup costs no FLOPs, so for MFU it is left out
+        unless tied (then it is also the output matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.args.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token, PaLM (Chowdhery et al. 2022) appendix B: 6N (2 forward + 4 backward per
+        matmul weight) plus 12 * n_layers * n_heads * head_dim * seq_len for the attention scores and values."""
+        a = self.args
+        return 6 * self.num_params() + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW; weight decay on matrices (linears, embedding) only, not on norm gains (betas 0.9/0.95: Llama 3)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: ours = Meta's layout (params.json + consolidated.NN.pth + tokenizer.model); Hugging Face's.
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and the tensor."""
+
+
+def _atomic_write(path, write):
+    """write(f) into a temporary file beside path, fsync, then rename over path: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically (a killed process leaves the previous file intact)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
+    """Write out_dir/{params.json, consolidated.00.pth[, tokenizer.model]}: Meta's layout, each file atomic.
+    state_dict: pass a gathered full state dict when the model is sharded (FSDP); default model.state_dict()."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)     # DDP wrapper
+    out_dir = Path(out_dir)
+    sd = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    atomic_save(sd, out_dir / "consolidated.00.pth")
+    if tokenizer_path is not None:
+        data = Path(tokenizer_path).read_bytes()
+        _atomic_write(out_dir / "tokenizer.model", lambda f: f.write(data))
+    params = json.dumps(model.args.to_params(), indent=2) + "\n"
+    _atomic_write(out_dir / "params.json", lambda f: f.write(params.encode()))
+
+
+def _torch_load(file):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, pickle with code in it, not a torch file...
+        raise CheckpointError(f"{file}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+# Meta trained with fairscale model parallelism; consolidated.NN.pth holds shard NN of each weight.
+# The split dimension per layer type (meta-llama/llama3 model.py):
+SHARD_DIM = {
+    "tok_embeddings": 0,  # VocabParallelEmbedding: vocabulary rows split (Llama 2's ParallelEmbedding split dim 1)
+    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # ColumnParallelLinear: output features split
+    "wo": 1, "w2": 1,  # RowParallelLinear: input features split
+}  # norms (attention_norm, ffn_norm, norm) are replicated in every shard
+
+
+def read_meta_checkpoint(path):
+    """params.json + consolidated.*.pth (one or many model-parallel shards) -> (ModelArgs, state_dict)."""
+    path = Path(path)
+    try:
+        args = ModelArgs.from_params(json.loads((path / "params.json").read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'params.json'}: {e}") from e
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
+    shards = [_torch_load(f) for f in files]
+    for f, shard in zip(files[1:], shards[1:]):
+        if shard.keys() != shards[0].keys():
+            diff = sorted(shard.keys() ^ shards[0].keys())
+            raise CheckpointError(f"{f}: tensor {diff[0]} is in one shard and not in {files[0].name}")
+    if len(shards) == 1:
+        return args, shards[0]
+    sd = {}
+    for key in shards[0]:
+        parts = [s[key] for s in shards]
+        dim = SHARD_DIM.get(key.split(".")[-2])
+        if key == "tok_embeddings.weight" and parts[0].shape[0] == args.vocab_size:
+            dim = 1  # a Llama 2 style download
+        sd[key] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+    return args, sd
+
+
+# --- Hugging Face: config.json + *.safetensors -------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_plain(file):
+    """The safetensors format without the package: 8-byte little-endian header size N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets relative to the data after the header), raw
+    little-endian data. The tensors are views of one memory map of the file."""
+    file = Path(file)
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise CheckpointError(f"{file}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise CheckpointError(f"{file}: header of {n} bytes does not fit in a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{file}: header is not JSON ({e})") from e
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0 or 8 + n + end > size:
+            raise CheckpointError(f"{file}: tensor {name} has data_offsets {[begin, end]} that do not hold "
+                                  f"shape {shape} {info['dtype']} inside the file")
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).view(shape)
+    return out
+
+
+def read_safetensors(file):
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return read_safetensors_plain(file)
+    try:
+        return load_file(file)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+
+
+def args_from_hf_config(config, file="config.json"):
+    """Hugging Face LlamaConfig fields -> ModelArgs."""
+    def get(key, default=None):
+        if key not in config and default is None:
+            raise CheckpointError(f"{file}: missing field {key}")
+        return config.get(key, default)
+    if config.get("model_type", "llama") != "llama" or config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{file}: model_type {config.get('model_type')} / hidden_act "
+                              f"{config.get('hidden_act')} is not a Llama (llama, silu)")
+    args = dict(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
+                n_kv_heads=config.get("num_key_value_heads"), vocab_size=get("vocab_size"),
+                ffn_hidden_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps", 1e-6),
+                rope_theta=float(get("rope_theta", 10000.0)), max_seq_len=get("max_position_embeddings", 2048),
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+    scaling = config.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        expected = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+        if kind != "llama3" or any(scaling.get(k) != v for k, v in expected.items()):
+            raise CheckpointError(f"{file}: rope_scaling {scaling} is not Llama 3.1's (rope_type llama3, {expected})")
+        args.update(use_scaled_rope=True, rope_scaling_factor=float(scaling["factor"]))
+    try:
+        model_args = ModelArgs(**args)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+    if config.get("head_dim", model_args.head_dim) != model_args.head_dim:
+        raise CheckpointError(f"{file}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
+    return model_args
+
+
+def unpermute_hf(w, n_heads):
+    """Undo HF's q/k row permutation. HF's rotary code rotates (x[i], x[i + D/2]) where Meta rotates
+    (x[2i], x[2i+1]); HF's convert_llama_weights_to_hf.py reorders each head's rows to match. Per head:
+    HF row order [0, 2, 4, ..., 1, 3, 5, ...] of Meta's rows -> back to Meta's order."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+HF_NAMES = {  # HF module name -> Meta's
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def read_hf_checkpoint(path):
+    """config.json + *.safetensors (one file or sharded) -> (ModelArgs, state_dict in Meta's names and layout)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not JSON ({e})") from e
+    args = args_from_hf_config(config, path / "config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: config.json but no *.safetensors (only safetensors weights are read)")
+    sd, source = {}, {}
+    for file in files:
+        for name, t in read_safetensors(file).items():
+            source[name] = file
+            if name.endswith("rotary_emb.inv_freq"):  # a buffer old HF versions saved; recomputed here
+                continue
+            key = name.removeprefix("model.")
+            if key == "embed_tokens.weight":
+                key = "tok_embeddings.weight"
+            elif key == "lm_head.weight":
+                key = "output.weight"
+            elif key.startswith("layers."):
+                _, i, rest = key.split(".", 2)  # "layers", "3", "self_attn.q_proj.weight"
+                module, leaf = rest.rsplit(".", 1)
+                if module not in HF_NAMES:
+                    raise CheckpointError(f"{file}: unexpected tensor {name}")
+                key = f"layers.{i}.{HF_NAMES[module]}.{leaf}"
+                if module == "self_attn.q_proj":
+                    t = unpermute_hf(t, args.n_heads)
+                elif module == "self_attn.k_proj":
+                    t = unpermute_hf(t, args.n_kv_heads)
+            sd[key] = t
+    return args, sd
+
+
+# --- one entry point ------------------------------------------------------------------------------------------
+
+def load_model(path, device="cpu", dtype=None):
+    """Load our checkpoint directory, Meta's original download (params.json + consolidated.NN.pth shards), or a
+    Hugging Face Llama directory (config.json + safetensors). dtype None keeps the checkpoint's dtype."""
+    path = Path(path)
+    if (path / "params.json").exists():
+        args, sd = read_meta_checkpoint(path)
+    elif (path / "config.json").exists():
+        args, sd = read_hf_checkpoint(path)
+    else:
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face) found")
+    if "output.weight" not in sd and "tok_embeddings.weight" in sd:
+        args.tie_embeddings = True  # Llama 3.2 1B/3B and tied HF models store the shared matrix once
+    with torch.device("meta"):
+        model = Transformer(args)  # shapes only, no memory, no init
+    expected = model.state_dict()
+    if args.tie_embeddings:
+        sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
+    for key in expected:
+        if key not in sd:
+            raise CheckpointError(f"{path}: missing tensor {key}")
+    for key, t in sd.items():
+        if key not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {key}")
+        if t.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected "
+                                  f"{tuple(expected[key].shape)} from the config")
+    model.load_state_dict(sd, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter
+    return model.to(device=device, dtype=dtype)
+
+
+if __name__ == "__main__":
+    for name, args in PRESETS.items():
+        with torch.device("meta"):
+            m = Transformer(args)
+        print(f"{name:14s} params {m.num_params(exclude_embedding=False) / 1e6:10.1f}M  "
+              f"non-embedding {m.num_params() / 1e6:10.1f}M  "
+              f"FLOPs/token @ {args.max_seq_len} ctx {m.flops_per_token(args.max_seq_len) / 1e9:10.2f}G")
