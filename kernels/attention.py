@@ -1,23 +1,434 @@
-"""STUB (to be replaced by the kernels issue): attention with the contract of ../shared/DESIGN.md."""
+"""Flash attention in Triton: causal, document-masked, grouped-query; forward and backward.
+
+The math, for one query head (q_i, k_j, v_j are rows of length D; positions are row indices):
+
+    visible(i, j) = j <= i + (Tk - T)          causal, bottom-right aligned: the T queries are the last T of the
+                                               Tk positions, so decoding with a KV cache (Tk > T) works
+                    and doc[i] == doc[j]       Llama 3 pretraining masks attention between the documents packed
+                                               into one row (Llama 3 paper, Dubey et al. 2024, section 3.2)
+    s_ij  = q_i . k_j / sqrt(D)                for visible (i, j) only
+    lse_i = log sum_j exp(s_ij)                the row logsumexp: all the forward pass keeps besides o
+    o_i   = sum_j exp(s_ij - lse_i) v_j
+
+    backward, from dO and delta_i = dO_i . o_i (= sum_j p_ij dp_ij):
+    p_ij = exp(s_ij - lse_i),  dp_ij = dO_i . v_j,  ds_ij = p_ij (dp_ij - delta_i)
+    dv_j = sum_i p_ij dO_i,    dk_j = sum_i ds_ij q_i / sqrt(D),   dq_i = sum_j ds_ij k_j / sqrt(D)
+
+Design choices:
+- FlashAttention-2 (Dao, 2023): a program owns BLOCK_M query rows and walks the keys BLOCK_N at a time with an
+  online softmax in fp32 (running max m, running sum l, rescaled accumulator), so the (T, Tk) score matrix never
+  exists in memory. exp2 instead of exp: the scale log2(e) is folded into the score scale.
+- Skipping wholly-masked tiles, not computing them: a query tile walks only the keys [lo, hi) that can be visible.
+  hi is the causal diagonal. lo is the first position of the earliest document among the tile's rows (from
+  doc_ids). Between lo and the diagonal no causal mask is needed (first loop); the few diagonal tiles apply it
+  (second loop). For packed rows (each document one contiguous run, what data.py makes) no tile in [lo, hi) is
+  wholly masked, so a row of many short documents costs about sum(len_d^2), not T^2. Ids that repeat at
+  separate places stay exact; fewer tiles are then skipped. The backward kernels use the same ranges.
+- GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
+  program for one kv head loops over the query heads of its group, so dk/dv are sums without atomics.
+- Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
+  both recomputing p from the saved lse. delta is one line of PyTorch.
+- Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
+- Block sizes are autotuned on the GPU, keyed on head_dim and T (see _configs); the interpreter uses one small
+  block so the CPU tests are quick and still cross many tile boundaries.
+
+Dispatch rule of `attention`: CUDA tensors -> the Triton kernel; any other tensors -> the plain-PyTorch
+reference. TRITON_INTERPRET=1 (which tests/conftest.py sets on machines without CUDA) does not route CPU
+tensors to Triton: the interpreter runs kernels in numpy, ~1000x slower, and the model and training tests
+call `attention` on CPU tensors. The kernel on CPU is reached by calling `flash_attention` directly, which
+is what tests/test_kernels.py does. On CUDA, falling back (no triton, or a head_dim the kernel does not
+take) warns once.
+
+    python -m pytest -q tests/test_kernels.py    # CPU: the kernels under TRITON_INTERPRET=1, small shapes
+    python tests/bench_kernels.py                # GPU: TFLOP/s vs SDPA and FlexAttention
+"""
+import os
+import warnings
+
 import torch
-import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # no triton wheel for this platform (macOS, Windows): keep the file importable
+    from types import SimpleNamespace
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: (lambda fn: fn), Config=lambda *a, **kw: None)
+    tl = SimpleNamespace(constexpr=None)
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+
+
+# ----------------------------------------------------------------------------- block sizes
+def _configs(block_pairs):
+    """Autotune space. Why these: the score tile (BLOCK_M x BLOCK_N fp32) and the accumulator (BLOCK_M x D fp32)
+    live in registers, so at D=128 tiles beyond 128x128 spill; BLOCK_M of 64/128 is one or two Hopper warpgroup
+    MMAs (m64) per warp group; num_stages 2-4 is how many K/V tiles are prefetched into shared memory
+    (4 x (64+64) x 128 x 2 bytes = 128 KB fits the H100's 228 KB, 4 stages of 128-wide tiles do not, and the
+    autotuner drops configs that run out of resources). The Triton fused-attention tutorial searches a similar
+    space. Keyed on T and head_dim: short rows favour smaller tiles (more programs to fill 132 SMs)."""
+    if INTERPRET:  # one small config: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in block_pairs for w in (4, 8) for s in (2, 3, 4)]
+
+
+# forward and dq walk keys for a query tile (wide M), dk/dv walks queries for a key tile (wide N)
+FWD_CONFIGS = _configs([(64, 64), (128, 64), (128, 128)])
+DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (64, 128)])
+DQ_CONFIGS = _configs([(64, 32), (128, 32), (64, 64), (128, 64)])
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
+               K, V, DOC,            # this (batch, kv head)'s keys and values, and the row's document numbers
+               stride_kt, stride_vt, lo, hi, Tk, qk_scale,
+               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold key tiles [lo, hi) into the running softmax (acc, l_i, m_i) of one query tile.
+    MASKED: the tiles touch the causal diagonal or the end of the keys, so apply the causal mask."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                            # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        if HAS_DOCS:
+            k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
+            s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)          # a row that has seen no visible key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)                               # rescales what was summed so far
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"])
+@triton.jit
+def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D); any strides, D contiguous
+              O, LSE,                # outputs: o (B, Hq, T, D) contiguous, lse (B, Hq, T) fp32 in log2 units
+              DOC, DOC_FIRST,        # (B, T) int32: document number of each position, first position of its document
+              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              Hq, T, Tk, GROUP, qk_scale,
+              HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles start first
+    bh = tl.program_id(1)                                                # = b * Hq + h
+    b, h = bh // Hq, bh % Hq
+    hk = h // GROUP                                                      # GQA: the kv head this query head reads
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh                      # int64: B*H*T*D can pass 2**31
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q_pos = offs_m + (Tk - T)                      # each query's position among the keys (bottom-right)
+
+    # the keys this tile can see: [lo, hi); every row sees all of [lo, full_hi) causally
+    hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)
+    full_hi = (start_m + (Tk - T) + 1) // BLOCK_N * BLOCK_N
+    lo = 0
+    q_doc = offs_m                                 # unused without documents
+    if HAS_DOCS:                                   # (doc_ids only come with Tk == T)
+        q_doc = tl.load(DOC + b * T + offs_m, mask=offs_m < T, other=-1)
+        first = tl.load(DOC_FIRST + b * T + offs_m, mask=offs_m < T, other=T)
+        lo = tl.min(first, 0) // BLOCK_N * BLOCK_N  # tiles before the earliest document start are skipped
+        full_hi = tl.maximum(full_hi, lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
+                               lo, full_hi, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
+                               full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    row_ok = offs_m < T
+    tl.store(O + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
+                Q, DO, LSE, DELTA, DOC,   # this (batch, query head)'s q, dO, lse, delta; the row's document numbers
+                stride_qt, lo, hi, T, Tk, qk_scale,
+                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Add the contributions of query tiles [lo, hi) to one key tile's dk, dv. Works on s transposed
+    (keys on rows) so both products come out in the key tile's layout."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))    # rows past T get p = 0
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            pT = tl.where(k_pos[:, None] <= offs_m[None, :] + (Tk - T), pT, 0.0)
+        if HAS_DOCS:
+            q_doc = tl.load(DOC + offs_m, mask=row_ok, other=-1)
+            pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
+        do = tl.load(DO + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"])
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
+                   DO, LSE, DELTA,   # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
+                   DK, DV,           # outputs (B, Hkv, Tk, D) contiguous
+                   DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   Hq, Hkv, T, Tk, GROUP, qk_scale, sm_scale,
+                   HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)                                               # = b * Hkv + hk
+    b, hk = bhk // Hkv, bhk % Hkv
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_pos = start_n + tl.arange(0, BLOCK_N)
+    k_ok = k_pos[:, None] < Tk
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_ok, other=0.0)
+    v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_ok, other=0.0)
+
+    # the queries that can see this tile: [lo, hi); rows from full_lo on see all of its keys causally
+    lo = tl.maximum(start_n - (Tk - T), 0) // BLOCK_M * BLOCK_M
+    full_lo = (tl.maximum(start_n + BLOCK_N - 1 - (Tk - T), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    hi = T
+    k_doc = k_pos                                                        # unused without documents
+    if HAS_DOCS:
+        k_doc = tl.load(DOC + b * T + k_pos, mask=k_pos < Tk, other=-1)
+        last = tl.load(DOC_LAST + b * T + k_pos, mask=k_pos < Tk, other=-1)
+        hi = tl.max(last, 0) + 1                   # query tiles after the last document end are skipped
+    full_lo = tl.minimum(full_lo, hi)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(GROUP):                         # the query heads that share this kv head: dk, dv sum over them
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DOh = DO + bh.to(tl.int64) * T * HEAD_DIM
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC + b * T,
+                             stride_qt, lo, full_lo, T, Tk, qk_scale, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC + b * T,
+                             stride_qt, full_lo, hi, T, Tk, qk_scale, False, HAS_DOCS, BLOCK_M, HEAD_DIM)
+    out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc,
+              K, V, DOC,                  # this (batch, kv head)'s keys and values, the row's document numbers
+              stride_kt, stride_vt, lo, hi, Tk, qk_scale,
+              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Add the contributions of key tiles [lo, hi) to one query tile's dq."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+        v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])    # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            p = tl.where(k_pos[None, :] <= q_pos[:, None], p, 0.0)
+        if HAS_DOCS:
+            k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
+            p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"])
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
+                 DQ,                        # output (B, Hq, T, D) contiguous
+                 DOC, DOC_FIRST,            # as in _attn_fwd
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                 Hq, T, Tk, GROUP, qk_scale, sm_scale,
+                 HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    hk = h // GROUP
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    rows = bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    q_pos = offs_m + (Tk - T)
+
+    hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)     # the same key range as the forward
+    full_hi = (start_m + (Tk - T) + 1) // BLOCK_N * BLOCK_N
+    lo = 0
+    q_doc = offs_m
+    if HAS_DOCS:
+        q_doc = tl.load(DOC + b * T + offs_m, mask=row_ok, other=-1)
+        first = tl.load(DOC_FIRST + b * T + offs_m, mask=row_ok, other=T)
+        lo = tl.min(first, 0) // BLOCK_N * BLOCK_N
+        full_hi = tl.maximum(full_hi, lo)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
+                   lo, full_hi, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
+                   full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- autograd wrapper
+def _doc_spans(doc_ids):
+    """doc_ids (B, T), any integers -> (doc, first, last), each (B, T) int32 contiguous: the ids renumbered
+    1, 2, ... per row, and the first and last position in the row of each position's document.
+    Sorting (not a scan) keeps this exact when an id repeats at separate places, with no host sync.
+    Example: doc_ids [[7, 7, 9, 9, 9]] -> doc [[1, 1, 2, 2, 2]], first [[0, 0, 2, 2, 2]], last [[1, 1, 4, 4, 4]]."""
+    B, T = doc_ids.shape
+    ids, perm = doc_ids.sort(dim=1, stable=True)           # equal ids adjacent, each group in position order
+    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]              # (B, T) in sorted order: a group begins here
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    group_start = torch.where(starts, pos, 0).cummax(1).values                 # sorted index of the group's start
+    group_end = torch.where(ends, pos, T - 1).flip(1).cummin(1).values.flip(1)
+    unsort = lambda x: torch.empty_like(x).scatter_(1, perm, x)  # noqa: E731  back to position order
+    doc = unsort(starts.long().cumsum(1))
+    first = unsort(perm.gather(1, group_start))            # stable sort: the group's first entry is its earliest
+    last = unsort(perm.gather(1, group_end))
+    return doc.int().contiguous(), first.int().contiguous(), last.int().contiguous()
+
+
+def _unit_last(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        B, Hq, T, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        o = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+        if doc_ids is None:
+            doc = first = last = lse               # never read (HAS_DOCS=False); any tensor fills the slot
+        else:
+            doc, first, last = _doc_spans(doc_ids)
+        sm_scale = D ** -0.5
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_fwd[grid](q, k, v, o, lse, doc, first,
+                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                        Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E,
+                        HAS_DOCS=doc_ids is not None, HEAD_DIM=D)
+        ctx.save_for_backward(q, k, v, o, lse, doc, first, last)
+        ctx.has_docs = doc_ids is not None
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc, first, last = ctx.saved_tensors
+        B, Hq, T, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)   # (B, Hq, T): delta_i = dO_i . o_i
+        dq = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, Hkv, Tk, D), device=k.device, dtype=k.dtype)
+        dv = torch.empty((B, Hkv, Tk, D), device=v.device, dtype=v.dtype)
+        sm_scale = D ** -0.5
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, *strides,
+                             Hq, Hkv, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale,
+                             HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, *strides,
+                           Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale,
+                           HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
+        return dq, dk, dv, None
+
+
+def _check(q, k, v, doc_ids):
+    """Clear errors for shapes outside the contract, naming the tensor at fault."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv, Tk, D={D})")
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"attention: q has {Hq} heads, not a multiple of the {Hkv} kv heads of k and v")
+    if Tk < T:
+        raise ValueError(f"attention: k has Tk={Tk} positions, fewer than the T={T} queries of q")
+    if doc_ids is not None and (tuple(doc_ids.shape) != (B, T) or Tk != T):
+        raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be (B, T) = ({B}, {T}) with Tk == T (Tk={Tk})")
+
+
+def flash_attention(q, k, v, doc_ids=None):
+    """The Triton kernel, always (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+    q (B, Hq, T, D), k and v (B, Hkv, Tk, D), doc_ids (B, T) or None -> (B, Hq, T, D), differentiable."""
+    _check(q, k, v, doc_ids)
+    if not HAS_TRITON:
+        raise RuntimeError("flash_attention needs triton (pip install triton, Linux); attention() falls back")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"flash_attention: head_dim {D} must be a power of two from 16 to 256")
+    return _FlashAttention.apply(q, k, v, doc_ids)
 
 
 def attention_reference(q, k, v, doc_ids=None):
-    """q (B, Hq, T, D), k/v (B, Hkv, Tk, D) -> (B, Hq, T, D). Causal (bottom-right when Tk > T), doc mask."""
+    """The spec, in plain PyTorch (fp32 math, the (T, Tk) mask and scores materialised).
+    q (B, Hq, T, D), k and v (B, Hkv, Tk, D), doc_ids (B, T) or None -> (B, Hq, T, D) in q's dtype."""
+    _check(q, k, v, doc_ids)
     B, Hq, T, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    k = k.repeat_interleave(Hq // Hkv, dim=1)       # (B, Hq, Tk, D): query head h uses kv head h // (Hq // Hkv)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
-    i = torch.arange(T, device=q.device)[:, None] + (Tk - T)
+    i = torch.arange(T, device=q.device)[:, None] + (Tk - T)    # query positions among the keys, bottom-right
     j = torch.arange(Tk, device=q.device)[None, :]
-    mask = (j <= i)[None, None]
+    visible = (j <= i)[None, None]                  # (1, 1, T, Tk)
     if doc_ids is not None:
-        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    att = (q.float() @ k.float().transpose(-2, -1)) * D ** -0.5
-    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (att @ v.float()).to(q.dtype)
+        visible = visible & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])   # (B, 1, T, T)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * D ** -0.5                       # (B, Hq, T, Tk)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs @ v.float()).to(q.dtype)
+
+
+_warned = set()
+
+
+def _warn_once(msg):
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 def attention(q, k, v, doc_ids=None):
+    """Causal (document-masked, GQA) attention: the Triton kernel on CUDA tensors, the reference elsewhere.
+    See the module docstring for why TRITON_INTERPRET=1 does not send CPU tensors to the kernel."""
+    if q.is_cuda:
+        if HAS_TRITON and q.shape[-1] in (16, 32, 64, 128, 256):
+            return flash_attention(q, k, v, doc_ids)
+        _warn_once(f"attention: Triton kernel unavailable (triton installed: {HAS_TRITON}, head_dim "
+                   f"{q.shape[-1]}); using the slow plain-PyTorch reference on CUDA")
     return attention_reference(q, k, v, doc_ids)
