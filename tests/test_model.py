@@ -1,0 +1,509 @@
+"""model.py against a plain reference written here: forward, GQA, RoPE scaling, KV cache, checkpoints.
+
+    python -m pytest -q tests/test_model.py
+"""
+import json
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from model import CheckpointError, ModelArgs, Transformer
+
+
+def tiny_args(**kw):
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, rope_theta=10000.0,
+                max_seq_len=64)
+    return ModelArgs(**{**base, **kw})
+
+
+def tiny_model(**kw):
+    """A small model with weights large enough that every part of the forward moves the logits."""
+    m = Transformer(tiny_args(**kw))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return m.eval()
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+def meta_apply_scaling(freqs, factor, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    """Llama 3.1's rule, one frequency at a time with explicit branches (the spec in Meta's words)."""
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_freq_wavelen:
+            out.append(f)
+        elif wavelen > low_freq_wavelen:
+            out.append(f / factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def reference_forward(sd, args, tokens, doc_ids=None):
+    """Llama 3 forward from the state dict, in float64: complex-number RoPE, repeated KV heads, explicit mask."""
+    sd = {k: v.double() for k, v in sd.items()}
+    B, T = tokens.shape
+    Hq, Hkv, hd = args.n_heads, args.n_kv_heads, args.dim // args.n_heads
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args.norm_eps) * w
+
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if args.use_scaled_rope:
+        freqs = meta_apply_scaling(freqs, args.rope_scaling_factor)
+    cis = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T).double(), freqs))
+
+    def rope(x):  # (B, T, H, hd): pairs (x[2i], x[2i+1]) as complex numbers, times e^{i t f}
+        xc = torch.view_as_complex(x.reshape(B, T, -1, hd // 2, 2).contiguous())
+        return torch.view_as_real(xc * cis[None, :, None]).reshape(B, T, -1, hd)
+
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    h = sd["tok_embeddings.weight"][tokens]
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        x = norm(h, sd[p + "attention_norm.weight"])
+        q = rope((x @ sd[p + "attention.wq.weight"].T).view(B, T, Hq, hd))
+        k = rope((x @ sd[p + "attention.wk.weight"].T).view(B, T, Hkv, hd)).repeat_interleave(Hq // Hkv, dim=2)
+        v = (x @ sd[p + "attention.wv.weight"].T).view(B, T, Hkv, hd).repeat_interleave(Hq // Hkv, dim=2)
+        scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
+        att = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        h = h + torch.einsum("bhts,bshd->bthd", att, v).reshape(B, T, -1) @ sd[p + "attention.wo.weight"].T
+        x = norm(h, sd[p + "ffn_norm.weight"])
+        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
+        h = h + ff @ sd[p + "feed_forward.w2.weight"].T
+    return norm(h, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=4), dict(n_kv_heads=1, tie_embeddings=True),
+                                dict(use_scaled_rope=True, rope_theta=500000.0, rope_scaling_factor=32.0)])
+def test_forward_matches_reference(kw):
+    m = tiny_model(**kw)
+    tokens = torch.randint(0, 97, (2, 24))
+    ref = reference_forward(m.state_dict(), m.args, tokens)
+    torch.testing.assert_close(m(tokens).double(), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_doc_ids_mask_matches_reference_and_separate_documents():
+    m = tiny_model()
+    tokens = torch.randint(0, 97, (2, 20))
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 4, [5] * 20])
+    out = m(tokens, doc_ids=doc_ids)
+    torch.testing.assert_close(out.double(), reference_forward(m.state_dict(), m.args, tokens, doc_ids),
+                               atol=2e-4, rtol=1e-4)
+    # a packed document sees only itself: same logits as when it is run alone (RoPE is relative)
+    torch.testing.assert_close(out[0, 7:16], m(tokens[:1, 7:16])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_loss_is_mean_cross_entropy_over_kept_targets():
+    m = tiny_model()
+    tokens, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    targets[0, :5] = -100
+    loss = m(tokens, targets)
+    logp = torch.log_softmax(m(tokens), -1)
+    keep = targets != -100
+    manual = -logp[keep].gather(-1, targets[keep][:, None]).mean()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, manual)
+    loss.backward()  # the training forward is differentiable end to end
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_hidden_states_feed_the_output_head():
+    m = tiny_model()
+    tokens = torch.randint(0, 97, (1, 10))
+    h = m.hidden_states(tokens)
+    assert h.shape == (1, 10, 64)
+    torch.testing.assert_close(m.output(h).float(), m(tokens))
+
+
+def test_gqa_equals_multi_head_with_repeated_kv_heads():
+    """n_kv_heads < n_heads is plain multi-head attention whose k/v heads are copied to each group."""
+    gqa = tiny_model(n_kv_heads=2)
+    mha = Transformer(tiny_args(n_kv_heads=4)).eval()
+    sd = gqa.state_dict()
+    for i in range(2):
+        for w in ("wk", "wv"):
+            key = f"layers.{i}.attention.{w}.weight"
+            sd[key] = sd[key].view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)  # (Hkv, hd, dim) -> Hq
+    mha.load_state_dict(sd)
+    tokens = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(gqa(tokens), mha(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_mha_attention_equals_sdpa():
+    """With n_kv_heads = n_heads, one Attention module is textbook causal multi-head attention."""
+    m = tiny_model(n_kv_heads=4)
+    attn = m.layers[0].attention
+    x = torch.randn(2, 10, 64)
+    cos, sin = m.rope(torch.arange(10)[None])
+    q = M.apply_rotary_emb(attn.wq(x).view(2, 10, 4, 16), cos, sin).transpose(1, 2)
+    k = M.apply_rotary_emb(attn.wk(x).view(2, 10, 4, 16), cos, sin).transpose(1, 2)
+    v = attn.wv(x).view(2, 10, 4, 16).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 64)
+    torch.testing.assert_close(attn(x, cos, sin), attn.wo(y), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scaling_against_hand_computed_frequencies():
+    args = ModelArgs(dim=4096, n_heads=32, use_scaled_rope=True, rope_scaling_factor=8.0)
+    freqs = M.rope_frequencies(args).double()
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    torch.testing.assert_close(freqs, meta_apply_scaling(plain, 8.0), rtol=1e-6, atol=0)
+    # by hand: f_0 = 1 (wavelength 2 pi < 2048) is kept; the slowest, wavelength ~2.5e6 > 8192, is divided by 8
+    assert freqs[0].item() == 1.0
+    assert freqs[-1].item() == pytest.approx(500000.0 ** (-126 / 128) / 8, rel=1e-6)
+    # a frequency in the blend band: wavelength 4096 -> smooth = (8192/4096 - 1) / 3 = 1/3
+    f = torch.tensor([2 * math.pi / 4096])
+    assert M.scale_rope_frequencies(f, 8.0).item() == pytest.approx((2 / 3) * f.item() / 8 + (1 / 3) * f.item())
+    torch.testing.assert_close(M.rope_frequencies(ModelArgs(dim=4096, n_heads=32)).double(), plain, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+def test_kv_cache_decoding_matches_full_forward_ragged_batch():
+    m = tiny_model()
+    lengths = [3, 7, 5]
+    steps = 6
+    seqs = [torch.randint(0, 97, (n + steps,)) for n in lengths]
+    m.setup_cache(3, max(lengths) + steps)
+    prompts = torch.zeros(3, max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        prompts[b, :n] = seqs[b][:n]
+    with torch.no_grad():
+        got = [[row] for row in m.output(m.forward_cached(prompts, 0)).float()]  # prefill, right-padded
+        pos = torch.tensor(lengths)
+        for s in range(steps):
+            nxt = torch.stack([seqs[b][lengths[b] + s] for b in range(3)])[:, None]
+            out = m.output(m.forward_cached(nxt, pos)).float()
+            for b in range(3):
+                got[b].append(out[b])
+            pos = pos + 1
+        for b, n in enumerate(lengths):
+            cached = torch.cat([got[b][0][:n]] + got[b][1:])  # (n + steps, V) logits at every position
+            torch.testing.assert_close(cached, m(seqs[b][None])[0], atol=1e-4, rtol=1e-4)
+    m.clear_cache()
+    assert m.layers[0].attention.cache_k is None
+
+
+def test_kv_cache_chunks_at_shared_position_match_full_forward():
+    """Chat: the conversation grows chunk by chunk in the cache (int start_pos, bottom-right causal)."""
+    m = tiny_model(tie_embeddings=True)
+    tokens = torch.randint(0, 97, (2, 30))
+    m.setup_cache(2, 40)
+    with torch.no_grad():
+        parts = [m.forward_cached(tokens[:, a:b], a) for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]]
+        torch.testing.assert_close(m.output(torch.cat(parts, 1)).float(), m(tokens), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="KV cache holds 2 rows x 40 positions"):
+        m.forward_cached(tokens[:, :11], 30)
+
+
+def test_cache_needs_setup_and_respects_max_seq_len():
+    m = tiny_model()
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        m.forward_cached(torch.zeros(1, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="max_seq_len 64"):
+        m.setup_cache(1, 65)
+
+
+# ---------------------------------------------------------------------------------------------- shapes, counts
+
+def test_model_args_validation():
+    with pytest.raises(ValueError, match="dim=100 is not a multiple of n_heads=3"):
+        ModelArgs(dim=100, n_heads=3)
+    with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
+        ModelArgs(dim=96, n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError, match="head_dim=3 must be even"):
+        ModelArgs(dim=12, n_heads=4)
+    assert ModelArgs(dim=64, n_heads=4).n_kv_heads == 4
+    with pytest.raises(ValueError, match=r"unknown fields \['bogus'\]"):
+        ModelArgs.from_params({"dim": 64, "bogus": 1})
+    args = tiny_args(tie_embeddings=True)
+    assert ModelArgs.from_params(json.loads(json.dumps(args.to_params()))) == args
+    assert "ffn_hidden_dim" not in args.to_params()  # Meta's loader does not know our extra fields
+
+
+@pytest.mark.parametrize("name, total, hidden", [
+    ("llama3.2-1b", 1_235_814_400, 8192), ("llama3.2-3b", 3_212_749_824, 8192),
+    ("llama3-8b", 8_030_261_248, 14336), ("llama3-70b", 70_553_706_496, 28672),
+    ("llama3.1-405b", 405_853_388_800, 53248)])
+def test_presets_have_meta_shapes(name, total, hidden):
+    """Parameter counts of Meta's releases (8B: 8.03B, 70B: 70.6B, 405B: 405.9B; HF model cards)."""
+    with torch.device("meta"):
+        m = Transformer(M.PRESETS[name])
+    assert m.num_params(exclude_embedding=False) == total
+    assert m.layers[0].feed_forward.w1.weight.shape[0] == hidden
+
+
+def test_cpu_preset_is_small_and_counts_flops():
+    m = Transformer(M.PRESETS["cpu"])
+    n = m.num_params()
+    assert 2e6 < n < 20e6
+    a = m.args
+    assert m.flops_per_token(256) == 6 * n + 12 * a.n_layers * a.n_heads * a.head_dim * 256
+    untied = tiny_model()
+    assert untied.num_params() == untied.num_params(exclude_embedding=False) - 97 * 64
+
+
+def test_configure_optimizer_decays_matrices_only():
+    m = tiny_model()
+    opt = m.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_init_is_deterministic_and_scaled():
+    torch.manual_seed(3)
+    a = Transformer(tiny_args(n_layers=8))
+    torch.manual_seed(3)
+    b = Transformer(tiny_args(n_layers=8))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert a.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert a.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_save_load_round_trip(tmp_path):
+    m = tiny_model(tie_embeddings=True)
+    (tmp_path / "tok.model").write_bytes(b"dGVzdA== 0\n")
+    M.save_model(m, tmp_path / "ckpt", tokenizer_path=tmp_path / "tok.model")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["consolidated.00.pth", "params.json",
+                                                                      "tokenizer.model"]
+    assert json.loads((tmp_path / "ckpt" / "params.json").read_text())["n_kv_heads"] == 2
+    loaded = M.load_model(tmp_path / "ckpt")
+    assert loaded.args == m.args and loaded.output.weight is loaded.tok_embeddings.weight
+    tokens = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(loaded(tokens), m(tokens), atol=0, rtol=0)
+    assert M.load_model(tmp_path / "ckpt", dtype=torch.bfloat16).output.weight.dtype == torch.bfloat16
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
+    path = tmp_path / "state.pt"
+    M.atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        M.atomic_save({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+
+
+# Meta's fairscale split of each weight across model-parallel ranks (meta-llama/llama3 model.py):
+# ColumnParallelLinear (wq, wk, wv, w1, w3, output) and VocabParallelEmbedding on dim 0,
+# RowParallelLinear (wo, w2) on dim 1, norms copied to every rank.
+def meta_shards(sd, n):
+    shards = [{} for _ in range(n)]
+    for key, t in sd.items():
+        leaf = key.split(".")[-2]
+        dim = 0 if leaf in ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings") else \
+            1 if leaf in ("wo", "w2") else None
+        for i in range(n):
+            shards[i][key] = t.clone() if dim is None else t.chunk(n, dim=dim)[i].clone()
+    return shards
+
+
+def write_meta_dir(path, m, n_shards):
+    path.mkdir()
+    params = {k: v for k, v in m.args.to_params().items() if k != "max_seq_len"}  # Meta omits it
+    (path / "params.json").write_text(json.dumps(params))
+    for i, shard in enumerate(meta_shards(m.state_dict(), n_shards)):
+        torch.save(shard, path / f"consolidated.{i:02d}.pth")
+
+
+def test_meta_sharded_checkpoint_loads(tmp_path):
+    m = tiny_model(vocab_size=96)
+    write_meta_dir(tmp_path / "meta", m, n_shards=2)
+    loaded = M.load_model(tmp_path / "meta")
+    tokens = torch.randint(0, 96, (2, 11))
+    torch.testing.assert_close(loaded(tokens), m(tokens), atol=0, rtol=0)
+    assert loaded.args.max_seq_len == 8192  # Llama 3's context when params.json does not say
+
+
+def write_safetensors(path, tensors):
+    """The format, written by hand: u64 header size, JSON header, raw little-endian bytes."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def hf_permute(w, n_heads):
+    """What HF's convert_llama_weights_to_hf.py does to wq/wk: interleaved pairs -> two halves per head."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def write_hf_dir(path, m):
+    a = m.args
+    path.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "hidden_size": a.dim, "intermediate_size": M.swiglu_hidden_dim(a), "num_hidden_layers": a.n_layers,
+              "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size,
+              "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
+              "tie_word_embeddings": a.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": "float32"}
+    if a.use_scaled_rope:
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": a.rope_scaling_factor, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (path / "config.json").write_text(json.dumps(config))
+    hf_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                "ffn_norm": "post_attention_layernorm"}
+    files = [{}, {}]
+    for key, t in m.state_dict().items():
+        if key == "tok_embeddings.weight":
+            files[0]["model.embed_tokens.weight"] = t
+        elif key == "output.weight":
+            if not a.tie_embeddings:
+                files[1]["lm_head.weight"] = t
+        elif key == "norm.weight":
+            files[1]["model.norm.weight"] = t
+        else:
+            _, i, rest = key.split(".", 2)
+            module = rest.rsplit(".", 1)[0]
+            if module == "attention.wq":
+                t = hf_permute(t, a.n_heads)
+            elif module == "attention.wk":
+                t = hf_permute(t, a.n_kv_heads)
+            files[int(i) % 2][f"model.layers.{i}.{hf_names[module]}.weight"] = t
+    weight_map = {}
+    for i, tensors in enumerate(files):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_safetensors(path / name, tensors)
+        weight_map.update({k: name for k in tensors})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, use_scaled_rope=True, rope_scaling_factor=32.0)])
+def test_hf_directory_loads(tmp_path, kw):
+    m = tiny_model(**kw)
+    write_hf_dir(tmp_path / "hf", m)
+    loaded = M.load_model(tmp_path / "hf")
+    assert loaded.args.use_scaled_rope == m.args.use_scaled_rope
+    tokens = torch.randint(0, 97, (2, 13))
+    torch.testing.assert_close(loaded(tokens), m(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_directory_matches_transformers(tmp_path):
+    """The same directory in Hugging Face's own LlamaForCausalLM (only where transformers is installed)."""
+    transformers = pytest.importorskip("transformers")
+    m = tiny_model(use_scaled_rope=True, rope_scaling_factor=8.0)
+    write_hf_dir(tmp_path / "hf", m)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, m(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_safetensors_plain_reader(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4).bfloat16(), "c": torch.arange(6).view(2, 3),
+               "empty": torch.zeros(0, 3)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    got = M.read_safetensors_plain(tmp_path / "x.safetensors")
+    assert got.keys() == tensors.keys()
+    for k in tensors:
+        assert got[k].dtype == tensors[k].dtype and torch.equal(got[k], tensors[k])
+    try:  # the package's own files read the same (only where safetensors is installed)
+        from safetensors.torch import save_file
+    except ImportError:
+        return
+    save_file(tensors, tmp_path / "y.safetensors")
+    got = M.read_safetensors_plain(tmp_path / "y.safetensors")
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
+def test_hf_directory_without_safetensors_package(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_safetensors(name, *args, **kw):
+        if name.startswith("safetensors"):
+            raise ImportError("no safetensors here")
+        return real_import(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_safetensors)
+    m = tiny_model()
+    write_hf_dir(tmp_path / "hf", m)
+    tokens = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(M.load_model(tmp_path / "hf")(tokens), m(tokens), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_checkpoints_name_file_and_tensor(tmp_path):
+    m = tiny_model()
+    M.save_model(m, tmp_path / "ok")
+    sd = m.state_dict()
+    cases = {
+        "missing": ({k: v for k, v in sd.items() if k != "layers.1.feed_forward.w3.weight"},
+                    "missing tensor layers.1.feed_forward.w3.weight"),
+        "extra": ({**sd, "layers.0.attention.bias": torch.zeros(3)}, "unexpected tensor layers.0.attention.bias"),
+        "shape": ({**sd, "layers.0.attention.wk.weight": torch.zeros(16, 64)},
+                  r"tensor layers.0.attention.wk.weight has shape \(16, 64\), expected \(32, 64\)"),
+    }
+    for name, (bad_sd, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "params.json").write_text((tmp_path / "ok" / "params.json").read_text())
+        torch.save(bad_sd, d / "consolidated.00.pth")
+        with pytest.raises(CheckpointError, match=f"{name}: {message}"):
+            M.load_model(d)
+    # a truncated file is refused, naming it
+    data = (tmp_path / "ok" / "consolidated.00.pth").read_bytes()
+    (tmp_path / "ok" / "consolidated.00.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="consolidated.00.pth: cannot read"):
+        M.load_model(tmp_path / "ok")
+    (tmp_path / "ok" / "params.json").write_text('{"dim": 64, "n_heads": 5}')
+    with pytest.raises(CheckpointError, match="params.json: ModelArgs: dim=64 is not a multiple of n_heads=5"):
+        M.load_model(tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="neither params.json"):
+        M.load_model(tmp_path / "missing_dir")
+
+
+def test_bad_safetensors_and_shards_are_refused(tmp_path):
+    write_safetensors(tmp_path / "x.safetensors", {"a": torch.randn(8)})
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[:-4])
+    with pytest.raises(CheckpointError, match="x.safetensors: tensor a has data_offsets"):
+        M.read_safetensors_plain(tmp_path / "x.safetensors")
+    (tmp_path / "y.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(CheckpointError, match="y.safetensors: header of 1000 bytes"):
+        M.read_safetensors_plain(tmp_path / "y.safetensors")
+    # Meta shards that disagree on their tensors
+    m = tiny_model(vocab_size=96)
+    write_meta_dir(tmp_path / "meta", m, n_shards=2)
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth")
+    del shard["norm.weight"]
+    torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match="consolidated.01.pth: tensor norm.weight"):
+        M.load_model(tmp_path / "meta")
+    # an HF config of another architecture
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CheckpointError, match="config.json: model_type gpt2"):
+        M.load_model(tmp_path / "hf")
