@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import sys
 import sysconfig
-import unicodedata
 from collections import Counter, defaultdict
 
 import regex
@@ -235,21 +234,32 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
             bar.update()
         merges.append((pair, idx))
 
-        # Re-merge only the chunks that contain the pair; collect how each pair's count changes.
+        # Re-merge only the chunks that contain the pair, left to right like merge(), and note how the
+        # counts of the neighbouring pairs change: for "x a b y" -> "x X y", pairs (x,a), (a,b), (b,y) lose
+        # the chunk's count f and (x,X), (X,y) gain it. In a run "a b a b" -> "X X" the pair between the
+        # two occurrences, (b,a), becomes (X,X) once: the left side of the second occurrence handles it.
         delta = defaultdict(int)
         a, b = pair
         for w in where.pop(pair):
-            word = words[w]
-            new_word = merge(word, pair, idx)
-            if len(new_word) == len(word):
-                continue  # index entry left over from an earlier merge of this chunk
-            f = freq[w]
-            for p in zip(word, word[1:]):
-                delta[p] -= f
-            for p in zip(new_word, new_word[1:]):
-                delta[p] += f
-                where[p].add(w)
-            words[w] = new_word
+            word, f = words[w], freq[w]
+            out, i, n = [], 0, len(word)
+            while i < n:
+                if word[i] == a and i + 1 < n and word[i + 1] == b:
+                    delta[pair] -= f
+                    if out:  # left neighbour
+                        delta[word[i - 1], a] -= f
+                        delta[out[-1], idx] += f
+                        where[out[-1], idx].add(w)
+                    if i + 2 < n and not (word[i + 2] == a and i + 3 < n and word[i + 3] == b):
+                        delta[b, word[i + 2]] -= f  # right neighbour, unless it is merged next
+                        delta[idx, word[i + 2]] += f
+                        where[idx, word[i + 2]].add(w)
+                    out.append(idx)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            words[w] = out  # (unchanged if this index entry was left over from an earlier merge)
         for p, d in delta.items():
             if d:
                 pair_counts[p] += d
@@ -317,9 +327,10 @@ def read_texts(paths):
 # The tokenizer: ranks + special tokens, encoding through tiktoken.
 
 def render_token(token):
-    """Token bytes -> printable text for the .vocab file: invalid UTF-8 as \\xNN, control chars escaped."""
+    """Token bytes -> one printable line for the .vocab file: invalid UTF-8 as \\xNN, unprintable
+    characters (newline, tab, control, line separators) as \\uNNNN."""
     s = token.decode("utf-8", errors="backslashreplace")
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c)[0] == "C" else c for c in s)
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in s)
 
 
 class Tokenizer:
