@@ -1,0 +1,929 @@
+"""align.py — post-training, the Llama 2/3 way: SFT -> reward model -> rejection sampling -> DPO -> PPO.
+
+One file, read top to bottom: the embedded task family and its checkers, the JSONL loaders for real data,
+the losses as pure functions, the models (reward head, value head), then one function per stage.
+Every stage reads a checkpoint in Meta's layout and writes one (model.save_model), so any stage's output
+can be chatted with: `python sample.py --ckpt out/align-dpo --chat`.
+
+Design choices
+- Embedded default data (no downloads): a generated family of small tasks with exact checkers — addition,
+  sorting letters, counting a letter, reversing a word, tiny Python expressions (max/min/len). The checker plays
+  the human annotator: it labels the preference pairs, and it gives held-out accuracy after every stage.
+  Held-out prompts never appear in any training set.
+- Preference pairs are on-policy, as in Llama 3 (§4.2.1: pairs are sampled from the latest models): K samples of
+  the current policy per prompt, a correct one is "chosen" (else the checker's answer), an incorrect one is
+  "rejected" (else a corrupted answer: off-by-one, shuffled).
+- SFT (Llama 3 §4.1.3): conversations rendered by tokenizer.encode_dialog, loss only on assistant tokens and their
+  <|eot_id|>, several conversations packed per row with document masking (doc_ids), never across conversations.
+- Reward model (Llama 2 §3.2.2): the policy's transformer with a scalar head read at the last token (<|eot_id|>),
+  Bradley–Terry loss with an optional margin; the head is saved beside the checkpoint as reward_head.pth.
+- Rejection sampling (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best, SFT on the winners.
+- DPO (Rafailov et al. 2023) with Llama 3's two changes (§4.1.4): header and termination tokens masked out of the
+  loss, and an NLL term (coefficient 0.2) on the chosen response. Reference log-probs are computed once.
+- PPO (Ouyang et al. 2022; Ziegler et al. 2019): reward = reward-model score at the last token minus a per-token KL
+  penalty to the frozen reference, with an adaptive coefficient; GAE; clipped policy and value losses; minibatch
+  epochs; whitened advantages. The value head reads the policy's features detached: the value loss never moves
+  the policy (a cheap stand-in for InstructGPT's separate value model).
+- `python align.py all` starts from out/default (what `python train.py` writes) when it exists; otherwise from a
+  fresh small model with a small BPE tokenizer trained on the task texts (written as out/align-base), so the
+  whole chain runs in minutes on a laptop CPU. SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
+
+Real data (JSONL, one record a line; a malformed record is reported with its file and line number):
+  SFT:      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  RM, DPO:  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}
+  RS, PPO:  {"prompt": "..." or [messages]}
+Prompts longer than the context are truncated from the left (keeping <|begin_of_text|>) and counted.
+
+Commands
+  python align.py all                                   # the whole chain on the embedded tasks, CPU
+  python align.py sft --init out/default --out out/default-sft [--data sft.jsonl]
+  python align.py rm  --init out/default-sft --out out/default-rm [--data pairs.jsonl]
+  python align.py rs  --init out/default-sft --rm out/default-rm --out out/default-rs [--data prompts.jsonl]
+  python align.py dpo --init out/default-rs --out out/default-dpo [--data pairs.jsonl]
+  python align.py ppo --init out/default-dpo --rm out/default-rm --out out/default-ppo [--data prompts.jsonl]
+  torchrun --standalone --nproc_per_node=8 align.py sft --init ... --out ...     # sft, rm, dpo: DDP
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import PRESETS, Transformer, atomic_save, load_model, save_model
+from sample import generate, load_tokenizer
+from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The embedded task family: prompts with exact answers, and the checker that plays the annotator.
+
+TASK_KINDS = ("add", "sort", "count", "reverse", "python")
+LETTERS = "abcdefgh"
+
+
+def make_task(rng):
+    """One random task: {"kind", "prompt", "answer"}. E.g. {"kind": "sort", "prompt": "Sort the letters: d a c",
+    "answer": "a c d"}. Small ranges on purpose: a model of a few hundred thousand parameters learns them in minutes."""
+    kind = rng.choice(TASK_KINDS)
+    word = lambda alphabet, lo, hi: "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+    if kind == "add":
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        return dict(kind=kind, prompt=f"What is {a} + {b}?", answer=str(a + b))
+    if kind == "sort":
+        xs = rng.sample(LETTERS, rng.randint(3, 5))
+        return dict(kind=kind, prompt="Sort the letters: " + " ".join(xs), answer=" ".join(sorted(xs)))
+    if kind == "count":
+        ch, w = rng.choice("ab"), word("abc", 4, 8)
+        return dict(kind=kind, prompt=f"How many {ch} in {w}?", answer=str(w.count(ch)))
+    if kind == "reverse":
+        w = word(LETTERS, 3, 5)
+        return dict(kind=kind, prompt=f"Reverse: {w}", answer=w[::-1])
+    fn = rng.choice(("max", "min", "len"))  # "python": a one-line expression and what Python prints for it
+    if fn == "len":
+        s = word(LETTERS, 1, 7)
+        return dict(kind="python", prompt=f"Evaluate in Python: len('{s}')", answer=str(len(s)))
+    xs = [rng.randint(0, 9) for _ in range(3)]
+    expr = f"{fn}({', '.join(map(str, xs))})"
+    return dict(kind="python", prompt=f"Evaluate in Python: {expr}", answer=str(max(xs) if fn == "max" else min(xs)))
+
+
+def check(task, response):
+    """The annotator: is `response` the task's answer (ignoring surrounding and repeated whitespace)?"""
+    return " ".join(response.split()) == task["answer"]
+
+
+def corrupt(task, rng):
+    """A plausible wrong answer, for a rejected response when the policy never erred:
+    a number off by one or two, or the letters shuffled (one letter added if shuffling cannot change them)."""
+    ans = task["answer"]
+    while True:
+        if ans.isdigit():
+            wrong = str(max(0, int(ans) + rng.choice((-2, -1, 1, 2))))
+        else:
+            sep = " " if " " in ans else ""
+            xs = ans.split(sep) if sep else list(ans)
+            rng.shuffle(xs)
+            wrong = sep.join(xs) if sep.join(xs) != ans else ans + sep + rng.choice(LETTERS)
+        if not check(task, wrong):
+            return wrong
+
+
+def task_split(n_train, n_eval, seed=0, stage=0):
+    """(train, held-out) tasks. The held-out set depends only on `seed`, so every stage is scored on the same
+    prompts; each stage draws its own training prompts (`stage`), none of them in the held-out set."""
+    rng = random.Random(seed)
+    held_out = {}
+    while len(held_out) < n_eval:
+        t = make_task(rng)
+        held_out.setdefault(t["prompt"], t)
+    rng = random.Random(1000 * seed + 1 + stage)
+    train = []
+    while len(train) < n_train:
+        t = make_task(rng)
+        if t["prompt"] not in held_out:
+            train.append(t)
+    return train, list(held_out.values())
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def task_conversation(task):
+    """An SFT conversation: the task's prompt and its checked answer."""
+    return user(task["prompt"]) + [{"role": "assistant", "content": task["answer"]}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Real data: JSONL loaders for the usual shapes; a malformed record is reported with its file and line.
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; invalid JSON raises ValueError naming path:line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def _messages(x, where):
+    """A prompt given as a string or as a list of {"role", "content"} messages -> list of messages."""
+    if isinstance(x, str):
+        return user(x)
+    if not isinstance(x, list) or not x:
+        raise ValueError(f"{where}: expected a string or a non-empty list of messages")
+    for m in x:
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: bad message {m!r} (need role in {ROLES} and string content)")
+    turns = [m["role"] for m in (x[1:] if x[0]["role"] == "system" else x)]
+    if turns != [("user", "assistant")[i % 2] for i in range(len(turns))]:
+        raise ValueError(f"{where}: roles {turns} must alternate user, assistant (after an optional system)")
+    return x
+
+
+def _response(x, where):
+    """A response given as a string, or as messages ending with the assistant's (HH-RLHF style) -> its text."""
+    if isinstance(x, str):
+        return x
+    msgs = _messages(x, where)
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's")
+    return msgs[-1]["content"]
+
+
+def load_sft(path):
+    """{"messages": [...]} per line, ending with an assistant turn -> list of conversations."""
+    out = []
+    for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise ValueError(f"{where}: expected an object with a 'messages' list")
+        msgs = _messages(rec["messages"], where)
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's")
+        out.append(msgs)
+    return out
+
+
+def load_pairs(path):
+    """{"prompt", "chosen", "rejected"} per line -> list of {"prompt": messages, "chosen": str, "rejected": str}."""
+    out = []
+    for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
+            raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+        out.append(dict(prompt=_messages(rec["prompt"], where), chosen=_response(rec["chosen"], where),
+                        rejected=_response(rec["rejected"], where)))
+    return out
+
+
+def load_prompts(path):
+    """{"prompt": ...} per line -> list of prompts (lists of messages)."""
+    out = []
+    for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict) or "prompt" not in rec:
+            raise ValueError(f"{where}: expected an object with a 'prompt'")
+        out.append(_messages(rec["prompt"], where))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Tokens: rendering, left truncation, padding, packing, per-token log-probs.
+
+class Truncations:
+    """Counts sequences cut to fit the context, so each stage can say how many it cut."""
+    n = 0
+
+
+def truncate_left(ids, n, mask=None):
+    """Keep <|begin_of_text|> and the last n-1 tokens: the end of a prompt is what the answer depends on."""
+    if len(ids) <= n:
+        return ids if mask is None else (ids, mask)
+    Truncations.n += 1
+    ids = ids[:1] + ids[len(ids) - n + 1:]
+    return ids if mask is None else (ids, mask[:1] + mask[len(mask) - n + 1:])
+
+
+def render(tok, prompt, response, max_len):
+    """(ids, mask) of `prompt` (messages) answered by `response`; mask on the answer tokens and its <|eot_id|>."""
+    ids, mask = tok.encode_dialog(prompt + [{"role": "assistant", "content": response}])
+    return truncate_left(list(ids), max_len, list(mask))
+
+
+def render_prompt(tok, prompt, max_len):
+    """Prompt ids ending with the open assistant header, left-truncated to leave max_len for the answer."""
+    return truncate_left(list(tok.encode_dialog_prompt(prompt)), max_len)
+
+
+def pad(rows, value=0):
+    """list of lists of ints -> LongTensor (B, T_max), right-padded with `value`."""
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def pack_sft(examples, seq_len):
+    """Pack (ids, mask) conversations into rows of seq_len: several per row, never split, never attending across
+    (each gets its own doc id; the padding at a row's end gets one too). Targets are -100 where mask is 0, so
+    system, user and header tokens are never trained on. Returns x, y, doc_ids: LongTensors (N, seq_len).
+    E.g. seq_len=6, ids [1,2,3] mask [0,1,1] and ids [1,4] mask [0,1] -> x [1,2,1,0,0,0], y [2,3,4,-100,-100,-100],
+    doc_ids [0,0,1,2,2,2]."""
+    rows, row, doc = [], [], 0
+    for ids, mask in examples:
+        ids, mask = truncate_left(list(ids), seq_len + 1, list(mask))
+        x, y = ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+        if len(row) + len(x) > seq_len:  # this conversation does not fit: start a new row
+            rows.append(row)
+            row, doc = [], 0
+        row += [(a, b, doc) for a, b in zip(x, y)]
+        doc += 1
+    rows.append(row)
+    X = torch.zeros(len(rows), seq_len, dtype=torch.long)
+    Y = torch.full((len(rows), seq_len), -100, dtype=torch.long)
+    D = torch.zeros(len(rows), seq_len, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        X[i, :n] = torch.tensor([a for a, _, _ in r])
+        Y[i, :n] = torch.tensor([b for _, b, _ in r])
+        D[i, :n] = torch.tensor([d for *_, d in r])
+        D[i, n:] = (D[i, n - 1] + 1) if n else 0
+    return X, Y, D
+
+
+def token_logprobs(logits, tokens):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: logits (B, T, V), tokens (B, T) -> (B, T-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
+
+
+def loss_mask(tok, ids, mask):
+    """Llama 3's DPO mask (§4.1.4): the assistant's tokens, minus header and termination tokens
+    (<|eot_id|>, <|end_of_text|>, <|start_header_id|>, <|end_header_id|>), shifted to line up with token_logprobs."""
+    drop = {tok.eot_id, tok.eos_id, tok.start_header_id, tok.end_header_id}
+    return [int(m and t not in drop) for t, m in zip(ids[1:], mask[1:])]
+
+
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum() / mask.sum().clamp(min=1) if dim is None else (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The losses, as pure functions of tensors.
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=None):
+    """Reward-model loss, Llama 2 eq. 1-2: -log σ(r_chosen - r_rejected - margin); r_* (B,), margin (B,) or None.
+    Equal scores give log 2; the margin asks for a larger gap on pairs the annotator found clearly different."""
+    diff = r_chosen - r_rejected - (0 if margin is None else margin)
+    return -F.logsigmoid(diff).mean()
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
+    """DPO, Rafailov et al. 2023 eq. 7: -log σ(β[(log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))]).
+    Inputs (B,): log-probs of the whole response (summed over its masked tokens). A policy equal to its reference
+    gives exactly log 2. Also returns the implicit rewards β·(log π - log π_ref) of chosen and rejected, for logging."""
+    chosen_reward = beta * (pi_chosen - ref_chosen)
+    rejected_reward = beta * (pi_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016): rewards, values, mask (B, T) -> advantages, returns.
+    δ_t = r_t + γ V_{t+1} - V_t,  A_t = δ_t + γλ A_{t+1}, with V and A zero after the last unmasked step
+    (the episode ends there). Returns = A + V are the value targets."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value = values[:, t] * mask[:, t]  # past the end of a sequence: terminal, value 0
+        next_adv = adv[:, t]
+    return adv, adv + values
+
+
+def whiten(x, mask):
+    """Advantages normalised to mean 0 and std 1 over the valid tokens (stabilises the policy step)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_policy_loss(logp, old_logp, adv, mask, clip=0.2):
+    """PPO's clipped surrogate, Schulman et al. 2017 eq. 7: -min(ρ A, clip(ρ, 1-ε, 1+ε) A), ρ = π/π_old.
+    All (B, T). Returns the loss and the fraction of tokens where the clip was active."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+    return masked_mean(loss, mask), clipfrac
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
+    """Clipped value loss (as in OpenAI baselines' PPO2): ½ max((V - R)², (V_clipped - R)²), V_clipped within ±ε
+    of the value at rollout time, so one update cannot move the value far either."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def kl_shaped_rewards(score, logp, ref_logp, mask, kl_coef):
+    """Per-token reward (Ziegler et al. 2019; Ouyang et al. 2022 eq. 2): -β·(log π - log π_ref) on every response
+    token, plus the reward model's score on the last one. score (B,), the rest (B, T) -> (B, T)."""
+    rewards = -kl_coef * (logp - ref_logp) * mask
+    last = mask.cumsum(1).argmax(1)  # index of each row's last response token
+    rewards[torch.arange(len(score)), last] += score
+    return rewards
+
+
+class AdaptiveKL:
+    """Adaptive KL coefficient, Ziegler et al. 2019 §2.2: nudge β so the measured KL tracks a target.
+    β ← β·(1 + clip(KL/target - 1, -0.2, 0.2)·n/horizon). target=None keeps β fixed."""
+
+    def __init__(self, coef, target=None, horizon=10000):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl, n_steps):
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.coef *= 1 + error * n_steps / self.horizon
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Models around the transformer: a reward head, a value head.
+
+class RewardModel(nn.Module):
+    """Llama 2 §3.2.2: the chat model's transformer with the next-token head swapped for a scalar head,
+    read at each sequence's last token (the <|eot_id|> closing the answer), so the score sees the whole exchange."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.args.dim, 1)
+        nn.init.zeros_(self.head.weight)  # every response starts at score 0; the BT gradient still flows (h_c != h_r)
+        nn.init.zeros_(self.head.bias)
+        if backbone.output.weight is not backbone.tok_embeddings.weight:
+            backbone.output.requires_grad_(False)  # unused here; frozen so DDP does not wait for its gradient
+
+    def forward(self, tokens, last):
+        h = self.backbone.hidden_states(tokens)  # (B, T, C)
+        return self.head(h[torch.arange(len(tokens), device=h.device), last]).squeeze(-1).float()  # (B,)
+
+
+def save_reward_model(rm, out_dir, tokenizer_path):
+    """Meta's layout for the transformer (sample.py can load it) + reward_head.pth beside it."""
+    save_model(rm.backbone, out_dir, tokenizer_path=tokenizer_path)
+    atomic_save(rm.head.state_dict(), os.path.join(out_dir, "reward_head.pth"))
+
+
+def load_reward_model(path, device="cpu"):
+    head = os.path.join(path, "reward_head.pth")
+    if not os.path.exists(head):
+        raise FileNotFoundError(f"{head} not found: {path} is not a reward model written by `align.py rm`")
+    rm = RewardModel(load_model(path, device=device))
+    rm.head.load_state_dict(torch.load(head, map_location=device, weights_only=True))
+    return rm.to(device)
+
+
+class PolicyWithValue(nn.Module):
+    """The policy plus a value head for PPO. One forward gives both: logits (B, T, V) and values (B, T).
+    The head reads the features detached, so the value loss trains only the head and never moves the policy."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.args.dim, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, tokens):
+        h = self.policy.hidden_states(tokens)  # (B, T, C)
+        logits = self.policy.output(h).float()  # (B, T, V): what policy(tokens) computes, without a second pass
+        return logits, self.value_head(h.detach()).squeeze(-1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Sampling, scoring, evaluating.
+
+def device_of(module):
+    return next(module.parameters()).device
+
+
+def context_len(model):
+    return model.args.max_seq_len
+
+
+@torch.no_grad()
+def sample_responses(model, tok, prompt_ids, max_new, greedy=False, generator=None, batch_size=64):
+    """Responses (token lists, the stop token included if one was hit) for each prompt, via sample.generate."""
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        tokens, _ = generate(model, prompt_ids[i:i + batch_size], max_new, temperature=1.0,
+                             top_k=1 if greedy else None, stop_ids=tok.stop_ids, generator=generator)
+        out += tokens
+    return out
+
+
+def response_text(tok, tokens):
+    return tok.decode([t for t in tokens if t not in tok.stop_ids])
+
+
+@torch.no_grad()
+def rm_scores(rm, seqs, batch_size=64):
+    """Reward-model score of each full sequence (prompt + response tokens), read at its last token -> (N,)."""
+    dev, out = device_of(rm), []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        last = torch.tensor([len(s) - 1 for s in chunk], device=dev)
+        out.append(rm(pad(chunk).to(dev), last).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model, tok, tasks, rm=None, max_new=16):
+    """Held-out accuracy of greedy answers, overall and per task kind, and their mean reward-model score."""
+    prompts = [render_prompt(tok, user(t["prompt"]), context_len(model) - max_new) for t in tasks]
+    responses = sample_responses(model, tok, prompts, max_new, greedy=True)
+    correct = [check(t, response_text(tok, r)) for t, r in zip(tasks, responses)]
+    res = {"accuracy": sum(correct) / len(tasks)}
+    for kind in TASK_KINDS:
+        ks = [c for t, c in zip(tasks, correct) if t["kind"] == kind]
+        res[kind] = sum(ks) / max(1, len(ks))
+    if rm is not None:
+        res["reward"] = rm_scores(rm, [p + r for p, r in zip(prompts, responses)]).mean().item()
+    return res
+
+
+def preference_pairs(policy, tok, tasks, k, max_new, seed=0):
+    """Checker-labelled pairs on the policy's own samples (Llama 3 §4.2.1 samples pairs from the latest policy):
+    chosen = a correct sample (else the checker's answer), rejected = a wrong one (else a corrupted answer).
+    Returns the pairs and the fraction of samples that were correct."""
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
+    prompts = [render_prompt(tok, user(t["prompt"]), context_len(policy) - max_new) for t in tasks]
+    responses = sample_responses(policy, tok, [p for p in prompts for _ in range(k)], max_new, generator=gen)
+    pairs, n_good = [], 0
+    for i, t in enumerate(tasks):
+        texts = [response_text(tok, r) for r in responses[i * k:(i + 1) * k]]
+        good = [x for x in texts if check(t, x)]
+        bad = [x for x in texts if not check(t, x)]
+        n_good += len(good)
+        pairs.append(dict(prompt=user(t["prompt"]), chosen=good[0] if good else t["answer"],
+                          rejected=bad[0] if bad else corrupt(t, rng)))
+    return pairs, n_good / (k * len(tasks))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Distributed set-up and the training loop the stages share.
+
+RANK, WORLD = 0, 1
+
+
+def setup_device():
+    """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPUs (like train.py)."""
+    global RANK, WORLD
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return device
+
+
+def log(*a):
+    if RANK == 0:
+        print(*a, flush=True)
+
+
+def wrap_ddp(module):
+    """DDP averages gradients across processes during backward; a single process trains the module as is."""
+    if not dist.is_initialized():
+        return module
+    return DDP(module, device_ids=[device_of(module)] if device_of(module).type == "cuda" else None)
+
+
+def batch_indices(n, batch_size, step, seed=0):
+    """This rank's share of the global batch at `step`: epochs of a seeded permutation (the same on every rank),
+    each rank taking every WORLD-th index, so the ranks together see the single-process batch."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size][RANK::WORLD].tolist()
+
+
+def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25):
+    """The loop every stage shares, in nanoGPT's order: set lr, forward + backward, clip, step, log.
+    step_loss(step) -> (loss, {metric: float}). AdamW without weight decay (a fine-tune); linear warm-up, then linear
+    decay to lr/10. bf16 autocast on CUDA."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device_of(module).type == "cuda" else nullcontext()
+    history = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (1 - 0.9 * step / steps)
+        with amp:
+            loss, metrics = step_loss(step)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"loss": loss.item(), **metrics})
+        if step % log_every == 0 or step == steps - 1:
+            log(f"{name} step {step:4d}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. The stages. Each train_* function takes a model and data and returns its history; the CLI wraps them below.
+
+def train_sft(model, tok, conversations, steps, batch_size, lr, seq_len=None, name="sft"):
+    """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks."""
+    examples = [tok.encode_dialog(c) for c in conversations]
+    X, Y, D = pack_sft(examples, seq_len or context_len(model))  # (N, T) each
+    net, dev = wrap_ddp(model), device_of(model)
+
+    def step_loss(step):
+        idx = batch_indices(len(X), batch_size, step)
+        return net(X[idx].to(dev), targets=Y[idx].to(dev), doc_ids=D[idx].to(dev)), {}
+    return optimize(net, step_loss, steps, lr, name)
+
+
+def _pair_rows(tok, pairs, max_len):
+    """Render each pair twice: (chosen ids, chosen loss mask, rejected ids, rejected loss mask)."""
+    rows = []
+    for p in pairs:
+        c_ids, c_mask = render(tok, p["prompt"], p["chosen"], max_len)
+        r_ids, r_mask = render(tok, p["prompt"], p["rejected"], max_len)
+        rows.append((c_ids, loss_mask(tok, c_ids, c_mask), r_ids, loss_mask(tok, r_ids, r_mask)))
+    return rows
+
+
+def train_rm(rm, tok, pairs, steps, batch_size, lr):
+    """Reward model: Bradley–Terry on (chosen, rejected), both in one forward; a pair may carry a "margin"."""
+    rows = _pair_rows(tok, pairs, context_len(rm.backbone))
+    margins = torch.tensor([float(p.get("margin", 0.0)) for p in pairs])
+    net, dev = wrap_ddp(rm), device_of(rm)
+
+    def step_loss(step):
+        idx = batch_indices(len(rows), batch_size, step)
+        seqs = [rows[i][0] for i in idx] + [rows[i][2] for i in idx]  # chosen then rejected
+        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+        r_chosen, r_rejected = net(pad(seqs).to(dev), last).chunk(2)  # (b,), (b,)
+        loss = bradley_terry_loss(r_chosen, r_rejected, margins[idx].to(dev))
+        return loss, {"acc": (r_chosen > r_rejected).float().mean().item()}
+    return optimize(net, step_loss, steps, lr, "rm")
+
+
+@torch.no_grad()
+def rm_accuracy(rm, tok, pairs):
+    """Pairwise accuracy: how often the reward model scores chosen above rejected."""
+    rows = _pair_rows(tok, pairs, context_len(rm.backbone))
+    r_chosen = rm_scores(rm, [r[0] for r in rows])
+    r_rejected = rm_scores(rm, [r[2] for r in rows])
+    return (r_chosen > r_rejected).float().mean().item()
+
+
+def response_logprobs(model, seqs, masks):
+    """Summed log-prob of each sequence's masked (response) tokens: seqs (B lists), masks (B lists, len-1) -> (B,)."""
+    tokens = pad(seqs).to(device_of(model))
+    m = pad(masks).to(tokens.device).float()  # (B, T-1), lines up with token_logprobs
+    return (token_logprobs(model(tokens), tokens) * m).sum(-1), m.sum(-1)
+
+
+def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2):
+    """DPO with Llama 3's changes: header/termination tokens out of the loss, NLL (per token) on chosen."""
+    rows = _pair_rows(tok, pairs, context_len(policy))
+    with torch.no_grad():  # the reference never changes: its log-probs once, in batches
+        ref_c = torch.cat([response_logprobs(ref, [r[0] for r in rows[i:i + 64]], [r[1] for r in rows[i:i + 64]])[0]
+                           for i in range(0, len(rows), 64)]).cpu()
+        ref_r = torch.cat([response_logprobs(ref, [r[2] for r in rows[i:i + 64]], [r[3] for r in rows[i:i + 64]])[0]
+                           for i in range(0, len(rows), 64)]).cpu()
+    net, dev = wrap_ddp(policy), device_of(policy)
+
+    def step_loss(step):
+        idx = batch_indices(len(rows), batch_size, step)
+        lp, n = response_logprobs(net, [rows[i][0] for i in idx] + [rows[i][2] for i in idx],
+                                  [rows[i][1] for i in idx] + [rows[i][3] for i in idx])
+        (pi_c, pi_r), n_c = lp.chunk(2), n[:len(idx)]
+        loss, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c[idx].to(dev), ref_r[idx].to(dev), beta)
+        nll = -(pi_c / n_c.clamp(min=1)).mean()
+        return loss + nll_coef * nll, {"dpo": loss.item(), "nll": nll.item(), "margin": (r_c - r_r).mean().item(),
+                                       "acc": (r_c > r_r).float().mean().item()}
+    return optimize(net, step_loss, steps, lr, "dpo")
+
+
+def rejection_sample(policy, rm, tok, prompts, k, max_new, seed=0):
+    """Best-of-K (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best.
+    Returns the winners as SFT conversations and the (len(prompts), K) score matrix."""
+    gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
+    prompt_ids = [render_prompt(tok, p, context_len(policy) - max_new) for p in prompts]
+    flat = [p for p in prompt_ids for _ in range(k)]
+    responses = sample_responses(policy, tok, flat, max_new, generator=gen)
+    scores = rm_scores(rm, [p + r for p, r in zip(flat, responses)]).view(len(prompts), k)
+    best = scores.argmax(1).tolist()
+    winners = [p + [{"role": "assistant", "content": response_text(tok, responses[i * k + b])}]
+               for i, (p, b) in enumerate(zip(prompts, best))]
+    return winners, scores
+
+
+def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max_new=16, kl_coef=0.05,
+              kl_target=None, epochs=2, minibatch=16, gamma=1.0, lam=0.95, clip=0.2, vf_coef=0.5, seed=0):
+    """PPO on prompts (lists of messages). reward_fn(seqs: list of token lists, prompt + response) -> (N,) scores.
+    Each iteration: roll out, score, shape rewards with the KL penalty, GAE, then `epochs` passes of minibatches."""
+    dev = device_of(policy)
+    pv = PolicyWithValue(policy).to(dev)
+    # the fresh value head starts from zero and must catch up with the rewards' scale: 10x the policy's lr
+    opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": lr},
+                             {"params": pv.value_head.parameters(), "lr": 10 * lr}], betas=(0.9, 0.95), weight_decay=0.0)
+    kl_ctl = AdaptiveKL(kl_coef, kl_target)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rng, perm_gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    history = []
+    for it in range(iters):
+        # rollout: sample from the current policy, then score every token once with the same full forward
+        batch = rng.sample(prompts, min(rollout_size, len(prompts)))
+        prompt_ids = [render_prompt(tok, p, context_len(policy) - max_new) for p in batch]
+        responses = sample_responses(policy, tok, prompt_ids, max_new, generator=gen)
+        seqs = [p + r for p, r in zip(prompt_ids, responses)]
+        tokens = pad(seqs).to(dev)  # (B, T)
+        mask = torch.zeros(len(seqs), tokens.shape[1] - 1, device=dev)  # (B, T-1): positions predicting a response token
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
+        with torch.no_grad():
+            logits, values = pv(tokens)
+            old_logp, old_values = token_logprobs(logits, tokens), values[:, :-1]  # (B, T-1) each
+            ref_logp = token_logprobs(ref(tokens), tokens)
+            score = reward_fn(seqs).to(dev)  # (B,)
+            rewards = kl_shaped_rewards(score, old_logp, ref_logp, mask, kl_ctl.coef)
+            adv, returns = gae(rewards, old_values, mask, gamma, lam)
+            adv = whiten(adv, mask)
+        # update: a few epochs of minibatches over this rollout
+        stats = []
+        for _ in range(epochs):
+            for mb in torch.randperm(len(seqs), generator=perm_gen).split(minibatch):
+                mb = mb.to(dev)
+                logits, values = pv(tokens[mb])
+                logp = token_logprobs(logits, tokens[mb])
+                pg_loss, clipfrac = ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], clip)
+                vf_loss = ppo_value_loss(values[:, :-1], old_values[mb], returns[mb], mask[mb], clip)
+                loss = pg_loss + vf_coef * vf_loss
+                loss.backward()
+                nn.utils.clip_grad_norm_(pv.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    logp_all = F.log_softmax(logits[:, :-1], dim=-1)  # (b, T-1, V)
+                    entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[mb])
+                stats.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), entropy.item()))
+        kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()  # per sequence, the KL the penalty acts on
+        kl_ctl.update(kl, len(seqs))
+        pg, vf, cf, ent = (sum(s[j] for s in stats) / len(stats) for j in range(4))
+        history.append(dict(reward=score.mean().item(), kl=kl, kl_coef=kl_ctl.coef, entropy=ent, clipfrac=cf,
+                            pg_loss=pg, vf_loss=vf))
+        if it % 5 == 0 or it == iters - 1:
+            log(f"ppo iter {it:3d}/{iters} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. The command line: one function per stage (load, build its data, train, save, evaluate), and `all`.
+
+STAGES = ("sft", "rm", "rs", "dpo", "ppo")
+# per stage: optimizer steps (PPO: iterations), batch size (PPO: rollouts per iteration), learning rate, and how
+# many task prompts it draws (SFT: conversations; RM, DPO: preference pairs; RS, PPO: prompts). Sized so that
+# `python align.py all` runs in minutes on a 2-core CPU; --steps/--batch_size/--lr/--n_prompts override one stage.
+STAGE_DEFAULTS = {
+    "sft": dict(steps=300, batch_size=16, lr=1e-3, n_prompts=4000),
+    "rm": dict(steps=150, batch_size=16, lr=3e-4, n_prompts=800),
+    "rs": dict(steps=100, batch_size=16, lr=3e-4, n_prompts=400),
+    "dpo": dict(steps=100, batch_size=16, lr=1e-4, n_prompts=800),
+    "ppo": dict(steps=30, batch_size=32, lr=3e-5, n_prompts=2000),
+}
+SMALL_MODEL = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128)  # ~0.8M params
+SMALL_VOCAB = 256 + 256 + 128  # bytes + special tokens + 128 merges: the task texts need no more
+
+
+def hp(args, stage, key):
+    value = getattr(args, key)
+    return STAGE_DEFAULTS[stage][key] if value is None else value
+
+
+def tokenizer_file(ckpt):
+    for path in (os.path.join(ckpt, "tokenizer.model"), os.path.join(ckpt, "original", "tokenizer.model")):
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{ckpt}: no tokenizer.model (nor original/tokenizer.model)")
+
+
+def fresh_base(out_dir, seed=0):
+    """No pretrained model to start from: a small BPE tokenizer trained on the task texts and a fresh small
+    transformer, written in Meta's layout like any other checkpoint."""
+    train, _ = task_split(2000, 0, seed)
+    texts = [f"{t['prompt']}\n{t['answer']}\n" for t in train] + ["system\nuser\nassistant\n"] * 50
+    tok = Tokenizer.train(texts, vocab_size=SMALL_VOCAB)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.model"))
+    torch.manual_seed(seed)
+    model = Transformer(dataclasses.replace(PRESETS["cpu"], vocab_size=tok.n_words, **SMALL_MODEL))
+    save_model(model, out_dir)
+    return out_dir
+
+
+def finish(args, stage, model, tok, metric, rm=None, save=None):
+    """Save the stage's checkpoint (rank 0), then evaluate it on the held-out tasks and log one line."""
+    if RANK == 0:
+        (save or (lambda out: save_model(model, out, tokenizer_path=tokenizer_file(args.init))))(args.out)
+    if dist.is_initialized():
+        dist.barrier()
+    policy = model.backbone if isinstance(model, RewardModel) else model
+    res = evaluate(policy, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new) if RANK == 0 else {}
+    reward = f", mean reward {res['reward']:.3f}" if "reward" in res else ""
+    log(f"[{stage}] -> {args.out}: held-out accuracy {res.get('accuracy', 0):.3f}{reward}; {metric} "
+        f"({Truncations.n} sequences truncated to the context)")
+    return dict(stage=stage, out=args.out, metric=metric, **res)
+
+
+def stage_sft(args, device):
+    model, tok = load_model(args.init, device=device), load_tokenizer(args.init)
+    n = hp(args, "sft", "n_prompts")
+    convos = load_sft(args.data) if args.data else [task_conversation(t) for t in task_split(n, args.n_eval, args.seed, 1)[0]]
+    hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"))
+    return finish(args, "sft", model, tok, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
+                  load_reward_model(args.rm, device) if args.rm else None)
+
+
+def stage_rm(args, device):
+    policy, tok = load_model(args.init, device=device), load_tokenizer(args.init)
+    train, held_out = task_split(hp(args, "rm", "n_prompts"), args.n_eval, args.seed, 2)
+    if args.data:
+        pairs, test_pairs = load_pairs(args.data), []
+    else:  # the policy's own samples, labelled by the checker; the held-out prompts give held-out pairs
+        pairs, p_good = preference_pairs(policy, tok, train, args.k, args.max_new, args.seed)
+        test_pairs, _ = preference_pairs(policy, tok, held_out, args.k, args.max_new, args.seed + 1)
+        log(f"[rm] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
+    rm = RewardModel(policy).to(device)
+    hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"))
+    acc = rm_accuracy(rm, tok, test_pairs) if test_pairs else float("nan")
+    return finish(args, "rm", rm, tok, f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair "
+                  f"accuracy {acc:.3f}", rm, lambda out: save_reward_model(rm, out, tokenizer_file(args.init)))
+
+
+def stage_rs(args, device):
+    policy, tok, rm = load_model(args.init, device=device), load_tokenizer(args.init), load_reward_model(args.rm, device)
+    tasks = task_split(hp(args, "rs", "n_prompts"), args.n_eval, args.seed, 3)[0]
+    prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
+    winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.seed)
+    picked = "" if args.data else ", winners correct " + \
+        f"{sum(check(t, w[-1]['content']) for t, w in zip(tasks, winners)) / len(tasks):.3f}"
+    log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
+        + picked)
+    hist = train_sft(policy, tok, winners, hp(args, "rs", "steps"), hp(args, "rs", "batch_size"), hp(args, "rs", "lr"),
+                     name="rs")
+    return finish(args, "rs", policy, tok, f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean "
+                  f"{scores.mean():.3f}{picked}; SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}", rm)
+
+
+def stage_dpo(args, device):
+    policy, tok = load_model(args.init, device=device), load_tokenizer(args.init)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    if args.data:
+        pairs = load_pairs(args.data)
+    else:
+        tasks = task_split(hp(args, "dpo", "n_prompts"), args.n_eval, args.seed, 4)[0]
+        pairs, p_good = preference_pairs(policy, tok, tasks, args.k, args.max_new, args.seed)
+        log(f"[dpo] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
+    hist = train_dpo(policy, ref, tok, pairs, hp(args, "dpo", "steps"), hp(args, "dpo", "batch_size"),
+                     hp(args, "dpo", "lr"), args.beta, args.nll_coef)
+    tail = hist[-10:]
+    return finish(args, "dpo", policy, tok, f"DPO loss {hist[0]['dpo']:.3f} -> {sum(h['dpo'] for h in tail) / len(tail):.3f}"
+                  f", reward margin {sum(h['margin'] for h in tail) / len(tail):.3f}",
+                  load_reward_model(args.rm, device) if args.rm else None)
+
+
+def stage_ppo(args, device):
+    policy, tok, rm = load_model(args.init, device=device), load_tokenizer(args.init), load_reward_model(args.rm, device)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    tasks = task_split(hp(args, "ppo", "n_prompts"), args.n_eval, args.seed, 5)[0]
+    prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
+    hist = train_ppo(policy, ref, lambda seqs: rm_scores(rm, seqs), tok, prompts, hp(args, "ppo", "steps"),
+                     hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target,
+                     seed=args.seed)
+    first, last = hist[:5], hist[-5:]
+    mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)
+    return finish(args, "ppo", policy, tok, f"rollout reward {mean(first, 'reward'):.3f} -> {mean(last, 'reward'):.3f}, "
+                  f"KL {mean(last, 'kl'):.3f}", rm)
+
+
+def stage_all(args, device):
+    """base -> SFT -> RM -> RS -> DPO -> PPO, then every checkpoint reloaded and scored on the held-out tasks."""
+    if dist.is_initialized():
+        raise SystemExit("align.py all runs in one process (RS and PPO are single-process); "
+                         "sft, rm and dpo take torchrun on their own")
+    t0 = time.time()
+    if args.init is None and os.path.exists("out/default/params.json"):
+        args.init = "out/default"
+    run = args.run or ("default" if args.init == "out/default" else "align")
+    if args.init is None:
+        args.init = fresh_base(f"out/{run}-base", args.seed)
+        log(f"[base] no out/default: a fresh {SMALL_MODEL} model and a {SMALL_VOCAB}-token tokenizer in {args.init}")
+    base = args.init
+    walls = {"base": time.time() - t0}
+    chain = [("sft", base, stage_sft), ("rm", f"out/{run}-sft", stage_rm), ("rs", f"out/{run}-sft", stage_rs),
+             ("dpo", f"out/{run}-rs", stage_dpo), ("ppo", f"out/{run}-dpo", stage_ppo)]
+    rows = {}
+    for stage, init, fn in chain:
+        t = time.time()
+        args.init, args.out = init, f"out/{run}-{stage}"
+        rows[stage] = fn(args, device)
+        walls[stage] = time.time() - t
+        if stage == "rm":
+            args.rm = args.out
+    # the table: every checkpoint reloaded from disk, greedy answers to the same held-out prompts, scored by the RM
+    rm = load_reward_model(args.rm, device)
+    held_out = task_split(0, args.n_eval, args.seed)[1]
+    print(f"\nalign.py all: start {base}, {len(held_out)} held-out tasks, greedy answers; "
+          f"total wall time {time.time() - t0:.0f} s\n")
+    print("| stage | checkpoint | held-out accuracy | " + " | ".join(TASK_KINDS) + " | mean reward | stage's own metric | wall time |")
+    print("|---" * (len(TASK_KINDS) + 6) + "|")
+    for stage, path in [("base", base)] + [(s, f"out/{run}-{s}") for s in STAGES]:
+        model = load_reward_model(path, device).backbone if stage == "rm" else load_model(path, device=device)
+        res = evaluate(model, load_tokenizer(path), held_out, rm, args.max_new)
+        acc = "—" if stage == "rm" else f"{res['accuracy']:.3f}"
+        kinds = " | ".join("—" if stage == "rm" else f"{res[k]:.2f}" for k in TASK_KINDS)
+        reward = "—" if stage == "rm" else f"{res['reward']:.3f}"
+        print(f"| {stage} | `{path}` | {acc} | {kinds} | {reward} | {rows.get(stage, {}).get('metric', '')} "
+              f"| {walls[stage]:.0f} s |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES + ("all",))
+    p.add_argument("--init", help="checkpoint to start from (all: out/default if present, else a fresh small model)")
+    p.add_argument("--out", help="where the stage writes its checkpoint (default: INIT-STAGE)")
+    p.add_argument("--rm", help="reward model checkpoint (rs, ppo; other stages then also report mean reward)")
+    p.add_argument("--data", help="JSONL instead of the embedded tasks (see the docstring for the shapes)")
+    p.add_argument("--run", help="all: outputs go to out/RUN-sft, ... (default: 'default' from out/default, else 'align')")
+    p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see STAGE_DEFAULTS")
+    p.add_argument("--batch_size", type=int, help="sequences per step (ppo: rollouts per iteration)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--n_prompts", type=int, help="task prompts the stage draws (sft: conversations, rm/dpo: pairs)")
+    p.add_argument("--n_eval", type=int, default=200, help="held-out tasks scored after every stage")
+    p.add_argument("--k", type=int, default=4, help="samples per prompt for preference pairs and rejection sampling")
+    p.add_argument("--max_new", type=int, default=16, help="longest response sampled, in tokens")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (Llama 3: 0.1)")
+    p.add_argument("--nll_coef", type=float, default=0.2, help="DPO's NLL term on chosen (Llama 3: 0.2)")
+    p.add_argument("--kl_coef", type=float, default=0.05, help="PPO's initial KL penalty coefficient")
+    p.add_argument("--kl_target", type=float, default=None, help="PPO: adapt the KL coefficient towards this KL")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.stage != "all":
+        if args.init is None:
+            p.error(f"{args.stage} needs --init CKPT")
+        if args.stage in ("rs", "ppo") and args.rm is None:
+            p.error(f"{args.stage} needs --rm (a reward model written by `align.py rm`)")
+        args.out = args.out or f"{args.init.rstrip('/')}-{args.stage}"
+    device = setup_device()
+    if args.stage in ("rs", "ppo") and dist.is_initialized():
+        raise SystemExit(f"{args.stage} runs in one process: drop torchrun")
+    torch.manual_seed(args.seed)
+    {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}[args.stage](args, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,253 @@
+"""Tests for align.py: the losses against closed forms and hand-computed examples, the data plumbing (SFT mask,
+packing, JSONL errors), and a few steps of each stage on a tiny model improving that stage's own objective.
+Hermetic: a tiny tokenizer trained here on the task texts, a tiny model, files only in tmp_path.
+
+Run: python -m pytest -q tests/test_align.py
+"""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import align
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+
+
+# --- the losses --------------------------------------------------------------------------------------------------
+
+def test_dpo_loss_closed_form():
+    pi_c, pi_r = torch.tensor([-3.0, -7.5]), torch.tensor([-4.0, -2.0])
+    ref_c, ref_r = torch.tensor([-3.5, -6.0]), torch.tensor([-3.0, -2.5])
+    beta = 0.1
+    loss, r_c, r_r = align.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    expected = [-math.log(1 / (1 + math.exp(-beta * ((a - b) - (c - d)))))
+                for a, b, c, d in zip(pi_c.tolist(), ref_c.tolist(), pi_r.tolist(), ref_r.tolist())]
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert r_c.tolist() == pytest.approx([0.05, -0.15])  # beta * (pi - ref)
+    assert r_r.tolist() == pytest.approx([-0.1, 0.05])
+
+
+def test_dpo_loss_is_log2_when_policy_is_reference():
+    lp_c, lp_r = torch.randn(8) * 5, torch.randn(8) * 5
+    loss, _, _ = align.dpo_loss(lp_c, lp_r, lp_c.clone(), lp_r.clone(), beta=0.3)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_bradley_terry_loss():
+    r_c, r_r = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 1.0, 0.5])
+    expected = [math.log(1 + math.exp(-(c - r))) for c, r in zip(r_c.tolist(), r_r.tolist())]
+    assert align.bradley_terry_loss(r_c, r_r).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    assert align.bradley_terry_loss(r_r[2:], r_c[2:]).item() == pytest.approx(math.log(2))  # equal scores
+    margin = torch.tensor([1.0, 0.0, 2.0])  # a margin asks for a bigger gap: same scores, larger loss
+    expected = [math.log(1 + math.exp(-(c - r - m))) for c, r, m in zip(r_c.tolist(), r_r.tolist(), margin.tolist())]
+    assert align.bradley_terry_loss(r_c, r_r, margin).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+
+
+def test_gae_against_hand_computed_example():
+    # row 0: three steps, gamma 1, lambda 0.5, reward 1 at the end
+    #   d2 = 1 - 0.7 = 0.3            A2 = 0.3
+    #   d1 = 0 + 0.7 - 0.6 = 0.1      A1 = 0.1 + 0.5 * 0.3 = 0.25
+    #   d0 = 0 + 0.6 - 0.5 = 0.1      A0 = 0.1 + 0.5 * 0.25 = 0.225
+    adv, ret = align.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3),
+                         gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.225, 0.25, 0.3])
+    assert ret[0].tolist() == pytest.approx([0.725, 0.85, 1.0])
+    # row 1: the last step is padding, so the episode ends after step 1 (its value 9 and reward 5 must not leak)
+    #   d1 = 1 + 0.9 * 0 - 0.6 = 0.4  A1 = 0.4
+    #   d0 = 0 + 0.9 * 0.6 - 0.5 = 0.04   A0 = 0.04 + 0.9 * 1.0 * 0.4 = 0.4
+    adv, _ = align.gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]),
+                       gamma=0.9, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([0.4, 0.4, 0.0])
+
+
+def test_ppo_losses_clip():
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    logp = torch.full((1, 2), math.log(1.5))  # ratio 1.5, outside 1 +- 0.2
+    # adv +1: the gain is capped at 1.2; adv -1: the loss is not capped (pessimistic bound), 1.5
+    loss, clipfrac = align.ppo_policy_loss(logp, old, torch.tensor([[1.0, -1.0]]), mask, clip=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    assert clipfrac.item() == 1.0
+    loss, clipfrac = align.ppo_policy_loss(old, old, torch.tensor([[2.0, -1.0]]), mask)  # ratio 1: -mean(adv)
+    assert loss.item() == pytest.approx(-0.5) and clipfrac.item() == 0.0
+    # value: moved from 0 to 1 towards return 2, clip 0.2: max((1-2)^2, (0.2-2)^2) / 2 = 1.62
+    v = align.ppo_value_loss(torch.ones(1, 1), torch.zeros(1, 1), torch.full((1, 1), 2.0), torch.ones(1, 1), clip=0.2)
+    assert v.item() == pytest.approx(0.5 * 1.8 ** 2)
+
+
+def test_kl_shaped_rewards_and_adaptive_coefficient():
+    logp, ref = torch.tensor([[0.0, -1.0, -1.0, 0.0]]), torch.tensor([[0.0, -2.0, -1.5, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    r = align.kl_shaped_rewards(torch.tensor([3.0]), logp, ref, mask, kl_coef=0.1)
+    assert r[0].tolist() == pytest.approx([0.0, -0.1, -0.05 + 3.0, 0.0])  # score on the last response token
+    ctl = align.AdaptiveKL(0.1, target=1.0, horizon=100)
+    ctl.update(kl=10.0, n_steps=10)  # far above target: +20% error cap, times 10/100
+    assert ctl.coef == pytest.approx(0.1 * 1.02)
+    fixed = align.AdaptiveKL(0.1)
+    fixed.update(kl=10.0, n_steps=10)
+    assert fixed.coef == 0.1
+
+
+# --- tasks and data ----------------------------------------------------------------------------------------------
+
+def test_tasks_checker_corrupt_and_split():
+    rng = random.Random(0)
+    for _ in range(300):
+        t = align.make_task(rng)
+        assert align.check(t, t["answer"]) and align.check(t, f"  {t['answer']} \n")
+        assert not align.check(t, align.corrupt(t, rng))
+    train, held_out = align.task_split(500, 100, seed=3, stage=1)
+    assert len({t["prompt"] for t in held_out}) == 100
+    assert not {t["prompt"] for t in train} & {t["prompt"] for t in held_out}
+    assert held_out == align.task_split(10, 100, seed=3, stage=2)[1]  # the same held-out set for every stage
+
+
+def test_malformed_jsonl_reports_line(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    path = tmp_path / "sft.jsonl"
+    path.write_text(good + "\n\n" + good + "\n" + '{"messages": [\n')
+    with pytest.raises(ValueError, match=r"sft\.jsonl:4: not valid JSON"):
+        align.load_sft(path)
+    path.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"sft\.jsonl:2: the last message must be the assistant's"):
+        align.load_sft(path)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" +
+                     json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: expected an object with 'prompt', 'chosen'"):
+        align.load_pairs(pairs)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: roles"):
+        align.load_prompts(prompts)
+    # well-formed records of every shape load
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "q"},
+                                                          {"role": "assistant", "content": "a"}], "rejected": "b"}))
+    assert align.load_pairs(pairs) == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    train, _ = align.task_split(300, 0, seed=0)
+    texts = [f"{t['prompt']}\n{t['answer']}\n" for t in train] + ["system\nuser\nassistant\n"] * 5
+    return Tokenizer.train(texts, vocab_size=256 + 256 + 48)
+
+
+def test_pack_sft_docstring_example():
+    x, y, d = align.pack_sft([([1, 2, 3], [0, 1, 1]), ([1, 4], [0, 1])], seq_len=6)
+    assert x.tolist() == [[1, 2, 1, 0, 0, 0]]
+    assert y.tolist() == [[2, 3, 4, -100, -100, -100]]
+    assert d.tolist() == [[0, 0, 1, 2, 2, 2]]
+
+
+def test_sft_mask_never_covers_system_user_or_headers(tok):
+    convos = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: abc"},
+               {"role": "assistant", "content": "cba"}, {"role": "user", "content": "What is 2 + 2?"},
+               {"role": "assistant", "content": "4"}],
+              align.task_conversation({"prompt": "Sort the letters: b a", "answer": "a b"})]
+    X, Y, D = align.pack_sft([tok.encode_dialog(c) for c in convos], seq_len=128)
+    assert X.shape[0] == 1  # both fit in one row
+    targets = [t for t in Y[0].tolist() if t != -100]
+    # exactly the assistants' contents, each closed by <|eot_id|>: no system, user, or header token
+    expected = [t for answer in ("cba", "4", "a b") for t in tok.encode(answer) + [tok.eot_id]]
+    assert targets == expected
+    # the two conversations do not see each other
+    n1 = len(tok.encode_dialog(convos[0])[0]) - 1
+    assert set(D[0, :n1].tolist()) == {0} and D[0, n1] == 1
+    # Llama 3's DPO mask also drops the termination token
+    ids, mask = tok.encode_dialog(convos[1])
+    kept = [t for t, m in zip(ids[1:], align.loss_mask(tok, ids, mask)) if m]
+    assert kept == tok.encode("a b")
+
+
+def test_truncate_left_keeps_bos_and_counts():
+    before = align.Truncations.n
+    assert align.truncate_left([0, 1, 2, 3, 4, 5], 4) == [0, 3, 4, 5]
+    assert align.truncate_left([0, 1], 4) == [0, 1]
+    assert align.Truncations.n == before + 1
+
+
+# --- each stage improves its own objective on a tiny model --------------------------------------------------------
+
+def tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words, multiple_of=16,
+                                 rope_theta=10000.0, max_seq_len=64))
+
+
+def tail(history, key="loss", n=5):
+    return sum(h[key] for h in history[-n:]) / n
+
+
+def test_sft_steps_lower_the_loss(tok):
+    convos = [align.task_conversation(t) for t in align.task_split(64, 0, seed=1)[0]]
+    hist = align.train_sft(tiny_model(tok), tok, convos, steps=30, batch_size=8, lr=3e-3)
+    assert tail(hist) < 0.8 * hist[0]["loss"]
+
+
+def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path):
+    rng = random.Random(0)
+    tasks = align.task_split(64, 0, seed=2)[0]
+    pairs = [dict(prompt=align.user(t["prompt"]), chosen=t["answer"], rejected=align.corrupt(t, rng)) for t in tasks]
+    rm = align.RewardModel(tiny_model(tok))
+    hist = align.train_rm(rm, tok, pairs, steps=60, batch_size=16, lr=1e-2)
+    assert hist[0]["loss"] == pytest.approx(math.log(2))  # the zero head scores everything 0
+    assert tail(hist) < 0.6
+    assert align.rm_accuracy(rm, tok, pairs) > 0.65  # from 0 (all ties) at the start
+    # saved in Meta's layout + the head; reloading gives the same scores
+    tok_path = tmp_path / "tok.model"
+    tok.save(str(tok_path))
+    align.save_reward_model(rm, tmp_path / "rm", tok_path)
+    seqs = [tok.encode_dialog_prompt(p["prompt"]) for p in pairs[:4]]
+    assert torch.allclose(align.rm_scores(rm, seqs), align.rm_scores(align.load_reward_model(tmp_path / "rm"), seqs))
+
+
+def test_dpo_steps_lower_the_loss_from_log2(tok):
+    rng = random.Random(1)
+    tasks = align.task_split(32, 0, seed=3)[0]
+    pairs = [dict(prompt=align.user(t["prompt"]), chosen=t["answer"], rejected=align.corrupt(t, rng)) for t in tasks]
+    policy = tiny_model(tok)
+    ref = tiny_model(tok).requires_grad_(False)  # same seed: the same weights
+    hist = align.train_dpo(policy, ref, tok, pairs, steps=25, batch_size=16, lr=3e-3, beta=0.5)
+    assert hist[0]["dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert tail(hist, "dpo") < 0.5 and tail(hist, "acc") > 0.8
+
+
+def test_rejection_sampling_keeps_the_best(tok):
+    policy = tiny_model(tok)
+    rm = align.RewardModel(tiny_model(tok, seed=1))
+    torch.nn.init.normal_(rm.head.weight)  # any fixed scorer will do
+    prompts = [align.user(t["prompt"]) for t in align.task_split(6, 0, seed=4)[0]]
+    winners, scores = align.rejection_sample(policy, rm, tok, prompts, k=3, max_new=6)
+    assert scores.shape == (6, 3)
+    for p, w in zip(prompts, winners):  # each winner: the prompt answered by one sample
+        assert w[:-1] == p and w[-1]["role"] == "assistant"
+    assert (scores.max(1).values >= scores.mean(1)).all()
+    hist = align.train_sft(policy, tok, winners, steps=15, batch_size=6, lr=3e-3, name="rs")
+    assert tail(hist, n=3) < hist[0]["loss"]
+
+
+def test_ppo_raises_the_reward(tok):
+    """A dense toy reward, the share of response tokens with an even id: a random policy gets about half.
+    Measured without sampling noise: the policy's probability mass on even ids at the first answer position."""
+    policy = tiny_model(tok)
+    ref = tiny_model(tok).requires_grad_(False)
+    prompts = [align.user(t["prompt"]) for t in align.task_split(32, 0, seed=5)[0]]
+    prompt_ids = align.pad([tok.encode_dialog_prompt(p) for p in prompts[:8]])
+
+    def even_mass():  # left as a plain forward on equal-length prompts: the first 8 prompts padded at the end
+        with torch.no_grad():
+            last = torch.tensor([len(tok.encode_dialog_prompt(p)) - 1 for p in prompts[:8]])
+            probs = policy(prompt_ids)[torch.arange(8), last].softmax(-1)  # (8, V)
+        return probs[:, 0::2].sum(-1).mean().item()
+
+    def reward_fn(seqs):
+        return torch.tensor([sum(t % 2 == 0 for t in s[-6:]) / 6 for s in seqs])
+    before = even_mass()
+    hist = align.train_ppo(policy, ref, reward_fn, tok, prompts, iters=8, rollout_size=16, lr=1e-2, max_new=6,
+                           kl_coef=0.01, epochs=2, minibatch=8)
+    assert even_mass() > before + 0.05
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
