@@ -1,0 +1,242 @@
+"""Tests for kernels/: each Triton kernel against its plain-PyTorch reference, values and gradients, and the
+attention reference itself against F.scaled_dot_product_attention with an explicit boolean mask.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py) on small shapes, in fp32 and fp16;
+on a CUDA machine the same tests run the compiled kernels on larger shapes, and in bf16 too.
+
+    python -m pytest -q tests/test_kernels.py
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import attention as A
+from kernels import rmsnorm as R
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+TILE = 128 if CUDA else 16      # every block size the kernels may use divides it (GPU 32..128, interpreter 16)
+S = 8 if CUDA else 1            # sequence lengths are scaled up on the GPU
+D = 64 if CUDA else 16          # head_dim
+# Tolerances on ||out - ref|| / ||ref||. fp32: exact fp32 in the interpreter; on the GPU tl.dot takes fp32 in
+# tf32 (10-bit mantissa, ~5e-4 per product). fp16 (10 bits) and bf16 (7 bits) round q, k, v, p and ds before
+# each product; the accumulation is fp32, so the error stays near one rounding: 2^-11 ~ 5e-4, 2^-8 ~ 4e-3.
+TOL = {torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# The triton 3.9 interpreter's tl.dot returns garbage for bf16 (seen here: errors ~1e10), so bf16 is GPU-only.
+HALF = torch.bfloat16 if CUDA else torch.float16
+
+
+def assert_close(out, ref, tol, what):
+    assert out.dtype == ref.dtype or ref.dtype == torch.float32, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    # a floor on the scale (rms 0.05): a reference of exact zeros (dq when each row sees a single key) comes out
+    # of cancelling O(1) terms, so the kernel gives round-off there, not 0
+    scale = max(ref.float().norm().item(), 0.05 * ref.numel() ** 0.5)
+    err = (out.float() - ref.float()).norm().item() / scale
+    assert err < tol, f"{what}: relative error {err:.2e} over {tol:.0e}"
+
+
+def docs_from_lengths(*rows):
+    """Document ids (B, T) from per-row document lengths: docs_from_lengths([2, 3]) -> [[0, 0, 1, 1, 1]]."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows]).to(DEV)
+
+
+def check_attention(B, Hq, Hkv, T, Tk, doc_ids=None, dtype=torch.float32, d=D):
+    """Forward and all three gradients of flash_attention against attention_reference (fp32 math)."""
+    q = torch.randn(B, Hq, T, d, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Tk, d, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Tk, d, device=DEV, dtype=dtype, requires_grad=True)
+    o = A.flash_attention(q, k, v, doc_ids)
+    assert o.shape == q.shape and o.dtype == dtype
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ref = A.attention_reference(q.float(), k.float(), v.float(), doc_ids)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.float())
+    assert_close(o, ref, TOL[dtype], "o")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g, r, TOL[dtype], f"d{name}")
+
+
+# ----------------------------------------------------------------------------- the reference is the spec
+def explicit_mask(T, Tk, doc_ids):
+    """(B, 1, T, Tk) boolean mask written out one entry at a time, independently of attention_reference."""
+    B = 1 if doc_ids is None else doc_ids.shape[0]
+    mask = torch.zeros(B, 1, T, Tk, dtype=torch.bool)
+    for b in range(B):
+        for i in range(T):
+            for j in range(Tk):
+                same_doc = doc_ids is None or doc_ids[b, i] == doc_ids[b, j]
+                mask[b, 0, i, j] = j <= i + (Tk - T) and same_doc
+    return mask
+
+
+@pytest.mark.parametrize("Hq,Hkv,T,Tk,docs", [(4, 4, 12, 12, False), (8, 2, 12, 12, True), (4, 1, 5, 13, False)])
+def test_reference_matches_sdpa(Hq, Hkv, T, Tk, docs):
+    B, d = 2, 8
+    q, k, v = torch.randn(B, Hq, T, d), torch.randn(B, Hkv, Tk, d), torch.randn(B, Hkv, Tk, d)
+    doc_ids = torch.tensor([[0] * 3 + [1] * 7 + [2] * 2, [4] * 6 + [9] * 6]) if docs else None
+    out = A.attention_reference(q, k, v, doc_ids)
+    k_rep, v_rep = (x.repeat_interleave(Hq // Hkv, dim=1) for x in (k, v))   # (B, Hq, Tk, d)
+    want = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=explicit_mask(T, Tk, doc_ids))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- flash attention vs reference
+@pytest.mark.parametrize("B,Hq,Hkv,T", [
+    (2, 2, 2, 100 * S),    # GQA 1, T not a multiple of the block
+    (1, 4, 2, 17 * S),     # GQA 2
+    (1, 4, 1, 4 * TILE),   # GQA 4, T a multiple of every block
+    (1, 8, 1, 33 * S),     # GQA 8
+    (2, 2, 1, 1),          # a single position
+])
+def test_flash_causal(B, Hq, Hkv, T):
+    check_attention(B, Hq, Hkv, T, T)
+
+
+@pytest.mark.parametrize("case", ["random", "block_edges", "short", "scattered_ids"])
+def test_flash_documents(case):
+    T = 4 * TILE
+    if case == "random":          # boundaries at random places, different per row
+        g = torch.Generator().manual_seed(1)
+        cuts = [sorted(torch.randperm(T - 1, generator=g)[:5].add(1).tolist()) for _ in range(2)]
+        doc_ids = docs_from_lengths(*[torch.tensor([0] + c + [T]).diff().tolist() for c in cuts])
+    elif case == "block_edges":   # boundaries exactly on tile edges, and one tile-edge-minus-one
+        doc_ids = docs_from_lengths([TILE, 2 * TILE, TILE], [TILE - 1, 1, TILE, 2 * TILE])
+    elif case == "short":         # many short documents, some of length 1
+        doc_ids = docs_from_lengths([1, 1, 3, 2, T - 13, 5, 1], [T // 8] * 8)
+    else:                         # the same id at separate places: still exact (only fewer tiles skipped)
+        doc_ids = torch.randint(0, 3, (2, T), generator=torch.Generator().manual_seed(2)).to(DEV) * 1000
+    check_attention(2, 4, 2, T, T, doc_ids)
+
+
+@pytest.mark.parametrize("T,Tk", [(1, 50 * S), (7, 40 * S), (20 * S, 37 * S)])
+def test_flash_kv_cache_bottom_right(T, Tk):
+    check_attention(1, 4, 1, T, Tk)
+
+
+def test_flash_half_precision():
+    doc_ids = docs_from_lengths([TILE + 3, 2 * TILE - 3, TILE])
+    check_attention(1, 4, 2, 4 * TILE, 4 * TILE, doc_ids, dtype=HALF)
+
+
+@pytest.mark.parametrize("d", [32, 128] if CUDA else [32])
+def test_flash_head_dims(d):
+    check_attention(1, 2, 1, 40 * S, 40 * S, d=d)
+
+
+def test_flash_strided_inputs():
+    """q as the model makes it ((B, T, H, D) transposed) and k, v as slices of a preallocated KV cache."""
+    B, Hq, Hkv, T, Tk = 1, 4, 2, 9 * S, 30 * S
+    q = torch.randn(B, T, Hq, D, device=DEV).transpose(1, 2)                    # (B, Hq, T, D), strided
+    cache_k, cache_v = torch.randn(2, B, Hkv, 2 * Tk, D, device=DEV)
+    k, v = cache_k[:, :, :Tk], cache_v[:, :, :Tk]                               # (B, Hkv, Tk, D), strided
+    assert not (q.is_contiguous() or k.is_contiguous())
+    assert_close(A.flash_attention(q, k, v), A.attention_reference(q, k, v), TOL[torch.float32], "o")
+
+
+def test_flash_skips_masked_tiles():
+    """Tiles that are wholly masked must not be computed at all: poison them with NaN (0 * NaN = NaN, so a
+    computed-then-masked tile would leak it) and check the outputs that must not depend on them stay exact."""
+    T = 4 * TILE
+    doc_ids = docs_from_lengths([2 * TILE, 2 * TILE])          # documents [0, 2 TILE) and [2 TILE, 4 TILE)
+    q, k, v = (torch.randn(1, h, T, D, device=DEV, requires_grad=True) for h in (2, 1, 1))
+    do = torch.randn(1, 2, T, D, device=DEV)
+    rows = slice(2 * TILE, 3 * TILE)
+    ref = A.attention_reference(q, k, v, doc_ids)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, (q, k, v), do)
+
+    # forward and dq: rows [2, 3) TILE see only keys [2, 3) TILE; keys of the other document (before) and of
+    # the causal future (after) are poisoned
+    v_bad = v.detach().clone()
+    v_bad[:, :, :2 * TILE] = float("nan")
+    v_bad[:, :, 3 * TILE:] = float("nan")
+    o = A.flash_attention(q, k, v_bad, doc_ids)
+    dq, = torch.autograd.grad(o, q, do)
+    assert_close(o[:, :, rows], ref[:, :, rows], TOL[torch.float32], "o with poisoned v")
+    assert_close(dq[:, :, rows], ref_dq[:, :, rows], TOL[torch.float32], "dq with poisoned v")
+
+    # dk, dv: keys [1, 2) TILE are seen only by rows [1, 2) TILE; rows before (causal) and rows of the next
+    # document get a poisoned output gradient
+    keys = slice(TILE, 2 * TILE)
+    do_bad = do.clone()
+    do_bad[:, :, :TILE] = float("nan")
+    do_bad[:, :, 2 * TILE:] = float("nan")
+    o = A.flash_attention(q, k, v, doc_ids)
+    _, dk, dv = torch.autograd.grad(o, (q, k, v), do_bad)
+    assert_close(dk[:, :, keys], ref_dk[:, :, keys], TOL[torch.float32], "dk with poisoned dO")
+    assert_close(dv[:, :, keys], ref_dv[:, :, keys], TOL[torch.float32], "dv with poisoned dO")
+
+
+def test_doc_spans():
+    """The per-position document summary the kernels use for skipping, against a brute-force loop."""
+    doc_ids = torch.tensor([[7, 7, 9, 9, 9, 2], [3, 1, 3, 1, 1, 5]])
+    doc, first, last = A._doc_spans(doc_ids)
+    for b in range(2):
+        ids = doc_ids[b].tolist()
+        for i, x in enumerate(ids):
+            same = [j for j, y in enumerate(ids) if y == x]
+            assert (first[b, i], last[b, i]) == (same[0], same[-1])
+            assert all((doc[b, i] == doc[b, j]) == (ids[i] == ids[j]) for j in range(len(ids)))
+
+
+def test_attention_errors():
+    q, k = torch.randn(1, 3, 4, 16), torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="multiple of the 2 kv heads"):
+        A.attention(q, k, k)
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16)
+    with pytest.raises(ValueError, match="doc_ids"):
+        A.attention(q, k, k, torch.zeros(1, 4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_dispatch_cpu_tensors_use_reference(monkeypatch):
+    """CPU tensors take the reference even under TRITON_INTERPRET=1, so CPU model tests stay fast."""
+    def boom(*args):
+        raise AssertionError("the Triton path was taken for CPU tensors")
+    monkeypatch.setattr(A, "flash_attention", boom)
+    monkeypatch.setattr(R, "rms_norm_triton", boom)
+    q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    doc_ids = torch.tensor([[0] * 3 + [1] * 5] * 2)
+    assert torch.equal(A.attention(q, k, k, doc_ids), A.attention_reference(q, k, k, doc_ids))
+    x, w = torch.randn(3, 40), torch.randn(40)
+    assert torch.equal(R.rms_norm(x, w, 1e-5), R.rms_norm_reference(x, w, 1e-5))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA tensors (runs on the GPU machine)")
+def test_dispatch_cuda_tensors_use_triton(monkeypatch):
+    def boom(*args):
+        raise AssertionError("the reference was taken for CUDA tensors")
+    monkeypatch.setattr(A, "attention_reference", boom)
+    monkeypatch.setattr(R, "rms_norm_reference", boom)
+    q = torch.randn(1, 2, 64, 64, device="cuda")
+    A.attention(q, q, q)
+    R.rms_norm(q, torch.ones(64, device="cuda"), 1e-5)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("shape,dtype,w_dtype", [
+    ((3, 5, 100), torch.float32, torch.float32),    # leading dims, hidden size not a power of two
+    ((300 * S, 33), torch.float32, torch.float32),  # many rows per backward program: the partial dw sums
+    ((37, 48), torch.float16, torch.float16),
+    ((4, 96), torch.bfloat16, torch.float32),        # bf16 activations with an fp32 weight (autocast)
+])
+def test_rms_norm(shape, dtype, w_dtype):
+    x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(shape[-1], device=DEV)).to(w_dtype).requires_grad_()
+    y = R.rms_norm_triton(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert dx.dtype == dtype and dw.dtype == w_dtype
+    ref = R.rms_norm_reference(x.float(), w.float(), 1e-5)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x, w), dy.float())
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]   # ~ one rounding of the output
+    assert_close(y, ref, tol, "y")
+    assert_close(dx, ref_dx, tol, "dx")
+    assert_close(dw, ref_dw, tol, "dw")
+
+
+def test_rms_norm_errors():
+    with pytest.raises(ValueError, match=r"weight has shape \(8,\)"):
+        R.rms_norm_triton(torch.randn(2, 6), torch.randn(8), 1e-5)
