@@ -1,0 +1,221 @@
+"""Benchmark of a training step (forward + backward + AdamW step), tokens/s: our Llama 3 model vs baselines.
+
+CPU (always): the default "cpu" model and a nanoGPT-sized model (nanoGPT's shakespeare_char config: 6 layers,
+6 heads, width 384, context 256), each against a plain-PyTorch GPT written below in the style of nanoGPT's
+model.py (learned positions, LayerNorm, GELU MLP, causal F.scaled_dot_product_attention, tied embedding) at the
+same width, depth and context. Ours trains on packed rows with the document mask, as train.py does; the
+baseline, like nanoGPT, attends across documents. The two are timed in alternation so that the shared CPU's
+load falls on both alike; the figure is the median step.
+
+GPU (when CUDA is present): a Llama 3.2 1B-shaped model, bf16 autocast, T = 4096 packed rows (documents of
+random lengths, mean ~1000 tokens), tokens/s and MFU (6N + attention FLOPs per token, PaLM appendix B, over the
+card's dense bf16 peak) with our Triton kernels (flash attention with the document mask, fused RMSNorm) vs the
+same model on torch's F.scaled_dot_product_attention with the document mask as a boolean mask + eager RMSNorm,
+and vs SDPA causal-only (flash backend, no document mask: an upper bound that computes a different thing).
+
+    python tests/bench_train.py                 # CPU part; the GPU part too when CUDA is available
+    python tests/bench_train.py --steps 20 --compile   # GPU: more steps, torch.compile per block
+"""
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as llama  # noqa: E402
+from kernels.attention import attention_reference  # noqa: E402
+from kernels.rmsnorm import rms_norm_reference  # noqa: E402
+
+# The same datasheet figures as train.py's PEAK_FLOPS (dense bf16, no sparsity): H100 SXM 989.4 TFLOP/s,
+# H100 NVL 835, H100 PCIe 756, H200 989.4, A100 312.
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12)]
+
+
+# -----------------------------------------------------------------------------
+# the baseline: a plain GPT in the style of nanoGPT's model.py
+
+class Block(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, dim, n_layers, n_heads, seq_len):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, dim), nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList(Block(dim, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in nanoGPT
+
+    def forward(self, idx, targets, doc_ids=None):  # doc_ids ignored: nanoGPT attends across documents
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x)).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# -----------------------------------------------------------------------------
+# the two paths of our model for the GPU comparison: swap the functions model.py calls
+
+def sdpa_attention(q, k, v, doc_ids=None):
+    """torch's SDPA with the same semantics as kernels.attention: causal + document mask, GQA."""
+    T = q.shape[2]
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, T)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # (B, 1, T, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def sdpa_causal(q, k, v, doc_ids=None):
+    """Causal only, no document mask (lets SDPA pick its flash backend): not the same function, a bound."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def use_paths(attention, rms_norm):
+    llama.attention, llama.rms_norm = attention, rms_norm
+
+
+KERNELS = (llama.attention, llama.rms_norm)  # what model.py imported: kernels.attention / kernels.rmsnorm
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+def packed_batch(B, T, vocab, device, mean_doc=1000, seed=0):
+    """Random tokens with documents of random (exponential) lengths, as data.PackedLoader yields them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(vocab, (B, T + 1), generator=g)
+    starts = torch.rand(B, T, generator=g) < 1 / mean_doc  # a new document starts here
+    starts[:, 0] = False
+    doc_ids = starts.cumsum(1)  # (B, T)
+    return x[:, :-1].to(device), x[:, 1:].to(device), doc_ids.to(device)
+
+
+def make_step(model, batch, device, autocast):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = model(*batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def time_alternating(steps, n_warmup, n_steps):
+    """{name: median seconds per step}, the candidates interleaved step by step."""
+    times = {name: [] for name in steps}
+    for i in range(n_warmup + n_steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= n_warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cpu_part(args):
+    device, rows = torch.device("cpu"), []
+    configs = [  # name, our ModelArgs, batch size
+        ("default (PRESETS['cpu'], vocab 4096)", dataclasses.replace(llama.PRESETS["cpu"], vocab_size=4096), 16),
+        ("nanoGPT shakespeare_char size", llama.ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6,
+                                                          vocab_size=4096, multiple_of=32, max_seq_len=256), 8),
+    ]
+    for name, margs, B in configs:
+        T = margs.max_seq_len
+        torch.manual_seed(0)
+        ours = llama.Transformer(margs)
+        base = GPT(margs.vocab_size, margs.dim, margs.n_layers, margs.n_heads, T)
+        batch = packed_batch(B, T, margs.vocab_size, device, mean_doc=args.mean_doc_cpu)
+        med = time_alternating({"ours": make_step(ours, batch, device, torch.autocast("cpu", enabled=False)),
+                                "base": make_step(base, batch, device, torch.autocast("cpu", enabled=False))},
+                               args.warmup, args.steps)
+        tok = B * T
+        rows.append((name, f"{margs.n_layers}x{margs.dim}, T={T}, B={B}",
+                     f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M / "
+                     f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M",
+                     f"{tok / med['ours']:,.0f}", f"{tok / med['base']:,.0f}", f"{med['base'] / med['ours']:.2f}x"))
+    print(f"\nCPU ({torch.get_num_threads()} threads), training step tokens/s, median of {args.steps} steps")
+    header = ("config", "shape", "params ours / base", "ours tok/s", "plain GPT tok/s", "ours / base")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def gpu_part(args):
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = next((f for key, f in PEAK_FLOPS if key in name), None)
+    margs = dataclasses.replace(llama.PRESETS["llama3.2-1b"], max_seq_len=args.seq_len)
+    B, T = args.batch_size, args.seq_len
+    torch.manual_seed(0)
+    model = llama.Transformer(margs).to(device)
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+    batch = packed_batch(B, T, margs.vocab_size, device)
+    step = make_step(model, batch, device, torch.autocast("cuda", dtype=torch.bfloat16))
+    flops = model.flops_per_token(T) * B * T
+    rows = []
+    for label, paths in [("ours: Triton flash attention (doc mask) + fused RMSNorm", KERNELS),
+                         ("SDPA with doc mask (boolean) + eager RMSNorm", (sdpa_attention, rms_norm_reference)),
+                         ("SDPA causal only, no doc mask (bound) + eager RMSNorm", (sdpa_causal, rms_norm_reference))]:
+        use_paths(*paths)
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            sec = time_alternating({label: step}, args.warmup, args.steps)[label]
+        except torch.OutOfMemoryError:
+            rows.append((label, "OOM", "", ""))
+            continue
+        finally:
+            use_paths(*KERNELS)
+        mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (card not in table)"
+        rows.append((label, f"{B * T / sec:,.0f}", mfu, f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
+    base = float(rows[1][1].replace(",", "")) if rows[1][1] != "OOM" else float("nan")
+    print(f"\nGPU {name} (peak {peak / 1e12 if peak else '?'} TFLOP/s bf16 dense), Llama 3.2 1B shape, B={B}, "
+          f"T={T}, bf16 autocast, compile={args.compile}, median of {args.steps} steps")
+    for label, tps, mfu, mem in rows:
+        ratio = f"{float(tps.replace(',', '')) / base:.2f}x" if tps != "OOM" else ""
+        print(f"{label:58s} | {tps:>10s} tok/s | MFU {mfu:>7s} | {ratio:>6s} vs SDPA+mask | peak mem {mem}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--mean_doc_cpu", type=int, default=400, help="mean document length of the CPU batches")
+    p.add_argument("--batch_size", type=int, default=1, help="GPU")
+    p.add_argument("--seq_len", type=int, default=4096, help="GPU")
+    p.add_argument("--compile", action="store_true", help="GPU: torch.compile each block")
+    p.add_argument("--skip_cpu", action="store_true")
+    args = p.parse_args()
+    if not args.skip_cpu:
+        cpu_part(args)
+    if torch.cuda.is_available():
+        gpu_part(args)
+    else:
+        print("\nGPU part skipped: no CUDA device (run this file on a GPU machine for the 1B / T=4096 / MFU table)")

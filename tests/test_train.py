@@ -1,0 +1,203 @@
+"""Tests for train.py. Each runs train.py as a user would (a subprocess, or torchrun with 2 gloo processes) on a tiny
+model and a tiny corpus that the module fixture makes in a temporary folder (its own tokenizer, its own shards).
+
+The reference for everything is one uninterrupted single-process run: 2 processes (DDP or FSDP2) and gradient
+accumulation must reproduce its losses, a run killed with SIGKILL or stopped with SIGTERM and resumed must
+reproduce them exactly, and so on.
+
+    python -m pytest -q tests/test_train.py
+"""
+import csv
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--seq_len", "32",
+        "--lr", "1e-2", "--warmup_steps", "2", "--max_steps", str(STEPS), "--eval_interval", "5",
+        "--eval_batches", "2", "--ckpt_interval", "4", "--log_interval", "1", "--sample_tokens", "0"]
+WORDS = ("the a one every cat dog bird fish sat ran flew swam on under over near mat tree pond roof big small red "
+         "blue old young quickly slowly and then but so").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~200 short documents of random sentences -> a 600-token tokenizer -> train/val shards."""
+    from data import prepare_data
+    from tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "docs").mkdir()
+    rng = random.Random(0)
+    texts = []
+    for i in range(200):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
+                     for _ in range(rng.randint(4, 10))]
+        texts.append(" ".join(sentences))
+        (root / "docs" / f"{i:03d}.txt").write_text(texts[-1])
+    Tokenizer.train(texts, 600).save(str(root / "tok.model"))
+    prepare_data(str(root / "docs"), str(root / "tok.model"), str(root / "shards"), val_fraction=0.1, num_proc=1,
+                 verbose=False)
+    return root
+
+
+def command(corpus, out, *extra, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    return launcher + ["train.py", "--data", str(corpus / "shards"), "--tokenizer", str(corpus / "tok.model"),
+                       "--out_dir", str(out), *TINY, *extra]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)  # a plain run must not think it is under torchrun
+    return e
+
+
+def train(corpus, out, *extra, nproc=1, ok=True):
+    r = subprocess.run(command(corpus, out, *extra, nproc=nproc), cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def start_and_interrupt(corpus, out, at_step, sig):
+    """Start a run, and send `sig` once it has printed the line of step `at_step`."""
+    p = subprocess.Popen(command(corpus, out), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(f"step {at_step:5d} |"):
+            p.send_signal(sig)
+            break
+    rest, _ = p.communicate(timeout=120)
+    return p.returncode, "".join(lines) + rest
+
+
+def log_rows(out):
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out, column="train_loss"):
+    return {int(r["step"]): float(r[column]) for r in log_rows(out) if r[column]}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One uninterrupted single-process run, batch 4: the reference of every test below."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(corpus, out, "--batch_size", "4")
+    return out
+
+
+def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
+    from model import load_model
+    loss, val = losses(reference), losses(reference, "val_loss")
+    assert sorted(loss) == list(range(STEPS)) and sorted(val) == [0, 5, 10]
+    assert loss[0] == pytest.approx(math.log(600), abs=0.3)  # random init: about uniform over the vocabulary
+    assert loss[STEPS - 1] < loss[0] - 1.0 and val[10] < val[0] - 1.0
+    rows = log_rows(reference)
+    bpb = {int(r["step"]): float(r["val_bpb"]) for r in rows if r["val_bpb"]}
+    meta = json.load(open(corpus / "shards" / "meta.json"))["val"]
+    assert bpb[10] == pytest.approx(val[10] / math.log(2) * meta["tokens"] / meta["bytes"], rel=1e-4)
+    # warmup, then cosine down to lr / 10 (the lr column is the one used at each step)
+    lr = {int(r["step"]): float(r["lr"]) for r in rows if r["lr"]}
+    assert lr[0] == pytest.approx(0.5e-2) and lr[1] == pytest.approx(1e-2)
+    assert all(lr[s] > lr[s + 1] for s in range(1, STEPS - 1)) and lr[STEPS - 1] > 1e-3
+    # Meta's layout, loadable, and the exported weights give the logged final validation loss's model
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "log.csv"):
+        assert os.path.exists(reference / name), name
+    assert open(reference / "loss.svg").read().count("<polyline") == 2
+    model = load_model(reference)
+    assert model.args.dim == 32 and model.args.vocab_size == 600 and model.args.max_seq_len == 32
+    assert sorted(os.listdir(reference / "ckpt")) == ["step_000008", "step_000010"]  # the last two are kept
+
+
+@pytest.mark.parametrize("mode", ["accumulation", "ddp", "fsdp"])
+def test_same_losses_as_one_process(corpus, reference, tmp_path, mode):
+    """Global batch of 4 sequences: 2 micro-steps of 2, or 2 gloo processes of 2 (DDP / FSDP2), vs one of 4."""
+    if mode == "accumulation":
+        train(corpus, tmp_path, "--batch_size", "2", "--tokens_per_step", str(4 * 32))
+    else:
+        train(corpus, tmp_path, "--batch_size", "2", *(["--fsdp"] if mode == "fsdp" else []), nproc=2)
+    for column in ("train_loss", "val_loss"):
+        ref, got = losses(reference, column), losses(tmp_path, column)
+        assert sorted(got) == sorted(ref)
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-4), (column, step)
+    # and the exported weights agree
+    a, b = (torch.load(d / "consolidated.00.pth") for d in (reference, tmp_path))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_killed_run_resumes_exactly(corpus, reference, tmp_path):
+    code, output = start_and_interrupt(corpus, tmp_path, 6, signal.SIGKILL)  # the last checkpoint: step 4 (or 8)
+    assert code == -signal.SIGKILL, output
+    r = train(corpus, tmp_path, "--batch_size", "4", "--resume")
+    assert re.search(r"resumed from .*step_00000[48] at step [48]", r.stdout), r.stdout
+    assert losses(tmp_path) == losses(reference)  # exactly: same batches, same optimizer state, same order
+    assert losses(tmp_path, "val_loss") == losses(reference, "val_loss")
+
+
+def test_sigterm_saves_and_resumes_exactly(corpus, reference, tmp_path):
+    code, output = start_and_interrupt(corpus, tmp_path, 2, signal.SIGTERM)
+    assert code == 0, output
+    stop = int(re.search(r"stopped by signal SIGTERM at step (\d+)", output).group(1))  # 3 unless the signal was slow
+    assert 3 <= stop < STEPS and os.path.exists(tmp_path / "ckpt" / f"step_{stop:06d}" / "manifest.json")
+    train(corpus, tmp_path, "--batch_size", "4", "--resume")
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(corpus, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shard = run / "ckpt" / "step_000010" / "__0_0.distcp"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    shard.write_bytes(bytes(blob))
+    r = train(corpus, run, "--batch_size", "4", "--resume", ok=False)
+    assert r.returncode != 0
+    assert "corrupt checkpoint" in r.stderr and str(shard) in r.stderr and "step_000008" in r.stderr, r.stderr
+    assert shard.exists() and (run / "ckpt" / "step_000008").exists()  # nothing deleted
+    # the previous checkpoint still resumes and reproduces the reference
+    train(corpus, run, "--batch_size", "4", "--resume", str(run / "ckpt" / "step_000008"))
+    assert losses(run) == losses(reference)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = sorted(os.listdir(run / "ckpt"))
+    # an absurd learning rate: the update after step 10 overflows, so step 11's loss is not finite
+    r = train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "20", "--lr", "1e30",
+              "--warmup_steps", "0", ok=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "step 11: loss" in r.stderr and "step_000010" in r.stderr, r.stderr
+    assert sorted(os.listdir(run / "ckpt")) == before  # no checkpoint of the broken weights
+    assert max(losses(run)) == 10  # step 11 never logged as a training step
+    train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "11")  # the kept checkpoint loads
+
+
+def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, tmp_path):
+    """The long-context stage: start from the exported model at twice the context, RoPE scaled, WSD schedule."""
+    train(corpus, tmp_path, "--batch_size", "2", "--init", str(reference), "--seq_len", "64", "--rope_factor", "2",
+          "--max_steps", "4", "--schedule", "wsd", "--decay_frac", "0.5")
+    params = json.load(open(tmp_path / "params.json"))
+    assert params["max_seq_len"] == 64 and params["use_scaled_rope"] and params["rope_scaling_factor"] == 2.0
+    # the weights came from the reference: the first loss is far below a fresh model's ln(600) = 6.4
+    assert losses(tmp_path)[0] < losses(reference)[0] - 1.0
+    lr = {int(r["step"]): float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]}
+    assert lr == pytest.approx({0: 0.5e-2, 1: 1e-2, 2: 1e-2, 3: 0.55e-2})  # warmup, stable, linear decay

@@ -1,0 +1,502 @@
+"""train.py: pretraining, the main stage of the Llama 3 recipe. One flat loop, from a laptop CPU to a GPU cluster.
+
+`python train.py` with no arguments runs the whole spine on this machine's CPU: it trains a byte-level BPE
+tokenizer on the Python standard library (cached at data/stdlib/tok.model), tokenizes the corpus into packed
+uint32 shards (data/stdlib/), pretrains the small "cpu" model for a few minutes, evaluates the validation loss
+and bits per byte, exports out/default/ in Meta's checkpoint layout and prints a sample.
+
+Design choices
+- nanoGPT's order: config -> device, distribution and seeds -> data -> model -> optimizer -> one loop
+  (set lr -> eval + checkpoint -> micro-steps forward/backward -> clip -> step -> log).
+- Packed documents, never padded, with Llama 3's document mask: data.PackedLoader yields doc_ids and attention
+  never crosses a document boundary inside a sequence (Llama 3 paper, section 3.4.1). The loss is fp32.
+- AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only, gradient clipping at 1.0, linear warmup then
+  cosine decay to a tenth of the peak (Llama 2 paper section 2.2, kept for Llama 3), or warmup-stable-decay.
+  Gradient accumulation reaches --tokens_per_step; bf16 autocast on GPU with fp32 master weights.
+- Distribution from the same loop: DDP, or FSDP2 (fully_shard per block, then the root; bf16 parameters and
+  fp32 gradient reduction on GPU). Every rank reads its own slice of each batch; rank 0 alone logs and writes.
+  On CPU the same code runs over gloo, which is how tests/test_train.py checks that 2 processes match 1.
+- Checkpoints: model and optimizer through torch.distributed.checkpoint (each rank writes its own shards under
+  FSDP), plus state.pt (step, loader position, RNG, args). All of it goes to a temporary folder that
+  is renamed when complete, with a manifest of sizes and CRC32s checked before any load: a checkpoint exists
+  whole or not at all, and a damaged one is refused by name. The last two are kept.
+  At the end the model is exported in Meta's layout (params.json, consolidated.00.pth, tokenizer.model).
+- Stops: SIGTERM/SIGINT save a checkpoint and exit; a NaN/inf loss stops before the bad update, naming the step.
+
+Run it
+    python train.py                                    # CPU: tokenizer, shards, a few minutes of training, sample
+    python train.py --resume                           # continue out/default from its last checkpoint
+    python train.py --model llama3.2-1b --seq_len 4096 --batch_size 4 --tokens_per_step 524288 --compile  # 1 GPU
+    torchrun --standalone --nproc_per_node=8 train.py --fsdp --model llama3-8b --seq_len 8192 --batch_size 1
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py --fsdp --model llama3-70b --act_ckpt  # the same line on each of 4 nodes, HOST = one of them
+    python train.py --init out/default --out_dir out/long --seq_len 1024 --rope_factor 4 --max_steps 200
+                                                       # long-context stage: continue at 4x the context
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+import zlib
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import PRESETS, Transformer, load_model, save_model
+from sample import generate
+from tokenizer import Tokenizer
+
+# dcp warns that it runs "in a single process" when there is no process group: that is what we want
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+
+# -----------------------------------------------------------------------------
+# helpers: learning rate, peak FLOPs, checkpoints, the loss log and its plot
+
+
+def get_lr(step, args):
+    """Linear warmup to args.lr, then either cosine decay to min_lr = lr / 10 (Llama 2 section 2.2), or
+    warmup-stable-decay: constant, then linear to min_lr over the last decay_frac of the steps (Hägele et
+    al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"), which lets a run
+    be extended without restarting its schedule."""
+    min_lr = args.lr / 10
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "wsd":
+        decay_start = int(args.max_steps * (1 - args.decay_frac))
+        frac = max(0, step - decay_start) / max(1, args.max_steps - decay_start)
+        return args.lr + frac * (min_lr - args.lr)
+    frac = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (args.lr - min_lr)
+
+
+# Dense bf16 tensor-core peak per card, the "without sparsity" figures of NVIDIA's datasheets: H100 SXM 989.4
+# TFLOP/s, H100 NVL 835, H100 PCIe 756 (H100 datasheet), H200 989.4 (H200 datasheet), A100 312 (A100 datasheet).
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12)]
+
+
+def peak_flops(device):
+    """Peak FLOP/s of one card for MFU, or None: MFU is not reported on CPU or on a card not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def list_checkpoints(ckpt_dir):
+    """Complete checkpoints in ckpt_dir, oldest first. A folder is named step_N only once it is complete."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and not n.endswith(".tmp"))
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def save_file(obj, path):
+    """torch.save, then fsync, so that the manifest never describes bytes still in the page cache."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(path, model, optimizer, state, rank, keep=2):
+    """Write the training state to path atomically: all of it goes to path.tmp, which rank 0 renames once every
+    rank has finished. Model and optimizer go through dcp (under FSDP each rank writes only its own shards);
+    `state` (step, loader position, RNG: the same on every rank) is rank 0's state.pt. The last `keep` stay."""
+    tmp = path + ".tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left behind by a run killed in the middle of a save
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective: every rank takes part
+    barrier()
+    if rank == 0:
+        save_file(state, os.path.join(tmp, "state.pt"))
+        files = {n: [os.path.getsize(os.path.join(tmp, n)), file_crc32(os.path.join(tmp, n))]
+                 for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump({"step": state["step"], "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):  # a run resumed from an older checkpoint comes back to this step
+            shutil.rmtree(path)
+        os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
+        for old in list_checkpoints(os.path.dirname(path))[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def load_checkpoint(path, model, optimizer):
+    """Check path against its manifest (every file present, same size, same CRC32), then read the model and
+    optimizer state back in place (dcp reshards if the number of processes changed) and return state.pt.
+    A damaged checkpoint is refused by name; nothing is loaded from it and nothing is deleted."""
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest_path):
+        raise SystemExit(f"{path} is not a complete checkpoint: it has no manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    others = [p for p in list_checkpoints(os.path.dirname(path)) if p != os.path.normpath(path)]
+    for name, (size, crc) in manifest["files"].items():
+        p = os.path.join(path, name)
+        if not os.path.exists(p) or os.path.getsize(p) != size or file_crc32(p) != crc:
+            raise SystemExit(f"corrupt checkpoint: {p} does not match {manifest_path} (missing, or another size "
+                             f"or CRC32); refusing to load {path}. Other checkpoints, untouched: "
+                             f"{', '.join(others) or 'none'} (resume from one with --resume PATH)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(os.path.join(path, "state.pt"), weights_only=False)  # our own file: args hold a dict
+
+
+LOG_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s", "mfu"]
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_log(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, LOG_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+
+
+def plot_svg(rows, path, width=640, height=360, pad=50):
+    """Train and validation loss against step, drawn as a hand-written SVG: no plotting library needed."""
+    series = {"train_loss": "#1f77b4", "val_loss": "#d62728"}
+    points = {k: [(float(r["step"]), float(r[k])) for r in rows if r.get(k)] for k in series}
+    xs = [x for pts in points.values() for x, _ in pts]
+    ys = [y for pts in points.values() for _, y in pts]
+    if len(xs) < 2:
+        return
+    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-6)
+    sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731  (data -> pixel coordinates)
+    sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<path d="M{pad},{pad} V{height - pad} H{width - pad}" stroke="black" fill="none"/>']
+    for i in range(5):  # 5 ticks per axis
+        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        out.append(f'<text x="{sx(x):.1f}" y="{height - pad + 15}" text-anchor="middle">{x:.0f}</text>')
+        out.append(f'<text x="{pad - 5}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+    out.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">step</text>')
+    for i, (key, color) in enumerate(series.items()):
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points[key])
+        if pts:
+            out.append(f'<polyline points="{pts}" stroke="{color}" fill="none" stroke-width="1.5"/>')
+        out.append(f'<text x="{width - pad - 80}" y="{pad + 15 * i}" fill="{color}">{key.replace("_", " ")}</text>')
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(out + ["</svg>\n"]))
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# config: one flat block; the values are saved in every checkpoint
+parser = argparse.ArgumentParser(description="Pretrain a Llama 3 model (see the docstring of train.py).")
+parser.add_argument("--out_dir", default="out/default", help="model export, checkpoints, log.csv, loss.svg")
+parser.add_argument("--data", default="data/stdlib", help="folder of token shards; made from --source if missing")
+parser.add_argument("--source", default="stdlib", help="what data.prepare_data reads when --data is empty")
+parser.add_argument("--tokenizer", default="data/stdlib/tok.model", help="trained on --source if missing")
+parser.add_argument("--vocab_size", type=int, default=4096, help="of a newly trained tokenizer, incl. 256 specials")
+parser.add_argument("--model", default="cpu", choices=sorted(PRESETS), help="shape preset of model.py")
+for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+    parser.add_argument(f"--{name}", type=int, help="override the preset's " + name)
+parser.add_argument("--seq_len", type=int, help="context length T (default: the preset's max_seq_len)")
+parser.add_argument("--init", help="start from this exported model instead of random weights (long-context stage)")
+parser.add_argument("--rope_factor", type=float, help="with --init: Llama 3.1 RoPE scaling by this factor")
+parser.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step, per process")
+parser.add_argument("--tokens_per_step", type=int, help="global batch in tokens, by gradient accumulation")
+parser.add_argument("--max_steps", type=int, default=600, help="optimizer steps")
+parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+parser.add_argument("--warmup_steps", type=int, default=50)
+parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+parser.add_argument("--decay_frac", type=float, default=0.2, help="wsd: share of the steps spent decaying")
+parser.add_argument("--weight_decay", type=float, default=0.1, help="Llama 2 section 2.2")
+parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (Llama 2 section 2.2)")
+parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+parser.add_argument("--act_ckpt", action="store_true", help="activation checkpointing: recompute blocks in backward")
+parser.add_argument("--eval_interval", type=int, default=100)
+parser.add_argument("--eval_batches", type=int, default=20)
+parser.add_argument("--ckpt_interval", type=int, default=200)
+parser.add_argument("--log_interval", type=int, default=10, help="print every this many steps (log.csv: all)")
+parser.add_argument("--resume", nargs="?", const="last", help="from the last checkpoint in out_dir, or this one")
+parser.add_argument("--prompt", default="def ", help="the sample printed at the end starts with this")
+parser.add_argument("--sample_tokens", type=int, default=120)
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# device, distribution, seeds: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is 1 of 1
+distributed = "RANK" in os.environ
+device = torch.device(args.device)
+if distributed:
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+else:
+    rank, world_size = 0, 1
+master = rank == 0  # logs, writes the CSV, the plot and the exported model
+fsdp, ddp = distributed and args.fsdp, distributed and not args.fsdp
+torch.manual_seed(args.seed)  # the same seed on every rank: every rank builds the same initial weights
+torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls left outside autocast
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def barrier():
+    if distributed:
+        dist.barrier()
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# data: the tokenizer and the shards are made once (by rank 0) and cached; each rank reads its own slice
+t_start = time.time()
+if master and not os.path.exists(args.tokenizer):
+    log(f"training a {args.vocab_size}-token BPE tokenizer on {args.source} ...")
+    os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
+    Tokenizer.train(data.iter_documents(args.source), args.vocab_size).save(args.tokenizer)
+    log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
+if master and not os.path.exists(os.path.join(args.data, "meta.json")):
+    log(f"tokenizing {args.source} into packed shards ...")
+    data.prepare_data(args.source, args.tokenizer, args.data)
+    log(f"  -> {args.data} in {time.time() - t_start:.0f}s")
+barrier()
+tok = Tokenizer.load(args.tokenizer)
+with open(os.path.join(args.data, "meta.json")) as f:
+    meta = json.load(f)  # tokens and UTF-8 bytes per split, for bits per byte
+
+# -----------------------------------------------------------------------------
+# model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context
+if args.init:
+    model = load_model(args.init)
+    T = args.seq_len or model.args.max_seq_len
+    # long-context stage (Llama 3 section 3.4.2): the same weights go on at a longer context. --rope_factor
+    # turns on Llama 3.1's RoPE scaling (model.scale_rope_frequencies): long wavelengths are stretched by the
+    # factor, so positions beyond the trained context map to angles the model has seen
+    scaling = dict(use_scaled_rope=True, rope_scaling_factor=args.rope_factor) if args.rope_factor else {}
+    model_args = dataclasses.replace(model.args, max_seq_len=T, **scaling)
+    state = model.state_dict()
+    model = Transformer(model_args)
+    model.load_state_dict(state)
+else:
+    overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads") if getattr(args, k)}
+    T = args.seq_len or PRESETS[args.model].max_seq_len
+    model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
+    model = Transformer(model_args)
+raw_model = model.to(device)  # fp32 master weights; bf16 only inside autocast / FSDP's compute
+B = args.batch_size
+if args.act_ckpt:  # recompute each block's activations in backward: memory for ~1/3 more compute
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+if args.compile:
+    for block in model.layers:
+        block.compile()  # in place, per block (as torchtitan does): the state dict keeps its names
+if fsdp:  # FSDP2: every block is one all-gather unit; the root holds embeddings, final norm and output
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+elif ddp:
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+log(f"model: {raw_model.num_params(exclude_embedding=False) / 1e6:.2f}M parameters "
+    f"({raw_model.num_params() / 1e6:.2f}M without embeddings), {model_args}")
+
+# -----------------------------------------------------------------------------
+# optimizer, batches, and the state to resume from
+optimizer = raw_model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.95), device_type=device.type)
+tokens_per_micro = B * T * world_size
+tokens_per_step = args.tokens_per_step or tokens_per_micro
+if tokens_per_step % tokens_per_micro:
+    raise SystemExit(f"--tokens_per_step {tokens_per_step} is not a multiple of batch_size * seq_len * "
+                     f"processes = {tokens_per_micro}")
+grad_accum = tokens_per_step // tokens_per_micro
+# every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint)
+train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
+ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
+os.makedirs(ckpt_dir, exist_ok=True)
+start_step, last_ckpt = 0, None
+if args.resume:
+    last_ckpt = args.resume if args.resume != "last" else (list_checkpoints(ckpt_dir) or [None])[-1]
+    if last_ckpt is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+    state = load_checkpoint(last_ckpt, model, optimizer)
+    start_step = state["step"]
+    train_loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    log(f"resumed from {last_ckpt} at step {start_step}")
+if master:  # a fresh log, or on resume the rows before the resumed step (the later ones are written again)
+    write_log(log_path, [r for r in read_log(log_path) if int(r["step"]) < start_step] if args.resume else [])
+flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
+log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if ddp else 'no parallelism'}; "
+    f"{tokens_per_step} tokens per step = {B} x {T} x {world_size} processes x {grad_accum} micro-steps; "
+    f"peak {peak / 1e12 if peak else 'n/a'} TFLOP/s per card")
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss on the first eval_batches batches of the validation split (the same ones every time)."""
+    model.eval()
+    loader = data.PackedLoader(args.data, "val", B, T, rank, world_size, args.seed, tok.fingerprint())
+    total = torch.zeros((), device=device)
+    for _ in range(args.eval_batches):
+        x, y, doc_ids = (t.to(device) for t in loader.next_batch())
+        with autocast:
+            total += model(x, y, doc_ids=doc_ids)
+    if distributed:
+        dist.all_reduce(total)
+    model.train()
+    return total.item() / (args.eval_batches * world_size)
+
+
+# -----------------------------------------------------------------------------
+# the loop
+# SIGTERM (a scheduler's preemption, torchrun's shutdown) or SIGINT (Ctrl-C): finish the step, save, exit.
+# A second one quits at once, without saving.
+stop_signal = 0
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    if stop_signal:
+        raise KeyboardInterrupt
+    stop_signal = signum
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+step, stopped = start_step, False
+while True:
+    last = step == args.max_steps
+    lr = get_lr(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if (step % args.eval_interval == 0 or last) and not stopped:
+        val_loss = evaluate()
+        # bits per byte compare across tokenizers: nats per token / ln 2 * tokens per UTF-8 byte (val split)
+        val_bpb = val_loss / math.log(2) * meta["val"]["tokens"] / meta["val"]["bytes"]
+        log(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte")
+        if master:
+            append_log(log_path, {"step": step, "val_loss": f"{val_loss:.6f}", "val_bpb": f"{val_bpb:.6f}"})
+            plot_svg(read_log(log_path), os.path.join(args.out_dir, "loss.svg"))
+    if step > start_step and (step % args.ckpt_interval == 0 or last or stopped):
+        last_ckpt = os.path.join(ckpt_dir, f"step_{step:06d}")
+        state = {"step": step, "loader": train_loader.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "args": vars(args)}
+        save_checkpoint(last_ckpt, model, optimizer, state, rank)
+        log(f"step {step}: saved {last_ckpt}")
+    if last or stopped:
+        break
+    t0 = time.time()
+
+    # forward/backward over grad_accum micro-batches; DDP all-reduces gradients only on the last one
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y, doc_ids = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
+        with model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+            with autocast:
+                loss = model(x, y, doc_ids=doc_ids) / grad_accum  # fp32 mean cross-entropy of this micro-batch
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    # one all-reduce carries the loss (mean over ranks) and whether any rank was asked to stop
+    stats = torch.stack([loss_sum, torch.tensor(float(stop_signal), device=device)])
+    if distributed:
+        dist.all_reduce(stats)
+    loss, stopped, grad_norm = stats[0].item() / world_size, stats[1].item() > 0, float(grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update can spoil the weights
+        msg = (f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping without taking this step. "
+               f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}: resume from it with "
+               f"--resume, perhaps with a lower --lr")
+        if distributed:
+            dist.destroy_process_group()
+        sys.exit(msg if master else 1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    dt = time.time() - t0  # on GPU: includes waiting for the previous step's kernels (the .item() above)
+    tokens_per_s = tokens_per_step / dt
+    mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
+    if master:
+        append_log(log_path, {"step": step, "train_loss": f"{loss:.6f}", "lr": f"{lr:.3e}",
+                              "grad_norm": f"{grad_norm:.4f}", "tokens_per_s": f"{tokens_per_s:.0f}",
+                              "mfu": f"{mfu:.4f}" if mfu else ""})
+    if step % args.log_interval == 0:
+        log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | "
+            f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else 'n/a (CPU)' if peak is None else 'n/a'}")
+    step += 1
+
+if stopped:
+    log(f"stopped by signal {signal.Signals(stop_signal).name} at step {step}: "
+        f"resume with `python train.py --resume --out_dir {args.out_dir}`")
+    if distributed:
+        dist.destroy_process_group()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# export in Meta's layout (sample.py, align.py and Meta's own loaders read it), then print a sample
+full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if master:
+    export = Transformer(model_args)
+    export.load_state_dict(full_state)
+    save_model(export, args.out_dir, tokenizer_path=args.tokenizer)
+    log(f"exported {args.out_dir} (params.json, consolidated.00.pth, tokenizer.model); "
+        f"val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte; {time.time() - t_start:.0f}s in all")
+    if args.sample_tokens:
+        export.to(device).eval()
+        prompt = tok.encode(args.prompt, bos=True)
+        out, _ = generate(export, [prompt], args.sample_tokens, temperature=0.8, top_k=50,
+                          stop_ids=tok.stop_ids, generator=torch.Generator(device).manual_seed(args.seed))
+        log("-" * 80 + "\n" + args.prompt + tok.decode(out[0]) + "\n" + "-" * 80)
+if distributed:
+    dist.destroy_process_group()
