@@ -160,21 +160,20 @@ def chat(model, tok, args, generator):
             session.tokens, session.cached = [], 0
             print("(new conversation)")
             continue
+        message = [{"role": "user", "content": text}]
+        fresh = tok.encode_dialog_prompt(system + message)  # this message as the start of a new conversation
+        if len(fresh) >= session.max_len:
+            print(f"(that message is {len(fresh)} tokens with the system prompt; the context holds "
+                  f"{session.max_len}: shorten it, or raise --max-context if the model allows)")
+            continue
         if session.tokens and session.tokens[-1] != tok.eot_id:
             session.tokens.append(tok.eot_id)  # close a reply cut short by ctrl-C or the token limit
-        message = [{"role": "user", "content": text}]
-        # the first turn starts the dialog (<|begin_of_text|>, system prompt); later ones drop the <|begin_of_text|>
-        turn = tok.encode_dialog_prompt(system + message) if not session.tokens else \
-            tok.encode_dialog_prompt(message)[1:]
-        if len(session.tokens) + len(turn) + args.max_new_tokens > session.max_len:
-            turn = tok.encode_dialog_prompt(system + message)
-            if len(turn) + 1 > session.max_len:
-                print(f"(that message is {len(turn)} tokens with the system prompt; the context holds "
-                      f"{session.max_len}: shorten it, or raise --max-context if the model allows)")
-                continue
+        # later turns continue the dialog: the same rendering without its <|begin_of_text|> and system prompt
+        turn = tok.encode_dialog_prompt(message)[1:] if session.tokens else fresh
+        if session.tokens and len(session.tokens) + len(turn) + args.max_new_tokens > session.max_len:
             print(f"(the conversation outgrew the {session.max_len}-token context: starting over with only "
                   f"{'the system prompt and ' if system else ''}this message; /reset does this by hand)")
-            session.tokens, session.cached = [], 0
+            session.tokens, session.cached, turn = [], 0, fresh
         session.tokens += turn
         try:
             print_stream(tok, session.stream(args.max_new_tokens, args.temperature, args.top_k, args.top_p,

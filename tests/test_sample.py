@@ -1,0 +1,177 @@
+"""sample.py: sampling filters, batched generation against a no-cache reference, streaming, the CLI.
+
+    python -m pytest -q tests/test_sample.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import sample
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "hello world, the quick brown fox jumps over the lazy dog. 日本語 café naïve 🦙 llama. " * 20
+
+
+def tiny_model(vocab_size=97, max_seq_len=64, **kw):
+    m = M.Transformer(M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                                  multiple_of=16, rope_theta=10000.0, max_seq_len=max_seq_len, **kw))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.15)  # peaked enough that greedy continuations differ from prompt to prompt
+    return m
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT], vocab_size=600)
+
+
+def reference_continuation(m, prompt, n, stop_ids=()):
+    """Greedy decoding with a full forward over the whole sequence at every step (no cache)."""
+    seq, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = torch.log_softmax(m(torch.tensor([seq]))[0, -1], -1)
+            t = int(logp.argmax())
+            seq.append(t)
+            logprobs.append(logp[t].item())
+            if t in stop_ids:
+                break
+    return seq[len(prompt):], logprobs
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def test_sample_next_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.9]])
+    assert sample.sample_next(logits, temperature=0).tolist() == [1, 2]
+    assert sample.sample_next(logits, top_k=1, generator=g).tolist() == [1, 2]
+    assert sample.sample_next(logits, top_p=1e-6, generator=g).tolist() == [1, 2]
+    draws = torch.stack([sample.sample_next(logits, top_k=2, generator=g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {2, 3}
+    # top_p: row 0 has probs ~[.09, .67, .24, .03]; 0.7 keeps the tokens needed to pass 0.7: {1, 2}
+    draws = torch.stack([sample.sample_next(logits[:1], top_p=0.7, generator=g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2}
+    # temperature: a high one flattens the distribution, so all four tokens turn up
+    draws = torch.stack([sample.sample_next(logits[:1], temperature=5.0, generator=g) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def test_generate_ragged_batch_matches_reference():
+    m = tiny_model()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [9, 8, 7, 6]]
+    tokens, logprobs = sample.generate(m, prompts, max_new_tokens=8, temperature=0)
+    for p, t, lp in zip(prompts, tokens, logprobs):
+        ref_t, ref_lp = reference_continuation(m, p, 8)
+        assert t == ref_t
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+    assert len({tuple(t) for t in tokens}) > 1
+
+
+def test_generate_stops_each_row_at_its_stop_token():
+    m = tiny_model()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
+    free, _ = sample.generate(m, prompts, max_new_tokens=10, temperature=0)
+    stop = {free[0][2]}  # row 0 hits it at its third token; the others wherever (or never)
+    tokens, logprobs = sample.generate(m, prompts, max_new_tokens=10, temperature=0, stop_ids=stop)
+    for row_free, row, lp in zip(free, tokens, logprobs):
+        cut = next((i + 1 for i, t in enumerate(row_free) if t in stop), len(row_free))
+        assert row == row_free[:cut] and len(lp) == len(row)
+    assert len(tokens[0]) == 3
+
+
+def test_generate_sampled_logprobs_and_seed():
+    m = tiny_model()
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    a = sample.generate(m, prompts, 12, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(7))
+    b = sample.generate(m, prompts, 12, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(7))
+    assert a == b
+    for p, t, lp in zip(prompts, *a):  # log-probs under the plain softmax, checked with a full forward
+        with torch.no_grad():
+            logp = torch.log_softmax(m(torch.tensor([p + t]))[0], -1)[len(p) - 1:-1]
+        ref = logp.gather(-1, torch.tensor(t)[:, None]).squeeze(-1)
+        assert lp == pytest.approx(ref.tolist(), abs=1e-4)
+
+
+def test_generate_restores_mode_and_checks_length():
+    m = tiny_model().train()
+    sample.generate(m, [[1, 2]], 3)
+    assert m.training and m.layers[0].attention.cache_k is None
+    m.eval()
+    sample.generate(m, [[1, 2]], 3)
+    assert not m.training
+    with pytest.raises(ValueError, match="a prompt of 60 tokens \\+ 5 new tokens exceeds the model's max_seq_len 64"):
+        sample.generate(m, [[1] * 60], 5)
+    with pytest.raises(ValueError, match="no empty prompt"):
+        sample.generate(m, [[1], []], 5)
+
+
+# ---------------------------------------------------------------------------------------------- session, streaming
+
+def test_session_keeps_the_conversation_in_the_cache():
+    m = tiny_model().eval()
+    s = sample.Session(m, 64)
+    s.tokens = [1, 2, 3, 4]
+    first = list(s.stream(5, temperature=0))
+    s.tokens += [7, 8, 9]  # the next turn: only these and the last sampled token are fed
+    second = list(s.stream(4, temperature=0))
+    assert s.cached == len(s.tokens) - 1
+    ref_first, _ = reference_continuation(m, [1, 2, 3, 4], 5)
+    ref_second, _ = reference_continuation(m, [1, 2, 3, 4] + first + [7, 8, 9], 4)
+    assert (first, second) == (ref_first, ref_second)
+    stop = {second[1]}
+    s.tokens, s.cached = [1, 2, 3, 4] + first + [7, 8, 9], 0
+    assert list(s.stream(4, temperature=0, stop_ids=stop)) == second[:2]
+    s.tokens, s.cached = list(range(60)), 0
+    assert len(list(s.stream(10, temperature=0))) == 4  # the cache ends at 64
+
+
+def test_print_stream_decodes_characters_split_across_tokens(tok, capsys):
+    text = "日本語 café naïve 🦙"
+    ids = tok.encode(text)
+    assert any(len(tok.decode_bytes([i]).decode("utf-8", errors="ignore")) == 0 for i in ids)  # split bytes
+    sample.print_stream(tok, iter(ids + [tok.eot_id]))
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_load_tokenizer(tmp_path, tok):
+    tok.save(str(tmp_path / "tokenizer.model"))
+    assert sample.load_tokenizer(tmp_path).encode("hello world") == tok.encode("hello world")
+    (tmp_path / "hf" / "original").mkdir(parents=True)
+    tok.save(str(tmp_path / "hf" / "original" / "tokenizer.model"))
+    assert sample.load_tokenizer(tmp_path / "hf").n_words == tok.n_words
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
+        sample.load_tokenizer(tmp_path / "hf" / "original" / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def run_cli(args, stdin=""):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], input=stdin, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prompt_and_chat(tmp_path, tok):
+    tok.save(str(tmp_path / "tok.model"))
+    M.save_model(tiny_model(vocab_size=tok.n_words, max_seq_len=48), tmp_path / "ckpt",
+                 tokenizer_path=tmp_path / "tok.model")
+    ckpt = str(tmp_path / "ckpt")
+    r = run_cli(["--ckpt", ckpt, "--prompt", "hello world", "--max-new-tokens", "8", "--temperature", "0"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("hello world") and len(r.stdout) > len("hello world\n")
+    # chat: three turns in a 48-token context with 16-token replies overflow; /reset; a too-long message; EOF
+    r = run_cli(["--ckpt", ckpt, "--chat", "--system", "be brief", "--max-new-tokens", "16"],
+                stdin="hello\nthe quick brown fox\njumps over\n/reset\nllama\n" + "x " * 100 + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("outgrew the 48-token context") >= 1 and "(new conversation)" in r.stdout
+    assert "shorten it" in r.stdout  # a message longer than the whole context is refused, not truncated
