@@ -1,13 +1,15 @@
 """tokenizer.py: the Llama 3 tokenizer. Byte-level BPE, trained here, saved and loaded in Meta's format.
 
 Stage 1 of the recipe. Llama 3 replaced Llama 2's SentencePiece with a tiktoken-style byte-level BPE
-(128K vocabulary: 100K from tiktoken's cl100k plus 28K extra, Llama 3 paper section 2.2). This file
-trains such a tokenizer on our own text and reads/writes the exact file format Meta ships.
+(128K vocabulary: 100K tokens from tiktoken plus 28K more for other languages, "The Llama 3 Herd of
+Models" 2024, section 3.2). This file trains such a tokenizer on our own text and reads and writes the
+exact file format Meta ships.
 
 Design choices
-- Byte-level BPE: the 256 byte values are the first 256 tokens, so any string encodes, nothing is unknown.
+- Byte-level BPE: every one of the 256 byte values is a token (ids 0..255 in the vocabularies we train),
+  so any string encodes and nothing is ever unknown.
 - Text is first split into chunks by LLAMA3_PATTERN (Meta's regex, verbatim); merges never cross a chunk
-  boundary, so " the", "123" and "\n\n" become tokens but "e t" never does.
+  boundary, so " the", "123" and "):" can become tokens but "e t" never does.
 - Training (train_bpe) counts the unique chunks once, then merges incrementally: the pair counts, an
   index pair -> chunks containing it, and a heap give the most frequent pair without rescanning the
   corpus. train_bpe_reference is the plain minbpe-style loop that rescans everything each merge; the
@@ -35,6 +37,7 @@ import argparse
 import base64
 import hashlib
 import heapq
+import itertools
 import multiprocessing
 import os
 import sys
@@ -45,8 +48,8 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-# Meta's split regex for Llama 3 (meta-llama/llama3, llama/tokenizer.py `pat_str`; the same as tiktoken's
-# cl100k_base): contractions, letters with one optional leading non-letter, numbers of at most 3 digits,
+# Meta's split regex for Llama 3 (meta-llama/llama3, llama/tokenizer.py `pat_str`; it is the regex of
+# tiktoken's cl100k_base, GPT-4's tokenizer): contractions, letters with one optional leading non-letter, numbers of at most 3 digits,
 # punctuation runs, newlines, and whitespace that never swallows the space before a word.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 
@@ -99,9 +102,10 @@ def train_bpe_reference(chunk_counts, n_tokens):
     """Learn merges until the vocabulary has n_tokens tokens, rescanning every chunk at every merge.
 
     chunk_counts: {chunk bytes: how often the chunk occurs}. Returns (merges, vocab): merges is the list
-    of ((a, b), new_id) in order, vocab[id] the token's bytes. If the joined bytes of the best pair are
-    already a token (joined differently before, e.g. "ab"+"c" then "a"+"bc"), the pair merges into that
-    token and the vocabulary does not grow: tiktoken's format needs each token's bytes to be unique."""
+    of ((a, b), new_id) in order, vocab[id] the token's bytes. Should the joined bytes of the best pair
+    already be a token (the same bytes joined another way, e.g. "ab"+"c" and then "a"+"bc"), the pair
+    merges into that token and the vocabulary does not grow, since tiktoken's format needs each token's
+    bytes to be unique. (A guard: we have not seen it happen with left-to-right merging.)"""
     words = Counter({tuple(chunk): n for chunk, n in chunk_counts.items()})
     vocab = [bytes([b]) for b in range(256)]
     token_id = {tok: i for i, tok in enumerate(vocab)}
@@ -132,13 +136,13 @@ def encode_reference(ranks, text, pattern=LLAMA3_PATTERN):
     ids = []
     for chunk in regex.findall(pattern, text):
         parts = [bytes([b]) for b in chunk.encode("utf-8")]
-        while len(parts) > 1:
-            joined = [ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
-            best = min((r, i) for i, r in enumerate(joined) if r is not None) if any(
-                r is not None for r in joined) else None
-            if best is None:
+        while True:
+            # the adjacent pair whose joined bytes are the lowest-ranked token (leftmost if several)
+            candidates = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
+                          if parts[i] + parts[i + 1] in ranks]
+            if not candidates:
                 break
-            i = best[1]
+            _, i = min(candidates)
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         ids.extend(ranks[p] for p in parts)
     return ids
@@ -169,31 +173,25 @@ def _batches(texts, batch_chars):
         yield batch
 
 
-def count_chunks(texts, pattern=LLAMA3_PATTERN, processes=None, batch_chars=4_000_000):
+def count_chunks(texts, pattern=LLAMA3_PATTERN, processes=None, batch_chars=2_000_000):
     """Split every text with the pattern and count each distinct chunk: -> {chunk bytes: count}.
 
-    A few MB of text has only ~10^5 distinct chunks, so after this the corpus itself is never read again.
-    Inputs bigger than one batch are split across `processes` worker processes (default: all cores)."""
+    20 MB of Python source has only ~90K distinct chunks, so after this the corpus is never read again.
+    Input of more than one batch is split across `processes` worker processes (default: all cores)."""
     batches = _batches(texts, batch_chars)
-    first = next(batches, None)
-    second = next(batches, None)
+    head = list(itertools.islice(batches, 2))
     counts = Counter()
-    if first is not None and second is None or processes == 1:  # small input: count right here
-        for batch in [b for b in (first, second) if b is not None] + list(batches):
+    if len(head) < 2 or processes == 1:  # a single batch: not worth starting processes
+        for batch in itertools.chain(head, batches):
             counts.update(_count_chunks((pattern, batch)))
-    elif first is not None:
+    else:
         # fork (Linux) starts workers without re-importing the caller's script; spawn elsewhere
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         with ctx.Pool(processes or os.cpu_count()) as pool:
-            jobs = ((pattern, b) for b in _chain([first, second], batches))
+            jobs = ((pattern, batch) for batch in itertools.chain(head, batches))
             for part in pool.imap_unordered(_count_chunks, jobs):
-                counts.update(part)  # addition commutes: the order the parts come back in does not matter
+                counts.update(part)  # a sum: the order the parts come back in does not matter
     return {chunk.encode("utf-8", errors="replace"): n for chunk, n in counts.items()}
-
-
-def _chain(head, rest):
-    yield from head
-    yield from rest
 
 
 # Step 2: merge incrementally. Per merge we touch only the chunks that contain the merged pair.
@@ -228,7 +226,7 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
                 heapq.heappush(heap, (-n, pair))
             continue
         new = vocab[pair[0]] + vocab[pair[1]]
-        idx = token_id.setdefault(new, len(vocab))  # joined bytes already a token: reuse it (see reference)
+        idx = token_id.setdefault(new, len(vocab))  # bytes already a token: reuse its id (see reference)
         if idx == len(vocab):
             vocab.append(new)
             bar.update()
@@ -242,6 +240,8 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
         a, b = pair
         for w in where.pop(pair):
             word, f = words[w], freq[w]
+            if a not in word:
+                continue  # a left-over index entry: an earlier merge took this chunk's `a` away
             out, i, n = [], 0, len(word)
             while i < n:
                 if word[i] == a and i + 1 < n and word[i + 1] == b:
@@ -259,7 +259,7 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
                 else:
                     out.append(word[i])
                     i += 1
-            words[w] = out  # (unchanged if this index entry was left over from an earlier merge)
+            words[w] = out
         for p, d in delta.items():
             if d:
                 pair_counts[p] += d
