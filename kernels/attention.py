@@ -62,23 +62,24 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
 # ----------------------------------------------------------------------------- block sizes
-def _configs(block_pairs):
-    """Autotune space. Why these: the score tile (BLOCK_M x BLOCK_N fp32) and the accumulator (BLOCK_M x D fp32)
-    live in registers, so at D=128 tiles beyond 128x128 spill; BLOCK_M of 64/128 is one or two Hopper warpgroup
-    MMAs (m64) per warp group; num_stages 2-4 is how many K/V tiles are prefetched into shared memory
-    (4 x (64+64) x 128 x 2 bytes = 128 KB fits the H100's 228 KB, 4 stages of 128-wide tiles do not, and the
-    autotuner drops configs that run out of resources). The Triton fused-attention tutorial searches a similar
-    space. Keyed on T and head_dim: short rows favour smaller tiles (more programs to fill 132 SMs)."""
-    if INTERPRET:  # one small config: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
+def _configs(shapes):
+    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples. Why these few: the score tile
+    (BLOCK_M x BLOCK_N fp32) and the accumulator (BLOCK_M x D fp32) live in registers, so at D=128 tiles past
+    128x128 spill; a Hopper warpgroup MMA is 64 rows tall, so 64/128-row tiles use 1-2 warpgroups (4/8 warps)
+    fully; num_stages is how many K/V (or Q/dO) tiles are prefetched into shared memory: 3 x (64+64) x 128 x 2
+    bytes = 96 KB of the H100's 228 KB. The shapes are those the Triton fused-attention tutorial and
+    FlashAttention-2 settle on for D=64/128; the space is small because every (T, head_dim, documents, dtype)
+    key compiles and times each one. Keyed on T and head_dim: short rows favour small tiles (more programs
+    to fill 132 SMs). TODO(GPU session): check the winners on an H100 and prune."""
+    if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in block_pairs for w in (4, 8) for s in (2, 3, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-# forward and dq walk keys for a query tile (wide M), dk/dv walks queries for a key tile (wide N)
-FWD_CONFIGS = _configs([(64, 64), (128, 64), (128, 128)])
-DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (64, 128)])
-DQ_CONFIGS = _configs([(64, 32), (128, 32), (64, 64), (128, 64)])
+# forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)])
+DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
+DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 
 
 # ----------------------------------------------------------------------------- forward
@@ -382,6 +383,9 @@ def _check(q, k, v, doc_ids):
         raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be (B, T) = ({B}, {T}) with Tk == T (Tk={Tk})")
 
 
+# torch.compile sees this call as a graph break: it runs the kernels as they are. TODO: let Dynamo trace them
+# (it can take user-defined Triton kernels) once that is checked on a GPU.
+@torch.compiler.disable
 def flash_attention(q, k, v, doc_ids=None):
     """The Triton kernel, always (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
     q (B, Hq, T, D), k and v (B, Hkv, Tk, D), doc_ids (B, T) or None -> (B, Hq, T, D), differentiable."""

@@ -121,6 +121,7 @@ class _RMSNorm(torch.autograd.Function):
         return dx.view(dy.shape), dw, None
 
 
+@torch.compiler.disable  # a graph break under torch.compile, as flash_attention (see there)
 def rms_norm_triton(x, weight, eps):
     """The Triton kernel, always (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
     x (..., N), weight (N,) -> (..., N) in x's dtype, differentiable in x and weight."""

@@ -1,0 +1,164 @@
+"""Benchmark of kernels/ on a GPU: our Triton attention and RMSNorm against PyTorch's. Prints ratio tables.
+
+Attention, at Llama 3 8B's heads (32 query / 8 kv heads, head_dim 128), bf16, 16K tokens per batch (B = 16K / T):
+forward and forward+backward TFLOP/s of kernels.attention.flash_attention against
+- SDPA: F.scaled_dot_product_attention with its best backend: is_causal=True for causal rows (flash), an
+  explicit (B, 1, T, T) boolean mask for document rows (memory-efficient backend). SDPA is given k and v with
+  the kv heads already repeated (outside the timed region), so it does not pay for GQA;
+- Flex: FlexAttention (torch.compile'd) with a block mask built from the same mask function, GQA native;
+for causal rows and rows of 8 documents with random boundaries (seeded).
+FLOPs count only the visible (query, key) pairs: 4*D per pair forward (QK^T, PV), 2.5x that backward
+(5 products, FlashAttention-2's count), so document rows and causal rows report useful work alike.
+
+RMSNorm at hidden 4096 and 8192 (16K rows, bf16 x, fp32 weight as under autocast): forward+backward GB/s of
+rms_norm_triton against the eager reference and torch.compile of it. Bytes counted are the fewest a fused
+kernel moves: x read twice (forward, backward), y written, dy read, dx written = 5 * rows * hidden * 2 bytes;
+the last column is that rate over the card's device-to-device copy bandwidth, measured here.
+
+    python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
+    python tests/bench_kernels.py --quick    # T in {1K, 4K}
+On a machine without CUDA it says so and exits 0 (the kernels' CPU tests are tests/test_kernels.py).
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `kernels`
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--quick", action="store_true", help="T in {1K, 4K} only")
+parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens / T)")
+args = parser.parse_args()
+
+if not torch.cuda.is_available():
+    print("bench_kernels.py needs a CUDA GPU: it times the compiled Triton kernels against PyTorch's.\n"
+          "On this machine run the kernels' tests instead: python -m pytest -q tests/test_kernels.py")
+    sys.exit(0)
+
+import triton  # noqa: E402  (after the CUDA check: a CPU-only machine may not have triton)
+
+from kernels.attention import flash_attention  # noqa: E402
+from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
+
+torch.manual_seed(0)
+dev = torch.device("cuda")
+print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+
+
+def bench_ms(fn):
+    """Median milliseconds of fn() over ~100 ms of repeats, after ~25 ms of warm-up (CUDA events)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def table(title, header, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header, ["-" * w for w in widths]] + rows:
+        print(" | ".join(str(x).rjust(w) for x, w in zip(r, widths)))
+
+
+# ----------------------------------------------------------------------------- attention
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+except ImportError:  # older torch
+    flex = None
+    print("FlexAttention not available in this torch: its columns are empty")
+
+Hq, Hkv, D = 32, 8, 128
+fwd_rows, bwd_rows, skip_rows = [], [], []
+Ts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+for T in Ts:
+    B = max(1, args.tokens // T)
+    q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k_rep = k.detach().repeat_interleave(Hq // Hkv, 1).requires_grad_()   # (B, Hq, T, D) for SDPA
+    v_rep = v.detach().repeat_interleave(Hq // Hkv, 1).requires_grad_()
+    do = torch.randn_like(q)
+    g = torch.Generator().manual_seed(T)
+    cuts = torch.stack([torch.randperm(T - 1, generator=g)[:7].add(1).sort().values for _ in range(B)])  # (B, 7)
+    doc_ids = (torch.arange(T)[None, :, None] >= cuts[:, None, :]).sum(-1).to(dev)   # (B, T): 8 documents a row
+    times = {}
+    for mask in ("causal", "8 docs"):
+        docs = doc_ids if mask == "8 docs" else None
+        if docs is None:
+            pairs = B * T * (T + 1) / 2
+        else:
+            lengths = torch.stack([torch.bincount(r, minlength=8) for r in doc_ids.cpu()]).double()
+            pairs = (lengths * (lengths + 1) / 2).sum().item()
+        fwd_flop = 4 * D * Hq * pairs
+
+        dense = (torch.arange(T, device=dev)[:, None] >= torch.arange(T, device=dev)[None, :])
+        if docs is None:
+            sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)  # noqa: E731
+        else:
+            bool_mask = (dense & (docs[:, :, None] == docs[:, None, :]))[:, None]      # (B, 1, T, T)
+            sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=bool_mask)  # noqa: E731
+        impls = {"ours": lambda: flash_attention(q, k, v, docs), "sdpa": sdpa}
+        if flex is not None:
+            if docs is None:
+                mask_mod = lambda b, h, i, j: i >= j  # noqa: E731
+            else:
+                mask_mod = lambda b, h, i, j: (i >= j) & (docs[b, i] == docs[b, j])  # noqa: E731
+            block_mask = create_block_mask(mask_mod, B, None, T, T, device=dev)
+            impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+        # correctness first: ours against SDPA on the same inputs (bf16: ~1e-2 relative is rounding)
+        ref = impls["sdpa"]().float()
+        err = ((impls["ours"]().float() - ref).norm() / ref.norm()).item()
+        tf = {}
+        for name, fn in impls.items():
+            leaves = (q, k_rep, v_rep) if name == "sdpa" else (q, k, v)
+            try:
+                f_ms = bench_ms(fn)
+                fb_ms = bench_ms(lambda: torch.autograd.grad(fn(), leaves, do))
+            except torch.OutOfMemoryError:   # e.g. a masked SDPA that falls back to its math backend
+                print(f"{name} at T={T}, {mask}: out of memory, left out")
+                torch.cuda.empty_cache()
+                continue
+            tf[name] = (fwd_flop / f_ms / 1e9, 3.5 * fwd_flop / fb_ms / 1e9, f_ms, fb_ms)
+        times[mask] = (tf["ours"][2], tf["ours"][3], pairs)
+        ratio = lambda i, other: f"{tf['ours'][i] / tf[other][i]:.2f}x" if other in tf else "-"  # noqa: E731
+        cell = lambda name, i: f"{tf[name][i]:.0f}" if name in tf else "-"  # noqa: E731
+        fwd_rows.append([T, B, mask, f"{tf['ours'][2]:.2f}", cell("ours", 0), cell("sdpa", 0), cell("flex", 0),
+                         ratio(0, "sdpa"), ratio(0, "flex"), f"{err:.1e}"])
+        bwd_rows.append([T, B, mask, f"{tf['ours'][3]:.2f}", cell("ours", 1), cell("sdpa", 1), cell("flex", 1),
+                         ratio(1, "sdpa"), ratio(1, "flex")])
+    (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
+    skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}"])
+    del q, k, v, k_rep, v_rep, do
+    torch.cuda.empty_cache()
+
+head = ["T", "B", "mask", "ours ms", "ours TF/s", "SDPA TF/s", "Flex TF/s", "vs SDPA", "vs Flex"]
+table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} tokens/batch)", head + ["err vs SDPA"],
+      fwd_rows)
+table("attention forward+backward", head, bwd_rows)
+table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
+      ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal"], skip_rows)
+
+# ----------------------------------------------------------------------------- RMSNorm
+src = torch.empty(2 ** 28, device=dev, dtype=torch.bfloat16)   # 512 MiB, far past the 50 MB L2
+dst = torch.empty_like(src)
+copy_gbs = 2 * src.numel() * 2 / bench_ms(lambda: dst.copy_(src)) / 1e6
+del src, dst
+compiled = torch.compile(rms_norm_reference)
+rows = []
+for N in (4096, 8192):
+    M = args.tokens
+    x = torch.randn(M, N, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(N, device=dev)).requires_grad_()
+    dy = torch.randn_like(x)
+    err = (rms_norm_triton(x, w, 1e-5).float() - rms_norm_reference(x, w, 1e-5).float()).abs().max().item()
+    gbs = {}
+    for name, fn in (("ours", rms_norm_triton), ("eager", rms_norm_reference), ("compile", compiled)):
+        ms = bench_ms(lambda: torch.autograd.grad(fn(x, w, 1e-5), (x, w), dy))
+        gbs[name] = 5 * M * N * 2 / ms / 1e6
+    rows.append([N, M, f"{gbs['ours']:.0f}", f"{gbs['eager']:.0f}", f"{gbs['compile']:.0f}",
+                 f"{gbs['ours'] / gbs['eager']:.2f}x", f"{gbs['ours'] / gbs['compile']:.2f}x",
+                 f"{gbs['ours'] / copy_gbs:.0%}", f"{err:.1e}"])
+table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth measured {copy_gbs:.0f} GB/s",
+      ["hidden", "rows", "ours", "eager", "compile", "vs eager", "vs compile", "of copy", "max err"], rows)
