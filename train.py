@@ -253,7 +253,7 @@ parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard w
 parser.add_argument("--compile", action="store_true", help="torch.compile each block")
 parser.add_argument("--act_ckpt", action="store_true", help="activation checkpointing: recompute blocks in backward")
 parser.add_argument("--eval_interval", type=int, default=100)
-parser.add_argument("--eval_batches", type=int, default=20)
+parser.add_argument("--eval_tokens", type=int, default=65536, help="validation tokens per evaluation")
 parser.add_argument("--ckpt_interval", type=int, default=200)
 parser.add_argument("--log_interval", type=int, default=10, help="print every this many steps (log.csv: all)")
 parser.add_argument("--resume", nargs="?", const="last", help="from the last checkpoint in out_dir, or this one")
@@ -358,6 +358,7 @@ if tokens_per_step % tokens_per_micro:
     raise SystemExit(f"--tokens_per_step {tokens_per_step} is not a multiple of batch_size * seq_len * "
                      f"processes = {tokens_per_micro}")
 grad_accum = tokens_per_step // tokens_per_micro
+eval_steps = max(1, args.eval_tokens // tokens_per_micro)
 # every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint)
 train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
@@ -384,18 +385,19 @@ log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if 
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss on the first eval_batches batches of the validation split (the same ones every time)."""
+    """Mean loss over the first eval_tokens tokens of the validation split: the same windows every time, and
+    the same ones whatever the batch size and the number of processes (they split each global batch)."""
     model.eval()
     loader = data.PackedLoader(args.data, "val", B, T, rank, world_size, args.seed, tok.fingerprint())
     total = torch.zeros((), device=device)
-    for _ in range(args.eval_batches):
+    for _ in range(eval_steps):
         x, y, doc_ids = (t.to(device) for t in loader.next_batch())
         with autocast:
             total += model(x, y, doc_ids=doc_ids)
     if distributed:
         dist.all_reduce(total)
     model.train()
-    return total.item() / (args.eval_batches * world_size)
+    return total.item() / (eval_steps * world_size)
 
 
 # -----------------------------------------------------------------------------
