@@ -1,0 +1,741 @@
+"""data.py — from raw text to packed, document-masked training batches (Llama 3 §3.1, "pre-training data").
+
+    sources -> clean -> exact dedup -> MinHash near-dedup -> heuristic filters -> [model-based quality filter]
+            -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
+            -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
+
+Design choices
+- Sources: "stdlib" (the default: every .py file of the running interpreter's standard library as a code
+  document, plus one English document per module made of its docstrings, plus pydoc's topic pages — no
+  download needed), a local file or folder of .txt/.md (a file is a document), .jsonl/.jsonl.gz (the "text"
+  field of each line), .parquet (needs pyarrow), or "hf:NAME[:CONFIG]" (a streamed Hugging Face dataset,
+  needs the datasets package and the network).
+- Bad JSONL: a line that is not JSON means a truncated or corrupt file, so it is an error naming file and line;
+  a valid record without a string "text" field is skipped and counted, with one warning per file naming the
+  first such line (web dumps carry the odd metadata-only record; a whole run should not die for it).
+- Every step is a small function with its rule beside it; prepare_data prints how many documents and bytes
+  each step removed. The model-based quality filter (Llama 3 trained fastText/RoBERTa classifiers on Llama 2
+  labels) is here: a labeller scores a sample (ours: bits per byte under a trained checkpoint, lower = better),
+  a hashed word n-gram logistic regression learns the labels and scores every document, the low scorers go.
+  It runs only when a checkpoint is named (--quality-model): the first run has no model to label with.
+- Shards: 64-byte header (magic, version, vocab size, <|begin_of_text|> id, docs, tokens, tokenizer
+  fingerprint) then little-endian uint32 tokens (a 128K vocab does not fit uint16). Every shard starts a
+  document and every document starts with <|begin_of_text|>, so boundaries are recovered from the tokens.
+  Files are written to a temporary name and renamed; meta.json is written last, so a folder with meta.json is
+  complete. Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
+- Loader: the split's shards form one token stream, cut into windows of T tokens (x = stream[p:p+T],
+  y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once.
+  Target at a document boundary: the last token of a document has target <|begin_of_text|> and we keep it —
+  under the document mask that prediction sees only its own document, so it is the model learning "this document
+  ends here" (we write no <|end_of_text|>); nothing leaks across documents, and no position is wasted.
+  doc_ids[b, t] = number of <|begin_of_text|> in x[b, :t+1] minus the count at t=0, so 0 is the (part of a)
+  document the window starts in. Shuffle: windows are dealt into blocks of 2^20 consecutive windows; each epoch
+  visits the blocks in a random order and the windows inside a block in a random order (seeded by seed, epoch),
+  so memory is two permutations however large the data; tokens are np.memmap'ed, never loaded.
+  DDP: global batch b holds the next B * world_size windows of that order, rank r takes rows [r*B, (r+1)*B):
+  ranks never overlap and together see every window. The state is the number of windows consumed.
+
+Run it
+    python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib
+    python data.py --source ~/corpus/ --tokenizer tok.model --out data/corpus --num-proc 8
+    python data.py --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-docs 100000 --tokenizer tok.model \
+        --out data/fineweb  # pip install datasets
+    python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib-q --quality-model out/default
+train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.py` needs none of this by hand.
+"""
+import argparse
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import struct
+import sys
+import time
+import unicodedata
+import zlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# 1. Sources: every function yields documents as str
+
+
+def stdlib_documents():
+    """The default corpus: each standard-library module as code, then its docstrings as an English document,
+    then pydoc's topic pages (the language reference text behind help('if'))."""
+    import ast
+    from tokenizer import stdlib_sources
+    for path, text in stdlib_sources():
+        yield text
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):  # a few test files are deliberately broken Python
+            continue
+        parts = []
+        for node in ast.walk(tree):  # module first, then classes and functions in breadth-first order
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    name = getattr(node, "name", os.path.basename(path))
+                    parts.append(f"{name}\n\n{doc}")
+        if parts:
+            yield "\n\n\n".join(parts)
+    from pydoc_data.topics import topics
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def read_jsonl(path, field="text"):
+    """Yield the `field` string of each line of a .jsonl or .jsonl.gz file.
+    Not JSON -> ValueError naming file:line (corrupt file). No string field -> skipped, counted, warned."""
+    opener = gzip.open if path.endswith(".gz") else open
+    missing, first_missing = 0, None
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); is the file truncated?") from None
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                missing += 1
+                first_missing = first_missing or lineno
+                continue
+            yield text
+    if missing:
+        print(f"warning: {path}: skipped {missing} line(s) without a string {field!r} field "
+              f"(first at line {first_missing})", file=sys.stderr)
+
+
+def read_parquet(path, field="text"):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no {field!r} column (columns: {pf.schema_arrow.names})")
+    for batch in pf.iter_batches(columns=[field]):
+        yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+
+
+def read_file(path):
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        yield from read_jsonl(path)
+    elif path.endswith(".parquet"):
+        yield from read_parquet(path)
+    elif path.endswith((".txt", ".md")):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 (byte {e.start}); convert it or remove it") from None
+    else:
+        raise ValueError(f"{path}: unknown file type (want .txt, .md, .jsonl, .jsonl.gz or .parquet)")
+
+
+SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def iter_documents(source):
+    """source: "stdlib" | a file or folder path | "hf:NAME[:CONFIG]" -> documents (str), deterministic order."""
+    if source == "stdlib":
+        yield from stdlib_documents()
+    elif source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"source {source!r} needs the datasets package (pip install datasets)") from None
+        name, _, config = source[3:].partition(":")
+        for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
+            yield row["text"]
+    elif os.path.isdir(source):
+        paths = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
+        paths = [p for p in paths if p.endswith(SUFFIXES) and os.path.isfile(p)]
+        if not paths:
+            raise ValueError(f"{source}: no {', '.join(SUFFIXES)} files in this folder")
+        for path in paths:
+            yield from read_file(path)
+    elif os.path.isfile(source):
+        yield from read_file(source)
+    else:
+        raise FileNotFoundError(f"source {source!r}: not 'stdlib', 'hf:NAME' or an existing file or folder")
+
+
+# -----------------------------------------------------------------------------
+# 2. Cleaning: one canonical form, so that dedup compares like with like
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")  # C0/C1 controls but \t \n, and the BOM
+TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
+BLANK_LINES = re.compile(r"\n{4,}")
+
+
+def clean_text(text):
+    """NFC Unicode (one code point sequence per character), \\n newlines, no control characters, no trailing
+    spaces, at most two blank lines in a row, no blank lines at either end.
+    'Cafe\\u0301  \\r\\n\\r\\n\\r\\n\\r\\nx' -> 'Café\\n\\n\\nx'"""
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = CONTROL.sub("", text)
+    text = TRAILING.sub("", text)
+    text = BLANK_LINES.sub("\n\n\n", text)
+    return text.strip("\n")
+
+
+# -----------------------------------------------------------------------------
+# 3. Deduplication: exact (a hash per document), then near-duplicates (MinHash + LSH banding)
+
+def doc_hash(text):
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+WORD = re.compile(r"\w+")
+
+
+def word_hashes(text):
+    """Lower-cased words -> uint64 hashes (crc32: deterministic, unlike Python's salted hash())."""
+    return np.array([zlib.crc32(w.encode("utf-8")) for w in WORD.findall(text.lower())], dtype=np.uint64)
+
+
+def ngram_hashes(h, n):
+    """Combine n consecutive word hashes into one (polynomial hash, uint64 wrap-around).
+    h=[a, b, c], n=2 -> [a*P + b, b*P + c]"""
+    if len(h) < n:
+        return h[:0]
+    P = np.uint64(0x100000001B3)  # the FNV-64 prime: odd, so the map is a bijection mod 2^64
+    out = h[: len(h) - n + 1].copy()
+    for k in range(1, n):
+        out = out * P + h[k: len(h) - n + 1 + k]
+    return out
+
+
+class MinHashDedup:
+    """Near-duplicate removal (Broder 1997; the LSH recipe of Lee et al. 2022, "Deduplicating Training Data
+    Makes Language Models Better", used for Llama 3's document-level dedup).
+    Shingles: word 5-grams. Signature: for each of 120 hash functions h_i(x) = (a_i x + b_i) mod 2^64 >> 32,
+    the minimum over the document's shingles; P(signatures agree at i) = Jaccard(A, B).
+    Banding: 20 bands of 6 rows; two documents are candidates if any band matches, probability 1-(1-J^6)^20
+    (J=0.8 -> 0.998, J=0.5 -> 0.27, J=0.3 -> 0.01), then a candidate is a duplicate if its estimated Jaccard
+    (the fraction of equal signature entries) is >= threshold. The first document of a cluster is kept."""
+
+    def __init__(self, num_perm=120, bands=20, threshold=0.8, shingle=5, seed=0):
+        assert num_perm % bands == 0
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+        self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+        self.bands, self.rows, self.threshold, self.shingle = bands, num_perm // bands, threshold, shingle
+        self.buckets = {}      # (band, band bytes) -> index of a kept document
+        self.signatures = []   # signatures of kept documents
+
+    def signature(self, text):
+        sh = np.unique(ngram_hashes(word_hashes(text), self.shingle))
+        if len(sh) == 0:  # fewer words than a shingle: hash the whole text
+            sh = np.array([zlib.crc32(text.encode("utf-8"))], dtype=np.uint64)
+        sig = np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        for i in range(0, len(sh), 4096):  # (n, num_perm) in chunks: memory flat for long documents
+            s = sh[i: i + 4096, None]
+            sig = np.minimum(sig, ((s * self.a + self.b) >> np.uint64(32)).min(axis=0))
+        return sig.astype(np.uint32)
+
+    def is_duplicate(self, text):
+        """True if text is a near-duplicate of a document seen before; otherwise remember it."""
+        sig = self.signature(text)
+        keys = [(i, sig[i * self.rows:(i + 1) * self.rows].tobytes()) for i in range(self.bands)]
+        for key in keys:
+            j = self.buckets.get(key)
+            if j is not None and np.mean(self.signatures[j] == sig) >= self.threshold:
+                return True
+        for key in keys:
+            self.buckets.setdefault(key, len(self.signatures))
+        self.signatures.append(sig)
+        return False
+
+
+# -----------------------------------------------------------------------------
+# 4. Heuristic quality filters (Llama 3 §3.1.1: "heuristic filtering"; thresholds after Gopher, Rae et al. 2021,
+#    loosened where source code, our default corpus, is legitimately symbol-heavy and repetitive)
+
+MIN_CHARS = 64              # shorter than a sentence or two: nothing to learn from
+MAX_CHARS = 1_000_000       # a 1 MB "document" is a data dump, not prose or code
+MIN_ALPHA = 0.25            # share of letters; below it: tables of numbers, base64, binary junk
+MAX_SYMBOL = 0.40           # share of characters that are not letters, digits or whitespace (stdlib max: 0.37)
+MAX_DUP_LINE_CHARS = 0.50   # share of characters in repeated lines (Gopher: 0.20 for prose; stdlib: 6 files over)
+
+
+LETTER = re.compile(r"[^\W\d_]")  # a Unicode letter: a word character that is not a digit or underscore
+SYMBOL = re.compile(r"[^\w\s]|_")   # not a letter, digit or whitespace
+
+
+def heuristic_reject(text):
+    """The name of the first rule the document breaks, or None to keep it."""
+    n = len(text)
+    if n < MIN_CHARS:
+        return "too short"
+    if n > MAX_CHARS:
+        return "too long"
+    if n - len(LETTER.sub("", text)) < MIN_ALPHA * n:
+        return "few letters"
+    if n - len(SYMBOL.sub("", text)) > MAX_SYMBOL * n:
+        return "many symbols"
+    # repeated lines (logging spam, boilerplate); short lines like "    pass" or "}" may repeat
+    counts = {}
+    for line in text.split("\n"):
+        line = line.strip()
+        if len(line) > 10:
+            counts[line] = counts.get(line, 0) + 1
+    if sum(len(line) * c for line, c in counts.items() if c > 1) > MAX_DUP_LINE_CHARS * n:
+        return "repeated lines"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# 5. Model-based quality filter: a labeller scores a sample, a fast classifier learns it and scores everything
+
+def ngram_features(texts, dim):
+    """Hashed word unigrams + bigrams, log(1 + count), each document's vector L2-normalised, as a sparse
+    matrix in coordinate form: (row of each entry, feature id in [0, dim), value)."""
+    rows, ids, vals = [], [], []
+    for i, text in enumerate(texts):
+        h = word_hashes(text)
+        f, c = np.unique(np.concatenate([h, ngram_hashes(h, 2)]) % np.uint64(dim), return_counts=True)
+        v = np.log1p(c)
+        rows.append(np.full(len(f), i))
+        ids.append(f.astype(np.int64))
+        vals.append(v / max(np.linalg.norm(v), 1e-9))
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return cat(rows, np.int64), cat(ids, np.int64), cat(vals, np.float64)
+
+
+class QualityClassifier:
+    """fastText-style linear classifier (Joulin et al. 2016), what Llama 3 used for quality: a bag of hashed
+    word n-grams -> one logit, p(good) = sigmoid(w . x + b). Logistic regression, trained in numpy."""
+
+    def __init__(self, dim=1 << 20):
+        self.w, self.b = np.zeros(dim), 0.0
+
+    def logits(self, texts):
+        rows, ids, vals = ngram_features(texts, len(self.w))
+        return np.bincount(rows, weights=self.w[ids] * vals, minlength=len(texts)) + self.b  # (N,) sparse X @ w
+
+    def fit(self, texts, labels, steps=300, lr=4.0, l2=1e-4):
+        """Full-batch gradient descent on the mean logistic loss + l2 |w|^2; labels 1 = good, 0 = junk.
+        Rows have unit norm, so the loss is 1/4-smooth and lr = 4 < 2 / (1/4) is stable."""
+        rows, ids, vals = ngram_features(texts, len(self.w))
+        used, ids = np.unique(ids, return_inverse=True)  # train only the features present: w[used]
+        w, b, y, n = np.zeros(len(used)), 0.0, np.asarray(labels, dtype=np.float64), len(texts)
+        for _ in range(steps):
+            z = np.bincount(rows, weights=w[ids] * vals, minlength=n) + b
+            err = (1 / (1 + np.exp(-z)) - y) / n                  # d loss / d logit, per document
+            w -= lr * (np.bincount(ids, weights=err[rows] * vals, minlength=len(used)) + 2 * l2 * w)
+            b -= lr * err.sum()
+        self.w[:] = 0
+        self.w[used], self.b = w, b
+        return self
+
+    def score(self, texts):
+        """P(good) for each text."""
+        return 1 / (1 + np.exp(-self.logits(texts)))
+
+
+def checkpoint_labeller(ckpt_dir, max_tokens=1024):
+    """A labeller from a trained checkpoint: score = -(bits per UTF-8 byte) of the text's first max_tokens tokens
+    (CCNet, Wenzek et al. 2019, filtered by a reference LM's perplexity; Llama 3 asked Llama 2 instead)."""
+    from model import load_model
+    from tokenizer import Tokenizer
+    model = load_model(ckpt_dir).eval()
+    tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.model"))
+    max_tokens = min(max_tokens, model.args.max_seq_len) if hasattr(model, "args") else max_tokens
+
+    @torch.no_grad()
+    def label(texts):
+        scores = []
+        for text in texts:
+            ids = tok.encode(text, bos=True)[: max_tokens + 1]
+            if len(ids) < 2:
+                scores.append(-np.inf)
+                continue
+            x = torch.tensor(ids[:-1])[None]  # (1, T)
+            y = torch.tensor(ids[1:])[None]   # (1, T)
+            nats = model(x, y).item() * y.numel()
+            scores.append(-nats / np.log(2) / max(len(tok.decode_bytes(ids[1:])), 1))
+        return np.array(scores)
+    return label
+
+
+def train_quality_filter(texts, labeller, drop=0.1):
+    """Label the sample (the `drop` fraction with the lowest labeller score is junk), fit a classifier on it."""
+    scores = np.asarray(labeller(texts), dtype=np.float64)
+    labels = (scores > np.quantile(scores, drop)).astype(np.float32)
+    return QualityClassifier().fit(texts, labels)
+
+
+# -----------------------------------------------------------------------------
+# 6. Token shards: 64-byte header + little-endian uint32 tokens
+
+MAGIC = b"NLL3TOKS"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIQ32s")  # magic, version, vocab_size, bos_id, n_docs, n_tokens, tokenizer fingerprint
+assert HEADER.size == 64
+
+
+def atomic_write(path, chunks):
+    """Write byte chunks to path.tmp, fsync, rename: a crash leaves the old file or no file, never half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path, tokens, vocab_size, bos_id, fingerprint):
+    tokens = np.asarray(tokens, dtype="<u4")
+    assert len(tokens) and tokens[0] == bos_id, "a shard starts with <|begin_of_text|>"
+    n_docs = int(np.count_nonzero(tokens == bos_id))
+    header = HEADER.pack(MAGIC, VERSION, vocab_size, bos_id, n_docs, len(tokens), fingerprint.encode("ascii"))
+    atomic_write(path, [header, tokens.tobytes()])
+
+
+def read_shard(path):
+    """-> (header dict, np.memmap of uint32 tokens). Refuses foreign, truncated or inconsistent files."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER.size)
+    if len(raw) < HEADER.size or raw[:8] != MAGIC:
+        raise ValueError(f"{path}: not a nanollama3 token shard (bad magic/header)")
+    magic, version, vocab_size, bos_id, n_docs, n_tokens, fp = HEADER.unpack(raw)
+    if version != VERSION:
+        raise ValueError(f"{path}: shard format version {version}, this data.py reads version {VERSION}")
+    if size != HEADER.size + 4 * n_tokens:
+        raise ValueError(f"{path}: truncated or padded: header says {n_tokens} tokens "
+                         f"({HEADER.size + 4 * n_tokens} bytes), file has {size} bytes")
+    tokens = np.memmap(path, dtype="<u4", mode="r", offset=HEADER.size, shape=(n_tokens,))
+    if n_tokens == 0 or tokens[0] != bos_id:
+        raise ValueError(f"{path}: does not start with <|begin_of_text|> (id {bos_id})")
+    header = dict(vocab_size=vocab_size, bos_id=bos_id, n_docs=n_docs, n_tokens=n_tokens,
+                  fingerprint=fp.rstrip(b"\0").decode("ascii"))
+    return header, tokens
+
+
+class ShardWriter:
+    """Collects tokenized documents of one split and writes {split}_NNN.bin of about shard_tokens tokens,
+    cut at document boundaries (so every shard starts with <|begin_of_text|>)."""
+
+    def __init__(self, out_dir, split, shard_tokens, vocab_size, bos_id, fingerprint):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.info = (vocab_size, bos_id, fingerprint)
+        self.buf, self.buffered = [], 0
+        self.shards, self.docs, self.tokens, self.bytes = [], 0, 0, 0
+
+    def add(self, tokens, docs, n_bytes):
+        """tokens: uint32 array of whole documents, each starting with <|begin_of_text|>."""
+        self.docs, self.tokens, self.bytes = self.docs + docs, self.tokens + len(tokens), self.bytes + n_bytes
+        self.buf.append(tokens)
+        self.buffered += len(tokens)
+        while self.buffered >= self.shard_tokens:
+            flat = np.concatenate(self.buf)
+            starts = np.flatnonzero(flat == self.info[1])
+            cut = starts[starts <= self.shard_tokens].max()  # last document start within the budget
+            cut = cut if cut > 0 else (starts[1] if len(starts) > 1 else len(flat))  # one huge document
+            self._write(flat[:cut])
+            self.buf, self.buffered = [flat[cut:]], len(flat) - cut
+            if self.buffered == 0:
+                break
+
+    def _write(self, tokens):
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        write_shard(os.path.join(self.out_dir, name), tokens, *self.info)
+        self.shards.append(name)
+
+    def close(self):
+        if self.buffered:
+            self._write(np.concatenate(self.buf))
+        self.buf, self.buffered = [], 0
+        return dict(docs=self.docs, tokens=self.tokens, bytes=self.bytes, shards=self.shards)
+
+
+# -----------------------------------------------------------------------------
+# 7. Tokenization: chunks of documents -> processes -> tiktoken's threaded batch encoder
+
+_worker_tok = None
+
+
+def _init_worker(tokenizer_path):
+    global _worker_tok
+    from tokenizer import Tokenizer
+    _worker_tok = Tokenizer.load(tokenizer_path)
+
+
+def _encode_chunk(job):
+    """(split, texts) -> (split, uint32 tokens with <|begin_of_text|> before each document, n_docs, n_bytes)."""
+    split, texts = job
+    ids = _worker_tok.encode_batch(texts, bos=True)
+    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.uint32, count=sum(map(len, ids)))
+    return split, flat, len(texts), sum(len(t.encode("utf-8")) for t in texts)
+
+
+def encode_chunks(jobs, tokenizer_path, num_proc):
+    """Map _encode_chunk over jobs in order, in num_proc processes (1: in this process)."""
+    if num_proc <= 1:
+        _init_worker(tokenizer_path)
+        yield from map(_encode_chunk, jobs)
+        return
+    with multiprocessing.get_context().Pool(num_proc, _init_worker, (tokenizer_path,)) as pool:
+        yield from pool.imap(_encode_chunk, jobs)  # ordered: shards are the same for any num_proc
+
+
+# -----------------------------------------------------------------------------
+# 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
+
+def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.01, num_proc=None, shard_tokens=1 << 26,
+                 max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
+                 chunk_bytes=1 << 20, verbose=True):
+    """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
+    If out_dir/meta.json already describes this source, settings and tokenizer, returns it without work.
+    labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
+    builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(tokenizer_path)
+    num_proc = num_proc or min(os.cpu_count() or 1, 8)
+    config = dict(source=source, val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
+                  quality_model=quality_model, quality_drop=quality_drop if (quality_model or labeller) else None,
+                  custom_labeller=labeller is not None)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint() and not labeller:
+            if verbose:
+                print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens)")
+            return meta
+    os.makedirs(out_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(out_dir, "meta.json")) + glob.glob(os.path.join(out_dir, "*_[0-9][0-9][0-9].bin")):
+        os.remove(old)  # another run's shards: stale, and the loader must never mix them in
+    if quality_model and labeller is None:
+        labeller = checkpoint_labeller(quality_model)
+    t0 = time.time()
+    n_read = [0, 0]  # documents, bytes
+    removed = {s: [0, 0] for s in ["empty", "exact duplicate", "near duplicate", "heuristic", "quality"]}
+    seen, minhash = set(), MinHashDedup()
+
+    def drop(step, text):
+        removed[step][0] += 1
+        removed[step][1] += len(text.encode("utf-8"))
+
+    def filtered():
+        """Documents that survive cleaning, dedup and the heuristics, in source order."""
+        for i, text in enumerate(iter_documents(source)):
+            if max_docs is not None and i >= max_docs:
+                break
+            n_read[0] += 1
+            n_read[1] += len(text.encode("utf-8"))
+            text = clean_text(text)
+            if not text.strip():
+                drop("empty", text)
+                continue
+            h = doc_hash(text)
+            if h in seen:
+                drop("exact duplicate", text)
+                continue
+            seen.add(h)
+            if minhash.is_duplicate(text):
+                drop("near duplicate", text)
+                continue
+            reason = heuristic_reject(text)
+            if reason:
+                drop("heuristic", text)
+                continue
+            yield text
+
+    def quality_filtered(docs):
+        """The first quality_sample documents train the classifier, which then scores them and all the rest."""
+        if labeller is None:
+            yield from docs
+            return
+        sample = []
+        for text in docs:
+            sample.append(text)
+            if len(sample) == quality_sample:
+                break
+        clf = train_quality_filter(sample, labeller, quality_drop)
+        batch = sample
+        for text in docs:
+            batch.append(text)
+            if len(batch) >= 256:
+                yield from keep_good(clf, batch)
+                batch = []
+        yield from keep_good(clf, batch)
+
+    def keep_good(clf, batch):
+        for text, p in zip(batch, clf.score(batch) if batch else []):
+            if p >= 0.5:
+                yield text
+            else:
+                drop("quality", text)
+
+    def jobs():
+        """(split, texts) chunks of about chunk_bytes; every round(1/val_fraction)-th document goes to val."""
+        every = round(1 / val_fraction) if val_fraction > 0 else 0
+        bufs, sizes = {"train": [], "val": []}, {"train": 0, "val": 0}
+        for i, text in enumerate(quality_filtered(filtered())):
+            split = "val" if every and i % every == 0 else "train"
+            bufs[split].append(text)
+            sizes[split] += len(text)
+            if sizes[split] >= chunk_bytes:
+                yield split, bufs[split]
+                bufs[split], sizes[split] = [], 0
+        for split in ("train", "val"):
+            if bufs[split]:
+                yield split, bufs[split]
+
+    writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+               for s in ("train", "val")}
+    with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=not verbose) as bar:
+        for split, tokens, docs, n_bytes in encode_chunks(jobs(), tokenizer_path, num_proc):
+            writers[split].add(tokens, docs, n_bytes)
+            bar.update(n_bytes)
+    meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
+                bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
+                read=dict(docs=n_read[0], bytes=n_read[1]),
+                removed={s: dict(docs=d, bytes=b) for s, (d, b) in removed.items()},
+                seconds=round(time.time() - t0, 1))
+    if n_read[0] == 0:
+        raise ValueError(f"source {source!r} has no documents")
+    if meta["train"]["docs"] == 0:
+        raise ValueError(f"source {source!r}: no document survived filtering into the train split "
+                         f"(read {n_read[0]}, removed {meta['removed']})")
+    atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
+    if verbose:
+        print(f"{'step':<16} {'docs removed':>13} {'MB removed':>11}")
+        print(f"{'read':<16} {n_read[0]:>13,} {n_read[1] / 1e6:>11.2f}")
+        for step, r in meta["removed"].items():
+            print(f"{step:<16} {r['docs']:>13,} {r['bytes'] / 1e6:>11.2f}")
+        for s in ("train", "val"):
+            m = meta[s]
+            print(f"{s}: {m['docs']:,} docs, {m['tokens']:,} tokens, {m['bytes'] / 1e6:.2f} MB, "
+                  f"{len(m['shards'])} shard(s)")
+        print(f"data: wrote {out_dir} in {meta['seconds']} s")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# 9. The packed loader
+
+class PackedLoader:
+    """Endless (x, y, doc_ids) batches of (B, T) int64 CPU tensors from out_dir/{split}_NNN.bin (rules: module
+    docstring). Deterministic in (seed, rank, world_size); state_dict() holds the position for exact resume."""
+
+    block = 1 << 20  # windows per shuffle block
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, fingerprint=None):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: run prepare_data / `python data.py` first "
+                                    "(a folder without meta.json is incomplete)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if split not in meta or not meta[split]["shards"]:
+            raise ValueError(f"{data_dir}: no {split!r} shards in meta.json")
+        self.shards = []
+        for name in meta[split]["shards"]:
+            header, tokens = read_shard(os.path.join(data_dir, name))
+            want = fingerprint or meta["fingerprint"]
+            if header["fingerprint"] != want:
+                raise ValueError(f"{os.path.join(data_dir, name)}: made with tokenizer {header['fingerprint']}, "
+                                 f"expected {want}; re-run prepare_data with this tokenizer")
+            self.shards.append(tokens)
+        self.bos_id = header["bos_id"]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
+        self.n_tokens = int(self.starts[-1])
+        self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
+        if self.n_windows < 1:
+            raise ValueError(f"{data_dir}: {split} has {self.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        assert 0 <= rank < world_size
+        self.B, self.T, self.rank, self.world, self.seed = batch_size, seq_len, rank, world_size, seed
+        self.batch = 0  # batches this rank has returned
+        self._cache = {}
+
+    def _perm(self, epoch, blk, n):
+        """The random order of the n windows of block blk in epoch `epoch` (blk=-1: the order of the blocks)."""
+        key = (epoch, blk)
+        if key not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[key] = np.random.default_rng([self.seed, epoch, blk + 1]).permutation(n)
+        return self._cache[key]
+
+    def window(self, g):
+        """Global position g (0, 1, 2, ... over all epochs) -> index of the window to read."""
+        epoch, i = divmod(g, self.n_windows)
+        n_full, rest = divmod(self.n_windows, self.block)
+        b, j = divmod(i, self.block)
+        blk = self._perm(epoch, -1, n_full)[b] if b < n_full else n_full  # the partial block comes last
+        size = self.block if blk < n_full else rest
+        return int(blk * self.block + self._perm(epoch, blk, size)[j])
+
+    def tokens(self, start, stop):
+        """stream[start:stop] across shard boundaries."""
+        out, k = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            end = min(stop, int(self.starts[k + 1]))
+            out.append(self.shards[k][start - self.starts[k]: end - self.starts[k]])
+            start, k = end, k + 1
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        g0 = (self.batch * self.world + self.rank) * B  # this rank's rows of the global batch
+        rows = [self.tokens(w * T, w * T + T + 1) for w in map(self.window, range(g0, g0 + B))]
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        x, y = buf[:, :-1], buf[:, 1:]                            # (B, T) each
+        doc_ids = torch.cumsum(x == self.bos_id, dim=1)           # (B, T): +1 at each <|begin_of_text|>
+        doc_ids -= doc_ids[:, :1].clone()                         # the window's first document is 0
+        self.batch += 1
+        return x, y, doc_ids
+
+    @property
+    def epoch(self):
+        return self.batch * self.world * self.B / self.n_windows
+
+    def state_dict(self):
+        return dict(windows=self.batch * self.world * self.B, seed=self.seed, seq_len=self.T,
+                    n_tokens=self.n_tokens)
+
+    def load_state_dict(self, sd):
+        for k, mine in dict(seed=self.seed, seq_len=self.T, n_tokens=self.n_tokens).items():
+            if sd[k] != mine:
+                raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine}: "
+                                 "not the same data or settings, cannot resume exactly")
+        global_batch = self.world * self.B
+        if sd["windows"] % global_batch:
+            raise ValueError(f"loader state is at window {sd['windows']}, not a multiple of the global batch "
+                             f"{global_batch} (batch_size x world_size): cannot resume exactly")
+        self.batch = sd["windows"] // global_batch
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="text sources -> clean/dedup/filter -> token shards")
+    p.add_argument("--source", default="stdlib", help="stdlib | PATH (file or folder) | hf:NAME[:CONFIG]")
+    p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for eval")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (2^26 = 256 MB)")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--quality-model", default=None, help="checkpoint dir: label by its bits/byte, filter")
+    p.add_argument("--quality-drop", type=float, default=0.1, help="share of the labelled sample called junk")
+    a = p.parse_args()
+    prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
+                 shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
+                 quality_drop=a.quality_drop)

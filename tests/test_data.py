@@ -1,0 +1,354 @@
+"""Tests for data.py: sources, cleaning, dedup, filters, shards, the packed loader, prepare_data end to end.
+Hermetic: every corpus, tokenizer and shard is made here in tmp_path. Run: python -m pytest -q tests/test_data.py"""
+import ast
+import gzip
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from tokenizer import Tokenizer, stdlib_sources
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has had "
+         "not first one their its new after who they two have but been other when during time into all can more "
+         "city river house music state world year school people number name part team film game water land song "
+         "king war church book line small large north south early later known called used made found played "
+         "built became").split()
+
+
+def prose(rng, n_words):
+    """Random English-looking text: sentences of real words."""
+    words = rng.choice(WORDS, n_words)
+    sentences = [" ".join(words[i:i + 12]).capitalize() + "." for i in range(0, n_words, 12)]
+    return " ".join(sentences)
+
+
+# ----------------------------------------------------------------------------- sources and cleaning
+
+def test_clean_text():
+    assert data.clean_text("Cafe\u0301  \r\n\r\n\r\n\r\n\r\nx\x00\ufeff\t \n") == "Caf\u00e9\n\n\nx"
+    assert data.clean_text("\n\n  indented code\n    more  \n\n") == "  indented code\n    more"
+
+
+def test_jsonl_bad_lines(tmp_path, capsys):
+    good = tmp_path / "a.jsonl.gz"
+    with gzip.open(good, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"id": 7}) + "\n" + json.dumps(["x"]) + "\n"
+                + json.dumps({"text": "two"}) + "\n")
+    assert list(data.iter_documents(str(good))) == ["one", "two"]
+    err = capsys.readouterr().err
+    assert "a.jsonl.gz: skipped 2 line(s)" in err and "first at line 3" in err
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + '{"text": "cut off')
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: not valid JSON"):
+        list(data.iter_documents(str(bad)))
+
+
+def test_folder_source(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee")
+    (tmp_path / "a.md").write_text("# a")
+    (tmp_path / "sub" / "c.jsonl").write_text('{"text": "c1"}\n{"text": "c2"}\n')
+    (tmp_path / "notes.csv").write_text("ignored")
+    assert list(data.iter_documents(str(tmp_path))) == ["# a", "bee", "c1", "c2"]  # sorted paths
+    (tmp_path / "z.txt").write_bytes(b"\xff\xfe latin-1?")
+    with pytest.raises(ValueError, match=r"z\.txt: not UTF-8"):
+        list(data.iter_documents(str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list(data.iter_documents(str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .txt"):
+        list(data.iter_documents(str(tmp_path / "empty")))
+
+
+def test_stdlib_documents_add_docstrings():
+    path, code = next(stdlib_sources())
+    docs = list(itertools.islice(data.stdlib_documents(), 2))
+    assert docs[0] == code  # the module's source, then its docstrings as an English document
+    assert ast.get_docstring(ast.parse(code)) in docs[1] and "def " not in docs[1]
+
+
+# ----------------------------------------------------------------------------- dedup and filters
+
+def test_minhash_dedup_planted():
+    rng = np.random.default_rng(0)
+    originals = [prose(rng, 400) for _ in range(30)]
+    near = []
+    for text in originals[:10]:  # change 1 word in 100: Jaccard of 5-gram shingles about 0.9
+        words = text.split(" ")
+        for j in rng.choice(len(words), len(words) // 100, replace=False):
+            words[j] = "zebra"
+        near.append(" ".join(words))
+    dedup = data.MinHashDedup()
+    assert not any(dedup.is_duplicate(t) for t in originals)  # distinct documents all kept
+    assert all(dedup.is_duplicate(t) for t in near)            # planted near-duplicates all caught
+    # the signature estimates Jaccard: about 0.9 for the near pairs, about 0 for distinct documents
+    sims = [np.mean(dedup.signature(a) == dedup.signature(b)) for a, b in zip(originals, near)]
+    assert min(sims) > 0.8
+    assert np.mean(dedup.signature(originals[0]) == dedup.signature(originals[1])) < 0.1
+
+
+def test_heuristic_filters():
+    rng = np.random.default_rng(0)
+    assert data.heuristic_reject(prose(rng, 100)) is None
+    code = "def f(x):\n    '''Add one.'''\n    return x + 1\n\n\nclass A:\n    pass\n" * 3
+    assert data.heuristic_reject(code) is None  # short repeated lines like "pass" are fine
+    assert data.heuristic_reject("too short") == "too short"
+    assert data.heuristic_reject("0123 4567 8901 2345 " * 20) == "few letters"
+    assert data.heuristic_reject("<<>>{{}}##!! abcdef " * 20) == "many symbols"
+    spam = prose(rng, 30) + "\n" + "Click here to buy cheap watches now!\n" * 20
+    assert data.heuristic_reject(spam) == "repeated lines"
+
+
+def junk(rng, n_words):
+    """Keyword spam and random strings: what a quality filter should drop."""
+    spam = "buy cheap casino bonus click free win viagra deal offer now lol xxx".split()
+    return " ".join(rng.choice(spam) if rng.random() < 0.6 else
+                    "".join(rng.choice(list("qxzjkvw0123456789"), 7)) for _ in range(n_words))
+
+
+def test_quality_classifier_separates_planted_sets():
+    rng = np.random.default_rng(0)
+    good = [prose(rng, 80) for _ in range(120)]
+    bad = [junk(rng, 80) for _ in range(120)]
+    vocab = set(WORDS)
+
+    def labeller(texts):  # stands in for an LM's bits per byte: share of known words
+        return [np.mean([w.strip(".").lower() in vocab for w in t.split()]) for t in texts]
+
+    texts = good[:60] + bad[:60]
+    clf = data.train_quality_filter(texts, labeller, drop=0.5)
+    p_good, p_bad = clf.score(good[60:]), clf.score(bad[60:])  # held-out documents
+    assert (p_good >= 0.5).all() and (p_bad < 0.5).all()
+    assert p_good.min() > p_bad.max()
+
+
+# ----------------------------------------------------------------------------- shards and the loader
+
+BOS = 0
+
+
+def synthetic_stream(n_docs, rng):
+    """Token = stream position + 1, except <|begin_of_text|> = 0 at each document start: every window
+    tells where it was cut from."""
+    lengths = rng.integers(1, 40, n_docs)
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    tokens = np.arange(1, starts[-1] + lengths[-1] + 2, dtype=np.uint32)
+    tokens[starts] = BOS
+    return tokens, starts
+
+
+def write_split(out_dir, split, tokens, shard_tokens, fingerprint="f00d"):
+    """Write a stream as shards + meta.json with data.ShardWriter, as prepare_data does."""
+    w = data.ShardWriter(str(out_dir), split, shard_tokens, 1 << 31, BOS, fingerprint)
+    w.add(tokens, int((tokens == BOS).sum()), 0)
+    meta = {"fingerprint": fingerprint, split: w.close()}
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+@pytest.fixture
+def stream(tmp_path):
+    tokens, starts = synthetic_stream(300, np.random.default_rng(1))
+    meta = write_split(tmp_path, "train", tokens, shard_tokens=1000)
+    assert len(meta["train"]["shards"]) > 3
+    return tmp_path, tokens, starts
+
+
+def window_start(x_row):
+    """Stream position of a synthetic window's first token."""
+    k = int(np.flatnonzero(x_row != BOS)[0])
+    return int(x_row[k]) - 1 - k
+
+
+def test_shard_roundtrip_and_bad_files(tmp_path):
+    toks = np.array([BOS, 5, 6, BOS, 7], dtype=np.uint32)
+    path = str(tmp_path / "s.bin")
+    data.write_shard(path, toks, 100, BOS, "abc")
+    header, mm = data.read_shard(path)
+    assert header == dict(vocab_size=100, bos_id=BOS, n_docs=2, n_tokens=5, fingerprint="abc")
+    np.testing.assert_array_equal(mm, toks)
+    raw = open(path, "rb").read()
+    (tmp_path / "cut.bin").write_bytes(raw[:-3])
+    with pytest.raises(ValueError, match=r"cut\.bin: truncated"):
+        data.read_shard(str(tmp_path / "cut.bin"))
+    (tmp_path / "foreign.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    with pytest.raises(ValueError, match=r"foreign\.bin: not a nanollama3 token shard"):
+        data.read_shard(str(tmp_path / "foreign.bin"))
+    (tmp_path / "v9.bin").write_bytes(raw[:8] + (9).to_bytes(4, "little") + raw[12:])
+    with pytest.raises(ValueError, match="version 9"):
+        data.read_shard(str(tmp_path / "v9.bin"))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic write leaves no temp file
+
+
+def test_loader_refuses_other_tokenizer_and_missing_meta(stream, tmp_path_factory):
+    out, tokens, _ = stream
+    data.PackedLoader(str(out), "train", 2, 16, fingerprint="f00d")
+    with pytest.raises(ValueError, match=r"train_000\.bin: made with tokenizer f00d, expected beef"):
+        data.PackedLoader(str(out), "train", 2, 16, fingerprint="beef")
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        data.PackedLoader(str(tmp_path_factory.mktemp("empty")), "train", 2, 16)
+    os.truncate(out / "train_001.bin", 100)
+    with pytest.raises(ValueError, match=r"train_001\.bin: truncated"):
+        data.PackedLoader(str(out), "train", 2, 16)
+
+
+def test_windows_and_doc_ids(stream):
+    out, tokens, starts = stream
+    T = 32
+    loader = data.PackedLoader(str(out), "train", 4, T)
+    doc_of = np.searchsorted(starts, np.arange(len(tokens)), side="right") - 1  # reference: doc of each position
+    shard_ends = set(np.cumsum([len(s) for s in loader.shards]).tolist())
+    straddles = 0
+    for _ in range(20):
+        x, y, doc_ids = loader.next_batch()
+        assert x.shape == y.shape == doc_ids.shape == (4, T) and x.dtype == y.dtype == doc_ids.dtype == torch.int64
+        for r in range(4):
+            p = window_start(x[r].numpy())
+            assert p % T == 0
+            np.testing.assert_array_equal(x[r].numpy(), tokens[p:p + T])
+            np.testing.assert_array_equal(y[r].numpy(), tokens[p + 1:p + T + 1])  # y at a boundary: BOS
+            # doc_ids: same id <=> same document, and a new id exactly at each <|begin_of_text|>
+            np.testing.assert_array_equal(doc_ids[r].numpy(), doc_of[p:p + T] - doc_of[p])
+            straddles += any(p < e < p + T for e in shard_ends)
+    assert straddles > 0  # windows are packed across shard boundaries
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_token_once_per_epoch_across_ranks(stream, world_size):
+    out, tokens, _ = stream
+    B, T = 3, 16
+    n_windows = (len(tokens) - 1) // T
+    loaders = [data.PackedLoader(str(out), "train", B, T, rank, world_size, seed=5) for rank in range(world_size)]
+    for ld in loaders:
+        ld.block = 7  # several shuffle blocks and a partial one, as on a large data set
+    seen = []
+    for b in range(-(-n_windows // (B * world_size))):
+        for rank, ld in enumerate(loaders):
+            x, _, _ = ld.next_batch()
+            for i in range(B):
+                if (b * world_size + rank) * B + i < n_windows:  # rows of the next epoch are left out
+                    seen.append(window_start(x[i].numpy()))
+    assert sorted(seen) == [w * T for w in range(n_windows)]  # each window once: every token once as input
+    assert seen != sorted(seen)                               # and shuffled
+    if world_size == 1:  # every token but the last < T + 1 is in some window
+        assert n_windows * T >= len(tokens) - T - 1
+
+
+def test_loader_determinism_and_epochs(stream):
+    out, tokens, _ = stream
+    n_windows = (len(tokens) - 1) // 8
+
+    def order(seed, n):
+        ld = data.PackedLoader(str(out), "train", 1, 8, seed=seed)
+        return [window_start(ld.next_batch()[0][0].numpy()) for _ in range(n)]
+    a = order(0, 2 * n_windows)
+    assert a == order(0, 2 * n_windows)
+    assert a[:n_windows] != order(1, n_windows)  # another seed, another order
+    assert a[:n_windows] != a[n_windows:] and sorted(a[:n_windows]) == sorted(a[n_windows:])  # reshuffled epoch
+
+
+def test_resume_exact(stream):
+    out, _, _ = stream
+    ref = data.PackedLoader(str(out), "train", 2, 16, rank=1, world_size=2, seed=3)
+    for _ in range(7):
+        ref.next_batch()
+    sd = ref.state_dict()
+    expected = [ref.next_batch() for _ in range(30)]  # crosses into the next epoch
+    resumed = data.PackedLoader(str(out), "train", 2, 16, rank=1, world_size=2, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(sd)))  # the state survives a JSON / checkpoint round trip
+    for want in expected:
+        for a, b in zip(want, resumed.next_batch()):
+            assert torch.equal(a, b)
+    # the same global batch on one rank with twice the rows continues the same global order
+    single = data.PackedLoader(str(out), "train", 4, 16, seed=3)
+    single.load_state_dict(sd)
+    x, _, _ = single.next_batch()
+    assert torch.equal(x[2:], expected[0][0])
+    with pytest.raises(ValueError, match="seq_len"):
+        data.PackedLoader(str(out), "train", 2, 32, seed=3).load_state_dict(sd)
+    with pytest.raises(ValueError, match="global batch"):
+        data.PackedLoader(str(out), "train", 3, 16, seed=3).load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------- prepare_data end to end
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of documents with planted duplicates and junk, and a tokenizer trained on it."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    docs = [prose(rng, int(rng.integers(30, 300))) for _ in range(150)]
+    docs[10] = "Caf\u0065\u0301 au lait, " + docs[10]          # NFC normalisation changes it
+    planted = [docs[3], docs[4] + "\n", "tiny", "$$$ %%% ^^^ &&& " * 10]  # exact dup, dup after cleaning, junk
+    with open(root / "docs.jsonl", "w") as f:
+        for d in docs + planted:
+            f.write(json.dumps({"text": d}) + "\n")
+    tok_path = str(root / "tok.model")
+    Tokenizer.train(docs, 256 + 256 + 64).save(tok_path)
+    return root, docs, tok_path
+
+
+def read_docs(out_dir, split, tok):
+    """Decode a split's shards back into documents (split at <|begin_of_text|>)."""
+    meta = json.loads(open(os.path.join(out_dir, "meta.json")).read())
+    stream = np.concatenate([data.read_shard(os.path.join(out_dir, s))[1] for s in meta[split]["shards"]])
+    starts = list(np.flatnonzero(stream == tok.bos_id)) + [len(stream)]
+    return [tok.decode(stream[a + 1:b].tolist()) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
+    root, docs, tok_path = corpus
+    tok = Tokenizer.load(tok_path)
+    out = str(tmp_path / "shards")
+    meta = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000)
+    printed = capsys.readouterr().out
+    assert "exact duplicate" in printed and "heuristic" in printed
+    assert meta["removed"]["exact duplicate"]["docs"] == 2 and meta["removed"]["heuristic"]["docs"] == 2
+    cleaned = [data.clean_text(d) for d in docs]
+    val, train = read_docs(out, "val", tok), read_docs(out, "train", tok)
+    assert val == cleaned[::10] and train == [d for i, d in enumerate(cleaned) if i % 10]  # split by document
+    assert "Caf\u00e9 au lait" in cleaned[10]
+    for split, got in (("train", train), ("val", val)):
+        m = meta[split]
+        assert m["docs"] == len(got) and m["bytes"] == sum(len(d.encode()) for d in got)
+        assert m["tokens"] == sum(len(tok.encode(d)) + 1 for d in got)
+    assert len(meta["train"]["shards"]) > 1 and meta["fingerprint"] == tok.fingerprint()
+    # cached: the same call does no work; other settings rebuild and leave no stale shard behind
+    mtime = os.path.getmtime(os.path.join(out, "meta.json"))
+    assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000) == meta
+    assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+    meta2 = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=2)
+    assert len(meta2["train"]["shards"]) == 1 and sorted(os.listdir(out)) == ["meta.json", "train_000.bin", "val_000.bin"]
+    assert read_docs(out, "train", tok) == train  # 2 processes: the same tokens
+    loader = data.PackedLoader(out, "val", 2, 8, fingerprint=tok.fingerprint())
+    x, y, doc_ids = loader.next_batch()
+    assert (x < tok.n_words).all()
+
+
+def test_prepare_data_quality_filter_and_empty(corpus, tmp_path):
+    root, docs, tok_path = corpus
+    rng = np.random.default_rng(1)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    names = rng.permutation(150)  # good and junk interleaved: the first documents are the labelled sample
+    for i, d in zip(names, docs[:100] + [junk(rng, 60) for _ in range(50)]):
+        (mixed / f"{i:03d}.txt").write_text(d)
+    vocab = set(WORDS)
+
+    def labeller(texts):
+        return [np.mean([w.strip(".").lower() in vocab for w in t.split()]) for t in texts]
+
+    meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
+                             labeller=labeller, quality_sample=60, quality_drop=0.3, verbose=False)
+    assert meta["removed"]["quality"]["docs"] == 50 and meta["train"]["docs"] == 100
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no documents"):
+        data.prepare_data(str(empty), tok_path, str(tmp_path / "e"), verbose=False)
