@@ -181,13 +181,13 @@ def count_chunks(texts, pattern=LLAMA3_PATTERN, processes=None, batch_chars=2_00
     batches = _batches(texts, batch_chars)
     head = list(itertools.islice(batches, 2))
     counts = Counter()
-    if len(head) < 2 or processes == 1:  # a single batch: not worth starting processes
+    # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
+    # train.py have no `if __name__ == "__main__"` guard. No fork (Windows): count in this process.
+    if len(head) < 2 or processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
         for batch in itertools.chain(head, batches):
             counts.update(_count_chunks((pattern, batch)))
     else:
-        # fork (Linux) starts workers without re-importing the caller's script; spawn elsewhere
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(processes or os.cpu_count()) as pool:
+        with multiprocessing.get_context("fork").Pool(processes or os.cpu_count()) as pool:
             jobs = ((pattern, batch) for batch in itertools.chain(head, batches))
             for part in pool.imap_unordered(_count_chunks, jobs):
                 counts.update(part)  # a sum: the order the parts come back in does not matter
@@ -217,7 +217,8 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
     vocab = [bytes([b]) for b in range(256)]
     token_id = {tok: i for i, tok in enumerate(vocab)}
     merges = []
-    bar = tqdm(total=n_tokens - len(vocab), desc="bpe merges", unit="tok", disable=not verbose)
+    bar = tqdm(total=n_tokens - len(vocab), desc="bpe merges", unit="tok",
+               disable=None if verbose is None else not verbose)  # None: only on a terminal
     while len(vocab) < n_tokens and heap:
         neg, pair = heapq.heappop(heap)
         n = pair_counts.get(pair, 0)
@@ -351,9 +352,9 @@ class Tokenizer:
         self.stop_ids = {self.eos_id, self.eot_id}  # generation ends at either
 
     @classmethod
-    def train(cls, texts, vocab_size, pattern=LLAMA3_PATTERN, processes=None, verbose=False):
+    def train(cls, texts, vocab_size, pattern=LLAMA3_PATTERN, processes=None, verbose=None):
         """Learn a BPE vocabulary of vocab_size tokens in all (the 256 special tokens included, like
-        Meta's 128256) from an iterable of strings."""
+        Meta's 128256) from an iterable of strings. verbose: progress bar (None: only on a terminal)."""
         n_tokens = vocab_size - N_SPECIAL
         if n_tokens < 256:
             raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and "

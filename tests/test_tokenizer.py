@@ -239,6 +239,12 @@ def test_empty_corpus():
             Tokenizer.train(texts, 1000)
 
 
+def test_small_corpus_stops_early_and_says_so(capsys):
+    tok = Tokenizer.train(["abab"], 256 + 10 + N_SPECIAL)  # only "ab", then "abab" can be merged
+    assert len(tok.ranks) == 258 and tok.n_words == 258 + N_SPECIAL and tok.encode("abab") == [257]
+    assert "ran out of pairs to merge at 258 tokens" in capsys.readouterr().err
+
+
 def test_vocab_size_too_small():
     with pytest.raises(ValueError, match="at least 512"):
         Tokenizer.train(["hello"], 511)
