@@ -385,9 +385,10 @@ class Tokenizer:
                 except ValueError:
                     raise ValueError(f"{path}:{lineno}: malformed line {line[:60]!r}: "
                                      f"expected 'base64(token bytes) rank'") from None
-                if token in ranks or rank in seen or rank < 0:
-                    raise ValueError(f"{path}:{lineno}: token {token!r} rank {rank} is a duplicate"
-                                     + (f" of line {seen[rank]}" if rank in seen else "") + " or negative")
+                if rank < 0 or rank in seen or token in ranks:
+                    why = ("a negative rank" if rank < 0 else f"rank {rank} is also on line {seen[rank]}"
+                           if rank in seen else f"token {token!r} is also on line {seen[ranks[token]]}")
+                    raise ValueError(f"{path}:{lineno}: {why}")
                 ranks[token], seen[rank] = rank, lineno
         if not ranks:
             raise ValueError(f"{path}: no tokens in the file")

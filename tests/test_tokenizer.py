@@ -266,8 +266,9 @@ def test_non_utf8_files_are_replaced_and_reported(tmp_path, capsys):
     ([b"IQ== 0", b"Ig== 1", b"not-base64! 2"], ":3:", "malformed"),
     ([b"IQ== 0", b"Ig== x"], ":2:", "malformed"),
     ([b"IQ== 0", b"Ig== 1 extra"], ":2:", "malformed"),
-    ([b"IQ== 0", b"Ig== 0"], ":2:", "duplicate of line 1"),
-    ([b"IQ== 0", b"IQ== 1"], ":2:", "duplicate"),
+    ([b"IQ== 0", b"Ig== 0"], ":2:", "rank 0 is also on line 1"),
+    ([b"IQ== 0", b"", b"IQ== 1"], ":3:", "token b'!' is also on line 1"),
+    ([b"IQ== 0", b"Ig== -1"], ":2:", "negative rank"),
     ([b"IQ== 0", b"Ig== 2"], "", "rank 1 is missing"),
     ([], "", "no tokens"),
 ])
