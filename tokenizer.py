@@ -201,9 +201,9 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
 
     State: words[w] is distinct chunk w as a list of token ids and freq[w] its count; pair_counts[p] the
     weighted count of pair p over all chunks; where[p] the chunks that contain (or once contained) p;
-    a heap of (-count, pair). Counts of existing pairs only go down when something merges, and every
-    pair whose count goes up is pushed again, so a popped entry is either current (take it) or too high
-    (push the current count back and pop again) -- "lazy invalidation", no decrease-key needed."""
+    a heap of (-count, pair). A merge only lowers the counts of existing pairs, and the new pairs it
+    makes are pushed with their counts, so a popped entry is either current (take it) or too high (push
+    the current count back, pop again) -- "lazy invalidation", no decrease-key needed."""
     words = [list(chunk) for chunk in chunk_counts]
     freq = list(chunk_counts.values())
     pair_counts, where = defaultdict(int), defaultdict(set)
@@ -233,11 +233,11 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
             bar.update()
         merges.append((pair, idx))
 
-        # Re-merge only the chunks that contain the pair, left to right like merge(), and note how the
-        # counts of the neighbouring pairs change: for "x a b y" -> "x X y", pairs (x,a), (a,b), (b,y) lose
-        # the chunk's count f and (x,X), (X,y) gain it. In a run "a b a b" -> "X X" the pair between the
-        # two occurrences, (b,a), becomes (X,X) once: the left side of the second occurrence handles it.
-        delta = defaultdict(int)
+        # Re-merge only the chunks that contain the pair, left to right like merge(), and update the counts
+        # of the neighbouring pairs: for "x a b y" -> "x X y", pairs (x,a), (a,b), (b,y) lose the chunk's
+        # count f and (x,X), (X,y) gain it. In a run "a b a b" -> "X X" the pair between the two
+        # occurrences, (b,a), becomes (X,X) once: the left side of the second occurrence handles it.
+        grown = set()
         a, b = pair
         for w in where.pop(pair):
             word, f = words[w], freq[w]
@@ -246,28 +246,27 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
             out, i, n = [], 0, len(word)
             while i < n:
                 if word[i] == a and i + 1 < n and word[i + 1] == b:
-                    delta[pair] -= f
                     if out:  # left neighbour
-                        delta[word[i - 1], a] -= f
-                        delta[out[-1], idx] += f
-                        where[out[-1], idx].add(w)
+                        pair_counts[word[i - 1], a] -= f
+                        p = (out[-1], idx)
+                        pair_counts[p] += f
+                        where[p].add(w)
+                        grown.add(p)
                     if i + 2 < n and not (word[i + 2] == a and i + 3 < n and word[i + 3] == b):
-                        delta[b, word[i + 2]] -= f  # right neighbour, unless it is merged next
-                        delta[idx, word[i + 2]] += f
-                        where[idx, word[i + 2]].add(w)
+                        pair_counts[b, word[i + 2]] -= f  # right neighbour, unless it is merged next
+                        p = (idx, word[i + 2])
+                        pair_counts[p] += f
+                        where[p].add(w)
+                        grown.add(p)
                     out.append(idx)
                     i += 2
                 else:
                     out.append(word[i])
                     i += 1
             words[w] = out
-        for p, d in delta.items():
-            if d:
-                pair_counts[p] += d
-                if d > 0:
-                    heapq.heappush(heap, (-pair_counts[p], p))
-                elif pair_counts[p] == 0:
-                    del pair_counts[p]
+        del pair_counts[pair]  # every occurrence is gone
+        for p in grown:  # the new pairs (x, X), (X, y): push their counts
+            heapq.heappush(heap, (-pair_counts[p], p))
     bar.close()
     return merges, vocab
 
