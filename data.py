@@ -44,18 +44,22 @@ Run it
 train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.py` needs none of this by hand.
 """
 import argparse
+import ast
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import re
 import struct
 import sys
+import sysconfig
 import time
 import unicodedata
 import zlib
+from collections import Counter
 
 import numpy as np
 import torch
@@ -65,24 +69,33 @@ from tqdm import tqdm
 # 1. Sources: every function yields documents as str
 
 
+def docstrings(node, name):
+    """(qualified name, docstring) of a module, class or function and of those defined in its body, depth
+    first (a function defined inside an `if` or `try` block is not visited)."""
+    doc = ast.get_docstring(node)
+    if doc:
+        yield name, doc
+    for child in node.body:
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from docstrings(child, f"{name}.{child.name}")
+
+
 def stdlib_documents():
-    """The default corpus: each standard-library module as code, then its docstrings as an English document,
-    then pydoc's topic pages (the language reference text behind help('if'))."""
-    import ast
+    """The default corpus: each standard-library module as code, then (except for test modules, whose
+    docstrings are one-liners) its docstrings as an English document, then pydoc's topic pages (the language
+    reference text behind help('if'))."""
     from tokenizer import stdlib_sources
+    root = sysconfig.get_paths()["stdlib"]
     for path, text in stdlib_sources():
         yield text
+        if re.search(r"[/\\](tests?|idle_test)[/\\]", path):
+            continue
         try:
             tree = ast.parse(text)
-        except (SyntaxError, ValueError):  # a few test files are deliberately broken Python
+        except (SyntaxError, ValueError):  # a few files are deliberately broken Python
             continue
-        parts = []
-        for node in ast.walk(tree):  # module first, then classes and functions in breadth-first order
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    name = getattr(node, "name", os.path.basename(path))
-                    parts.append(f"{name}\n\n{doc}")
+        module = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, ".")
+        parts = [f"{name}\n\n{doc}" for name, doc in docstrings(tree, module)]
         if parts:
             yield "\n\n\n".join(parts)
     from pydoc_data.topics import topics
@@ -245,9 +258,8 @@ class MinHashDedup:
             sig = np.minimum(sig, ((s * self.a + self.b) >> np.uint64(32)).min(axis=0))
         return sig.astype(np.uint32)
 
-    def is_duplicate(self, text):
-        """True if text is a near-duplicate of a document seen before; otherwise remember it."""
-        sig = self.signature(text)
+    def is_duplicate(self, sig):
+        """True if the document with signature sig is a near-duplicate of one seen before; else remember it."""
         keys = [(i, sig[i * self.rows:(i + 1) * self.rows].tobytes()) for i in range(self.bands)]
         for key in keys:
             j = self.buckets.get(key)
@@ -286,12 +298,8 @@ def heuristic_reject(text):
     if n - len(SYMBOL.sub("", text)) > MAX_SYMBOL * n:
         return "many symbols"
     # repeated lines (logging spam, boilerplate); short lines like "    pass" or "}" may repeat
-    counts = {}
-    for line in text.split("\n"):
-        line = line.strip()
-        if len(line) > 10:
-            counts[line] = counts.get(line, 0) + 1
-    if sum(len(line) * c for line, c in counts.items() if c > 1) > MAX_DUP_LINE_CHARS * n:
+    counts = Counter(map(str.strip, text.split("\n")))
+    if sum(len(line) * c for line, c in counts.items() if c > 1 and len(line) > 10) > MAX_DUP_LINE_CHARS * n:
         return "repeated lines"
     return None
 
@@ -464,45 +472,63 @@ class ShardWriter:
 
 
 # -----------------------------------------------------------------------------
-# 7. Tokenization: chunks of documents -> processes -> tiktoken's threaded batch encoder
+# 7. Parallel work: clean + filter features, and tokenization, run in worker processes on chunks of
+#    documents; the decisions that need to see every document (dedup, the split) stay in the main process.
 
-_worker_tok = None
+_worker = {}
 
 
 def _init_worker(tokenizer_path):
-    global _worker_tok
     from tokenizer import Tokenizer
-    _worker_tok = Tokenizer.load(tokenizer_path)
+    _worker["tok"] = Tokenizer.load(tokenizer_path)
+    _worker["minhash"] = MinHashDedup()  # same seed everywhere: the same hash functions in every process
+
+
+def _clean_chunk(texts):
+    """Raw documents -> [(clean text, heuristic rule broken or None, exact hash, MinHash signature)]."""
+    out = []
+    for text in texts:
+        text = clean_text(text)
+        if not text.strip():
+            out.append((text, "empty", None, None))
+        else:
+            out.append((text, heuristic_reject(text), doc_hash(text), _worker["minhash"].signature(text)))
+    return out
 
 
 def _encode_chunk(job):
     """(split, texts) -> (split, uint32 tokens with <|begin_of_text|> before each document, n_docs, n_bytes)."""
     split, texts = job
-    ids = _worker_tok.encode_batch(texts, bos=True)
-    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.uint32, count=sum(map(len, ids)))
+    ids = _worker["tok"].encode_batch(texts, bos=True)  # tiktoken's threaded batch encoder
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=sum(map(len, ids)))
     return split, flat, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def encode_chunks(jobs, tokenizer_path, num_proc):
-    """Map _encode_chunk over jobs in order, in num_proc processes (1: in this process)."""
-    if num_proc <= 1:
-        _init_worker(tokenizer_path)
-        yield from map(_encode_chunk, jobs)
-        return
-    with multiprocessing.get_context().Pool(num_proc, _init_worker, (tokenizer_path,)) as pool:
-        yield from pool.imap(_encode_chunk, jobs)  # ordered: shards are the same for any num_proc
+def chunks(texts, chunk_bytes):
+    """Group an iterable of strings into lists of about chunk_bytes characters."""
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.01, num_proc=None, shard_tokens=1 << 26,
+def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
                  chunk_bytes=1 << 20, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
     If out_dir/meta.json already describes this source, settings and tokenizer, returns it without work.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
-    builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter."""
+    builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
+    num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
+    for any num_proc."""
     from tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
@@ -510,10 +536,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.01, num_proc=No
                   quality_model=quality_model, quality_drop=quality_drop if (quality_model or labeller) else None,
                   custom_labeller=labeller is not None)
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
+    if os.path.exists(meta_path) and labeller is None:
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint() and not labeller:
+        if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
             if verbose:
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens)")
             return meta
@@ -523,105 +549,111 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.01, num_proc=No
     if quality_model and labeller is None:
         labeller = checkpoint_labeller(quality_model)
     t0 = time.time()
-    n_read = [0, 0]  # documents, bytes
+    read = [0, 0]  # documents, bytes
     removed = {s: [0, 0] for s in ["empty", "exact duplicate", "near duplicate", "heuristic", "quality"]}
-    seen, minhash = set(), MinHashDedup()
+    seen, minhash, clf = set(), MinHashDedup(), None
+    pending = []          # documents waiting for the quality classifier to be trained on them
+    every = round(1 / val_fraction) if val_fraction > 0 else 0
+    n_kept = 0            # documents kept so far: the split counts them
+    writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+               for s in ("train", "val")}
 
     def drop(step, text):
         removed[step][0] += 1
         removed[step][1] += len(text.encode("utf-8"))
 
-    def filtered():
-        """Documents that survive cleaning, dedup and the heuristics, in source order."""
-        for i, text in enumerate(iter_documents(source)):
-            if max_docs is not None and i >= max_docs:
-                break
-            n_read[0] += 1
-            n_read[1] += len(text.encode("utf-8"))
-            text = clean_text(text)
-            if not text.strip():
+    def dedup_and_filter(features):
+        """The sequential decisions, in this order: empty, exact duplicate, near duplicate, heuristic."""
+        for text, rule, h, sig in features:
+            if rule == "empty":
                 drop("empty", text)
                 continue
-            h = doc_hash(text)
             if h in seen:
                 drop("exact duplicate", text)
                 continue
             seen.add(h)
-            if minhash.is_duplicate(text):
+            if minhash.is_duplicate(sig):
                 drop("near duplicate", text)
-                continue
-            reason = heuristic_reject(text)
-            if reason:
+            elif rule:
                 drop("heuristic", text)
-                continue
-            yield text
-
-    def quality_filtered(docs):
-        """The first quality_sample documents train the classifier, which then scores them and all the rest."""
-        if labeller is None:
-            yield from docs
-            return
-        sample = []
-        for text in docs:
-            sample.append(text)
-            if len(sample) == quality_sample:
-                break
-        clf = train_quality_filter(sample, labeller, quality_drop)
-        batch = sample
-        for text in docs:
-            batch.append(text)
-            if len(batch) >= 256:
-                yield from keep_good(clf, batch)
-                batch = []
-        yield from keep_good(clf, batch)
-
-    def keep_good(clf, batch):
-        for text, p in zip(batch, clf.score(batch) if batch else []):
-            if p >= 0.5:
-                yield text
             else:
+                yield text
+
+    def quality_filter(texts, final):
+        """No labeller: all pass. Else the first quality_sample documents train the classifier (Llama 3's
+        model-based filter), which then scores them and every later document; p(good) < 0.5 is dropped."""
+        nonlocal clf, pending
+        if labeller is None:
+            return texts
+        if clf is None:
+            pending += texts
+            if (len(pending) < quality_sample and not final) or not pending:
+                return []
+            clf = train_quality_filter(pending[:quality_sample], labeller, quality_drop)
+            texts, pending = pending, []
+        keep = clf.score(texts) >= 0.5 if texts else []
+        for text, k in zip(texts, keep):
+            if not k:
                 drop("quality", text)
+        return [t for t, k in zip(texts, keep) if k]
 
-    def jobs():
-        """(split, texts) chunks of about chunk_bytes; every round(1/val_fraction)-th document goes to val."""
-        every = round(1 / val_fraction) if val_fraction > 0 else 0
-        bufs, sizes = {"train": [], "val": []}, {"train": 0, "val": 0}
-        for i, text in enumerate(quality_filtered(filtered())):
-            split = "val" if every and i % every == 0 else "train"
-            bufs[split].append(text)
-            sizes[split] += len(text)
-            if sizes[split] >= chunk_bytes:
-                yield split, bufs[split]
-                bufs[split], sizes[split] = [], 0
-        for split in ("train", "val"):
-            if bufs[split]:
-                yield split, bufs[split]
+    def split_jobs(texts):
+        """(split, texts) jobs of about chunk_bytes; every round(1/val_fraction)-th kept document is val."""
+        nonlocal n_kept
+        by_split = {"train": [], "val": []}
+        for text in texts:
+            by_split["val" if every and n_kept % every == 0 else "train"].append(text)
+            n_kept += 1
+        return [(split, c) for split, ts in by_split.items() for c in chunks(ts, chunk_bytes)]
 
-    writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
-               for s in ("train", "val")}
-    with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=not verbose) as bar:
-        for split, tokens, docs, n_bytes in encode_chunks(jobs(), tokenizer_path, num_proc):
-            writers[split].add(tokens, docs, n_bytes)
-            bar.update(n_bytes)
+    docs = iter_documents(source) if max_docs is None else itertools.islice(iter_documents(source), max_docs)
+    # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
+    # train.py have no `if __name__ == "__main__"` guard. No fork (Windows): one process.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        num_proc = 1
+    pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (tokenizer_path,)) if num_proc > 1 else None
+    if pool is None:
+        _init_worker(tokenizer_path)
+    pmap = pool.map if pool else (lambda f, xs: list(map(f, xs)))
+    bar = tqdm(desc=f"data {source}", unit="B", unit_scale=True, disable=not verbose)
+    try:
+        raw = chunks(docs, chunk_bytes)
+        while True:
+            group = list(itertools.islice(raw, 2 * num_proc))  # bounded memory, however big the source
+            final = not group
+            kept = []
+            for chunk, features in zip(group, pmap(_clean_chunk, group)):
+                n_bytes = sum(len(t.encode("utf-8")) for t in chunk)
+                read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
+                bar.update(n_bytes)
+                kept += dedup_and_filter(features)
+            for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(quality_filter(kept, final))):
+                writers[split].add(tokens, n_docs, n_bytes)
+            if final:
+                break
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    if read[0] == 0:
+        raise ValueError(f"source {source!r} has no documents")
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
                 bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
-                read=dict(docs=n_read[0], bytes=n_read[1]),
+                read=dict(docs=read[0], bytes=read[1]),
                 removed={s: dict(docs=d, bytes=b) for s, (d, b) in removed.items()},
                 seconds=round(time.time() - t0, 1))
-    if n_read[0] == 0:
-        raise ValueError(f"source {source!r} has no documents")
     if meta["train"]["docs"] == 0:
         raise ValueError(f"source {source!r}: no document survived filtering into the train split "
-                         f"(read {n_read[0]}, removed {meta['removed']})")
+                         f"(read {read[0]}, removed {meta['removed']})")
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
-        print(f"{'step':<16} {'docs removed':>13} {'MB removed':>11}")
-        print(f"{'read':<16} {n_read[0]:>13,} {n_read[1] / 1e6:>11.2f}")
+        print(f"{'step':<16} {'docs':>9} {'MB':>9}")
+        print(f"{'read':<16} {read[0]:>9,} {read[1] / 1e6:>9.2f}")
         for step, r in meta["removed"].items():
-            print(f"{step:<16} {r['docs']:>13,} {r['bytes'] / 1e6:>11.2f}")
+            print(f"{'- ' + step:<16} {r['docs']:>9,} {r['bytes'] / 1e6:>9.2f}")
         for s in ("train", "val"):
             m = meta[s]
-            print(f"{s}: {m['docs']:,} docs, {m['tokens']:,} tokens, {m['bytes'] / 1e6:.2f} MB, "
+            print(f"{'= ' + s:<16} {m['docs']:>9,} {m['bytes'] / 1e6:>9.2f}   {m['tokens']:,} tokens, "
                   f"{len(m['shards'])} shard(s)")
         print(f"data: wrote {out_dir} in {meta['seconds']} s")
     return meta
@@ -729,7 +761,7 @@ if __name__ == "__main__":
     p.add_argument("--source", default="stdlib", help="stdlib | PATH (file or folder) | hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
     p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for eval")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for eval")
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (2^26 = 256 MB)")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")

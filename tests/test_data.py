@@ -84,8 +84,8 @@ def test_minhash_dedup_planted():
             words[j] = "zebra"
         near.append(" ".join(words))
     dedup = data.MinHashDedup()
-    assert not any(dedup.is_duplicate(t) for t in originals)  # distinct documents all kept
-    assert all(dedup.is_duplicate(t) for t in near)            # planted near-duplicates all caught
+    assert not any(dedup.is_duplicate(dedup.signature(t)) for t in originals)  # distinct documents all kept
+    assert all(dedup.is_duplicate(dedup.signature(t)) for t in near)            # planted near-duplicates all caught
     # the signature estimates Jaccard: about 0.9 for the near pairs, about 0 for distinct documents
     sims = [np.mean(dedup.signature(a) == dedup.signature(b)) for a, b in zip(originals, near)]
     assert min(sims) > 0.8
