@@ -200,12 +200,12 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=q.device)[:, None]
         self.cache_k[rows, :, pos] = k.transpose(1, 2)  # index update, (B, T, Hkv, head_dim) slots
         self.cache_v[rows, :, pos] = v.transpose(1, 2)
-        end = int(pos.max()) + 1
-        keys = torch.arange(end, device=q.device)
-        mask = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, end): causal within each row
-        # plain PyTorch path: the kernel contract has no per-row lengths (slots past a row's position hold junk)
-        return F.scaled_dot_product_attention(q, self.cache_k[:B, :, :end], self.cache_v[:B, :, :end],
-                                              attn_mask=mask, enable_gqa=True)
+        # Plain PyTorch path: the kernel contract has no per-row lengths. Attend over the whole cache (no
+        # device-to-host sync to find the longest row); slots past a row's position hold junk and are masked.
+        keys = torch.arange(self.cache_k.shape[2], device=q.device)
+        mask = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, S): causal within each row
+        return F.scaled_dot_product_attention(q, self.cache_k[:B], self.cache_v[:B], attn_mask=mask,
+                                              enable_gqa=True)
 
 
 def swiglu_hidden_dim(args):
