@@ -69,6 +69,10 @@ def main():
 
     # 1. Training wall time and compression, ours vs the Rust trainer.
     t_ours, tok = timed(lambda: T.Tokenizer.train(train_texts, args.vocab_size))
+    t_count, counts = timed(lambda: T.count_chunks(train_texts))  # the two stages again, separately
+    t_merge, _ = timed(lambda: T.train_bpe(counts, args.vocab_size - T.N_SPECIAL))
+    print(f"tokenizer.py stages: count {len(counts)} distinct chunks {t_count:.2f}s, "
+          f"merge loop {t_merge:.2f}s")
     bpt_ours = held_bytes / sum(map(len, tok.encode_batch(held_out)))
     try:
         import tokenizers  # noqa: F401
