@@ -63,23 +63,25 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 # ----------------------------------------------------------------------------- block sizes
 def _configs(shapes):
-    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples. Why these few: the score tile
-    (BLOCK_M x BLOCK_N fp32) and the accumulator (BLOCK_M x D fp32) live in registers, so at D=128 tiles past
-    128x128 spill; a Hopper warpgroup MMA is 64 rows tall, so 64/128-row tiles use 1-2 warpgroups (4/8 warps)
-    fully; num_stages is how many K/V (or Q/dO) tiles are prefetched into shared memory: 3 x (64+64) x 128 x 2
-    bytes = 96 KB of the H100's 228 KB. The shapes are those the Triton fused-attention tutorial and
-    FlashAttention-2 settle on for D=64/128; the space is small because every (T, head_dim, documents, dtype)
-    key compiles and times each one. Keyed on T and head_dim: short rows favour small tiles (more programs
-    to fill 132 SMs). TODO(GPU session): check the winners on an H100 and prune."""
+    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples. Why these few: the running tiles live in
+    registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
+    BLOCK_N x D accumulators plus k and v), and past 255 registers a thread spills to local memory; a Hopper
+    warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is
+    how many K/V (or Q/dO) tiles are prefetched into shared memory (228 KB on an H100). Checked without a GPU
+    (triton 3.9's triton.compile for sm_90a, then `ptxas -v`): at D=128 these spill nothing, or under 80 bytes
+    for dk/dv (at the 255-register limit), except the forward's 128x64 at 4 warps, kept for D=64 where it
+    fits; all pipeline their loads (cp.async) and use wgmma. The space is small because every (T, head_dim,
+    documents, dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller
+    tiles (more programs for 132 SMs). TODO(GPU session): time them on an H100 and prune to the winners."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)])
-DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
-DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)])
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)])
+DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)])
 
 
 # ----------------------------------------------------------------------------- forward
