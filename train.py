@@ -10,8 +10,10 @@ Design choices
   (set lr -> eval + checkpoint -> micro-steps forward/backward -> clip -> step -> log).
 - Packed documents, never padded, with Llama 3's document mask: data.PackedLoader yields doc_ids and attention
   never crosses a document boundary inside a sequence (Llama 3 paper, section 3.4.1). The loss is fp32.
-- AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only, gradient clipping at 1.0, linear warmup then
-  cosine decay to a tenth of the peak (Llama 2 paper section 2.2, kept for Llama 3), or warmup-stable-decay.
+- AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
+  tenth of the peak (Llama 2 paper section 2.2, kept for Llama 3), or warmup-stable-decay. Decay only on the
+  matrices (model.configure_optimizer): it pulls weights toward 0, which regularises a matrix, but RMSNorm's
+  gains set a scale that the norm just removed, and decaying them only fights it (the nanoGPT/minGPT rule).
   Gradient accumulation reaches --tokens_per_step; bf16 autocast on GPU with fp32 master weights.
 - Distribution from the same loop: DDP, or FSDP2 (fully_shard per block, then the root; bf16 parameters and
   fp32 gradient reduction on GPU). Every rank reads its own slice of each batch; rank 0 alone logs and writes.
@@ -166,7 +168,7 @@ def load_checkpoint(path, model, optimizer):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, "state.pt"), weights_only=False)  # our own file: args hold a dict
+    return torch.load(os.path.join(path, "state.pt"), weights_only=True)  # ints, strings and RNG tensors
 
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s", "mfu"]
@@ -231,18 +233,18 @@ parser.add_argument("--out_dir", default="out/default", help="model export, chec
 parser.add_argument("--data", default="data/stdlib", help="folder of token shards; made from --source if missing")
 parser.add_argument("--source", default="stdlib", help="what data.prepare_data reads when --data is empty")
 parser.add_argument("--tokenizer", default="data/stdlib/tok.model", help="trained on --source if missing")
-parser.add_argument("--vocab_size", type=int, default=4096, help="of a newly trained tokenizer, incl. 256 specials")
+parser.add_argument("--vocab_size", type=int, default=8192, help="of a newly trained tokenizer, incl. 256 specials")
 parser.add_argument("--model", default="cpu", choices=sorted(PRESETS), help="shape preset of model.py")
 for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
     parser.add_argument(f"--{name}", type=int, help="override the preset's " + name)
 parser.add_argument("--seq_len", type=int, help="context length T (default: the preset's max_seq_len)")
 parser.add_argument("--init", help="start from this exported model instead of random weights (long-context stage)")
 parser.add_argument("--rope_factor", type=float, help="with --init: Llama 3.1 RoPE scaling by this factor")
-parser.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step, per process")
+parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-step, per process")
 parser.add_argument("--tokens_per_step", type=int, help="global batch in tokens, by gradient accumulation")
-parser.add_argument("--max_steps", type=int, default=600, help="optimizer steps")
+parser.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-parser.add_argument("--warmup_steps", type=int, default=50)
+parser.add_argument("--warmup_steps", type=int, default=30)
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
 parser.add_argument("--decay_frac", type=float, default=0.2, help="wsd: share of the steps spent decaying")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="Llama 2 section 2.2")
@@ -253,8 +255,8 @@ parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard w
 parser.add_argument("--compile", action="store_true", help="torch.compile each block")
 parser.add_argument("--act_ckpt", action="store_true", help="activation checkpointing: recompute blocks in backward")
 parser.add_argument("--eval_interval", type=int, default=100)
-parser.add_argument("--eval_tokens", type=int, default=65536, help="validation tokens per evaluation")
-parser.add_argument("--ckpt_interval", type=int, default=200)
+parser.add_argument("--eval_tokens", type=int, default=16384, help="validation tokens per evaluation")
+parser.add_argument("--ckpt_interval", type=int, default=100)
 parser.add_argument("--log_interval", type=int, default=10, help="print every this many steps (log.csv: all)")
 parser.add_argument("--resume", nargs="?", const="last", help="from the last checkpoint in out_dir, or this one")
 parser.add_argument("--prompt", default="def ", help="the sample printed at the end starts with this")
@@ -325,6 +327,8 @@ else:
     T = args.seq_len or PRESETS[args.model].max_seq_len
     model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
     model = Transformer(model_args)
+if tok.n_words > model_args.vocab_size:
+    raise SystemExit(f"{args.tokenizer} has {tok.n_words} tokens, more than the model's vocab_size {model_args.vocab_size}")
 raw_model = model.to(device)  # fp32 master weights; bf16 only inside autocast / FSDP's compute
 B = args.batch_size
 if args.act_ckpt:  # recompute each block's activations in backward: memory for ~1/3 more compute
@@ -379,8 +383,8 @@ if master:  # a fresh log, or on resume the rows before the resumed step (the la
     write_log(log_path, [r for r in read_log(log_path) if int(r["step"]) < start_step] if args.resume else [])
 flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
 log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if ddp else 'no parallelism'}; "
-    f"{tokens_per_step} tokens per step = {B} x {T} x {world_size} processes x {grad_accum} micro-steps; "
-    f"peak {peak / 1e12 if peak else 'n/a'} TFLOP/s per card")
+    f"{tokens_per_step} tokens per step = {B} x {T} x {world_size} processes x {grad_accum} micro-steps; " +
+    (f"MFU against {peak / 1e12:.1f} TFLOP/s per card" if peak else "MFU n/a (no datasheet peak for this device)"))
 
 
 @torch.no_grad()
@@ -475,7 +479,7 @@ while True:
                               "mfu": f"{mfu:.4f}" if mfu else ""})
     if step % args.log_interval == 0:
         log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | "
-            f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else 'n/a (CPU)' if peak is None else 'n/a'}")
+            f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else ""))
     step += 1
 
 if stopped:
