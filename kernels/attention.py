@@ -34,10 +34,10 @@ Design choices:
 
 Dispatch rule of `attention`: CUDA tensors -> the Triton kernel; any other tensors -> the plain-PyTorch
 reference. TRITON_INTERPRET=1 (which tests/conftest.py sets on machines without CUDA) does not route CPU
-tensors to Triton: the interpreter runs kernels in numpy, ~1000x slower, and the model and training tests
-call `attention` on CPU tensors. The kernel on CPU is reached by calling `flash_attention` directly, which
-is what tests/test_kernels.py does. On CUDA, falling back (no triton, or a head_dim the kernel does not
-take) warns once.
+tensors to Triton: the interpreter runs kernels in numpy (~200x slower than the reference at T=100, seen
+here), and the model and training tests call `attention` on CPU tensors. The kernel on CPU is reached by
+calling `flash_attention` directly, which is what tests/test_kernels.py does. On CUDA, falling back (no
+triton, or a head_dim the kernel does not take) warns once.
 
     python -m pytest -q tests/test_kernels.py    # CPU: the kernels under TRITON_INTERPRET=1, small shapes
     python tests/bench_kernels.py                # GPU: TFLOP/s vs SDPA and FlexAttention
@@ -382,7 +382,8 @@ def _check(q, k, v, doc_ids):
     if Tk < T:
         raise ValueError(f"attention: k has Tk={Tk} positions, fewer than the T={T} queries of q")
     if doc_ids is not None and (tuple(doc_ids.shape) != (B, T) or Tk != T):
-        raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be (B, T) = ({B}, {T}) with Tk == T (Tk={Tk})")
+        raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be (B, T) = ({B}, {T}), "
+                         f"and needs Tk == T (k has Tk={Tk})")
 
 
 # torch.compile sees this call as a graph break: it runs the kernels as they are. TODO: let Dynamo trace them
