@@ -354,13 +354,13 @@ class QualityClassifier:
 
 
 def checkpoint_labeller(ckpt_dir, max_tokens=1024):
-    """A labeller from a trained checkpoint: score = -(bits per UTF-8 byte) of the text's first max_tokens tokens
-    (CCNet, Wenzek et al. 2019, filtered by a reference LM's perplexity; Llama 3 asked Llama 2 instead)."""
+    """A labeller from a trained checkpoint (ours, Meta's or Hugging Face's): score = -(bits per UTF-8 byte) of
+    the text's first max_tokens tokens, so lower loss = better. CCNet (Wenzek et al. 2019) filtered by a reference
+    LM's perplexity in the same way; Llama 3 asked Llama 2 for labels instead."""
     from model import load_model
-    from tokenizer import Tokenizer
-    model = load_model(ckpt_dir).eval()
-    tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.model"))
-    max_tokens = min(max_tokens, model.args.max_seq_len) if hasattr(model, "args") else max_tokens
+    from sample import load_tokenizer
+    model, tok = load_model(ckpt_dir).eval(), load_tokenizer(ckpt_dir)
+    max_tokens = min(max_tokens, model.args.max_seq_len)
 
     @torch.no_grad()
     def label(texts):
@@ -370,10 +370,9 @@ def checkpoint_labeller(ckpt_dir, max_tokens=1024):
             if len(ids) < 2:
                 scores.append(-np.inf)
                 continue
-            x = torch.tensor(ids[:-1])[None]  # (1, T)
-            y = torch.tensor(ids[1:])[None]   # (1, T)
+            x, y = torch.tensor(ids[:-1])[None], torch.tensor(ids[1:])[None]  # (1, T) each
             nats = model(x, y).item() * y.numel()
-            scores.append(-nats / np.log(2) / max(len(tok.decode_bytes(ids[1:])), 1))
+            scores.append(-nats / np.log(2) / len(tok.decode_bytes(ids[1:])))
         return np.array(scores)
     return label
 
@@ -499,8 +498,11 @@ def _clean_chunk(texts):
 def _encode_chunk(job):
     """(split, texts) -> (split, uint32 tokens with <|begin_of_text|> before each document, n_docs, n_bytes)."""
     split, texts = job
-    ids = _worker["tok"].encode_batch(texts, bos=True)  # tiktoken's threaded batch encoder
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=sum(map(len, ids)))
+    tok = _worker["tok"]
+    ids = tok.encode_batch(texts)  # tiktoken's threaded batch encoder
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lens.sum()))
+    flat = np.insert(flat, np.cumsum(lens) - lens, tok.bos_id)  # <|begin_of_text|> before each document
     return split, flat, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
