@@ -30,6 +30,19 @@ TOL = {torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 5e-3, torch.bfloat1
 HALF = torch.bfloat16 if CUDA else torch.float16
 
 
+# On a GPU each new (T, head_dim, ...) would autotune: compile and time every block shape, minutes for this
+# file. So each test runs one shape per kernel, and test_flash_every_config runs all of them once.
+AUTOTUNED = [A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq]
+ALL_CONFIGS = {kernel: list(kernel.configs) for kernel in AUTOTUNED}
+N_CONFIGS = max(len(c) for c in ALL_CONFIGS.values())   # 1 in the interpreter
+
+
+@pytest.fixture(autouse=True)
+def one_config_each(monkeypatch):
+    for kernel in AUTOTUNED:
+        monkeypatch.setattr(kernel, "configs", ALL_CONFIGS[kernel][:1])
+
+
 def assert_close(out, ref, tol, what):
     assert out.dtype == ref.dtype or ref.dtype == torch.float32, what
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
@@ -127,6 +140,16 @@ def test_flash_half_precision():
 @pytest.mark.parametrize("d", [32, 128] if CUDA else [32])
 def test_flash_head_dims(d):
     check_attention(1, 2, 1, 40 * S, 40 * S, d=d)
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_flash_every_config(i, monkeypatch):
+    """Each block shape of the autotune space (the i-th of each kernel's list) on documents and on Tk > T."""
+    for kernel in AUTOTUNED:
+        configs = ALL_CONFIGS[kernel]
+        monkeypatch.setattr(kernel, "configs", [configs[i % len(configs)]])
+    check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5, docs_from_lengths([TILE - 3, TILE + 7, TILE + 1]))
+    check_attention(1, 4, 2, TILE + 3, 2 * TILE + 9)
 
 
 def test_flash_strided_inputs():
