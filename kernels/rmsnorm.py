@@ -83,10 +83,12 @@ def _rms_norm_bwd(X, W, DY, RSTD,   # as in the forward; dy (M, N) contiguous
 
 
 def _launch_shape(N):
-    """BLOCK_N and warps for a row of N: ~8 elements per thread up to 16 warps (the Triton layer-norm
-    tutorial's rule), so wide rows get more threads rather than more registers each."""
+    """BLOCK_N and warps for a row of N: ~8 elements per thread (the Triton layer-norm tutorial's rule) up to
+    32 warps, the most one program may have, so wide rows get more threads rather than more registers each.
+    Compiled for sm_90 and read with `ptxas -v` (no GPU here): no register spills up to hidden 8192, ~100 bytes
+    in the backward at 16384 (it spilled 1.5 KB when capped at 16 warps)."""
     BLOCK_N = triton.next_power_of_2(N)
-    return BLOCK_N, 1 if INTERPRET else min(max(BLOCK_N // 256, 1), 16)
+    return BLOCK_N, 1 if INTERPRET else min(max(BLOCK_N // 256, 1), 32)
 
 
 class _RMSNorm(torch.autograd.Function):
