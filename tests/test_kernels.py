@@ -19,7 +19,7 @@ from kernels import rmsnorm as R
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-TILE = 128 if CUDA else 16      # every block size the kernels may use divides it (GPU 32..128, interpreter 16)
+TILE = 128 if CUDA else 16      # every block size the kernels may use divides it (GPU 16..128, interpreter 16)
 S = 8 if CUDA else 1            # sequence lengths are scaled up on the GPU
 D = 64 if CUDA else 16          # head_dim
 # Tolerances on ||out - ref|| / ||ref||. fp32: exact fp32 in the interpreter; on the GPU tl.dot takes fp32 in
