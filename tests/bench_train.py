@@ -166,11 +166,10 @@ def cpu_part(args):
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
-def gpu_part(args):
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+def gpu_part(args, device=torch.device("cuda")):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     peak = next((f for key, f in PEAK_FLOPS if key in name), None)
-    margs = dataclasses.replace(llama.PRESETS["llama3.2-1b"], max_seq_len=args.seq_len)
+    margs = dataclasses.replace(llama.PRESETS[args.model], max_seq_len=args.seq_len)
     B, T = args.batch_size, args.seq_len
     torch.manual_seed(0)
     model = llama.Transformer(margs).to(device)
@@ -178,29 +177,30 @@ def gpu_part(args):
         for block in model.layers:
             block.compile()
     batch = packed_batch(B, T, margs.vocab_size, device)
-    step = make_step(model, batch, device, torch.autocast("cuda", dtype=torch.bfloat16))
+    step = make_step(model, batch, device, torch.autocast(device.type, dtype=torch.bfloat16))
     flops = model.flops_per_token(T) * B * T
     rows = []
     for label, paths in [("ours: Triton flash attention (doc mask) + fused RMSNorm", KERNELS),
                          ("SDPA with doc mask (boolean) + eager RMSNorm", (sdpa_attention, rms_norm_reference)),
                          ("SDPA causal only, no doc mask (bound) + eager RMSNorm", (sdpa_causal, rms_norm_reference))]:
         use_paths(*paths)
-        torch.cuda.reset_peak_memory_stats()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
             sec = time_alternating({label: step}, args.warmup, args.steps)[label]
         except torch.OutOfMemoryError:
-            rows.append((label, "OOM", "", ""))
+            rows.append((label, None, "OOM"))
             continue
         finally:
             use_paths(*KERNELS)
-        mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (card not in table)"
-        rows.append((label, f"{B * T / sec:,.0f}", mfu, f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
-    base = float(rows[1][1].replace(",", "")) if rows[1][1] != "OOM" else float("nan")
-    print(f"\nGPU {name} (peak {peak / 1e12 if peak else '?'} TFLOP/s bf16 dense), Llama 3.2 1B shape, B={B}, "
-          f"T={T}, bf16 autocast, compile={args.compile}, median of {args.steps} steps")
-    for label, tps, mfu, mem in rows:
-        ratio = f"{float(tps.replace(',', '')) / base:.2f}x" if tps != "OOM" else ""
-        print(f"{label:58s} | {tps:>10s} tok/s | MFU {mfu:>7s} | {ratio:>6s} vs SDPA+mask | peak mem {mem}")
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+        rows.append((label, B * T / sec, f"MFU {flops / sec / peak:6.1%}" if peak else "MFU n/a", f"{mem:.1f} GiB"))
+    print(f"\n{name} (peak {peak / 1e12 if peak else '?'} TFLOP/s bf16 dense), {args.model} shape, B={B}, T={T} "
+          f"packed, bf16 autocast, compile={args.compile}, median of {args.steps} steps")
+    base = rows[1][1]
+    for label, tps, *rest in rows:
+        ratio = f"{tps / base:.2f}x vs SDPA+mask" if tps and base else ""
+        print(f"{label:56s} | {f'{tps:,.0f} tok/s' if tps else '':>14s} | {' | '.join(rest)} | {ratio}")
 
 
 if __name__ == "__main__":
@@ -208,6 +208,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mean_doc_cpu", type=int, default=400, help="mean document length of the CPU batches")
+    p.add_argument("--model", default="llama3.2-1b", help="GPU: shape preset of model.py")
     p.add_argument("--batch_size", type=int, default=1, help="GPU")
     p.add_argument("--seq_len", type=int, default=4096, help="GPU")
     p.add_argument("--compile", action="store_true", help="GPU: torch.compile each block")

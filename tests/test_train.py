@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--seq_len", "32",
         "--lr", "1e-2", "--warmup_steps", "2", "--max_steps", str(STEPS), "--eval_interval", "5",
-        "--eval_tokens", "256", "--ckpt_interval", "4", "--log_interval", "1", "--sample_tokens", "0"]
+        "--eval_tokens", "256", "--ckpt_interval", "4", "--log_interval", "1", "--sample_tokens", "0",
+        "--max_minutes", "0"]
 WORDS = ("the a one every cat dog bird fish sat ran flew swam on under over near mat tree pond roof big small red "
          "blue old young quickly slowly and then but so").split()
 
