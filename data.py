@@ -18,6 +18,12 @@ Design choices
   labels) is here: a labeller scores a sample (ours: bits per byte under a trained checkpoint, lower = better),
   a hashed word n-gram logistic regression learns the labels and scores every document, the low scorers go.
   It runs only when a checkpoint is named (--quality-model): the first run has no model to label with.
+  The labelled sample is the first quality_sample surviving documents (shuffle a source sorted by quality).
+- Processes: cleaning, the heuristics and the MinHash signatures, then tokenization (tiktoken's threaded batch
+  encoder), run in num_proc forked workers on ~4 MB chunks; the decisions that need every document seen so
+  far (dedup, the split, the shard writer) stay in the main process, in source order, so the shards are the
+  same for any num_proc. Dedup memory grows with the kept documents (a 16-byte hash and a 480-byte signature
+  each): fine up to ~10M documents; web-scale dedup is a cluster job of its own.
 - Shards: 64-byte header (magic, version, vocab size, <|begin_of_text|> id, docs, tokens, tokenizer
   fingerprint) then little-endian uint32 tokens (a 128K vocab does not fit uint16). Every shard starts a
   document and every document starts with <|begin_of_text|>, so boundaries are recovered from the tokens.
@@ -233,8 +239,8 @@ def ngram_hashes(h, n):
 class MinHashDedup:
     """Near-duplicate removal (Broder 1997; the LSH recipe of Lee et al. 2022, "Deduplicating Training Data
     Makes Language Models Better", used for Llama 3's document-level dedup).
-    Shingles: word 5-grams. Signature: for each of 120 hash functions h_i(x) = (a_i x + b_i) mod 2^64 >> 32,
-    the minimum over the document's shingles; P(signatures agree at i) = Jaccard(A, B).
+    Shingles: word 5-grams. Signature: for each of 120 hash functions h_i(x) = (a_i x + b_i) mod 2^64 >> 32
+    (multiply-shift hashing, a_i odd), the minimum over the document's shingles; P(agree at i) = Jaccard(A, B).
     Banding: 20 bands of 6 rows; two documents are candidates if any band matches, probability 1-(1-J^6)^20
     (J=0.8 -> 0.998, J=0.5 -> 0.27, J=0.3 -> 0.01), then a candidate is a duplicate if its estimated Jaccard
     (the fraction of equal signature entries) is >= threshold. The first document of a cluster is kept."""
@@ -524,7 +530,7 @@ def chunks(texts, chunk_bytes):
 
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
-                 chunk_bytes=1 << 20, verbose=True):
+                 chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
     If out_dir/meta.json already describes this source, settings and tokenizer, returns it without work.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR

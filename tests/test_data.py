@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -400,3 +401,34 @@ def test_checkpoint_labeller_prefers_what_the_model_learned(corpus, tmp_path, on
     meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
                              quality_model=str(ckpt), quality_sample=60, quality_drop=0.5, verbose=False)
     assert meta["removed"]["quality"]["docs"] == 30 and meta["train"]["docs"] == 30
+
+
+def test_optional_sources(tmp_path, monkeypatch, corpus):
+    """parquet and hf: are real code paths; here they run on local stand-ins (no network in tests)."""
+    class FakeDatasets:  # the slice of the `datasets` API iter_documents uses
+        @staticmethod
+        def load_dataset(name, config, split, streaming):
+            assert (name, config, split, streaming) == ("org/web", "sample", "train", True)
+            return iter([{"text": "first"}, {"text": "second"}])
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    assert list(data.iter_documents("hf:org/web:sample")) == ["first", "second"]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError, match="needs the datasets package"):
+        list(data.iter_documents("hf:org/web"))
+    path = tmp_path / "t.parquet"
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+        pq.write_table(pyarrow.table({"text": ["a", None, "b"], "id": [1, 2, 3]}), path)
+        assert list(data.iter_documents(str(path))) == ["a", "b"]
+    except ImportError:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(ImportError, match="t.parquet: reading parquet needs pyarrow"):
+            list(data.iter_documents(str(path)))
+    # a corrupt JSONL line stops prepare_data with the file and line, also with worker processes
+    root, docs, tok_path = corpus
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]) + "{oops\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:21: not valid JSON"):
+        data.prepare_data(str(bad), tok_path, str(tmp_path / "out"), num_proc=2, verbose=False)
+    assert not os.path.exists(tmp_path / "out" / "meta.json")
