@@ -59,6 +59,7 @@ except ImportError:  # no triton wheel for this platform (macOS, Windows): keep 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Llama 3 uses 64 and 128
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -398,8 +399,8 @@ def flash_attention(q, k, v, doc_ids=None):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"flash_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     D = q.shape[-1]
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"flash_attention: head_dim {D} must be a power of two from 16 to 256")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"flash_attention: head_dim {D} of q is not one of the kernel's {HEAD_DIMS}")
     return _FlashAttention.apply(q, k, v, doc_ids)
 
 
@@ -434,7 +435,7 @@ def attention(q, k, v, doc_ids=None):
     """Causal (document-masked, GQA) attention: the Triton kernel on CUDA tensors, the reference elsewhere.
     See the module docstring for why TRITON_INTERPRET=1 does not send CPU tensors to the kernel."""
     if q.is_cuda:
-        if HAS_TRITON and q.shape[-1] in (16, 32, 64, 128, 256):
+        if HAS_TRITON and q.shape[-1] in HEAD_DIMS:
             return flash_attention(q, k, v, doc_ids)
         _warn_once(f"attention: Triton kernel unavailable (triton installed: {HAS_TRITON}, head_dim "
                    f"{q.shape[-1]}); using the slow plain-PyTorch reference on CUDA")
