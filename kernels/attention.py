@@ -27,7 +27,7 @@ Design choices:
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
   program for one kv head loops over the query heads of its group, so dk/dv are sums without atomics.
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
-  both recomputing p from the saved lse. delta is one line of PyTorch.
+  both recomputing p from the saved lse, after a small kernel for delta.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T (see _configs); the interpreter uses one small
   block so the CPU tests are quick and still cross many tile boundaries.
@@ -159,6 +159,19 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
 
 
 # ----------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta(O, DO,        # o, dO (B * Hq * T, D) contiguous
+               DELTA,        # output (B * Hq * T,) fp32: delta_i = dO_i . o_i
+               n_rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(o.float() * do.float()).sum(-1), reading o and dO once: in PyTorch the fp32 copies cost more memory
+    traffic than the whole backward kernel at T=1K."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = rows[:, None].to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(O + offs, mask=rows[:, None] < n_rows, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=rows[:, None] < n_rows, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+
+
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
                 Q, DO, LSE, DELTA, DOC,   # this (batch, query head)'s q, dO, lse, delta; the row's document numbers
@@ -352,7 +365,9 @@ class _FlashAttention(torch.autograd.Function):
         B, Hq, T, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)   # (B, Hq, T): delta_i = dO_i . o_i
+        delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+        BLOCK = 16 if INTERPRET else 64
+        _bwd_delta[(triton.cdiv(B * Hq * T, BLOCK),)](o, do, delta, B * Hq * T, HEAD_DIM=D, BLOCK_M=BLOCK)
         dq = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, Hkv, Tk, D), device=k.device, dtype=k.dtype)
         dv = torch.empty((B, Hkv, Tk, D), device=v.device, dtype=v.dtype)

@@ -229,7 +229,8 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
         return "constexpr"
     if p.name in ("qk_scale", "sm_scale", "eps"):
         return "fp32"
-    if p.name.startswith("stride") or p.name in ("Hq", "Hkv", "T", "Tk", "GROUP", "M", "N", "ROWS_PER_PROGRAM"):
+    if p.name.startswith("stride") or p.name in ("Hq", "Hkv", "T", "Tk", "GROUP", "M", "N", "ROWS_PER_PROGRAM",
+                                                 "n_rows"):
         return "i32"
     return {"LSE": "*fp32", "DELTA": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "W": "*fp32",
             "DOC": "*i32", "DOC_FIRST": "*i32", "DOC_LAST": "*i32"}.get(p.name, "*bf16")
@@ -239,6 +240,7 @@ for jit, consts, warps in [
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
         (A._attn_bwd_dkdv.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=32), 8),
+        (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4),
         (R._rms_norm_fwd, dict(BLOCK_N=4096), 16),
         (R._rms_norm_bwd, dict(BLOCK_N=4096), 16)]:
     sig = {p.name: arg_type(p) for p in jit.params}
@@ -246,6 +248,7 @@ for jit, consts, warps in [
     kernel = triton.compile(ASTSource(jit, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=3))
     assert "wgmma" in kernel.asm["ptx"] or not jit.__name__.startswith("_attn"), f"{jit.__name__}: no wgmma"
+    print(jit.__name__, "compiled")
 print("ok")
 """
 
