@@ -163,8 +163,8 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
 def _bwd_delta(O, DO,        # o, dO (B * Hq * T, D) contiguous
                DELTA,        # output (B * Hq * T,) fp32: delta_i = dO_i . o_i
                n_rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(o.float() * do.float()).sum(-1), reading o and dO once: in PyTorch the fp32 copies cost more memory
-    traffic than the whole backward kernel at T=1K."""
+    """(o.float() * do.float()).sum(-1), reading o and dO once (0.27 GB at 16K tokens x 32 heads x D=128 in
+    bf16, where PyTorch's fp32 temporaries move ~1.9 GB: by estimate half the backward's time at T=1K)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = rows[:, None].to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     o = tl.load(O + offs, mask=rows[:, None] < n_rows, other=0.0).to(tl.float32)
