@@ -7,16 +7,16 @@ cached forward for generation, parameter/FLOP counts, optimizer) -> checkpoint I
 Design choices
 - Module names are Meta's (tok_embeddings, layers.N.attention.wq, feed_forward.w1, attention_norm, ...),
   so `model.state_dict()` IS Meta's checkpoint layout: consolidated.00.pth loads with no renaming.
-- RoPE rotates interleaved pairs (x[2i], x[2i+1]) as Meta does, written with real cos/sin instead of
-  complex numbers (torch.compile and FSDP handle real tensors better). The frequencies are recomputed in each
-  forward (a few ops on head_dim/2 numbers), so the model has no buffers: it builds on the meta device and
-  survives `.to(bfloat16)` without losing RoPE precision.
+- RoPE rotates interleaved pairs (x[2i], x[2i+1]) as Meta does: each pair is a complex number multiplied by
+  e^{i * position * freq} (one complex multiply). The rotations are recomputed in each forward (a few ops on
+  head_dim/2 numbers), so the model has no buffers: it builds on the meta device, survives `.to(bfloat16)`,
+  and FSDP's input casting leaves the complex64 rotations alone (it casts only real floating tensors).
 - Attention and RMSNorm go through kernels/ (Triton on GPU, plain PyTorch on CPU). Training passes
   doc_ids so a packed sequence never attends across documents (Llama 3 paper, section 3.2).
-- Generation: a KV cache preallocated per layer, written by index. When every row of the batch sits at the
-  same position (prefill, chat, equal prompts) attention is kernels.attention on the cache, bottom-right
-  causal; rows at different positions (ragged batches) use a plain length mask, which the kernel
-  contract does not have.
+- Generation: a KV cache preallocated per layer, written by index. A chunk of tokens at one shared position
+  (prefill, a chat turn) goes through kernels.attention on the cache, bottom-right causal. Decoding one token
+  per row uses PyTorch's SDPA: a single query row would leave a flash kernel's query tile almost empty, and
+  rows at different positions (ragged batches) need a per-row length mask, which the kernel contract has not.
 - Init: N(0, 0.02) for every matrix, the two residual-branch outputs (wo, w2) scaled by 1/sqrt(2 n_layers)
   (GPT-2 paper, section 2.3): each block's update starts small, so the residual stream's variance does not
   grow with depth and the first steps are stable at lr 1e-3 without warm-up tricks.
@@ -153,11 +153,11 @@ def rope_frequencies(args, device=None):
     return freqs
 
 
-def apply_rotary_emb(x, cos, sin):
-    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, D) by angle position * freq_i; cos, sin (B|1, T, 1, D/2)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each: Meta's interleaved pairs
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, H, D/2, 2)
-    return out.flatten(-2).type_as(x)
+def apply_rotary_emb(x, rot):
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, D) by angle position * freq_i.
+    rot (B|1, T, 1, D/2) complex64 = e^{i * position * freq} (Model.rope)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2): Meta's interleaved pairs
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)  # (B, T, H, D)
 
 
 class Attention(nn.Module):
@@ -173,12 +173,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_seq_len, head_dim) once setup_cache is called
 
-    def forward(self, x, cos, sin, doc_ids=None, start_pos=None):
+    def forward(self, x, rot, doc_ids=None, start_pos=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = apply_rotary_emb(q, rot), apply_rotary_emb(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
         if start_pos is None:
             y = attention(q, k, v, doc_ids)
@@ -195,7 +195,10 @@ class Attention(nn.Module):
             end = start_pos + T
             self.cache_k[:B, :, start_pos:end] = k
             self.cache_v[:B, :, start_pos:end] = v
-            return attention(q, self.cache_k[:B, :, :end], self.cache_v[:B, :, :end])  # causal, bottom-right
+            k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]
+            if T > 1:
+                return attention(q, k, v)  # causal, bottom-right: the chunk's queries are the last T positions
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # one new token sees every key
         pos = start_pos[:, None] + torch.arange(T, device=q.device)  # (B, T) absolute position of each query
         rows = torch.arange(B, device=q.device)[:, None]
         self.cache_k[rows, :, pos] = k.transpose(1, 2)  # index update, (B, T, Hkv, head_dim) slots
@@ -243,8 +246,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, doc_ids=None, start_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, start_pos)
+    def forward(self, x, rot, doc_ids=None, start_pos=None):
+        h = x + self.attention(self.attention_norm(x), rot, doc_ids, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -277,17 +280,17 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
     def rope(self, positions):
-        """positions (B|1, T) -> cos, sin (B|1, T, 1, head_dim/2), broadcast over heads."""
+        """positions (B|1, T) -> rotations e^{i * position * freq} (B|1, T, 1, head_dim/2), complex64."""
         angles = positions[..., None].float() * rope_frequencies(self.args, positions.device)  # (B|1, T, D/2)
-        return angles.cos()[:, :, None], angles.sin()[:, :, None]
+        return torch.polar(torch.ones_like(angles), angles)[:, :, None]  # broadcast over heads
 
     def hidden_states(self, tokens, doc_ids=None):
         """tokens (B, T) -> final-normed hidden states (B, T, dim); doc_ids (B, T) masks attention across docs."""
         B, T = tokens.shape
-        cos, sin = self.rope(torch.arange(T, device=tokens.device)[None])
+        rot = self.rope(torch.arange(T, device=tokens.device)[None])
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, doc_ids)
+            h = layer(h, rot, doc_ids)
         return self.norm(h)
 
     def forward(self, tokens, targets=None, doc_ids=None):
@@ -329,10 +332,10 @@ class Transformer(nn.Module):
                              f"this chunk needs {B} rows x {last}")
         offsets = torch.arange(T, device=tokens.device)
         positions = (start_pos + offsets)[None] if isinstance(start_pos, int) else start_pos[:, None] + offsets
-        cos, sin = self.rope(positions)
+        rot = self.rope(positions)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos=start_pos)
+            h = layer(h, rot, start_pos=start_pos)
         return self.norm(h)
 
     # --- accounting and optimizer ----------------------------------------------------------------------------

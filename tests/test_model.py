@@ -52,7 +52,7 @@ def meta_apply_scaling(freqs, factor, low_freq_factor=1.0, high_freq_factor=4.0,
 
 
 def reference_forward(sd, args, tokens, doc_ids=None):
-    """Llama 3 forward from the state dict, in float64: complex-number RoPE, repeated KV heads, explicit mask."""
+    """Llama 3 forward from the state dict, in float64: RoPE as 2x2 rotations, repeated KV heads, explicit mask."""
     sd = {k: v.double() for k, v in sd.items()}
     B, T = tokens.shape
     Hq, Hkv, hd = args.n_heads, args.n_kv_heads, args.dim // args.n_heads
@@ -63,11 +63,14 @@ def reference_forward(sd, args, tokens, doc_ids=None):
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     if args.use_scaled_rope:
         freqs = meta_apply_scaling(freqs, args.rope_scaling_factor)
-    cis = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T).double(), freqs))
+    angle = torch.outer(torch.arange(T).double(), freqs)[None, :, None]  # (1, T, 1, hd/2)
 
-    def rope(x):  # (B, T, H, hd): pairs (x[2i], x[2i+1]) as complex numbers, times e^{i t f}
-        xc = torch.view_as_complex(x.reshape(B, T, -1, hd // 2, 2).contiguous())
-        return torch.view_as_real(xc * cis[None, :, None]).reshape(B, T, -1, hd)
+    def rope(x):  # (B, T, H, hd): rotate each pair (x[2i], x[2i+1]) by angle t * f_i, a 2x2 rotation matrix
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x0 * angle.cos() - x1 * angle.sin()
+        out[..., 1::2] = x0 * angle.sin() + x1 * angle.cos()
+        return out
 
     mask = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)
     if doc_ids is not None:
@@ -151,12 +154,12 @@ def test_mha_attention_equals_sdpa():
     m = tiny_model(n_kv_heads=4)
     attn = m.layers[0].attention
     x = torch.randn(2, 10, 64)
-    cos, sin = m.rope(torch.arange(10)[None])
-    q = M.apply_rotary_emb(attn.wq(x).view(2, 10, 4, 16), cos, sin).transpose(1, 2)
-    k = M.apply_rotary_emb(attn.wk(x).view(2, 10, 4, 16), cos, sin).transpose(1, 2)
+    rot = m.rope(torch.arange(10)[None])
+    q = M.apply_rotary_emb(attn.wq(x).view(2, 10, 4, 16), rot).transpose(1, 2)
+    k = M.apply_rotary_emb(attn.wk(x).view(2, 10, 4, 16), rot).transpose(1, 2)
     v = attn.wv(x).view(2, 10, 4, 16).transpose(1, 2)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 64)
-    torch.testing.assert_close(attn(x, cos, sin), attn.wo(y), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, rot), attn.wo(y), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_scaling_against_hand_computed_frequencies():
