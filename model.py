@@ -443,6 +443,8 @@ def read_meta_checkpoint(path):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())
             raise CheckpointError(f"{f}: tensor {diff[0]} is in one shard and not in {files[0].name}")
+    for shard in shards:
+        shard.pop("rope.freqs", None)  # Llama 2 era checkpoints store RoPE's frequencies; we compute them
     if len(shards) == 1:
         return args, shards[0]
     sd = {}
@@ -515,21 +517,26 @@ def args_from_hf_config(config, file="config.json"):
         if key not in config and default is None:
             raise CheckpointError(f"{file}: missing field {key}")
         return config.get(key, default)
-    if config.get("model_type", "llama") != "llama" or config.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{file}: model_type {config.get('model_type')} / hidden_act "
-                              f"{config.get('hidden_act')} is not a Llama (llama, silu)")
+    if config.get("model_type", "llama") != "llama" or config.get("hidden_act", "silu") != "silu" or \
+            config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError(f"{file}: model_type {config.get('model_type')}, hidden_act {config.get('hidden_act')}"
+                              f", biases {config.get('attention_bias')}/{config.get('mlp_bias')} is not a Llama "
+                              f"(llama, silu, no biases)")
+    # RoPE: transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older configs write
+    # rope_theta and rope_scaling {rope_type (or type), factor, ...} (null when unscaled)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     args = dict(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
                 n_kv_heads=config.get("num_key_value_heads"), vocab_size=get("vocab_size"),
                 ffn_hidden_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps", 1e-6),
-                rope_theta=float(get("rope_theta", 10000.0)), max_seq_len=get("max_position_embeddings", 2048),
+                rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                max_seq_len=get("max_position_embeddings", 2048),
                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
-    scaling = config.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        expected = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-        if kind != "llama3" or any(scaling.get(k) != v for k, v in expected.items()):
-            raise CheckpointError(f"{file}: rope_scaling {scaling} is not Llama 3.1's (rope_type llama3, {expected})")
-        args.update(use_scaled_rope=True, rope_scaling_factor=float(scaling["factor"]))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    expected = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    if kind == "llama3" and all(rope.get(k) == v for k, v in expected.items()):
+        args.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]))
+    elif kind != "default":
+        raise CheckpointError(f"{file}: RoPE {rope} is neither plain nor Llama 3.1's (rope_type llama3, {expected})")
     try:
         model_args = ModelArgs(**args)
     except ValueError as e:

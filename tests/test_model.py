@@ -329,6 +329,7 @@ def write_meta_dir(path, m, n_shards):
     params = {k: v for k, v in m.args.to_params().items() if k != "max_seq_len"}  # Meta omits it
     (path / "params.json").write_text(json.dumps(params))
     for i, shard in enumerate(meta_shards(m.state_dict(), n_shards)):
+        shard["rope.freqs"] = torch.zeros(8)  # a buffer older Meta checkpoints carry; the loader drops it
         torch.save(shard, path / f"consolidated.{i:02d}.pth")
 
 
@@ -424,6 +425,18 @@ def test_hf_directory_matches_transformers(tmp_path):
         torch.testing.assert_close(hf(tokens).logits, m(tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_directory_saved_by_transformers_loads(tmp_path):
+    """A directory written by transformers' own save_pretrained (its config style, its safetensors writer)."""
+    transformers = pytest.importorskip("transformers")
+    m = tiny_model(tie_embeddings=True, use_scaled_rope=True, rope_scaling_factor=32.0)
+    write_hf_dir(tmp_path / "hf", m)
+    transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
+    loaded = M.load_model(tmp_path / "resaved")
+    assert loaded.args.use_scaled_rope and loaded.args.rope_scaling_factor == 32.0
+    tokens = torch.randint(0, 97, (2, 13))
+    torch.testing.assert_close(loaded(tokens), m(tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_safetensors_plain_reader(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(4).bfloat16(), "c": torch.arange(6).view(2, 3),
                "empty": torch.zeros(0, 3)}
@@ -510,3 +523,9 @@ def test_bad_safetensors_and_shards_are_refused(tmp_path):
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(CheckpointError, match="config.json: model_type gpt2"):
         M.load_model(tmp_path / "hf")
+    write_hf_dir(tmp_path / "yarn", tiny_model())
+    config = json.loads((tmp_path / "yarn" / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: RoPE .* is neither plain nor Llama 3.1's"):
+        M.load_model(tmp_path / "yarn")
