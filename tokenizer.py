@@ -453,11 +453,11 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
-        turns = messages[1:] if messages[0]["role"] == "system" else messages
-        for i, m in enumerate(turns):
-            want = "user" if i % 2 == 0 else "assistant"
+        first = 1 if messages[0]["role"] == "system" else 0
+        for i, m in enumerate(messages[first:], first):
+            want = "user" if (i - first) % 2 == 0 else "assistant"
             if m["role"] != want:
-                raise ValueError(f"message {messages.index(m)} has role {m['role']!r}, expected {want!r}: "
+                raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r}: "
                                  "an optional system message, then user and assistant alternating")
 
     def encode_dialog(self, messages):

@@ -178,6 +178,12 @@ def test_dialog_roles_are_validated(tok, messages):
         tok.encode_dialog(messages)
 
 
+def test_role_error_names_the_message(tok):
+    same = {"role": "user", "content": "again"}
+    with pytest.raises(ValueError, match="message 4 has role 'user', expected 'assistant'"):
+        tok.encode_dialog([DIALOG[0], same, DIALOG[2], same, same])
+
+
 def test_prompt_must_end_with_user(tok):
     with pytest.raises(ValueError, match="assistant"):
         tok.encode_dialog_prompt(DIALOG)
