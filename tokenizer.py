@@ -507,8 +507,9 @@ if __name__ == "__main__":
         texts = read_texts(args.input) if args.input else (text for _, text in stdlib_sources())
         tok = Tokenizer.train(texts, args.vocab_size, verbose=True)
         tok.save(args.out)
-        print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab: {tok.n_words} tokens "
-              f"({len(tok.ranks)} merged + {N_SPECIAL} special), fingerprint {tok.fingerprint()}")
+        print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab")
+    print(f"{tok.n_words} tokens: 256 bytes + {len(tok.ranks) - 256} merged + {N_SPECIAL} special "
+          f"(<|begin_of_text|> = {tok.bos_id}, <|eot_id|> = {tok.eot_id}); fingerprint {tok.fingerprint()}")
     if args.encode is not None:
         ids = tok.encode(args.encode)
         print(ids)
