@@ -552,8 +552,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens)")
             return meta
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "meta.json")) + glob.glob(os.path.join(out_dir, "*_[0-9][0-9][0-9].bin")):
-        os.remove(old)  # another run's shards: stale, and the loader must never mix them in
+    for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
+        if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
+            os.remove(os.path.join(out_dir, name))
     if quality_model and labeller is None:
         labeller = checkpoint_labeller(quality_model)
     t0 = time.time()

@@ -326,7 +326,8 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
                              shard_tokens=2000) == meta
     assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
     meta2 = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=2)
-    assert len(meta2["train"]["shards"]) == 1 and sorted(os.listdir(out)) == ["meta.json", "train_000.bin", "val_000.bin"]
+    assert len(meta2["train"]["shards"]) == 1
+    assert sorted(os.listdir(out)) == ["meta.json", "train_000.bin", "val_000.bin"]
     assert read_docs(out, "train", tok) == train  # 2 processes: the same tokens
     loader = data.PackedLoader(out, "val", 2, 8, fingerprint=tok.fingerprint())
     x, y, doc_ids = loader.next_batch()
