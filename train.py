@@ -296,6 +296,13 @@ def log(*a):
         print(*a, flush=True)
 
 
+def shutdown():
+    """Leave together: a gloo rank that tears down while another still works can abort the whole job."""
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # -----------------------------------------------------------------------------
 # data: the tokenizer and the shards are made once (by rank 0) and cached; each rank reads its own slice
 t_start = time.time()
@@ -468,8 +475,7 @@ while True:
         msg = (f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping without taking this step. "
                f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}: resume from it with "
                f"--resume, perhaps with a lower --lr")
-        if distributed:
-            dist.destroy_process_group()
+        shutdown()
         sys.exit(msg if master else 1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -497,8 +503,7 @@ while True:
 if stopped:
     log(f"stopped by signal {signal.Signals(stop_signal).name} at step {step}: "
         f"resume with `python train.py --resume --out_dir {args.out_dir}`")
-    if distributed:
-        dist.destroy_process_group()
+    shutdown()
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -516,5 +521,4 @@ if master:
         out, _ = generate(export, [prompt], args.sample_tokens, temperature=0.8, top_k=50,
                           stop_ids=tok.stop_ids, generator=torch.Generator(device).manual_seed(args.seed))
         log("-" * 80 + "\n" + args.prompt + tok.decode(out[0]) + "\n" + "-" * 80)
-if distributed:
-    dist.destroy_process_group()
+shutdown()
