@@ -70,29 +70,29 @@ LETTERS = "abcdefgh"
 
 
 def make_task(rng):
-    """One random task: {"kind", "prompt", "answer"}. E.g. {"kind": "sort", "prompt": "Sort the letters: d a c",
-    "answer": "a c d"}. Small ranges on purpose: a model of a few hundred thousand parameters learns them in minutes."""
+    """One random task: {"kind", "prompt", "answer"}. E.g. {"kind": "reverse", "prompt": "Reverse: d a c",
+    "answer": "c a d"}. Letters and digits are written apart, so each is its own token whatever the BPE merged
+    (a model cannot reverse or count what it cannot spell), and ranges are small on purpose: a model of a few
+    hundred thousand parameters learns these in minutes."""
     kind = rng.choice(TASK_KINDS)
-    word = lambda alphabet, lo, hi: "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+    letters = lambda alphabet, lo, hi: [rng.choice(alphabet) for _ in range(rng.randint(lo, hi))]
     if kind == "add":
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         return dict(kind=kind, prompt=f"What is {a} + {b}?", answer=str(a + b))
     if kind == "sort":
         xs = rng.sample(LETTERS, rng.randint(3, 5))
         return dict(kind=kind, prompt="Sort the letters: " + " ".join(xs), answer=" ".join(sorted(xs)))
     if kind == "count":
-        ch, w = rng.choice("ab"), word("abc", 4, 8)
-        return dict(kind=kind, prompt=f"How many {ch} in {w}?", answer=str(w.count(ch)))
+        ch, xs = rng.choice("ab"), letters("abc", 3, 7)
+        return dict(kind=kind, prompt=f"How many {ch} in: {' '.join(xs)}?", answer=str(xs.count(ch)))
     if kind == "reverse":
-        w = word(LETTERS, 3, 5)
-        return dict(kind=kind, prompt=f"Reverse: {w}", answer=w[::-1])
+        xs = letters(LETTERS, 3, 5)
+        return dict(kind=kind, prompt="Reverse: " + " ".join(xs), answer=" ".join(reversed(xs)))
     fn = rng.choice(("max", "min", "len"))  # "python": a one-line expression and what Python prints for it
-    if fn == "len":
-        s = word(LETTERS, 1, 7)
-        return dict(kind="python", prompt=f"Evaluate in Python: len('{s}')", answer=str(len(s)))
-    xs = [rng.randint(0, 9) for _ in range(3)]
-    expr = f"{fn}({', '.join(map(str, xs))})"
-    return dict(kind="python", prompt=f"Evaluate in Python: {expr}", answer=str(max(xs) if fn == "max" else min(xs)))
+    xs = [rng.randint(0, 9) for _ in range(rng.randint(2, 5) if fn == "len" else 3)]
+    expr = f"len([{', '.join(map(str, xs))}])" if fn == "len" else f"{fn}({', '.join(map(str, xs))})"
+    answer = {"len": len, "max": max, "min": min}[fn](xs)
+    return dict(kind="python", prompt=f"Evaluate in Python: {expr}", answer=str(answer))
 
 
 def check(task, response):
@@ -449,11 +449,11 @@ def context_len(model):
 
 
 @torch.no_grad()
-def sample_responses(model, tok, prompt_ids, max_new, greedy=False, generator=None, batch_size=64):
+def sample_responses(model, tok, prompt_ids, max_new, temperature=1.0, greedy=False, generator=None, batch_size=64):
     """Responses (token lists, the stop token included if one was hit) for each prompt, via sample.generate."""
     out = []
     for i in range(0, len(prompt_ids), batch_size):
-        tokens, _ = generate(model, prompt_ids[i:i + batch_size], max_new, temperature=1.0,
+        tokens, _ = generate(model, prompt_ids[i:i + batch_size], max_new, temperature=temperature,
                              top_k=1 if greedy else None, stop_ids=tok.stop_ids, generator=generator)
         out += tokens
     return out
@@ -489,14 +489,15 @@ def evaluate(model, tok, tasks, rm=None, max_new=16):
     return res
 
 
-def preference_pairs(policy, tok, tasks, k, max_new, seed=0):
+def preference_pairs(policy, tok, tasks, k, max_new, temperature=1.0, seed=0):
     """Checker-labelled pairs on the policy's own samples (Llama 3 §4.2.1 samples pairs from the latest policy):
     chosen = a correct sample (else the checker's answer), rejected = a wrong one (else a corrupted answer).
     Returns the pairs and the fraction of samples that were correct."""
     rng = random.Random(seed)
     gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
     prompts = [render_prompt(tok, user(t["prompt"]), context_len(policy) - max_new) for t in tasks]
-    responses = sample_responses(policy, tok, [p for p in prompts for _ in range(k)], max_new, generator=gen)
+    responses = sample_responses(policy, tok, [p for p in prompts for _ in range(k)], max_new, temperature,
+                                 generator=gen)
     pairs, n_good = [], 0
     for i, t in enumerate(tasks):
         texts = [response_text(tok, r) for r in responses[i * k:(i + 1) * k]]
@@ -650,13 +651,13 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
     return optimize(net, step_loss, steps, lr, "dpo")
 
 
-def rejection_sample(policy, rm, tok, prompts, k, max_new, seed=0):
+def rejection_sample(policy, rm, tok, prompts, k, max_new, temperature=1.0, seed=0):
     """Best-of-K (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best.
     Returns the winners as SFT conversations and the (len(prompts), K) score matrix."""
     gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
     prompt_ids = [render_prompt(tok, p, context_len(policy) - max_new) for p in prompts]
     flat = [p for p in prompt_ids for _ in range(k)]
-    responses = sample_responses(policy, tok, flat, max_new, generator=gen)
+    responses = sample_responses(policy, tok, flat, max_new, temperature, generator=gen)
     scores = rm_scores(rm, [p + r for p, r in zip(flat, responses)]).view(len(prompts), k)
     best = scores.argmax(1).tolist()
     winners = [p + [{"role": "assistant", "content": response_text(tok, responses[i * k + b])}]
@@ -673,7 +674,9 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     # the fresh value head starts from zero and must catch up with the rewards' scale: 10x the policy's lr
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": lr},
                              {"params": pv.value_head.parameters(), "lr": 10 * lr}], betas=(0.9, 0.95), weight_decay=0.0)
-    kl_ctl = AdaptiveKL(kl_coef, kl_target)
+    # Ziegler et al. adapt over a horizon of 10000 samples in runs of millions; ours see about a thousand, so the
+    # horizon is one rollout (the coefficient may move up to 20% per iteration)
+    kl_ctl = AdaptiveKL(kl_coef, kl_target, horizon=rollout_size)
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng, perm_gen = random.Random(seed), torch.Generator().manual_seed(seed)
     history = []
@@ -731,14 +734,14 @@ STAGES = ("sft", "rm", "rs", "dpo", "ppo")
 # many task prompts it draws (SFT: conversations; RM, DPO: preference pairs; RS, PPO: prompts). Sized so that
 # `python align.py all` runs in minutes on a 2-core CPU; --steps/--batch_size/--lr/--n_prompts override one stage.
 STAGE_DEFAULTS = {
-    "sft": dict(steps=300, batch_size=16, lr=1e-3, n_prompts=4000),
-    "rm": dict(steps=150, batch_size=16, lr=3e-4, n_prompts=800),
+    "sft": dict(steps=600, batch_size=8, lr=2e-3, n_prompts=4000),
+    "rm": dict(steps=300, batch_size=16, lr=3e-4, n_prompts=800),
     "rs": dict(steps=100, batch_size=16, lr=3e-4, n_prompts=400),
     "dpo": dict(steps=100, batch_size=16, lr=1e-4, n_prompts=800),
     "ppo": dict(steps=30, batch_size=32, lr=3e-5, n_prompts=2000),
 }
 SMALL_MODEL = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128)  # ~0.8M params
-SMALL_VOCAB = 256 + 256 + 128  # bytes + special tokens + 128 merges: the task texts need no more
+SMALL_VOCAB = 256 + 256 + 64  # bytes + special tokens + 64 merges: the task texts hold about 80
 
 
 def hp(args, stage, key):
@@ -773,11 +776,12 @@ def finish(args, stage, model, tok, metric, rm=None, save=None):
         (save or (lambda out: save_model(model, out, tokenizer_path=tokenizer_file(args.init))))(args.out)
     if dist.is_initialized():
         dist.barrier()
-    policy = model.backbone if isinstance(model, RewardModel) else model
-    res = evaluate(policy, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new) if RANK == 0 else {}
-    reward = f", mean reward {res['reward']:.3f}" if "reward" in res else ""
-    log(f"[{stage}] -> {args.out}: held-out accuracy {res.get('accuracy', 0):.3f}{reward}; {metric} "
-        f"({Truncations.n} sequences truncated to the context)")
+    res = {}
+    if RANK == 0 and stage != "rm":  # the reward model's transformer is no policy: its own metric says it all
+        res = evaluate(model, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new)
+    acc = f"held-out accuracy {res['accuracy']:.3f}, " if "accuracy" in res else ""
+    reward = f"mean reward {res['reward']:.3f}, " if "reward" in res else ""
+    log(f"[{stage}] -> {args.out}: {acc}{reward}{metric} ({Truncations.n} sequences truncated to the context)")
     return dict(stage=stage, out=args.out, metric=metric, **res)
 
 
@@ -796,8 +800,8 @@ def stage_rm(args, device):
     if args.data:
         pairs, test_pairs = load_pairs(args.data), []
     else:  # the policy's own samples, labelled by the checker; the held-out prompts give held-out pairs
-        pairs, p_good = preference_pairs(policy, tok, train, args.k, args.max_new, args.seed)
-        test_pairs, _ = preference_pairs(policy, tok, held_out, args.k, args.max_new, args.seed + 1)
+        pairs, p_good = preference_pairs(policy, tok, train, args.k, args.max_new, args.temperature, args.seed)
+        test_pairs, _ = preference_pairs(policy, tok, held_out, args.k, args.max_new, args.temperature, args.seed + 1)
         log(f"[rm] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     rm = RewardModel(policy).to(device)
     hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"))
@@ -810,7 +814,7 @@ def stage_rs(args, device):
     policy, tok, rm = load_model(args.init, device=device), load_tokenizer(args.init), load_reward_model(args.rm, device)
     tasks = task_split(hp(args, "rs", "n_prompts"), args.n_eval, args.seed, 3)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
-    winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.seed)
+    winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.temperature, args.seed)
     picked = "" if args.data else ", winners correct " + \
         f"{sum(check(t, w[-1]['content']) for t, w in zip(tasks, winners)) / len(tasks):.3f}"
     log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
@@ -828,7 +832,7 @@ def stage_dpo(args, device):
         pairs = load_pairs(args.data)
     else:
         tasks = task_split(hp(args, "dpo", "n_prompts"), args.n_eval, args.seed, 4)[0]
-        pairs, p_good = preference_pairs(policy, tok, tasks, args.k, args.max_new, args.seed)
+        pairs, p_good = preference_pairs(policy, tok, tasks, args.k, args.max_new, args.temperature, args.seed)
         log(f"[dpo] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     hist = train_dpo(policy, ref, tok, pairs, hp(args, "dpo", "steps"), hp(args, "dpo", "batch_size"),
                      hp(args, "dpo", "lr"), args.beta, args.nll_coef)
@@ -844,7 +848,7 @@ def stage_ppo(args, device):
     tasks = task_split(hp(args, "ppo", "n_prompts"), args.n_eval, args.seed, 5)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     hist = train_ppo(policy, ref, lambda seqs: rm_scores(rm, seqs), tok, prompts, hp(args, "ppo", "steps"),
-                     hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target,
+                     hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target or None,
                      seed=args.seed)
     first, last = hist[:5], hist[-5:]
     mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)
@@ -863,14 +867,15 @@ def stage_all(args, device):
     run = args.run or ("default" if args.init == "out/default" else "align")
     if args.init is None:
         args.init = fresh_base(f"out/{run}-base", args.seed)
-        log(f"[base] no out/default: a fresh {SMALL_MODEL} model and a {SMALL_VOCAB}-token tokenizer in {args.init}")
+        log(f"[base] no out/default: a fresh {SMALL_MODEL} model and a {load_tokenizer(args.init).n_words}-token "
+            f"tokenizer trained on the task texts, in {args.init}")
     base = args.init
     walls = {"base": time.time() - t0}
     chain = [("sft", base, stage_sft), ("rm", f"out/{run}-sft", stage_rm), ("rs", f"out/{run}-sft", stage_rs),
              ("dpo", f"out/{run}-rs", stage_dpo), ("ppo", f"out/{run}-dpo", stage_ppo)]
     rows = {}
     for stage, init, fn in chain:
-        t = time.time()
+        t, Truncations.n = time.time(), 0
         args.init, args.out = init, f"out/{run}-{stage}"
         rows[stage] = fn(args, device)
         walls[stage] = time.time() - t
@@ -908,10 +913,13 @@ if __name__ == "__main__":
     p.add_argument("--n_eval", type=int, default=200, help="held-out tasks scored after every stage")
     p.add_argument("--k", type=int, default=4, help="samples per prompt for preference pairs and rejection sampling")
     p.add_argument("--max_new", type=int, default=16, help="longest response sampled, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature for preference pairs and rejection sampling (PPO samples at 1)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (Llama 3: 0.1)")
     p.add_argument("--nll_coef", type=float, default=0.2, help="DPO's NLL term on chosen (Llama 3: 0.2)")
-    p.add_argument("--kl_coef", type=float, default=0.05, help="PPO's initial KL penalty coefficient")
-    p.add_argument("--kl_target", type=float, default=None, help="PPO: adapt the KL coefficient towards this KL")
+    p.add_argument("--kl_coef", type=float, default=0.1, help="PPO's initial KL penalty coefficient")
+    p.add_argument("--kl_target", type=float, default=0.5,
+                   help="PPO: adapt the KL coefficient so the KL per response tracks this (0: keep it fixed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.stage != "all":
@@ -921,6 +929,10 @@ if __name__ == "__main__":
             p.error(f"{args.stage} needs --rm (a reward model written by `align.py rm`)")
         args.out = args.out or f"{args.init.rstrip('/')}-{args.stage}"
     device = setup_device()
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # the matrices here are tiny (64-256 wide): intra-op threads cost more in synchronisation than they save,
+        # and on shared cores they thrash (measured on this 2-core machine: generation 20x faster with one thread)
+        torch.set_num_threads(1)
     if args.stage in ("rs", "ppo") and dist.is_initialized():
         raise SystemExit(f"{args.stage} runs in one process: drop torchrun")
     torch.manual_seed(args.seed)

@@ -6,14 +6,27 @@ Run: python -m pytest -q tests/test_align.py
 """
 import json
 import math
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import align
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, save_model
 from tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """As `python align.py` does on CPU: tiny matrices run faster on one thread (and do not thrash shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # --- the losses --------------------------------------------------------------------------------------------------
@@ -251,3 +264,32 @@ def test_ppo_raises_the_reward(tok):
                            kl_coef=0.01, epochs=2, minibatch=8)
     assert even_mass() > before + 0.05
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+
+
+def test_dpo_under_torchrun_matches_one_process(tok, tmp_path):
+    """`torchrun --nproc_per_node=2 align.py dpo` (gloo, DDP) takes the same steps as one process: each rank
+    takes half of every global batch and DDP averages the gradients, so the weights come out equal."""
+    tok.save(str(tmp_path / "tok.model"))
+    save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
+    rng = random.Random(2)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for t in align.task_split(16, 0, seed=6)[0]:
+            f.write(json.dumps({"prompt": t["prompt"], "chosen": t["answer"], "rejected": align.corrupt(t, rng)}) + "\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["dpo", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "pairs.jsonl"), "--steps", "3",
+              "--batch_size", "8", "--lr", "1e-3", "--n_eval", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "align.py", *common, "--out", str(tmp_path / "one")], cwd=repo, env=env,
+                   check=True, capture_output=True, timeout=300)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1", f"--master_port={port}", "align.py", *common,
+                    "--out", str(tmp_path / "two")], cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+    one = torch.load(tmp_path / "one" / "consolidated.00.pth")
+    two = torch.load(tmp_path / "two" / "consolidated.00.pth")
+    init = torch.load(tmp_path / "init" / "consolidated.00.pth")
+    assert any(not torch.equal(one[k], init[k]) for k in one)  # the steps did move the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
