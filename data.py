@@ -71,6 +71,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokenizer import Tokenizer, stdlib_sources
+
 # -----------------------------------------------------------------------------
 # 1. Sources: every function yields documents as str
 
@@ -90,7 +92,6 @@ def stdlib_documents():
     """The default corpus: each standard-library module as code, then (except for test modules, whose
     docstrings are one-liners) its docstrings as an English document, then pydoc's topic pages (the language
     reference text behind help('if'))."""
-    from tokenizer import stdlib_sources
     root = sysconfig.get_paths()["stdlib"]
     for path, text in stdlib_sources():
         yield text
@@ -484,7 +485,6 @@ _worker = {}
 
 
 def _init_worker(tokenizer_path):
-    from tokenizer import Tokenizer
     _worker["tok"] = Tokenizer.load(tokenizer_path)
     _worker["minhash"] = MinHashDedup()  # same seed everywhere: the same hash functions in every process
 
@@ -537,14 +537,12 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
-    from tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
-                  quality_model=quality_model, quality_drop=quality_drop if (quality_model or labeller) else None,
-                  custom_labeller=labeller is not None)
+                  quality_model=quality_model, quality_sample=quality_sample, quality_drop=quality_drop)
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path) and labeller is None:
+    if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
