@@ -735,7 +735,7 @@ class PackedLoader:
         g0 = (self.batch * self.world + self.rank) * B  # this rank's rows of the global batch
         rows = [self.tokens(w * T, w * T + T + 1) for w in map(self.window, range(g0, g0 + B))]
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
-        x, y = buf[:, :-1], buf[:, 1:]                            # (B, T) each
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
         doc_ids = torch.cumsum(x == self.bos_id, dim=1)           # (B, T): +1 at each <|begin_of_text|>
         doc_ids -= doc_ids[:, :1].clone()                         # the window's first document is 0
         self.batch += 1
@@ -743,6 +743,7 @@ class PackedLoader:
 
     @property
     def epoch(self):
+        """Epochs done, fractional (for logs)."""
         return self.batch * self.world * self.B / self.n_windows
 
     def state_dict(self):
