@@ -9,7 +9,7 @@ Design choices
 - nanoGPT's order: config -> device, distribution and seeds -> data -> model -> optimizer -> one loop
   (set lr -> eval + checkpoint -> micro-steps forward/backward -> clip -> step -> log).
 - Packed documents, never padded, with Llama 3's document mask: data.PackedLoader yields doc_ids and attention
-  never crosses a document boundary inside a sequence (Llama 3 paper, section 3.4.1). The loss is fp32.
+  never crosses a document boundary inside a sequence (Llama 3 paper, section 3.2). The loss is fp32.
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
   tenth of the peak (Llama 2 paper section 2.2, kept for Llama 3), or warmup-stable-decay. Decay only on the
   matrices (model.configure_optimizer): it pulls weights toward 0, which regularises a matrix, but RMSNorm's
@@ -34,6 +34,7 @@ Run it
     torchrun --standalone --nproc_per_node=8 train.py --fsdp --model llama3-8b --seq_len 8192 --batch_size 1
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --fsdp --model llama3-70b --act_ckpt  # the same line on each of 4 nodes, HOST = one of them
+                                                       # (data/ and out/ on a filesystem all nodes share)
     python train.py --init out/default --out_dir out/long --seq_len 1024 --rope_factor 4 --max_steps 200
                                                        # long-context stage: continue at 4x the context
 """
