@@ -557,7 +557,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         labeller = checkpoint_labeller(quality_model)
     t0 = time.time()
     read = [0, 0]  # documents, bytes
-    removed = {s: [0, 0] for s in ["empty", "exact duplicate", "near duplicate", "heuristic", "quality"]}
+    removed = {}  # step -> [documents, bytes] it removed
     seen, minhash, clf = set(), MinHashDedup(), None
     pending = []          # documents waiting for the quality classifier to be trained on them
     every = round(1 / val_fraction) if val_fraction > 0 else 0
@@ -566,6 +566,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                for s in ("train", "val")}
 
     def drop(step, text):
+        removed.setdefault(step, [0, 0])
         removed[step][0] += 1
         removed[step][1] += len(text.encode("utf-8"))
 
@@ -582,7 +583,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             if minhash.is_duplicate(sig):
                 drop("near duplicate", text)
             elif rule:
-                drop("heuristic", text)
+                drop(f"heuristic: {rule}", text)
             else:
                 yield text
 
@@ -644,23 +645,25 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             pool.terminate()
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
+    steps = ["empty", "exact duplicate", "near duplicate", "heuristic", "quality"]  # pipeline order, for the table
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
                 bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
                 read=dict(docs=read[0], bytes=read[1]),
-                removed={s: dict(docs=d, bytes=b) for s, (d, b) in removed.items()},
+                removed={s: dict(docs=d, bytes=b) for s, (d, b) in
+                         sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
                 seconds=round(time.time() - t0, 1))
     if meta["train"]["docs"] == 0:
         raise ValueError(f"source {source!r}: no document survived filtering into the train split "
                          f"(read {read[0]}, removed {meta['removed']})")
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
-        print(f"{'step':<16} {'docs':>9} {'MB':>9}")
-        print(f"{'read':<16} {read[0]:>9,} {read[1] / 1e6:>9.2f}")
+        print(f"{'step':<28} {'docs':>9} {'MB':>9}")
+        print(f"{'read':<28} {read[0]:>9,} {read[1] / 1e6:>9.2f}")
         for step, r in meta["removed"].items():
-            print(f"{'- ' + step:<16} {r['docs']:>9,} {r['bytes'] / 1e6:>9.2f}")
+            print(f"{'- ' + step:<28} {r['docs']:>9,} {r['bytes'] / 1e6:>9.2f}")
         for s in ("train", "val"):
             m = meta[s]
-            print(f"{'= ' + s:<16} {m['docs']:>9,} {m['bytes'] / 1e6:>9.2f}   {m['tokens']:,} tokens, "
+            print(f"{'= ' + s:<28} {m['docs']:>9,} {m['bytes'] / 1e6:>9.2f}   {m['tokens']:,} tokens, "
                   f"{len(m['shards'])} shard(s)")
         print(f"data: wrote {out_dir} in {meta['seconds']} s")
     return meta

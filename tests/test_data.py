@@ -310,7 +310,8 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
                              shard_tokens=2000)
     printed = capsys.readouterr().out
     assert "exact duplicate" in printed and "heuristic" in printed
-    assert meta["removed"]["exact duplicate"]["docs"] == 2 and meta["removed"]["heuristic"]["docs"] == 2
+    assert meta["removed"]["exact duplicate"]["docs"] == 2
+    assert meta["removed"]["heuristic: too short"]["docs"] == 1 and meta["removed"]["heuristic: few letters"]["docs"] == 1
     cleaned = [data.clean_text(d) for d in docs]
     val, train = read_docs(out, "val", tok), read_docs(out, "train", tok)
     assert val == cleaned[::10] and train == [d for i, d in enumerate(cleaned) if i % 10]  # split by document
