@@ -10,8 +10,8 @@ Design choices
   in one prefill (causal attention never looks right, so padding is invisible to the real tokens); each row
   then decodes at its own position, stops at its own stop token, and the log-prob of every sampled token under
   the plain softmax (temperature 1, no top-k/top-p) is returned for PPO.
-- Sampling: temperature, then top-k, then top-p (nucleus, Holtzman et al. 2019) as in Meta's llama3 generate;
-  temperature 0 is greedy.
+- Sampling: temperature, then top-k, then top-p (nucleus, Holtzman et al. 2019; Meta's llama3 generate uses
+  temperature and top-p); temperature 0 is greedy.
 - Streaming prints bytes, not per-token strings: a UTF-8 character split across two tokens is decoded once
   complete (an incremental decoder), so no U+FFFD appears mid-stream.
 
