@@ -271,6 +271,8 @@ class Transformer(nn.Module):
     def init_weights(self):
         """N(0, 0.02); wo and w2 (the writes into the residual stream) scaled by 1/sqrt(2 n_layers), GPT-2 style.
         Also usable after `to_empty()` on a model built on the meta device."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # to_empty() gives each module its own copy
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)

@@ -271,6 +271,20 @@ def test_configure_optimizer_decays_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
 
 
+def test_meta_device_build_then_init():
+    """Build on the meta device (no memory), materialise, init: the same weights as a CPU build, still tied."""
+    with torch.device("meta"):
+        m = Transformer(tiny_args(tie_embeddings=True))
+    m.to_empty(device="cpu")
+    torch.manual_seed(1)
+    m.init_weights()
+    ref = Transformer(tiny_args(tie_embeddings=True))
+    torch.manual_seed(1)
+    ref.init_weights()
+    assert m.output.weight is m.tok_embeddings.weight
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+
+
 def test_init_is_deterministic_and_scaled():
     torch.manual_seed(3)
     a = Transformer(tiny_args(n_layers=8))
