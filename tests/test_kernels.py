@@ -269,15 +269,22 @@ def test_kernels_compile_for_hopper():
 
 
 # ----------------------------------------------------------------------------- dispatch
-def test_dispatch_cpu_tensors_use_reference(monkeypatch):
-    """CPU tensors take the reference even under TRITON_INTERPRET=1, so CPU model tests stay fast."""
+@pytest.mark.parametrize("T,Tk,docs", [(8, 8, True), (8, 8, False), (3, 8, False)])
+def test_dispatch_cpu_tensors_use_pytorch(monkeypatch, T, Tk, docs):
+    """CPU tensors take PyTorch's SDPA (equal to the reference) even under TRITON_INTERPRET=1, so CPU model
+    tests stay fast; causal, document-masked and bottom-right (Tk > T) masks, values and gradients."""
     def boom(*args):
         raise AssertionError("the Triton path was taken for CPU tensors")
     monkeypatch.setattr(A, "flash_attention", boom)
     monkeypatch.setattr(R, "rms_norm_triton", boom)
-    q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
-    doc_ids = torch.tensor([[0] * 3 + [1] * 5] * 2)
-    assert torch.equal(A.attention(q, k, k, doc_ids), A.attention_reference(q, k, k, doc_ids))
+    q = torch.randn(2, 4, T, 16, requires_grad=True)
+    k, v = torch.randn(2, 2, Tk, 16, requires_grad=True), torch.randn(2, 2, Tk, 16, requires_grad=True)
+    doc_ids = torch.tensor([[0] * 3 + [1] * 5] * 2) if docs else None
+    out, ref = A.attention(q, k, v, doc_ids), A.attention_reference(q, k, v, doc_ids)
+    torch.testing.assert_close(out, ref)
+    dy = torch.randn_like(out)
+    for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+        torch.testing.assert_close(g, g_ref)
     x, w = torch.randn(3, 40), torch.randn(40)
     assert torch.equal(R.rms_norm(x, w, 1e-5), R.rms_norm_reference(x, w, 1e-5))
 
