@@ -24,11 +24,11 @@ Design choices
   whole or not at all, and a damaged one is refused by name. The last two are kept.
   At the end the model is exported in Meta's layout (params.json, consolidated.00.pth, tokenizer.model).
 - Stops: SIGTERM/SIGINT save a checkpoint and exit; a NaN/inf loss stops before the bad update, naming the step.
-- On CPU the default run has a time budget (--max_minutes 4): the speed of the first 10 steps sets max_steps, so
+- On CPU the default run has a time budget (--max_minutes 6): the speed of the first 10 steps sets max_steps, so
   the cosine schedule still ends at lr / 10 on a slow or busy machine.
 
 Run it
-    python train.py                                    # CPU: tokenizer, shards, 4 minutes of training, sample
+    python train.py                                    # CPU: tokenizer, shards, 6 minutes of training, sample
     python train.py --resume                           # continue out/default from its last checkpoint
     python train.py --model llama3.2-1b --seq_len 4096 --batch_size 4 --tokens_per_step 524288 --compile  # 1 GPU
     torchrun --standalone --nproc_per_node=8 train.py --fsdp --model llama3-8b --seq_len 8192 --batch_size 1
@@ -246,8 +246,8 @@ parser.add_argument("--rope_factor", type=float, help="with --init: Llama 3.1 Ro
 parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-step, per process")
 parser.add_argument("--tokens_per_step", type=int, help="global batch in tokens, by gradient accumulation")
 parser.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
-parser.add_argument("--max_minutes", type=float, default=None if torch.cuda.is_available() else 4.0,
-                    help="time budget: after 10 steps, max_steps is cut to what fits (default: 4 on CPU, none on GPU)")
+parser.add_argument("--max_minutes", type=float, default=None if torch.cuda.is_available() else 6.0,
+                    help="time budget: after 10 steps, max_steps is cut to what fits (default: 6 on CPU, none on GPU)")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
 parser.add_argument("--warmup_steps", type=int, default=30)
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
@@ -432,7 +432,7 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
-step, stopped, t_loop = start_step, False, time.time()
+step, stopped, t_loop, step_seconds = start_step, False, time.time(), 0.0
 while True:
     last = step == args.max_steps
     lr = get_lr(step, args)
@@ -482,6 +482,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
 
     dt = time.time() - t0  # on GPU: includes waiting for the previous step's kernels (the .item() above)
+    step_seconds += dt
     tokens_per_s = tokens_per_step / dt
     mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
     if master:
@@ -489,15 +490,13 @@ while True:
                               "grad_norm": f"{grad_norm:.4f}", "tokens_per_s": f"{tokens_per_s:.0f}",
                               "mfu": f"{mfu:.4f}" if mfu else ""})
     if step % args.log_interval == 0:
-        log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | "
+        log(f"step {step:5d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | "
             f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else ""))
     step += 1
-    if args.max_minutes and step == start_step + 10:  # the time budget: the schedule ends when the budget does
-        seconds_per_step = (time.time() - t_loop) / 10
-        fit = step + int((args.max_minutes * 60 - (time.time() - t_loop)) / seconds_per_step)
-        if fit < args.max_steps:
-            log(f"--max_minutes {args.max_minutes}: at {seconds_per_step:.2f}s per step, max_steps {args.max_steps} "
-                f"-> {fit} (the learning rate schedule follows)")
+    if args.max_minutes and step >= start_step + 10:  # time budget: max_steps shrinks to what still fits
+        left = args.max_minutes * 60 - (time.time() - t_loop)
+        fit = step + max(0, int(left / (step_seconds / (step - start_step))))  # at the mean step time so far
+        if fit < args.max_steps:  # only ever shrinks, so the cosine only moves forward (printed: step/max_steps)
             args.max_steps = fit
             args.warmup_steps = min(args.warmup_steps, max(step, fit // 10))  # at most a tenth, or what is done
 

@@ -79,7 +79,7 @@ def start_and_interrupt(corpus, out, at_step, sig):
     lines = []
     for line in p.stdout:
         lines.append(line)
-        if line.startswith(f"step {at_step:5d} |"):
+        if line.startswith(f"step {at_step:5d}/"):
             p.send_signal(sig)
             break
     rest, _ = p.communicate(timeout=120)
@@ -104,6 +104,7 @@ def reference(corpus, tmp_path_factory):
 
 
 def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
+    from data import PackedLoader
     from model import load_model
     loss, val = losses(reference), losses(reference, "val_loss")
     assert sorted(loss) == list(range(STEPS)) and sorted(val) == [0, 5, 10]
@@ -118,12 +119,16 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
     assert lr[0] == pytest.approx(0.5e-2) and lr[1] == pytest.approx(1e-2)
     cosine = {s: 1e-3 + 0.5 * (1 + math.cos(math.pi * (s - 2) / (STEPS - 2))) * (1e-2 - 1e-3) for s in range(2, STEPS)}
     assert {s: lr[s] for s in cosine} == pytest.approx(cosine, rel=1e-3)
-    # Meta's layout, loadable, and the exported weights give the logged final validation loss's model
+    # Meta's layout, loadable, and the exported weights are the trained ones: they give the final val loss
     for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "log.csv"):
         assert os.path.exists(reference / name), name
     assert open(reference / "loss.svg").read().count("<polyline") == 2
     model = load_model(reference)
     assert model.args.dim == 32 and model.args.vocab_size == 600 and model.args.max_seq_len == 32
+    val_loader = PackedLoader(corpus / "shards", "val", 4, 32, seed=1337)  # train.py's eval: 256 tokens, 2 batches
+    with torch.no_grad():
+        val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in (val_loader.next_batch() for _ in range(2))) / 2
+    assert val_loss == pytest.approx(val[10], abs=1e-5)
     assert sorted(os.listdir(reference / "ckpt")) == ["step_000008", "step_000010"]  # the last two are kept
 
 
