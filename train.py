@@ -24,8 +24,9 @@ Design choices
   whole or not at all, and a damaged one is refused by name. The last two are kept.
   At the end the model is exported in Meta's layout (params.json, consolidated.00.pth, tokenizer.model).
 - Stops: SIGTERM/SIGINT save a checkpoint and exit; a NaN/inf loss stops before the bad update, naming the step.
-- On CPU the default run has a time budget (--max_minutes 6): the speed of the first 10 steps sets max_steps, so
-  the cosine schedule still ends at lr / 10 on a slow or busy machine.
+- On CPU the default run has a time budget (--max_minutes 6): the schedule runs on the clock instead of the step
+  count (warmup over the first tenth, cosine to lr / 10 when time is up), so it ends on time and properly decayed
+  on a fast, slow or busy machine alike. A resumed run gets a budget of its own.
 
 Run it
     python train.py                                    # CPU: tokenizer, shards, 6 minutes of training, sample
@@ -71,20 +72,21 @@ warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unav
 # helpers: learning rate, peak FLOPs, checkpoints, the loss log and its plot
 
 
-def get_lr(step, args):
-    """Linear warmup to args.lr, then either cosine decay to min_lr = lr / 10 (Llama 2 section 2.2), or
-    warmup-stable-decay: constant, then linear to min_lr over the last decay_frac of the steps (Hägele et
-    al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"), which lets a run
-    be extended without restarting its schedule."""
+def get_lr(t, warmup, total, args):
+    """The learning rate at point t of a run of length `total`, both in steps (t = step + 1) or, under a time
+    budget (--max_minutes), in seconds. Linear warmup over `warmup`, then either cosine decay to min_lr = lr / 10
+    at `total` (Llama 2 section 2.2), or warmup-stable-decay: constant, then linear to min_lr over the last
+    decay_frac of the run (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations"), which lets a run be extended without restarting its schedule."""
     min_lr = args.lr / 10
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
+    if t < warmup:
+        return args.lr * t / warmup
     if args.schedule == "wsd":
-        decay_start = int(args.max_steps * (1 - args.decay_frac))
-        frac = max(0, step - decay_start) / max(1, args.max_steps - decay_start)
+        decay_start = total * (1 - args.decay_frac)
+        frac = min(1.0, max(0.0, t - decay_start) / max(total - decay_start, 1e-9))
         return args.lr + frac * (min_lr - args.lr)
-    frac = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (args.lr - min_lr)
+    frac = min(1.0, (t - warmup) / max(total - warmup, 1e-9))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (args.lr - min_lr)
 
 
 # Dense bf16 tensor-core peak per card, the "without sparsity" figures of NVIDIA's datasheets: H100 SXM 989.4
@@ -247,7 +249,7 @@ parser.add_argument("--batch_size", type=int, default=8, help="sequences per mic
 parser.add_argument("--tokens_per_step", type=int, help="global batch in tokens, by gradient accumulation")
 parser.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
 parser.add_argument("--max_minutes", type=float, default=None if torch.cuda.is_available() else 6.0,
-                    help="time budget: after 10 steps, max_steps is cut to what fits (default: 6 on CPU, none on GPU)")
+                    help="time budget instead of max_steps: the schedule runs on the clock (default: 6 on CPU)")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
 parser.add_argument("--warmup_steps", type=int, default=30)
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
@@ -432,10 +434,14 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
-step, stopped, t_loop, step_seconds = start_step, False, time.time(), 0.0
+budget = args.max_minutes * 60 if args.max_minutes else None
+step, stopped, t_loop = start_step, False, time.time()
 while True:
-    last = step == args.max_steps
-    lr = get_lr(step, args)
+    if budget:  # on the clock (warmup: the first tenth), so the run ends on time and decayed at any speed
+        elapsed = time.time() - t_loop
+        last, lr = elapsed >= budget, get_lr(elapsed, budget / 10, budget, args)
+    else:
+        last, lr = step == args.max_steps, get_lr(step + 1, args.warmup_steps, args.max_steps, args)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -482,7 +488,6 @@ while True:
     optimizer.zero_grad(set_to_none=True)
 
     dt = time.time() - t0  # on GPU: includes waiting for the previous step's kernels (the .item() above)
-    step_seconds += dt
     tokens_per_s = tokens_per_step / dt
     mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
     if master:
@@ -490,15 +495,9 @@ while True:
                               "grad_norm": f"{grad_norm:.4f}", "tokens_per_s": f"{tokens_per_s:.0f}",
                               "mfu": f"{mfu:.4f}" if mfu else ""})
     if step % args.log_interval == 0:
-        log(f"step {step:5d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | "
+        log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | "
             f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else ""))
     step += 1
-    if args.max_minutes and step >= start_step + 10:  # time budget: max_steps shrinks to what still fits
-        left = args.max_minutes * 60 - (time.time() - t_loop)
-        fit = step + max(0, int(left / (step_seconds / (step - start_step))))  # at the mean step time so far
-        if fit < args.max_steps:  # only ever shrinks, so the cosine only moves forward (printed: step/max_steps)
-            args.max_steps = fit
-            args.warmup_steps = min(args.warmup_steps, max(step, fit // 10))  # at most a tenth, or what is done
 
 if stopped:
     log(f"stopped by signal {signal.Signals(stop_signal).name} at step {step}: "
