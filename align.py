@@ -24,9 +24,13 @@ Design choices
   penalty to the frozen reference, with an adaptive coefficient; GAE; clipped policy and value losses; minibatch
   epochs; whitened advantages. The value head reads the policy's features detached: the value loss never moves
   the policy (a cheap stand-in for InstructGPT's separate value model).
-- `python align.py all` starts from out/default (what `python train.py` writes) when it exists; otherwise from a
-  fresh small model with a small BPE tokenizer trained on the task texts (written as out/align-base), so the
-  whole chain runs in minutes on a laptop CPU. SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
+- `python align.py all` starts from a fresh small model (0.8M parameters) with a small BPE tokenizer trained on the
+  task texts (written as out/align-base), so the whole chain runs in minutes on a 2-core CPU.
+  `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
+  (6.5M parameters, 8K vocabulary: about 8x the compute per token, tens of minutes on the same CPU).
+  SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
+- On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
+  threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
 Real data (JSONL, one record a line; a malformed record is reported with its file and line number):
   SFT:      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
@@ -35,7 +39,8 @@ Real data (JSONL, one record a line; a malformed record is reported with its fil
 Prompts longer than the context are truncated from the left (keeping <|begin_of_text|>) and counted.
 
 Commands
-  python align.py all                                   # the whole chain on the embedded tasks, CPU
+  python align.py all                                   # the whole chain on the embedded tasks, CPU, minutes
+  python align.py all --init out/default                # the same from the pretrained model (out/default-sft, ...)
   python align.py sft --init out/default --out out/default-sft [--data sft.jsonl]
   python align.py rm  --init out/default-sft --out out/default-rm [--data pairs.jsonl]
   python align.py rs  --init out/default-sft --rm out/default-rm --out out/default-rs [--data prompts.jsonl]
@@ -77,7 +82,7 @@ def make_task(rng):
     kind = rng.choice(TASK_KINDS)
     letters = lambda alphabet, lo, hi: [rng.choice(alphabet) for _ in range(rng.randint(lo, hi))]
     if kind == "add":
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        a, b = rng.randint(0, 19), rng.randint(0, 19)  # 400 sums: the held-out ones are a small share
         return dict(kind=kind, prompt=f"What is {a} + {b}?", answer=str(a + b))
     if kind == "sort":
         xs = rng.sample(LETTERS, rng.randint(3, 5))
@@ -246,7 +251,7 @@ def render(tok, prompt, response, max_len):
 
 
 def render_prompt(tok, prompt, max_len):
-    """Prompt ids ending with the open assistant header, left-truncated to leave max_len for the answer."""
+    """Prompt ids ending with the open assistant header, left-truncated to max_len (callers leave room to answer)."""
     return truncate_left(list(tok.encode_dialog_prompt(prompt)), max_len)
 
 
@@ -674,9 +679,10 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     # the fresh value head starts from zero and must catch up with the rewards' scale: 10x the policy's lr
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": lr},
                              {"params": pv.value_head.parameters(), "lr": 10 * lr}], betas=(0.9, 0.95), weight_decay=0.0)
-    # Ziegler et al. adapt over a horizon of 10000 samples in runs of millions; ours see about a thousand, so the
-    # horizon is one rollout (the coefficient may move up to 20% per iteration)
-    kl_ctl = AdaptiveKL(kl_coef, kl_target, horizon=rollout_size)
+    # Ziegler et al. adapt over a horizon of 10000 samples in runs of millions; ours see a few thousand, so the
+    # horizon is ten rollouts (the coefficient may move up to 2% per iteration)
+    kl_ctl = AdaptiveKL(kl_coef, kl_target, horizon=10 * rollout_size)
+    score_mean, score_std = None, None
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng, perm_gen = random.Random(seed), torch.Generator().manual_seed(seed)
     history = []
@@ -695,7 +701,9 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
             old_logp, old_values = token_logprobs(logits, tokens), values[:, :-1]  # (B, T-1) each
             ref_logp = token_logprobs(ref(tokens), tokens)
             score = reward_fn(seqs).to(dev)  # (B,)
-            rewards = kl_shaped_rewards(score, old_logp, ref_logp, mask, kl_ctl.coef)
+            if score_mean is None:  # a reward model's scale is arbitrary (Bradley–Terry fixes only differences):
+                score_mean, score_std = score.mean(), score.std().clamp(min=1e-3)  # standardise by the first rollout
+            rewards = kl_shaped_rewards((score - score_mean) / score_std, old_logp, ref_logp, mask, kl_ctl.coef)
             adv, returns = gae(rewards, old_values, mask, gamma, lam)
             adv = whiten(adv, mask)
         # update: a few epochs of minibatches over this rollout
@@ -734,11 +742,11 @@ STAGES = ("sft", "rm", "rs", "dpo", "ppo")
 # many task prompts it draws (SFT: conversations; RM, DPO: preference pairs; RS, PPO: prompts). Sized so that
 # `python align.py all` runs in minutes on a 2-core CPU; --steps/--batch_size/--lr/--n_prompts override one stage.
 STAGE_DEFAULTS = {
-    "sft": dict(steps=600, batch_size=8, lr=2e-3, n_prompts=4000),
-    "rm": dict(steps=300, batch_size=16, lr=3e-4, n_prompts=800),
-    "rs": dict(steps=100, batch_size=16, lr=3e-4, n_prompts=400),
+    "sft": dict(steps=1000, batch_size=8, lr=2e-3, n_prompts=8000),
+    "rm": dict(steps=600, batch_size=16, lr=3e-4, n_prompts=2000),
+    "rs": dict(steps=60, batch_size=8, lr=3e-4, n_prompts=800),
     "dpo": dict(steps=100, batch_size=16, lr=1e-4, n_prompts=800),
-    "ppo": dict(steps=30, batch_size=32, lr=3e-5, n_prompts=2000),
+    "ppo": dict(steps=60, batch_size=32, lr=3e-5, n_prompts=2000),
 }
 SMALL_MODEL = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128)  # ~0.8M params
 SMALL_VOCAB = 256 + 256 + 64  # bytes + special tokens + 64 merges: the task texts hold about 80
@@ -850,7 +858,7 @@ def stage_ppo(args, device):
     hist = train_ppo(policy, ref, lambda seqs: rm_scores(rm, seqs), tok, prompts, hp(args, "ppo", "steps"),
                      hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target or None,
                      seed=args.seed)
-    first, last = hist[:5], hist[-5:]
+    first, last = hist[:10], hist[-10:]
     mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)
     return finish(args, "ppo", policy, tok, f"rollout reward {mean(first, 'reward'):.3f} -> {mean(last, 'reward'):.3f}, "
                   f"KL {mean(last, 'kl'):.3f}", rm)
@@ -862,13 +870,11 @@ def stage_all(args, device):
         raise SystemExit("align.py all runs in one process (RS and PPO are single-process); "
                          "sft, rm and dpo take torchrun on their own")
     t0 = time.time()
-    if args.init is None and os.path.exists("out/default/params.json"):
-        args.init = "out/default"
-    run = args.run or ("default" if args.init == "out/default" else "align")
+    run = args.run or (os.path.basename(args.init.rstrip("/")) if args.init else "align")
     if args.init is None:
         args.init = fresh_base(f"out/{run}-base", args.seed)
-        log(f"[base] no out/default: a fresh {SMALL_MODEL} model and a {load_tokenizer(args.init).n_words}-token "
-            f"tokenizer trained on the task texts, in {args.init}")
+        log(f"[base] a fresh {SMALL_MODEL} model and a {load_tokenizer(args.init).n_words}-token tokenizer trained "
+            f"on the task texts, in {args.init}")
     base = args.init
     walls = {"base": time.time() - t0}
     chain = [("sft", base, stage_sft), ("rm", f"out/{run}-sft", stage_rm), ("rs", f"out/{run}-sft", stage_rs),
@@ -901,16 +907,17 @@ def stage_all(args, device):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=STAGES + ("all",))
-    p.add_argument("--init", help="checkpoint to start from (all: out/default if present, else a fresh small model)")
+    p.add_argument("--init", help="checkpoint to start from (all: default a fresh small model, see the docstring)")
     p.add_argument("--out", help="where the stage writes its checkpoint (default: INIT-STAGE)")
     p.add_argument("--rm", help="reward model checkpoint (rs, ppo; other stages then also report mean reward)")
     p.add_argument("--data", help="JSONL instead of the embedded tasks (see the docstring for the shapes)")
-    p.add_argument("--run", help="all: outputs go to out/RUN-sft, ... (default: 'default' from out/default, else 'align')")
-    p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see STAGE_DEFAULTS")
+    p.add_argument("--run", help="all: outputs go to out/RUN-sft, ... (default: the name of --init, else 'align')")
+    p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see STAGE_DEFAULTS; "
+                   "with `all` these overrides apply to every stage (a quick smoke run: --steps 3 --n_prompts 16)")
     p.add_argument("--batch_size", type=int, help="sequences per step (ppo: rollouts per iteration)")
     p.add_argument("--lr", type=float)
     p.add_argument("--n_prompts", type=int, help="task prompts the stage draws (sft: conversations, rm/dpo: pairs)")
-    p.add_argument("--n_eval", type=int, default=200, help="held-out tasks scored after every stage")
+    p.add_argument("--n_eval", type=int, default=500, help="held-out tasks scored after every stage")
     p.add_argument("--k", type=int, default=4, help="samples per prompt for preference pairs and rejection sampling")
     p.add_argument("--max_new", type=int, default=16, help="longest response sampled, in tokens")
     p.add_argument("--temperature", type=float, default=0.7,
@@ -918,7 +925,7 @@ if __name__ == "__main__":
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (Llama 3: 0.1)")
     p.add_argument("--nll_coef", type=float, default=0.2, help="DPO's NLL term on chosen (Llama 3: 0.2)")
     p.add_argument("--kl_coef", type=float, default=0.1, help="PPO's initial KL penalty coefficient")
-    p.add_argument("--kl_target", type=float, default=0.5,
+    p.add_argument("--kl_target", type=float, default=0.25,
                    help="PPO: adapt the KL coefficient so the KL per response tracks this (0: keep it fixed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -938,4 +945,5 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}[args.stage](args, device)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()
