@@ -7,7 +7,7 @@ and bits per byte, exports out/default/ in Meta's checkpoint layout and prints a
 
 Design choices
 - nanoGPT's order: config -> device, distribution and seeds -> data -> model -> optimizer -> one loop
-  (set lr -> eval + checkpoint -> micro-steps forward/backward -> clip -> step -> log).
+  (eval + checkpoint -> set lr -> micro-steps forward/backward -> clip -> step -> log).
 - Packed documents, never padded, with Llama 3's document mask: data.PackedLoader yields doc_ids and attention
   never crosses a document boundary inside a sequence (Llama 3 paper, section 3.2). The loss is fp32.
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
@@ -437,14 +437,7 @@ signal.signal(signal.SIGINT, on_signal)
 budget = args.max_minutes * 60 if args.max_minutes else None
 step, stopped, t_loop = start_step, False, time.time()
 while True:
-    if budget:  # on the clock (warmup: the first tenth), so the run ends on time and decayed at any speed
-        elapsed = time.time() - t_loop
-        last, lr = elapsed >= budget, get_lr(elapsed, budget / 10, budget, args)
-    else:
-        last, lr = step == args.max_steps, get_lr(step + 1, args.warmup_steps, args.max_steps, args)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
+    last = time.time() - t_loop >= budget if budget else step == args.max_steps
     if (step % args.eval_interval == 0 or last) and not stopped:
         val_loss = evaluate()
         # bits per byte compare across tokenizers: nats per token / ln 2 * tokens per UTF-8 byte (val split)
@@ -461,6 +454,15 @@ while True:
         log(f"step {step}: saved {last_ckpt}")
     if last or stopped:
         break
+
+    # this step's learning rate: by step count or, under a time budget, by the clock (warmup: its first tenth),
+    # so that a budgeted run ends on time with its schedule complete whatever the machine's speed
+    if budget:
+        lr = get_lr(time.time() - t_loop, budget / 10, budget, args)
+    else:
+        lr = get_lr(step + 1, args.warmup_steps, args.max_steps, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     t0 = time.time()
 
     # forward/backward over grad_accum micro-batches; DDP all-reduces gradients only on the last one
