@@ -34,7 +34,7 @@ Design choices
 
 Real data (JSONL, one record a line; a malformed record is reported with its file and line number):
   SFT:      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-  RM, DPO:  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}
+  RM, DPO:  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."[, "margin": 1.0 (RM only)]}
   RS, PPO:  {"prompt": "..." or [messages]}
 Prompts longer than the context are truncated from the left (keeping <|begin_of_text|>) and counted.
 
@@ -205,14 +205,20 @@ def load_sft(path):
 
 
 def load_pairs(path):
-    """{"prompt", "chosen", "rejected"} per line -> list of {"prompt": messages, "chosen": str, "rejected": str}."""
+    """{"prompt", "chosen", "rejected"[, "margin"]} per line -> list of {"prompt": messages, "chosen": str,
+    "rejected": str[, "margin": float]}."""
     out = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
             raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
-        out.append(dict(prompt=_messages(rec["prompt"], where), chosen=_response(rec["chosen"], where),
-                        rejected=_response(rec["rejected"], where)))
+        pair = dict(prompt=_messages(rec["prompt"], where), chosen=_response(rec["chosen"], where),
+                    rejected=_response(rec["rejected"], where))
+        if "margin" in rec:  # Llama 2's preference strength, for the reward model's loss
+            if not isinstance(rec["margin"], (int, float)):
+                raise ValueError(f"{where}: 'margin' must be a number")
+            pair["margin"] = float(rec["margin"])
+        out.append(pair)
     return out
 
 

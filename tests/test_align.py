@@ -140,6 +140,10 @@ def test_malformed_jsonl_reports_line(tmp_path):
     pairs.write_text(json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "q"},
                                                           {"role": "assistant", "content": "a"}], "rejected": "b"}))
     assert align.load_pairs(pairs) == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}) + "\n" +
+                     json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: 'margin' must be a number"):
+        align.load_pairs(pairs)
 
 
 @pytest.fixture(scope="module")
