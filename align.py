@@ -310,8 +310,8 @@ def loss_mask(tok, ids, mask):
     return [int(m and t not in drop) for t, m in zip(ids[1:], mask[1:])]
 
 
-def masked_mean(x, mask, dim=None):
-    return (x * mask).sum() / mask.sum().clamp(min=1) if dim is None else (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,7 +684,8 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     pv = PolicyWithValue(policy).to(dev)
     # the fresh value head starts from zero and must catch up with the rewards' scale: 10x the policy's lr
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": lr},
-                             {"params": pv.value_head.parameters(), "lr": 10 * lr}], betas=(0.9, 0.95), weight_decay=0.0)
+                             {"params": pv.value_head.parameters(), "lr": 10 * lr}],
+                            betas=(0.9, 0.95), weight_decay=0.0)
     # Ziegler et al. adapt over a horizon of 10000 samples in runs of millions; ours see a few thousand, so the
     # horizon is ten rollouts (the coefficient may move up to 2% per iteration)
     kl_ctl = AdaptiveKL(kl_coef, kl_target, horizon=10 * rollout_size)
@@ -699,7 +700,7 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
         responses = sample_responses(policy, tok, prompt_ids, max_new, generator=gen)
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
         tokens = pad(seqs).to(dev)  # (B, T)
-        mask = torch.zeros(len(seqs), tokens.shape[1] - 1, device=dev)  # (B, T-1): positions predicting a response token
+        mask = torch.zeros(len(seqs), tokens.shape[1] - 1, device=dev)  # (B, T-1): positions predicting the response
         for i, (p, r) in enumerate(zip(prompt_ids, responses)):
             mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
         with torch.no_grad():
@@ -802,7 +803,8 @@ def finish(args, stage, model, tok, metric, rm=None, save=None):
 def stage_sft(args, device):
     model, tok = load_model(args.init, device=device), load_tokenizer(args.init)
     n = hp(args, "sft", "n_prompts")
-    convos = load_sft(args.data) if args.data else [task_conversation(t) for t in task_split(n, args.n_eval, args.seed, 1)[0]]
+    tasks = task_split(n, args.n_eval, args.seed, 1)[0]
+    convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
     hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"))
     return finish(args, "sft", model, tok, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
                   load_reward_model(args.rm, device) if args.rm else None)
