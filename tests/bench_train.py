@@ -140,10 +140,11 @@ def time_alternating(steps, n_warmup, n_steps):
 
 def cpu_part(args):
     device, rows = torch.device("cpu"), []
-    configs = [  # name, our ModelArgs, batch size
-        ("default (PRESETS['cpu'], vocab 4096)", dataclasses.replace(llama.PRESETS["cpu"], vocab_size=4096), 16),
+    configs = [  # name, our ModelArgs, batch size; train.py's default vocabulary (8192) for both
+        ("train.py default (PRESETS['cpu'])", dataclasses.replace(llama.PRESETS["cpu"], vocab_size=8192), 8),
         ("nanoGPT shakespeare_char size", llama.ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6,
-                                                          vocab_size=4096, multiple_of=32, max_seq_len=256), 8),
+                                                          vocab_size=8192, multiple_of=32, max_seq_len=256,
+                                                          tie_embeddings=True), 8),
     ]
     for name, margs, B in configs:
         T = margs.max_seq_len
