@@ -342,9 +342,8 @@ else:
     model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
     model = Transformer(model_args)
 if tok.n_words > model_args.vocab_size:
-    raise SystemExit(f"{args.tokenizer} has {tok.n_words} tokens, more than the model's vocab_size {model_args.vocab_size}")
+    raise SystemExit(f"{args.tokenizer} has {tok.n_words} tokens, more than vocab_size={model_args.vocab_size}")
 raw_model = model.to(device)  # fp32 master weights; bf16 only inside autocast / FSDP's compute
-B = args.batch_size
 if args.act_ckpt:  # recompute each block's activations in backward: memory for ~1/3 more compute
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     for i, block in enumerate(model.layers):
@@ -370,7 +369,8 @@ log(f"model: {raw_model.num_params(exclude_embedding=False) / 1e6:.2f}M paramete
 # -----------------------------------------------------------------------------
 # optimizer, batches, and the state to resume from
 optimizer = raw_model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.95), device_type=device.type)
-tokens_per_micro = B * T * world_size
+B = args.batch_size
+tokens_per_micro = B * T * world_size  # one micro-step of every process
 tokens_per_step = args.tokens_per_step or tokens_per_micro
 if tokens_per_step % tokens_per_micro:
     raise SystemExit(f"--tokens_per_step {tokens_per_step} is not a multiple of batch_size * seq_len * "

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as llama  # noqa: E402
-from kernels.attention import attention_reference  # noqa: E402
 from kernels.rmsnorm import rms_norm_reference  # noqa: E402
 
 # The same datasheet figures as train.py's PEAK_FLOPS (dense bf16, no sparsity): H100 SXM 989.4 TFLOP/s,
