@@ -209,3 +209,15 @@ def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, t
     assert losses(tmp_path)[0] < losses(reference)[0] - 1.0
     lr = {int(r["step"]): float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]}
     assert lr == pytest.approx({0: 0.5e-2, 1: 1e-2, 2: 0.55e-2, 3: 1e-3})  # warmup, stable, linear decay to lr/10
+
+
+def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
+    """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed."""
+    train(corpus, tmp_path, "--batch_size", "4", "--max_minutes", "0.1", "--max_steps", "100000", "--eval_interval",
+          "100000", "--ckpt_interval", "100000")
+    rows = log_rows(tmp_path)
+    lr = [float(r["lr"]) for r in rows if r["lr"]]
+    assert 3 <= len(lr) < 100000 and all(math.isfinite(float(r["train_loss"])) for r in rows if r["train_loss"])
+    peak = lr.index(max(lr))  # warmup by the clock, then only down: cosine on the time spent
+    assert all(a >= b for a, b in zip(lr[peak:], lr[peak + 1:])) and lr[-1] < 0.35e-2  # close to lr / 10 at the end
+    assert os.path.exists(tmp_path / "consolidated.00.pth")
