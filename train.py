@@ -110,12 +110,39 @@ def list_checkpoints(ckpt_dir):
     return [os.path.join(ckpt_dir, n) for n in names]
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def fail(message):
+    """Exit with message. Every rank reaches this together (they all read the same files), and leaves the process
+    group first: a gloo rank that exits inside it aborts instead of printing."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(message if rank == 0 else 1)  # said once, by rank 0
+
+
 def file_crc32(path):
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def checksums(folder, names):
+    """{name: [size, crc32]} of the files that exist. Each rank reads only every world_size-th file and the
+    shares are gathered, so checking a checkpoint costs the same time at any scale."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    paths = {n: os.path.join(folder, n) for n in names[rank::world]}
+    mine = {n: [os.path.getsize(p), file_crc32(p)] for n, p in paths.items() if os.path.exists(p)}
+    if world == 1:
+        return mine
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {n: v for share in shares for n, v in share.items()}
 
 
 def save_file(obj, path):
@@ -136,11 +163,11 @@ def save_checkpoint(path, model, optimizer, state, rank, keep=2):
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective: every rank takes part
-    barrier()
     if rank == 0:
         save_file(state, os.path.join(tmp, "state.pt"))
-        files = {n: [os.path.getsize(os.path.join(tmp, n)), file_crc32(os.path.join(tmp, n))]
-                 for n in sorted(os.listdir(tmp))}
+    barrier()
+    files = checksums(tmp, sorted(os.listdir(tmp)))
+    if rank == 0:
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({"step": state["step"], "files": files}, f, indent=1)
             f.flush()
@@ -159,16 +186,16 @@ def load_checkpoint(path, model, optimizer):
     A damaged checkpoint is refused by name; nothing is loaded from it and nothing is deleted."""
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.exists(manifest_path):
-        raise SystemExit(f"{path} is not a complete checkpoint: it has no manifest.json")
+        fail(f"{path} is not a complete checkpoint: it has no manifest.json")
     with open(manifest_path) as f:
         manifest = json.load(f)
-    others = [p for p in list_checkpoints(os.path.dirname(path)) if p != os.path.normpath(path)]
-    for name, (size, crc) in manifest["files"].items():
-        p = os.path.join(path, name)
-        if not os.path.exists(p) or os.path.getsize(p) != size or file_crc32(p) != crc:
-            raise SystemExit(f"corrupt checkpoint: {p} does not match {manifest_path} (missing, or another size "
-                             f"or CRC32); refusing to load {path}. Other checkpoints, untouched: "
-                             f"{', '.join(others) or 'none'} (resume from one with --resume PATH)")
+    found = checksums(path, sorted(manifest["files"]))  # the same on every rank, so all stop or none
+    bad = [os.path.join(path, n) for n, expected in manifest["files"].items() if found.get(n) != expected]
+    if bad:
+        others = [p for p in list_checkpoints(os.path.dirname(path)) if p != os.path.normpath(path)]
+        fail(f"corrupt checkpoint: {', '.join(bad)} does not match {manifest_path} (missing, or "
+             f"another size or CRC32); refusing to load {path}. Other checkpoints, untouched: "
+             f"{', '.join(others) or 'none'} (resume from one with --resume PATH)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
@@ -287,11 +314,6 @@ fsdp, ddp = distributed and args.fsdp, distributed and not args.fsdp
 torch.manual_seed(args.seed)  # the same seed on every rank: every rank builds the same initial weights
 torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls left outside autocast
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def barrier():
-    if distributed:
-        dist.barrier()
 
 
 def log(*a):

@@ -221,3 +221,19 @@ def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
     peak = lr.index(max(lr))  # warmup by the clock, then only down: cosine on the time spent
     assert all(a >= b for a, b in zip(lr[peak:], lr[peak + 1:])) and lr[-1] < 0.35e-2  # close to lr / 10 at the end
     assert os.path.exists(tmp_path / "consolidated.00.pth")
+
+
+def test_fsdp_resumes_a_single_process_checkpoint_and_refuses_a_corrupt_one(corpus, reference, tmp_path):
+    """dcp reshards: the reference's step-8 checkpoint resumes under FSDP2 on 2 processes to the same losses;
+    then a damaged file is refused by both ranks together, with one clear message and no hang."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    train(corpus, run, "--batch_size", "2", "--fsdp", "--resume", str(run / "ckpt" / "step_000008"), nproc=2)
+    got, ref = losses(run), losses(reference)
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-4) and sorted(got) == sorted(ref)
+    shard = run / "ckpt" / "step_000010" / "__1_0.distcp"  # written by rank 1 this time
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    r = train(corpus, run, "--batch_size", "2", "--fsdp", "--resume", nproc=2, ok=False)
+    assert r.returncode != 0 and (r.stdout + r.stderr).count(f"corrupt checkpoint: {shard}") == 1, r.stderr[-3000:]
