@@ -136,6 +136,10 @@ def checksums(folder, names):
     """{name: [size, crc32]} of the files that exist. Each rank reads only every world_size-th file and the
     shares are gathered, so checking a checkpoint costs the same time at any scale."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1:  # rank 0's list for everyone (a network filesystem may show the ranks different listings)
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
     paths = {n: os.path.join(folder, n) for n in names[rank::world]}
     mine = {n: [os.path.getsize(p), file_crc32(p)] for n, p in paths.items() if os.path.exists(p)}
     if world == 1:
@@ -187,8 +191,11 @@ def load_checkpoint(path, model, optimizer):
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.exists(manifest_path):
         fail(f"{path} is not a complete checkpoint: it has no manifest.json")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        fail(f"corrupt checkpoint: {manifest_path} is not valid JSON ({e}); refusing to load {path}")
     found = checksums(path, sorted(manifest["files"]))  # the same on every rank, so all stop or none
     bad = [os.path.join(path, n) for n, expected in manifest["files"].items() if found.get(n) != expected]
     if bad:
