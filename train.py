@@ -371,7 +371,7 @@ else:
     model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
     model = Transformer(model_args)
 if tok.n_words > model_args.vocab_size:
-    raise SystemExit(f"{args.tokenizer} has {tok.n_words} tokens, more than vocab_size={model_args.vocab_size}")
+    fail(f"{args.tokenizer} has {tok.n_words} tokens, more than vocab_size={model_args.vocab_size}")
 raw_model = model.to(device)  # fp32 master weights; bf16 only inside autocast / FSDP's compute
 if args.act_ckpt:  # recompute each block's activations in backward: memory for ~1/3 more compute
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -402,8 +402,8 @@ B = args.batch_size
 tokens_per_micro = B * T * world_size  # one micro-step of every process
 tokens_per_step = args.tokens_per_step or tokens_per_micro
 if tokens_per_step % tokens_per_micro:
-    raise SystemExit(f"--tokens_per_step {tokens_per_step} is not a multiple of batch_size * seq_len * "
-                     f"processes = {tokens_per_micro}")
+    fail(f"--tokens_per_step {tokens_per_step} is not a multiple of batch_size * seq_len * processes = "
+         f"{tokens_per_micro}")
 grad_accum = tokens_per_step // tokens_per_micro
 eval_steps = max(1, args.eval_tokens // tokens_per_micro)
 # every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint)
@@ -414,7 +414,7 @@ start_step, last_ckpt = 0, None
 if args.resume:
     last_ckpt = args.resume if args.resume != "last" else (list_checkpoints(ckpt_dir) or [None])[-1]
     if last_ckpt is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        fail(f"--resume: no checkpoint in {ckpt_dir}")
     state = load_checkpoint(last_ckpt, model, optimizer)
     start_step = state["step"]
     train_loader.load_state_dict(state["loader"])
@@ -464,9 +464,9 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 budget = args.max_minutes * 60 if args.max_minutes else None
-step, stopped, t_loop = start_step, False, time.time()
+step, stopped, t_loop, elapsed = start_step, False, time.time(), 0.0
 while True:
-    last = time.time() - t_loop >= budget if budget else step == args.max_steps
+    last = elapsed >= budget if budget else step == args.max_steps  # under a budget: one step past it at most
     if (step % args.eval_interval == 0 or last) and not stopped:
         val_loss = evaluate()
         # bits per byte compare across tokenizers: nats per token / ln 2 * tokens per UTF-8 byte (val split)
@@ -485,9 +485,14 @@ while True:
         break
 
     # this step's learning rate: by step count or, under a time budget, by the clock (warmup: its first tenth),
-    # so that a budgeted run ends on time with its schedule complete whatever the machine's speed
+    # so that a budgeted run ends on time with its schedule complete whatever the machine's speed. Rank 0's clock
+    # for every rank: the same lr everywhere (DDP's replicas must take the same step), and the same last step
     if budget:
-        lr = get_lr(time.time() - t_loop, budget / 10, budget, args)
+        elapsed = torch.tensor(time.time() - t_loop, dtype=torch.float64, device=device)
+        if distributed:
+            dist.broadcast(elapsed, src=0)
+        elapsed = elapsed.item()
+        lr = get_lr(elapsed, budget / 10, budget, args)
     else:
         lr = get_lr(step + 1, args.warmup_steps, args.max_steps, args)
     for group in optimizer.param_groups:

@@ -212,9 +212,10 @@ def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, t
 
 
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
-    """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed."""
-    train(corpus, tmp_path, "--batch_size", "4", "--max_minutes", "0.1", "--max_steps", "100000", "--eval_interval",
-          "100000", "--ckpt_interval", "100000")
+    """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed.
+    Under DDP, so that the ranks must agree on every lr and on the last step (rank 0's clock), or hang."""
+    train(corpus, tmp_path, "--batch_size", "2", "--max_minutes", "0.1", "--max_steps", "100000", "--eval_interval",
+          "100000", "--ckpt_interval", "100000", nproc=2)
     rows = log_rows(tmp_path)
     lr = [float(r["lr"]) for r in rows if r["lr"]]
     assert 3 <= len(lr) < 100000 and all(math.isfinite(float(r["train_loss"])) for r in rows if r["train_loss"])
