@@ -60,6 +60,7 @@ class ModelArgs:
     max_seq_len: int = 8192                # Llama 3's pretraining context; caps the KV cache a caller sets up
     # ours, written to params.json only when they differ from these defaults (Meta's loader stays happy)
     rope_scaling_factor: float = 8.0       # Llama 3.1 uses 8, Llama 3.2 (1B, 3B) uses 32
+    rope_original_context: int = 8192      # the context the model was pretrained at, where the scaling is anchored
     tie_embeddings: bool = False           # output shares tok_embeddings (Llama 3.2 1B/3B)
     ffn_hidden_dim: Optional[int] = None   # explicit SwiGLU hidden size (HF configs give intermediate_size)
 
@@ -88,7 +89,7 @@ class ModelArgs:
     def to_params(self) -> dict:
         """The params.json dict: Meta's fields always, ours only where they are not the default."""
         defaults = ModelArgs()
-        ours = {"rope_scaling_factor", "tie_embeddings", "ffn_hidden_dim"}
+        ours = {"rope_scaling_factor", "rope_original_context", "tie_embeddings", "ffn_hidden_dim"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ours or v != getattr(defaults, k)}
 
     @classmethod
@@ -149,7 +150,8 @@ def rope_frequencies(args, device=None):
     d = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     if args.use_scaled_rope:
-        freqs = scale_rope_frequencies(freqs, args.rope_scaling_factor)
+        freqs = scale_rope_frequencies(freqs, args.rope_scaling_factor,
+                                       original_context=args.rope_original_context)
     return freqs
 
 
@@ -534,9 +536,10 @@ def args_from_hf_config(config, file="config.json"):
                 max_seq_len=get("max_position_embeddings", 2048),
                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
     kind = rope.get("rope_type", rope.get("type", "default"))
-    expected = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    expected = dict(low_freq_factor=1.0, high_freq_factor=4.0)
     if kind == "llama3" and all(rope.get(k) == v for k, v in expected.items()):
-        args.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]))
+        args.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]),
+                    rope_original_context=int(rope.get("original_max_position_embeddings", 8192)))
     elif kind != "default":
         raise CheckpointError(f"{file}: RoPE {rope} is neither plain nor Llama 3.1's (rope_type llama3, {expected})")
     try:

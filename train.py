@@ -359,8 +359,10 @@ if args.init:
     T = args.seq_len or model.args.max_seq_len
     # long-context stage (Llama 3 section 3.4.2): the same weights go on at a longer context. --rope_factor
     # turns on Llama 3.1's RoPE scaling (model.scale_rope_frequencies): long wavelengths are stretched by the
-    # factor, so positions beyond the trained context map to angles the model has seen
-    scaling = dict(use_scaled_rope=True, rope_scaling_factor=args.rope_factor) if args.rope_factor else {}
+    # factor, so positions beyond the trained context map to angles the model has seen. The scaling is anchored
+    # at the context the model was trained at (Llama 3.1: 8192), here the loaded model's max_seq_len.
+    scaling = dict(use_scaled_rope=True, rope_scaling_factor=args.rope_factor,
+                   rope_original_context=model.args.max_seq_len) if args.rope_factor else {}
     model_args = dataclasses.replace(model.args, max_seq_len=T, **scaling)
     state = model.state_dict()
     model = Transformer(model_args)

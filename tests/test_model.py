@@ -174,6 +174,10 @@ def test_rope_scaling_against_hand_computed_frequencies():
     f = torch.tensor([2 * math.pi / 4096])
     assert M.scale_rope_frequencies(f, 8.0).item() == pytest.approx((2 / 3) * f.item() / 8 + (1 / 3) * f.item())
     torch.testing.assert_close(M.rope_frequencies(ModelArgs(dim=4096, n_heads=32)).double(), plain, rtol=1e-6, atol=0)
+    # anchored at a model's own shorter context (train.py --init): the same wavelength 4096 is now > 2048 / 1
+    short = ModelArgs(dim=4096, n_heads=32, use_scaled_rope=True, rope_scaling_factor=8.0, rope_original_context=2048)
+    assert M.rope_frequencies(short)[-1].item() == pytest.approx(freqs[-1].item(), rel=1e-6)
+    assert M.scale_rope_frequencies(f, 8.0, original_context=2048).item() == pytest.approx(f.item() / 8)
 
 
 # ---------------------------------------------------------------------------------------------- KV cache

@@ -205,6 +205,7 @@ def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, t
           "--max_steps", "4", "--schedule", "wsd", "--decay_frac", "0.5")
     params = json.load(open(tmp_path / "params.json"))
     assert params["max_seq_len"] == 64 and params["use_scaled_rope"] and params["rope_scaling_factor"] == 2.0
+    assert params["rope_original_context"] == json.load(open(reference / "params.json"))["max_seq_len"]
     # the weights came from the reference: the first loss is far below a fresh model's ln(600) = 6.4
     assert losses(tmp_path)[0] < losses(reference)[0] - 1.0
     lr = {int(r["step"]): float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]}
