@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, stdlib_sources
+from tokenizer import Tokenizer, stdlib_sources, text_batches
 
 # -----------------------------------------------------------------------------
 # 1. Sources: every function yields documents as str
@@ -512,19 +512,6 @@ def _encode_chunk(job):
     return split, flat, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def chunks(texts, chunk_bytes):
-    """Group an iterable of strings into lists of about chunk_bytes characters."""
-    chunk, size = [], 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        if size >= chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
@@ -612,7 +599,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         for text in texts:
             by_split["val" if every and n_kept % every == 0 else "train"].append(text)
             n_kept += 1
-        return [(split, c) for split, ts in by_split.items() for c in chunks(ts, chunk_bytes)]
+        return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
 
     docs = iter_documents(source) if max_docs is None else itertools.islice(iter_documents(source), max_docs)
     # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
@@ -625,7 +612,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     pmap = pool.map if pool else (lambda f, xs: list(map(f, xs)))
     bar = tqdm(desc=f"data {source}", unit="B", unit_scale=True, disable=not verbose)
     try:
-        raw = chunks(docs, chunk_bytes)
+        raw = text_batches(docs, chunk_bytes)
         while True:
             group = list(itertools.islice(raw, 2 * num_proc))  # bounded memory, however big the source
             final = not group

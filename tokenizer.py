@@ -160,7 +160,7 @@ def _count_chunks(args):
     return counts
 
 
-def _batches(texts, batch_chars):
+def text_batches(texts, batch_chars):
     """Group an iterable of strings into lists of about batch_chars characters."""
     batch, size = [], 0
     for text in texts:
@@ -178,7 +178,7 @@ def count_chunks(texts, pattern=LLAMA3_PATTERN, processes=None, batch_chars=2_00
 
     20 MB of Python source has only ~90K distinct chunks, so after this the corpus is never read again.
     Input of more than one batch is split across `processes` worker processes (default: all cores)."""
-    batches = _batches(texts, batch_chars)
+    batches = text_batches(texts, batch_chars)
     head = list(itertools.islice(batches, 2))
     counts = Counter()
     # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
