@@ -395,7 +395,7 @@ if fsdp:  # FSDP2: every block is one all-gather unit; the root holds embeddings
 elif ddp:
     model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 log(f"model: {raw_model.num_params(exclude_embedding=False) / 1e6:.2f}M parameters "
-    f"({raw_model.num_params() / 1e6:.2f}M without embeddings), {model_args}")
+    f"({raw_model.num_params() / 1e6:.2f}M in matmuls: the N of 6N), {model_args}")
 
 # -----------------------------------------------------------------------------
 # optimizer, batches, and the state to resume from
