@@ -366,6 +366,19 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
+# Dense bf16 tensor-core peak per card, the "without sparsity" figures of NVIDIA's datasheets: H100 SXM 989.4
+# TFLOP/s, H100 NVL 835, H100 PCIe 756 (H100 datasheet), H200 989.4 (H200 datasheet), A100 312 (A100 datasheet).
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12)]
+
+
+def peak_flops(device):
+    """Peak FLOP/s of one card for MFU (= flops_per_token * tokens/s / peak), or None on CPU or a card not listed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: ours = Meta's layout (params.json + consolidated.NN.pth + tokenizer.model); Hugging Face's.
 

@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import PRESETS, Transformer, load_model, save_model
+from model import PRESETS, Transformer, load_model, peak_flops, save_model
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -69,7 +69,7 @@ from tokenizer import Tokenizer
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 # -----------------------------------------------------------------------------
-# helpers: learning rate, peak FLOPs, checkpoints, the loss log and its plot
+# helpers: learning rate, checkpoints, the loss log and its plot
 
 
 def get_lr(t, warmup, total, args):
@@ -87,19 +87,6 @@ def get_lr(t, warmup, total, args):
         return args.lr + frac * (min_lr - args.lr)
     frac = min(1.0, (t - warmup) / max(total - warmup, 1e-9))
     return min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (args.lr - min_lr)
-
-
-# Dense bf16 tensor-core peak per card, the "without sparsity" figures of NVIDIA's datasheets: H100 SXM 989.4
-# TFLOP/s, H100 NVL 835, H100 PCIe 756 (H100 datasheet), H200 989.4 (H200 datasheet), A100 312 (A100 datasheet).
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12)]
-
-
-def peak_flops(device):
-    """Peak FLOP/s of one card for MFU, or None: MFU is not reported on CPU or on a card not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
 def list_checkpoints(ckpt_dir):

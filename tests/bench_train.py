@@ -31,11 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as llama  # noqa: E402
 from kernels.rmsnorm import rms_norm_reference  # noqa: E402
 
-# The same datasheet figures as train.py's PEAK_FLOPS (dense bf16, no sparsity): H100 SXM 989.4 TFLOP/s,
-# H100 NVL 835, H100 PCIe 756, H200 989.4, A100 312.
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12)]
-
-
 # -----------------------------------------------------------------------------
 # the baseline: a plain GPT in the style of nanoGPT's model.py
 
@@ -168,7 +163,7 @@ def cpu_part(args):
 
 def gpu_part(args, device=torch.device("cuda")):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    peak = next((f for key, f in PEAK_FLOPS if key in name), None)
+    peak = llama.peak_flops(device)
     margs = dataclasses.replace(llama.PRESETS[args.model], max_seq_len=args.seq_len)
     B, T = args.batch_size, args.seq_len
     torch.manual_seed(0)
