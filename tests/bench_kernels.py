@@ -130,6 +130,8 @@ for T in Ts:
                          ratio(0, "sdpa"), ratio(0, "flex"), f"{err:.1e}"])
         bwd_rows.append([T, B, mask, f"{tf['ours'][3]:.2f}", cell("ours", 1), cell("sdpa", 1), cell("flex", 1),
                          ratio(1, "sdpa"), ratio(1, "flex")])
+        print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
+              f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}", flush=True)
     (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
     skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}"])
     del q, k, v, k_rep, v_rep, do

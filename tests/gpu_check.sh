@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, as one prepared run: the GPU tests, the three GPU benchmarks and a short
+# train.py run. Made for a lent device with little time (15 minutes in all, start-up included), so each part
+# has its own time limit, writes its whole log to $OUT/<part>.log as it goes, and a part that fails or runs
+# out of time does not stop the next. The last lines printed are each part's status and the tail of its log.
+#
+#     bash tests/gpu_check.sh                       # every part, ~6 minutes on an H100 (limits sum to 9)
+#     bash tests/gpu_check.sh bench_kernels train   # only these parts (a rerun of what failed)
+#
+# Parts: env, tests, bench_kernels, bench_train, bench_sample, train. `train` uses data/stdlib when it is
+# there (carry it: the tokenizer and shards take minutes to make from scratch) and writes under out/gpu_check.
+set -u
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+PARTS=${*:-env tests bench_kernels bench_train bench_sample train}
+export PYTHONUNBUFFERED=1  # logs stay complete up to the moment a time limit kills a part
+
+run() {  # run PART LIMIT_S CMD...: CMD under a time limit, its output in $OUT/PART.log
+    local part=$1 limit=$2 t0=$SECONDS
+    shift 2
+    case " $PARTS " in *" $part "*) ;; *) return ;; esac
+    echo "== $part (limit ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" >"$OUT/$part.log" 2>&1
+    local rc=$?
+    local status="ok"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="TIME LIMIT"
+    [ $rc -ne 0 ] && [ "$status" = ok ] && status="FAILED (exit $rc)"
+    echo "$part: $status in $((SECONDS - t0))s" | tee -a "$OUT/status.txt"
+}
+
+: >"$OUT/status.txt"
+run env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, \
+torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")'"
+# kernel tests at GPU shapes (bf16, head_dim 128, every autotune config once) and the CUDA dispatch test
+run tests 150 $PY -m pytest -q -x tests/test_kernels.py tests/test_model.py
+run bench_kernels 200 $PY tests/bench_kernels.py
+run bench_train 120 $PY tests/bench_train.py --skip_cpu
+run bench_sample 60 $PY tests/bench_sample.py --device cuda
+run train 90 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
+    --log_interval 10 --sample_tokens 40
+[ -f out/gpu_check/train/log.csv ] && cp out/gpu_check/train/log.csv "$OUT/train_log.csv"
+
+for part in $PARTS; do
+    [ -f "$OUT/$part.log" ] || continue
+    echo
+    echo "######## $part: $(grep "^$part:" "$OUT/status.txt")"
+    tail -n 30 "$OUT/$part.log"
+done
