@@ -14,7 +14,8 @@ same model on torch's F.scaled_dot_product_attention with the document mask as a
 and vs SDPA causal-only (flash backend, no document mask: an upper bound that computes a different thing).
 
     python tests/bench_train.py                 # CPU part; the GPU part too when CUDA is available
-    python tests/bench_train.py --steps 20 --compile   # GPU: more steps, torch.compile per block
+    python tests/bench_train.py --compile       # both models' blocks torch.compile'd (as nanoGPT trains by default)
+    python tests/bench_train.py --steps 20 --compile --skip_cpu   # GPU only: more steps, compiled blocks
 """
 import argparse
 import dataclasses
@@ -146,6 +147,9 @@ def cpu_part(args):
         ours = llama.Transformer(margs)
         base = GPT(margs.vocab_size, margs.dim, margs.n_layers, margs.n_heads, T)
         batch = packed_batch(B, T, margs.vocab_size, device, mean_doc=args.mean_doc_cpu)
+        if args.compile:  # per block, as train.py --compile does; the first steps (warm-up) compile
+            for block in [*ours.layers, *base.blocks]:
+                block.compile()
         med = time_alternating({"ours": make_step(ours, batch, device, torch.autocast("cpu", enabled=False)),
                                 "base": make_step(base, batch, device, torch.autocast("cpu", enabled=False))},
                                args.warmup, args.steps)
@@ -154,7 +158,8 @@ def cpu_part(args):
                      f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M / "
                      f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M",
                      f"{tok / med['ours']:,.0f}", f"{tok / med['base']:,.0f}", f"{med['base'] / med['ours']:.2f}x"))
-    print(f"\nCPU ({torch.get_num_threads()} threads), training step tokens/s, median of {args.steps} steps")
+    print(f"\nCPU ({torch.get_num_threads()} threads), training step tokens/s, median of {args.steps} steps, "
+          f"compile={args.compile}")
     header = ("config", "shape", "params ours / base", "ours tok/s", "plain GPT tok/s", "ours / base")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
@@ -206,7 +211,7 @@ if __name__ == "__main__":
     p.add_argument("--model", default="llama3.2-1b", help="GPU: shape preset of model.py")
     p.add_argument("--batch_size", type=int, default=1, help="GPU")
     p.add_argument("--seq_len", type=int, default=4096, help="GPU")
-    p.add_argument("--compile", action="store_true", help="GPU: torch.compile each block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (both models)")
     p.add_argument("--skip_cpu", action="store_true")
     args = p.parse_args()
     if not args.skip_cpu:
