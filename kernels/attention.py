@@ -73,7 +73,9 @@ def _configs(shapes):
     how many K/V (or Q/dO) tiles are prefetched into shared memory (228 KB on an H100). Checked without a GPU
     (triton 3.9's triton.compile for sm_90a, then `ptxas -v`): at D=128 these spill nothing, or under 80 bytes
     for dk/dv (at the 255-register limit), except the forward's 128x64 at 4 warps, kept for D=64 where it
-    fits; all pipeline their loads (cp.async) and use wgmma. The space is small because every (T, head_dim,
+    fits; all pipeline their loads (cp.async, 41-161 KB of shared memory at D = 64 and 128) and use wgmma,
+    given what a launch tells the compiler: strides that are multiples of 16 (without that hint the loads are
+    not vectorised, and nothing is pipelined; tests/test_kernels.py checks both). The space is small because every (T, head_dim,
     documents, dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller
     tiles (more programs for 132 SMs). TODO(GPU session): time them on an H100 and prune to the winners."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles

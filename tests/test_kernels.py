@@ -244,10 +244,15 @@ for jit, consts, warps in [
         (R._rms_norm_fwd, dict(BLOCK_N=4096), 16),
         (R._rms_norm_bwd, dict(BLOCK_N=4096), 16)]:
     sig = {p.name: arg_type(p) for p in jit.params}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    # a launch marks every pointer and every integer that is a multiple of 16 (the strides at head_dim 128,
+    # T = 4096) "divisible by 16"; without that hint loads are not vectorised, so not pipelined either
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
+               if t.startswith("*") or name.startswith("stride") or name in ("T", "Tk")}
     kernel = triton.compile(ASTSource(jit, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=3))
-    assert "wgmma" in kernel.asm["ptx"] or not jit.__name__.startswith("_attn"), f"{jit.__name__}: no wgmma"
+    if jit.__name__.startswith("_attn"):  # Hopper's tensor-core MMA, fed by asynchronous (pipelined) copies
+        assert "wgmma.mma_async" in kernel.asm["ptx"], f"{jit.__name__}: no wgmma"
+        assert "cp.async" in kernel.asm["ptx"], f"{jit.__name__}: loads not pipelined"
     print(jit.__name__, "compiled")
 print("ok")
 """
@@ -256,7 +261,8 @@ print("ok")
 @pytest.mark.skipif(CUDA, reason="on a GPU the tests above compile and run every kernel for real")
 def test_kernels_compile_for_hopper():
     """The interpreter runs code the compiler may reject (it is Python): compile each kernel for an H100
-    (sm_90) in a subprocess without TRITON_INTERPRET, no GPU needed, and check attention uses Hopper's wgmma."""
+    (sm_90) in a subprocess without TRITON_INTERPRET, no GPU needed, and check attention uses Hopper's wgmma
+    with its K/V (Q/dO) tiles prefetched by cp.async, as the autotune space's num_stages intends."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
