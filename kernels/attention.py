@@ -71,13 +71,14 @@ def _configs(shapes):
     BLOCK_N x D accumulators plus k and v), and past 255 registers a thread spills to local memory; a Hopper
     warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is
     how many K/V (or Q/dO) tiles are prefetched into shared memory (228 KB on an H100). Checked without a GPU
-    (triton 3.9's triton.compile for sm_90a, then `ptxas -v`): at D=128 these spill nothing, or under 80 bytes
-    for dk/dv (at the 255-register limit), except the forward's 128x64 at 4 warps, kept for D=64 where it
-    fits; all pipeline their loads (cp.async, 41-161 KB of shared memory at D = 64 and 128) and use wgmma,
-    given what a launch tells the compiler: strides that are multiples of 16 (without that hint the loads are
-    not vectorised, and nothing is pipelined; tests/test_kernels.py checks both). The space is small because every (T, head_dim,
-    documents, dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller
-    tiles (more programs for 132 SMs). TODO(GPU session): time them on an H100 and prune to the winners."""
+    (triton 3.9's triton.compile for sm_90a with a launch's hints, strides multiples of 16; then cuobjdump's
+    resource usage): all pipeline their loads (cp.async; without the hints nothing is vectorised or
+    pipelined, tests/test_kernels.py checks this), use wgmma, and take 41-161 KB of shared memory at D = 64 and
+    128. At D=64 none spills. At D=128 the forward's 128x64 at 4 warps spills 240 bytes (it is there for
+    D=64), 128x128 spills 24; dk/dv's 32-row tiles spill 64-112 bytes and the 16-row tiles 0-24, which is why
+    both are offered. The space is small because every (T, head_dim, documents, dtype) key compiles and times
+    each shape. Keyed on T and head_dim: short rows favour smaller tiles (more programs for 132 SMs).
+    TODO(GPU session): time them on an H100 and prune to the winners."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
@@ -85,7 +86,7 @@ def _configs(shapes):
 
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)])
-DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)])
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 3)])
 DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)])
 
 
