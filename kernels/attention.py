@@ -34,11 +34,13 @@ Design choices:
 
 Dispatch rule of `attention`: CUDA tensors -> the Triton kernel; any other tensors -> PyTorch's own fused
 attention (F.scaled_dot_product_attention with the same boolean mask, GQA by enable_gqa): the same math as the
-reference, about 2x faster on CPU for a training step (fwd+bwd, the cpu preset's shapes). TRITON_INTERPRET=1 (which tests/conftest.py sets on machines without CUDA) does not route CPU
-tensors to Triton: the interpreter runs kernels in numpy (~200x slower than the reference at T=100, seen
-here), and the model and training tests call `attention` on CPU tensors. The kernel on CPU is reached by
-calling `flash_attention` directly, which is what tests/test_kernels.py does. On CUDA, falling back (no
-triton, or a head_dim the kernel does not take) warns once.
+reference, about 2x faster on CPU for a training step (fwd+bwd, the cpu preset's shapes). TRITON_INTERPRET=1
+(which tests/conftest.py sets on machines without CUDA) does not route CPU tensors to Triton: the interpreter
+runs kernels in numpy (~200x slower than the reference at T=100, seen here), and the model and training tests
+call `attention` on CPU tensors (tried on 2026-11-26: with CPU tensors sent to the interpreter, the test suite
+had run 12 of its 175 tests after 20 minutes; as it is, all of them take 2). The kernel on CPU is reached by
+calling `flash_attention` directly, which is what tests/test_kernels.py does. On CUDA, falling back (no triton,
+or a head_dim the kernel does not take) warns once.
 
     python -m pytest -q tests/test_kernels.py    # CPU: the kernels under TRITON_INTERPRET=1, small shapes
     python tests/bench_kernels.py                # GPU: TFLOP/s vs SDPA and FlexAttention
