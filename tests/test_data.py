@@ -285,6 +285,7 @@ def corpus(tmp_path_factory):
     rng = np.random.default_rng(0)
     docs = [prose(rng, int(rng.integers(30, 300))) for _ in range(150)]
     docs[10] = "Caf\u0065\u0301 au lait, " + docs[10]          # NFC normalisation changes it
+    docs[21] = docs[21] + " <|eot_id|> and <|begin_of_text|> typed as text"  # plain text, never control tokens
     planted = [docs[3], docs[4] + "\n", "tiny", "$$$ %%% ^^^ &&& " * 10]  # exact dup, dup after cleaning, junk
     with open(root / "docs.jsonl", "w") as f:
         for d in docs + planted:
@@ -316,6 +317,9 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     val, train = read_docs(out, "val", tok), read_docs(out, "train", tok)
     assert val == cleaned[::10] and train == [d for i, d in enumerate(cleaned) if i % 10]  # split by document
     assert "Caf\u00e9 au lait" in cleaned[10]
+    stream = np.concatenate([data.read_shard(os.path.join(out, f))[1] for f in meta["train"]["shards"]])
+    assert stream.tolist() == [t for d in train for t in tok.encode(d, bos=True)]  # the ids of Tokenizer.encode
+    assert "<|eot_id|> and <|begin_of_text|> typed as text" in train[18]
     for split, got in (("train", train), ("val", val)):
         m = meta[split]
         assert m["docs"] == len(got) and m["bytes"] == sum(len(d.encode()) for d in got)
