@@ -219,6 +219,38 @@ def test_kv_cache_chunks_at_shared_position_match_full_forward():
         m.forward_cached(tokens[:, :11], 30)
 
 
+def check_model_on_kernels(device):
+    """The model on `device` (on CUDA: attention() and rms_norm() take the Triton kernels) against the same
+    weights on CPU (PyTorch's SDPA, the reference RMSNorm), fp32: the loss and every gradient on packed rows
+    with GQA; then a KV-cache prefill, a chunk (Tk > T) and one decoded token against the full forward."""
+    cpu = tiny_model(dim=128, n_heads=4, n_kv_heads=2, max_seq_len=160)   # head_dim 32, GQA 2
+    dev = Transformer(cpu.args).to(device)
+    dev.load_state_dict(cpu.state_dict())
+    tokens, targets = torch.randint(0, 97, (2, 150)), torch.randint(0, 97, (2, 150))
+    doc_ids = torch.tensor([[0] * 70 + [1] * 80, [0] * 5 + [1] * 100 + [2] * 45])
+    loss = cpu(tokens, targets, doc_ids)
+    loss.backward()
+    loss_dev = dev(tokens.to(device), targets.to(device), doc_ids.to(device))
+    loss_dev.backward()
+    # the kernels' tl.dot rounds fp32 operands to tf32 (10-bit mantissa): ~1e-3 relative, not fp32's 1e-6
+    assert abs(loss_dev.item() - loss.item()) < 1e-3 * loss.item()
+    for (name, p), p_dev in zip(cpu.named_parameters(), dev.parameters()):
+        err = ((p_dev.grad.cpu() - p.grad).norm() / p.grad.norm()).item()
+        assert err < 1e-2, f"{name}: gradient differs by {err:.1e} (relative)"
+    with torch.no_grad():
+        full = dev(tokens.to(device))[:, :121]
+        dev.setup_cache(2, 121)
+        parts = [dev.forward_cached(tokens[:, a:b].to(device), a) for a, b in [(0, 100), (100, 120), (120, 121)]]
+        dev.clear_cache()
+        cached = dev.output(torch.cat(parts, 1)).float()
+    assert ((cached - full).norm() / full.norm()).item() < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the model on the Triton kernels")
+def test_model_on_gpu_kernels_matches_cpu():
+    check_model_on_kernels("cuda")
+
+
 def test_cache_needs_setup_and_respects_max_seq_len():
     m = tiny_model()
     with pytest.raises(RuntimeError, match="setup_cache"):
