@@ -6,7 +6,7 @@
 Rows (MB/s of UTF-8 text, best of --repeat runs):
 - raw tiktoken: tiktoken.Encoding(same ranks).encode_ordinary_batch(texts), its default 8 threads, output discarded
 - data.py shards, N proc: what prepare_data does after filtering: 4 MB chunks -> N forked workers ->
-  encode_batch -> uint32 arrays with <|begin_of_text|> -> ShardWriter (atomic files on disk)
+  encode_to_numpy in threads -> uint32 arrays with <|begin_of_text|> -> ShardWriter (atomic files on disk)
 - prepare_data, N proc: the whole pipeline (clean, dedup, filters, tokenize, shards), for scale
 Loader: PackedLoader.next_batch() batches/s at train.py's default (B, T), against the training steps/s of the
 default CPU model (forward + backward + AdamW), and tokens/s at a GPU-sized batch (B=8, T=8192)."""
