@@ -20,9 +20,9 @@ Design choices
   It runs only when a checkpoint is named (--quality-model): the first run has no model to label with.
   The labelled sample is the first quality_sample surviving documents (shuffle a source sorted by quality).
 - Processes: cleaning, the heuristics and the MinHash signatures, then tokenization (tiktoken straight to
-  uint32 arrays, on the worker's share of the cores in threads), run in num_proc forked workers on ~4 MB chunks; the decisions that need every document seen so
-  far (dedup, the split, the shard writer) stay in the main process, in source order, so the shards are the
-  same for any num_proc. Dedup memory grows with the kept documents (a 16-byte hash and a 480-byte signature
+  uint32 arrays, in threads on the worker's share of the cores), run in num_proc forked workers on ~4 MB
+  chunks; the decisions that need every document seen so far (dedup, the split, the shard writer) stay in the
+  main process, in source order, so the shards are the same for any num_proc. Dedup memory grows with the kept documents (a 16-byte hash and a 480-byte signature
   each): fine up to ~10M documents; web-scale dedup is a cluster job of its own.
 - Shards: 64-byte header (magic, version, vocab size, <|begin_of_text|> id, docs, tokens, tokenizer
   fingerprint) then little-endian uint32 tokens (a 128K vocab does not fit uint16). Every shard starts a
@@ -616,7 +616,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (tokenizer_path, threads)) \
         if num_proc > 1 else None
     if pool is None:
-        _init_worker(tokenizer_path)
+        _init_worker(tokenizer_path, threads)
     pmap = pool.map if pool else (lambda f, xs: list(map(f, xs)))
     bar = tqdm(desc=f"data {source}", unit="B", unit_scale=True, disable=not verbose)
     try:
