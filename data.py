@@ -22,8 +22,9 @@ Design choices
 - Processes: cleaning, the heuristics and the MinHash signatures, then tokenization (tiktoken straight to
   uint32 arrays, in threads on the worker's share of the cores), run in num_proc forked workers on ~4 MB
   chunks; the decisions that need every document seen so far (dedup, the split, the shard writer) stay in the
-  main process, in source order, so the shards are the same for any num_proc. Dedup memory grows with the kept documents (a 16-byte hash and a 480-byte signature
-  each): fine up to ~10M documents; web-scale dedup is a cluster job of its own.
+  main process, in source order, so the shards are the same for any num_proc. Dedup memory grows with the
+  kept documents (a 16-byte hash and a 480-byte signature each): fine up to ~10M documents; web-scale dedup
+  is a cluster job of its own.
 - Shards: 64-byte header (magic, version, vocab size, <|begin_of_text|> id, docs, tokens, tokenizer
   fingerprint) then little-endian uint32 tokens (a 128K vocab does not fit uint16). Every shard starts a
   document and every document starts with <|begin_of_text|>, so boundaries are recovered from the tokens.
