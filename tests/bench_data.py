@@ -11,7 +11,6 @@ Rows (MB/s of UTF-8 text, best of --repeat runs):
 Loader: PackedLoader.next_batch() batches/s at train.py's default (B, T), against the training steps/s of the
 default CPU model (forward + backward + AdamW), and tokens/s at a GPU-sized batch (B=8, T=8192)."""
 import argparse
-import itertools
 import multiprocessing
 import os
 import sys
@@ -19,7 +18,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 import torch  # noqa: E402
 from tiktoken.load import load_tiktoken_bpe  # noqa: E402
