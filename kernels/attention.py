@@ -24,6 +24,10 @@ Design choices:
   (second loop). For packed rows (each document one contiguous run, what data.py makes) no tile in [lo, hi) is
   wholly masked, so a row of many short documents costs about sum(len_d^2), not T^2. Ids that repeat at
   separate places stay exact; fewer tiles are then skipped. The backward kernels use the same ranges.
+  TODO(GPU session): tiles whose keys all lie in the current document run of every row of the query tile
+  still apply the document mask (a load and a select per score); FlexAttention calls these "full blocks"
+  and skips the mask. A third range per kernel, exact for repeated ids if it uses the start of each
+  contiguous run, would do the same; worth its lines only if a GPU profile shows the select costing.
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
   program for one kv head loops over the query heads of its group, so dk/dv are sums without atomics.
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
