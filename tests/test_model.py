@@ -219,10 +219,12 @@ def test_kv_cache_chunks_at_shared_position_match_full_forward():
         m.forward_cached(tokens[:, :11], 30)
 
 
-def check_model_on_kernels(device):
-    """The model on `device` (on CUDA: attention() and rms_norm() take the Triton kernels) against the same
-    weights on CPU (PyTorch's SDPA, the reference RMSNorm), fp32: the loss and every gradient on packed rows
-    with GQA; then a KV-cache prefill, a chunk (Tk > T) and one decoded token against the full forward."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the model on the Triton kernels")
+def test_model_on_gpu_kernels_matches_cpu():
+    """The model on CUDA (attention() and rms_norm() take the Triton kernels) against the same weights on CPU
+    (PyTorch's SDPA, the reference RMSNorm), fp32: the loss and every gradient on packed rows with GQA; then
+    a KV-cache prefill, a chunk (Tk > T) and one decoded token against the full forward."""
+    device = "cuda"
     cpu = tiny_model(dim=128, n_heads=4, n_kv_heads=2, max_seq_len=160)   # head_dim 32, GQA 2
     dev = Transformer(cpu.args).to(device)
     dev.load_state_dict(cpu.state_dict())
@@ -244,11 +246,6 @@ def check_model_on_kernels(device):
         dev.clear_cache()
         cached = dev.output(torch.cat(parts, 1)).float()
     assert ((cached - full).norm() / full.norm()).item() < 1e-3
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the model on the Triton kernels")
-def test_model_on_gpu_kernels_matches_cpu():
-    check_model_on_kernels("cuda")
 
 
 def test_cache_needs_setup_and_respects_max_seq_len():
