@@ -20,14 +20,16 @@ Design choices:
   exists in memory. exp2 instead of exp: the scale log2(e) is folded into the score scale.
 - Skipping wholly-masked tiles, not computing them: a query tile walks only the keys [lo, hi) that can be visible.
   hi is the causal diagonal. lo is the first position of the earliest document among the tile's rows (from
-  doc_ids). Between lo and the diagonal no causal mask is needed (first loop); the few diagonal tiles apply it
-  (second loop). For packed rows (each document one contiguous run, what data.py makes) no tile in [lo, hi) is
+  doc_ids). For packed rows (each document one contiguous run, what data.py makes) no tile in [lo, hi) is
   wholly masked, so a row of many short documents costs about sum(len_d^2), not T^2. Ids that repeat at
-  separate places stay exact; fewer tiles are then skipped. The backward kernels use the same ranges.
-  TODO(GPU session): tiles whose keys all lie in the current document run of every row of the query tile
-  still apply the document mask (a load and a select per score); FlexAttention calls these "full blocks"
-  and skips the mask. A third range per kernel, exact for repeated ids if it uses the start of each
-  contiguous run, would do the same; worth its lines only if a GPU profile shows the select costing.
+  separate places stay exact; fewer tiles are then skipped.
+- Masking only where a tile needs it. [lo, hi) is walked in three ranges: [lo, full_lo) gets the document mask,
+  [full_lo, full_hi) no mask at all, [full_hi, hi) (the few diagonal tiles) the causal and document masks.
+  full_hi is where the causal diagonal begins. full_lo is where the keys start to lie in the same contiguous
+  run of one document as every row of the tile ("full blocks" in FlexAttention's words); a tile whose rows span
+  two documents has no such keys (full_lo = full_hi). Runs, not ids, keep this exact when an id repeats. Most
+  tiles of a row packed with long documents are full: they pay for no load of document ids and no select.
+  The backward kernels walk the same ranges (dk/dv: transposed, over the query tiles that see a key tile).
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
   program for one kv head loops over the query heads of its group, so dk/dv are sums without atomics.
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
@@ -80,10 +82,11 @@ def _configs(shapes):
     (triton 3.9's triton.compile for sm_90a with a launch's hints, strides multiples of 16; then cuobjdump's
     resource usage): all pipeline their loads (cp.async; without the hints nothing is vectorised or
     pipelined, tests/test_kernels.py checks this), use wgmma, and take 41-161 KB of shared memory at D = 64 and
-    128. At D=64 none spills. At D=128 the forward's 128x64 at 4 warps spills 240 bytes (it is there for
-    D=64), 128x128 spills 24; dk/dv's 32-row tiles spill 64-112 bytes and the 16-row tiles 0-24, which is why
-    both are offered. The space is small because every (T, head_dim, documents, dtype) key compiles and times
-    each shape. Keyed on T and head_dim: short rows favour smaller tiles (more programs for 132 SMs).
+    128. At D=64 none spills. At D=128 (stack bytes, causal / with documents, whose third range adds live
+    registers): the forward's 128x64 at 4 warps spills 240/424 (it is there for D=64), 128x128 0/48, the rest
+    and all of dq none; dk/dv's 32-row tiles spill 32-104/104-272 and the 16-row tiles 0-8/0-80 (16x128 at 2
+    stages: none), which is why both are offered. The space is small because every (T, head_dim, documents,
+    dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller tiles (more programs for 132 SMs).
     TODO(GPU session): time them on an H100 and prune to the winners."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
@@ -97,6 +100,28 @@ DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32
 
 
 # ----------------------------------------------------------------------------- forward
+@triton.jit
+def _key_ranges(start_m, offs_m, T, Tk,
+                DOC, DOC_FIRST, RUN_FIRST,   # this row's document numbers, first positions of documents and runs
+                HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the key ranges of the query tile at start_m begin, lo <= full_lo <= full_hi (module docstring),
+    and the document number of each of its rows. The forward and dq use the same ranges."""
+    full_hi = (start_m + (Tk - T) + 1) // BLOCK_N * BLOCK_N     # keys before it are causally visible to all rows
+    lo = 0
+    full_lo = 0
+    q_doc = offs_m                                              # unused without documents
+    if HAS_DOCS:                                                # (doc_ids only come with Tk == T)
+        row_ok = offs_m < T
+        q_doc = tl.load(DOC + offs_m, mask=row_ok, other=-1)
+        first = tl.load(DOC_FIRST + offs_m, mask=row_ok, other=T)
+        lo = tl.min(first, 0) // BLOCK_N * BLOCK_N              # tiles before the earliest document are skipped
+        full_hi = tl.maximum(full_hi, lo)
+        run = tl.load(RUN_FIRST + start_m)                      # the tile lies in one run if its first and last
+        one_run = run == tl.load(RUN_FIRST + tl.minimum(start_m + BLOCK_M, T) - 1)   # rows begin at the same place
+        full_lo = tl.minimum(tl.where(one_run, (run + BLOCK_N - 1) // BLOCK_N * BLOCK_N, full_hi), full_hi)
+    return lo, full_lo, full_hi, q_doc
+
+
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
                K, V, DOC,            # this (batch, kv head)'s keys and values, and the row's document numbers
@@ -129,7 +154,8 @@ def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
 @triton.jit
 def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D); any strides, D contiguous
               O, LSE,                # outputs: o (B, Hq, T, D) contiguous, lse (B, Hq, T) fp32 in log2 units
-              DOC, DOC_FIRST,        # (B, T) int32: document number of each position, first position of its document
+              DOC, DOC_FIRST,        # (B, T) int32: document number of each position, first position of its document,
+              RUN_FIRST,             # and first position of the contiguous run of its document it lies in
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               Hq, T, Tk, GROUP, qk_scale,
               HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -145,23 +171,21 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     q_pos = offs_m + (Tk - T)                      # each query's position among the keys (bottom-right)
 
-    # the keys this tile can see: [lo, hi); every row sees all of [lo, full_hi) causally
+    # the keys this tile can see: [lo, hi), in three ranges (module docstring): [lo, full_lo) document mask,
+    # [full_lo, full_hi) no mask, [full_hi, hi) causal and document masks
+    DOC += b * T
+    lo, full_lo, full_hi, q_doc = _key_ranges(start_m, offs_m, T, Tk, DOC, DOC_FIRST + b * T, RUN_FIRST + b * T,
+                                              HAS_DOCS, BLOCK_M, BLOCK_N)
     hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)
-    full_hi = (start_m + (Tk - T) + 1) // BLOCK_N * BLOCK_N
-    lo = 0
-    q_doc = offs_m                                 # unused without documents
-    if HAS_DOCS:                                   # (doc_ids only come with Tk == T)
-        q_doc = tl.load(DOC + b * T + offs_m, mask=offs_m < T, other=-1)
-        first = tl.load(DOC_FIRST + b * T + offs_m, mask=offs_m < T, other=T)
-        lo = tl.min(first, 0) // BLOCK_N * BLOCK_N  # tiles before the earliest document start are skipped
-        full_hi = tl.maximum(full_hi, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
-                               lo, full_hi, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                               lo, full_lo, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                               full_lo, full_hi, Tk, qk_scale, False, False, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
                                full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
     row_ok = offs_m < T
     tl.store(O + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -215,7 +239,8 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
 def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    DO, LSE, DELTA,   # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
                    DK, DV,           # outputs (B, Hkv, Tk, D) contiguous
-                   DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document
+                   DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document,
+                   RUN_LAST,         # and last position of the contiguous run of its document it lies in
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    Hq, Hkv, T, Tk, GROUP, qk_scale, sm_scale,
                    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -230,16 +255,23 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_ok, other=0.0)
     v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_ok, other=0.0)
 
-    # the queries that can see this tile: [lo, hi); rows from full_lo on see all of its keys causally
+    # the queries that can see this tile: [lo, hi), the forward's ranges transposed: [lo, full_lo) causal and
+    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask
     lo = tl.maximum(start_n - (Tk - T), 0) // BLOCK_M * BLOCK_M
     full_lo = (tl.maximum(start_n + BLOCK_N - 1 - (Tk - T), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     hi = T
+    full_hi = T
     k_doc = k_pos                                                        # unused without documents
-    if HAS_DOCS:
-        k_doc = tl.load(DOC + b * T + k_pos, mask=k_pos < Tk, other=-1)
+    if HAS_DOCS:                                                         # (then Tk == T)
+        DOC += b * T
+        k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
         last = tl.load(DOC_LAST + b * T + k_pos, mask=k_pos < Tk, other=-1)
         hi = tl.max(last, 0) + 1                   # query tiles after the last document end are skipped
+        run = tl.load(RUN_LAST + b * T + start_n)  # the tile lies in one run if its first and last keys end theirs
+        one_run = run == tl.load(RUN_LAST + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1)   # at the same place
+        full_hi = tl.where(one_run, (run + 1) // BLOCK_M * BLOCK_M, full_lo)
     full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -248,10 +280,13 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
         bh = b * Hq + h
         Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         DOh = DO + bh.to(tl.int64) * T * HEAD_DIM
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC + b * T,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC,
                              stride_qt, lo, full_lo, T, Tk, qk_scale, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC + b * T,
-                             stride_qt, full_lo, hi, T, Tk, qk_scale, False, HAS_DOCS, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC,
+                             stride_qt, full_lo, full_hi, T, Tk, qk_scale, False, False, BLOCK_M, HEAD_DIM)
+        if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC,
+                                 stride_qt, full_hi, hi, T, Tk, qk_scale, False, True, BLOCK_M, HEAD_DIM)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)
@@ -283,7 +318,7 @@ def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc,
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
                  DQ,                        # output (B, Hq, T, D) contiguous
-                 DOC, DOC_FIRST,            # as in _attn_fwd
+                 DOC, DOC_FIRST, RUN_FIRST,   # as in _attn_fwd
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                  Hq, T, Tk, GROUP, qk_scale, sm_scale,
                  HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -304,44 +339,51 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
     q_pos = offs_m + (Tk - T)
 
-    hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)     # the same key range as the forward
-    full_hi = (start_m + (Tk - T) + 1) // BLOCK_N * BLOCK_N
-    lo = 0
-    q_doc = offs_m
-    if HAS_DOCS:
-        q_doc = tl.load(DOC + b * T + offs_m, mask=row_ok, other=-1)
-        first = tl.load(DOC_FIRST + b * T + offs_m, mask=row_ok, other=T)
-        lo = tl.min(first, 0) // BLOCK_N * BLOCK_N
-        full_hi = tl.maximum(full_hi, lo)
+    DOC += b * T                                          # the same key ranges as the forward
+    lo, full_lo, full_hi, q_doc = _key_ranges(start_m, offs_m, T, Tk, DOC, DOC_FIRST + b * T, RUN_FIRST + b * T,
+                                              HAS_DOCS, BLOCK_M, BLOCK_N)
+    hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
-                   lo, full_hi, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
-    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC + b * T, stride_kt, stride_vt,
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                   lo, full_lo, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                   full_lo, full_hi, Tk, qk_scale, False, False, BLOCK_N, HEAD_DIM)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
                    full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- autograd wrapper
+def _runs(x):
+    """x (B, T) -> (first, last, begins): for each entry, the index of the first and last entry of its run of
+    equal values along the row, and whether a run begins there. Scans, with no host sync."""
+    B, T = x.shape
+    pos = torch.arange(T, device=x.device).expand(B, T)
+    begins = torch.ones_like(x, dtype=torch.bool)
+    begins[:, 1:] = x[:, 1:] != x[:, :-1]
+    ends = torch.ones_like(begins)
+    ends[:, :-1] = begins[:, 1:]
+    first = torch.where(begins, pos, 0).cummax(1).values
+    last = torch.where(ends, pos, T - 1).flip(1).cummin(1).values.flip(1)
+    return first, last, begins
+
+
 def _doc_spans(doc_ids):
-    """doc_ids (B, T), any integers -> (doc, first, last), each (B, T) int32 contiguous: the ids renumbered
-    1, 2, ... per row, and the first and last position in the row of each position's document.
-    Sorting (not a scan) keeps this exact when an id repeats at separate places, with no host sync.
-    Example: doc_ids [[7, 7, 9, 9, 9]] -> doc [[1, 1, 2, 2, 2]], first [[0, 0, 2, 2, 2]], last [[1, 1, 4, 4, 4]]."""
-    B, T = doc_ids.shape
+    """doc_ids (B, T), any integers -> (5, B, T) int32: doc, first, last, run_first, run_last. doc: the ids
+    renumbered 1, 2, ... per row; first, last: the first and last position in the row of each position's
+    document; run_first, run_last: the same for the contiguous run of it that the position lies in. They differ
+    only when an id repeats at separate places; sorting the ids keeps first and last exact then.
+    Example: doc_ids [[7, 7, 9, 9, 7]] -> doc [[1, 1, 2, 2, 1]], first [[0, 0, 2, 2, 0]], last [[4, 4, 3, 3, 4]],
+    run_first [[0, 0, 2, 2, 4]], run_last [[1, 1, 3, 3, 4]]."""
     ids, perm = doc_ids.sort(dim=1, stable=True)           # equal ids adjacent, each group in position order
-    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]              # (B, T) in sorted order: a group begins here
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    group_start = torch.where(starts, pos, 0).cummax(1).values                 # sorted index of the group's start
-    group_end = torch.where(ends, pos, T - 1).flip(1).cummin(1).values.flip(1)
+    group_first, group_last, group_begins = _runs(ids)     # indices in sorted order
     unsort = lambda x: torch.empty_like(x).scatter_(1, perm, x)  # noqa: E731  back to position order
-    doc = unsort(starts.long().cumsum(1))
-    first = unsort(perm.gather(1, group_start))            # stable sort: the group's first entry is its earliest
-    last = unsort(perm.gather(1, group_end))
-    return doc.int().contiguous(), first.int().contiguous(), last.int().contiguous()
+    doc = unsort(group_begins.long().cumsum(1))
+    first = unsort(perm.gather(1, group_first))            # stable sort: the group's first entry is its earliest
+    last = unsort(perm.gather(1, group_last))
+    run_first, run_last, _ = _runs(doc_ids)
+    return torch.stack([doc, first, last, run_first, run_last]).int()
 
 
 def _unit_last(x):
@@ -356,23 +398,23 @@ class _FlashAttention(torch.autograd.Function):
         Hkv, Tk = k.shape[1], k.shape[2]
         o = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-        if doc_ids is None:
-            doc = first = last = lse               # never read (HAS_DOCS=False); any tensor fills the slot
-        else:
-            doc, first, last = _doc_spans(doc_ids)
+        # doc, first, last, run_first, run_last; without documents never read (HAS_DOCS=False): lse fills the slots
+        spans = _doc_spans(doc_ids) if doc_ids is not None else lse[None].expand(5, -1, -1, -1)
+        doc, first, _, run_first, _ = spans
         sm_scale = D ** -0.5
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, doc, first,
+        _attn_fwd[grid](q, k, v, o, lse, doc, first, run_first,
                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                         Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E,
                         HAS_DOCS=doc_ids is not None, HEAD_DIM=D)
-        ctx.save_for_backward(q, k, v, o, lse, doc, first, last)
+        ctx.save_for_backward(q, k, v, o, lse, spans)
         ctx.has_docs = doc_ids is not None
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, doc, first, last = ctx.saved_tensors
+        q, k, v, o, lse, spans = ctx.saved_tensors
+        doc, first, last, run_first, run_last = spans
         B, Hq, T, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         do = do.contiguous()
@@ -385,11 +427,11 @@ class _FlashAttention(torch.autograd.Function):
         sm_scale = D ** -0.5
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, *strides,
+        _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, run_last, *strides,
                              Hq, Hkv, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale,
                              HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-        _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, *strides,
+        _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, run_first, *strides,
                            Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale,
                            HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
         return dq, dk, dv, None

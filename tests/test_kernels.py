@@ -111,7 +111,7 @@ def test_flash_causal(B, Hq, Hkv, T):
     check_attention(B, Hq, Hkv, T, T)
 
 
-@pytest.mark.parametrize("case", ["random", "block_edges", "short", "scattered_ids"])
+@pytest.mark.parametrize("case", ["random", "block_edges", "short", "scattered_ids", "repeated_runs"])
 def test_flash_documents(case):
     T = 4 * TILE
     if case == "random":          # boundaries at random places, different per row
@@ -122,8 +122,12 @@ def test_flash_documents(case):
         doc_ids = docs_from_lengths([TILE, 2 * TILE, TILE], [TILE - 1, 1, TILE, 2 * TILE])
     elif case == "short":         # many short documents, some of length 1
         doc_ids = docs_from_lengths([1, 1, 3, 2, T - 13, 5, 1], [T // 8] * 8)
-    else:                         # the same id at separate places: still exact (only fewer tiles skipped)
+    elif case == "scattered_ids":  # the same id at separate places: still exact (only fewer tiles skipped)
         doc_ids = torch.randint(0, 3, (2, T), generator=torch.Generator().manual_seed(2)).to(DEV) * 1000
+    else:                         # long runs of one id around another document: the unmasked (full) tiles
+                                  # must start at the run, not at the id's first position
+        doc_ids = docs_from_lengths([3 * TILE // 2, TILE, 3 * TILE // 2], [TILE + 5, 2 * TILE, TILE - 5])
+        doc_ids[doc_ids == 2] = 0
     check_attention(2, 4, 2, T, T, doc_ids)
 
 
@@ -196,14 +200,17 @@ def test_flash_skips_masked_tiles():
 
 
 def test_doc_spans():
-    """The per-position document summary the kernels use for skipping, against a brute-force loop."""
-    doc_ids = torch.tensor([[7, 7, 9, 9, 9, 2], [3, 1, 3, 1, 1, 5]])
-    doc, first, last = A._doc_spans(doc_ids)
+    """The per-position document summary the kernels use for skipping and for unmasked tiles, against a
+    brute-force loop; ids that repeat at separate places make the document and its runs differ."""
+    doc_ids = torch.tensor([[7, 7, 9, 9, 9, 2], [3, 1, 3, 3, 1, 5]])
+    doc, first, last, run_first, run_last = A._doc_spans(doc_ids)
     for b in range(2):
         ids = doc_ids[b].tolist()
         for i, x in enumerate(ids):
             same = [j for j, y in enumerate(ids) if y == x]
             assert (first[b, i], last[b, i]) == (same[0], same[-1])
+            run = [j for j in same if all(ids[m] == x for m in range(min(i, j), max(i, j) + 1))]
+            assert (run_first[b, i], run_last[b, i]) == (run[0], run[-1])
             assert all((doc[b, i] == doc[b, j]) == (ids[i] == ids[j]) for j in range(len(ids)))
 
 
@@ -232,8 +239,9 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
     if p.name.startswith("stride") or p.name in ("Hq", "Hkv", "T", "Tk", "GROUP", "M", "N", "ROWS_PER_PROGRAM",
                                                  "n_rows"):
         return "i32"
-    return {"LSE": "*fp32", "DELTA": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "W": "*fp32",
-            "DOC": "*i32", "DOC_FIRST": "*i32", "DOC_LAST": "*i32"}.get(p.name, "*bf16")
+    if p.name.startswith(("DOC", "RUN")):
+        return "*i32"
+    return {"LSE": "*fp32", "DELTA": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "W": "*fp32"}.get(p.name, "*bf16")
 
 for jit, consts, warps in [
         (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
