@@ -86,7 +86,8 @@ def _configs(shapes):
     registers): the forward's 128x64 at 4 warps spills 240/424 (it is there for D=64), 128x128 0/48, the rest
     and all of dq none; dk/dv's 32-row tiles spill 32-104/104-272 and the 16-row tiles 0-8/0-80 (16x128 at 2
     stages: none), which is why both are offered. The space is small because every (T, head_dim, documents,
-    dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller tiles (more programs for 132 SMs).
+    dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller tiles (more
+    programs for 132 SMs).
     TODO(GPU session): time them on an H100 and prune to the winners."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
