@@ -34,8 +34,9 @@ run() {  # run PART LIMIT_S CMD...: CMD under a time limit, its output in $OUT/P
 run env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, \
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")'"
 # kernel tests at GPU shapes (bf16, head_dim 128, every autotune config once), the CUDA dispatch test, and the
-# model on the kernels against the same weights on CPU (test_model.py)
-run tests 150 $PY -m pytest -q -x tests/test_kernels.py tests/test_model.py
+# model on the kernels against the same weights on CPU (test_model.py); -v so that a time limit still shows
+# which test it reached, --durations for where the time went (compiling every config)
+run tests 150 $PY -m pytest -v -x --durations=10 tests/test_kernels.py tests/test_model.py
 run bench_kernels 200 $PY tests/bench_kernels.py
 run bench_train 100 $PY tests/bench_train.py --skip_cpu
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
