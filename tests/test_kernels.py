@@ -156,6 +156,20 @@ def test_flash_every_config(i, monkeypatch):
     check_attention(1, 4, 2, TILE + 3, 2 * TILE + 9)
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the real tiles, all of them unequal")
+@pytest.mark.parametrize("fwd,dkdv,dq", [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 64))])
+def test_flash_unequal_tiles(fwd, dkdv, dq, monkeypatch):
+    """The interpreter's tiles are 16x16, but on a GPU BLOCK_M != BLOCK_N (128x64, 32x128, ...): the key and
+    query ranges round to both. Run the interpreter on unequal tiles: documents (one id on both sides of
+    another), and Tk > T."""
+    for kernel, (bm, bn) in zip(AUTOTUNED, (fwd, dkdv, dq)):
+        monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
+    doc_ids = docs_from_lengths([37, 50, 40, 13], [5, 60, 75])
+    doc_ids[0, 127:] = 0
+    check_attention(2, 4, 2, 140, 140, doc_ids)
+    check_attention(1, 4, 2, 45, 110)
+
+
 def test_flash_strided_inputs():
     """q as the model makes it ((B, T, H, D) transposed) and k, v as slices of a preallocated KV cache."""
     B, Hq, Hkv, T, Tk = 1, 4, 2, 9 * S, 30 * S
