@@ -141,7 +141,7 @@ def test_flash_half_precision():
     check_attention(1, 4, 2, 4 * TILE, 4 * TILE, doc_ids, dtype=HALF)
 
 
-@pytest.mark.parametrize("d", [32, 128] if CUDA else [32])
+@pytest.mark.parametrize("d", [32, 128] if CUDA else [32, 64, 128])
 def test_flash_head_dims(d):
     check_attention(1, 2, 1, 40 * S, 40 * S, d=d)
 
