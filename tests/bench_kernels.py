@@ -24,6 +24,7 @@ kernels' CPU tests are tests/test_kernels.py).
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,7 @@ table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth mea
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
+    torch._dynamo.config.cache_size_limit = 64   # one compile per (T, mask) row: past the default 8 it runs eager
 except ImportError:  # older torch
     flex = None
     print("FlexAttention not available in this torch: its columns are empty")
@@ -106,6 +108,7 @@ def tile(kernel):
 
 fwd_rows, bwd_rows, skip_rows = [], [], []
 Ts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+t_start = time.time()
 for T in Ts:
     B = max(1, args.tokens // T)
     q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -167,7 +170,8 @@ for T in Ts:
         tiles = ", ".join(f"{kern.fn.__name__} {tile(kern)}"
                           for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq))
         print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
-              f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles}",
+              f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles} "
+              f"({time.time() - t_start:.0f} s)",
               flush=True)
     (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
     skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}"])

@@ -4,8 +4,9 @@
 # has its own time limit, writes its whole log to $OUT/<part>.log as it goes, and a part that fails or runs
 # out of time does not stop the next. The last lines printed are each part's status and the tail of its log.
 #
-#     bash tests/gpu_check.sh                       # every part; the limits sum to 585 s, under a 10-minute cap
-#     bash tests/gpu_check.sh bench_kernels train   # only these parts (a rerun of what failed)
+#     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 480 s
+#     bash tests/gpu_check.sh bench_train bench_sample train   # the model on the GPU: 205 s
+# (two calls, each under the device's 10-minute cap; with no arguments it runs every part.)
 #
 # Parts: env, tests, bench_kernels, bench_train, bench_sample, train. `train` uses data/stdlib when it is
 # there (carry it: making the tokenizer and shards first took 23 s of 2 CPU cores here) and starts afresh in
@@ -35,9 +36,11 @@ run env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__vers
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")'"
 # kernel tests at GPU shapes (bf16, head_dim 128, every autotune config once), the CUDA dispatch test, and the
 # model on the kernels against the same weights on CPU (test_model.py); -v so that a time limit still shows
-# which test it reached, --durations for where the time went (compiling every config)
-run tests 150 $PY -m pytest -v -x --durations=10 tests/test_kernels.py tests/test_model.py
-run bench_kernels 200 $PY tests/bench_kernels.py
+# which test it reached, --durations for where the time went (compiling every config); 8 processes when
+# pytest-xdist is there, since compiling is CPU work
+XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
+run tests 120 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py
+run bench_kernels 330 $PY tests/bench_kernels.py
 run bench_train 100 $PY tests/bench_train.py --skip_cpu
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
 rm -rf out/gpu_check/train
