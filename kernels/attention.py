@@ -74,30 +74,54 @@ HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Ll
 
 # ----------------------------------------------------------------------------- block sizes
 def _configs(shapes):
-    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples. Why these few: the running tiles live in
-    registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
+    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an
+    H100 (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live
+    in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
     BLOCK_N x D accumulators plus k and v), and past 255 registers a thread spills to local memory; a Hopper
-    warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is
-    how many K/V (or Q/dO) tiles are prefetched into shared memory (228 KB on an H100). Checked without a GPU
-    (triton 3.9's triton.compile for sm_90a with a launch's hints, strides multiples of 16; then cuobjdump's
-    resource usage): all pipeline their loads (cp.async; without the hints nothing is vectorised or
-    pipelined, tests/test_kernels.py checks this), use wgmma, and take 41-161 KB of shared memory at D = 64 and
-    128. At D=64 none spills. At D=128 (stack bytes, causal / with documents, whose third range adds live
-    registers): the forward's 128x64 at 4 warps spills 240/424 (it is there for D=64), 128x128 0/48, the rest
-    and all of dq none; dk/dv's 32-row tiles spill 32-104/104-272 and the 16-row tiles 0-8/0-80 (16x128 at 2
-    stages: none), which is why both are offered. The space is small because every (T, head_dim, documents,
-    dtype) key compiles and times each shape. Keyed on T and head_dim: short rows favour smaller tiles (more
-    programs for 132 SMs).
-    TODO(GPU session): time them on an H100 and prune to the winners."""
+    warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how
+    many K/V (or Q/dO) tiles are prefetched into shared memory. The forward takes 64x64 for short rows and for
+    documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; dk/dv 32x128 (2 stages with
+    documents, 3 without); dq 64x32 or 128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128)
+    and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
+    (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles spill
+    32-104 bytes causal, 104-272 with documents (their third range adds live registers), and still win."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
+def _fit_shared_memory(tiles):
+    """An autotuner pre-pass: lower num_stages until a config's tiles fit in this GPU's shared memory.
+    tiles(BLOCK_M, BLOCK_N) -> (rows kept for the whole loop, rows loaded per pipeline stage), each row D
+    elements of the inputs' dtype. The configs above are sized for bf16; fp32 inputs at D=128 need twice the
+    bytes (forward 128x64 at 3 stages: 256 KB, over an H100's 227 KB), and smaller GPUs have less."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        limit = _shared_memory_limit(q.device)
+        row_bytes = kwargs["HEAD_DIM"] * q.element_size()
+        fitted = {}
+        for c in configs:
+            kept, per_stage = tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+            stages = c.num_stages
+            while stages > 1 and (kept + stages * per_stage) * row_bytes > limit:
+                stages -= 1
+            fitted[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, stages)] = None   # in order, no repeats
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fitted]
+    return prune
+
+
+def _shared_memory_limit(device):
+    """Bytes of shared memory one program may use on this GPU (227 KB on an H100)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)])
-DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 3)])
-DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)])
+FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)])
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3)])
+DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
+FWD_FIT = _fit_shared_memory(lambda m, n: (m, 2 * n))        # q kept; k and v streamed
+DKDV_FIT = _fit_shared_memory(lambda m, n: (2 * n, 2 * m))   # k and v kept; q and dO streamed
+DQ_FIT = _fit_shared_memory(lambda m, n: (2 * m, 2 * n))     # q and dO kept; k and v streamed
 
 
 # ----------------------------------------------------------------------------- forward
@@ -151,7 +175,8 @@ def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"])
+@triton.autotune(configs=FWD_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"],
+                 prune_configs_by={"early_config_prune": FWD_FIT})
 @triton.jit
 def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D); any strides, D contiguous
               O, LSE,                # outputs: o (B, Hq, T, D) contiguous, lse (B, Hq, T) fp32 in log2 units
@@ -235,7 +260,8 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"])
+@triton.autotune(configs=DKDV_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"],
+                 prune_configs_by={"early_config_prune": DKDV_FIT})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    DO, LSE, DELTA,   # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
@@ -315,7 +341,8 @@ def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc,
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"])
+@triton.autotune(configs=DQ_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"],
+                 prune_configs_by={"early_config_prune": DQ_FIT})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
                  DQ,                        # output (B, Hq, T, D) contiguous
