@@ -414,6 +414,22 @@ def _doc_spans(doc_ids):
     return torch.stack([doc, first, last, run_first, run_last]).int()
 
 
+_last_spans = (None, -1, None)   # (doc_ids, its version counter, _doc_spans of it)
+
+
+def _spans_once(doc_ids):
+    """_doc_spans, computed once per doc_ids tensor: every layer of the model passes the same one (FlexAttention's
+    block mask is likewise built once per batch). Its ~40 small ops take longer than the forward kernel itself
+    (H100: 0.56 ms at T=1K, 1.3 ms at T=8K against 0.3 and 0.66 ms). Reused only while the tensor is unchanged:
+    an in-place edit bumps its version counter."""
+    global _last_spans
+    ids, version, spans = _last_spans
+    if ids is not doc_ids or version != doc_ids._version:
+        spans = _doc_spans(doc_ids)
+        _last_spans = (doc_ids, doc_ids._version, spans)
+    return spans
+
+
 def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -427,7 +443,7 @@ class _FlashAttention(torch.autograd.Function):
         o = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
         # doc, first, last, run_first, run_last; without documents never read (HAS_DOCS=False): lse fills the slots
-        spans = _doc_spans(doc_ids) if doc_ids is not None else lse[None].expand(5, -1, -1, -1)
+        spans = _spans_once(doc_ids) if doc_ids is not None else lse[None].expand(5, -1, -1, -1)
         doc, first, _, run_first, _ = spans
         sm_scale = D ** -0.5
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731

@@ -120,6 +120,7 @@ for T in Ts:
     g = torch.Generator().manual_seed(T)
     cuts = torch.stack([torch.randperm(T - 1, generator=g)[:7].add(1).sort().values for _ in range(B)])  # (B, 7)
     doc_ids = (torch.arange(T)[None, :, None] >= cuts[:, None, :]).sum(-1).to(dev)   # (B, T): 8 documents a row
+    spans_ms = bench_ms(lambda: A._doc_spans(doc_ids))   # once a batch (every layer shares doc_ids)
     times = {}
     for mask in ("causal", "8 docs"):
         docs = doc_ids if mask == "8 docs" else None
@@ -174,7 +175,7 @@ for T in Ts:
               f"({time.time() - t_start:.0f} s)",
               flush=True)
     (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
-    skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}"])
+    skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}", f"{spans_ms:.2f}"])
     del q, k, v, k_rep, v_rep, do
     torch.cuda.empty_cache()
 
@@ -183,5 +184,6 @@ table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} token
       fwd_rows)
 table("attention forward+backward", head, bwd_rows)
 table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
-      ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal"], skip_rows)
+      ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal", "doc spans ms, once a batch"],
+      skip_rows)
 

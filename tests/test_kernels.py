@@ -255,6 +255,17 @@ def test_doc_spans():
             assert all((doc[b, i] == doc[b, j]) == (ids[i] == ids[j]) for j in range(len(ids)))
 
 
+def test_spans_computed_once_per_doc_ids():
+    """The layers share one doc_ids tensor, so its spans are computed once; an in-place edit of it recomputes."""
+    doc_ids = docs_from_lengths([5, 20, 7])
+    assert A._spans_once(doc_ids) is A._spans_once(doc_ids)
+    assert A._spans_once(doc_ids.clone()) is not A._spans_once(doc_ids)
+    check_attention(1, 2, 1, 32, 32, doc_ids)
+    doc_ids[0, 10:] = 7                       # same tensor, new documents: a stale cache would mask wrongly
+    check_attention(1, 2, 1, 32, 32, doc_ids)
+    torch.testing.assert_close(A._spans_once(doc_ids), A._doc_spans(doc_ids))
+
+
 def test_attention_errors():
     q, k = torch.randn(1, 3, 4, 16), torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="multiple of the 2 kv heads"):
