@@ -57,6 +57,23 @@ def bench_ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def kernel_ms(fn, reps=5):
+    """Device time per call of each kernel fn() launches, {name: ms}, from torch.profiler (PyTorch's own kernels
+    summed as "torch"). Their sum against bench_ms(fn) says whether a wall time is the GPU's or the host's."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    ms = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name if e.name.startswith("_") else "torch"    # ours are _attn_fwd, _rms_norm_bwd, ...
+            ms[name] = ms.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
+    return ms
+
+
 def table(title, header, rows):
     print(f"\n{title}")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -81,11 +98,14 @@ for N in (4096, 8192):
     for name, fn in (("ours", rms_norm_triton), ("eager", rms_norm_reference), ("compile", compiled)):
         ms = bench_ms(lambda: torch.autograd.grad(fn(x, w, 1e-5), (x, w), dy))
         gbs[name] = 5 * M * N * 2 / ms / 1e6
-    rows.append([N, M, f"{gbs['ours']:.0f}", f"{gbs['eager']:.0f}", f"{gbs['compile']:.0f}",
+    kernels = sum(kernel_ms(lambda: torch.autograd.grad(rms_norm_triton(x, w, 1e-5), (x, w), dy)).values())
+    rows.append([N, M, f"{gbs['ours']:.0f}", f"{5 * M * N * 2 / kernels / 1e6:.0f}", f"{gbs['eager']:.0f}",
+                 f"{gbs['compile']:.0f}",
                  f"{gbs['ours'] / gbs['eager']:.2f}x", f"{gbs['ours'] / gbs['compile']:.2f}x",
                  f"{gbs['ours'] / copy_gbs:.0%}", f"{err:.1e}"])
 table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth measured {copy_gbs:.0f} GB/s",
-      ["hidden", "rows", "ours", "eager", "compile", "vs eager", "vs compile", "of copy", "max err"], rows)
+      ["hidden", "rows", "ours", "ours, kernels only", "eager", "compile", "vs eager", "vs compile", "of copy",
+       "max err"], rows)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -106,7 +126,8 @@ def tile(kernel):
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}" if c else "?"
 
 
-fwd_rows, bwd_rows, skip_rows = [], [], []
+fwd_rows, bwd_rows, skip_rows, split_rows = [], [], [], []
+SPLIT = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
 Ts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
 t_start = time.time()
 for T in Ts:
@@ -162,6 +183,10 @@ for T in Ts:
                 continue
             tf[name] = (fwd_flop / f_ms / 1e9, 3.5 * fwd_flop / fb_ms / 1e9, f_ms, fb_ms)
         times[mask] = (tf["ours"][2], tf["ours"][3], pairs)
+        split = kernel_ms(lambda: torch.autograd.grad(impls["ours"](), (q, k, v), do))
+        split_rows.append([T, mask, f"{tf['ours'][3]:.2f}", f"{sum(split.values()):.2f}"] +
+                          [f"{split.get(name, 0.0):.2f}" for name in SPLIT] +
+                          [f"{sum(t for name, t in split.items() if name not in SPLIT):.2f}"])
         ratio = lambda i, other: f"{tf['ours'][i] / tf[other][i]:.2f}x" if other in tf else "-"  # noqa: E731
         cell = lambda name, i: f"{tf[name][i]:.0f}" if name in tf else "-"  # noqa: E731
         fwd_rows.append([T, B, mask, f"{tf['ours'][2]:.2f}", cell("ours", 0), cell("sdpa", 0), cell("flex", 0),
@@ -171,7 +196,8 @@ for T in Ts:
         tiles = ", ".join(f"{kern.fn.__name__} {tile(kern)}"
                           for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq))
         print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
-              f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles} "
+              f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles}; "
+              f"kernel ms fwd/dkdv/dq/other {'/'.join(split_rows[-1][4:])} of {split_rows[-1][2]} wall "
               f"({time.time() - t_start:.0f} s)",
               flush=True)
     (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
@@ -183,6 +209,8 @@ head = ["T", "B", "mask", "ours ms", "ours TF/s", "SDPA TF/s", "Flex TF/s", "vs 
 table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} tokens/batch)", head + ["err vs SDPA"],
       fwd_rows)
 table("attention forward+backward", head, bwd_rows)
+table("where our forward+backward time goes: wall ms (as above) against the GPU's kernel ms (torch.profiler)",
+      ["T", "mask", "wall", "kernels", "fwd", "dk/dv", "dq", "other (delta, torch)"], split_rows)
 table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
       ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal", "doc spans ms, once a batch"],
       skip_rows)
