@@ -6,7 +6,8 @@
 #
 #     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 480 s
 #     bash tests/gpu_check.sh bench_train bench_sample train   # the model on the GPU: 205 s
-# (two calls, each under the device's 10-minute cap; with no arguments it runs every part.)
+# (two calls, each under the device's 10-minute cap; with no arguments it runs every part. On an H100,
+# 2026-11-26, they took 212 s and 111 s, the machine's start ~30 s more.)
 #
 # Parts: env, tests, bench_kernels, bench_train, bench_sample, train. `train` uses data/stdlib when it is
 # there (carry it: making the tokenizer and shards first took 23 s of 2 CPU cores here) and starts afresh in
