@@ -197,6 +197,37 @@ def test_flash_unequal_tiles(fwd, dkdv, dq, monkeypatch):
     check_attention(1, 4, 2, 45, 110)
 
 
+@pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products")
+def test_documents_cost_fewer_tiles(monkeypatch):
+    """A row packed with short documents must cost less than one long document: count the tile iterations of
+    each kernel (its tl.dot calls: 2 per tile in the forward, 4 in dk/dv, 3 in dq) with the tiles the H100
+    picked at T=1K (forward 64x64, dk/dv 32x128, dq 64x32), for causal and for 8 documents of 128. Exact
+    counts: causal query tile i of 64 sees i+1 key tiles (136 in all); a document is 2 of them and sees 1 + 2;
+    dk/dv's key tile j of 128 sees 32 - 4j query tiles of 32 (144), its document 4; dq's query tile i sees 2i+2
+    key tiles of 32 (272), a document's two 2 + 4."""
+    from triton.runtime import interpreter
+    if not hasattr(interpreter, "InterpreterBuilder") or not hasattr(interpreter.InterpreterBuilder, "create_dot"):
+        pytest.skip("this triton's interpreter has no InterpreterBuilder.create_dot to count")
+    dots, running = {}, [None]
+    create_dot = interpreter.InterpreterBuilder.create_dot
+    def counting_dot(self, *args, **kwargs):
+        dots[running[0]] = dots.get(running[0], 0) + 1
+        return create_dot(self, *args, **kwargs)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    for kernel, (bm, bn) in zip(AUTOTUNED, ((64, 64), (32, 128), (64, 32))):
+        monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
+        def run(*args, _run=kernel.run, _name=kernel.fn.__name__, **kwargs):
+            running[0] = _name
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", run)
+    T = 1024
+    for doc_ids, tiles in ((None, (136, 144, 272)), (docs_from_lengths([128] * 8), (8 * 3, 8 * 4, 8 * 6))):
+        dots.clear()
+        q, k, v = (torch.randn(1, 1, T, 16, requires_grad=True) for _ in range(3))
+        torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), torch.randn(1, 1, T, 16))
+        assert dots == {"_attn_fwd": 2 * tiles[0], "_attn_bwd_dkdv": 4 * tiles[1], "_attn_bwd_dq": 3 * tiles[2]}
+
+
 def test_flash_strided_inputs():
     """q as the model makes it ((B, T, H, D) transposed) and k, v as slices of a preallocated KV cache."""
     B, Hq, Hkv, T, Tk = 1, 4, 2, 9 * S, 30 * S
