@@ -13,7 +13,9 @@ FLOPs count only the visible (query, key) pairs: 4*D per pair forward (QK^T, PV)
 RMSNorm at hidden 4096 and 8192 (16K rows, bf16 x, fp32 weight as under autocast): forward+backward GB/s of
 rms_norm_triton against the eager reference and torch.compile of it. Bytes counted are the fewest a fused
 kernel moves: x read twice (forward, backward), y written, dy read, dx written = 5 * rows * hidden * 2 bytes;
-the last column is that rate over the card's device-to-device copy bandwidth, measured here.
+the last column is that rate over the card's device-to-device copy bandwidth, measured here. Beside each wall
+time the GPU's own kernel time (torch.profiler) is printed too: RMSNorm's "kernels only" GB/s, and for our
+attention the split into forward, dk/dv, dq and the rest. A wall time well above it was spent on the host.
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
