@@ -336,14 +336,17 @@ for jit, consts, warps in [
         (R._rms_norm_bwd, dict(BLOCK_N=4096), 16)]:
     sig = {p.name: arg_type(p) for p in jit.params}
     # a launch marks every pointer and every integer that is a multiple of 16 (the strides at head_dim 128,
-    # T = 4096) "divisible by 16"; without that hint loads are not vectorised, so not pipelined either
+    # T = 4096, RMSNorm's N = 4096) "divisible by 16"; without that hint loads are not vectorised, so not
+    # pipelined either
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
-               if t.startswith("*") or name.startswith("stride") or name in ("T", "Tk")}
+               if t.startswith("*") or name.startswith("stride") or name in ("T", "Tk", "M", "N")}
     kernel = triton.compile(ASTSource(jit, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=3))
     if jit.__name__.startswith("_attn"):  # Hopper's tensor-core MMA, fed by asynchronous (pipelined) copies
         assert "wgmma.mma_async" in kernel.asm["ptx"], f"{jit.__name__}: no wgmma"
         assert "cp.async" in kernel.asm["ptx"], f"{jit.__name__}: loads not pipelined"
+    if jit.__name__.startswith("_rms"):  # a row streams in 16-byte loads (8 bf16), not one element at a time
+        assert "ld.global.v4" in kernel.asm["ptx"], f"{jit.__name__}: loads not vectorised"
     print(jit.__name__, "compiled")
 print("ok")
 """
