@@ -158,15 +158,15 @@ def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                            # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.dot(q, tl.trans(k))                                       # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
         if HAS_DOCS:
             k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
             s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                # log2 units; the scale is > 0
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)          # a row that has seen no visible key yet
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])               # scale and shift in one FMA
         alpha = tl.math.exp2(m_i - m_safe)                               # rescales what was summed so far
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
