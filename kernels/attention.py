@@ -35,8 +35,8 @@ Design choices:
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
   both recomputing p from the saved lse, after a small kernel for delta.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
-- Block sizes are autotuned on the GPU, keyed on head_dim and T (see _configs); the interpreter uses one small
-  block so the CPU tests are quick and still cross many tile boundaries.
+- Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
+  _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
 
 Dispatch rule of `attention`: CUDA tensors -> the Triton kernel; any other tensors -> PyTorch's own fused
 attention (F.scaled_dot_product_attention with the same boolean mask, GQA by enable_gqa): the same math as the
@@ -110,6 +110,13 @@ def _fit_shared_memory(tiles):
     return prune
 
 
+def _bucket(T):
+    """The autotuner's key for T: T rounded up to a power of two. Timing a config takes over 0.125 s (triton's
+    do_bench: 25 ms of warm-up, 100 ms of repeats), so keyed on T itself every new prompt length in sample.py and
+    every new padded length in align.py would time every config again; this way a few buckets cover a run."""
+    return triton.next_power_of_2(T)
+
+
 def _shared_memory_limit(device):
     """Bytes of shared memory one program may use on this GPU (227 KB on an H100)."""
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
@@ -175,7 +182,7 @@ def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"],
+@triton.autotune(configs=FWD_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
                  prune_configs_by={"early_config_prune": FWD_FIT})
 @triton.jit
 def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D); any strides, D contiguous
@@ -184,6 +191,7 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
               RUN_FIRST,             # and first position of the contiguous run of its document it lies in
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               Hq, T, Tk, GROUP, qk_scale,
+              T_BUCKET,              # T rounded up to a power of two: read only by the autotuner (its key)
               HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles start first
     bh = tl.program_id(1)                                                # = b * Hq + h
@@ -260,7 +268,7 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"],
+@triton.autotune(configs=DKDV_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
                  prune_configs_by={"early_config_prune": DKDV_FIT})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
@@ -269,7 +277,7 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document,
                    RUN_LAST,         # and last position of the contiguous run of its document it lies in
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                   Hq, Hkv, T, Tk, GROUP, qk_scale, sm_scale,
+                   Hq, Hkv, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
                    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
@@ -341,14 +349,14 @@ def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc,
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["T", "HEAD_DIM", "HAS_DOCS"],
+@triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
                  prune_configs_by={"early_config_prune": DQ_FIT})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
                  DQ,                        # output (B, Hq, T, D) contiguous
                  DOC, DOC_FIRST, RUN_FIRST,   # as in _attn_fwd
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                 Hq, T, Tk, GROUP, qk_scale, sm_scale,
+                 Hq, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
                  HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -449,7 +457,7 @@ class _FlashAttention(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_fwd[grid](q, k, v, o, lse, doc, first, run_first,
                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                        Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E,
+                        Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, _bucket(T),
                         HAS_DOCS=doc_ids is not None, HEAD_DIM=D)
         ctx.save_for_backward(q, k, v, o, lse, spans)
         ctx.has_docs = doc_ids is not None
@@ -472,11 +480,11 @@ class _FlashAttention(torch.autograd.Function):
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, run_last, *strides,
-                             Hq, Hkv, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale,
+                             Hq, Hkv, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),
                              HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, run_first, *strides,
-                           Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale,
+                           Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),
                            HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
         return dq, dk, dv, None
 

@@ -175,6 +175,23 @@ def test_fit_shared_memory(monkeypatch):
     assert shapes(A.DKDV_FIT(space[:1], x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 2)]
 
 
+def test_autotune_key_buckets_T(monkeypatch):
+    """A new T tunes again only in a new power-of-two bucket: prompts of 5, 6, 7 and 8 tokens share one tuning,
+    9 starts the next. Keyed on T itself, sample.py and align.py would time every config at each new length."""
+    timed = []
+    kernel = A._attn_fwd
+    monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=w)
+                                            for w in (1, 2)])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", lambda *args, config, **kw: timed.append(config) or [1.0, 1.0, 1.0])
+    monkeypatch.setattr(A, "_shared_memory_limit", lambda device: 2 ** 20)
+    for T in (5, 6, 7, 8, 9):
+        q = torch.randn(1, 2, T, 16, device=DEV)
+        with torch.no_grad():
+            torch.testing.assert_close(A.flash_attention(q, q, q), A.attention_reference(q, q, q))
+    assert len(kernel.cache) == 2 and len(timed) == 4, (kernel.cache, timed)
+
+
 @pytest.mark.skipif(not CUDA, reason="shared memory limits are the GPU's")
 def test_flash_fp32_head_dim_128(monkeypatch):
     """fp32 at D=128 on the GPU: the whole autotune space, fitted to shared memory, compiles and is right."""
@@ -319,8 +336,8 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
         return "constexpr"
     if p.name in ("qk_scale", "sm_scale", "eps"):
         return "fp32"
-    if p.name.startswith("stride") or p.name in ("Hq", "Hkv", "T", "Tk", "GROUP", "M", "N", "ROWS_PER_PROGRAM",
-                                                 "n_rows"):
+    if p.name.startswith("stride") or p.name in ("Hq", "Hkv", "T", "Tk", "GROUP", "T_BUCKET", "M", "N",
+                                                 "ROWS_PER_PROGRAM", "n_rows"):
         return "i32"
     if p.name.startswith(("DOC", "RUN")):
         return "*i32"
