@@ -31,7 +31,8 @@ Design choices:
   tiles of a row packed with long documents are full: they pay for no load of document ids and no select.
   The backward kernels walk the same ranges (dk/dv: transposed, over the query tiles that see a key tile).
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
-  program for one kv head loops over the query heads of its group, so dk/dv are sums without atomics.
+  program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are sums
+  without atomics and the group shares one software pipeline.
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
   both recomputing p from the saved lse, after a small kernel for delta.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
@@ -83,8 +84,9 @@ def _configs(shapes):
     documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; dk/dv 32x128 (2 stages with
     documents, 3 without); dq 64x32 or 128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128)
     and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
-    (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles spill
-    32-104 bytes causal, 104-272 with documents (their third range adds live registers), and still win."""
+    (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles fill
+    the 255 registers (two 128x128 fp32 accumulators) and spill 0-16 bytes (32-272 while each query head of
+    the group had a loop of its own)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
@@ -243,26 +245,32 @@ def _bwd_delta(O, DO,        # o, dO (B * Hq * T, D) contiguous
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
-                Q, DO, LSE, DELTA, DOC,   # this (batch, query head)'s q, dO, lse, delta; the row's document numbers
-                stride_qt, lo, hi, T, Tk, qk_scale,
+                Q, DO, LSE, DELTA,   # q, dO, lse, delta of the first query head of this kv head's group
+                DOC,                 # the row's document numbers
+                stride_qh, stride_qt, lo, hi, T, Tk, qk_scale, GROUP: tl.constexpr,
                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Add the contributions of query tiles [lo, hi) to one key tile's dk, dv. Works on s transposed
-    (keys on rows) so both products come out in the key tile's layout."""
+    """Add the contributions of query tiles [lo, hi) of every query head of the group to one key tile's dk, dv.
+    One loop over (query tile, head) pairs, so the whole group shares one software pipeline (a loop per head
+    would start and drain GROUP of them). Works on s transposed (keys on rows) so both products come out in
+    the key tile's layout."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    for i in range(0, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * GROUP):
+        g = i % GROUP                                                   # the head, then the next query tile
+        offs_m = lo + (i // GROUP) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))    # rows past T get p = 0
+        q = tl.load(Q + g * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        lse = tl.load(LSE + g * T + offs_m, mask=row_ok, other=float("inf"))    # rows past T get p = 0
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (BLOCK_N, BLOCK_M)
         if MASKED:
             pT = tl.where(k_pos[:, None] <= offs_m[None, :] + (Tk - T), pT, 0.0)
         if HAS_DOCS:
             q_doc = tl.load(DOC + offs_m, mask=row_ok, other=-1)
             pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
-        do = tl.load(DO + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + g * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
         dv += tl.dot(pT.to(do.dtype), do)
-        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + g * T + offs_m, mask=row_ok, other=0.0)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q)
     return dk, dv
@@ -277,7 +285,8 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document,
                    RUN_LAST,         # and last position of the contiguous run of its document it lies in
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                   Hq, Hkv, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
+                   Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
+                   GROUP: tl.constexpr,  # query heads per kv head: a constant, so i // GROUP is a shift
                    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
@@ -310,18 +319,16 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for g in range(GROUP):                         # the query heads that share this kv head: dk, dv sum over them
-        h = hk * GROUP + g
-        bh = b * Hq + h
-        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        DOh = DO + bh.to(tl.int64) * T * HEAD_DIM
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC,
-                             stride_qt, lo, full_lo, T, Tk, qk_scale, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC,
-                             stride_qt, full_lo, full_hi, T, Tk, qk_scale, False, False, BLOCK_M, HEAD_DIM)
-        if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSE + bh * T, DELTA + bh * T, DOC,
-                                 stride_qt, full_hi, hi, T, Tk, qk_scale, False, True, BLOCK_M, HEAD_DIM)
+    bh = b * Hq + hk * GROUP                       # the group's first query head; dk, dv sum over the group
+    Qg = Q + b.to(tl.int64) * stride_qb + hk * GROUP * stride_qh
+    DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSE + bh * T, DELTA + bh * T, DOC, stride_qh,
+                         stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSE + bh * T, DELTA + bh * T, DOC, stride_qh,
+                         stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
+    if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSE + bh * T, DELTA + bh * T, DOC, stride_qh,
+                             stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)
@@ -480,8 +487,8 @@ class _FlashAttention(torch.autograd.Function):
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, run_last, *strides,
-                             Hq, Hkv, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),
-                             HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
+                             Hq, Hkv, T, Tk, sm_scale * LOG2E, sm_scale, _bucket(T),
+                             GROUP=Hq // Hkv, HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, run_first, *strides,
                            Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),

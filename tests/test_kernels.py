@@ -346,7 +346,7 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
 for jit, consts, warps in [
         (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
-        (A._attn_bwd_dkdv.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8),
+        (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=32), 8),
         (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4),
         (R._rms_norm_fwd, dict(BLOCK_N=4096), 16),
