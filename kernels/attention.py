@@ -286,7 +286,7 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    RUN_LAST,         # and last position of the contiguous run of its document it lies in
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
-                   GROUP: tl.constexpr,  # query heads per kv head: a constant, so i // GROUP is a shift
+                   GROUP: tl.constexpr,  # query heads per kv head; a constant, so i // GROUP needs no division
                    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
