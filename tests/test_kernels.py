@@ -188,7 +188,7 @@ def test_autotune_key_buckets_T(monkeypatch):
     for T in (5, 6, 7, 8, 9):
         q = torch.randn(1, 2, T, 16, device=DEV)
         with torch.no_grad():
-            torch.testing.assert_close(A.flash_attention(q, q, q), A.attention_reference(q, q, q))
+            assert_close(A.flash_attention(q, q, q), A.attention_reference(q, q, q), TOL[torch.float32], f"T={T}")
     assert len(kernel.cache) == 2 and len(timed) == 4, (kernel.cache, timed)
 
 
