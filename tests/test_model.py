@@ -248,6 +248,39 @@ def test_model_on_gpu_kernels_matches_cpu():
     assert ((cached - full).norm() / full.norm()).item() < 1e-3
 
 
+def test_compiled_blocks_with_kernels_match_eager(monkeypatch):
+    """train.py --compile on a GPU: each block torch.compile'd with the Triton kernels inside it, where
+    torch.compile stops and runs them as they are (they are torch.compiler.disable'd). On CPU the kernels run
+    in the interpreter, sent there by hand (attention() gives CPU tensors to SDPA). The compiled blocks must
+    give the eager model's loss and gradients on packed rows with GQA."""
+    from kernels import attention as A, rmsnorm as R
+    if not A.HAS_TRITON:
+        pytest.skip("needs triton")
+    monkeypatch.setattr(M, "attention", A.flash_attention)
+    monkeypatch.setattr(M, "rms_norm", R.rms_norm_triton)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = tiny_model().to(device)                    # head_dim 16, GQA 2
+    tokens, targets = torch.randint(0, 97, (2, 40), device=device), torch.randint(0, 97, (2, 40), device=device)
+    doc_ids = torch.tensor([[0] * 13 + [1] * 27, [0] * 40], device=device)
+
+    def loss_and_grads():
+        m.zero_grad()
+        loss = m(tokens, targets, doc_ids)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    loss, grads = loss_and_grads()
+    for block in m.layers:
+        block.compile(backend="aot_eager")   # Dynamo and AOTAutograd as under Inductor, without its compile time
+    try:
+        loss_c, grads_c = loss_and_grads()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss_c, loss)
+    for (name, _), g, g_c in zip(m.named_parameters(), grads, grads_c):
+        torch.testing.assert_close(g_c, g, msg=lambda msg: f"{name}: {msg}")
+
+
 def test_cache_needs_setup_and_respects_max_seq_len():
     m = tiny_model()
     with pytest.raises(RuntimeError, match="setup_cache"):
