@@ -322,12 +322,13 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     bh = b * Hq + hk * GROUP                       # the group's first query head; dk, dv sum over the group
     Qg = Q + b.to(tl.int64) * stride_qb + hk * GROUP * stride_qh
     DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
-    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSE + bh * T, DELTA + bh * T, DOC, stride_qh,
+    LSEg, DELTAg = LSE + bh * T, DELTA + bh * T
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
                          stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSE + bh * T, DELTA + bh * T, DOC, stride_qh,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
                          stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
     if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSE + bh * T, DELTA + bh * T, DOC, stride_qh,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
                              stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
