@@ -19,11 +19,14 @@ attention the split into forward, dk/dv, dq and the rest. A wall time well above
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
+    git show b818606:kernels/attention.py > out/base_attention.py
+    python tests/bench_kernels.py --against out/base_attention.py   # + that version of the kernels, side by side
 RMSNorm runs first (seconds): a time limit then cuts only the longest attention rows, which print as they are
 measured, each with the block shapes autotuning picked. On a machine without CUDA it says so and exits 0 (the
 kernels' CPU tests are tests/test_kernels.py).
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -36,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="T in {1K, 4K} only")
 parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens / T)")
+parser.add_argument("--against", default=None, metavar="PATH",
+                    help="another version of kernels/attention.py, timed beside ours in every attention row "
+                         "(e.g. one commit's, from git show): was a change to the kernels worth it?")
 args = parser.parse_args()
 
 if not torch.cuda.is_available():
@@ -111,6 +117,12 @@ table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth mea
 
 
 # ----------------------------------------------------------------------------- attention
+base = None   # --against: the other version's module, run on the same inputs as ours
+if args.against:
+    spec = importlib.util.spec_from_file_location("base_attention", args.against)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    print(f"base: {args.against} (the 'base' columns)")
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
@@ -161,6 +173,8 @@ for T in Ts:
             bool_mask = (dense & (docs[:, :, None] == docs[:, None, :]))[:, None]      # (B, 1, T, T)
             sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=bool_mask)  # noqa: E731
         impls = {"ours": lambda: flash_attention(q, k, v, docs), "sdpa": sdpa}
+        if base is not None:
+            impls["base"] = lambda: base.flash_attention(q, k, v, docs)
         if flex is not None:
             if docs is None:
                 mask_mod = lambda b, h, i, j: i >= j  # noqa: E731
@@ -185,22 +199,26 @@ for T in Ts:
                 continue
             tf[name] = (fwd_flop / f_ms / 1e9, 3.5 * fwd_flop / fb_ms / 1e9, f_ms, fb_ms)
         times[mask] = (tf["ours"][2], tf["ours"][3], pairs)
-        split = kernel_ms(lambda: torch.autograd.grad(impls["ours"](), (q, k, v), do))
-        split_rows.append([T, mask, f"{tf['ours'][3]:.2f}", f"{sum(split.values()):.2f}"] +
-                          [f"{split.get(name, 0.0):.2f}" for name in SPLIT] +
-                          [f"{sum(t for name, t in split.items() if name not in SPLIT):.2f}"])
+        for name in ("ours", "base") if base is not None else ("ours",):
+            split = kernel_ms(lambda: torch.autograd.grad(impls[name](), (q, k, v), do))
+            split_rows.append([T, mask, name, f"{tf[name][3]:.2f}", f"{sum(split.values()):.2f}"] +
+                              [f"{split.get(kern, 0.0):.2f}" for kern in SPLIT] +
+                              [f"{sum(t for kern, t in split.items() if kern not in SPLIT):.2f}"])
         ratio = lambda i, other: f"{tf['ours'][i] / tf[other][i]:.2f}x" if other in tf else "-"  # noqa: E731
         cell = lambda name, i: f"{tf[name][i]:.0f}" if name in tf else "-"  # noqa: E731
+        vs_base = lambda i: [cell("base", i), ratio(i, "base")] if base is not None else []  # noqa: E731
         fwd_rows.append([T, B, mask, f"{tf['ours'][2]:.2f}", cell("ours", 0), cell("sdpa", 0), cell("flex", 0),
-                         ratio(0, "sdpa"), ratio(0, "flex"), f"{err:.1e}"])
+                         ratio(0, "sdpa"), ratio(0, "flex")] + vs_base(0) + [f"{err:.1e}"])
         bwd_rows.append([T, B, mask, f"{tf['ours'][3]:.2f}", cell("ours", 1), cell("sdpa", 1), cell("flex", 1),
-                         ratio(1, "sdpa"), ratio(1, "flex")])
+                         ratio(1, "sdpa"), ratio(1, "flex")] + vs_base(1))
         tiles = ", ".join(f"{kern.fn.__name__} {tile(kern)}"
                           for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq))
         print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
               f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles}; "
-              f"kernel ms fwd/dkdv/dq/other {'/'.join(split_rows[-1][4:])} of {split_rows[-1][2]} wall "
-              f"({time.time() - t_start:.0f} s)",
+              f"kernel ms fwd/dkdv/dq/other {'/'.join(split_rows[-1 - (base is not None)][5:])} of "
+              f"{tf['ours'][3]:.2f} wall ({time.time() - t_start:.0f} s)" +
+              (f"; base fwd/fwd+bwd TF/s {cell('base', 0)}/{cell('base', 1)}, kernel ms "
+               f"{'/'.join(split_rows[-1][5:])}" if base is not None else ""),
               flush=True)
     (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
     skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}", f"{spans_ms:.2f}"])
@@ -208,11 +226,12 @@ for T in Ts:
     torch.cuda.empty_cache()
 
 head = ["T", "B", "mask", "ours ms", "ours TF/s", "SDPA TF/s", "Flex TF/s", "vs SDPA", "vs Flex"]
+head += ["base TF/s", "vs base"] if base is not None else []
 table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} tokens/batch)", head + ["err vs SDPA"],
       fwd_rows)
 table("attention forward+backward", head, bwd_rows)
-table("where our forward+backward time goes: wall ms (as above) against the GPU's kernel ms (torch.profiler)",
-      ["T", "mask", "wall", "kernels", "fwd", "dk/dv", "dq", "other (delta, torch)"], split_rows)
+table("where the forward+backward time goes: wall ms (as above) against the GPU's kernel ms (torch.profiler)",
+      ["T", "mask", "kernels of", "wall", "kernels", "fwd", "dk/dv", "dq", "other (delta, torch)"], split_rows)
 table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
       ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal", "doc spans ms, once a batch"],
       skip_rows)
