@@ -86,7 +86,9 @@ def _configs(shapes):
     and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
     (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles fill
     the 255 registers (two 128x128 fp32 accumulators) and spill 0-16 bytes (32-272 while each query head of
-    the group had a loop of its own)."""
+    the group had a loop of its own). dk/dv 32x64 at 4 warps is a candidate not yet timed: one warpgroup per
+    program at 243-255 registers (0-24 bytes of stack) and 64-81 KB of shared memory, so two programs share
+    an SM and neither waits at the other's barriers, where 32x128 at 8 warps keeps one."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
@@ -126,7 +128,7 @@ def _shared_memory_limit(device):
 
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
 FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)])
-DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3)])
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)])
 DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
 FWD_FIT = _fit_shared_memory(lambda m, n: (m, 2 * n))        # q kept; k and v streamed
 DKDV_FIT = _fit_shared_memory(lambda m, n: (2 * n, 2 * m))   # k and v kept; q and dO streamed
