@@ -2,9 +2,10 @@
 
 Attention, at Llama 3 8B's heads (32 query / 8 kv heads, head_dim 128), bf16, 16K tokens per batch (B = 16K / T):
 forward and forward+backward TFLOP/s of kernels.attention.flash_attention against
-- SDPA: F.scaled_dot_product_attention with its best backend: is_causal=True for causal rows (flash), an
-  explicit (B, 1, T, T) boolean mask for document rows (memory-efficient backend). SDPA is given k and v with
-  the kv heads already repeated (outside the timed region), so it does not pay for GQA;
+- SDPA: F.scaled_dot_product_attention with the backend it picks: is_causal=True for causal rows, an
+  explicit (B, 1, T, T) boolean mask for document rows; the forward table names its longest kernel, which
+  says the backend (flash, cuDNN, memory-efficient). SDPA is given k and v with the kv heads already repeated
+  (outside the timed region), so it does not pay for GQA;
 - Flex: FlexAttention (torch.compile'd) with a block mask built from the same mask function, GQA native;
 for causal rows and rows of 8 documents with random boundaries (seeded).
 FLOPs count only the visible (query, key) pairs: 4*D per pair forward (QK^T, PV), 2.5x that backward
@@ -65,9 +66,10 @@ def bench_ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def kernel_ms(fn, reps=5):
+def kernel_ms(fn, reps=5, torch_names=False):
     """Device time per call of each kernel fn() launches, {name: ms}, from torch.profiler (PyTorch's own kernels
-    summed as "torch"). Their sum against bench_ms(fn) says whether a wall time is the GPU's or the host's."""
+    summed as "torch", or under their own names). Their sum against bench_ms(fn) says whether a wall time is
+    the GPU's or the host's."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -77,7 +79,7 @@ def kernel_ms(fn, reps=5):
     ms = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name if e.name.startswith("_") else "torch"    # ours are _attn_fwd, _rms_norm_bwd, ...
+            name = e.name if torch_names or e.name.startswith("_") else "torch"   # ours: _attn_fwd, ...
             ms[name] = ms.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
     return ms
 
@@ -199,6 +201,8 @@ for T in Ts:
                 continue
             tf[name] = (fwd_flop / f_ms / 1e9, 3.5 * fwd_flop / fb_ms / 1e9, f_ms, fb_ms)
         times[mask] = (tf["ours"][2], tf["ours"][3], pairs)
+        sdpa_kernels = kernel_ms(impls["sdpa"], torch_names=True)    # which backend SDPA picked: its kernel's name
+        sdpa_kernel = max(sdpa_kernels, key=sdpa_kernels.get)[:48]
         for name in ("ours", "base") if base is not None else ("ours",):
             split = kernel_ms(lambda: torch.autograd.grad(impls[name](), (q, k, v), do))
             split_rows.append([T, mask, name, f"{tf[name][3]:.2f}", f"{sum(split.values()):.2f}"] +
@@ -208,7 +212,7 @@ for T in Ts:
         cell = lambda name, i: f"{tf[name][i]:.0f}" if name in tf else "-"  # noqa: E731
         vs_base = lambda i: [cell("base", i), ratio(i, "base")] if base is not None else []  # noqa: E731
         fwd_rows.append([T, B, mask, f"{tf['ours'][2]:.2f}", cell("ours", 0), cell("sdpa", 0), cell("flex", 0),
-                         ratio(0, "sdpa"), ratio(0, "flex")] + vs_base(0) + [f"{err:.1e}"])
+                         ratio(0, "sdpa"), ratio(0, "flex")] + vs_base(0) + [f"{err:.1e}", sdpa_kernel])
         bwd_rows.append([T, B, mask, f"{tf['ours'][3]:.2f}", cell("ours", 1), cell("sdpa", 1), cell("flex", 1),
                          ratio(1, "sdpa"), ratio(1, "flex")] + vs_base(1))
         tiles = ", ".join(f"{kern.fn.__name__} {tile(kern)}"
@@ -227,8 +231,8 @@ for T in Ts:
 
 head = ["T", "B", "mask", "ours ms", "ours TF/s", "SDPA TF/s", "Flex TF/s", "vs SDPA", "vs Flex"]
 head += ["base TF/s", "vs base"] if base is not None else []
-table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} tokens/batch)", head + ["err vs SDPA"],
-      fwd_rows)
+table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} tokens/batch)",
+      head + ["err vs SDPA", "SDPA's longest kernel (its backend)"], fwd_rows)
 table("attention forward+backward", head, bwd_rows)
 table("where the forward+backward time goes: wall ms (as above) against the GPU's kernel ms (torch.profiler)",
       ["T", "mask", "kernels of", "wall", "kernels", "fwd", "dk/dv", "dq", "other (delta, torch)"], split_rows)
