@@ -10,12 +10,16 @@ The math (Zhang & Sennrich 2019; Llama's pre-norm), for one row x of length N wi
     dw = sum over rows of dy * xhat
 
 Design choices:
-- One program per row in the forward: the whole row sits in registers (BLOCK_N = next power of two >= N,
-  masked), so x is read once and y written once, with fp32 math whatever the input dtype. rstd (4 bytes a row)
-  is saved for the backward.
-- The backward gives each program a contiguous band of rows: it writes dx row by row and accumulates that
-  band's dw in fp32 registers, then stores one partial dw row. PyTorch sums the few partial rows (the second
-  step): no atomics, deterministic.
+- A whole row sits in one program's registers (BLOCK_N = next power of two >= N, masked), so x is read once
+  and y written once, with fp32 math whatever the input dtype. rstd (4 bytes a row) is saved for the backward.
+- Each program walks a contiguous band of rows (a few programs per SM), loading w once, and its row loop is
+  software-pipelined (tl.range's num_stages): the next two rows are already being copied into shared memory
+  while this one is summed. RMSNorm only moves bytes, and each row is a chain (load, sum across the program,
+  scale, store) with nothing to overlap its load latency but other rows; one row per program kept an H100 SM
+  at ~32 KB in flight (compiled for sm_90: loads then a wait each row, 2-4 programs per SM), the pipelined loop
+  keeps up to three times that.
+- The backward writes dx row by row and accumulates its band's dw in fp32 registers, then stores one partial
+  dw row. PyTorch sums the few partial rows (the second step): no atomics, deterministic.
 - Output dtype = x's dtype; dweight has weight's dtype. Any hidden size up to 65536 (masked tails).
 
 Dispatch rule of `rms_norm`, as in kernels/attention.py: CUDA tensors -> the Triton kernel, other tensors ->
@@ -47,29 +51,30 @@ MAX_N = 65536  # a row must fit in one program's registers; Llama 3 405B's hidde
 @triton.jit
 def _rms_norm_fwd(X, W, Y,   # x, y (M, N) contiguous; w (N,)
                   RSTD,      # output (M,) fp32: 1 / rms of each row, for the backward
-                  N, eps, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                  M, N, eps, ROWS_PER_PROGRAM, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     cols = tl.arange(0, BLOCK_N)
     ok = cols < N
-    x = tl.load(X + row * N + cols, mask=ok, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * N + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=ok)
-    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)   # once for the program's band of rows
+    row_lo = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM   # int64 row offsets: M * N can pass 2**31
+    for row in tl.range(row_lo, tl.minimum(row_lo + ROWS_PER_PROGRAM, M), num_stages=STAGES):   # prefetching
+        x = tl.load(X + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+        tl.store(Y + row * N + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=ok)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _rms_norm_bwd(X, W, DY, RSTD,   # as in the forward; dy (M, N) contiguous
                   DX,               # output (M, N)
                   DW_PARTIAL,       # output (programs, N) fp32: each program's sum of dy * xhat over its rows
-                  M, N, ROWS_PER_PROGRAM, BLOCK_N: tl.constexpr):
+                  M, N, ROWS_PER_PROGRAM, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     ok = cols < N
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], tl.float32)
-    row_lo = pid.to(tl.int64) * ROWS_PER_PROGRAM     # int64 row offsets: M * N can pass 2**31
-    for row in range(row_lo, tl.minimum(row_lo + ROWS_PER_PROGRAM, M)):
+    row_lo = pid.to(tl.int64) * ROWS_PER_PROGRAM
+    for row in tl.range(row_lo, tl.minimum(row_lo + ROWS_PER_PROGRAM, M), num_stages=STAGES):
         offs = row * N + cols
         x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
@@ -91,6 +96,21 @@ def _launch_shape(N):
     return BLOCK_N, 1 if INTERPRET else min(max(BLOCK_N // 256, 1), 32)
 
 
+def _stages(row_bytes):
+    """num_stages of a row loop whose rows (all the arrays it loads) take row_bytes: 1 + the rows prefetched,
+    2 while they fit in 96 KB of shared memory (an H100 SM has 227 KB; 2-4 programs share one), fewer for wide
+    fp32 rows (at hidden 16384 the backward's x and dy take 128 KB a row: no prefetch, as before)."""
+    return 1 + min(2, 96 * 1024 // row_bytes)
+
+
+def _bands(M, device):
+    """Split M rows into contiguous bands, one per program: enough programs to fill the GPU a few times over.
+    -> (programs, rows per program)."""
+    n_sm = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    rows_per_program = triton.cdiv(M, max(1, min(M, 4 * n_sm)))
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -100,7 +120,9 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         BLOCK_N, num_warps = _launch_shape(N)
-        _rms_norm_fwd[(M,)](x2, weight, y, rstd, N, eps, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        programs, rows_per_program = _bands(M, x.device)
+        _rms_norm_fwd[(programs,)](x2, weight, y, rstd, M, N, eps, rows_per_program, BLOCK_N=BLOCK_N,
+                                   STAGES=_stages(BLOCK_N * x2.element_size()), num_warps=num_warps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(shape)
 
@@ -110,15 +132,12 @@ class _RMSNorm(torch.autograd.Function):
         M, N = x2.shape
         dy2 = dy.reshape(-1, N).contiguous()        # (M, N)
         dx = torch.empty_like(x2)
-        # enough programs to fill the GPU a few times over; each one's band of rows shares one partial dw row
-        n_sm = 4 if INTERPRET else torch.cuda.get_device_properties(x2.device).multi_processor_count
-        programs = max(1, min(M, 4 * n_sm))
-        rows_per_program = triton.cdiv(M, programs)
-        programs = triton.cdiv(M, rows_per_program)
+        programs, rows_per_program = _bands(M, x2.device)   # each band of rows sums one partial dw row
         dw_partial = torch.empty((programs, N), device=x2.device, dtype=torch.float32)
         BLOCK_N, num_warps = _launch_shape(N)
-        _rms_norm_bwd[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, N, rows_per_program,
-                                   BLOCK_N=BLOCK_N, num_warps=num_warps)
+        _rms_norm_bwd[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, N, rows_per_program, BLOCK_N=BLOCK_N,
+                                   STAGES=_stages(BLOCK_N * (x2.element_size() + dy2.element_size())),
+                                   num_warps=num_warps)
         dw = dw_partial.sum(0).to(weight.dtype)     # the second step: (programs, N) -> (N,)
         return dx.view(dy.shape), dw, None
 

@@ -325,6 +325,7 @@ def test_attention_errors():
 
 # ----------------------------------------------------------------------------- compiled for a GPU, without one
 COMPILE_FOR_HOPPER = """
+import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -349,8 +350,8 @@ for jit, consts, warps in [
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=32), 8),
         (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4),
-        (R._rms_norm_fwd, dict(BLOCK_N=4096), 16),
-        (R._rms_norm_bwd, dict(BLOCK_N=4096), 16)]:
+        (R._rms_norm_fwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2)), 16),        # bf16 x
+        (R._rms_norm_bwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2 * 2)), 16)]:  # bf16 x and dy
     sig = {p.name: arg_type(p) for p in jit.params}
     # a launch marks every pointer and every integer that is a multiple of 16 (the strides at head_dim 128,
     # T = 4096, RMSNorm's N = 4096) "divisible by 16"; without that hint loads are not vectorised, so not
@@ -362,8 +363,9 @@ for jit, consts, warps in [
     if jit.__name__.startswith("_attn"):  # Hopper's tensor-core MMA, fed by asynchronous (pipelined) copies
         assert "wgmma.mma_async" in kernel.asm["ptx"], f"{jit.__name__}: no wgmma"
         assert "cp.async" in kernel.asm["ptx"], f"{jit.__name__}: loads not pipelined"
-    if jit.__name__.startswith("_rms"):  # a row streams in 16-byte loads (8 bf16), not one element at a time
-        assert "ld.global.v4" in kernel.asm["ptx"], f"{jit.__name__}: loads not vectorised"
+    if jit.__name__.startswith("_rms"):  # rows prefetched (the loop pipelined) in 16-byte copies of 8 bf16
+        copies = re.findall(r"cp\\.async\\.cg\\.shared\\.global \\[[^]]*\\], \\[[^]]*\\], 0x10", kernel.asm["ptx"])
+        assert copies, f"{jit.__name__}: row loads not pipelined in 16-byte copies"
     print(jit.__name__, "compiled")
 print("ok")
 """
@@ -434,7 +436,8 @@ def test_dispatch_cuda_tensors_use_triton(monkeypatch):
     ((300 * S, 33), torch.float32, torch.float32),  # many rows per backward program: the partial dw sums
     ((37, 48), torch.float16, torch.float16),
     ((4, 96), torch.bfloat16, torch.float32),        # bf16 activations with an fp32 weight (autocast)
-])
+    ((6, 16384), torch.float32, torch.float32),      # 405B's width in fp32: on a GPU the rows prefetched must fit
+])                                                   # in shared memory (two ahead would ask 256 KB in backward)
 def test_rms_norm(shape, dtype, w_dtype):
     x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(shape[-1], device=DEV)).to(w_dtype).requires_grad_()
