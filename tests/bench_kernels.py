@@ -21,8 +21,8 @@ into forward, dk/dv, dq and the rest. A wall time well above it was spent on the
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
-    git show b818606:kernels/attention.py > out/base_attention.py
-    python tests/bench_kernels.py --against out/base_attention.py   # + that version of the kernels, side by side
+    mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
+    python tests/bench_kernels.py --against out/base   # + that version of the kernels, side by side
 RMSNorm runs first (seconds): a time limit then cuts only the longest attention rows, which print as they are
 measured, each with the block shapes autotuning picked. On a machine without CUDA it says so and exits 0 (the
 kernels' CPU tests are tests/test_kernels.py).
@@ -41,9 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="T in {1K, 4K} only")
 parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens / T)")
-parser.add_argument("--against", default=None, metavar="PATH",
-                    help="another version of kernels/attention.py, timed beside ours in every attention row "
-                         "(e.g. one commit's, from git show): was a change to the kernels worth it?")
+parser.add_argument("--against", default=None, metavar="DIR",
+                    help="another version of kernels/ (its attention.py and rmsnorm.py, e.g. one commit's from "
+                         "git show), timed beside ours in every row: was a change to the kernels worth it?")
 args = parser.parse_args()
 
 if not torch.cuda.is_available():
@@ -85,6 +85,14 @@ def kernel_ms(fn, reps=5, torch_names=False):
     return ms
 
 
+def load_base(name):
+    """--against: the other version's kernels/<name>.py as a module, run on the same inputs as ours."""
+    spec = importlib.util.spec_from_file_location(f"base_{name}", os.path.join(args.against, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def table(title, header, rows):
     print(f"\n{title}")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -98,6 +106,9 @@ dst = torch.empty_like(src)
 copy_gbs = 2 * src.numel() * 2 / bench_ms(lambda: dst.copy_(src)) / 1e6
 del src, dst
 compiled = torch.compile(rms_norm_reference)
+if args.against:
+    print(f"base: the kernels in {args.against} (the 'base' columns)")
+base_rms = load_base("rmsnorm") if args.against else None
 rows = []
 REPEAT = 8
 for N in (4096, 8192):
@@ -107,7 +118,10 @@ for N in (4096, 8192):
     dy = torch.randn_like(x)
     err = (rms_norm_triton(x, w, 1e-5).float() - rms_norm_reference(x, w, 1e-5).float()).abs().max().item()
     gbs = {}
-    for name, fn in (("ours", rms_norm_triton), ("eager", rms_norm_reference), ("compile", compiled)):
+    impls = [("ours", rms_norm_triton), ("eager", rms_norm_reference), ("compile", compiled)]
+    if base_rms is not None:
+        impls.append(("base", base_rms.rms_norm_triton))
+    for name, fn in impls:
         # REPEAT calls back to back, as the layers of a model make them: the host queues the next call while
         # the GPU runs this one (do_bench flushes the L2 before each timing, so a lone call of a few tenths
         # of a millisecond can be waiting on the host instead; that figure is the "one call" column)
@@ -118,19 +132,15 @@ for N in (4096, 8192):
     rows.append([N, M, f"{gbs['ours']:.0f}", f"{one_call:.0f}", f"{5 * M * N * 2 / kernels / 1e6:.0f}",
                  f"{gbs['eager']:.0f}", f"{gbs['compile']:.0f}",
                  f"{gbs['ours'] / gbs['eager']:.2f}x", f"{gbs['ours'] / gbs['compile']:.2f}x",
-                 f"{gbs['ours'] / copy_gbs:.0%}", f"{err:.1e}"])
+                 f"{gbs['ours'] / copy_gbs:.0%}", f"{err:.1e}"] +
+                ([f"{gbs['base']:.0f}", f"{gbs['ours'] / gbs['base']:.2f}x"] if base_rms is not None else []))
 table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth measured {copy_gbs:.0f} GB/s",
       ["hidden", "rows", "ours", "ours, one call", "ours, kernels only", "eager", "compile", "vs eager",
-       "vs compile", "of copy", "max err"], rows)
+       "vs compile", "of copy", "max err"] + (["base", "vs base"] if base_rms is not None else []), rows)
 
 
 # ----------------------------------------------------------------------------- attention
-base = None   # --against: the other version's module, run on the same inputs as ours
-if args.against:
-    spec = importlib.util.spec_from_file_location("base_attention", args.against)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    print(f"base: {args.against} (the 'base' columns)")
+base = load_base("attention") if args.against else None
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)

@@ -9,9 +9,9 @@
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. On an H100,
 # 2026-11-26, they took 212 s and 111 s, the machine's start ~30 s more.)
 #
-# bench_kernels also times another version of the attention kernels beside ours when out/base_attention.py is
-# there (carry it), e.g. the commit the README's figures are from:
-#     git show b818606:kernels/attention.py > out/base_attention.py
+# bench_kernels also times another version of the kernels beside ours when out/base/ holds its attention.py and
+# rmsnorm.py (carry it), e.g. the commit the README's figures are from:
+#     mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
 #
 # Parts: env, tests, bench_kernels, bench_train, bench_sample, train. `train` uses data/stdlib when it is
 # there (carry it: making the tokenizer and shards first took 23 s of 2 CPU cores here) and starts afresh in
@@ -45,7 +45,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processo
 # pytest-xdist is there, since compiling is CPU work
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
 run tests 120 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py
-AGAINST=$([ -f out/base_attention.py ] && echo "--against out/base_attention.py")
+AGAINST=$([ -f out/base/attention.py ] && echo "--against out/base")
 run bench_kernels 330 $PY tests/bench_kernels.py $AGAINST
 run bench_train 100 $PY tests/bench_train.py --skip_cpu
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
