@@ -74,7 +74,7 @@ HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Ll
 
 
 # ----------------------------------------------------------------------------- block sizes
-def _configs(shapes):
+def _configs(shapes, **constexprs):
     """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an
     H100 (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live
     in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
@@ -86,17 +86,20 @@ def _configs(shapes):
     and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
     (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles fill
     the 255 registers (two 128x128 fp32 accumulators) and spill 0-16 bytes (32-272 while each query head of
-    the group had a loop of its own). dk/dv 32x64 at 4 warps is a candidate not yet timed: one warpgroup per
-    program at 243-255 registers (0-24 bytes of stack) and 64-81 KB of shared memory, so two programs share
-    an SM and neither waits at the other's barriers, where 32x128 at 8 warps keeps one."""
+    the group had a loop of its own). Candidates not yet timed: dk/dv 32x64 at 4 warps (one warpgroup per
+    program at 243-255 registers, 0-24 bytes of stack, 64-81 KB of shared memory, so two programs share an SM
+    and neither waits at the other's barriers, where 32x128 at 8 warps keeps one), and the forward's PV_LAG
+    loop (see _fwd_tiles) at 128x64 and at 64x64 (2 stages: one more v tile would take 3 stages to 128 KB,
+    one program per SM). PV_LAG takes 212-255 registers against 181-234, no spills in the loops."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+        return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in shapes]
 
 
 def _fit_shared_memory(tiles):
     """An autotuner pre-pass: lower num_stages until a config's tiles fit in this GPU's shared memory.
-    tiles(BLOCK_M, BLOCK_N) -> (rows kept for the whole loop, rows loaded per pipeline stage), each row D
+    tiles(**config.kwargs) -> (rows kept for the whole loop, rows loaded per pipeline stage), each row D
     elements of the inputs' dtype. The configs above are sized for bf16; fp32 inputs at D=128 need twice the
     bytes (forward 128x64 at 3 stages: 256 KB, over an H100's 227 KB), and smaller GPUs have less."""
     def prune(configs, named_args, **kwargs):
@@ -105,12 +108,12 @@ def _fit_shared_memory(tiles):
         row_bytes = kwargs["HEAD_DIM"] * q.element_size()
         fitted = {}
         for c in configs:
-            kept, per_stage = tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+            kept, per_stage = tiles(**c.kwargs)
             stages = c.num_stages
             while stages > 1 and (kept + stages * per_stage) * row_bytes > limit:
                 stages -= 1
-            fitted[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, stages)] = None   # in order, no repeats
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fitted]
+            fitted[(tuple(c.kwargs.items()), c.num_warps, stages)] = None   # in order, no repeats
+        return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in fitted]
     return prune
 
 
@@ -127,12 +130,15 @@ def _shared_memory_limit(device):
 
 
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
-FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)])
+FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
+               _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
 DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)])
 DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
-FWD_FIT = _fit_shared_memory(lambda m, n: (m, 2 * n))        # q kept; k and v streamed
-DKDV_FIT = _fit_shared_memory(lambda m, n: (2 * n, 2 * m))   # k and v kept; q and dO streamed
-DQ_FIT = _fit_shared_memory(lambda m, n: (2 * m, 2 * n))     # q and dO kept; k and v streamed
+# q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed;
+# dq: q and dO kept, k and v streamed
+FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
+DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N, 2 * BLOCK_M))
+DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -159,30 +165,63 @@ def _key_ranges(start_m, offs_m, T, Tk,
 
 
 @triton.jit
+def _fwd_softmax(s, k_pos, q_pos, q_doc, m_i, l_i, DOC, Tk, qk_scale, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The online softmax step for one key tile: its unscaled scores s (BLOCK_M, BLOCK_N) against keys k_pos ->
+    (p, the factor alpha that rescales what was summed so far, the new running max m and sum l).
+    MASKED: the tile touches the causal diagonal or the end of the keys, so apply the causal mask."""
+    if MASKED:
+        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    if HAS_DOCS:
+        k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
+        s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                # log2 units; the scale is > 0
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)          # a row that has seen no visible key yet
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])               # scale and shift in one FMA
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc,
                K, V, DOC,            # this (batch, kv head)'s keys and values, and the row's document numbers
                stride_kt, stride_vt, lo, hi, Tk, qk_scale,
-               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PV_LAG: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
     """Fold key tiles [lo, hi) into the running softmax (acc, l_i, m_i) of one query tile.
-    MASKED: the tiles touch the causal diagonal or the end of the keys, so apply the causal mask."""
+    PV_LAG, an autotune choice: each tile's p v product is issued one step late, after the next tile's q k^T,
+    so the next tile's softmax runs while the tensor cores do it (FlashAttention-3's intra-warpgroup overlap,
+    Shah et al. 2024, here in the order of the source). Compiled for sm_90, the plain loop waits for each q k^T
+    and then does the whole softmax with its tensor cores idle; with the lag the exponentials issue while the
+    p v wgmma is in flight. The price: registers, and one more v tile in shared memory. (Starting the next
+    q k^T early instead, the other half of the trick, made ptxas serialize every wgmma: warning C7515.)"""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
-        s = tl.dot(q, tl.trans(k))                                       # (BLOCK_M, BLOCK_N), unscaled
-        if MASKED:
-            s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        if HAS_DOCS:
-            k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
-            s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                # log2 units; the scale is > 0
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)          # a row that has seen no visible key yet
-        p = tl.math.exp2(s * qk_scale - m_safe[:, None])               # scale and shift in one FMA
-        alpha = tl.math.exp2(m_i - m_safe)                               # rescales what was summed so far
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if PV_LAG:
+        if lo < hi:
+            k_pos = lo + tl.arange(0, BLOCK_N)
+            k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+            p, alpha, m_i, l_i = _fwd_softmax(tl.dot(q, tl.trans(k)), k_pos, q_pos, q_doc, m_i, l_i, DOC, Tk,
+                                              qk_scale, MASKED, HAS_DOCS)
+            for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+                next_pos = start_n + tl.arange(0, BLOCK_N)
+                k = tl.load(K + next_pos[:, None] * stride_kt + offs_d[None, :], mask=next_pos[:, None] < Tk,
+                            other=0.0)
+                s = tl.dot(q, tl.trans(k))                                   # this tile's scores, then
+                v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk,
+                            other=0.0)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])         # the previous tile's p v,
+                p, alpha, m_i, l_i = _fwd_softmax(s, next_pos, q_pos, q_doc, m_i, l_i, DOC, Tk, qk_scale,
+                                                  MASKED, HAS_DOCS)          # in flight during this softmax
+                k_pos = next_pos
+            v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            k_pos = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+            p, alpha, m_i, l_i = _fwd_softmax(tl.dot(q, tl.trans(k)), k_pos, q_pos, q_doc, m_i, l_i, DOC, Tk,
+                                              qk_scale, MASKED, HAS_DOCS)
+            v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_i
 
 
@@ -196,7 +235,8 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               Hq, T, Tk, GROUP, qk_scale,
               T_BUCKET,              # T rounded up to a power of two: read only by the autotuner (its key)
-              HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PV_LAG: tl.constexpr = False):     # an autotune choice: see _fwd_tiles
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles start first
     bh = tl.program_id(1)                                                # = b * Hq + h
     b, h = bh // Hq, bh % Hq
@@ -220,11 +260,11 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
-                               lo, full_lo, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
+                               lo, full_lo, Tk, qk_scale, False, HAS_DOCS, PV_LAG, BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
-                               full_lo, full_hi, Tk, qk_scale, False, False, BLOCK_N, HEAD_DIM)
+                               full_lo, full_hi, Tk, qk_scale, False, False, PV_LAG, BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
-                               full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
+                               full_hi, hi, Tk, qk_scale, True, HAS_DOCS, PV_LAG, BLOCK_N, HEAD_DIM)
     row_ok = offs_m < T
     tl.store(O + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -214,6 +214,20 @@ def test_flash_unequal_tiles(fwd, dkdv, dq, monkeypatch):
     check_attention(1, 4, 2, 45, 110)
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the autotuner's PV_LAG configs")
+@pytest.mark.parametrize("bm", [16, 32])
+def test_flash_pv_lag(bm, monkeypatch):
+    """The forward's other loop (PV_LAG: each key tile's p v issued after the next tile's q k^T), which the
+    interpreter's one config does not take: documents (ranges of one tile, several, none), causal rows, Tk > T."""
+    monkeypatch.setattr(A._attn_fwd, "configs",
+                        [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "PV_LAG": True}, num_warps=1)])
+    doc_ids = docs_from_lengths([37, 50, 40, 13], [5, 60, 75])
+    doc_ids[0, 127:] = 0
+    check_attention(2, 4, 2, 140, 140, doc_ids)
+    check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5)
+    check_attention(1, 4, 2, 45, 110)
+
+
 @pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products")
 def test_documents_cost_fewer_tiles(monkeypatch):
     """A row packed with short documents must cost less than one long document: count the tile iterations of
@@ -347,6 +361,7 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
 for jit, consts, warps in [
         (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
+        (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PV_LAG=True), 8),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=32), 8),
         (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4),
