@@ -13,8 +13,8 @@ Design choices:
 - A whole row sits in one program's registers (BLOCK_N = next power of two >= N, masked), so x is read once
   and y written once, with fp32 math whatever the input dtype. rstd (4 bytes a row) is saved for the backward.
 - Each program walks a contiguous band of rows (a few programs per SM), loading w once, and its row loop is
-  software-pipelined (tl.range's num_stages): the next two rows are already being copied into shared memory
-  while this one is summed. RMSNorm only moves bytes, and each row is a chain (load, sum across the program,
+  software-pipelined (tl.range's num_stages): the next rows (two, fewer for very wide ones) are already being
+  copied into shared memory while this one is summed. RMSNorm only moves bytes, and each row is a chain (load, sum across the program,
   scale, store) with nothing to overlap its load latency but other rows; one row per program kept an H100 SM
   at ~32 KB in flight (compiled for sm_90: loads then a wait each row, 2-4 programs per SM), the pipelined loop
   keeps up to three times that.

@@ -448,7 +448,7 @@ def test_dispatch_cuda_tensors_use_triton(monkeypatch):
 # ----------------------------------------------------------------------------- RMSNorm
 @pytest.mark.parametrize("shape,dtype,w_dtype", [
     ((3, 5, 100), torch.float32, torch.float32),    # leading dims, hidden size not a power of two
-    ((300 * S, 33), torch.float32, torch.float32),  # many rows per backward program: the partial dw sums
+    ((300 * S, 33), torch.float32, torch.float32),  # many rows per program: the bands, the partial dw sums
     ((37, 48), torch.float16, torch.float16),
     ((4, 96), torch.bfloat16, torch.float32),        # bf16 activations with an fp32 weight (autocast)
     ((6, 16384), torch.float32, torch.float32),      # 405B's width in fp32: on a GPU the rows prefetched must fit
