@@ -14,10 +14,10 @@ Design choices:
   and y written once, with fp32 math whatever the input dtype. rstd (4 bytes a row) is saved for the backward.
 - Each program walks a contiguous band of rows (a few programs per SM), loading w once, and its row loop is
   software-pipelined (tl.range's num_stages): the next rows (two, fewer for very wide ones) are already being
-  copied into shared memory while this one is summed. RMSNorm only moves bytes, and each row is a chain (load, sum across the program,
-  scale, store) with nothing to overlap its load latency but other rows; one row per program kept an H100 SM
-  at ~32 KB in flight (compiled for sm_90: loads then a wait each row, 2-4 programs per SM), the pipelined loop
-  keeps up to three times that.
+  copied into shared memory while this one is summed. RMSNorm only moves bytes, and each row is a chain
+  (load, sum across the program, scale, store) with nothing to overlap its load latency but other rows; one
+  row per program kept an H100 SM at ~32 KB in flight (compiled for sm_90: loads then a wait each row, 2-4
+  programs per SM), the pipelined loop keeps up to three times that.
 - The backward writes dx row by row and accumulates its band's dw in fp32 registers, then stores one partial
   dw row. PyTorch sums the few partial rows (the second step): no atomics, deterministic.
 - Output dtype = x's dtype; dweight has weight's dtype. Any hidden size up to 65536 (masked tails).
@@ -105,9 +105,9 @@ def _stages(row_bytes):
 
 def _bands(M, device):
     """Split M rows into contiguous bands, one per program: enough programs to fill the GPU a few times over.
-    -> (programs, rows per program)."""
+    -> (programs, rows per program); no programs for no rows."""
     n_sm = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    rows_per_program = triton.cdiv(M, max(1, min(M, 4 * n_sm)))
+    rows_per_program = max(1, triton.cdiv(M, min(M, 4 * n_sm) or 1))
     return triton.cdiv(M, rows_per_program), rows_per_program
 
 
@@ -121,8 +121,9 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         BLOCK_N, num_warps = _launch_shape(N)
         programs, rows_per_program = _bands(M, x.device)
-        _rms_norm_fwd[(programs,)](x2, weight, y, rstd, M, N, eps, rows_per_program, BLOCK_N=BLOCK_N,
-                                   STAGES=_stages(BLOCK_N * x2.element_size()), num_warps=num_warps)
+        if programs:
+            _rms_norm_fwd[(programs,)](x2, weight, y, rstd, M, N, eps, rows_per_program, BLOCK_N=BLOCK_N,
+                                       STAGES=_stages(BLOCK_N * x2.element_size()), num_warps=num_warps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(shape)
 
@@ -135,10 +136,11 @@ class _RMSNorm(torch.autograd.Function):
         programs, rows_per_program = _bands(M, x2.device)   # each band of rows sums one partial dw row
         dw_partial = torch.empty((programs, N), device=x2.device, dtype=torch.float32)
         BLOCK_N, num_warps = _launch_shape(N)
-        _rms_norm_bwd[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, N, rows_per_program, BLOCK_N=BLOCK_N,
-                                   STAGES=_stages(BLOCK_N * (x2.element_size() + dy2.element_size())),
-                                   num_warps=num_warps)
-        dw = dw_partial.sum(0).to(weight.dtype)     # the second step: (programs, N) -> (N,)
+        stages = _stages(BLOCK_N * (x2.element_size() + dy2.element_size()))   # x and dy prefetched
+        if programs:
+            _rms_norm_bwd[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, N, rows_per_program,
+                                       BLOCK_N=BLOCK_N, STAGES=stages, num_warps=num_warps)
+        dw = dw_partial.sum(0).to(weight.dtype)     # the second step: (programs, N) -> (N,) (zeros for no rows)
         return dx.view(dy.shape), dw, None
 
 

@@ -469,6 +469,16 @@ def test_rms_norm(shape, dtype, w_dtype):
     assert_close(dw, ref_dw, tol, "dw")
 
 
+def test_rms_norm_no_rows():
+    """An empty batch (no rows) gives an empty output and a zero weight gradient, as the reference does."""
+    x = torch.randn(0, 3, 64, device=DEV, requires_grad=True)
+    w = torch.ones(64, device=DEV, requires_grad=True)
+    y = R.rms_norm_triton(x, w, 1e-5)
+    assert y.shape == x.shape
+    dx, dw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
+
+
 def test_rms_norm_errors():
     with pytest.raises(ValueError, match=r"weight has shape \(8,\)"):
         R.rms_norm_triton(torch.randn(2, 6), torch.randn(8), 1e-5)
