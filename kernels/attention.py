@@ -33,8 +33,13 @@ Design choices:
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
   program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are sums
   without atomics and the group shares one software pipeline.
+- The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
+  issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
+  (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
-  both recomputing p from the saved lse, after a small kernel for delta.
+  both recomputing p from the saved lse, after a small kernel for delta. dq's kernel recomputes q k^T and
+  dO v^T (7 matrix products in all, FlashAttention-2/3 do 5 by adding dq up with atomics): the price of a
+  deterministic backward, so training runs repeat exactly.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
   _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
