@@ -221,11 +221,12 @@ for T in Ts:
         times[mask] = (tf["ours"][2], tf["ours"][3], pairs)
         sdpa_kernels = kernel_ms(impls["sdpa"], torch_names=True)    # which backend SDPA picked: its kernel's name
         sdpa_kernel = max(sdpa_kernels, key=sdpa_kernels.get)[:48]
+        splits = {}   # implementation -> its kernels' ms: fwd, dk/dv, dq, the rest
         for name in ("ours", "base") if base is not None else ("ours",):
-            split = kernel_ms(lambda: torch.autograd.grad(impls[name](), (q, k, v), do))
-            split_rows.append([T, mask, name, f"{tf[name][3]:.2f}", f"{sum(split.values()):.2f}"] +
-                              [f"{split.get(kern, 0.0):.2f}" for kern in SPLIT] +
-                              [f"{sum(t for kern, t in split.items() if kern not in SPLIT):.2f}"])
+            ms = kernel_ms(lambda: torch.autograd.grad(impls[name](), (q, k, v), do))
+            splits[name] = ([f"{ms.get(kern, 0.0):.2f}" for kern in SPLIT] +
+                            [f"{sum(t for kern, t in ms.items() if kern not in SPLIT):.2f}"])
+            split_rows.append([T, mask, name, f"{tf[name][3]:.2f}", f"{sum(ms.values()):.2f}"] + splits[name])
         ratio = lambda i, other: f"{tf['ours'][i] / tf[other][i]:.2f}x" if other in tf else "-"  # noqa: E731
         cell = lambda name, i: f"{tf[name][i]:.0f}" if name in tf else "-"  # noqa: E731
         vs_base = lambda i: [cell("base", i), ratio(i, "base")] if base is not None else []  # noqa: E731
@@ -237,10 +238,10 @@ for T in Ts:
                           for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq))
         print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
               f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles}; "
-              f"kernel ms fwd/dkdv/dq/other {'/'.join(split_rows[-1 - (base is not None)][5:])} of "
-              f"{tf['ours'][3]:.2f} wall ({time.time() - t_start:.0f} s)" +
+              f"kernel ms fwd/dkdv/dq/other {'/'.join(splits['ours'])} of {tf['ours'][3]:.2f} wall "
+              f"({time.time() - t_start:.0f} s)" +
               (f"; base fwd/fwd+bwd TF/s {cell('base', 0)}/{cell('base', 1)}, kernel ms "
-               f"{'/'.join(split_rows[-1][5:])}" if base is not None else ""),
+               f"{'/'.join(splits['base'])}" if base is not None else ""),
               flush=True)
     (cf, cb, cp), (df, db, dp) = times["causal"], times["8 docs"]
     skip_rows.append([T, f"{dp / cp:.3f}", f"{df / cf:.3f}", f"{db / cb:.3f}", f"{spans_ms:.2f}"])
