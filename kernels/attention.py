@@ -29,17 +29,24 @@ Design choices:
   run of one document as every row of the tile ("full blocks" in FlexAttention's words); a tile whose rows span
   two documents has no such keys (full_lo = full_hi). Runs, not ids, keep this exact when an id repeats. Most
   tiles of a row packed with long documents are full: they pay for no load of document ids and no select.
-  The backward kernels walk the same ranges (dk/dv: transposed, over the query tiles that see a key tile).
-- GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
-  program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are sums
-  without atomics and the group shares one software pipeline.
+  The backward walks the same ranges transposed, over the query tiles that see a key tile.
+- GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The
+  backward program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are
+  sums without atomics and the group shares one software pipeline (and one dq turn per query tile).
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
-- Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
-  both recomputing p from the saved lse, after a small kernel for delta. dq's kernel recomputes q k^T and
-  dO v^T (7 matrix products in all, FlashAttention-2/3 do 5 by adding dq up with atomics): the price of a
-  deterministic backward, so training runs repeat exactly.
+- Backward is one kernel after a small one for delta: a program per key tile walks the query tiles that see
+  it, recomputes p from the saved lse, sums its dk and dv, and adds its share of each query tile's dq to an
+  fp32 sum in memory: 5 matrix products per tile, as FlashAttention-2/3 (a separate dq kernel would compute
+  q k^T and dO v^T again: 7). FlashAttention adds dq with atomics in whatever order the programs come, so dq's
+  last bits change from run to run; here a query tile's shares are added in key-tile order (the order of
+  CUTLASS's serial split-K and FlashAttention-3's deterministic mode): key tile n adds when the tile's turn
+  counter says n, then passes the turn on. The key tiles that see a query tile are a contiguous run (the ranges
+  below grow with n), so the counter starts at 0 for the first of them and each waits only for the one before
+  it, which was launched before it: the programs never wait in a cycle. Programs walk their query tiles last
+  to first, so all of a row's key tiles start on the same query tile and follow each other a tile apart. The
+  result: a deterministic backward, so training runs repeat exactly.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
   _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
@@ -70,32 +77,34 @@ try:
 except ImportError:  # no triton wheel for this platform (macOS, Windows): keep the file importable
     from types import SimpleNamespace
     triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: (lambda fn: fn), Config=lambda *a, **kw: None)
-    tl = SimpleNamespace(constexpr=None)
+    tl = SimpleNamespace(constexpr=lambda value=None: value)
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Llama 3 uses 64 and 128
+WARPS_MAX = 8                  # the most warps of a backward config: each warp keeps its own dq turns (_pass_turn)
+_WARPS_MAX = tl.constexpr(WARPS_MAX)   # the same, for the kernels (a global they read must be a constexpr)
 
 
 # ----------------------------------------------------------------------------- block sizes
 def _configs(shapes, **constexprs):
     """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an
     H100 (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live
-    in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
-    BLOCK_N x D accumulators plus k and v), and past 255 registers a thread spills to local memory; a Hopper
+    in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; backward: the two
+    BLOCK_N x D accumulators dk and dv), and past 255 registers a thread spills to local memory; a Hopper
     warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how
     many K/V (or Q/dO) tiles are prefetched into shared memory. The forward takes 64x64 for short rows and for
-    documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; dk/dv 32x128 (2 stages with
-    documents, 3 without); dq 64x32 or 128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128)
-    and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
-    (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles fill
-    the 255 registers (two 128x128 fp32 accumulators) and spill 0-16 bytes (32-272 while each query head of
-    the group had a loop of its own). Candidates not yet timed: dk/dv 32x64 at 4 warps (one warpgroup per
-    program at 243-255 registers, 0-24 bytes of stack, 64-81 KB of shared memory, so two programs share an SM
-    and neither waits at the other's barriers, where 32x128 at 8 warps keeps one), and the forward's PV_LAG
-    loop (see _fwd_tiles) at 128x64 and at 64x64 (2 stages: one more v tile would take 3 stages to 128 KB,
-    one program per SM). PV_LAG takes 212-255 registers against 181-234, no spills in the loops."""
+    documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; the backward's dk/dv part won
+    at 32x128 (2 stages with documents, 3 without). Dropped after timing: forward 128x64 at 4 warps (spills at
+    D=128) and 128x128 (never won), dk/dv's 16-row tiles. Compiled for sm_90 without a GPU (cuobjdump's
+    resource usage): all pipeline their loads and use wgmma (the backward's dq share as dq^T = k^T ds^T, 128
+    rows tall: a 32-row dq tile would fall back to mma.sync); at D=128 the backward's 32x128 tiles take 248-255
+    registers and spill nothing inside the loops (triton 3.6 and 3.9). Dropped without timing: the backward at
+    32x64, 4 warps (spills inside the loops once it does dq too). Candidates not yet timed: the forward's
+    PV_LAG loop (see _fwd_tiles) at 128x64 and at 64x64 (2 stages: one more v tile would take 3 stages to
+    128 KB, one program per SM), 212-255 registers, no spills in the loops; and the backward itself, with dq
+    (one kernel, 5 products): its 32x128 tiles are dk/dv's winners from when dq had a kernel of its own."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -134,16 +143,14 @@ def _shared_memory_limit(device):
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
-# forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
+# the forward walks keys for a query tile (tall M), the backward queries for a key tile (tall N)
 FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
                _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
-DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)])
-DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
-# q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed;
-# dq: q and dO kept, k and v streamed
+BWD_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3)])   # num_warps <= WARPS_MAX: one dq turn each
+# forward: q kept, k and v streamed (with PV_LAG one more v tile in flight); backward: k and v kept, q and dO
+# streamed, and ~2 BLOCK_M rows for ds^T and dq's transposition (compiled for sm_90 at bf16, D=128: 16.6-17.4 KB)
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
-DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N, 2 * BLOCK_M))
-DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))
+BWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + 2 * BLOCK_M, 2 * BLOCK_M))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -291,19 +298,61 @@ def _bwd_delta(O, DO,        # o, dO (B * Hq * T, D) contiguous
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
-                Q, DO, LSE, DELTA,   # q, dO, lse, delta of the first query head of this kv head's group
-                DOC,                 # the row's document numbers
-                stride_qh, stride_qt, lo, hi, T, Tk, qk_scale, GROUP: tl.constexpr,
-                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Add the contributions of query tiles [lo, hi) of every query head of the group to one key tile's dk, dv.
-    One loop over (query tile, head) pairs, so the whole group shares one software pipeline (a loop per head
-    would start and drain GROUP of them). Works on s transposed (keys on rows) so both products come out in
-    the key tile's layout."""
+def _wait_turn(TURNS, turn, expected, SPIN: tl.constexpr):
+    """Wait until this warp's counter of query tile `turn` (none if turn < 0) holds `expected`, with acquire
+    order: what was added before it was set is seen, and this warp's adds after it land after that. Returns
+    `expected` once the turn has come; in the interpreter, the counter (another value: the turns are broken).
+    On the GPU it gives up after 2^22 reads (seconds; a program waits for the one launched before it, which
+    runs): then its adds come out of turn, the sum stays right but its last bits may differ. Never a hang."""
+    if SPIN:   # the spin loop in PTX: a loop in triton would stop it pipelining the tile loop around this
+        seen = tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .u32 w, c; .reg .u64 a; mov.u32 $0, $2; setp.lt.s32 p, $3, 0; @p bra DONE; "
+            "mov.u32 w, %tid.x; shr.u32 w, w, 5; mul.wide.u32 a, w, 4; add.u64 a, a, $1; mov.u32 c, 0; "
+            "WAIT: ld.global.acquire.gpu.b32 w, [a]; setp.eq.s32 p, w, $2; @p bra DONE; "
+            "add.u32 c, c, 1; setp.lt.u32 p, c, 4194304; @p bra WAIT; DONE: }",
+            "=r,l,r,r", [TURNS + tl.maximum(turn, 0) * _WARPS_MAX, expected, turn], dtype=tl.int32,
+            is_pure=False, pack=1)
+    else:      # the interpreter runs the programs one at a time in grid order: the turn has come, or never will
+        seen = tl.where(turn >= 0, tl.load(TURNS + tl.maximum(turn, 0) * _WARPS_MAX), expected)
+    return seen
+
+
+@triton.jit
+def _pass_turn(TURNS, turn, value, SPIN: tl.constexpr):
+    """Set this warp's counter of query tile `turn` (none if turn < 0) to value, with release order: after the
+    adds of every thread of the warp (bar.warp.sync; a CTA-wide barrier here would stop triton pipelining)."""
+    if SPIN:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .u32 w; .reg .u64 a; setp.ge.s32 p, $2, 0; mov.u32 w, %tid.x; shr.u32 w, w, 5; "
+            "mul.wide.u32 a, w, 4; add.u64 a, a, $1; bar.warp.sync -1; @p st.release.gpu.global.b32 [a], $3; "
+            "mov.u32 $0, 0; }",
+            "=r,l,r,r", [TURNS + tl.maximum(turn, 0) * _WARPS_MAX, turn, value], dtype=tl.int32, is_pure=False,
+            pack=1)
+    else:
+        tl.store(TURNS + tl.maximum(turn, 0) * _WARPS_MAX, value, mask=turn >= 0)
+
+
+@triton.jit
+def _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending,
+               Q, DO, LSE, DELTA,   # q, dO, lse, delta of the first query head of this kv head's group
+               DQ, TURNS,           # that head's fp32 dq sums; the group's turn counters
+               DOC,                 # the row's document numbers
+               stride_qh, stride_qt, lo, hi, T, Tk, n, prev_hi, qk_scale, sm_scale, GROUP: tl.constexpr,
+               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Add the contributions of query tiles [lo, hi) of every query head of the group to key tile n's dk and
+    dv, and its share of their dq to the fp32 sums, each query tile in its turn (module docstring). One loop
+    over (query tile, head) pairs, query tiles last to first, so the whole group shares one software pipeline
+    (a loop per head would start and drain GROUP of them) and one turn per query tile. Works on s transposed
+    (keys on rows) so dk and dv come out in the key tile's layout. `pending`: the query tile whose turn this
+    program still has to pass on (-1: none)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for i in range(0, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * GROUP):
-        g = i % GROUP                                                   # the head, then the next query tile
-        offs_m = lo + (i // GROUP) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_tile = tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :]  # a query tile's offsets in dO, dq
+    tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for i in range(0, tiles * GROUP):
+        g = i % GROUP                                                   # the head, then the query tile before
+        start_m = lo + (tiles - 1 - i // GROUP) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
         q = tl.load(Q + g * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
                     other=0.0)
@@ -314,28 +363,40 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
         if HAS_DOCS:
             q_doc = tl.load(DOC + offs_m, mask=row_ok, other=-1)
             pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
-        do = tl.load(DO + g * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
+        rows = (g * T + start_m) * HEAD_DIM + row_tile                  # this query tile's rows in dO and dq
+        do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
         dv += tl.dot(pT.to(do.dtype), do)
         delta = tl.load(DELTA + g * T + offs_m, mask=row_ok, other=0.0)
-        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q)
-    return dk, dv
+        dsT = (pT * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dsT, q)
+        dq = tl.trans(tl.dot(tl.trans(k), dsT)) * sm_scale   # (BLOCK_M, HEAD_DIM), as dq^T: 128-row wgmma tiles
+        # at the group's first head: pass on the turn of the last query tile (its adds have had this tile's
+        # products to land), then wait for this one's; the first key tile that sees a query tile goes first
+        new_tile = g == 0
+        _pass_turn(TURNS, tl.where(new_tile, pending, -1), n + 1, SPIN)
+        expected = tl.where(start_m < prev_hi, n, 0)
+        seen = _wait_turn(TURNS, tl.where(new_tile, start_m // BLOCK_M, -1), expected, SPIN)
+        tl.atomic_add(DQ + rows, dq, mask=tl.where(seen == expected, row_ok, False)[:, None], sem="relaxed")
+        pending = start_m // BLOCK_M
+    return dk, dv, pending
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
-                 prune_configs_by={"early_config_prune": DKDV_FIT})
+@triton.autotune(configs=BWD_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
+                 prune_configs_by={"early_config_prune": BWD_FIT}, reset_to_zero=["DQ", "TURNS"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
-                   DO, LSE, DELTA,   # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
-                   DK, DV,           # outputs (B, Hkv, Tk, D) contiguous
-                   DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document,
-                   RUN_LAST,         # and last position of the contiguous run of its document it lies in
-                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                   Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
-                   GROUP: tl.constexpr,  # query heads per kv head; a constant, so i // GROUP needs no division
-                   HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
+def _attn_bwd(Q, K, V,               # as in _attn_fwd
+              DO, LSE, DELTA,        # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
+              DK, DV,                # outputs (B, Hkv, Tk, D) contiguous
+              DQ, TURNS,             # outputs, zeroed: dq (B, Hq, T, D) fp32; turns (B, Hkv, T, WARPS_MAX) int32
+              DOC, DOC_REACH,        # (B, T) int32: document number, last position of the documents so far,
+              RUN_LAST,              # and last position of the contiguous run of its document it lies in
+              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
+              GROUP: tl.constexpr,   # query heads per kv head; a constant, so i // GROUP needs no division
+              HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    n = tl.program_id(0)
+    start_n = n * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
     b, hk = bhk // Hkv, bhk % Hkv
     offs_d = tl.arange(0, HEAD_DIM)
@@ -347,17 +408,18 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_ok, other=0.0)
 
     # the queries that can see this tile: [lo, hi), the forward's ranges transposed: [lo, full_lo) causal and
-    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask
+    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask. lo and hi grow with n.
     lo = tl.maximum(start_n - (Tk - T), 0) // BLOCK_M * BLOCK_M
     full_lo = (tl.maximum(start_n + BLOCK_N - 1 - (Tk - T), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     hi = T
     full_hi = T
+    prev_hi = tl.where(n > 0, T, 0)         # hi of key tile n - 1: from there on, this tile adds to dq first
     k_doc = k_pos                                                        # unused without documents
     if HAS_DOCS:                                                         # (then Tk == T)
         DOC += b * T
         k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
-        last = tl.load(DOC_LAST + b * T + k_pos, mask=k_pos < Tk, other=-1)
-        hi = tl.max(last, 0) + 1                   # query tiles after the last document end are skipped
+        hi = tl.load(DOC_REACH + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1) + 1   # the rest is skipped
+        prev_hi = tl.where(n > 0, tl.load(DOC_REACH + b * T + tl.maximum(start_n - 1, 0)) + 1, 0)
         run = tl.load(RUN_LAST + b * T + start_n)  # the tile lies in one run if its first and last keys end theirs
         one_run = run == tl.load(RUN_LAST + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1)   # at the same place
         full_hi = tl.where(one_run, (run + 1) // BLOCK_M * BLOCK_M, full_lo)
@@ -368,81 +430,24 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     bh = b * Hq + hk * GROUP                       # the group's first query head; dk, dv sum over the group
     Qg = Q + b.to(tl.int64) * stride_qb + hk * GROUP * stride_qh
-    DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
-    LSEg, DELTAg = LSE + bh * T, DELTA + bh * T
-    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                         stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                         stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
+    DOg, DQg = DO + bh.to(tl.int64) * T * HEAD_DIM, DQ + bh.to(tl.int64) * T * HEAD_DIM
+    LSEg, DELTAg, TURNSg = LSE + bh * T, DELTA + bh * T, TURNS + bhk * T * _WARPS_MAX
+    pending = -1                                   # no turn to pass on yet
+    # the three ranges last to first, as each walks its query tiles (dq's turns, module docstring)
     if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                             stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
+        dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
+                                     stride_qh, stride_qt, full_hi, hi, T, Tk, n, prev_hi, qk_scale, sm_scale,
+                                     GROUP, False, True, SPIN, BLOCK_M, HEAD_DIM)
+    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
+                                 stride_qh, stride_qt, full_lo, full_hi, T, Tk, n, prev_hi, qk_scale, sm_scale,
+                                 GROUP, False, False, SPIN, BLOCK_M, HEAD_DIM)
+    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
+                                 stride_qh, stride_qt, lo, full_lo, T, Tk, n, prev_hi, qk_scale, sm_scale,
+                                 GROUP, True, HAS_DOCS, SPIN, BLOCK_M, HEAD_DIM)
+    _pass_turn(TURNSg, pending, n + 1, SPIN)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)
-
-
-@triton.jit
-def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc,
-              K, V, DOC,                  # this (batch, kv head)'s keys and values, the row's document numbers
-              stride_kt, stride_vt, lo, hi, Tk, qk_scale,
-              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Add the contributions of key tiles [lo, hi) to one query tile's dq."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
-        v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])    # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            p = tl.where(k_pos[None, :] <= q_pos[:, None], p, 0.0)
-        if HAS_DOCS:
-            k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
-            p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    return dq
-
-
-@triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
-                 prune_configs_by={"early_config_prune": DQ_FIT})
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
-                 DQ,                        # output (B, Hq, T, D) contiguous
-                 DOC, DOC_FIRST, RUN_FIRST,   # as in _attn_fwd
-                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                 Hq, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
-                 HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // Hq, bh % Hq
-    hk = h // GROUP
-    Q += b.to(tl.int64) * stride_qb + h * stride_qh
-    K += b.to(tl.int64) * stride_kb + hk * stride_kh
-    V += b.to(tl.int64) * stride_vb + hk * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    rows = bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-    q_pos = offs_m + (Tk - T)
-
-    DOC += b * T                                          # the same key ranges as the forward
-    lo, full_lo, full_hi, q_doc = _key_ranges(start_m, offs_m, T, Tk, DOC, DOC_FIRST + b * T, RUN_FIRST + b * T,
-                                              HAS_DOCS, BLOCK_M, BLOCK_N)
-    hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
-                   lo, full_lo, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
-    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
-                   full_lo, full_hi, Tk, qk_scale, False, False, BLOCK_N, HEAD_DIM)
-    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
-                   full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
-    tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- autograd wrapper
@@ -461,20 +466,22 @@ def _runs(x):
 
 
 def _doc_spans(doc_ids):
-    """doc_ids (B, T), any integers -> (5, B, T) int32: doc, first, last, run_first, run_last. doc: the ids
-    renumbered 1, 2, ... per row; first, last: the first and last position in the row of each position's
-    document; run_first, run_last: the same for the contiguous run of it that the position lies in. They differ
-    only when an id repeats at separate places; sorting the ids keeps first and last exact then.
-    Example: doc_ids [[7, 7, 9, 9, 7]] -> doc [[1, 1, 2, 2, 1]], first [[0, 0, 2, 2, 0]], last [[4, 4, 3, 3, 4]],
+    """doc_ids (B, T), any integers -> (5, B, T) int32: doc, first, reach, run_first, run_last. doc: the ids
+    renumbered 1, 2, ... per row; first: the first position in the row of each position's document; reach: the
+    last position of any document met so far along the row (the end of its own document when documents are
+    contiguous, as packing makes them; never less than it, and never smaller than the reach before it);
+    run_first, run_last: the first and last position of the contiguous run of its document the position lies
+    in. Sorting the ids keeps first and reach exact when an id repeats at separate places.
+    Example: doc_ids [[7, 7, 9, 9, 7]] -> doc [[1, 1, 2, 2, 1]], first [[0, 0, 2, 2, 0]], reach [[4, 4, 4, 4, 4]],
     run_first [[0, 0, 2, 2, 4]], run_last [[1, 1, 3, 3, 4]]."""
     ids, perm = doc_ids.sort(dim=1, stable=True)           # equal ids adjacent, each group in position order
     group_first, group_last, group_begins = _runs(ids)     # indices in sorted order
     unsort = lambda x: torch.empty_like(x).scatter_(1, perm, x)  # noqa: E731  back to position order
     doc = unsort(group_begins.long().cumsum(1))
     first = unsort(perm.gather(1, group_first))            # stable sort: the group's first entry is its earliest
-    last = unsort(perm.gather(1, group_last))
+    reach = unsort(perm.gather(1, group_last)).cummax(1).values
     run_first, run_last, _ = _runs(doc_ids)
-    return torch.stack([doc, first, last, run_first, run_last]).int()
+    return torch.stack([doc, first, reach, run_first, run_last]).int()
 
 
 _last_spans = (None, -1, None)   # (doc_ids, its version counter, _doc_spans of it)
@@ -505,7 +512,7 @@ class _FlashAttention(torch.autograd.Function):
         Hkv, Tk = k.shape[1], k.shape[2]
         o = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-        # doc, first, last, run_first, run_last; without documents never read (HAS_DOCS=False): lse fills the slots
+        # doc, first, reach, run_first, run_last; without documents never read (HAS_DOCS=False): lse fills the slots
         spans = _spans_once(doc_ids) if doc_ids is not None else lse[None].expand(5, -1, -1, -1)
         doc, first, _, run_first, _ = spans
         sm_scale = D ** -0.5
@@ -521,26 +528,24 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, spans = ctx.saved_tensors
-        doc, first, last, run_first, run_last = spans
+        doc, first, reach, run_first, run_last = spans
         B, Hq, T, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         do = do.contiguous()
         delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
         BLOCK = 16 if INTERPRET else 64
         _bwd_delta[(triton.cdiv(B * Hq * T, BLOCK),)](o, do, delta, B * Hq * T, HEAD_DIM=D, BLOCK_M=BLOCK)
-        dq = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
+        dq = torch.zeros((B, Hq, T, D), device=q.device, dtype=torch.float32)   # summed in turn, then cast
+        turns = torch.zeros((B, Hkv, T, WARPS_MAX), device=q.device, dtype=torch.int32)   # per query tile, warp
         dk = torch.empty((B, Hkv, Tk, D), device=k.device, dtype=k.dtype)
         dv = torch.empty((B, Hkv, Tk, D), device=v.device, dtype=v.dtype)
         sm_scale = D ** -0.5
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, run_last, *strides,
-                             Hq, Hkv, T, Tk, sm_scale * LOG2E, sm_scale, _bucket(T),
-                             GROUP=Hq // Hkv, HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-        _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, run_first, *strides,
-                           Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),
-                           HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
+        _attn_bwd[grid](q, k, v, do, lse, delta, dk, dv, dq, turns, doc, reach, run_last,
+                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                        Hq, Hkv, T, Tk, sm_scale * LOG2E, sm_scale, _bucket(T),
+                        GROUP=Hq // Hkv, HAS_DOCS=ctx.has_docs, SPIN=not INTERPRET, HEAD_DIM=D)
+        dq = dq.to(q.dtype)
         return dq, dk, dv, None
 
 

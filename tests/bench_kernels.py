@@ -17,7 +17,7 @@ kernel moves: x read twice (forward, backward), y written, dy read, dx written =
 "of copy" is that rate over the card's device-to-device copy bandwidth, measured here. Each is timed over 8
 calls back to back (as a model's layers make them), and ours also alone. Beside each wall time the GPU's own
 kernel time (torch.profiler) is printed too: RMSNorm's "kernels only" GB/s, and for our attention the split
-into forward, dk/dv, dq and the rest. A wall time well above it was spent on the host.
+into forward, backward and the rest. A wall time well above it was spent on the host.
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
@@ -161,7 +161,7 @@ def tile(kernel):
 
 
 fwd_rows, bwd_rows, skip_rows, split_rows = [], [], [], []
-SPLIT = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+BWD = ("_attn_bwd", "_attn_bwd_dkdv", "_attn_bwd_dq")   # our backward kernel; older versions had two (--against)
 Ts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
 t_start = time.time()
 for T in Ts:
@@ -221,12 +221,14 @@ for T in Ts:
         times[mask] = (tf["ours"][2], tf["ours"][3], pairs)
         sdpa_kernels = kernel_ms(impls["sdpa"], torch_names=True)    # which backend SDPA picked: its kernel's name
         sdpa_kernel = max(sdpa_kernels, key=sdpa_kernels.get)[:48]
-        splits = {}   # implementation -> its kernels' ms: fwd, dk/dv, dq, the rest
+        splits = {}   # implementation -> its kernels' ms: forward, backward (dk/dv + dq if two), the rest
         for name in ("ours", "base") if base is not None else ("ours",):
             ms = kernel_ms(lambda: torch.autograd.grad(impls[name](), (q, k, v), do))
-            splits[name] = ([f"{ms.get(kern, 0.0):.2f}" for kern in SPLIT] +
-                            [f"{sum(t for kern, t in ms.items() if kern not in SPLIT):.2f}"])
-            split_rows.append([T, mask, name, f"{tf[name][3]:.2f}", f"{sum(ms.values()):.2f}"] + splits[name])
+            total = sum(ms.values())
+            splits[name] = [f"{ms.pop('_attn_fwd', 0.0):.2f}",
+                            " + ".join(f"{ms.pop(kern):.2f}" for kern in BWD if kern in ms),
+                            f"{sum(ms.values()):.2f}"]
+            split_rows.append([T, mask, name, f"{tf[name][3]:.2f}", f"{total:.2f}"] + splits[name])
         ratio = lambda i, other: f"{tf['ours'][i] / tf[other][i]:.2f}x" if other in tf else "-"  # noqa: E731
         cell = lambda name, i: f"{tf[name][i]:.0f}" if name in tf else "-"  # noqa: E731
         vs_base = lambda i: [cell("base", i), ratio(i, "base")] if base is not None else []  # noqa: E731
@@ -235,10 +237,10 @@ for T in Ts:
         bwd_rows.append([T, B, mask, f"{tf['ours'][3]:.2f}", cell("ours", 1), cell("sdpa", 1), cell("flex", 1),
                          ratio(1, "sdpa"), ratio(1, "flex")] + vs_base(1))
         tiles = ", ".join(f"{kern.fn.__name__} {tile(kern)}"
-                          for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq))
+                          for kern in (A._attn_fwd, A._attn_bwd))
         print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
               f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles}; "
-              f"kernel ms fwd/dkdv/dq/other {'/'.join(splits['ours'])} of {tf['ours'][3]:.2f} wall "
+              f"kernel ms fwd/bwd/other {'/'.join(splits['ours'])} of {tf['ours'][3]:.2f} wall "
               f"({time.time() - t_start:.0f} s)" +
               (f"; base fwd/fwd+bwd TF/s {cell('base', 0)}/{cell('base', 1)}, kernel ms "
                f"{'/'.join(splits['base'])}" if base is not None else ""),
@@ -254,7 +256,8 @@ table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} token
       head + ["err vs SDPA", "SDPA's longest kernel (its backend)"], fwd_rows)
 table("attention forward+backward", head, bwd_rows)
 table("where the forward+backward time goes: wall ms (as above) against the GPU's kernel ms (torch.profiler)",
-      ["T", "mask", "kernels of", "wall", "kernels", "fwd", "dk/dv", "dq", "other (delta, torch)"], split_rows)
+      ["T", "mask", "kernels of", "wall", "kernels", "fwd", "bwd (base: dk/dv + dq)", "other (delta, zeroing, casts)"],
+      split_rows)
 table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
       ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal", "doc spans ms, once a batch"],
       skip_rows)

@@ -10,8 +10,9 @@
 # 2026-11-26, they took 212 s and 111 s, the machine's start ~30 s more.)
 #
 # bench_kernels also times another version of the kernels beside ours when out/base/ holds its attention.py and
-# rmsnorm.py (carry it), e.g. the commit the README's figures are from:
-#     mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
+# rmsnorm.py (carry it), e.g. the commit the README's figures are from (b818606), or d3c342c, the last with the
+# two-kernel backward (dk/dv, then dq), to measure the one-kernel backward against it:
+#     mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
 #
 # Parts: env, tests, bench_kernels, bench_train, bench_train_compile, bench_sample, train. `train` uses
 # data/stdlib when it is there (carry it: making the tokenizer and shards first took 23 s of 2 CPU cores here)
