@@ -40,13 +40,14 @@ Design choices:
   it, recomputes p from the saved lse, sums its dk and dv, and adds its share of each query tile's dq to an
   fp32 sum in memory: 5 matrix products per tile, as FlashAttention-2/3 (a separate dq kernel would compute
   q k^T and dO v^T again: 7). FlashAttention adds dq with atomics in whatever order the programs come, so dq's
-  last bits change from run to run; here a query tile's shares are added in key-tile order (the order of
-  CUTLASS's serial split-K and FlashAttention-3's deterministic mode): key tile n adds when the tile's turn
-  counter says n, then passes the turn on. The key tiles that see a query tile are a contiguous run (the ranges
-  below grow with n), so the counter starts at 0 for the first of them and each waits only for the one before
-  it, which was launched before it: the programs never wait in a cycle. Programs walk their query tiles last
-  to first, so all of a row's key tiles start on the same query tile and follow each other a tile apart. The
-  result: a deterministic backward, so training runs repeat exactly.
+  last bits change from run to run; here a query tile's shares are added in a fixed order, last key tile
+  first (the idea of CUTLASS's serial split-K and FlashAttention-3's deterministic mode): the tile's turn
+  counter says how many key tiles after this one have added. The key tiles that see a query tile are a
+  contiguous run (lo and hi below grow with the key tile), so the counter starts at 0 for the last of them
+  and each waits only for the one after it. Programs are launched last key tile first, so that one is
+  always running or done: no program waits in a cycle. And each program walks its query tiles first to last,
+  from its diagonal, so the key tile after it started 128 rows further down the same walk: it is ahead by
+  then, and waits are rare. The result: a deterministic backward, so training runs repeat exactly.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
   _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
@@ -337,21 +338,22 @@ def _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending,
                Q, DO, LSE, DELTA,   # q, dO, lse, delta of the first query head of this kv head's group
                DQ, TURNS,           # that head's fp32 dq sums; the group's turn counters
                DOC,                 # the row's document numbers
-               stride_qh, stride_qt, lo, hi, T, Tk, n, prev_hi, qk_scale, sm_scale, GROUP: tl.constexpr,
+               stride_qh, stride_qt, lo, hi, T, Tk, after, next_lo, qk_scale, sm_scale, GROUP: tl.constexpr,
                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, BLOCK_M: tl.constexpr,
                HEAD_DIM: tl.constexpr):
-    """Add the contributions of query tiles [lo, hi) of every query head of the group to key tile n's dk and
+    """Add the contributions of query tiles [lo, hi) of every query head of the group to this key tile's dk and
     dv, and its share of their dq to the fp32 sums, each query tile in its turn (module docstring). One loop
-    over (query tile, head) pairs, query tiles last to first, so the whole group shares one software pipeline
-    (a loop per head would start and drain GROUP of them) and one turn per query tile. Works on s transposed
-    (keys on rows) so dk and dv come out in the key tile's layout. `pending`: the query tile whose turn this
-    program still has to pass on (-1: none)."""
+    over (query tile, head) pairs, so the whole group shares one software pipeline (a loop per head would start
+    and drain GROUP of them) and one turn per query tile. Works on s transposed (keys on rows) so dk and dv come
+    out in the key tile's layout. `after`: how many key tiles follow this one; `next_lo`: where the next one's
+    query tiles begin (before it, this tile adds first); `pending`: the query tile whose turn this program has
+    still to pass on (-1: none)."""
     offs_d = tl.arange(0, HEAD_DIM)
     row_tile = tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :]  # a query tile's offsets in dO, dq
     tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
     for i in range(0, tiles * GROUP):
         g = i % GROUP                                                   # the head, then the query tile before
-        start_m = lo + (tiles - 1 - i // GROUP) * BLOCK_M
+        start_m = lo + (i // GROUP) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
         q = tl.load(Q + g * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
@@ -371,10 +373,10 @@ def _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending,
         dk += tl.dot(dsT, q)
         dq = tl.trans(tl.dot(tl.trans(k), dsT)) * sm_scale   # (BLOCK_M, HEAD_DIM), as dq^T: 128-row wgmma tiles
         # at the group's first head: pass on the turn of the last query tile (its adds have had this tile's
-        # products to land), then wait for this one's; the first key tile that sees a query tile goes first
+        # products to land), then wait for this one's: until the key tiles after this one have added theirs
         new_tile = g == 0
-        _pass_turn(TURNS, tl.where(new_tile, pending, -1), n + 1, SPIN)
-        expected = tl.where(start_m < prev_hi, n, 0)
+        _pass_turn(TURNS, tl.where(new_tile, pending, -1), after + 1, SPIN)
+        expected = tl.where(start_m < next_lo, 0, after)                # 0: no later key tile sees it
         seen = _wait_turn(TURNS, tl.where(new_tile, start_m // BLOCK_M, -1), expected, SPIN)
         tl.atomic_add(DQ + rows, dq, mask=tl.where(seen == expected, row_ok, False)[:, None], sem="relaxed")
         pending = start_m // BLOCK_M
@@ -395,7 +397,8 @@ def _attn_bwd(Q, K, V,               # as in _attn_fwd
               GROUP: tl.constexpr,   # query heads per kv head; a constant, so i // GROUP needs no division
               HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.num_programs(0) - 1 - tl.program_id(0)          # the key tile: last first (dq's turns go that way)
+    after = tl.num_programs(0) - 1 - n                     # key tiles after it
     start_n = n * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
     b, hk = bhk // Hkv, bhk % Hkv
@@ -408,18 +411,18 @@ def _attn_bwd(Q, K, V,               # as in _attn_fwd
     v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_ok, other=0.0)
 
     # the queries that can see this tile: [lo, hi), the forward's ranges transposed: [lo, full_lo) causal and
-    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask. lo and hi grow with n.
+    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask. lo and hi grow with n, so the key
+    # tiles that see a query tile are a run, and this tile adds first where the next tile's range has not begun
     lo = tl.maximum(start_n - (Tk - T), 0) // BLOCK_M * BLOCK_M
     full_lo = (tl.maximum(start_n + BLOCK_N - 1 - (Tk - T), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     hi = T
     full_hi = T
-    prev_hi = tl.where(n > 0, T, 0)         # hi of key tile n - 1: from there on, this tile adds to dq first
+    next_lo = tl.where(after > 0, tl.maximum(start_n + BLOCK_N - (Tk - T), 0) // BLOCK_M * BLOCK_M, T)   # n + 1's lo
     k_doc = k_pos                                                        # unused without documents
     if HAS_DOCS:                                                         # (then Tk == T)
         DOC += b * T
         k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
         hi = tl.load(DOC_REACH + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1) + 1   # the rest is skipped
-        prev_hi = tl.where(n > 0, tl.load(DOC_REACH + b * T + tl.maximum(start_n - 1, 0)) + 1, 0)
         run = tl.load(RUN_LAST + b * T + start_n)  # the tile lies in one run if its first and last keys end theirs
         one_run = run == tl.load(RUN_LAST + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1)   # at the same place
         full_hi = tl.where(one_run, (run + 1) // BLOCK_M * BLOCK_M, full_lo)
@@ -433,18 +436,17 @@ def _attn_bwd(Q, K, V,               # as in _attn_fwd
     DOg, DQg = DO + bh.to(tl.int64) * T * HEAD_DIM, DQ + bh.to(tl.int64) * T * HEAD_DIM
     LSEg, DELTAg, TURNSg = LSE + bh * T, DELTA + bh * T, TURNS + bhk * T * _WARPS_MAX
     pending = -1                                   # no turn to pass on yet
-    # the three ranges last to first, as each walks its query tiles (dq's turns, module docstring)
+    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
+                                 stride_qh, stride_qt, lo, full_lo, T, Tk, after, next_lo, qk_scale, sm_scale,
+                                 GROUP, True, HAS_DOCS, SPIN, BLOCK_M, HEAD_DIM)
+    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
+                                 stride_qh, stride_qt, full_lo, full_hi, T, Tk, after, next_lo, qk_scale, sm_scale,
+                                 GROUP, False, False, SPIN, BLOCK_M, HEAD_DIM)
     if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
         dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
-                                     stride_qh, stride_qt, full_hi, hi, T, Tk, n, prev_hi, qk_scale, sm_scale,
+                                     stride_qh, stride_qt, full_hi, hi, T, Tk, after, next_lo, qk_scale, sm_scale,
                                      GROUP, False, True, SPIN, BLOCK_M, HEAD_DIM)
-    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
-                                 stride_qh, stride_qt, full_lo, full_hi, T, Tk, n, prev_hi, qk_scale, sm_scale,
-                                 GROUP, False, False, SPIN, BLOCK_M, HEAD_DIM)
-    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
-                                 stride_qh, stride_qt, lo, full_lo, T, Tk, n, prev_hi, qk_scale, sm_scale,
-                                 GROUP, True, HAS_DOCS, SPIN, BLOCK_M, HEAD_DIM)
-    _pass_turn(TURNSg, pending, n + 1, SPIN)
+    _pass_turn(TURNSg, pending, after + 1, SPIN)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)
