@@ -21,8 +21,9 @@ into forward, backward and the rest. A wall time well above it was spent on the 
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
-    mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
+    mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
     python tests/bench_kernels.py --against out/base   # + that version of the kernels, side by side
+(d3c342c: the last version with the backward in two kernels, dk/dv then dq.)
 RMSNorm runs first (seconds): a time limit then cuts only the longest attention rows, which print as they are
 measured, each with the block shapes autotuning picked. On a machine without CUDA it says so and exits 0 (the
 kernels' CPU tests are tests/test_kernels.py).
