@@ -352,7 +352,7 @@ def _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending,
     row_tile = tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :]  # a query tile's offsets in dO, dq
     tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
     for i in range(0, tiles * GROUP):
-        g = i % GROUP                                                   # the head, then the query tile before
+        g = i % GROUP                                                   # the head, then the next query tile
         start_m = lo + (i // GROUP) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
@@ -397,8 +397,8 @@ def _attn_bwd(Q, K, V,               # as in _attn_fwd
               GROUP: tl.constexpr,   # query heads per kv head; a constant, so i // GROUP needs no division
               HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
-    n = tl.num_programs(0) - 1 - tl.program_id(0)          # the key tile: last first (dq's turns go that way)
-    after = tl.num_programs(0) - 1 - n                     # key tiles after it
+    after = tl.program_id(0)                 # how many key tiles come after this one: they are launched first,
+    n = tl.num_programs(0) - 1 - after       # since dq's turns go from the last key tile down (module docstring)
     start_n = n * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
     b, hk = bhk // Hkv, bhk % Hkv
