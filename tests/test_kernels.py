@@ -375,7 +375,8 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
         return "i32"
     if p.name.startswith(("DOC", "RUN")):
         return "*i32"
-    return {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "TURNS": "*i32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "W": "*fp32"}.get(p.name, "*bf16")
+    return {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "TURNS": "*i32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32",
+            "W": "*fp32"}.get(p.name, "*bf16")
 
 for jit, consts, warps in [
         (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
