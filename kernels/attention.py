@@ -105,7 +105,12 @@ def _configs(shapes, **constexprs):
     32x64, 4 warps (spills inside the loops once it does dq too). Candidates not yet timed: the forward's
     PV_LAG loop (see _fwd_tiles) at 128x64 and at 64x64 (2 stages: one more v tile would take 3 stages to
     128 KB, one program per SM), 212-255 registers, no spills in the loops; and the backward itself, with dq
-    (one kernel, 5 products): its 32x128 tiles are dk/dv's winners from when dq had a kernel of its own."""
+    (one kernel, 5 products): its 32x128 tiles are dk/dv's winners from when dq had a kernel of its own, and
+    64x128 joins them (FlashAttention-3's backward tile at D=128): three of the five products are BLOCK_M
+    wide, and a wgmma only 32 wide moves more shared-memory bytes per FLOP (a rough count, not timed);
+    compiled, a 64x128 tile takes 0.78-0.86x the instructions per (query, key) pair of a 32x128 one and half
+    the dq turns, at 255 registers and 64-120 bytes of stack (inside the loops only reloads of loop-invariant
+    values, 5-20 a tile; at 3 stages it spills inside the loops, so 2 only)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -113,7 +118,8 @@ def _configs(shapes, **constexprs):
 
 
 def _fit_shared_memory(tiles):
-    """An autotuner pre-pass: lower num_stages until a config's tiles fit in this GPU's shared memory.
+    """An autotuner pre-pass: lower num_stages until a config's tiles fit in this GPU's shared memory, and drop
+    the configs that do not fit even with one stage (unless none does: then triton's own error says so).
     tiles(**config.kwargs) -> (rows kept for the whole loop, rows loaded per pipeline stage), each row D
     elements of the inputs' dtype. The configs above are sized for bf16; fp32 inputs at D=128 need twice the
     bytes (forward 128x64 at 3 stages: 256 KB, over an H100's 227 KB), and smaller GPUs have less."""
@@ -127,8 +133,9 @@ def _fit_shared_memory(tiles):
             stages = c.num_stages
             while stages > 1 and (kept + stages * per_stage) * row_bytes > limit:
                 stages -= 1
-            fitted[(tuple(c.kwargs.items()), c.num_warps, stages)] = None   # in order, no repeats
-        return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in fitted]
+            if (kept + stages * per_stage) * row_bytes <= limit:
+                fitted[(tuple(c.kwargs.items()), c.num_warps, stages)] = None   # in order, no repeats
+        return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in fitted] or configs[:1]
     return prune
 
 
@@ -147,7 +154,7 @@ def _shared_memory_limit(device):
 # the forward walks keys for a query tile (tall M), the backward queries for a key tile (tall N)
 FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
                _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
-BWD_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3)])   # num_warps <= WARPS_MAX: one dq turn each
+BWD_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2)])   # num_warps <= WARPS_MAX
 # forward: q kept, k and v streamed (with PV_LAG one more v tile in flight); backward: k and v kept, q and dO
 # streamed, and ~2 BLOCK_M rows for ds^T and dq's transposition (compiled for sm_90 at bf16, D=128: 16.6-17.4 KB)
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))

@@ -174,6 +174,11 @@ def test_fit_shared_memory(monkeypatch):
     # the backward keeps k, v, ds^T and dq's transposition (2 * BLOCK_N + 2 * BLOCK_M rows) and streams q and dO
     # (2 * BLOCK_M a stage): 64x64 fp32 takes 320 KB at 3 stages, 256 KB at 2, 192 KB at 1
     assert shapes(A.BWD_FIT(space[:1], x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 1)]
+    # a config that does not fit even at 1 stage is dropped (fp32 64x128: 256 KB), unless none fits
+    bwd = [A.triton.Config({"BLOCK_M": m, "BLOCK_N": 128}, num_warps=8, num_stages=2) for m in (32, 64)]
+    assert shapes(A.BWD_FIT(bwd, x[torch.bfloat16], HEAD_DIM=128)) == shapes(bwd)
+    assert shapes(A.BWD_FIT(bwd, x[torch.float32], HEAD_DIM=128)) == [(32, 128, 8, 2)]   # 224 KB
+    assert shapes(A.BWD_FIT(bwd[1:], x[torch.float32], HEAD_DIM=128)) == [(64, 128, 8, 2)]
 
 
 def test_autotune_key_buckets_T(monkeypatch):
@@ -378,14 +383,15 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
     return {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "TURNS": "*i32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32",
             "W": "*fp32"}.get(p.name, "*bf16")
 
-for jit, consts, warps in [
-        (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
-        (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8),
-        (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PV_LAG=True), 8),
-        (A._attn_bwd.fn, dict(GROUP=4, HAS_DOCS=True, SPIN=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8),
-        (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4),
-        (R._rms_norm_fwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2)), 16),        # bf16 x
-        (R._rms_norm_bwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2 * 2)), 16)]:  # bf16 x and dy
+for jit, consts, warps, stages in [
+        (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PV_LAG=True), 8, 3),
+        (A._attn_bwd.fn, dict(GROUP=4, HAS_DOCS=True, SPIN=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8, 3),
+        (A._attn_bwd.fn, dict(GROUP=4, HAS_DOCS=False, SPIN=True, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128), 8, 2),
+        (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4, 3),
+        (R._rms_norm_fwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2)), 16, 3),        # bf16 x
+        (R._rms_norm_bwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2 * 2)), 16, 3)]:  # bf16 x and dy
     sig = {p.name: arg_type(p) for p in jit.params}
     # a launch marks every pointer and every integer that is a multiple of 16 (the strides at head_dim 128,
     # T = 4096, RMSNorm's N = 4096) "divisible by 16"; without that hint loads are not vectorised, so not
@@ -393,7 +399,7 @@ for jit, consts, warps in [
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
                if t.startswith("*") or name.startswith("stride") or name in ("T", "Tk", "M", "N")}
     kernel = triton.compile(ASTSource(jit, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps, num_stages=3))
+                            options=dict(num_warps=warps, num_stages=stages))
     if jit.__name__.startswith("_attn"):  # Hopper's tensor-core MMA, fed by asynchronous (pipelined) copies
         assert "wgmma.mma_async" in kernel.asm["ptx"], f"{jit.__name__}: no wgmma"
         assert "cp.async" in kernel.asm["ptx"], f"{jit.__name__}: loads not pipelined"
