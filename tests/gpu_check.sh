@@ -5,7 +5,7 @@
 # out of time does not stop the next. The last lines printed are each part's status and the tail of its log.
 #
 #     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 570 s
-#     bash tests/gpu_check.sh bench_train bench_train_compile bench_sample train   # the model: 355 s
+#     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_sample train   # the model: 455 s
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. On an H100,
 # 2026-11-26, they took 212 s and 111 s, the machine's start ~30 s more.)
 #
@@ -14,14 +14,14 @@
 # two-kernel backward (dk/dv, then dq), to measure the one-kernel backward against it:
 #     mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
 #
-# Parts: env, tests, bench_kernels, bench_train, bench_train_compile, bench_sample, train. `train` uses
+# Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_sample, train. `train` uses
 # data/stdlib when it is there (carry it: making the tokenizer and shards first took 23 s of 2 CPU cores here)
 # and starts afresh in out/gpu_check/train.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-PARTS=${*:-env tests bench_kernels bench_train bench_train_compile bench_sample train}
+PARTS=${*:-env tests bench_kernels bench_train bench_train_b4 bench_train_compile bench_sample train}
 export PYTHONUNBUFFERED=1  # logs stay complete up to the moment a time limit kills a part
 
 run() {  # run PART LIMIT_S CMD...: CMD under a time limit, its output in $OUT/PART.log
@@ -48,8 +48,11 @@ XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
 run tests 180 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py
 AGAINST=$([ -f out/base/attention.py ] && echo "--against out/base")
 run bench_kernels 360 $PY tests/bench_kernels.py $AGAINST
-run bench_train 100 $PY tests/bench_train.py --skip_cpu
-run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --compile   # never run on a GPU yet
+run bench_train 100 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 micro-steps a step
+# B = 4 as in the README's 1-GPU train.py line: per micro-step costs (autocast's bf16 copies of the weights,
+# adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
+run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
+run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile   # never run on a GPU yet
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
 rm -rf out/gpu_check/train
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
