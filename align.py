@@ -54,6 +54,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 
@@ -960,3 +961,6 @@ if __name__ == "__main__":
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()
+        sys.stdout.flush()  # and past the interpreter's teardown, where gloo sometimes aborts (train.py's finish)
+        sys.stderr.flush()
+        os._exit(0)
