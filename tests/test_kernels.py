@@ -276,20 +276,23 @@ def test_flash_strided_inputs():
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter runs programs one at a time: any order repeats there")
 @pytest.mark.parametrize("docs", [False, True])
-def test_flash_backward_is_deterministic(docs):
+def test_flash_backward_is_deterministic(docs, monkeypatch):
     """dq is summed from many programs running at once (one per key tile); the turns make the order of the sum
     fixed, so the same inputs give bit-identical gradients, run after run. (Atomic adds without the turns would
-    give differences at the last bits of dq.) Long rows, bf16, GQA 4: many key tiles add to each query tile."""
+    give differences at the last bits of dq.) Long rows, bf16, GQA 4: many key tiles add to each query tile.
+    Every backward tile of the autotune space."""
     T = 16 * TILE
     doc_ids = docs_from_lengths([3 * TILE + 5, 9 * TILE - 40, 4 * TILE + 35]) if docs else None
     q = torch.randn(1, 8, T, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 2, T, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     do = torch.randn_like(q)
-    first = torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), do)
-    for _ in range(3):
-        again = torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), do)
-        for name, a, b in zip("qkv", first, again):
-            assert torch.equal(a, b), f"d{name} differs between two runs on the same inputs"
+    for config in ALL_CONFIGS[A._attn_bwd]:
+        monkeypatch.setattr(A._attn_bwd, "configs", [config])
+        first = torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), do)
+        for _ in range(3):
+            again = torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), do)
+            for name, a, b in zip("qkv", first, again):
+                assert torch.equal(a, b), f"d{name} differs between two runs on the same inputs ({config})"
 
 
 def test_flash_skips_masked_tiles():
