@@ -102,13 +102,25 @@ def barrier():
         dist.barrier()
 
 
+def leave(status):
+    """sys.exit(status) (an exit code, or a message: printed, exit code 1), leaving the process group first: a
+    gloo rank that exits inside it aborts instead of printing. A process that was in one then leaves with
+    os._exit, past the interpreter's own teardown: there torch's gloo sometimes aborts ("terminate called
+    without an active exception", after destroy_process_group and the atexit hooks: 9 runs in 154 on a busy
+    2-core CPU, DDP and FSDP alike), though every file is written and closed by then."""
+    if not dist.is_initialized():
+        sys.exit(status)
+    dist.destroy_process_group()
+    if isinstance(status, str):
+        print(status, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if isinstance(status, str) else status)
+
+
 def fail(message):
-    """Exit with message. Every rank reaches this together (they all read the same files), and leaves the process
-    group first: a gloo rank that exits inside it aborts instead of printing."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    raise SystemExit(message if rank == 0 else 1)  # said once, by rank 0
+    """Exit with message. Every rank reaches this together (they all read the same files)."""
+    leave(message if not dist.is_initialized() or dist.get_rank() == 0 else 1)  # said once, by rank 0
 
 
 def file_crc32(path):
@@ -316,20 +328,10 @@ def log(*a):
 
 
 def finish(status=0):
-    """End the run with status (an exit code, or a message: printed, exit code 1), every rank together: a gloo
-    rank that tears down while another still works can abort the whole job. Distributed runs then leave with
-    os._exit, past the interpreter's own teardown: there torch's gloo sometimes aborts ("terminate called
-    without an active exception", after destroy_process_group and the atexit hooks: 9 runs in 154 on a busy
-    2-core CPU, DDP and FSDP alike), though every file is written and closed by then."""
-    if not distributed:
-        sys.exit(status)
-    dist.barrier()
-    dist.destroy_process_group()
-    if isinstance(status, str):
-        print(status, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1 if isinstance(status, str) else status)
+    """End the run with status, every rank together: a gloo rank that tears down while another still works can
+    abort the whole job."""
+    barrier()
+    leave(status)
 
 
 # -----------------------------------------------------------------------------
