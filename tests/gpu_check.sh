@@ -53,7 +53,7 @@ run bench_train 100 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 
 # B = 4 as in the README's 1-GPU train.py line: per micro-step costs (autocast's bf16 copies of the weights,
 # adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
 run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
-run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile   # never run on a GPU yet
+run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile  # untried
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
 rm -rf out/gpu_check/train
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
