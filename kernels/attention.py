@@ -156,7 +156,8 @@ FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
                _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
 BWD_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2)])   # num_warps <= WARPS_MAX
 # forward: q kept, k and v streamed (with PV_LAG one more v tile in flight); backward: k and v kept, q and dO
-# streamed, and ~2 BLOCK_M rows for ds^T and dq's transposition (compiled for sm_90 at bf16, D=128: 16.6-17.4 KB)
+# streamed, and ~2 BLOCK_M rows for ds^T and dq's transposition (compiled for sm_90 at bf16, D=128: 16.6-17.4 KB
+# at 32x128; 64x128 takes 16 KB, so its count is 16 KB high: on the safe side)
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
 BWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + 2 * BLOCK_M, 2 * BLOCK_M))
 
