@@ -10,9 +10,10 @@ load falls on both alike; the figure is the median step.
 GPU (when CUDA is present): a Llama 3.2 1B-shaped model, bf16 autocast, T = 4096 packed rows (documents of
 random lengths, mean ~1000 tokens), 8 micro-steps per optimizer step (gradient accumulation, as train.py runs
 it; the clipping + AdamW time is printed), tokens/s and MFU (6N + attention FLOPs per token, PaLM appendix B,
-over the card's dense bf16 peak) with our Triton kernels (flash attention with the document mask, fused RMSNorm) vs the
-same model on torch's F.scaled_dot_product_attention with the document mask as a boolean mask + eager RMSNorm,
-and vs SDPA causal-only (flash backend, no document mask: an upper bound that computes a different thing).
+over the card's dense bf16 peak) with our Triton kernels (flash attention with the document mask, fused
+RMSNorm) vs the same model on torch's F.scaled_dot_product_attention with the document mask as a boolean mask
++ eager RMSNorm, and vs SDPA causal-only (flash backend, no document mask: an upper bound that computes a
+different thing).
 
     python tests/bench_train.py                 # CPU part; the GPU part too when CUDA is available
     python tests/bench_train.py --compile       # both models' blocks torch.compile'd (as nanoGPT trains by default)
@@ -119,7 +120,9 @@ def make_step(model, batch, device, autocast, micro_steps=1):
             with autocast:
                 loss = model(*batch) / micro_steps
             loss.backward()
-        t0 = events[0].record() if cuda else time.perf_counter()   # CUDA events: no sync inside the step
+        t0 = time.perf_counter()
+        if cuda:
+            events[0].record()   # CUDA events time the GPU's work without a sync inside the step
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

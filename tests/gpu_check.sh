@@ -5,7 +5,7 @@
 # out of time does not stop the next. The last lines printed are each part's status and the tail of its log.
 #
 #     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 570 s
-#     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_sample train   # the model: 455 s
+#     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_sample train  # model: 455 s
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. On an H100,
 # 2026-11-26, they took 212 s and 111 s, the machine's start ~30 s more.)
 #
@@ -14,9 +14,9 @@
 # two-kernel backward (dk/dv, then dq), to measure the one-kernel backward against it:
 #     mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
 #
-# Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_sample, train. `train` uses
-# data/stdlib when it is there (carry it: making the tokenizer and shards first took 23 s of 2 CPU cores here)
-# and starts afresh in out/gpu_check/train.
+# Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_sample, train.
+# `train` uses data/stdlib when it is there (carry it: making the tokenizer and shards first took 23 s of 2 CPU
+# cores here) and starts afresh in out/gpu_check/train.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
