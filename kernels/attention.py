@@ -90,27 +90,21 @@ _WARPS_MAX = tl.constexpr(WARPS_MAX)   # the same, for the kernels (a global the
 
 # ----------------------------------------------------------------------------- block sizes
 def _configs(shapes, **constexprs):
-    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an
-    H100 (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live
-    in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; backward: the two
-    BLOCK_N x D accumulators dk and dv), and past 255 registers a thread spills to local memory; a Hopper
-    warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how
-    many K/V (or Q/dO) tiles are prefetched into shared memory. The forward takes 64x64 for short rows and for
-    documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; the backward's dk/dv part won
-    at 32x128 (2 stages with documents, 3 without). Dropped after timing: forward 128x64 at 4 warps (spills at
-    D=128) and 128x128 (never won), dk/dv's 16-row tiles. Compiled for sm_90 without a GPU (cuobjdump's
-    resource usage): all pipeline their loads and use wgmma (the backward's dq share as dq^T = k^T ds^T, 128
-    rows tall: a 32-row dq tile would fall back to mma.sync); at D=128 the backward's 32x128 tiles take 248-255
-    registers and spill nothing inside the loops (triton 3.6 and 3.9). Dropped without timing: the backward at
-    32x64, 4 warps (spills inside the loops once it does dq too). Candidates not yet timed: the forward's
-    PV_LAG loop (see _fwd_tiles) at 128x64 and at 64x64 (2 stages: one more v tile would take 3 stages to
-    128 KB, one program per SM), 212-255 registers, no spills in the loops; and the backward itself, with dq
-    (one kernel, 5 products): its 32x128 tiles are dk/dv's winners from when dq had a kernel of its own, and
-    64x128 joins them (FlashAttention-3's backward tile at D=128): three of the five products are BLOCK_M
-    wide, and a wgmma only 32 wide moves more shared-memory bytes per FLOP (a rough count, not timed);
-    compiled, a 64x128 tile takes 0.78-0.86x the instructions per (query, key) pair of a 32x128 one and half
-    the dq turns, at 255 registers and 64-120 bytes of stack (inside the loops only reloads of loop-invariant
-    values, 5-20 a tile; at 3 stages it spills inside the loops, so 2 only)."""
+    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
+    What bounds it: the running tiles live in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x
+    BLOCK_N scores; backward: the BLOCK_N x D sums dk and dv; all fp32), and past 255 registers a thread spills
+    to local memory; a Hopper warpgroup MMA is 64 rows tall, so 64- and 128-row tiles keep one or two
+    warpgroups (4 or 8 warps) busy; num_stages is how many K/V (or Q/dO) tiles are prefetched into shared memory.
+    What is in it: the winners of a wider space timed on an H100 (tests/bench_kernels.py: bf16, D=128, T 1K-16K,
+    causal and 8 documents; README): the forward's 64x64 for short rows and documents (more, cheaper programs for
+    132 SMs) and 128x64 for long causal rows; the backward's 32x128 (2 stages with documents, 3 without), which
+    won when dk/dv had a kernel of their own (the one-kernel backward is not timed yet). Not yet timed either,
+    each compiled for sm_90 and read with cuobjdump (no stores to local memory inside the loops): the forward's
+    PV_LAG loop (_fwd_tiles) at 128x64 and 64x64, and the backward at 64x128, FlashAttention-3's tile at D=128
+    (three of the five products are BLOCK_M wide; 0.78-0.86x the instructions per (query, key) pair of 32x128,
+    and half the dq turns; at 3 stages it spills, so 2).
+    Dropped: the forward at 128x64 with 4 warps (spills at D=128) and 128x128 (never won); the backward's 16-row
+    tiles (lost) and 32x64 with 4 warps (spills once it does dq)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
