@@ -9,21 +9,26 @@ Design choices
 - Embedded default data (no downloads): a generated family of small tasks with exact checkers — addition,
   sorting letters, counting a letter, reversing a word, tiny Python expressions (max/min/len). The checker plays
   the human annotator: it labels the preference pairs, and it gives held-out accuracy after every stage.
-  Held-out prompts never appear in any training set.
+  Held-out prompts never appear in any training set (nor in the texts the small tokenizer is trained on).
 - Preference pairs are on-policy, as in Llama 3 (§4.2.1: pairs are sampled from the latest models): K samples of
   the current policy per prompt, a correct one is "chosen" (else the checker's answer), an incorrect one is
   "rejected" (else a corrupted answer: off-by-one, shuffled).
 - SFT (Llama 3 §4.1.3): conversations rendered by tokenizer.encode_dialog, loss only on assistant tokens and their
-  <|eot_id|>, several conversations packed per row with document masking (doc_ids), never across conversations.
+  <|eot_id|>, several conversations packed per row with document masking (doc_ids), never across conversations;
+  the loss is the mean over the batch's assistant tokens (under DDP too: each rank weighs its share).
 - Reward model (Llama 2 §3.2.2): the policy's transformer with a scalar head read at the last token (<|eot_id|>),
   Bradley–Terry loss with an optional margin; the head is saved beside the checkpoint as reward_head.pth.
-- Rejection sampling (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best, SFT on the winners.
+- Rejection sampling (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best of those that ended
+  with a stop token (a sample cut at --max_new is no whole answer), SFT on the winners.
 - DPO (Rafailov et al. 2023) with Llama 3's two changes (§4.1.4): header and termination tokens masked out of the
-  loss, and an NLL term (coefficient 0.2) on the chosen response. Reference log-probs are computed once.
+  loss, and an NLL term (coefficient 0.2) on the chosen response; only the final response counts, not earlier
+  assistant turns of a multi-turn prompt. Reference log-probs are computed once, under the policy's autocast.
 - PPO (Ouyang et al. 2022; Ziegler et al. 2019): reward = reward-model score at the last token minus a per-token KL
   penalty to the frozen reference, with a fixed coefficient (adaptive with --kl_target); GAE; clipped policy and
   value losses; minibatch epochs; whitened advantages. The value head reads the policy's features detached: the
-  value loss never moves the policy (a cheap stand-in for InstructGPT's separate value model).
+  value loss never moves the policy (a cheap stand-in for InstructGPT's separate value model). A response cut at
+  --max_new is scored at its last token all the same, where the reward model never saw a sequence end (TRL's
+  missing_eos_penalty is one remedy); the embedded tasks' answers fit in the default 16 tokens.
 - `python align.py all` starts from a fresh small model (0.8M parameters) with a small BPE tokenizer trained on the
   task texts (written as out/align-base), so the whole chain runs in minutes on a 2-core CPU.
   `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
@@ -32,7 +37,8 @@ Design choices
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
-Real data (JSONL, one record a line; a malformed record is reported with its file and line number):
+Real data (JSONL, one record a line; a malformed record, a line that is not UTF-8, a prompt that does not end
+with the user's turn, or an empty file is reported with its file and line number):
   SFT:      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   RM, DPO:  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."[, "margin": 1.0 (RM only)]}
   RS, PPO:  {"prompt": "..." or [messages]}
@@ -52,6 +58,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -65,8 +72,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import PRESETS, Transformer, atomic_save, load_model, save_model
-from sample import generate, load_tokenizer
-from tokenizer import Tokenizer
+from sample import generate, load_tokenizer, tokenizer_path
+from tokenizer import Tokenizer, check_dialog
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The embedded task family: prompts with exact answers, and the checker that plays the annotator.
@@ -151,44 +158,42 @@ def task_conversation(task):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Real data: JSONL loaders for the usual shapes; a malformed record is reported with its file and line.
 
-ROLES = ("system", "user", "assistant")
-
-
 def read_jsonl(path):
-    """Yield (line_number, record) for every non-blank line; invalid JSON raises ValueError naming path:line."""
-    with open(path, encoding="utf-8") as f:
+    """Yield (line_number, record) for every non-blank line. A line that is not UTF-8 JSON, or a file with no
+    records, raises ValueError naming path:line (or path)."""
+    n = 0
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            n += 1
+            yield lineno, record
+    if n == 0:
+        raise ValueError(f"{path}: no records")
 
 
-def _messages(x, where):
-    """A prompt given as a string or as a list of {"role", "content"} messages -> list of messages."""
-    if isinstance(x, str):
-        return user(x)
-    if not isinstance(x, list) or not x:
-        raise ValueError(f"{where}: expected a string or a non-empty list of messages")
-    for m in x:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise ValueError(f"{where}: bad message {m!r} (need role in {ROLES} and string content)")
-    turns = [m["role"] for m in (x[1:] if x[0]["role"] == "system" else x)]
-    if turns != [("user", "assistant")[i % 2] for i in range(len(turns))]:
-        raise ValueError(f"{where}: roles {turns} must alternate user, assistant (after an optional system)")
-    return x
+def _messages(x, where, last):
+    """A string (one user message) or a list of {"role", "content"} messages in Llama 3's dialog shape
+    (tokenizer.check_dialog) whose last message is `last`'s -> list of messages."""
+    msgs = user(x) if isinstance(x, str) else x
+    try:
+        check_dialog(msgs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if msgs[-1]["role"] != last:
+        raise ValueError(f"{where}: the last message must be the {last}'s")
+    return msgs
 
 
 def _response(x, where):
     """A response given as a string, or as messages ending with the assistant's (HH-RLHF style) -> its text."""
-    if isinstance(x, str):
-        return x
-    msgs = _messages(x, where)
-    if msgs[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must be the assistant's")
-    return msgs[-1]["content"]
+    return x if isinstance(x, str) else _messages(x, where, "assistant")[-1]["content"]
 
 
 def load_sft(path):
@@ -198,10 +203,7 @@ def load_sft(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or "messages" not in rec:
             raise ValueError(f"{where}: expected an object with a 'messages' list")
-        msgs = _messages(rec["messages"], where)
-        if msgs[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's")
-        out.append(msgs)
+        out.append(_messages(rec["messages"], where, "assistant"))
     return out
 
 
@@ -213,24 +215,25 @@ def load_pairs(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
             raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
-        pair = dict(prompt=_messages(rec["prompt"], where), chosen=_response(rec["chosen"], where),
+        pair = dict(prompt=_messages(rec["prompt"], where, "user"), chosen=_response(rec["chosen"], where),
                     rejected=_response(rec["rejected"], where))
         if "margin" in rec:  # Llama 2's preference strength, for the reward model's loss
-            if not isinstance(rec["margin"], (int, float)):
-                raise ValueError(f"{where}: 'margin' must be a number")
-            pair["margin"] = float(rec["margin"])
+            m = rec["margin"]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                raise ValueError(f"{where}: 'margin' must be a finite number, got {m!r}")
+            pair["margin"] = float(m)
         out.append(pair)
     return out
 
 
 def load_prompts(path):
-    """{"prompt": ...} per line -> list of prompts (lists of messages)."""
+    """{"prompt": ...} per line, ending with a user turn -> list of prompts (lists of messages)."""
     out = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise ValueError(f"{where}: expected an object with a 'prompt'")
-        out.append(_messages(rec["prompt"], where))
+        out.append(_messages(rec["prompt"], where, "user"))
     return out
 
 
@@ -252,9 +255,11 @@ def truncate_left(ids, n, mask=None):
 
 
 def render(tok, prompt, response, max_len):
-    """(ids, mask) of `prompt` (messages) answered by `response`; mask on the answer tokens and its <|eot_id|>."""
+    """(ids, mask) of `prompt` (messages) answered by `response`; mask on the answer tokens and its <|eot_id|>
+    only, not on the assistant turns of a multi-turn prompt (encode_dialog's mask marks every assistant turn)."""
     ids, mask = tok.encode_dialog(prompt + [{"role": "assistant", "content": response}])
-    return truncate_left(list(ids), max_len, list(mask))
+    n = len(tok.encode_dialog_prompt(prompt))  # the prompt and the open assistant header
+    return truncate_left(list(ids), max_len, [0] * n + list(mask[n:]))
 
 
 def render_prompt(tok, prompt, max_len):
@@ -417,9 +422,9 @@ class RewardModel(nn.Module):
         return self.head(h[torch.arange(len(tokens), device=h.device), last]).squeeze(-1).float()  # (B,)
 
 
-def save_reward_model(rm, out_dir, tokenizer_path):
+def save_reward_model(rm, out_dir, tokenizer_file):
     """Meta's layout for the transformer (sample.py can load it) + reward_head.pth beside it."""
-    save_model(rm.backbone, out_dir, tokenizer_path=tokenizer_path)
+    save_model(rm.backbone, out_dir, tokenizer_path=tokenizer_file)
     atomic_save(rm.head.state_dict(), os.path.join(out_dir, "reward_head.pth"))
 
 
@@ -553,12 +558,19 @@ def wrap_ddp(module):
 
 
 def batch_indices(n, batch_size, step, seed=0):
-    """This rank's share of the global batch at `step`: epochs of a seeded permutation (the same on every rank),
-    each rank taking every WORLD-th index, so the ranks together see the single-process batch."""
+    """The global batch at `step`: epochs of a seeded permutation, the same on every rank. Each rank trains on
+    batch[RANK::WORLD]: equal shares, which DDP's gradient average weighs equally."""
+    if batch_size % WORLD:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {WORLD} processes")
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[i * batch_size:(i + 1) * batch_size][RANK::WORLD].tolist()
+    return perm[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+def autocast(module):
+    """bf16 autocast on CUDA (every forward pass whose results meet in one loss: policy and reference alike)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device_of(module).type == "cuda" else nullcontext()
 
 
 def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25):
@@ -567,7 +579,7 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25):
     decay to lr/10. bf16 autocast on CUDA."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device_of(module).type == "cuda" else nullcontext()
+    amp = autocast(module)
     history = []
     for step in range(steps):
         for group in opt.param_groups:
@@ -587,15 +599,20 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25):
 # ----------------------------------------------------------------------------------------------------------------
 # 8. The stages. Each train_* function takes a model and data and returns its history; the CLI wraps them below.
 
-def train_sft(model, tok, conversations, steps, batch_size, lr, seq_len=None, name="sft"):
-    """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks."""
+def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft"):
+    """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks.
+    The loss is the mean over the batch's target tokens, however many each row holds."""
     examples = [tok.encode_dialog(c) for c in conversations]
-    X, Y, D = pack_sft(examples, seq_len or context_len(model))  # (N, T) each
+    X, Y, D = pack_sft(examples, context_len(model))  # (N, T) each
     net, dev = wrap_ddp(model), device_of(model)
 
     def step_loss(step):
-        idx = batch_indices(len(X), batch_size, step)
-        return net(X[idx].to(dev), targets=Y[idx].to(dev), doc_ids=D[idx].to(dev)), {}
+        batch = batch_indices(len(X), batch_size, step)
+        idx = batch[RANK::WORLD]
+        loss = net(X[idx].to(dev), targets=Y[idx].to(dev), doc_ids=D[idx].to(dev))  # mean over this rank's targets
+        # DDP averages the ranks' gradients: weigh each rank by its share of the batch's targets
+        share = (Y[idx] != -100).sum() * WORLD / (Y[batch] != -100).sum()
+        return loss * share, {}
     return optimize(net, step_loss, steps, lr, name)
 
 
@@ -616,7 +633,7 @@ def train_rm(rm, tok, pairs, steps, batch_size, lr):
     net, dev = wrap_ddp(rm), device_of(rm)
 
     def step_loss(step):
-        idx = batch_indices(len(rows), batch_size, step)
+        idx = batch_indices(len(rows), batch_size, step)[RANK::WORLD]
         seqs = [rows[i][0] for i in idx] + [rows[i][2] for i in idx]  # chosen then rejected
         last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
         r_chosen, r_rejected = net(pad(seqs).to(dev), last).chunk(2)  # (b,), (b,)
@@ -644,15 +661,18 @@ def response_logprobs(model, seqs, masks):
 def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2):
     """DPO with Llama 3's changes: header/termination tokens out of the loss, NLL (per token) on chosen."""
     rows = _pair_rows(tok, pairs, context_len(policy))
-    with torch.no_grad():  # the reference never changes: its log-probs once, in batches
-        ref_c = torch.cat([response_logprobs(ref, [r[0] for r in rows[i:i + 64]], [r[1] for r in rows[i:i + 64]])[0]
-                           for i in range(0, len(rows), 64)]).cpu()
-        ref_r = torch.cat([response_logprobs(ref, [r[2] for r in rows[i:i + 64]], [r[3] for r in rows[i:i + 64]])[0]
-                           for i in range(0, len(rows), 64)]).cpu()
+
+    @torch.no_grad()
+    def reference_logprobs(j):  # the reference never changes: its log-probs once, in batches of 64, under the
+        with autocast(ref):     # policy's autocast (a policy equal to its reference must give exactly log 2)
+            chunks = [rows[i:i + 64] for i in range(0, len(rows), 64)]
+            lps = [response_logprobs(ref, [r[j] for r in c], [r[j + 1] for r in c])[0] for c in chunks]
+            return torch.cat(lps).cpu()
+    ref_c, ref_r = reference_logprobs(0), reference_logprobs(2)  # chosen, rejected
     net, dev = wrap_ddp(policy), device_of(policy)
 
     def step_loss(step):
-        idx = batch_indices(len(rows), batch_size, step)
+        idx = batch_indices(len(rows), batch_size, step)[RANK::WORLD]
         lp, n = response_logprobs(net, [rows[i][0] for i in idx] + [rows[i][2] for i in idx],
                                   [rows[i][1] for i in idx] + [rows[i][3] for i in idx])
         (pi_c, pi_r), n_c = lp.chunk(2), n[:len(idx)]
@@ -664,20 +684,23 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
 
 
 def rejection_sample(policy, rm, tok, prompts, k, max_new, temperature=1.0, seed=0):
-    """Best-of-K (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best.
-    Returns the winners as SFT conversations and the (len(prompts), K) score matrix."""
+    """Best-of-K (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best of those that ended
+    with a stop token (one cut at max_new is no whole answer: SFT would teach <|eot_id|> where it was cut).
+    Returns per prompt the winner as an SFT conversation (None if no sample ended) and the (len(prompts), K)
+    score matrix."""
     gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
     prompt_ids = [render_prompt(tok, p, context_len(policy) - max_new) for p in prompts]
     flat = [p for p in prompt_ids for _ in range(k)]
     responses = sample_responses(policy, tok, flat, max_new, temperature, generator=gen)
     scores = rm_scores(rm, [p + r for p, r in zip(flat, responses)]).view(len(prompts), k)
-    best = scores.argmax(1).tolist()
+    ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses]).view(len(prompts), k)
+    best = scores.masked_fill(~ended, float("-inf")).argmax(1).tolist()
     winners = [p + [{"role": "assistant", "content": response_text(tok, responses[i * k + b])}]
-               for i, (p, b) in enumerate(zip(prompts, best))]
+               if ended[i, b] else None for i, (p, b) in enumerate(zip(prompts, best))]
     return winners, scores
 
 
-def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max_new=16, kl_coef=0.05,
+def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max_new=16, kl_coef=0.5,
               kl_target=None, epochs=2, minibatch=16, gamma=1.0, lam=0.95, clip=0.2, vf_coef=0.5, seed=0):
     """PPO on prompts (lists of messages). reward_fn(seqs: list of token lists, prompt + response) -> (N,) scores.
     Each iteration: roll out, score, shape rewards with the KL penalty, GAE, then `epochs` passes of minibatches."""
@@ -693,11 +716,11 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     score_mean, score_std = None, None
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng, perm_gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rendered = [render_prompt(tok, p, context_len(policy) - max_new) for p in prompts]
     history = []
     for it in range(iters):
         # rollout: sample from the current policy, then score every token once with the same full forward
-        batch = rng.sample(prompts, min(rollout_size, len(prompts)))
-        prompt_ids = [render_prompt(tok, p, context_len(policy) - max_new) for p in batch]
+        prompt_ids = [rendered[i] for i in rng.sample(range(len(prompts)), min(rollout_size, len(prompts)))]
         responses = sample_responses(policy, tok, prompt_ids, max_new, generator=gen)
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
         tokens = pad(seqs).to(dev)  # (B, T)
@@ -710,7 +733,8 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
             ref_logp = token_logprobs(ref(tokens), tokens)
             score = reward_fn(seqs).to(dev)  # (B,)
             if score_mean is None:  # a reward model's scale is arbitrary (Bradley–Terry fixes only differences):
-                score_mean, score_std = score.mean(), score.std().clamp(min=1e-3)  # standardise by the first rollout
+                score_mean, score_std = score.mean(), score.std(correction=0).clamp(min=1e-3)  # standardise by
+                # the first rollout (correction=0: a rollout of one sequence has std 0, not NaN)
             rewards = kl_shaped_rewards((score - score_mean) / score_std, old_logp, ref_logp, mask, kl_ctl.coef)
             adv, returns = gae(rewards, old_values, mask, gamma, lam)
             adv = whiten(adv, mask)
@@ -770,17 +794,10 @@ def hp(args, stage, key):
     return STAGE_DEFAULTS[stage][key] if value is None else value
 
 
-def tokenizer_file(ckpt):
-    for path in (os.path.join(ckpt, "tokenizer.model"), os.path.join(ckpt, "original", "tokenizer.model")):
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"{ckpt}: no tokenizer.model (nor original/tokenizer.model)")
-
-
-def fresh_base(out_dir, seed=0):
-    """No pretrained model to start from: a small BPE tokenizer trained on the task texts and a fresh small
-    transformer, written in Meta's layout like any other checkpoint."""
-    train, _ = task_split(2000, 0, seed)
+def fresh_base(out_dir, n_eval, seed=0):
+    """No pretrained model to start from: a small BPE tokenizer trained on the task texts (not the n_eval held-out
+    ones) and a fresh small transformer, written in Meta's layout like any other checkpoint."""
+    train, _ = task_split(2000, n_eval, seed)
     texts = [f"{t['prompt']}\n{t['answer']}\n" for t in train] + ["system\nuser\nassistant\n"] * 50
     tok = Tokenizer.train(texts, vocab_size=SMALL_VOCAB)
     os.makedirs(out_dir, exist_ok=True)
@@ -793,8 +810,10 @@ def fresh_base(out_dir, seed=0):
 
 def finish(args, stage, model, tok, metric, rm=None, save=None):
     """Save the stage's checkpoint (rank 0), then evaluate it on the held-out tasks and log one line."""
-    if RANK == 0:
-        (save or (lambda out: save_model(model, out, tokenizer_path=tokenizer_file(args.init))))(args.out)
+    if RANK == 0 and save is not None:
+        save(args.out)  # the reward model: its head beside the transformer
+    elif RANK == 0:
+        save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
     if dist.is_initialized():
         dist.barrier()
     res = {}
@@ -829,7 +848,7 @@ def stage_rm(args, device):
     hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"))
     acc = rm_accuracy(rm, tok, test_pairs) if test_pairs else float("nan")
     return finish(args, "rm", rm, tok, f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair "
-                  f"accuracy {acc:.3f}", rm, lambda out: save_reward_model(rm, out, tokenizer_file(args.init)))
+                  f"accuracy {acc:.3f}", rm, lambda out: save_reward_model(rm, out, tokenizer_path(args.init)))
 
 
 def stage_rs(args, device):
@@ -837,12 +856,15 @@ def stage_rs(args, device):
     tasks = task_split(hp(args, "rs", "n_prompts"), args.n_eval, args.seed, 3)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.temperature, args.seed)
-    picked = "" if args.data else ", winners correct " + \
-        f"{sum(check(t, w[-1]['content']) for t, w in zip(tasks, winners)) / len(tasks):.3f}"
+    kept = [i for i, w in enumerate(winners) if w is not None]
+    if not kept:
+        raise SystemExit(f"[rs] no sample of any prompt ended within --max_new {args.max_new} tokens")
+    picked = "" if args.data else \
+        f", winners correct {sum(check(tasks[i], winners[i][-1]['content']) for i in kept) / len(kept):.3f}"
     log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
-        + picked)
-    hist = train_sft(policy, tok, winners, hp(args, "rs", "steps"), hp(args, "rs", "batch_size"), hp(args, "rs", "lr"),
-                     name="rs")
+        + picked + f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
+    hist = train_sft(policy, tok, [winners[i] for i in kept], hp(args, "rs", "steps"), hp(args, "rs", "batch_size"),
+                     hp(args, "rs", "lr"), name="rs")
     return finish(args, "rs", policy, tok, f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean "
                   f"{scores.mean():.3f}{picked}; SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}", rm)
 
@@ -870,7 +892,7 @@ def stage_ppo(args, device):
     tasks = task_split(hp(args, "ppo", "n_prompts"), args.n_eval, args.seed, 5)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     hist = train_ppo(policy, ref, lambda seqs: rm_scores(rm, seqs), tok, prompts, hp(args, "ppo", "steps"),
-                     hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target or None,
+                     hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target,
                      seed=args.seed)
     first, last = hist[:10], hist[-10:]
     mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)
@@ -886,7 +908,7 @@ def stage_all(args, device):
     t0 = time.time()
     run = args.run or (os.path.basename(args.init.rstrip("/")) if args.init else "align")
     if args.init is None:
-        args.init = fresh_base(f"out/{run}-base", args.seed)
+        args.init = fresh_base(f"out/{run}-base", args.n_eval, args.seed)
         log(f"[base] a fresh {SMALL_MODEL} model and a {load_tokenizer(args.init).n_words}-token tokenizer trained "
             f"on the task texts, in {args.init}")
     base = args.init
@@ -909,12 +931,12 @@ def stage_all(args, device):
     print("| stage | checkpoint | held-out accuracy | " + " | ".join(TASK_KINDS) + " | mean reward | stage's own metric | wall time |")
     print("|---" * (len(TASK_KINDS) + 6) + "|")
     for stage, path in [("base", base)] + [(s, f"out/{run}-{s}") for s in STAGES]:
-        model = load_reward_model(path, device).backbone if stage == "rm" else load_model(path, device=device)
-        res = evaluate(model, load_tokenizer(path), held_out, rm, args.max_new)
-        acc = "—" if stage == "rm" else f"{res['accuracy']:.3f}"
-        kinds = " | ".join("—" if stage == "rm" else f"{res[k]:.2f}" for k in TASK_KINDS)
-        reward = "—" if stage == "rm" else f"{res['reward']:.3f}"
-        print(f"| {stage} | `{path}` | {acc} | {kinds} | {reward} | {rows.get(stage, {}).get('metric', '')} "
+        if stage == "rm":  # the reward model's transformer is no policy: its own metric says it all
+            cells = ["—"] * (len(TASK_KINDS) + 2)
+        else:
+            res = evaluate(load_model(path, device=device), load_tokenizer(path), held_out, rm, args.max_new)
+            cells = [f"{res['accuracy']:.3f}"] + [f"{res[k]:.2f}" for k in TASK_KINDS] + [f"{res['reward']:.3f}"]
+        print(f"| {stage} | `{path}` | {' | '.join(cells)} | {rows.get(stage, {}).get('metric', '')} "
               f"| {walls[stage]:.0f} s |")
 
 
@@ -939,8 +961,8 @@ if __name__ == "__main__":
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (Llama 3: 0.1)")
     p.add_argument("--nll_coef", type=float, default=0.2, help="DPO's NLL term on chosen (Llama 3: 0.2)")
     p.add_argument("--kl_coef", type=float, default=0.5, help="PPO's (initial) KL penalty coefficient")
-    p.add_argument("--kl_target", type=float, default=0.0,
-                   help="PPO: adapt the KL coefficient so the KL per response tracks this (0: keep it fixed)")
+    p.add_argument("--kl_target", type=float,
+                   help="PPO: adapt the KL coefficient so the KL per response tracks this (default: keep it fixed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.stage != "all":

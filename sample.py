@@ -124,12 +124,17 @@ class Session:
                 return
 
 
-def load_tokenizer(ckpt_dir):
+def tokenizer_path(ckpt_dir):
     """tokenizer.model in the checkpoint directory (ours, Meta's), or original/tokenizer.model (HF downloads)."""
     for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
         if path.exists():
-            return Tokenizer.load(path)
-    raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.model (nor original/tokenizer.model)")
+            return path
+    raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.model (nor original/tokenizer.model: a Hugging Face download "
+                            "has Meta's tokenizer there only when its original/ folder was downloaded too)")
+
+
+def load_tokenizer(ckpt_dir):
+    return Tokenizer.load(tokenizer_path(ckpt_dir))
 
 
 def print_stream(tok, tokens):

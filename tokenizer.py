@@ -333,6 +333,22 @@ def render_token(token):
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in s)
 
 
+def check_dialog(messages):
+    """Llama 3's dialog shape: a list of {"role", "content"} messages, an optional system message first, then
+    user and assistant taking turns, user first. Raises ValueError naming the message at fault."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a dialog is a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[first:], first):
+        want = "user" if (i - first) % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r}: "
+                             "an optional system message, then user and assistant alternating")
+
+
 class Tokenizer:
     def __init__(self, ranks, pattern=LLAMA3_PATTERN, special_tokens=SPECIAL_TOKENS, name="nanollama3"):
         """ranks: {token bytes: id} with ids exactly 0..len(ranks)-1. Special tokens follow the ranks."""
@@ -446,24 +462,10 @@ class Tokenizer:
     def _header(self, role):
         return [self.start_header_id] + self.encode(role) + [self.end_header_id] + self.encode("\n\n")
 
-    def _check_roles(self, messages):
-        """An optional system message first, then user and assistant taking turns, user first."""
-        if not messages:
-            raise ValueError("a dialog needs at least one message")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
-        first = 1 if messages[0]["role"] == "system" else 0
-        for i, m in enumerate(messages[first:], first):
-            want = "user" if (i - first) % 2 == 0 else "assistant"
-            if m["role"] != want:
-                raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r}: "
-                                 "an optional system message, then user and assistant alternating")
-
     def encode_dialog(self, messages):
         """Render a conversation for training -> (ids, mask); mask[i] = 1 on the tokens the model learns
         to produce (each assistant message's content and its <|eot_id|>), 0 elsewhere."""
-        self._check_roles(messages)
+        check_dialog(messages)
         ids, mask = [self.bos_id], [0]
         for m in messages:
             header = self._header(m["role"])
@@ -474,7 +476,7 @@ class Tokenizer:
 
     def encode_dialog_prompt(self, messages):
         """Render a conversation that the model should answer: ends with an open assistant header."""
-        self._check_roles(messages)
+        check_dialog(messages)
         if messages[-1]["role"] == "assistant":
             raise ValueError("the last message is the assistant's: the prompt must end with the user's turn")
         ids, _ = self.encode_dialog(messages)

@@ -134,7 +134,18 @@ def test_malformed_jsonl_reports_line(tmp_path):
         align.load_pairs(pairs)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: roles"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: message 0 has role 'assistant', expected 'user'"):
+        align.load_prompts(prompts)
+    # a prompt must end with the user's turn (it is what the model answers)
+    prompts.write_text(json.dumps({"prompt": "q"}) + "\n" + json.dumps(
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: the last message must be the user's"):
+        align.load_prompts(prompts)
+    prompts.write_bytes(json.dumps({"prompt": "q"}).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: not UTF-8"):
+        align.load_prompts(prompts)
+    prompts.write_text("\n \n")
+    with pytest.raises(ValueError, match=r"prompts\.jsonl: no records"):
         align.load_prompts(prompts)
     # well-formed records of every shape load
     pairs.write_text(json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "q"},
@@ -142,8 +153,12 @@ def test_malformed_jsonl_reports_line(tmp_path):
     assert align.load_pairs(pairs) == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
     pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}) + "\n" +
                      json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}) + "\n")
-    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: 'margin' must be a number"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: 'margin' must be a finite number"):
         align.load_pairs(pairs)
+    for bad in ("NaN", "true"):  # json.loads reads NaN as a float and true as a bool: neither is a margin
+        pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": %s}\n' % bad)
+        with pytest.raises(ValueError, match=r"pairs\.jsonl:1: 'margin' must be a finite number"):
+            align.load_pairs(pairs)
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +193,17 @@ def test_sft_mask_never_covers_system_user_or_headers(tok):
     ids, mask = tok.encode_dialog(convos[1])
     kept = [t for t, m in zip(ids[1:], align.loss_mask(tok, ids, mask)) if m]
     assert kept == tok.encode("a b")
+
+
+def test_pair_loss_mask_covers_only_the_final_response(tok):
+    """A multi-turn prompt (HH-RLHF style) has earlier assistant turns: DPO's sums and its NLL term must see only
+    the response being compared, not those turns."""
+    prompt = [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"},
+              {"role": "user", "content": "What is 2 + 2?"}]
+    ids, mask = align.render(tok, prompt, "4", max_len=128)
+    assert [t for t, m in zip(ids, mask) if m] == tok.encode("4") + [tok.eot_id]
+    kept = [t for t, m in zip(ids[1:], align.loss_mask(tok, ids, mask)) if m]
+    assert kept == tok.encode("4")
 
 
 def test_truncate_left_keeps_bos_and_counts():
@@ -233,17 +259,31 @@ def test_dpo_steps_lower_the_loss_from_log2(tok):
     assert tail(hist, "dpo") < 0.5 and tail(hist, "acc") > 0.8
 
 
-def test_rejection_sampling_keeps_the_best(tok):
+def test_rejection_sampling_keeps_the_best(tok, monkeypatch):
     policy = tiny_model(tok)
     rm = align.RewardModel(tiny_model(tok, seed=1))
     torch.nn.init.normal_(rm.head.weight)  # any fixed scorer will do
     prompts = [align.user(t["prompt"]) for t in align.task_split(6, 0, seed=4)[0]]
     winners, scores = align.rejection_sample(policy, rm, tok, prompts, k=3, max_new=6)
     assert scores.shape == (6, 3)
-    for p, w in zip(prompts, winners):  # each winner: the prompt answered by one sample
-        assert w[:-1] == p and w[-1]["role"] == "assistant"
-    assert (scores.max(1).values >= scores.mean(1)).all()
-    hist = align.train_sft(policy, tok, winners, steps=15, batch_size=6, lr=3e-3, name="rs")
+    # which samples won: the untrained policy rarely stops within 6 tokens, so its samples are given here, two
+    # of the three of each prompt ending with <|eot_id|> (all three for the first prompt, none for the last)
+    rng = random.Random(0)
+    samples = [[rng.randrange(256) for _ in range(rng.randrange(1, 6))] for _ in range(18)]
+    for i, s in enumerate(samples):
+        if i < 3 or (i % 3 != 2 and i < 15):
+            s.append(tok.eot_id)
+    monkeypatch.setattr(align, "sample_responses", lambda *a, **kw: samples)
+    winners, scores = align.rejection_sample(policy, rm, tok, prompts, k=3, max_new=6)
+    for i, (p, w) in enumerate(zip(prompts, winners)):
+        ended = [j for j in range(3) if samples[3 * i + j][-1] == tok.eot_id]
+        if not ended:
+            assert w is None
+            continue
+        best = max(ended, key=lambda j: scores[i, j].item())  # the best sample that ended
+        assert w == p + [{"role": "assistant", "content": align.response_text(tok, samples[3 * i + best])}]
+    assert winners[-1] is None and sum(w is not None for w in winners) == 5
+    hist = align.train_sft(policy, tok, [w for w in winners if w], steps=15, batch_size=5, lr=3e-3, name="rs")
     assert tail(hist, n=3) < hist[0]["loss"]
 
 
@@ -268,19 +308,26 @@ def test_ppo_raises_the_reward(tok):
                            kl_coef=0.01, epochs=2, minibatch=8)
     assert even_mass() > before + 0.05
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    # a rollout of one sequence (one prompt): its score's spread is 0, and nothing may turn NaN
+    hist = align.train_ppo(policy, ref, reward_fn, tok, prompts[:1], iters=2, rollout_size=4, lr=1e-2, max_new=6)
+    assert all(math.isfinite(v) for h in hist for v in h.values())
 
 
-def test_dpo_under_torchrun_matches_one_process(tok, tmp_path):
-    """`torchrun --nproc_per_node=2 align.py dpo` (gloo, DDP) takes the same steps as one process: each rank
-    takes half of every global batch and DDP averages the gradients, so the weights come out equal."""
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_ddp_matches_one_process(tok, tmp_path, stage):
+    """`torchrun --nproc_per_node=2 align.py sft|dpo` (gloo, DDP) takes the same steps as one process: each rank
+    takes half of every global batch and DDP averages the gradients, so the weights come out equal. SFT's packed
+    rows hold different numbers of target tokens, so each rank's loss is weighed by its share of them."""
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
     rng = random.Random(2)
-    with open(tmp_path / "pairs.jsonl", "w") as f:
+    with open(tmp_path / "data.jsonl", "w") as f:
         for t in align.task_split(16, 0, seed=6)[0]:
-            f.write(json.dumps({"prompt": t["prompt"], "chosen": t["answer"], "rejected": align.corrupt(t, rng)}) + "\n")
+            record = ({"messages": align.task_conversation(t)} if stage == "sft" else
+                      {"prompt": t["prompt"], "chosen": t["answer"], "rejected": align.corrupt(t, rng)})
+            f.write(json.dumps(record) + "\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = ["dpo", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "pairs.jsonl"), "--steps", "3",
+    common = [stage, "--init", str(tmp_path / "init"), "--data", str(tmp_path / "data.jsonl"), "--steps", "3",
               "--batch_size", "8", "--lr", "1e-3", "--n_eval", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "align.py", *common, "--out", str(tmp_path / "one")], cwd=repo, env=env,
