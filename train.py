@@ -26,7 +26,7 @@ Design choices
 - Stops: SIGTERM/SIGINT save a checkpoint and exit; a NaN/inf loss stops before the bad update, naming the step.
 - On CPU the default run has a time budget (--max_minutes 6): the schedule runs on the clock instead of the step
   count (warmup over the first tenth, cosine to lr / 10 when time is up), so it ends on time and properly decayed
-  on a fast, slow or busy machine alike. A resumed run gets a budget of its own.
+  on a fast, slow or busy machine alike. A resumed run goes on from the time its checkpoint was written.
 
 Run it
     python train.py                                    # CPU: tokenizer, shards, 6 minutes of training, sample
@@ -90,11 +90,11 @@ def get_lr(t, warmup, total, args):
 
 
 def list_checkpoints(ckpt_dir):
-    """Complete checkpoints in ckpt_dir, oldest first. A folder is named step_N only once it is complete."""
+    """Complete checkpoints in ckpt_dir, by step. A folder is named step_N only once it is complete."""
     if not os.path.isdir(ckpt_dir):
         return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and not n.endswith(".tmp"))
-    return [os.path.join(ckpt_dir, n) for n in names]
+    names = [n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n[5:].isdigit()]
+    return [os.path.join(ckpt_dir, n) for n in sorted(names, key=lambda n: int(n[5:]))]
 
 
 def barrier():
@@ -102,25 +102,25 @@ def barrier():
         dist.barrier()
 
 
-def leave(status):
-    """sys.exit(status) (an exit code, or a message: printed, exit code 1), leaving the process group first: a
-    gloo rank that exits inside it aborts instead of printing. A process that was in one then leaves with
-    os._exit, past the interpreter's own teardown: there torch's gloo sometimes aborts ("terminate called
-    without an active exception", after destroy_process_group and the atexit hooks: 9 runs in 154 on a busy
-    2-core CPU, DDP and FSDP alike), though every file is written and closed by then."""
+def finish(status=0):
+    """End the run: status is an exit code, or a message that rank 0 prints (exit code 1). Every rank calls this
+    together. Under torchrun they leave the process group first, then exit with os._exit, past the interpreter's
+    own teardown, where torch's gloo sometimes aborts (9 runs in 154 on a busy 2-core CPU) though every file is
+    written and closed by then."""
     if not dist.is_initialized():
         sys.exit(status)
-    dist.destroy_process_group()
-    if isinstance(status, str):
+    dist.barrier()
+    if isinstance(status, str) and dist.get_rank() == 0:
         print(status, file=sys.stderr)
+    dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if isinstance(status, str) else status)
 
 
 def fail(message):
-    """Exit with message. Every rank reaches this together (they all read the same files)."""
-    leave(message if not dist.is_initialized() or dist.get_rank() == 0 else 1)  # said once, by rank 0
+    """Stop the run with an error message (every rank reaches this together: they all read the same files)."""
+    finish(message)
 
 
 def file_crc32(path):
@@ -178,35 +178,45 @@ def save_checkpoint(path, model, optimizer, state, rank, keep=2):
         if os.path.exists(path):  # a run resumed from an older checkpoint comes back to this step
             shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
-        for old in list_checkpoints(os.path.dirname(path))[:-keep]:
-            shutil.rmtree(old)
+        done = list_checkpoints(os.path.dirname(path))
+        here = done.index(path)  # any later step is another run's future (a fresh run in this out_dir, or a
+        for old in done[here + 1:] + done[:here + 1][:-keep]:  # resume from an older checkpoint): --resume
+            shutil.rmtree(old)                                 # must never go back to it
     barrier()
 
 
-def load_checkpoint(path, model, optimizer):
-    """Check path against its manifest (every file present, same size, same CRC32), then read the model and
-    optimizer state back in place (dcp reshards if the number of processes changed) and return state.pt.
-    A damaged checkpoint is refused by name; nothing is loaded from it and nothing is deleted."""
+def load_checkpoint(path, model, optimizer, model_args):
+    """Check path against its manifest (every file present, same size, same CRC32) and its model shape against
+    model_args, then read the model and optimizer state back in place (dcp reshards if the number of processes
+    changed) and return state.pt. A damaged or mismatched checkpoint is refused by name; nothing is loaded from
+    it and nothing is deleted."""
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.exists(manifest_path):
         fail(f"{path} is not a complete checkpoint: it has no manifest.json")
     try:
         with open(manifest_path) as f:
-            manifest = json.load(f)
-    except ValueError as e:
-        fail(f"corrupt checkpoint: {manifest_path} is not valid JSON ({e}); refusing to load {path}")
-    found = checksums(path, sorted(manifest["files"]))  # the same on every rank, so all stop or none
-    bad = [os.path.join(path, n) for n, expected in manifest["files"].items() if found.get(n) != expected]
+            expected = {name: list(v) for name, v in json.load(f)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        fail(f"corrupt checkpoint: {manifest_path} is not a manifest ({type(e).__name__}: {e}); refusing to load "
+             f"{path}")
+    found = checksums(path, sorted(expected))  # the same on every rank, so all stop or none
+    bad = [os.path.join(path, n) for n, v in expected.items() if found.get(n) != v]
     if bad:
         others = [p for p in list_checkpoints(os.path.dirname(path)) if p != os.path.normpath(path)]
         fail(f"corrupt checkpoint: {', '.join(bad)} does not match {manifest_path} (missing, or "
              f"another size or CRC32); refusing to load {path}. Other checkpoints, untouched: "
              f"{', '.join(others) or 'none'} (resume from one with --resume PATH)")
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)  # ints, strings and RNG tensors
+    saved = state.get("model_args", {})
+    diff = {k: (v, getattr(model_args, k)) for k, v in saved.items() if v != getattr(model_args, k)}
+    if diff:
+        fail(f"{path} holds another model: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items())
+             + " (resume with the flags it was trained with)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, "state.pt"), weights_only=True)  # ints, strings and RNG tensors
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path)  # in place, into this rank's shards
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    return state
 
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s", "mfu"]
@@ -280,9 +290,9 @@ parser.add_argument("--init", help="start from this exported model instead of ra
 parser.add_argument("--rope_factor", type=float, help="with --init: Llama 3.1 RoPE scaling by this factor")
 parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-step, per process")
 parser.add_argument("--tokens_per_step", type=int, help="global batch in tokens, by gradient accumulation")
-parser.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
-parser.add_argument("--max_minutes", type=float, default=None if torch.cuda.is_available() else 6.0,
-                    help="time budget instead of max_steps: the schedule runs on the clock (default: 6 on CPU)")
+parser.add_argument("--max_steps", type=int, help="optimizer steps (default 300)")
+parser.add_argument("--max_minutes", type=float, help="time budget instead of max_steps: the schedule runs on the "
+                    "clock (default on a CPU when neither is given: 6; 0: none)")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
 parser.add_argument("--warmup_steps", type=int, default=30)
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
@@ -302,6 +312,16 @@ parser.add_argument("--resume", nargs="?", const="last", help="from the last che
 parser.add_argument("--prompt", default="def ", help="the sample printed at the end starts with this")
 parser.add_argument("--sample_tokens", type=int, default=120)
 args = parser.parse_args()
+for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "max_steps", "tokens_per_step"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+        parser.error(f"--{name} must be at least 1")
+if (args.max_minutes or 0) < 0 or not 0 <= args.decay_frac <= 1 or args.sample_tokens < 0:
+    parser.error("--max_minutes and --sample_tokens must be >= 0, --decay_frac within [0, 1]")
+if args.rope_factor and not args.init:
+    parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
+if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
+    args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
+args.max_steps = args.max_steps or 300
 
 # -----------------------------------------------------------------------------
 # device, distribution, seeds: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is 1 of 1
@@ -327,16 +347,15 @@ def log(*a):
         print(*a, flush=True)
 
 
-def finish(status=0):
-    """End the run with status, every rank together: a gloo rank that tears down while another still works can
-    abort the whole job."""
-    barrier()
-    leave(status)
-
-
 # -----------------------------------------------------------------------------
 # data: the tokenizer and the shards are made once (by rank 0) and cached; each rank reads its own slice
 t_start = time.time()
+# both are made from --source when missing; a path of one's own without a --source is more likely a typo than a
+# wish to fill it with the standard library
+for flag, made in [("tokenizer", args.tokenizer), ("data", os.path.join(args.data, "meta.json"))]:
+    if not os.path.exists(made) and getattr(args, flag) != parser.get_default(flag) and \
+            args.source == parser.get_default("source"):
+        fail(f"--{flag} {getattr(args, flag)} not found: make it with data.py, or give --source to build it there")
 if master and not os.path.exists(args.tokenizer):
     log(f"training a {args.vocab_size}-token BPE tokenizer on {args.source} ...")
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
@@ -363,6 +382,10 @@ if args.init:
     scaling = dict(use_scaled_rope=True, rope_scaling_factor=args.rope_factor,
                    rope_original_context=model.args.max_seq_len) if args.rope_factor else {}
     model_args = dataclasses.replace(model.args, max_seq_len=T, **scaling)
+    init_tok = os.path.join(args.init, "tokenizer.model")
+    if os.path.exists(init_tok) and Tokenizer.load(init_tok).fingerprint() != tok.fingerprint():
+        fail(f"--tokenizer {args.tokenizer} is not the tokenizer {args.init} was trained with: pass "
+             f"--tokenizer {init_tok} and --data shards made with it")
     state = model.state_dict()
     model = Transformer(model_args)
     model.load_state_dict(state)
@@ -411,16 +434,20 @@ eval_steps = max(1, args.eval_tokens // tokens_per_micro)
 train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
 os.makedirs(ckpt_dir, exist_ok=True)
-start_step, last_ckpt = 0, None
+if master:  # half-written checkpoints of a run killed while saving
+    for name in os.listdir(ckpt_dir):
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(ckpt_dir, name))
+start_step, last_ckpt, elapsed = 0, None, 0.0
 if args.resume:
     last_ckpt = args.resume if args.resume != "last" else (list_checkpoints(ckpt_dir) or [None])[-1]
     if last_ckpt is None:
         fail(f"--resume: no checkpoint in {ckpt_dir}")
-    state = load_checkpoint(last_ckpt, model, optimizer)
-    start_step = state["step"]
+    state = load_checkpoint(last_ckpt, model, optimizer, model_args)
+    start_step, elapsed = state["step"], state.get("elapsed", 0.0)
     train_loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"])
-    if device.type == "cuda":
+    if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)
         torch.cuda.set_rng_state(state["cuda_rng"])
     log(f"resumed from {last_ckpt} at step {start_step}")
 if master:  # a fresh log, or on resume the rows before the resumed step (the later ones are written again)
@@ -433,8 +460,8 @@ log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if 
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over the first eval_tokens tokens of the validation split: the same windows every time, and
-    the same ones whatever the batch size and the number of processes (they split each global batch)."""
+    """Mean loss over about eval_tokens tokens of the validation split (whole global batches, at least one): the
+    loader's seeded order, so the same windows at every evaluation of a run."""
     model.eval()
     loader = data.PackedLoader(args.data, "val", B, T, rank, world_size, args.seed, tok.fingerprint())
     total = torch.zeros((), device=device)
@@ -465,9 +492,9 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 budget = args.max_minutes * 60 if args.max_minutes else None
-step, stopped, t_loop, elapsed = start_step, False, time.time(), 0.0
+step, stopped, t_loop = start_step, False, time.time() - elapsed  # a resumed run's clock goes on where it was
 while True:
-    last = elapsed >= budget if budget else step == args.max_steps  # under a budget: one step past it at most
+    last = elapsed >= budget if budget else step >= args.max_steps  # under a budget: one step past it at most
     if (step % args.eval_interval == 0 or last) and not stopped:
         val_loss = evaluate()
         # bits per byte compare across tokenizers: nats per token / ln 2 * tokens per UTF-8 byte (val split)
@@ -478,8 +505,9 @@ while True:
             plot_svg(read_log(log_path), os.path.join(args.out_dir, "loss.svg"))
     if step > start_step and (step % args.ckpt_interval == 0 or last or stopped):
         last_ckpt = os.path.join(ckpt_dir, f"step_{step:06d}")
-        state = {"step": step, "loader": train_loader.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "args": vars(args)}
+        state = {"step": step, "elapsed": elapsed, "loader": train_loader.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "args": vars(args),
+                 "model_args": dataclasses.asdict(model_args)}
         save_checkpoint(last_ckpt, model, optimizer, state, rank)
         log(f"step {step}: saved {last_ckpt}")
     if last or stopped:
@@ -500,7 +528,8 @@ while True:
         group["lr"] = lr
     t0 = time.time()
 
-    # forward/backward over grad_accum micro-batches; DDP all-reduces gradients only on the last one
+    # forward/backward over grad_accum micro-batches; DDP all-reduces gradients only on the last one (FSDP2
+    # reduce-scatters them after every one: its gradients are sharded, nothing to accumulate them in locally)
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y, doc_ids = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
@@ -519,7 +548,7 @@ while True:
         msg = (f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping without taking this step. "
                f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}: resume from it with "
                f"--resume, perhaps with a lower --lr")
-        finish(msg if master else 1)
+        fail(msg)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -537,22 +566,22 @@ while True:
 
 if stopped:
     log(f"stopped by signal {signal.Signals(stop_signal).name} at step {step}: "
-        f"resume with `python train.py --resume --out_dir {args.out_dir}`")
+        f"the same command with --resume continues from {last_ckpt}")
     finish(0)
 
 # -----------------------------------------------------------------------------
 # export in Meta's layout (sample.py, align.py and Meta's own loaders read it), then print a sample
 full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if master:
-    export = Transformer(model_args)
-    export.load_state_dict(full_state)
-    save_model(export, args.out_dir, tokenizer_path=args.tokenizer)
+    save_model(raw_model, args.out_dir, tokenizer_path=args.tokenizer, state_dict=full_state)
     log(f"exported {args.out_dir} (params.json, consolidated.00.pth, tokenizer.model); "
         f"val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte; {time.time() - t_start:.0f}s in all")
-    if args.sample_tokens:
-        export.to(device).eval()
-        prompt = tok.encode(args.prompt, bos=True)
-        out, _ = generate(export, [prompt], args.sample_tokens, temperature=0.8, top_k=50,
+    prompt = tok.encode(args.prompt, bos=True)
+    n = min(args.sample_tokens, T - len(prompt))
+    if n > 0 and fsdp:  # a model sharded to fit would not fit one device whole
+        log(f"no sample under FSDP: python sample.py --ckpt {args.out_dir} --prompt {args.prompt!r}")
+    elif n > 0:  # from the exported files: what sample.py will load
+        out, _ = generate(load_model(args.out_dir, device=device).eval(), [prompt], n, temperature=0.8, top_k=50,
                           stop_ids=tok.stop_ids, generator=torch.Generator(device).manual_seed(args.seed))
         log("-" * 80 + "\n" + args.prompt + tok.decode(out[0]) + "\n" + "-" * 80)
 finish(0)

@@ -199,6 +199,33 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, referen
     train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "11")  # the kept checkpoint loads
 
 
+def test_checkpoints_of_another_run_never_come_back(corpus, reference, tmp_path):
+    """A fresh run in an out_dir that holds an older run's later checkpoints replaces them (else --resume would
+    go back to that run); resuming at or past --max_steps ends at once."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)  # checkpoints at steps 8 and 10
+    train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "8")  # at step 10 already: no step taken
+    assert max(losses(run)) == STEPS - 1
+    train(corpus, run, "--batch_size", "4", "--max_steps", "5", "--seed", "7")  # a fresh run, another seed
+    assert sorted(os.listdir(run / "ckpt")) == ["step_000004", "step_000005"]
+    r = train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "6", "--seed", "7")
+    assert "at step 5" in r.stdout and max(losses(run)) == 5, r.stdout
+
+
+def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp_path):
+    r = train(corpus, tmp_path, "--eval_interval", "0", ok=False)
+    assert r.returncode == 2 and "--eval_interval must be at least 1" in r.stderr
+    r = subprocess.run([sys.executable, "train.py", "--data", str(corpus / "shardz"), "--tokenizer",
+                        str(corpus / "tok.model"), "--out_dir", str(tmp_path), *TINY], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)  # a typo: not built from the stdlib
+    assert r.returncode == 1 and f"--data {corpus / 'shardz'} not found" in r.stderr, r.stderr
+    assert not (corpus / "shardz").exists()
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    r = train(corpus, run, "--batch_size", "4", "--resume", "--dim", "64", ok=False)
+    assert r.returncode == 1 and "holds another model: dim 32 there, 64 here" in r.stderr, r.stderr
+
+
 def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, tmp_path):
     """The long-context stage: start from the exported model at twice the context, RoPE scaled, WSD schedule."""
     train(corpus, tmp_path, "--batch_size", "2", "--init", str(reference), "--seq_len", "64", "--rope_factor", "2",
@@ -223,6 +250,10 @@ def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
     peak = lr.index(max(lr))  # warmup by the clock, then only down: cosine on the time spent
     assert all(a >= b for a, b in zip(lr[peak:], lr[peak + 1:])) and lr[-1] < 0.35e-2  # close to lr / 10 at the end
     assert os.path.exists(tmp_path / "consolidated.00.pth")
+    # the clock is part of the checkpoint: resuming a finished budget takes no step (it used to start over)
+    train(corpus, tmp_path, "--batch_size", "2", "--max_minutes", "0.1", "--max_steps", "100000", "--eval_interval",
+          "100000", "--ckpt_interval", "100000", "--resume", nproc=2)
+    assert [float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]] == lr
 
 
 def test_fsdp_resumes_a_single_process_checkpoint_and_refuses_a_corrupt_one(corpus, reference, tmp_path):
