@@ -97,8 +97,8 @@ def stdlib_documents():
     root = sysconfig.get_paths()["stdlib"]
     for path, text in stdlib_sources():
         yield text
-        if re.search(r"[/\\](tests?|idle_test)[/\\]", path):
-            continue
+        if {"test", "tests", "idle_test"} & set(os.path.relpath(path, root).split(os.sep)[:-1]):
+            continue  # (inside the stdlib: a user named "test" keeps the docstrings)
         try:
             tree = ast.parse(text)
         except (SyntaxError, ValueError):  # a few files are deliberately broken Python
@@ -116,13 +116,22 @@ def read_jsonl(path, field="text"):
     """Yield the `field` string of each line of a .jsonl or .jsonl.gz file.
     Not JSON -> ValueError naming file:line (corrupt file). No string field -> skipped, counted, warned."""
     opener = gzip.open if path.endswith(".gz") else open
-    missing, first_missing = 0, None
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    missing, first_missing, lineno = 0, None, 0
+    with opener(path, "rb") as f:
+        while True:
+            try:
+                line = next(f, None)  # gzip: a cut or foreign file fails here
+            except (EOFError, OSError) as e:
+                raise ValueError(f"{path}: unreadable after line {lineno} ({e}); is the file truncated?") from None
+            if line is None:
+                break
+            lineno += 1
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); is the file truncated?") from None
             text = record.get(field) if isinstance(record, dict) else None
@@ -196,15 +205,17 @@ def iter_documents(source):
 # 2. Cleaning: one canonical form, so that dedup compares like with like
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")  # C0/C1 controls but \t \n, and the BOM
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: "\ud83d" alone is valid JSON, not UTF-8
 TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 BLANK_LINES = re.compile(r"\n{4,}")
 
 
 def clean_text(text):
-    """NFC Unicode (one code point sequence per character), \\n newlines, no control characters, no trailing
-    spaces, at most two blank lines in a row, no blank lines at either end.
+    """NFC Unicode (one code point sequence per character; a lone surrogate becomes U+FFFD, as tiktoken would
+    encode it), \\n newlines, no control characters, no trailing spaces, at most two blank lines in a row, no
+    blank lines at either end.
     'Cafe\\u0301  \\r\\n\\r\\n\\r\\n\\r\\nx' -> 'Café\\n\\n\\nx'"""
-    text = unicodedata.normalize("NFC", text)
+    text = unicodedata.normalize("NFC", SURROGATE.sub("\ufffd", text))
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = CONTROL.sub("", text)
     text = TRAILING.sub("", text)
@@ -435,7 +446,9 @@ def read_shard(path):
         raise ValueError(f"{path}: truncated or padded: header says {n_tokens} tokens "
                          f"({HEADER.size + 4 * n_tokens} bytes), file has {size} bytes")
     tokens = np.memmap(path, dtype="<u4", mode="r", offset=HEADER.size, shape=(n_tokens,))
-    if n_tokens == 0 or tokens[0] != bos_id:
+    if n_tokens == 0:
+        raise ValueError(f"{path}: has no tokens")
+    if tokens[0] != bos_id:
         raise ValueError(f"{path}: does not start with <|begin_of_text|> (id {bos_id})")
     header = dict(vocab_size=vocab_size, bos_id=bos_id, n_docs=n_docs, n_tokens=n_tokens,
                   fingerprint=fp.rstrip(b"\0").decode("ascii"))
@@ -448,7 +461,7 @@ class ShardWriter:
 
     def __init__(self, out_dir, split, shard_tokens, vocab_size, bos_id, fingerprint):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.info = (vocab_size, bos_id, fingerprint)
+        self.bos_id, self.info = bos_id, (vocab_size, bos_id, fingerprint)
         self.buf, self.buffered = [], 0
         self.shards, self.docs, self.tokens, self.bytes = [], 0, 0, 0
 
@@ -457,15 +470,13 @@ class ShardWriter:
         self.docs, self.tokens, self.bytes = self.docs + docs, self.tokens + len(tokens), self.bytes + n_bytes
         self.buf.append(tokens)
         self.buffered += len(tokens)
-        while self.buffered >= self.shard_tokens:
+        while self.buffered > self.shard_tokens:  # (at exactly shard_tokens the next document may start there)
             flat = np.concatenate(self.buf)
-            starts = np.flatnonzero(flat == self.info[1])
+            starts = np.flatnonzero(flat == self.bos_id)
             cut = starts[starts <= self.shard_tokens].max()  # last document start within the budget
             cut = cut if cut > 0 else (starts[1] if len(starts) > 1 else len(flat))  # one huge document
             self._write(flat[:cut])
             self.buf, self.buffered = [flat[cut:]], len(flat) - cut
-            if self.buffered == 0:
-                break
 
     def _write(self, tokens):
         name = f"{self.split}_{len(self.shards):03d}.bin"
@@ -531,6 +542,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
+    if not 0 <= val_fraction <= 0.5:
+        raise ValueError(f"val_fraction={val_fraction}: must be within [0, 0.5] (every round(1/val_fraction)-th "
+                         "document goes to val)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
@@ -541,7 +555,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             meta = json.load(f)
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
             if verbose:
-                print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens)")
+                print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source, "
+                      f"settings and tokenizer: delete it to rebuild after the source's files changed)")
             return meta
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
@@ -565,7 +580,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         removed[step][1] += len(text.encode("utf-8"))
 
     def dedup_and_filter(features):
-        """The sequential decisions, in this order: empty, exact duplicate, near duplicate, heuristic."""
+        """The sequential decisions, in this order: empty, exact duplicate, heuristic, near duplicate (only kept
+        documents enter the MinHash index: a rejected one must not take a clean near-copy with it)."""
         for text, rule, h, sig in features:
             if rule == "empty":
                 drop("empty", text)
@@ -574,10 +590,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 drop("exact duplicate", text)
                 continue
             seen.add(h)
-            if minhash.is_duplicate(sig):
-                drop("near duplicate", text)
-            elif rule:
+            if rule:
                 drop(f"heuristic: {rule}", text)
+            elif minhash.is_duplicate(sig):
+                drop("near duplicate", text)
             else:
                 yield text
 
@@ -740,11 +756,6 @@ class PackedLoader:
         self.batch += 1
         return x, y, doc_ids
 
-    @property
-    def epoch(self):
-        """Epochs done, fractional (for logs)."""
-        return self.batch * self.world * self.B / self.n_windows
-
     def state_dict(self):
         return dict(windows=self.batch * self.world * self.B, seed=self.seed, seq_len=self.T,
                     n_tokens=self.n_tokens)
@@ -768,7 +779,8 @@ if __name__ == "__main__":
     p.add_argument("--source", default="stdlib", help="stdlib | PATH (file or folder) | hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
     p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for eval")
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="share of documents held out for eval: every round(1/f)-th one (0.3 -> 1 in 3)")
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (2^26 = 256 MB)")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")

@@ -28,8 +28,8 @@ Design choices
   that is 1 on the assistant's content and its <|eot_id|> only.
 
 Run it
-  python tokenizer.py                                      # train on this Python's standard library
-  python tokenizer.py --input notes/ book.txt --vocab-size 32000 --out tok.model
+  python tokenizer.py                                      # train on the standard library, as train.py does
+  python tokenizer.py --source notes/ --vocab-size 32000 --out tok.model   # any data.py source: folder, .jsonl
   python tokenizer.py --load tok.model --encode "Hello world"    # show the tokens of a string
   python tokenizer.py --load Meta-Llama-3-8B/original/tokenizer.model --encode "Hello world"
 """
@@ -272,7 +272,7 @@ def train_bpe(chunk_counts, n_tokens, verbose=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Corpora: the Python standard library (the default, always on disk) or the user's files.
+# The default corpus: the Python standard library, always on disk (data.py reads it and every other source).
 
 def stdlib_sources():
     """Yield (path, text) for every .py file of this interpreter's standard library, in sorted path order.
@@ -294,33 +294,6 @@ def stdlib_sources():
         yield path, text
     if skipped:
         print(f"stdlib_sources: skipped {skipped} files under {root} that are not UTF-8", file=sys.stderr)
-
-
-def read_texts(paths):
-    """Yield the text of each file, folders walked recursively in sorted order. Bytes that are not UTF-8
-    become U+FFFD (nothing is dropped); the files where that happened are counted and reported."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            for folder, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files += sorted(os.path.join(folder, n) for n in names if not n.startswith("."))
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
-    bad = []
-    for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            yield data.decode("utf-8")
-        except UnicodeDecodeError:
-            bad.append(path)
-            yield data.decode("utf-8", errors="replace")
-    if bad:
-        print(f"read_texts: {len(bad)} of {len(files)} files were not valid UTF-8 and were decoded with "
-              f"U+FFFD replacement characters, e.g. {bad[0]}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,14 +323,14 @@ def check_dialog(messages):
 
 
 class Tokenizer:
-    def __init__(self, ranks, pattern=LLAMA3_PATTERN, special_tokens=SPECIAL_TOKENS, name="nanollama3"):
+    def __init__(self, ranks, pattern=LLAMA3_PATTERN):
         """ranks: {token bytes: id} with ids exactly 0..len(ranks)-1. Special tokens follow the ranks."""
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError("token ranks must be exactly 0..n-1, each once")
         self.ranks, self.pattern = ranks, pattern
-        self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
+        self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.n_words = len(ranks) + len(self.special_tokens)  # what ModelArgs.vocab_size must be at least
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+        self.enc = tiktoken.Encoding("nanollama3", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
@@ -411,6 +384,9 @@ class Tokenizer:
         if missing:
             raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} with no gaps; rank {missing[0]} "
                              f"is missing")
+        no_byte = next((b for b in range(256) if bytes([b]) not in ranks), None)
+        if no_byte is not None:  # tiktoken would panic on the first text that needs it
+            raise ValueError(f"{path}: byte {no_byte:#04x} is not a token: a byte-level BPE has all 256")
         return cls(ranks, pattern)
 
     def save(self, path):
@@ -496,7 +472,8 @@ def _write_atomic(path, text):
 # ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train or inspect a Llama 3 style BPE tokenizer.")
-    parser.add_argument("--input", nargs="+", help="files or folders of text (default: the Python stdlib)")
+    parser.add_argument("--source", default="stdlib", help="what data.py reads: stdlib | PATH (file or folder of "
+                        ".txt, .md, .jsonl[.gz], .parquet) | hf:NAME[:CONFIG]")
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokens in all, 256 specials included")
     parser.add_argument("--out", default="tok.model", help="where to write the tokenizer (+ .vocab beside it)")
     parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")
@@ -506,8 +483,8 @@ if __name__ == "__main__":
     if args.load:
         tok = Tokenizer.load(args.load)
     else:
-        texts = read_texts(args.input) if args.input else (text for _, text in stdlib_sources())
-        tok = Tokenizer.train(texts, args.vocab_size, verbose=True)
+        from data import iter_documents  # data.py imports this file: import it only here
+        tok = Tokenizer.train(iter_documents(args.source), args.vocab_size, verbose=True)
         tok.save(args.out)
         print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab")
     print(f"{tok.n_words} tokens: 256 bytes + {len(tok.ranks) - 256} merged + {N_SPECIAL} special "

@@ -33,6 +33,8 @@ def prose(rng, n_words):
 def test_clean_text():
     assert data.clean_text("Cafe\u0301  \r\n\r\n\r\n\r\n\r\nx\x00\ufeff\t \n") == "Caf\u00e9\n\n\nx"
     assert data.clean_text("\n\n  indented code\n    more  \n\n") == "  indented code\n    more"
+    half_emoji = json.loads('"ok \\ud83d!"')  # valid JSON, but no UTF-8 for it: it would fail at every encode
+    assert data.clean_text(half_emoji) == "ok \ufffd!"
 
 
 def test_jsonl_bad_lines(tmp_path, capsys):
@@ -47,6 +49,16 @@ def test_jsonl_bad_lines(tmp_path, capsys):
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + '{"text": "cut off')
     with pytest.raises(ValueError, match=r"b\.jsonl:2: not valid JSON"):
         list(data.iter_documents(str(bad)))
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: not UTF-8"):
+        list(data.iter_documents(str(bad)))
+    cut = tmp_path / "c.jsonl.gz"
+    cut.write_bytes(good.read_bytes()[:-12])
+    with pytest.raises(ValueError, match=r"c\.jsonl\.gz: unreadable after line \d+"):
+        list(data.iter_documents(str(cut)))
+    cut.write_bytes(b'{"text": "not gzipped"}\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl\.gz: unreadable after line 0"):
+        list(data.iter_documents(str(cut)))
 
 
 def test_folder_source(tmp_path):
@@ -91,6 +103,33 @@ def test_minhash_dedup_planted():
     sims = [np.mean(dedup.signature(a) == dedup.signature(b)) for a, b in zip(originals, near)]
     assert min(sims) > 0.8
     assert np.mean(dedup.signature(originals[0]) == dedup.signature(originals[1])) < 0.1
+
+
+def test_a_rejected_document_does_not_take_its_clean_near_copy(corpus, tmp_path):
+    """The heuristics run before near-dedup: a document with spam lines appended is dropped for them, and the
+    clean document it nearly copies stays (it used to be dropped as that document's near duplicate)."""
+    root, docs, tok_path = corpus
+    clean = max(docs, key=len)
+    spam = clean + "\n" + "\n".join(["Click here to buy cheap watches now!"] * 60)  # most of it repeated lines,
+    assert data.heuristic_reject(spam) == "repeated lines" and data.heuristic_reject(clean) is None  # few new
+    dedup = data.MinHashDedup()                                                                      # 5-grams
+    assert np.mean(dedup.signature(spam) == dedup.signature(clean)) >= dedup.threshold  # near duplicates
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [spam, clean]))
+    meta = data.prepare_data(str(tmp_path / "docs.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0,
+                             num_proc=1, verbose=False)
+    assert meta["train"]["docs"] == 1 and "near duplicate" not in meta["removed"]
+
+
+def test_shard_writer_cuts_the_same_however_documents_arrive(tmp_path):
+    """Shards are the same for any --num-proc: a chunk boundary at exactly shard_tokens changes no cut."""
+    def shard_sizes(out, *chunks):
+        os.makedirs(out)
+        w = data.ShardWriter(str(out), "train", 10, 100, BOS, "abc")
+        for c in chunks:
+            w.add(np.array(c, dtype=np.uint32), c.count(BOS), 0)
+        return [data.read_shard(os.path.join(out, n))[0]["n_tokens"] for n in w.close()["shards"]]
+    a, b, c = [BOS] + [5] * 4, [BOS] + [6] * 4, [BOS, 7, 7]
+    assert shard_sizes(tmp_path / "1", a + b + c) == shard_sizes(tmp_path / "2", a + b, c) == [10, 3]
 
 
 def test_heuristic_filters():
@@ -183,6 +222,9 @@ def test_shard_roundtrip_and_bad_files(tmp_path):
     (tmp_path / "v9.bin").write_bytes(raw[:8] + (9).to_bytes(4, "little") + raw[12:])
     with pytest.raises(ValueError, match="version 9"):
         data.read_shard(str(tmp_path / "v9.bin"))
+    (tmp_path / "empty.bin").write_bytes(data.HEADER.pack(data.MAGIC, data.VERSION, 100, BOS, 0, 0, b"abc"))
+    with pytest.raises(ValueError, match=r"empty\.bin: has no tokens"):
+        data.read_shard(str(tmp_path / "empty.bin"))
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic write leaves no temp file
 
 

@@ -257,17 +257,6 @@ def test_vocab_size_too_small():
         Tokenizer.train(["hello"], 511)
 
 
-def test_non_utf8_files_are_replaced_and_reported(tmp_path, capsys):
-    (tmp_path / "good.txt").write_text("plain text", encoding="utf-8")
-    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
-    texts = list(T.read_texts([str(tmp_path)]))
-    assert texts == ["caf\ufffd latin-1", "plain text"]  # sorted order, nothing dropped
-    err = capsys.readouterr().err
-    assert "1 of 2 files were not valid UTF-8" in err and "bad.txt" in err
-    with pytest.raises(FileNotFoundError, match="nope"):
-        list(T.read_texts([str(tmp_path / "nope")]))
-
-
 @pytest.mark.parametrize("lines, where, what", [
     ([b"IQ== 0", b"Ig== 1", b"not-base64! 2"], ":3:", "malformed"),
     ([b"IQ== 0", b"Ig== x"], ":2:", "malformed"),
@@ -277,6 +266,7 @@ def test_non_utf8_files_are_replaced_and_reported(tmp_path, capsys):
     ([b"IQ== 0", b"Ig== -1"], ":2:", "negative rank"),
     ([b"IQ== 0", b"Ig== 2"], "", "rank 1 is missing"),
     ([], "", "no tokens"),
+    ([b"IQ== 0"], "", r"byte 0x00 is not a token"),  # rank 0 is b"!": the byte tokens are not all there
 ])
 def test_malformed_model_file_names_the_line(tmp_path, lines, where, what):
     path = tmp_path / "broken.model"
@@ -309,7 +299,7 @@ def test_cli_trains_and_encodes(tmp_path):
     out = str(tmp_path / "tok.model")
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *a],  # noqa: E731
                                     capture_output=True, text=True, check=True)
-    run("--input", str(tmp_path / "corpus"), "--vocab-size", "700", "--out", out)
+    run("--source", str(tmp_path / "corpus"), "--vocab-size", "700", "--out", out)
     tok = Tokenizer.load(out)
     assert tok.n_words == 700 and os.path.exists(tmp_path / "tok.vocab")
     shown = run("--load", out, "--encode", "naïve café").stdout.splitlines()
