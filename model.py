@@ -30,6 +30,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,6 +68,10 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")
+        bad = [f"{f}={getattr(self, f)!r}" for f in sizes if not isinstance(getattr(self, f), int)]
+        if bad:
+            raise ValueError(f"ModelArgs: {', '.join(bad)}: sizes must be integers")
         checks = [
             (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0 and self.n_kv_heads > 0,
              "dim, n_layers, n_heads, n_kv_heads must be positive"),
@@ -205,8 +210,8 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=q.device)[:, None]
         self.cache_k[rows, :, pos] = k.transpose(1, 2)  # index update, (B, T, Hkv, head_dim) slots
         self.cache_v[rows, :, pos] = v.transpose(1, 2)
-        # Plain PyTorch path: the kernel contract has no per-row lengths. Attend over the whole cache (no
-        # device-to-host sync to find the longest row); slots past a row's position hold junk and are masked.
+        # Plain PyTorch path: the kernel contract has no per-row lengths. Attend over the whole cache, so every
+        # step has the same shapes; slots past a row's position hold junk and are masked.
         keys = torch.arange(self.cache_k.shape[2], device=q.device)
         mask = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, S): causal within each row
         return F.scaled_dot_product_attention(q, self.cache_k[:B], self.cache_v[:B], attn_mask=mask,
@@ -439,19 +444,24 @@ def _torch_load(file):
 # Meta trained with fairscale model parallelism; consolidated.NN.pth holds shard NN of each weight.
 # The split dimension per layer type (meta-llama/llama3 model.py):
 SHARD_DIM = {
-    "tok_embeddings": 0,  # VocabParallelEmbedding: vocabulary rows split (Llama 2's ParallelEmbedding split dim 1)
+    "tok_embeddings": 0,  # VocabParallelEmbedding: vocabulary rows split
     "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # ColumnParallelLinear: output features split
     "wo": 1, "w2": 1,  # RowParallelLinear: input features split
 }  # norms (attention_norm, ffn_norm, norm) are replicated in every shard
 
 
 def read_meta_checkpoint(path):
-    """params.json + consolidated.*.pth (one or many model-parallel shards) -> (ModelArgs, state_dict)."""
+    """params.json + consolidated.*.pth (one or many model-parallel shards) -> (ModelArgs, state_dict, the file
+    each tensor came from)."""
     path = Path(path)
     try:
-        args = ModelArgs.from_params(json.loads((path / "params.json").read_text()))
+        params = json.loads((path / "params.json").read_text())
+        args = ModelArgs.from_params(params)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: {e}") from e
+    if args.use_scaled_rope and "rope_scaling_factor" not in params and (args.dim, args.n_layers) in \
+            {(2048, 16), (3072, 28)}:  # Llama 3.2 1B/3B: Meta's params.json omit their factor, 32 not 3.1's 8
+        args.rope_scaling_factor = 32.0  # (their config.json; meta-llama/llama-models issues 166 and 241)
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
@@ -461,17 +471,20 @@ def read_meta_checkpoint(path):
             diff = sorted(shard.keys() ^ shards[0].keys())
             raise CheckpointError(f"{f}: tensor {diff[0]} is in one shard and not in {files[0].name}")
     for shard in shards:
-        shard.pop("rope.freqs", None)  # Llama 2 era checkpoints store RoPE's frequencies; we compute them
+        shard.pop("rope.freqs", None)  # a buffer of RoPE's frequencies some Meta checkpoints carry; we compute it
+    where = files[0] if len(files) == 1 else path / "consolidated.*.pth"
     if len(shards) == 1:
-        return args, shards[0]
+        return args, shards[0], dict.fromkeys(shards[0], where)
     sd = {}
     for key in shards[0]:
         parts = [s[key] for s in shards]
         dim = SHARD_DIM.get(key.split(".")[-2])
-        if key == "tok_embeddings.weight" and parts[0].shape[0] == args.vocab_size:
-            dim = 1  # a Llama 2 style download
-        sd[key] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-    return args, sd
+        try:
+            sd[key] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        except RuntimeError:
+            raise CheckpointError(f"{where}: tensor {key} has shard shapes {[tuple(p.shape) for p in parts]}, "
+                                  f"which do not join along dim {dim}") from None
+    return args, sd, dict.fromkeys(sd, where)
 
 
 # --- Hugging Face: config.json + *.safetensors -------------------------------------------------------------
@@ -497,7 +510,7 @@ def read_safetensors_plain(file):
             header = json.loads(f.read(n))
         except ValueError as e:
             raise CheckpointError(f"{file}: header is not JSON ({e})") from e
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -550,7 +563,7 @@ def args_from_hf_config(config, file="config.json"):
                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
     kind = rope.get("rope_type", rope.get("type", "default"))
     expected = dict(low_freq_factor=1.0, high_freq_factor=4.0)
-    if kind == "llama3" and all(rope.get(k) == v for k, v in expected.items()):
+    if kind == "llama3" and "factor" in rope and all(rope.get(k) == v for k, v in expected.items()):
         args.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]),
                     rope_original_context=int(rope.get("original_max_position_embeddings", 8192)))
     elif kind != "default":
@@ -580,7 +593,8 @@ HF_NAMES = {  # HF module name -> Meta's
 
 
 def read_hf_checkpoint(path):
-    """config.json + *.safetensors (one file or sharded) -> (ModelArgs, state_dict in Meta's names and layout)."""
+    """config.json + *.safetensors (one file or sharded) -> (ModelArgs, state_dict in Meta's names and layout,
+    the file each tensor came from)."""
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
@@ -593,7 +607,6 @@ def read_hf_checkpoint(path):
     sd, source = {}, {}
     for file in files:
         for name, t in read_safetensors(file).items():
-            source[name] = file
             if name.endswith("rotary_emb.inv_freq"):  # a buffer old HF versions saved; recomputed here
                 continue
             key = name.removeprefix("model.")
@@ -604,15 +617,17 @@ def read_hf_checkpoint(path):
             elif key.startswith("layers."):
                 _, i, rest = key.split(".", 2)  # "layers", "3", "self_attn.q_proj.weight"
                 module, leaf = rest.rsplit(".", 1)
-                if module not in HF_NAMES:
+                if module not in HF_NAMES or leaf != "weight":  # (a Llama has no biases)
                     raise CheckpointError(f"{file}: unexpected tensor {name}")
                 key = f"layers.{i}.{HF_NAMES[module]}.{leaf}"
                 if module == "self_attn.q_proj":
                     t = unpermute_hf(t, args.n_heads)
                 elif module == "self_attn.k_proj":
                     t = unpermute_hf(t, args.n_kv_heads)
-            sd[key] = t
-    return args, sd
+            if key in sd:
+                raise CheckpointError(f"{file}: tensor {name} is also in {source[key].name}")
+            sd[key], source[key] = t, file
+    return args, sd, source
 
 
 # --- one entry point ------------------------------------------------------------------------------------------
@@ -622,26 +637,31 @@ def load_model(path, device="cpu", dtype=None):
     Hugging Face Llama directory (config.json + safetensors). dtype None keeps the checkpoint's dtype."""
     path = Path(path)
     if (path / "params.json").exists():
-        args, sd = read_meta_checkpoint(path)
+        args, sd, files = read_meta_checkpoint(path)
+        if "output.weight" not in sd and not args.tie_embeddings:  # Meta's 3.2 1B/3B: the shared matrix once
+            warnings.warn(f"{path}: no output.weight, so the output layer is tied to tok_embeddings "
+                          "(as in Meta's Llama 3.2 1B/3B)", stacklevel=2)
+            args.tie_embeddings = True
     elif (path / "config.json").exists():
-        args, sd = read_hf_checkpoint(path)
+        args, sd, files = read_hf_checkpoint(path)  # tied or not: config.json's tie_word_embeddings says
     else:
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face) found")
-    if "output.weight" not in sd and "tok_embeddings.weight" in sd:
-        args.tie_embeddings = True  # Llama 3.2 1B/3B and tied HF models store the shared matrix once
     with torch.device("meta"):
         model = Transformer(args)  # shapes only, no memory, no init
     expected = model.state_dict()
-    if args.tie_embeddings:
-        sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
+    if args.tie_embeddings and "tok_embeddings.weight" in sd:
+        out = sd.setdefault("output.weight", sd["tok_embeddings.weight"])
+        if out is not sd["tok_embeddings.weight"] and not torch.equal(out, sd["tok_embeddings.weight"]):
+            raise CheckpointError(f"{files['output.weight']}: output.weight differs from tok_embeddings.weight, "
+                                  "but the config ties them")
     for key in expected:
         if key not in sd:
             raise CheckpointError(f"{path}: missing tensor {key}")
     for key, t in sd.items():
         if key not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor {key}")
+            raise CheckpointError(f"{files.get(key, path)}: unexpected tensor {key}")
         if t.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected "
+            raise CheckpointError(f"{files.get(key, path)}: tensor {key} has shape {tuple(t.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from the config")
     model.load_state_dict(sd, assign=True)
     if args.tie_embeddings:
@@ -654,5 +674,5 @@ if __name__ == "__main__":
         with torch.device("meta"):
             m = Transformer(args)
         print(f"{name:14s} params {m.num_params(exclude_embedding=False) / 1e6:10.1f}M  "
-              f"non-embedding {m.num_params() / 1e6:10.1f}M  "
+              f"in matmuls (the N of 6N) {m.num_params() / 1e6:10.1f}M  "
               f"FLOPs/token @ {args.max_seq_len} ctx {m.flops_per_token(args.max_seq_len) / 1e9:10.2f}G")

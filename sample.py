@@ -175,7 +175,9 @@ def chat(model, tok, args, generator):
             session.tokens.append(tok.eot_id)  # close a reply cut short by ctrl-C or the token limit
         # later turns continue the dialog: the same rendering without its <|begin_of_text|> and system prompt
         turn = tok.encode_dialog_prompt(message)[1:] if session.tokens else fresh
-        if session.tokens and len(session.tokens) + len(turn) + args.max_new_tokens > session.max_len:
+        # keep room for a reply (a quarter of the context at most: stream() stops at the cache's end anyway)
+        reserve = min(args.max_new_tokens, session.max_len // 4)
+        if session.tokens and len(session.tokens) + len(turn) + reserve > session.max_len:
             print(f"(the conversation outgrew the {session.max_len}-token context: starting over with only "
                   f"{'the system prompt and ' if system else ''}this message; /reset does this by hand)")
             session.tokens, session.cached, turn = [], 0, fresh
@@ -203,10 +205,15 @@ def main():
     args = parser.parse_args()
     if args.prompt is None and not args.chat:
         parser.error("give --prompt TEXT or --chat")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0, --top-k >= 1, --top-p within (0, 1]")
 
+    try:
+        tok = load_tokenizer(args.ckpt)  # first: it is the quick one to find missing
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = load_model(args.ckpt, device=args.device, dtype=dtype).eval()
-    tok = load_tokenizer(args.ckpt)
     if tok.n_words > model.args.vocab_size:
         sys.exit(f"{args.ckpt}: the tokenizer has {tok.n_words} ids but the model only {model.args.vocab_size}")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

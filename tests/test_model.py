@@ -567,7 +567,8 @@ def test_bad_checkpoints_name_file_and_tensor(tmp_path):
         d.mkdir()
         (d / "params.json").write_text((tmp_path / "ok" / "params.json").read_text())
         torch.save(bad_sd, d / "consolidated.00.pth")
-        with pytest.raises(CheckpointError, match=f"{name}: {message}"):
+        where = name if name == "missing" else f"{name}/consolidated.00.pth"  # the file that holds it
+        with pytest.raises(CheckpointError, match=f"{where}: {message}"):
             M.load_model(d)
     # a truncated file is refused, naming it
     data = (tmp_path / "ok" / "consolidated.00.pth").read_bytes()
@@ -576,6 +577,9 @@ def test_bad_checkpoints_name_file_and_tensor(tmp_path):
         M.load_model(tmp_path / "ok")
     (tmp_path / "ok" / "params.json").write_text('{"dim": 64, "n_heads": 5}')
     with pytest.raises(CheckpointError, match="params.json: ModelArgs: dim=64 is not a multiple of n_heads=5"):
+        M.load_model(tmp_path / "ok")
+    (tmp_path / "ok" / "params.json").write_text('{"dim": 64.0, "n_heads": 4}')
+    with pytest.raises(CheckpointError, match="params.json: ModelArgs: dim=64.0: sizes must be integers"):
         M.load_model(tmp_path / "ok")
     with pytest.raises(CheckpointError, match="neither params.json"):
         M.load_model(tmp_path / "missing_dir")
@@ -609,3 +613,55 @@ def test_bad_safetensors_and_shards_are_refused(tmp_path):
     (tmp_path / "yarn" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json: RoPE .* is neither plain nor Llama 3.1's"):
         M.load_model(tmp_path / "yarn")
+    config["rope_scaling"] = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}  # no factor
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: RoPE .* is neither plain nor Llama 3.1's"):
+        M.load_model(tmp_path / "yarn")
+    # Meta shards whose pieces do not join
+    shard = torch.load(tmp_path / "meta" / "consolidated.00.pth")
+    torch.save({**shard, "norm.weight": torch.ones(60)}, tmp_path / "meta" / "consolidated.01.pth")
+    shard["layers.0.attention.wq.weight"] = shard["layers.0.attention.wq.weight"][:, :60]
+    torch.save(shard, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated\.\*\.pth: tensor layers.0.attention.wq.weight has "
+                                              r"shard shapes \[\(32, 60\), \(32, 64\)\]"):
+        M.load_model(tmp_path / "meta")
+
+
+def test_output_layer_is_tied_only_where_the_checkpoint_says(tmp_path):
+    """Meta's layout: a missing output.weight is a tied one (Meta's 3.2 1B/3B), said aloud. Hugging Face's: the
+    config's tie_word_embeddings decides, and a tensor that contradicts it is refused, naming its file."""
+    m = tiny_model()
+    M.save_model(m, tmp_path / "meta")
+    sd = torch.load(tmp_path / "meta" / "consolidated.00.pth")
+    torch.save({k: v for k, v in sd.items() if k != "output.weight"}, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.warns(UserWarning, match="no output.weight, so the output layer is tied"):
+        loaded = M.load_model(tmp_path / "meta")
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+    write_hf_dir(tmp_path / "untied", m)
+    second = tmp_path / "untied" / "model-00002-of-00002.safetensors"
+    tensors = {k: v.clone() for k, v in M.read_safetensors_plain(second).items() if k != "lm_head.weight"}
+    write_safetensors(second, tensors)
+    with pytest.raises(CheckpointError, match="untied: missing tensor output.weight"):
+        M.load_model(tmp_path / "untied")
+    tied = tiny_model(tie_embeddings=True)
+    write_hf_dir(tmp_path / "tied", tied)
+    write_safetensors(tmp_path / "tied" / "extra.safetensors", {"lm_head.weight": torch.randn(97, 64)})
+    with pytest.raises(CheckpointError, match="extra.safetensors: output.weight differs from tok_embeddings"):
+        M.load_model(tmp_path / "tied")
+    write_safetensors(tmp_path / "tied" / "extra.safetensors", {"model.norm.weight": torch.ones(64)})
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: tensor model.norm.weight is also in extra"):
+        M.load_model(tmp_path / "tied")
+    write_safetensors(tmp_path / "tied" / "extra.safetensors",
+                      {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
+    with pytest.raises(CheckpointError, match="extra.safetensors: unexpected tensor model.layers.0.self_attn"):
+        M.load_model(tmp_path / "tied")
+
+
+def test_meta_llama32_params_get_their_rope_factor(tmp_path):
+    """Meta's params.json of Llama 3.2 1B/3B say use_scaled_rope but not the factor, which is 32 for them."""
+    for dims, factor in [(dict(dim=2048, n_layers=16), 32.0), (dict(dim=4096, n_layers=32), 8.0)]:
+        d = tmp_path / str(dims["dim"])
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps({**dims, "n_heads": 32, "n_kv_heads": 8, "use_scaled_rope": True}))
+        torch.save({}, d / "consolidated.00.pth")  # the shapes are all this reads
+        assert M.read_meta_checkpoint(d)[0].rope_scaling_factor == factor
