@@ -3,7 +3,8 @@
 One file, read top to bottom: the embedded task family and its checkers, the JSONL loaders for real data,
 the losses as pure functions, the models (reward head, value head), then one function per stage.
 Every stage reads a checkpoint in Meta's layout and writes one (model.save_model), so any stage's output
-can be chatted with: `python sample.py --ckpt out/align-dpo --chat`.
+can be chatted with: `python sample.py --ckpt out/align-dpo --chat`; align_log.json beside it holds the stage's
+settings and every step's metrics.
 
 Design choices
 - Embedded default data (no downloads): a generated family of small tasks with exact checkers — addition,
@@ -789,6 +790,11 @@ SMALL_MODEL = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32,
 SMALL_VOCAB = 256 + 256 + 64  # bytes + special tokens + 64 merges: the task texts hold about 80
 
 
+def mean_of(history, key):
+    """The mean of one metric over some steps of a stage's history (the last ten: a steadier end point)."""
+    return sum(h[key] for h in history) / len(history)
+
+
 def hp(args, stage, key):
     value = getattr(args, key)
     return STAGE_DEFAULTS[stage][key] if value is None else value
@@ -808,12 +814,16 @@ def fresh_base(out_dir, n_eval, seed=0):
     return out_dir
 
 
-def finish(args, stage, model, tok, metric, rm=None, save=None):
-    """Save the stage's checkpoint (rank 0), then evaluate it on the held-out tasks and log one line."""
+def finish(args, stage, model, tok, history, metric, rm=None, save=None):
+    """Save the stage's checkpoint and beside it align_log.json (its settings and every step's metrics), on rank
+    0, then evaluate it on the held-out tasks and log one line."""
     if RANK == 0 and save is not None:
         save(args.out)  # the reward model: its head beside the transformer
     elif RANK == 0:
         save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
+    if RANK == 0:
+        with open(os.path.join(args.out, "align_log.json"), "w") as f:
+            json.dump({"stage": stage, "args": vars(args), "history": history}, f, indent=1)
     if dist.is_initialized():
         dist.barrier()
     res = {}
@@ -831,7 +841,7 @@ def stage_sft(args, device):
     tasks = task_split(n, args.n_eval, args.seed, 1)[0]
     convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
     hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"))
-    return finish(args, "sft", model, tok, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
+    return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
                   load_reward_model(args.rm, device) if args.rm else None)
 
 
@@ -847,8 +857,9 @@ def stage_rm(args, device):
     rm = RewardModel(policy).to(device)
     hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"))
     acc = rm_accuracy(rm, tok, test_pairs) if test_pairs else float("nan")
-    return finish(args, "rm", rm, tok, f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair "
-                  f"accuracy {acc:.3f}", rm, lambda out: save_reward_model(rm, out, tokenizer_path(args.init)))
+    metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc:.3f}"
+    save = lambda out: save_reward_model(rm, out, tokenizer_path(args.init))  # noqa: E731  (the head beside it)
+    return finish(args, "rm", rm, tok, hist, metric, rm, save)
 
 
 def stage_rs(args, device):
@@ -865,8 +876,9 @@ def stage_rs(args, device):
         + picked + f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
     hist = train_sft(policy, tok, [winners[i] for i in kept], hp(args, "rs", "steps"), hp(args, "rs", "batch_size"),
                      hp(args, "rs", "lr"), name="rs")
-    return finish(args, "rs", policy, tok, f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean "
-                  f"{scores.mean():.3f}{picked}; SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}", rm)
+    metric = (f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean {scores.mean():.3f}{picked}; "
+              f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
+    return finish(args, "rs", policy, tok, hist, metric, rm)
 
 
 def stage_dpo(args, device):
@@ -880,10 +892,9 @@ def stage_dpo(args, device):
         log(f"[dpo] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     hist = train_dpo(policy, ref, tok, pairs, hp(args, "dpo", "steps"), hp(args, "dpo", "batch_size"),
                      hp(args, "dpo", "lr"), args.beta, args.nll_coef)
-    tail = hist[-10:]
-    return finish(args, "dpo", policy, tok, f"DPO loss {hist[0]['dpo']:.3f} -> {sum(h['dpo'] for h in tail) / len(tail):.3f}"
-                  f", reward margin {sum(h['margin'] for h in tail) / len(tail):.3f}",
-                  load_reward_model(args.rm, device) if args.rm else None)
+    metric = f"DPO loss {hist[0]['dpo']:.3f} -> {mean_of(hist[-10:], 'dpo'):.3f}, reward margin " \
+             f"{mean_of(hist[-10:], 'margin'):.3f}"
+    return finish(args, "dpo", policy, tok, hist, metric, load_reward_model(args.rm, device) if args.rm else None)
 
 
 def stage_ppo(args, device):
@@ -894,10 +905,9 @@ def stage_ppo(args, device):
     hist = train_ppo(policy, ref, lambda seqs: rm_scores(rm, seqs), tok, prompts, hp(args, "ppo", "steps"),
                      hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target,
                      seed=args.seed)
-    first, last = hist[:10], hist[-10:]
-    mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)
-    return finish(args, "ppo", policy, tok, f"rollout reward {mean(first, 'reward'):.3f} -> {mean(last, 'reward'):.3f}, "
-                  f"KL {mean(last, 'kl'):.3f}", rm)
+    metric = f"rollout reward {mean_of(hist[:10], 'reward'):.3f} -> {mean_of(hist[-10:], 'reward'):.3f}, " \
+             f"KL {mean_of(hist[-10:], 'kl'):.3f}"
+    return finish(args, "ppo", policy, tok, hist, metric, rm)
 
 
 def stage_all(args, device):

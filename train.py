@@ -179,9 +179,11 @@ def save_checkpoint(path, model, optimizer, state, rank, keep=2):
             shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
         done = list_checkpoints(os.path.dirname(path))
-        here = done.index(path)  # any later step is another run's future (a fresh run in this out_dir, or a
-        for old in done[here + 1:] + done[:here + 1][:-keep]:  # resume from an older checkpoint): --resume
-            shutil.rmtree(old)                                 # must never go back to it
+        here = done.index(path)
+        # a later step is another run's future (a fresh run in this out_dir, or a resume from an older checkpoint):
+        # deleted, so that --resume never goes back to it; of the rest, the last `keep` stay
+        for old in done[here + 1:] + done[:here + 1][:-keep]:
+            shutil.rmtree(old)
     barrier()
 
 
@@ -312,16 +314,16 @@ parser.add_argument("--resume", nargs="?", const="last", help="from the last che
 parser.add_argument("--prompt", default="def ", help="the sample printed at the end starts with this")
 parser.add_argument("--sample_tokens", type=int, default=120)
 args = parser.parse_args()
-for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "max_steps", "tokens_per_step"):
+for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "tokens_per_step"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1")
-if (args.max_minutes or 0) < 0 or not 0 <= args.decay_frac <= 1 or args.sample_tokens < 0:
-    parser.error("--max_minutes and --sample_tokens must be >= 0, --decay_frac within [0, 1]")
+if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens) < 0 or not 0 <= args.decay_frac <= 1:
+    parser.error("--max_steps, --max_minutes and --sample_tokens must be >= 0, --decay_frac within [0, 1]")
 if args.rope_factor and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
     args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
-args.max_steps = args.max_steps or 300
+args.max_steps = 300 if args.max_steps is None else args.max_steps
 
 # -----------------------------------------------------------------------------
 # device, distribution, seeds: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is 1 of 1

@@ -342,5 +342,7 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     two = torch.load(tmp_path / "two" / "consolidated.00.pth")
     init = torch.load(tmp_path / "init" / "consolidated.00.pth")
     assert any(not torch.equal(one[k], init[k]) for k in one)  # the steps did move the weights
+    log = json.loads((tmp_path / "one" / "align_log.json").read_text())  # beside the checkpoint: every step
+    assert log["stage"] == stage and len(log["history"]) == 3 and log["args"]["steps"] == 3
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
