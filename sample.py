@@ -18,7 +18,8 @@ Design choices
 Run:
     python sample.py --ckpt out/default --prompt "def fibonacci(n):" --max-new-tokens 200
     python sample.py --ckpt out/default-sft --chat --system "You are a concise assistant."
-    python sample.py --ckpt path/to/Meta-Llama-3-8B-Instruct --chat      # Meta or HF download (HF: original/)
+    python sample.py --ckpt path/to/Meta-Llama-3-8B-Instruct --chat      # Meta's download, or HF's with its
+                                                                         # original/tokenizer.model
 Tests: python -m pytest -q tests/test_sample.py      Benchmark: python tests/bench_sample.py
 """
 import argparse
