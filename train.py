@@ -494,6 +494,8 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 budget = args.max_minutes * 60 if args.max_minutes else None
+if not budget and args.warmup_steps >= args.max_steps > start_step:
+    log(f"note: --warmup_steps {args.warmup_steps} >= --max_steps {args.max_steps}: the lr never reaches --lr")
 step, stopped, t_loop = start_step, False, time.time() - elapsed  # a resumed run's clock goes on where it was
 while True:
     last = elapsed >= budget if budget else step >= args.max_steps  # under a budget: one step past it at most
