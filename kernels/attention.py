@@ -41,13 +41,15 @@ Design choices:
   fp32 sum in memory: 5 matrix products per tile, as FlashAttention-2/3 (a separate dq kernel would compute
   q k^T and dO v^T again: 7). FlashAttention adds dq with atomics in whatever order the programs come, so dq's
   last bits change from run to run; here a query tile's shares are added in a fixed order, last key tile
-  first (the idea of CUTLASS's serial split-K and FlashAttention-3's deterministic mode): the tile's turn
-  counter says how many key tiles after this one have added. The key tiles that see a query tile are a
-  contiguous run (lo and hi below grow with the key tile), so the counter starts at 0 for the last of them
-  and each waits only for the one after it. Programs are launched last key tile first, so that one is
-  always running or done: no program waits in a cycle. And each program walks its query tiles first to last,
-  from its diagonal, so the key tile after it started 128 rows further down the same walk: it is ahead by
-  then, and waits are rare. The result: a deterministic backward, so training runs repeat exactly.
+  first (the idea of CUTLASS's serial split-K and FlashAttention-3's deterministic mode). The key tiles that
+  see a query tile are a contiguous run (lo and hi below grow with the key tile), so each waits only for the
+  one after it: the query tile's turn counter holds 0, then `after` + 1 of the key tile that added last
+  (`after`: how many key tiles follow it), and a key tile adds once the counter equals its own `after` (the
+  next key tile has added), or at 0 if no later key tile sees the query tile. Programs are launched last key
+  tile first, so the one a program waits for is always running or done: no program waits in a cycle. And
+  each program walks its query tiles first to last, from its diagonal, so the key tile after it started
+  BLOCK_N rows further down the same walk: it is ahead by then, and waits are rare. The result: a
+  deterministic backward, so training runs repeat exactly.
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
   _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
@@ -495,8 +497,11 @@ def _spans_once(doc_ids):
     """_doc_spans, computed once per doc_ids tensor: every layer of the model passes the same one (FlexAttention's
     block mask is likewise built once per batch). Its ~40 small ops take longer than the forward kernel itself
     (H100: 0.56 ms at T=1K, 1.3 ms at T=8K against 0.3 and 0.66 ms). Reused only while the tensor is unchanged:
-    an in-place edit bumps its version counter."""
+    an in-place edit bumps its version counter (writes torch cannot see, through a numpy view or .data, are not
+    detected). Tensors made under torch.inference_mode() have no version counter: computed every time."""
     global _last_spans
+    if doc_ids.is_inference():
+        return _doc_spans(doc_ids)
     ids, version, spans = _last_spans
     if ids is not doc_ids or version != doc_ids._version:
         spans = _doc_spans(doc_ids)
@@ -516,8 +521,9 @@ class _FlashAttention(torch.autograd.Function):
         Hkv, Tk = k.shape[1], k.shape[2]
         o = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-        # doc, first, reach, run_first, run_last; without documents never read (HAS_DOCS=False): lse fills the slots
-        spans = _spans_once(doc_ids) if doc_ids is not None else lse[None].expand(5, -1, -1, -1)
+        # doc, first, reach, run_first, run_last; without documents never read (HAS_DOCS=False): any int32 will do
+        no_docs = torch.zeros(5, 1, 1, device=q.device, dtype=torch.int32)
+        spans = _spans_once(doc_ids) if doc_ids is not None else no_docs
         doc, first, _, run_first, _ = spans
         sm_scale = D ** -0.5
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
@@ -540,7 +546,8 @@ class _FlashAttention(torch.autograd.Function):
         BLOCK = 16 if INTERPRET else 64
         _bwd_delta[(triton.cdiv(B * Hq * T, BLOCK),)](o, do, delta, B * Hq * T, HEAD_DIM=D, BLOCK_M=BLOCK)
         dq = torch.zeros((B, Hq, T, D), device=q.device, dtype=torch.float32)   # summed in turn, then cast
-        turns = torch.zeros((B, Hkv, T, WARPS_MAX), device=q.device, dtype=torch.int32)   # per query tile, warp
+        # per query tile and warp; T rows, as many as tiles of 1 row (BLOCK_M is the autotuner's to pick)
+        turns = torch.zeros((B, Hkv, T, WARPS_MAX), device=q.device, dtype=torch.int32)
         dk = torch.empty((B, Hkv, Tk, D), device=k.device, dtype=k.dtype)
         dv = torch.empty((B, Hkv, Tk, D), device=v.device, dtype=v.dtype)
         sm_scale = D ** -0.5

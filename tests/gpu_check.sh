@@ -6,8 +6,9 @@
 #
 #     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 570 s
 #     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_sample train  # model: 455 s
-# (two calls, each under the device's 10-minute cap; with no arguments it runs every part. On an H100,
-# 2026-11-26, they took 212 s and 111 s, the machine's start ~30 s more.)
+# (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
+# more than the 15 minutes of device time, so they are ceilings, not plans: on an H100, 2026-11-26, the two calls
+# took 212 s and 111 s, the machine's start ~30 s more. Run the kernels call first.)
 #
 # bench_kernels also times another version of the kernels beside ours when out/base/ holds its attention.py and
 # rmsnorm.py (carry it), e.g. the commit the README's figures are from (b818606), or d3c342c, the last with the
