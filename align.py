@@ -33,7 +33,7 @@ Design choices
 - `python align.py all` starts from a fresh small model (0.8M parameters) with a small BPE tokenizer trained on the
   task texts (written as out/align-base), so the whole chain runs in minutes on a 2-core CPU.
   `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
-  (6.5M parameters, 8K vocabulary: about 8x the compute per token, tens of minutes on the same CPU).
+  (6.5M parameters, 8K vocabulary: an SFT step took 12x as long, 1.1 s, so most of an hour on the same CPU).
   SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).

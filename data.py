@@ -1,6 +1,6 @@
 """data.py — from raw text to packed, document-masked training batches (Llama 3 §3.1, "pre-training data").
 
-    sources -> clean -> exact dedup -> MinHash near-dedup -> heuristic filters -> [model-based quality filter]
+    sources -> clean -> exact dedup -> heuristic filters -> MinHash near-dedup -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
 

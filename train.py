@@ -447,6 +447,8 @@ if args.resume:
         fail(f"--resume: no checkpoint in {ckpt_dir}")
     state = load_checkpoint(last_ckpt, model, optimizer, model_args)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
+    if args.max_minutes and "elapsed" not in state:
+        log(f"note: {last_ckpt} was written before checkpoints kept the clock: the time budget starts over")
     train_loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)
