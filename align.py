@@ -745,7 +745,8 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
             for mb in torch.randperm(len(seqs), generator=perm_gen).split(minibatch):
                 mb = mb.to(dev)
                 logits, values = pv(tokens[mb])
-                logp = token_logprobs(logits, tokens[mb])
+                logp_all = F.log_softmax(logits[:, :-1], dim=-1)  # (b, T-1, V), once for the loss and the entropy
+                logp = logp_all.gather(-1, tokens[mb][:, 1:, None]).squeeze(-1)  # (b, T-1): token_logprobs
                 pg_loss, clipfrac = ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], clip)
                 vf_loss = ppo_value_loss(values[:, :-1], old_values[mb], returns[mb], mask[mb], clip)
                 loss = pg_loss + vf_coef * vf_loss
@@ -754,7 +755,6 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
-                    logp_all = F.log_softmax(logits[:, :-1], dim=-1)  # (b, T-1, V)
                     entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[mb])
                 stats.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), entropy.item()))
         kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()  # per sequence, the KL the penalty acts on
