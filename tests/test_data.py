@@ -480,3 +480,44 @@ def test_optional_sources(tmp_path, monkeypatch, corpus):
     with pytest.raises(ValueError, match=r"bad\.jsonl:21: not valid JSON"):
         data.prepare_data(str(bad), tok_path, str(tmp_path / "out"), num_proc=2, verbose=False)
     assert not os.path.exists(tmp_path / "out" / "meta.json")
+
+
+def test_last_window_needs_a_target_after_it(tmp_path):
+    """n tokens make (n - 1) // T windows: with n a multiple of T, the last T tokens have no target for their last
+    position, so they are not a window; exactly T tokens are not even one."""
+    T = 8
+    tokens = np.arange(1, 4 * T + 1, dtype=np.uint32)
+    tokens[[0, 13]] = BOS
+    write_split(tmp_path, "train", tokens, shard_tokens=1000)
+    loader = data.PackedLoader(str(tmp_path), "train", 1, T)
+    assert loader.n_windows == 3
+    starts = []
+    for _ in range(3):
+        x, y, _ = loader.next_batch()
+        assert x.shape == y.shape == (1, T)
+        starts.append(window_start(x[0].numpy()))
+    assert sorted(starts) == [0, T, 2 * T]
+    write_split(tmp_path, "train", tokens[:T], shard_tokens=1000)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        data.PackedLoader(str(tmp_path), "train", 1, T)
+
+
+def test_minhash_threshold_is_inclusive():
+    """A candidate whose signature agrees with a kept one on exactly `threshold` of its entries is a duplicate."""
+    dedup = data.MinHashDedup()  # 120 entries, 20 bands of 6 rows, threshold 0.8
+    a = np.random.default_rng(0).integers(0, 2**31, 120).astype(np.uint32)
+    assert not dedup.is_duplicate(a)
+    at, below = a.copy(), a.copy()
+    at[6:30] += 1     # 96 of 120 agree: exactly 0.8; band 0 (entries 0-5) still matches, so it is a candidate
+    below[6:31] += 1  # 95 of 120
+    assert dedup.is_duplicate(at)
+    assert not dedup.is_duplicate(below)
+
+
+def test_padded_shard_is_refused(tmp_path):
+    path = str(tmp_path / "s.bin")
+    data.write_shard(path, np.array([BOS, 5, 6], dtype=np.uint32), 100, BOS, "abc")
+    with open(path, "ab") as f:
+        f.write(np.array([7], dtype="<u4").tobytes())  # a token the header does not count
+    with pytest.raises(ValueError, match=r"s\.bin: truncated or padded: header says 3 tokens"):
+        data.read_shard(path)

@@ -665,3 +665,22 @@ def test_meta_llama32_params_get_their_rope_factor(tmp_path):
         (d / "params.json").write_text(json.dumps({**dims, "n_heads": 32, "n_kv_heads": 8, "use_scaled_rope": True}))
         torch.save({}, d / "consolidated.00.pth")  # the shapes are all this reads
         assert M.read_meta_checkpoint(d)[0].rope_scaling_factor == factor
+
+
+def test_tied_model_counts_its_shared_matrix_as_the_output_matmul():
+    """Tied, the embedding is also the output matmul: num_params() keeps it (MFU counts its FLOPs), once."""
+    tied, untied = tiny_model(tie_embeddings=True), tiny_model()
+    assert tied.num_params() == tied.num_params(exclude_embedding=False) == \
+        untied.num_params(exclude_embedding=False) - 97 * 64
+
+
+def test_hf_config_llama3_rope_keeps_its_original_context():
+    """rope_scaling's original_max_position_embeddings anchors the scaling (not always Llama 3.1's 8192)."""
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 97, "intermediate_size": 176, "max_position_embeddings": 64, "rope_theta": 10000.0,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 2048}}
+    args = M.args_from_hf_config(config)
+    assert args.use_scaled_rope and args.rope_scaling_factor == 8.0 and args.rope_original_context == 2048
+    del config["rope_scaling"]["original_max_position_embeddings"]
+    assert M.args_from_hf_config(config).rope_original_context == 8192  # the default when the config is silent

@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_sample.py
 """
+import argparse
 import os
 import subprocess
 import sys
@@ -180,3 +181,46 @@ def test_cli_prompt_and_chat(tmp_path, tok):
     (tmp_path / "ckpt" / "tokenizer.model").unlink()
     r = run_cli(["--ckpt", ckpt, "--prompt", "hello"])
     assert r.returncode == 1 and "no tokenizer.model (nor original/tokenizer.model" in r.stderr
+
+
+def test_sample_next_applies_temperature_before_top_p():
+    """Temperature, then top-p: at temperature 5 row [1, 3, 2, 0] has probs ~[.22, .33, .27, .18], so top_p=0.7
+    keeps tokens {1, 2, 0} (token 1 ~40% of the kept mass). The nucleus of the untempered probs [.09, .64, .24, .03]
+    would keep {1, 2} only."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    draws = torch.cat([sample.sample_next(logits, temperature=5.0, top_p=0.7, generator=g) for _ in range(400)])
+    assert set(draws.tolist()) == {0, 1, 2}
+    assert 0.3 < (draws == 1).float().mean().item() < 0.5  # not ~0.73, the share at temperature 1
+
+
+def test_chat_turns_continue_one_dialog(tok, monkeypatch):
+    """Two chat turns leave exactly the Llama 3 dialog in the session: one <|begin_of_text|>, a reply cut at the
+    token limit closed by <|eot_id|>, then the next user turn without its own <|begin_of_text|>."""
+    sessions = []
+
+    class Recorded(sample.Session):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+    monkeypatch.setattr(sample, "Session", Recorded)
+    lines = iter(["hello", "the quick brown fox"])
+
+    def fake_input(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+    monkeypatch.setattr("builtins.input", fake_input)
+    m = tiny_model(vocab_size=tok.n_words, max_seq_len=128).eval()
+    args = argparse.Namespace(ckpt="tiny", system="be brief", max_context=128, max_new_tokens=4, temperature=0,
+                              top_k=None, top_p=None)
+    sample.chat(m, tok, args, torch.Generator().manual_seed(0))
+    system = [{"role": "system", "content": "be brief"}]
+    first = tok.encode_dialog_prompt(system + [{"role": "user", "content": "hello"}])
+    reply = sessions[0].tokens[len(first):len(first) + 4]
+    assert not set(reply) & tok.stop_ids  # (so the reply was cut by the token limit and must be closed)
+    second = tok.encode_dialog_prompt([{"role": "user", "content": "the quick brown fox"}])[1:]
+    expected = first + reply + [tok.eot_id] + second
+    assert sessions[0].tokens[:len(expected)] == expected
+    assert len(sessions[0].tokens) == len(expected) + 4

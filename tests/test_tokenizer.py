@@ -305,3 +305,12 @@ def test_cli_trains_and_encodes(tmp_path):
     shown = run("--load", out, "--encode", "naïve café").stdout.splitlines()
     assert shown[0].startswith("700 tokens: 256 bytes + 188 merged + 256 special (<|begin_of_text|> = 444")
     assert shown[1] == str(tok.encode("naïve café"))
+
+
+def test_fingerprint_covers_the_split_pattern(tok):
+    """Same ranks, another split pattern: other ids for the same text, so another fingerprint (shards made with
+    one must not load with the other)."""
+    other = Tokenizer(tok.ranks, pattern=r"\S+|\s+")
+    text = "I'm learning 12345 things"
+    assert other.encode(text) != tok.encode(text)
+    assert other.fingerprint() != tok.fingerprint()
