@@ -346,3 +346,80 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     assert log["stage"] == stage and len(log["history"]) == 3 and log["args"]["steps"] == 3
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_whiten_ignores_padding():
+    """Advantages are whitened over the response tokens only: padding (any value) neither shifts the mean nor
+    the spread, and comes out 0."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, -50.0, -50.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (valid - valid.mean()) / valid.std(correction=0)
+    w = align.whiten(x, mask)
+    assert w[mask.bool()].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert w[~mask.bool()].tolist() == [0.0] * 4
+
+
+def test_kl_penalty_only_on_response_tokens():
+    """The prompt and the padding are no action of the policy: however far its log-probs there are from the
+    reference's, they earn no penalty."""
+    logp, ref = torch.tensor([[-1.0, -3.0, -1.0, -0.5]]), torch.tensor([[-4.0, -2.0, -1.5, -3.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    r = align.kl_shaped_rewards(torch.tensor([3.0]), logp, ref, mask, kl_coef=0.1)
+    assert r[0].tolist() == pytest.approx([0.0, 0.1, -0.05 + 3.0, 0.0])
+
+
+def test_value_loss_never_moves_the_policy(tok):
+    policy = tiny_model(tok)
+    pv = align.PolicyWithValue(policy)
+    torch.nn.init.normal_(pv.value_head.weight)  # a trained head: d value / d features is no longer 0
+    _, values = pv(torch.randint(0, tok.n_words, (2, 6)))
+    values.sum().backward()
+    assert pv.value_head.weight.grad is not None and pv.value_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in policy.parameters())
+
+
+def test_dpo_nll_is_per_token_on_the_chosen_response(tok):
+    """Llama 3's NLL term: the chosen response's log-likelihood per token (a long answer weighs no more than a
+    short one), averaged over pairs, and added to the DPO loss with its coefficient."""
+    pairs = [dict(prompt=align.user("What is 1 + 2?"), chosen="3", rejected="4"),
+             dict(prompt=align.user("Sort the letters: c a b d"), chosen="a b c d", rejected="d c b a")]
+    policy = tiny_model(tok)
+    ref = tiny_model(tok).requires_grad_(False)
+    per_token, counts = [], []
+    with torch.no_grad():
+        for p in pairs:
+            ids, mask = align.render(tok, p["prompt"], p["chosen"], max_len=64)
+            m = align.loss_mask(tok, ids, mask)  # m[t]: is ids[t + 1] a scored token
+            logp = torch.log_softmax(policy(torch.tensor([ids]))[0].float(), -1)
+            lps = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if m[t]]
+            per_token.append(-sum(lps) / len(lps))
+            counts.append(len(lps))
+    assert counts[0] < counts[1]  # answers of different lengths: a sum would not average to this
+    hist = align.train_dpo(policy, ref, tok, pairs, steps=1, batch_size=2, lr=1e-3, beta=0.1, nll_coef=0.2)
+    assert hist[0]["nll"] == pytest.approx(sum(per_token) / 2, rel=1e-4)
+    assert hist[0]["loss"] == pytest.approx(hist[0]["dpo"] + 0.2 * hist[0]["nll"], rel=1e-5)
+
+
+def test_ppo_mask_covers_exactly_the_response_tokens(tok, monkeypatch):
+    """The PPO mask marks the positions whose next token is a response token: the last prompt position up to
+    the one before the last response token; nothing of the prompt, nothing of the padding."""
+    prompts = [align.user(t["prompt"]) for t in align.task_split(3, 0, seed=7)[0]]
+    responses = [[100 + j for j in range(n)] + [tok.eot_id] for n in (1, 4, 2)]  # of different lengths
+    seen, masks = [], []
+
+    def fake_sample(model, tok_, prompt_ids, max_new, **kw):
+        seen.extend(prompt_ids)
+        return responses[:len(prompt_ids)]
+
+    def spy(score, logp, ref_logp, mask, kl_coef):
+        masks.append(mask.clone())
+        return shaped(score, logp, ref_logp, mask, kl_coef)
+    shaped = align.kl_shaped_rewards
+    monkeypatch.setattr(align, "sample_responses", fake_sample)
+    monkeypatch.setattr(align, "kl_shaped_rewards", spy)
+    align.train_ppo(tiny_model(tok), tiny_model(tok).requires_grad_(False), lambda seqs: torch.zeros(len(seqs)),
+                    tok, prompts, iters=1, rollout_size=3, lr=1e-3, max_new=6)
+    for row, p, r in zip(masks[0], seen, responses):
+        expected = [0.0] * (len(p) - 1) + [1.0] * len(r)
+        assert row.tolist() == expected + [0.0] * (len(row) - len(expected))

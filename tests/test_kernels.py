@@ -531,3 +531,18 @@ def test_rms_norm_no_rows():
 def test_rms_norm_errors():
     with pytest.raises(ValueError, match=r"weight has shape \(8,\)"):
         R.rms_norm_triton(torch.randn(2, 6), torch.randn(8), 1e-5)
+
+
+def test_rms_norm_eps_inside_the_root():
+    """eps sits under the square root, 1 / sqrt(mean(x^2) + eps), as in Llama's RMSNorm: visible only on rows
+    whose mean square is near eps (with randn rows, eps elsewhere moves y by ~1e-5, the tests' tolerance).
+    Against the formula in float64, for the reference and for the kernel; an all-zero row gives 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=g) * torch.tensor([1e-3, 3e-3, 1.0, 0.0])[:, None]
+    w = 1 + 0.1 * torch.randn(64, generator=g)
+    eps = 1e-5
+    want = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    torch.testing.assert_close(R.rms_norm_reference(x, w, eps).double(), want, rtol=1e-5, atol=1e-6)
+    if R.HAS_TRITON:
+        y = R.rms_norm_triton(x.to(DEV), w.to(DEV), eps)
+        torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-6)

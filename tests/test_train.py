@@ -270,3 +270,34 @@ def test_fsdp_resumes_a_single_process_checkpoint_and_refuses_a_corrupt_one(corp
     shard.write_bytes(bytes(blob))
     r = train(corpus, run, "--batch_size", "2", "--fsdp", "--resume", nproc=2, ok=False)
     assert r.returncode != 0 and (r.stdout + r.stderr).count(f"corrupt checkpoint: {shard}") == 1, r.stderr[-3000:]
+
+
+def test_gradient_clipping_acts_on_the_step(corpus, reference, tmp_path):
+    """--grad_clip scales the gradient the optimizer steps with: clipped to a norm of 1e-9, AdamW's eps (1e-8)
+    swamps it, so the weights barely move and the loss stays at its start, where the reference's falls by > 1.
+    (The logged grad_norm is the norm before clipping: the same first value as the reference's.)"""
+    train(corpus, tmp_path, "--batch_size", "4", "--grad_clip", "1e-9", "--weight_decay", "0")
+    loss, ref = losses(tmp_path), losses(reference)
+    assert loss[0] == ref[0]
+    assert abs(loss[STEPS - 1] - loss[0]) < 0.05 and ref[STEPS - 1] < ref[0] - 1.0
+    norm = {int(r["step"]): float(r["grad_norm"]) for r in log_rows(tmp_path) if r["grad_norm"]}
+    assert norm[0] == pytest.approx(losses(reference, "grad_norm")[0], rel=1e-4) and norm[0] > 1e-3
+
+
+@pytest.mark.parametrize("damage", ["state.pt flipped", ".metadata missing"])
+def test_every_checkpoint_file_is_checked(corpus, reference, tmp_path, damage):
+    """The manifest covers every file of a checkpoint, not only the weight shards: state.pt (step, loader, RNG)
+    and dcp's .metadata too; a changed byte or a missing file is refused by name before anything loads."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    name = damage.split()[0]
+    target = run / "ckpt" / "step_000010" / name
+    assert name in json.load(open(run / "ckpt" / "step_000010" / "manifest.json"))["files"]
+    if damage.endswith("missing"):
+        target.unlink()
+    else:
+        blob = bytearray(target.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        target.write_bytes(bytes(blob))
+    r = train(corpus, run, "--batch_size", "4", "--resume", ok=False)
+    assert r.returncode == 1 and f"corrupt checkpoint: {target} does not match" in r.stderr, r.stderr[-3000:]
