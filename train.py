@@ -436,7 +436,9 @@ eval_steps = max(1, args.eval_tokens // tokens_per_micro)
 train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
 os.makedirs(ckpt_dir, exist_ok=True)
-if master:  # half-written checkpoints of a run killed while saving
+if master:  # this run's settings, readable; and away with half-written checkpoints of a run killed while saving
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
     for name in os.listdir(ckpt_dir):
         if name.endswith(".tmp"):
             shutil.rmtree(os.path.join(ckpt_dir, name))

@@ -120,8 +120,9 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
     cosine = {s: 1e-3 + 0.5 * (1 + math.cos(math.pi * (s - 1) / (STEPS - 2))) * (1e-2 - 1e-3) for s in range(1, STEPS)}
     assert {s: lr[s] for s in cosine} == pytest.approx(cosine, rel=1e-3)
     # Meta's layout, loadable, and the exported weights are the trained ones: they give the final val loss
-    for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "log.csv"):
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "log.csv", "config.json"):
         assert os.path.exists(reference / name), name
+    assert json.load(open(reference / "config.json"))["max_steps"] == STEPS  # the run's flags, readable
     assert open(reference / "loss.svg").read().count("<polyline") == 2
     model = load_model(reference)
     assert model.args.dim == 32 and model.args.vocab_size == 600 and model.args.max_seq_len == 32
