@@ -699,7 +699,7 @@ class PackedLoader:
             meta = json.load(f)
         if split not in meta or not meta[split]["shards"]:
             raise ValueError(f"{data_dir}: no {split!r} shards in meta.json")
-        self.shards = []
+        self.shards, self.paths = [], [os.path.join(data_dir, name) for name in meta[split]["shards"]]
         for name in meta[split]["shards"]:
             header, tokens = read_shard(os.path.join(data_dir, name))
             want = fingerprint or meta["fingerprint"]
@@ -707,7 +707,7 @@ class PackedLoader:
                 raise ValueError(f"{os.path.join(data_dir, name)}: made with tokenizer {header['fingerprint']}, "
                                  f"expected {want}; re-run prepare_data with this tokenizer")
             self.shards.append(tokens)
-        self.bos_id = header["bos_id"]
+        self.bos_id, self.vocab_size = header["bos_id"], header["vocab_size"]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
@@ -748,8 +748,14 @@ class PackedLoader:
     def next_batch(self):
         B, T = self.B, self.T
         g0 = (self.batch * self.world + self.rank) * B  # this rank's rows of the global batch
-        rows = [self.tokens(w * T, w * T + T + 1) for w in map(self.window, range(g0, g0 + B))]
+        windows = [self.window(g) for g in range(g0, g0 + B)]
+        rows = [self.tokens(w * T, w * T + T + 1) for w in windows]
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        if int(buf.max()) >= self.vocab_size:  # a damaged shard (no tokenizer makes such ids): name it here
+            row, col = map(int, (buf >= self.vocab_size).nonzero()[0])
+            path = self.paths[int(np.searchsorted(self.starts, windows[row] * T + col, side="right")) - 1]
+            raise ValueError(f"{path}: token id {int(buf[row, col])} is not below the tokenizer's {self.vocab_size} "
+                             "ids: the shard is damaged")
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
         doc_ids = torch.cumsum(x == self.bos_id, dim=1)           # (B, T): +1 at each <|begin_of_text|>
         doc_ids -= doc_ids[:, :1].clone()                         # the window's first document is 0

@@ -514,6 +514,20 @@ def test_minhash_threshold_is_inclusive():
     assert not dedup.is_duplicate(below)
 
 
+def test_damaged_token_ids_are_refused_naming_the_shard(tmp_path):
+    """A token id no tokenizer made (a flipped high bit) stops the loader with the shard's name, not the
+    embedding with an index error."""
+    tokens = np.arange(1, 41, dtype=np.uint32)
+    tokens[[0, 20]] = BOS
+    write_split(tmp_path, "train", tokens, shard_tokens=20)  # two shards of 20 (vocabulary: 2^31 ids)
+    raw = bytearray((tmp_path / "train_001.bin").read_bytes())
+    raw[data.HEADER.size + 4 * 5 + 3] ^= 0x80  # the highest bit of the second shard's token 5: 26 + 2^31
+    (tmp_path / "train_001.bin").write_bytes(bytes(raw))
+    loader = data.PackedLoader(str(tmp_path), "train", 4, 8)  # one batch covers every window
+    with pytest.raises(ValueError, match=r"train_001\.bin: token id 2147483674 is not below the tokenizer's"):
+        loader.next_batch()
+
+
 def test_padded_shard_is_refused(tmp_path):
     path = str(tmp_path / "s.bin")
     data.write_shard(path, np.array([BOS, 5, 6], dtype=np.uint32), 100, BOS, "abc")
