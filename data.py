@@ -533,11 +533,14 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
+PIPELINE = 2  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+              # (2: the heuristics run before near-dedup)
+
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
                  chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
-    If out_dir/meta.json already describes this source, settings and tokenizer, returns it without work.
+    If out_dir/meta.json already describes this source, settings, pipeline and tokenizer, returns it without work.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
@@ -548,7 +551,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
-                  quality_model=quality_model, quality_sample=quality_sample, quality_drop=quality_drop)
+                  quality_model=quality_model, quality_sample=quality_sample, quality_drop=quality_drop,
+                  pipeline=PIPELINE)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         with open(meta_path) as f:
@@ -556,7 +560,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
             if verbose:
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source, "
-                      f"settings and tokenizer: delete it to rebuild after the source's files changed)")
+                      f"settings, pipeline and tokenizer: delete it to rebuild after the source's files changed)")
             return meta
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in

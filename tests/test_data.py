@@ -372,6 +372,11 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
                              shard_tokens=2000) == meta
     assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+    stale = dict(meta, config=dict(meta["config"], pipeline=data.PIPELINE - 1))  # made by an older pipeline
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(stale, f)
+    assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000, verbose=False)["config"]["pipeline"] == data.PIPELINE  # rebuilt
     meta2 = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=2)
     assert len(meta2["train"]["shards"]) == 1
     assert sorted(os.listdir(out)) == ["meta.json", "train_000.bin", "val_000.bin"]
