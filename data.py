@@ -766,6 +766,10 @@ class PackedLoader:
         self.batch += 1
         return x, y, doc_ids
 
+    def __iter__(self):  # `for x, y, doc_ids in loader:` (endless: the caller decides when to stop)
+        while True:
+            yield self.next_batch()
+
     def state_dict(self):
         return dict(windows=self.batch * self.world * self.B, seed=self.seed, seq_len=self.T,
                     n_tokens=self.n_tokens)

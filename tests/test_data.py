@@ -293,6 +293,8 @@ def test_loader_determinism_and_epochs(stream):
     assert a == order(0, 2 * n_windows)
     assert a[:n_windows] != order(1, n_windows)  # another seed, another order
     assert a[:n_windows] != a[n_windows:] and sorted(a[:n_windows]) == sorted(a[n_windows:])  # reshuffled epoch
+    batches = zip(range(3), data.PackedLoader(str(out), "train", 1, 8, seed=0))  # iterating: the same batches
+    assert [window_start(x[0].numpy()) for _, (x, y, doc_ids) in batches] == a[:3]
 
 
 def test_resume_exact(stream):
