@@ -650,8 +650,8 @@ def load_model(path, device="cpu", dtype=None):
         model = Transformer(args)  # shapes only, no memory, no init
     expected = model.state_dict()
     if args.tie_embeddings and "tok_embeddings.weight" in sd:
-        out = sd.setdefault("output.weight", sd["tok_embeddings.weight"])
-        if out is not sd["tok_embeddings.weight"] and not torch.equal(out, sd["tok_embeddings.weight"]):
+        out, emb = sd.setdefault("output.weight", sd["tok_embeddings.weight"]), sd["tok_embeddings.weight"]
+        if out.data_ptr() != emb.data_ptr() and not torch.equal(out, emb):  # (one storage: ours, saved tied)
             raise CheckpointError(f"{files['output.weight']}: output.weight differs from tok_embeddings.weight, "
                                   "but the config ties them")
     for key in expected:
