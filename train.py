@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import PRESETS, Transformer, load_model, peak_flops, save_model
+from model import PRESETS, Transformer, keep_freed_memory, load_model, peak_flops, save_model
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -342,6 +342,8 @@ fsdp, ddp = distributed and args.fsdp, distributed and not args.fsdp
 torch.manual_seed(args.seed)  # the same seed on every rank: every rank builds the same initial weights
 torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls left outside autocast
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+if device.type == "cpu":
+    keep_freed_memory()  # ~10% faster CPU steps: no page faults for each new activation (see model.py)
 
 
 def log(*a):

@@ -111,7 +111,7 @@ def packed_batch(B, T, vocab, device, mean_doc=1000, seed=0):
 def make_step(model, batch, device, autocast, micro_steps=1):
     """A training step as train.py takes it: micro_steps forward/backward passes over batch (gradient
     accumulation), then clipping and AdamW. step.optimizer_s: the last step's clipping + AdamW seconds."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)  # as train.py, CPU too
     cuda = device.type == "cuda"
     events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
 
@@ -147,6 +147,7 @@ def time_alternating(steps, n_warmup, n_steps):
 
 def cpu_part(args):
     device, rows = torch.device("cpu"), []
+    llama.keep_freed_memory()  # as train.py on CPU; it serves both models, as they share this process
     configs = [  # name, our ModelArgs, batch size; train.py's default vocabulary (8192) for both
         ("train.py default (PRESETS['cpu'])", dataclasses.replace(llama.PRESETS["cpu"], vocab_size=8192), 8),
         ("nanoGPT shakespeare_char size", llama.ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6,
