@@ -387,6 +387,15 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
+def bf16_matmuls(device):
+    """Whether matmuls run natively in bf16 on this device: CUDA, or a CPU with bf16 matrix instructions
+    (AVX512-BF16: AMD Zen 4, Intel Cooper Lake; AMX: Sapphire Rapids). Elsewhere a CPU emulates bf16, slower
+    than fp32. On this machine's Zen 4 a bf16 matmul of the cpu preset's shapes ran 2.4x faster than fp32."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and any(getattr(torch.cpu, f"_is_{isa}_supported", bool)()  # private, so guarded
+                                        for isa in ("avx512_bf16", "amx_tile"))
+
 def keep_freed_memory():
     """CPU training: make glibc's malloc keep freed memory for the next tensor instead of returning it to the OS.
     By default a tensor over a threshold (128 KB, raised as large blocks are freed, up to 32 MB) is a fresh mmap,

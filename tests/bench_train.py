@@ -5,7 +5,8 @@ CPU (always): the default "cpu" model and a nanoGPT-sized model (nanoGPT's shake
 model.py (learned positions, LayerNorm, GELU MLP, causal F.scaled_dot_product_attention, tied embedding) at the
 same width, depth and context. Ours trains on packed rows with the document mask, as train.py does; the
 baseline, like nanoGPT, attends across documents. The two are timed in alternation so that the shared CPU's
-load falls on both alike; the figure is the median step.
+load falls on both alike; the figure is the median step. Both in fp32, and both under bf16 autocast where the
+CPU has bf16 matrix instructions (model.bf16_matmuls; train.py's default there).
 
 GPU (when CUDA is present): a Llama 3.2 1B-shaped model, bf16 autocast, T = 4096 packed rows (documents of
 random lengths, mean ~1000 tokens), 8 micro-steps per optimizer step (gradient accumulation, as train.py runs
@@ -154,6 +155,8 @@ def cpu_part(args):
                                                           vocab_size=8192, multiple_of=32, max_seq_len=256,
                                                           tie_embeddings=True), 8),
     ]
+    # fp32, and bf16 autocast (train.py's default on a CPU with bf16 matrix instructions) where the CPU has them
+    dtypes = [torch.float32] + [torch.bfloat16] * llama.bf16_matmuls(device)
     for name, margs, B in configs:
         T = margs.max_seq_len
         torch.manual_seed(0)
@@ -163,17 +166,18 @@ def cpu_part(args):
         if args.compile:  # per block, as train.py --compile does; the first steps (warm-up) compile
             for block in [*ours.layers, *base.blocks]:
                 block.compile()
-        med = time_alternating({"ours": make_step(ours, batch, device, torch.autocast("cpu", enabled=False)),
-                                "base": make_step(base, batch, device, torch.autocast("cpu", enabled=False))},
-                               args.warmup, args.steps)
-        tok = B * T
-        rows.append((name, f"{margs.n_layers}x{margs.dim}, T={T}, B={B}",
-                     f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M / "
-                     f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M",
-                     f"{tok / med['ours']:,.0f}", f"{tok / med['base']:,.0f}", f"{med['base'] / med['ours']:.2f}x"))
+        for dtype in dtypes:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+            med = time_alternating({"ours": make_step(ours, batch, device, autocast),
+                                    "base": make_step(base, batch, device, autocast)}, args.warmup, args.steps)
+            tok = B * T
+            rows.append((name, f"{margs.n_layers}x{margs.dim}, T={T}, B={B}", str(dtype).split(".")[1],
+                         f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M / "
+                         f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M",
+                         f"{tok / med['ours']:,.0f}", f"{tok / med['base']:,.0f}", f"{med['base'] / med['ours']:.2f}x"))
     print(f"\nCPU ({torch.get_num_threads()} threads), training step tokens/s, median of {args.steps} steps, "
           f"compile={args.compile}")
-    header = ("config", "shape", "params ours / base", "ours tok/s", "plain GPT tok/s", "ours / base")
+    header = ("config", "shape", "matmuls", "params ours / base", "ours tok/s", "plain GPT tok/s", "ours / base")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))

@@ -51,11 +51,13 @@ def corpus(tmp_path_factory):
     return root
 
 
-def command(corpus, out, *extra, nproc=1):
+def command(corpus, out, *extra, nproc=1, dtype="float32"):
+    """fp32 unless asked (dtype None: train.py's default): 1 and 2 processes agree to 1e-4 then, while bf16's
+    rounding of the activations depends on the batch's shape (2 x 2 vs 1 x 4 rows: ~1e-4 apart at step 4)."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     return launcher + ["train.py", "--data", str(corpus / "shards"), "--tokenizer", str(corpus / "tok.model"),
-                       "--out_dir", str(out), *TINY, *extra]
+                       "--out_dir", str(out), *TINY, *(["--dtype", dtype] if dtype else []), *extra]
 
 
 def env():
@@ -64,8 +66,8 @@ def env():
     return e
 
 
-def train(corpus, out, *extra, nproc=1, ok=True):
-    r = subprocess.run(command(corpus, out, *extra, nproc=nproc), cwd=ROOT, env=env(), capture_output=True,
+def train(corpus, out, *extra, nproc=1, ok=True, dtype="float32"):
+    r = subprocess.run(command(corpus, out, *extra, nproc=nproc, dtype=dtype), cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=300)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -131,6 +133,25 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
         val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in (val_loader.next_batch() for _ in range(2))) / 2
     assert val_loss == pytest.approx(val[10], abs=1e-5)
     assert sorted(os.listdir(reference / "ckpt")) == ["step_000008", "step_000010"]  # the last two are kept
+
+
+def test_default_dtype_is_bf16_where_the_cpu_has_it(corpus, reference, tmp_path):
+    """Without --dtype, a CPU with bf16 matrix instructions trains under bf16 autocast (fp32 weights): the losses
+    follow the fp32 reference's closely, and the exported weights give the logged val loss under the same autocast."""
+    from data import PackedLoader
+    from model import bf16_matmuls, load_model
+    train(corpus, tmp_path, "--batch_size", "4", dtype=None)
+    has_bf16 = bf16_matmuls(torch.device("cpu"))
+    dtype = json.load(open(tmp_path / "config.json"))["dtype"]
+    assert dtype == ("bfloat16" if has_bf16 else "float32")
+    got, ref, val = losses(tmp_path), losses(reference), losses(tmp_path, "val_loss")
+    assert got[STEPS - 1] < got[0] - 1.0
+    assert got == pytest.approx(ref, rel=1e-2) and (got != ref) == has_bf16   # close, and not fp32's exactly
+    model = load_model(tmp_path)
+    loader = PackedLoader(corpus / "shards", "val", 4, 32, seed=1337)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in (loader.next_batch() for _ in range(2))) / 2
+    assert val_loss == pytest.approx(val[10], abs=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["accumulation", "ddp", "fsdp"])
