@@ -350,7 +350,6 @@ torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls left ou
 # at the same loss per step (2.26 bits per byte after 200 steps either way)
 args.dtype = args.dtype or ("bfloat16" if bf16_matmuls(device) else "float32")
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-autocast_gpu = device.type == "cuda" and args.dtype == "bfloat16"  # FSDP2 then gathers bf16 copies of the weights
 if device.type == "cpu":
     keep_freed_memory()  # ~10% faster CPU steps: no page faults for each new activation (see model.py)
 
@@ -422,8 +421,9 @@ if fsdp:  # FSDP2: every block is one all-gather unit; the root holds embeddings
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6
     except ImportError:
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast_gpu \
-        else MixedPrecisionPolicy()
+    bf16 = device.type == "cuda" and args.dtype == "bfloat16"  # then all-gather bf16 copies of the weights
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
