@@ -2,7 +2,8 @@
 
 One file, read top to bottom: ModelArgs and the named shapes -> RMSNorm -> RoPE (with Llama 3.1's
 frequency scaling) -> grouped-query attention -> SwiGLU feed-forward -> Transformer (training forward,
-cached forward for generation, parameter/FLOP counts, optimizer) -> checkpoint IO.
+cached forward for generation, parameter/FLOP counts, optimizer) -> the training device (peak FLOP/s, bf16,
+CPU memory) -> checkpoint IO.
 
 Design choices
 - Module names are Meta's (tok_embeddings, layers.N.attention.wq, feed_forward.w1, attention_norm, ...),
@@ -373,6 +374,9 @@ class Transformer(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The device a model trains on: its peak FLOP/s (for MFU), whether it has bf16 matmuls, CPU memory reuse
 
 # Dense bf16 tensor-core peak per card, the "without sparsity" figures of NVIDIA's datasheets: H100 SXM 989.4
 # TFLOP/s, H100 NVL 835, H100 PCIe 756 (H100 datasheet), H200 989.4 (H200 datasheet), A100 312 (A100 datasheet).
