@@ -74,10 +74,10 @@ def train(corpus, out, *extra, nproc=1, ok=True, dtype="float32"):
     return r
 
 
-def start_and_interrupt(corpus, out, at_step, sig):
+def start_and_interrupt(corpus, out, at_step, sig, dtype="float32"):
     """Start a run like the reference, and send `sig` once it has printed the line of step `at_step`."""
-    p = subprocess.Popen(command(corpus, out, "--batch_size", "4"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(command(corpus, out, "--batch_size", "4", dtype=dtype), cwd=ROOT, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in p.stdout:
         lines.append(line)
@@ -137,7 +137,8 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
 
 def test_default_dtype_is_bf16_where_the_cpu_has_it(corpus, reference, tmp_path):
     """Without --dtype, a CPU with bf16 matrix instructions trains under bf16 autocast (fp32 weights): the losses
-    follow the fp32 reference's closely, and the exported weights give the logged val loss under the same autocast."""
+    follow the fp32 reference's closely, the exported weights give the logged val loss under the same autocast, and
+    a run killed and resumed repeats the losses exactly, as in fp32."""
     from data import PackedLoader
     from model import bf16_matmuls, load_model
     train(corpus, tmp_path, "--batch_size", "4", dtype=None)
@@ -152,6 +153,11 @@ def test_default_dtype_is_bf16_where_the_cpu_has_it(corpus, reference, tmp_path)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in (loader.next_batch() for _ in range(2))) / 2
     assert val_loss == pytest.approx(val[10], abs=1e-5)
+    killed = tmp_path / "killed"
+    code, output = start_and_interrupt(corpus, killed, 6, signal.SIGKILL, dtype=None)
+    assert code == -signal.SIGKILL, output
+    train(corpus, killed, "--batch_size", "4", "--resume", dtype=None)
+    assert losses(killed) == got
 
 
 @pytest.mark.parametrize("mode", ["accumulation", "ddp", "fsdp"])
