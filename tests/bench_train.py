@@ -166,14 +166,14 @@ def cpu_part(args):
         if args.compile:  # per block, as train.py --compile does; the first steps (warm-up) compile
             for block in [*ours.layers, *base.blocks]:
                 block.compile()
+        tok = B * T
+        params = (f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M / "
+                  f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M")
         for dtype in dtypes:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
             med = time_alternating({"ours": make_step(ours, batch, device, autocast),
                                     "base": make_step(base, batch, device, autocast)}, args.warmup, args.steps)
-            tok = B * T
-            rows.append((name, f"{margs.n_layers}x{margs.dim}, T={T}, B={B}", str(dtype).split(".")[1],
-                         f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M / "
-                         f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M",
+            rows.append((name, f"{margs.n_layers}x{margs.dim}, T={T}, B={B}", str(dtype).split(".")[1], params,
                          f"{tok / med['ours']:,.0f}", f"{tok / med['base']:,.0f}", f"{med['base'] / med['ours']:.2f}x"))
     print(f"\nCPU ({torch.get_num_threads()} threads), training step tokens/s, median of {args.steps} steps, "
           f"compile={args.compile}")
