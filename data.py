@@ -188,17 +188,38 @@ def iter_documents(source):
         name, _, config = source[3:].partition(":")
         for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
             yield row["text"]
-    elif os.path.isdir(source):
+    else:
+        for path in source_files(source):
+            yield from read_file(path)
+
+
+def source_files(source):
+    """The files a file or folder source reads, in the order it reads them."""
+    if os.path.isdir(source):
         paths = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
         paths = [p for p in paths if p.endswith(SUFFIXES) and os.path.isfile(p)]
         if not paths:
             raise ValueError(f"{source}: no {', '.join(SUFFIXES)} files in this folder")
-        for path in paths:
-            yield from read_file(path)
-    elif os.path.isfile(source):
-        yield from read_file(source)
-    else:
-        raise FileNotFoundError(f"source {source!r}: not 'stdlib', 'hf:NAME' or an existing file or folder")
+        return paths
+    if os.path.isfile(source):
+        return [source]
+    raise FileNotFoundError(f"source {source!r}: not 'stdlib', 'hf:NAME' or an existing file or folder")
+
+
+def source_stamp(source):
+    """What changes when a source's documents may have: the name, size and modification time of each of its
+    files (what make and rsync compare; hashing a corpus at every start would take minutes), the interpreter
+    for "stdlib", nothing for "hf:" (a hub dataset is named by the source string). Stored in meta.json, so that
+    a cache of edited files is rebuilt rather than silently reused."""
+    if source == "stdlib":
+        return f"python {sys.version.split()[0]} {sysconfig.get_paths()['stdlib']}"
+    if source.startswith("hf:"):
+        return None
+    h = hashlib.sha256()
+    for path in source_files(source):
+        st = os.stat(path)
+        h.update(f"{os.path.relpath(path, source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +561,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
                  chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
-    If out_dir/meta.json already describes this source, settings, pipeline and tokenizer, returns it without work.
+    If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings, pipeline and
+    tokenizer, returns it without work.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
@@ -550,7 +572,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                          "document goes to val)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
-    config = dict(source=source, val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
+    config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
                   quality_model=quality_model, quality_sample=quality_sample, quality_drop=quality_drop,
                   pipeline=PIPELINE)
     meta_path = os.path.join(out_dir, "meta.json")
@@ -559,8 +581,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             meta = json.load(f)
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
             if verbose:
-                print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source, "
-                      f"settings, pipeline and tokenizer: delete it to rebuild after the source's files changed)")
+                print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source "
+                      f"files, settings, pipeline and tokenizer)")
             return meta
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in

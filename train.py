@@ -282,7 +282,7 @@ def plot_svg(rows, path, width=640, height=360, pad=50):
 parser = argparse.ArgumentParser(description="Pretrain a Llama 3 model (see the docstring of train.py).")
 parser.add_argument("--out_dir", default="out/default", help="model export, checkpoints, log.csv, loss.svg")
 parser.add_argument("--data", default="data/stdlib", help="folder of token shards; made from --source if missing")
-parser.add_argument("--source", default="stdlib", help="what data.prepare_data reads when --data is empty")
+parser.add_argument("--source", help="what data.prepare_data reads to make a missing --data (default: stdlib)")
 parser.add_argument("--tokenizer", default="data/stdlib/tok.model", help="trained on --source if missing")
 parser.add_argument("--vocab_size", type=int, default=8192, help="of a newly trained tokenizer, incl. 256 specials")
 parser.add_argument("--model", default="cpu", choices=sorted(PRESETS), help="shape preset of model.py")
@@ -365,22 +365,36 @@ t_start = time.time()
 # both are made from --source when missing; a path of one's own without a --source is more likely a typo than a
 # wish to fill it with the standard library
 for flag, made in [("tokenizer", args.tokenizer), ("data", os.path.join(args.data, "meta.json"))]:
-    if not os.path.exists(made) and getattr(args, flag) != parser.get_default(flag) and \
-            args.source == parser.get_default("source"):
+    if not os.path.exists(made) and getattr(args, flag) != parser.get_default(flag) and args.source is None:
         fail(f"--{flag} {getattr(args, flag)} not found: make it with data.py, or give --source to build it there")
+source = args.source or "stdlib"
 if master and not os.path.exists(args.tokenizer):
-    log(f"training a {args.vocab_size}-token BPE tokenizer on {args.source} ...")
+    log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
-    Tokenizer.train(data.iter_documents(args.source), args.vocab_size).save(args.tokenizer)
+    Tokenizer.train(data.iter_documents(source), args.vocab_size).save(args.tokenizer)
     log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
 if master and not os.path.exists(os.path.join(args.data, "meta.json")):
-    log(f"tokenizing {args.source} into packed shards ...")
-    data.prepare_data(args.source, args.tokenizer, args.data)
+    log(f"tokenizing {source} into packed shards ...")
+    data.prepare_data(source, args.tokenizer, args.data)
     log(f"  -> {args.data} in {time.time() - t_start:.0f}s")
 barrier()
 tok = Tokenizer.load(args.tokenizer)
 with open(os.path.join(args.data, "meta.json")) as f:
     meta = json.load(f)  # tokens and UTF-8 bytes per split, for bits per byte
+# a folder made earlier is never rebuilt here (data.py's settings may differ from these defaults; rebuilding would
+# lose them), so it must at least hold the source asked for, and say so when that source's files have changed
+made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: an older data.py)
+where = lambda source: os.path.realpath(source) if os.path.exists(source) else source  # "corpus/" is "./corpus"
+if args.source and where(args.source) != where(made_from):
+    fail(f"--data {args.data} holds the tokens of {made_from!r}, not of --source {args.source!r}: give a new "
+         "--data folder (and --tokenizer) to build this source there")
+try:
+    changed = stamp is not None and data.source_stamp(made_from) != stamp
+except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare
+    changed = False
+if changed:
+    log(f"warning: {made_from}'s files changed after {args.data} was made from them; this run trains on the old "
+        f"tokens (to use the new ones, rerun data.py with --out {args.data}, or delete it)")
 
 # -----------------------------------------------------------------------------
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context

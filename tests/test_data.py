@@ -374,6 +374,10 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
                              shard_tokens=2000) == meta
     assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+    os.utime(root / "docs.jsonl", ns=(0, 0))  # the source edited (as far as size and time tell): rebuilt
+    assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000, verbose=False)["config"] != meta["config"]
+    assert os.path.getmtime(os.path.join(out, "meta.json")) != mtime
     stale = dict(meta, config=dict(meta["config"], pipeline=data.PIPELINE - 1))  # made by an older pipeline
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(stale, f)

@@ -254,6 +254,26 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
     assert r.returncode == 1 and "holds another model: dim 32 there, 64 here" in r.stderr, r.stderr
 
 
+def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus, tmp_path):
+    """An existing --data folder is used as it is, never rebuilt by train.py: a --source it was not made from is an
+    error, and a source whose files changed since is a warning (the run goes on with the old tokens)."""
+    from data import prepare_data
+    shutil.copytree(corpus / "docs", tmp_path / "docs")
+    prepare_data(str(tmp_path / "docs"), str(corpus / "tok.model"), str(tmp_path / "shards"), num_proc=1,
+                 verbose=False)
+    def run(source):
+        return subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "shards"), "--source", source,
+                               "--tokenizer", str(corpus / "tok.model"), "--out_dir", str(tmp_path / "out"), *TINY,
+                               "--max_steps", "1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = run(str(corpus / "docs"))
+    assert r.returncode == 1 and f"holds the tokens of {str(tmp_path / 'docs')!r}" in r.stderr, r.stderr
+    r = run(str(tmp_path / "docs") + "/")  # the same folder, spelt differently
+    assert r.returncode == 0 and "warning" not in r.stdout, r.stdout + r.stderr
+    os.utime(tmp_path / "docs" / "007.txt", ns=(0, 0))
+    r = run(str(tmp_path / "docs"))
+    assert r.returncode == 0 and f"warning: {tmp_path / 'docs'}'s files changed" in r.stdout, r.stdout + r.stderr
+
+
 def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, tmp_path):
     """The long-context stage: start from the exported model at twice the context, RoPE scaled, WSD schedule."""
     train(corpus, tmp_path, "--batch_size", "2", "--init", str(reference), "--seq_len", "64", "--rope_factor", "2",
