@@ -1,9 +1,9 @@
 """The Llama 3 transformer, its KV cache, and its checkpoints (ours, Meta's, Hugging Face's).
 
 One file, read top to bottom: ModelArgs and the named shapes -> RMSNorm -> RoPE (with Llama 3.1's
-frequency scaling) -> grouped-query attention -> SwiGLU feed-forward -> Transformer (training forward,
-cached forward for generation, parameter/FLOP counts, optimizer) -> the training device (peak FLOP/s, bf16,
-CPU memory) -> checkpoint IO.
+frequency scaling) -> grouped-query attention -> SwiGLU feed-forward -> the chunked loss -> Transformer
+(training forward, cached forward for generation, parameter/FLOP counts, optimizer) -> the training device
+(peak FLOP/s, bf16, CPU memory) -> checkpoint IO.
 
 Design choices
 - Module names are Meta's (tok_embeddings, layers.N.attention.wq, feed_forward.w1, attention_norm, ...),
@@ -18,6 +18,8 @@ Design choices
   (prefill, a chat turn) goes through kernels.attention on the cache, bottom-right causal. Decoding one token
   per row uses PyTorch's SDPA: a single query row would leave a flash kernel's query tile almost empty, and
   rows at different positions (ragged batches) need a per-row length mask, which the kernel contract has not.
+- The training loss (cross_entropy) goes through the rows a chunk at a time and makes its gradients in the forward
+  pass, so the logits (at Llama 3's 128K vocabulary the largest activation by far) are never all held.
 - Init: N(0, 0.02) for every matrix, the two residual-branch outputs (wo, w2) scaled by 1/sqrt(2 n_layers)
   (GPT-2 paper, section 2.3): each block's update starts small, so the residual stream's variance does not
   grow with depth and the first steps are stable at lr 1e-3 without warm-up tricks.
@@ -261,6 +263,65 @@ class TransformerBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The loss: cross-entropy over a 128K vocabulary without holding the logits
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(h @ weight.T) against targets (-100: ignored), never holding all the logits.
+    With Llama 3's 128,256 tokens they are the largest activation by far: train.py's 1-GPU line (4 x 4096 rows of
+    the 1B model) makes 2.1G of them, 8.4 GB in fp32, and the plain loss keeps as much again for the softmax and
+    for the gradient. Here rows go through in chunks, and each chunk's gradients are made at once: the loss ends
+    the graph, so d loss / d logits = (softmax - onehot) / n is known in the forward pass. What is kept is the
+    gradient of h (rows x dim) and of the weight (vocab x dim, fp32), never a chunk's logits; backward only
+    scales them by the incoming gradient. The same FLOPs as the plain loss, none recomputed. Matmuls run in
+    `dtype` (the autocast dtype), softmax and sums in fp32, as autocast does for the plain loss."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk, grad_enabled):
+        n = (targets != -100).sum()  # the mean is over these (0: nan, like F.cross_entropy)
+        grad_h = torch.empty_like(h) if grad_enabled and ctx.needs_input_grad[0] else None  # (no_grad: eval)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_enabled and ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(dtype)
+        for start in range(0, len(h), chunk):
+            hc, y = h[start:start + chunk].to(dtype), targets[start:start + chunk]
+            logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # (chunk, vocab), fp32
+            ignored = y == -100
+            y = y.masked_fill(ignored, 0)[:, None]
+            total -= logp.gather(1, y)[:, 0].masked_fill(ignored, 0).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logp.exp_()                                            # softmax, in place of the log-probs
+            g = g.scatter_add_(1, y, torch.full_like(y, -1, dtype=g.dtype)).to(dtype)  # - onehot(target)
+            keep = (~ignored)[:, None].to(dtype)  # ignored rows give no gradient: zero them where it is cheap
+            if grad_h is not None:
+                grad_h[start:start + chunk] = (g @ w) * keep
+            if grad_w is not None:
+                grad_w += (g.t() @ (hc * keep)).float()
+        ctx.save_for_backward(grad_h, grad_w, n)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_loss / n
+        return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
+
+
+def cross_entropy(h, weight, targets, chunk=None):
+    """Mean cross-entropy of the logits h @ weight.T (h: (..., dim), targets: (...), -100 ignored), in chunks of
+    `chunk` rows: by default about 64M logits each (256 MB in fp32; 523 rows at a 128K vocabulary, all of them at
+    the cpu preset's 8K). Equal to F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), under
+    autocast too."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    chunk = chunk or max(1, (1 << 26) // weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        return ChunkedCrossEntropy.apply(h, weight, targets, dtype, chunk, torch.is_grad_enabled())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The model
 
 class Transformer(nn.Module):
@@ -305,11 +366,12 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens, targets=None, doc_ids=None):
-        """No targets: logits (B, T, vocab) in fp32. With targets (B, T): mean cross-entropy over targets != -100."""
-        logits = self.output(self.hidden_states(tokens, doc_ids)).float()
+        """No targets: logits (B, T, vocab) in fp32. With targets (B, T): mean cross-entropy over targets != -100
+        (chunked: the logits are never all held, see cross_entropy)."""
+        h = self.hidden_states(tokens, doc_ids)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            return self.output(h).float()
+        return cross_entropy(h, self.output.weight, targets)
 
     # --- generation: KV cache ------------------------------------------------------------------------------
 
