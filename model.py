@@ -399,10 +399,12 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache_k
         if cache is None:
             raise RuntimeError("forward_cached needs model.setup_cache(batch_size, max_seq_len) first")
-        last = start_pos + T if isinstance(start_pos, int) else int(start_pos.max()) + T
-        if B > cache.shape[0] or last > cache.shape[2]:
-            raise ValueError(f"KV cache holds {cache.shape[0]} rows x {cache.shape[2]} positions; "
-                             f"this chunk needs {B} rows x {last}")
+        # (checked unless a CUDA graph is being captured, which forbids reading a value back from the GPU)
+        if not (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
+            last = start_pos + T if isinstance(start_pos, int) else int(start_pos.max()) + T
+            if B > cache.shape[0] or last > cache.shape[2]:
+                raise ValueError(f"KV cache holds {cache.shape[0]} rows x {cache.shape[2]} positions; "
+                                 f"this chunk needs {B} rows x {last}")
         offsets = torch.arange(T, device=tokens.device)
         positions = (start_pos + offsets)[None] if isinstance(start_pos, int) else start_pos[:, None] + offsets
         rot = self.rope(positions)

@@ -9,7 +9,8 @@ Design choices
 - `generate` is the batched version align.py uses: prompts of different lengths are right-padded and run
   in one prefill (causal attention never looks right, so padding is invisible to the real tokens); each row
   then decodes at its own position, stops at its own stop token, and the log-prob of every sampled token under
-  the plain softmax (temperature 1, no top-k/top-p) is returned for PPO.
+  the plain softmax (temperature 1, no top-k/top-p) is returned for PPO. On a GPU its decode step is a CUDA
+  graph (cuda_graphed), replayed for every token.
 - Sampling: temperature, then top-k, then top-p (nucleus, Holtzman et al. 2019; Meta's llama3 generate uses
   temperature and top-p); temperature 0 is greedy.
 - Streaming prints bytes, not per-token strings: a UTF-8 character split across two tokens is decoded once
@@ -25,6 +26,7 @@ Tests: python -m pytest -q tests/test_sample.py      Benchmark: python tests/ben
 import argparse
 import codecs
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +51,35 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # multinomial renormalises
+
+
+def cuda_graphed(fn, *args):
+    """fn(*args) captured once as a CUDA graph -> a function of new args (same shapes, same device) that copies
+    them into the captured inputs, replays the graph and returns its output tensor (overwritten by the next
+    call). Replaying launches every kernel of the step at once, where eager PyTorch launches them one at a time
+    from Python, which is what decoding a small model waits on (~100M parameters on an H100: 12.5 ms of
+    launches a token against 0.15 ms of reading the weights). One eager call first, on a side stream as CUDA
+    graphs require, so that Triton's autotuning and cuBLAS's set-up happen outside the capture."""
+    static = [a.clone() for a in args]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+
+    def replay(*new):
+        for buffer, value in zip(static, new):
+            buffer.copy_(value)
+        graph.replay()
+        return out
+    return replay
+
+
+GRAPH_DEVICES = ("cuda",)  # where generate decodes through cuda_graphed (the tests put an imitation on "cpu")
+GRAPH_MIN_TOKENS = 16      # capturing costs about two eager steps: not worth it for fewer new tokens
 
 
 @torch.inference_mode()
@@ -79,6 +110,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         logits = model.output(h[torch.arange(B, device=device), last]).float()  # (B, V) at each prompt's end
         # equal lengths: one shared position (an int); ragged: a (B,) tensor of per-row positions
         pos = lengths[0] if min(lengths) == T else last + 1
+        decode = lambda nxt, pos: model.output(model.forward_cached(nxt[:, None], pos)[:, -1]).float()  # (B, V)
+        if device.type in GRAPH_DEVICES and max_new_tokens >= GRAPH_MIN_TOKENS:
+            pos = last + 1  # per-row positions for every batch: the step's shapes never change, as a graph needs
+            try:
+                decode = cuda_graphed(decode, torch.zeros_like(last), pos)
+            except RuntimeError as e:  # decoding still works, one kernel launch at a time
+                warnings.warn(f"generate: CUDA graph capture failed ({e}); decoding without it")
         done = [False] * B
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -90,7 +128,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
                     done[b] = t in stop_ids
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = model.output(model.forward_cached(nxt[:, None], pos)[:, -1]).float()
+            logits = decode(nxt, pos)
             pos = pos + 1  # finished rows keep decoding junk; their output is no longer recorded
     finally:
         model.clear_cache()

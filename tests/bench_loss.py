@@ -1,9 +1,10 @@
 """Benchmark of the training loss: model.cross_entropy (chunked, gradients made in the forward pass) against the
 plain F.cross_entropy(F.linear(h, weight).float(), targets), forward + backward of the loss alone, bf16 autocast.
 
-Each (shape, loss) runs in a fresh process (on CPU with train.py's model.keep_freed_memory), so its peak memory is its own: on CPU the growth of the peak RSS over
-the process's size before the loss, on a GPU torch.cuda.max_memory_allocated over what was allocated before. Time:
-the median of --reps runs after one warm-up.
+Each (shape, loss) runs in a fresh process (on CPU with train.py's model.keep_freed_memory), so its peak memory
+is its own: on CPU the growth of the peak RSS over the process's size before the loss, on a GPU
+torch.cuda.max_memory_allocated over what was allocated before. Time: the median of --reps runs after one
+warm-up.
 
     python tests/bench_loss.py                  # CPU: 4096 rows at dim 256 (128K and 8K vocabularies)
     python tests/bench_loss.py --device cuda    # GPU: Llama 3.2 1B's head, 4096 and 16384 rows (B = 1 and 4)

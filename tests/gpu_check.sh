@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as one prepared run: the GPU tests, the three GPU benchmarks and a short
+# Everything that needs a GPU, as one prepared run: the GPU tests, the GPU benchmarks and a short
 # train.py run. Made for a lent device with little time (15 minutes in all, start-up included), so each part
 # has its own time limit, writes its whole log to $OUT/<part>.log as it goes, and a part that fails or runs
 # out of time does not stop the next. The last lines printed are each part's status and the tail of its log.
 #
 #     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 570 s
-#     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_loss bench_sample train  # 515 s
+#     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_loss graph bench_sample \
+#         train                                                # the model: 575 s
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
 # more than the 15 minutes of device time, so they are ceilings, not plans: on an H100, 2026-11-26, the two calls
 # took 212 s and 111 s, the machine's start ~30 s more. Run the kernels call first.)
@@ -15,14 +16,15 @@
 # two-kernel backward (dk/dv, then dq), to measure the one-kernel backward against it:
 #     mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
 #
-# Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_loss, bench_sample, train.
+# Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_loss, graph, bench_sample,
+# train.
 # `train` uses data/stdlib when it is there (carry it: making the tokenizer and shards first took 23 s of 2 CPU
 # cores here) and starts afresh in out/gpu_check/train.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-PARTS=${*:-env tests bench_kernels bench_train bench_train_b4 bench_train_compile bench_loss bench_sample train}
+PARTS=${*:-env tests bench_kernels bench_train bench_train_b4 bench_train_compile bench_loss graph bench_sample train}
 export PYTHONUNBUFFERED=1  # logs stay complete up to the moment a time limit kills a part
 
 run() {  # run PART LIMIT_S CMD...: CMD under a time limit, its output in $OUT/PART.log
@@ -56,6 +58,8 @@ run bench_train 100 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 
 run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
 run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile  # untried
 run bench_loss 60 $PY tests/bench_loss.py --device cuda  # the chunked loss: time and memory, untried on a GPU
+# generate's decode step as a CUDA graph (untried on a GPU): its test first, then the benchmark that times it
+run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
 rm -rf out/gpu_check/train
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \

@@ -78,6 +78,59 @@ def test_generate_ragged_batch_matches_reference():
     assert len({tuple(t) for t in tokens}) > 1
 
 
+def test_generate_through_a_replayed_step_matches_eager_decoding(monkeypatch):
+    """What generate does with a CUDA graph, on CPU: an imitation of cuda_graphed with its semantics (inputs
+    copied into buffers made at capture, one warm-up call that writes the first decode position's cache slots
+    with a dummy token, the same output tensor returned every time) gives eager decoding's tokens and
+    log-probs, for ragged and for equal-length prompts (which then decode at per-row positions)."""
+    def imitation(fn, *args):
+        static = [a.clone() for a in args]
+        fn(*static)  # the warm-up
+        out = fn(*static).clone()
+
+        def replay(*new):
+            for buffer, value in zip(static, new):
+                buffer.copy_(value)
+            return out.copy_(fn(*static))
+        return replay
+    m = tiny_model()
+    for prompts in ([[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [9, 8, 7, 6]], [[5, 6, 7], [9, 8, 7]]):
+        eager = sample.generate(m, prompts, max_new_tokens=20, temperature=0)
+        with monkeypatch.context() as patch:
+            patch.setattr(sample, "GRAPH_DEVICES", ("cpu",))
+            patch.setattr(sample, "cuda_graphed", imitation)
+            replayed = sample.generate(m, prompts, max_new_tokens=20, temperature=0)
+        assert replayed[0] == eager[0] and len({tuple(t) for t in eager[0]}) > 1
+        for a, b in zip(replayed[1], eager[1]):
+            assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the decode step as a CUDA graph")
+def test_generate_on_cuda_replays_a_graph_that_matches_eager_decoding(monkeypatch):
+    """On a GPU generate captures its decode step once and replays it for every token: the same tokens and
+    log-probs as decoding eagerly (ragged prompts: the very same kernels, so equal; equal lengths, where eager
+    takes the shared-position path, to 1e-4), with no fallback warning; stop tokens still end each row."""
+    import warnings
+    m = tiny_model().cuda()
+    real, captured = sample.cuda_graphed, []
+    monkeypatch.setattr(sample, "cuda_graphed", lambda *a: captured.append(1) or real(*a))
+    for prompts in ([[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [9, 8, 7, 6]], [[5, 6, 7], [9, 8, 7]]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            graphed = sample.generate(m, prompts, max_new_tokens=20, temperature=0)
+        monkeypatch.setattr(sample, "GRAPH_MIN_TOKENS", 10**9)
+        eager = sample.generate(m, prompts, max_new_tokens=20, temperature=0)
+        monkeypatch.setattr(sample, "GRAPH_MIN_TOKENS", 16)
+        assert graphed[0] == eager[0] and len({tuple(t) for t in graphed[0]}) > 1
+        exact = len({len(p) for p in prompts}) > 1
+        for a, b in zip(graphed[1], eager[1]):
+            assert a == (b if exact else pytest.approx(b, abs=1e-4))
+    assert len(captured) == 2
+    stop = {graphed[0][0][4]}
+    tokens, _ = sample.generate(m, prompts, max_new_tokens=20, temperature=0, stop_ids=stop)
+    assert tokens[0] == graphed[0][0][:graphed[0][0].index(graphed[0][0][4]) + 1]
+
+
 def test_generate_stops_each_row_at_its_stop_token():
     m = tiny_model()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
