@@ -130,22 +130,24 @@ def test_loss_is_mean_cross_entropy_over_kept_targets():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(bf16):
+def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(bf16, device):
     """M.cross_entropy (the training loss, a chunk of rows at a time, gradients made in the forward pass) against
     F.cross_entropy on the full logits: 300 rows in chunks of 64 (the last one short), every 7th target and one
     whole chunk ignored, the loss scaled after (backward must scale the kept gradients). In bf16 (autocast) both
     round differently, so each is held to a float64 reference: the chunked one no further from it than the plain
     one (x1.5), and under 1e-2 (bf16 operands: both land near 4.5e-3 here)."""
-    h = torch.randn(300, 32, requires_grad=True)
-    w = (0.5 * torch.randn(1000, 32)).requires_grad_()
-    targets = torch.randint(0, 1000, (300,))
+    h = torch.randn(300, 32, device=device, requires_grad=True)
+    w = (0.5 * torch.randn(1000, 32, device=device)).requires_grad_()
+    targets = torch.randint(0, 1000, (300,), device=device)
     targets[::7], targets[64:128] = -100, -100
     exact = F.cross_entropy(F.linear(h.double(), w.double()), targets, ignore_index=-100)
     exact_grads = torch.autograd.grad(3 * exact, (h, w))
 
     def loss_and_grads(fn):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = fn()
         return [loss.double(), *torch.autograd.grad(3 * loss, (h, w))]
     plain = loss_and_grads(lambda: F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=-100))
