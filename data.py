@@ -572,9 +572,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                          "document goes to val)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
-    config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
-                  quality_model=quality_model, quality_sample=quality_sample, quality_drop=quality_drop,
-                  pipeline=PIPELINE)
+    config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
+                  shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
+                  quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         with open(meta_path) as f:

@@ -384,7 +384,7 @@ with open(os.path.join(args.data, "meta.json")) as f:
 # a folder made earlier is never rebuilt here (data.py's settings may differ from these defaults; rebuilding would
 # lose them), so it must at least hold the source asked for, and say so when that source's files have changed
 made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: an older data.py)
-where = lambda source: os.path.realpath(source) if os.path.exists(source) else source  # "corpus/" is "./corpus"
+where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
 if args.source and where(args.source) != where(made_from):
     fail(f"--data {args.data} holds the tokens of {made_from!r}, not of --source {args.source!r}: give a new "
          "--data folder (and --tokenizer) to build this source there")
