@@ -314,7 +314,7 @@ def cross_entropy(h, weight, targets, chunk=None):
     `chunk` rows: by default about 64M logits each (256 MB in fp32; 523 rows at a 128K vocabulary, all of them at
     the cpu preset's 8K). Equal to F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), under
     autocast too."""
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (N, dim), (N,)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
     chunk = chunk or max(1, (1 << 26) // weight.shape[0])
     with torch.autocast(h.device.type, enabled=False):
