@@ -311,12 +311,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 def cross_entropy(h, weight, targets, chunk=None):
     """Mean cross-entropy of the logits h @ weight.T (h: (..., dim), targets: (...), -100 ignored), in chunks of
-    `chunk` rows: by default about 64M logits each (256 MB in fp32; 523 rows at a 128K vocabulary, all of them at
-    the cpu preset's 8K). Equal to F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), under
-    autocast too."""
+    `chunk` rows. Equal to F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), under autocast
+    too. Default chunk: about 64M logits (256 MB in fp32; all the rows at the cpu preset's 8K vocabulary), but at
+    least `dim` rows: every chunk adds a (vocab, dim) product into the weight's gradient, ~10 bytes an element
+    moved, against ~20 for each of the chunk's own (rows, vocab) logits, so chunks of `dim` rows or more keep
+    that extra traffic within half of the loss's own (the 1B model at 128K: 2048-row chunks, 1.6 GB each)."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (N, dim), (N,)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
-    chunk = chunk or max(1, (1 << 26) // weight.shape[0])
+    chunk = chunk or max(weight.shape[1], (1 << 26) // weight.shape[0])
     with torch.autocast(h.device.type, enabled=False):
         return ChunkedCrossEntropy.apply(h, weight, targets, dtype, chunk, torch.is_grad_enabled())
 
