@@ -316,6 +316,9 @@ def cross_entropy(h, weight, targets, chunk=None):
     least `dim` rows: every chunk adds a (vocab, dim) product into the weight's gradient, ~10 bytes an element
     moved, against ~20 for each of the chunk's own (rows, vocab) logits, so chunks of `dim` rows or more keep
     that extra traffic within half of the loss's own (the 1B model at 128K: 2048-row chunks, 1.6 GB each)."""
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"cross_entropy: hidden states {tuple(h.shape)} and targets {tuple(targets.shape)} do not "
+                         "pair up (want h (..., dim) and targets (...))")
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (N, dim), (N,)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
     chunk = chunk or max(weight.shape[1], (1 << 26) // weight.shape[0])

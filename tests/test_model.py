@@ -163,6 +163,8 @@ def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(bf16, device):
     with torch.no_grad():  # evaluation: the same loss, no gradient work
         torch.testing.assert_close(M.cross_entropy(h, w, targets), F.cross_entropy(h @ w.t(), targets))
     assert M.cross_entropy(h, w, torch.full_like(targets, -100)).isnan()  # nothing to average, as F.cross_entropy
+    with pytest.raises(ValueError, match=r"hidden states \(300, 32\) and targets \(299,\)"):
+        M.cross_entropy(h, w, targets[1:])
 
 
 def test_hidden_states_feed_the_output_head():
