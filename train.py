@@ -374,7 +374,7 @@ if master and not os.path.exists(args.tokenizer):
     Tokenizer.train(data.iter_documents(source), args.vocab_size).save(args.tokenizer)
     log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
 if master and not os.path.exists(os.path.join(args.data, "meta.json")):
-    log(f"tokenizing {source} into packed shards ...")
+    log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")
     data.prepare_data(source, args.tokenizer, args.data)
     log(f"  -> {args.data} in {time.time() - t_start:.0f}s")
 barrier()
