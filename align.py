@@ -30,6 +30,8 @@ Design choices
   value loss never moves the policy (a cheap stand-in for InstructGPT's separate value model). A response cut at
   --max_new is scored at its last token all the same, where the reward model never saw a sequence end (TRL's
   missing_eos_penalty is one remedy); the embedded tasks' answers fit in the default 16 tokens.
+- DPO's and PPO's per-token log-probs (Policy, token_logprobs) and SFT's loss (model.cross_entropy) go a chunk of
+  rows at a time: at Llama 3's 128K vocabulary the logits are never all held.
 - `python align.py all` starts from a fresh small model (0.8M parameters) with a small BPE tokenizer trained on the
   task texts (written as out/align-base), so the whole chain runs in minutes on a 2-core CPU.
   `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
@@ -71,8 +73,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
-from model import PRESETS, Transformer, atomic_save, load_model, save_model
+from model import PRESETS, Transformer, atomic_save, chunk_rows, load_model, save_model
 from sample import generate, load_tokenizer, tokenizer_path
 from tokenizer import Tokenizer, check_dialog
 
@@ -304,10 +307,30 @@ def pack_sft(examples, seq_len):
     return X, Y, D
 
 
-def token_logprobs(logits, tokens):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: logits (B, T, V), tokens (B, T) -> (B, T-1)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
+def token_logprobs(h, weight, tokens, chunk=None):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T-1), from the final hidden states h (B, T, C) and
+    the output matrix weight (V, C). The logits go a chunk of rows at a time (model.chunk_rows), never all at once:
+    at Llama 3's 128K vocabulary a DPO batch of 16 x 2048 tokens makes 4.2G of them, 17 GB in fp32, and as much
+    again for the log-softmax. Unlike cross_entropy the gradient cannot be made in the forward pass (DPO and PPO
+    weigh each log-prob by what the whole batch decides), so with several chunks backward makes each one's logits
+    again (activation checkpointing: one more matmul of the head). A lone chunk is kept for backward, as plain
+    autograd would keep it."""
+    if h.shape[:-1] != tokens.shape:
+        raise ValueError(f"token_logprobs: hidden states {tuple(h.shape)} and tokens {tuple(tokens.shape)} do not "
+                         "pair up (want h (B, T, dim) and tokens (B, T))")
+    h, tokens = h[:, :-1], tokens[:, 1:]
+    B, T = tokens.shape
+    h, tokens = h.reshape(B * T, -1), tokens.reshape(B * T)
+    chunk = chunk or chunk_rows(weight)
+    pieces = [(h[i:i + chunk], weight, tokens[i:i + chunk]) for i in range(0, B * T, chunk)]
+    if len(pieces) == 1:
+        return _chunk_logprobs(*pieces[0]).view(B, T)
+    return torch.cat([checkpoint(_chunk_logprobs, *p, use_reentrant=False) for p in pieces]).view(B, T)
+
+
+def _chunk_logprobs(h, weight, tokens):
+    logp = F.log_softmax(F.linear(h, weight).float(), dim=-1)  # (rows, V): what model(tokens) gives, log-softmaxed
+    return logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def loss_mask(tok, ids, mask):
@@ -438,21 +461,24 @@ def load_reward_model(path, device="cpu"):
     return rm.to(device)
 
 
-class PolicyWithValue(nn.Module):
-    """The policy plus a value head for PPO. One forward gives both: logits (B, T, V) and values (B, T).
-    The head reads the features detached, so the value loss trains only the head and never moves the policy."""
+class Policy(nn.Module):
+    """A language model read as a policy over its next tokens: tokens (B, T) -> log-probs of tokens[:, 1:]
+    (token_logprobs, (B, T-1)) and, with a value head (PPO), the values of the same positions (B, T-1; else None).
+    The value head reads the features detached: the value loss trains only the head and never moves the policy.
+    DPO and PPO train through this module (DDP wraps it), so the logits are never all held."""
 
-    def __init__(self, policy):
+    def __init__(self, model, value_head=False):
         super().__init__()
-        self.policy = policy
-        self.value_head = nn.Linear(policy.args.dim, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.model = model
+        self.value_head = nn.Linear(model.args.dim, 1) if value_head else None
+        if value_head:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(self, tokens):
-        h = self.policy.hidden_states(tokens)  # (B, T, C)
-        logits = self.policy.output(h).float()  # (B, T, V): what policy(tokens) computes, without a second pass
-        return logits, self.value_head(h.detach()).squeeze(-1).float()
+        h = self.model.hidden_states(tokens)  # (B, T, C)
+        values = self.value_head(h[:, :-1].detach()).squeeze(-1).float() if self.value_head else None
+        return token_logprobs(h, self.model.output.weight, tokens), values
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -652,11 +678,12 @@ def rm_accuracy(rm, tok, pairs):
     return (r_chosen > r_rejected).float().mean().item()
 
 
-def response_logprobs(model, seqs, masks):
-    """Summed log-prob of each sequence's masked (response) tokens: seqs (B lists), masks (B lists, len-1) -> (B,)."""
-    tokens = pad(seqs).to(device_of(model))
+def response_logprobs(policy, seqs, masks):
+    """Summed log-prob of each sequence's masked (response) tokens: seqs (B lists), masks (B lists, len-1) -> (B,).
+    policy: a Policy (or DDP of one)."""
+    tokens = pad(seqs).to(device_of(policy))
     m = pad(masks).to(tokens.device).float()  # (B, T-1), lines up with token_logprobs
-    return (token_logprobs(model(tokens), tokens) * m).sum(-1), m.sum(-1)
+    return (policy(tokens)[0] * m).sum(-1), m.sum(-1)
 
 
 def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2):
@@ -667,10 +694,10 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
     def reference_logprobs(j):  # the reference never changes: its log-probs once, in batches of 64, under the
         with autocast(ref):     # policy's autocast (a policy equal to its reference must give exactly log 2)
             chunks = [rows[i:i + 64] for i in range(0, len(rows), 64)]
-            lps = [response_logprobs(ref, [r[j] for r in c], [r[j + 1] for r in c])[0] for c in chunks]
+            lps = [response_logprobs(Policy(ref), [r[j] for r in c], [r[j + 1] for r in c])[0] for c in chunks]
             return torch.cat(lps).cpu()
     ref_c, ref_r = reference_logprobs(0), reference_logprobs(2)  # chosen, rejected
-    net, dev = wrap_ddp(policy), device_of(policy)
+    net, dev = wrap_ddp(Policy(policy)), device_of(policy)
 
     def step_loss(step):
         idx = batch_indices(len(rows), batch_size, step)[RANK::WORLD]
@@ -706,7 +733,7 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     """PPO on prompts (lists of messages). reward_fn(seqs: list of token lists, prompt + response) -> (N,) scores.
     Each iteration: roll out, score, shape rewards with the KL penalty, GAE, then `epochs` passes of minibatches."""
     dev = device_of(policy)
-    pv = PolicyWithValue(policy).to(dev)
+    pv = Policy(policy, value_head=True).to(dev)
     # the fresh value head starts from zero and must catch up with the rewards' scale: 10x the policy's lr
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": lr},
                              {"params": pv.value_head.parameters(), "lr": 10 * lr}],
@@ -729,9 +756,8 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
         for i, (p, r) in enumerate(zip(prompt_ids, responses)):
             mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
         with torch.no_grad():
-            logits, values = pv(tokens)
-            old_logp, old_values = token_logprobs(logits, tokens), values[:, :-1]  # (B, T-1) each
-            ref_logp = token_logprobs(ref(tokens), tokens)
+            old_logp, old_values = pv(tokens)  # (B, T-1) each
+            ref_logp = Policy(ref)(tokens)[0]
             score = reward_fn(seqs).to(dev)  # (B,)
             if score_mean is None:  # a reward model's scale is arbitrary (Bradley–Terry fixes only differences):
                 score_mean, score_std = score.mean(), score.std(correction=0).clamp(min=1e-3)  # standardise by
@@ -744,22 +770,21 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
         for _ in range(epochs):
             for mb in torch.randperm(len(seqs), generator=perm_gen).split(minibatch):
                 mb = mb.to(dev)
-                logits, values = pv(tokens[mb])
-                logp_all = F.log_softmax(logits[:, :-1], dim=-1)  # (b, T-1, V), once for the loss and the entropy
-                logp = logp_all.gather(-1, tokens[mb][:, 1:, None]).squeeze(-1)  # (b, T-1): token_logprobs
+                logp, values = pv(tokens[mb])  # (b, T-1) each
                 pg_loss, clipfrac = ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], clip)
-                vf_loss = ppo_value_loss(values[:, :-1], old_values[mb], returns[mb], mask[mb], clip)
+                vf_loss = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], clip)
                 loss = pg_loss + vf_coef * vf_loss
                 loss.backward()
                 nn.utils.clip_grad_norm_(pv.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[mb])
-                stats.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), entropy.item()))
+                stats.append((pg_loss.item(), vf_loss.item(), clipfrac.item()))
         kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()  # per sequence, the KL the penalty acts on
         kl_ctl.update(kl, len(seqs))
-        pg, vf, cf, ent = (sum(s[j] for s in stats) / len(stats) for j in range(4))
+        # per response token; the tokens were sampled from this policy at temperature 1, so -log p of each is an
+        # unbiased estimate of its distribution's entropy (TRL logs the same), and costs no pass over the vocabulary
+        ent = masked_mean(-old_logp, mask).item()
+        pg, vf, cf = (sum(s[j] for s in stats) / len(stats) for j in range(3))
         history.append(dict(reward=score.mean().item(), kl=kl, kl_coef=kl_ctl.coef, entropy=ent, clipfrac=cf,
                             pg_loss=pg, vf_loss=vf))
         if it % 5 == 0 or it == iters - 1:

@@ -309,19 +309,25 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
 
 
-def cross_entropy(h, weight, targets, chunk=None):
-    """Mean cross-entropy of the logits h @ weight.T (h: (..., dim), targets: (...), -100 ignored), in chunks of
-    `chunk` rows. Equal to F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), under autocast
-    too. Default chunk: about 64M logits (256 MB in fp32; all the rows at the cpu preset's 8K vocabulary), but at
+def chunk_rows(weight):
+    """Rows per chunk of the output head's logits (weight: (vocab, dim)), for cross_entropy here and align.py's
+    token_logprobs: about 64M logits (256 MB in fp32; all the rows at the cpu preset's 8K vocabulary), but at
     least `dim` rows: every chunk adds a (vocab, dim) product into the weight's gradient, ~10 bytes an element
     moved, against ~20 for each of the chunk's own (rows, vocab) logits, so chunks of `dim` rows or more keep
     that extra traffic within half of the loss's own (the 1B model at 128K: 2048-row chunks, 1.6 GB each)."""
+    return max(weight.shape[1], (1 << 26) // weight.shape[0])
+
+
+def cross_entropy(h, weight, targets, chunk=None):
+    """Mean cross-entropy of the logits h @ weight.T (h: (..., dim), targets: (...), -100 ignored), in chunks of
+    `chunk` rows (default: chunk_rows). Equal to F.cross_entropy(F.linear(h, weight).float(), targets,
+    ignore_index=-100), under autocast too."""
     if h.shape[:-1] != targets.shape:
         raise ValueError(f"cross_entropy: hidden states {tuple(h.shape)} and targets {tuple(targets.shape)} do not "
                          "pair up (want h (..., dim) and targets (...))")
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (N, dim), (N,)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
-    chunk = chunk or max(weight.shape[1], (1 << 26) // weight.shape[0])
+    chunk = chunk or chunk_rows(weight)
     with torch.autocast(h.device.type, enabled=False):
         return ChunkedCrossEntropy.apply(h, weight, targets, dtype, chunk, torch.is_grad_enabled())
 

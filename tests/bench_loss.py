@@ -1,8 +1,11 @@
-"""Benchmark of the training loss: model.cross_entropy (chunked, gradients made in the forward pass) against the
-plain F.cross_entropy(F.linear(h, weight).float(), targets), forward + backward of the loss alone, bf16 autocast.
+"""Benchmark of the output head in chunks, forward + backward of it alone, bf16 autocast:
+- the training loss: model.cross_entropy (chunked, gradients made in the forward pass) against the plain
+  F.cross_entropy(F.linear(h, weight).float(), targets);
+- DPO's and PPO's per-token log-probs: align.token_logprobs (chunked, logits made again in backward) against
+  log_softmax(F.linear(h, weight).float()).gather(targets), each summed.
 
-Each (shape, loss) runs in a fresh process (on CPU with train.py's model.keep_freed_memory), so its peak memory
-is its own: on CPU the growth of the peak RSS over the process's size before the loss, on a GPU
+Each (shape, loss) runs in a fresh process (on CPU the training loss with train.py's model.keep_freed_memory, the
+log-probs without it, as align.py runs), so its peak memory is its own: on CPU the growth of the peak RSS over the process's size before the loss, on a GPU
 torch.cuda.max_memory_allocated over what was allocated before. Time: the median of --reps runs after one
 warm-up.
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import align  # noqa: E402
 import model as M  # noqa: E402
 
 SHAPES = {"cpu": [(4096, 256, 128256), (2048, 256, 8192)],       # rows, dim, vocab
@@ -35,9 +39,13 @@ def one(loss, rows, dim, vocab, device, reps):
     w = (0.02 * torch.randn(vocab, dim, device=device)).requires_grad_()
     targets = torch.randint(0, vocab, (rows,), device=device)
     fn = {"plain": lambda: F.cross_entropy(F.linear(h, w).float(), targets),
-          "chunked": lambda: M.cross_entropy(h, w, targets)}[loss]
+          "chunked": lambda: M.cross_entropy(h, w, targets),
+          # the log-probs of targets[1:] given h[:-1] (token_logprobs' shift), summed
+          "logp-plain": lambda: torch.log_softmax(F.linear(h[:-1], w).float(), -1).gather(1, targets[1:, None]).sum(),
+          "logp-chunked": lambda: align.token_logprobs(h[None], w, targets[None]).sum(),
+          }[loss]
     cuda = device == "cuda"
-    if not cuda:
+    if not cuda and not loss.startswith("logp"):
         M.keep_freed_memory()  # as train.py on a CPU
     before = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
@@ -66,21 +74,22 @@ def main():
     print(f"{name}, torch {torch.__version__}, bf16 autocast, forward + backward of the loss, median of {a.reps}")
     print(f"{'rows x dim x vocab':>23} | {'plain ms':>9} {'GB':>6} | {'chunked ms':>10} {'GB':>6} | "
           f"{'time ratio':>10} {'memory ratio':>12}")
-    for rows, dim, vocab in SHAPES[a.device]:
-        r = {}
-        for loss in ("plain", "chunked"):
-            p = subprocess.run([sys.executable, __file__, "--device", a.device, "--reps", str(a.reps), "--one", loss,
-                                str(rows), str(dim), str(vocab)], capture_output=True, text=True)
-            r[loss] = json.loads(p.stdout.splitlines()[-1]) if p.returncode == 0 else None
-            if p.returncode:
-                print(f"{loss} at {rows}x{dim}x{vocab} failed: {p.stderr.strip().splitlines()[-1]}")
-        if None in r.values():
-            continue
-        assert abs(r["plain"]["loss"] - r["chunked"]["loss"]) < 1e-2, r
-        pl, ch = r["plain"], r["chunked"]
-        print(f"{rows:>6} x {dim:>5} x {vocab:>6} | {pl['ms']:9.1f} {pl['gb']:6.2f} | {ch['ms']:10.1f} "
-              f"{ch['gb']:6.2f} | {pl['ms'] / ch['ms']:9.2f}x {pl['gb'] / max(ch['gb'], 1e-3):11.1f}x", flush=True)
-
+    for plain, chunked in (("plain", "chunked"), ("logp-plain", "logp-chunked")):
+        print(f"{plain} vs {chunked}:")
+        for rows, dim, vocab in SHAPES[a.device]:
+            r = {}
+            for loss in (plain, chunked):
+                p = subprocess.run([sys.executable, __file__, "--device", a.device, "--reps", str(a.reps), "--one",
+                                    loss, str(rows), str(dim), str(vocab)], capture_output=True, text=True)
+                r[loss] = json.loads(p.stdout.splitlines()[-1]) if p.returncode == 0 else None
+                if p.returncode:
+                    print(f"{loss} at {rows}x{dim}x{vocab} failed: {p.stderr.strip().splitlines()[-1]}")
+            if None in r.values():
+                continue
+            pl, ch = r[plain], r[chunked]
+            assert abs(pl["loss"] - ch["loss"]) < 1e-3 * max(1.0, abs(pl["loss"])), r
+            print(f"{rows:>6} x {dim:>5} x {vocab:>6} | {pl['ms']:9.1f} {pl['gb']:6.2f} | {ch['ms']:10.1f} "
+                  f"{ch['gb']:6.2f} | {pl['ms'] / ch['ms']:9.2f}x {pl['gb'] / max(ch['gb'], 1e-3):11.1f}x", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,7 @@ run bench_train 100 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 
 # adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
 run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
 run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile  # untried
-run bench_loss 60 $PY tests/bench_loss.py --device cuda  # the chunked loss: time and memory, untried on a GPU
+run bench_loss 60 $PY tests/bench_loss.py --device cuda  # chunked loss and log-probs: time, memory; untried on a GPU
 # generate's decode step as a CUDA graph (untried on a GPU): its test first, then the benchmark that times it
 run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
