@@ -35,6 +35,7 @@ import mmap
 import os
 import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -543,6 +544,18 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
 
 
 def _torch_load(file):
+    """torch.load, mmapped, after checking each record's CRC-32: torch.save writes a zip that holds one for each
+    tensor's bytes (Meta's files too), and torch.load never checks them, so a flipped bit would load silently.
+    ~3 GB/s on one core here: a few seconds for an 8B model's 16 GB. Files written without CRCs (all zero,
+    torch.serialization.set_crc32_options(False)) and files that are no zip (torch.load decides) are not checked."""
+    try:
+        with zipfile.ZipFile(file) as z:
+            bad = z.testzip() if any(r.CRC for r in z.infolist()) else None
+    except zipfile.BadZipFile:
+        bad = None
+    if bad is not None:
+        raise CheckpointError(f"{file}: the bytes of its record {bad} do not match their CRC-32: the file is "
+                              "corrupt (copy or download it again)")
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, pickle with code in it, not a torch file...

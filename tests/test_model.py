@@ -644,8 +644,20 @@ def test_bad_checkpoints_name_file_and_tensor(tmp_path):
         where = name if name == "missing" else f"{name}/consolidated.00.pth"  # the file that holds it
         with pytest.raises(CheckpointError, match=f"{where}: {message}"):
             M.load_model(d)
-    # a truncated file is refused, naming it
+    # a flipped bit in a tensor's bytes is refused (the zip's CRC-32), naming the file; without CRCs it loads
     data = (tmp_path / "ok" / "consolidated.00.pth").read_bytes()
+    at = data.index(sd["layers.1.feed_forward.w2.weight"].numpy().tobytes())
+    (tmp_path / "ok" / "consolidated.00.pth").write_bytes(data[:at + 5] + bytes([data[at + 5] ^ 4]) + data[at + 6:])
+    with pytest.raises(CheckpointError, match=r"ok/consolidated.00.pth: the bytes of its record .*data/\d+ do not "
+                                              "match their CRC-32"):
+        M.load_model(tmp_path / "ok")
+    torch.serialization.set_crc32_options(False)
+    try:
+        M.save_model(m, tmp_path / "no_crc")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    torch.testing.assert_close(M.load_model(tmp_path / "no_crc").state_dict(), sd)
+    # a truncated file is refused, naming it
     (tmp_path / "ok" / "consolidated.00.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="consolidated.00.pth: cannot read"):
         M.load_model(tmp_path / "ok")
