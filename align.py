@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from model import PRESETS, Transformer, atomic_save, chunk_rows, load_model, save_model
+from model import PRESETS, Transformer, atomic_save, chunk_rows, load_model, load_pth, save_model
 from sample import generate, load_tokenizer, tokenizer_path
 from tokenizer import Tokenizer, check_dialog
 
@@ -457,7 +457,7 @@ def load_reward_model(path, device="cpu"):
     if not os.path.exists(head):
         raise FileNotFoundError(f"{head} not found: {path} is not a reward model written by `align.py rm`")
     rm = RewardModel(load_model(path, device=device))
-    rm.head.load_state_dict(torch.load(head, map_location=device, weights_only=True))
+    rm.head.load_state_dict(load_pth(head))  # (CRC-checked, like the transformer's weights)
     return rm.to(device)
 
 

@@ -543,11 +543,12 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
     _atomic_write(out_dir / "params.json", lambda f: f.write(params.encode()))
 
 
-def _torch_load(file):
-    """torch.load, mmapped, after checking each record's CRC-32: torch.save writes a zip that holds one for each
-    tensor's bytes (Meta's files too), and torch.load never checks them, so a flipped bit would load silently.
-    ~3 GB/s on one core here: a few seconds for an 8B model's 16 GB. Files written without CRCs (all zero,
-    torch.serialization.set_crc32_options(False)) and files that are no zip (torch.load decides) are not checked."""
+def load_pth(file):
+    """torch.load (CPU, weights only, mmapped) after checking each record's CRC-32: torch.save writes a zip that
+    holds one for each tensor's bytes (Meta's files too), and torch.load never checks them, so a flipped bit would
+    load silently. ~3 GB/s on one core here: a few seconds for an 8B model's 16 GB. Files written without CRCs (all
+    zero: torch.serialization.set_crc32_options(False)) and files that are no zip (torch.load decides) are not
+    checked."""
     try:
         with zipfile.ZipFile(file) as z:
             bad = z.testzip() if any(r.CRC for r in z.infolist()) else None
@@ -586,7 +587,7 @@ def read_meta_checkpoint(path):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
-    shards = [_torch_load(f) for f in files]
+    shards = [load_pth(f) for f in files]
     for f, shard in zip(files[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import align
-from model import ModelArgs, Transformer, save_model
+from model import CheckpointError, ModelArgs, Transformer, save_model
 from tokenizer import Tokenizer
 
 
@@ -247,6 +247,11 @@ def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path):
     align.save_reward_model(rm, tmp_path / "rm", tok_path)
     seqs = [tok.encode_dialog_prompt(p["prompt"]) for p in pairs[:4]]
     assert torch.allclose(align.rm_scores(rm, seqs), align.rm_scores(align.load_reward_model(tmp_path / "rm"), seqs))
+    head = tmp_path / "rm" / "reward_head.pth"  # a flipped bit in the head's weights is refused, naming the file
+    data, at = head.read_bytes(), head.read_bytes().index(rm.head.weight.detach().numpy().tobytes())
+    head.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    with pytest.raises(CheckpointError, match="reward_head.pth: the bytes of its record"):
+        align.load_reward_model(tmp_path / "rm")
 
 
 def test_dpo_steps_lower_the_loss_from_log2(tok):
