@@ -1,7 +1,8 @@
 """align.py — post-training, the Llama 2/3 way: SFT -> reward model -> rejection sampling -> DPO -> PPO.
 
 One file, read top to bottom: the embedded task family and its checkers, the JSONL loaders for real data,
-the losses as pure functions, the models (reward head, value head), then one function per stage.
+the losses as pure functions, the models around the transformer (a reward head; the policy's log-probs and value
+head), then one function per stage.
 Every stage reads a checkpoint in Meta's layout and writes one (model.save_model), so any stage's output
 can be chatted with: `python sample.py --ckpt out/align-dpo --chat`; align_log.json beside it holds the stage's
 settings and every step's metrics.
@@ -426,7 +427,7 @@ class AdaptiveKL:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Models around the transformer: a reward head, a value head.
+# 5. Models around the transformer: a reward head; the policy (its log-probs, a value head).
 
 class RewardModel(nn.Module):
     """Llama 2 §3.2.2: the chat model's transformer with the next-token head swapped for a scalar head,
