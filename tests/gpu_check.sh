@@ -43,13 +43,15 @@ run() {  # run PART LIMIT_S CMD...: CMD under a time limit, its output in $OUT/P
 : >"$OUT/status.txt"
 run env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, \
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")'"
-# kernel tests at GPU shapes (bf16, head_dim 128, every autotune config once), the CUDA dispatch test, and the
-# model on the kernels against the same weights on CPU (test_model.py); -v so that a time limit still shows
-# which test it reached, --durations for where the time went (compiling every config); 8 processes when
-# pytest-xdist is there, since compiling is CPU work (39 s on the H100 machine at b818606; bench_kernels gets the
-# larger share: with --against it compiles and autotunes two versions' spaces on an empty triton cache)
+# kernel tests at GPU shapes (bf16, head_dim 128, every autotune config once), the CUDA dispatch test, the model
+# on the kernels against the same weights on CPU (test_model.py), and align's chunked log-probs on CUDA; -v so
+# that a time limit still shows which test it reached, --durations for where the time went (compiling every
+# config); 8 processes when pytest-xdist is there, since compiling is CPU work (39 s on the H100 machine at
+# b818606; bench_kernels gets the larger share: with --against it compiles and autotunes two versions' spaces on
+# an empty triton cache)
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
-run tests 120 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py
+run tests 120 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py \
+    tests/test_align.py::test_token_logprobs_chunked_equal_the_full_log_softmax
 AGAINST=$([ -f out/base/attention.py ] && echo "--against out/base")
 run bench_kernels 420 $PY tests/bench_kernels.py $AGAINST
 run bench_train 100 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 micro-steps a step

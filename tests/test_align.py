@@ -375,23 +375,25 @@ def test_kl_penalty_only_on_response_tokens():
     assert r[0].tolist() == pytest.approx([0.0, 0.1, -0.05 + 3.0, 0.0])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("chunk", [7, None])
-def test_token_logprobs_chunked_equal_the_full_log_softmax(bf16, chunk):
+def test_token_logprobs_chunked_equal_the_full_log_softmax(bf16, chunk, device):
     """token_logprobs in chunks (7 rows: several, and a short last one; None: the default, one chunk) gives what
     log_softmax over all the logits gives: the log-probs and their gradients with respect to the hidden states and
     the output matrix (through the recomputation in backward). Measured against float64; under bf16 autocast no
     further from it than the full log_softmax under the same autocast (the weight's gradient is rounded once a
     chunk)."""
     torch.manual_seed(0)
-    h = torch.randn(3, 9, 16, dtype=torch.float64)
-    w = 0.5 * torch.randn(50, 16, dtype=torch.float64)
-    tokens = torch.randint(0, 50, (3, 9))
-    upstream = torch.randn(3, 8, dtype=torch.float64)  # a loss that weighs every log-prob differently
+    h = torch.randn(3, 9, 16, dtype=torch.float64, device=device)
+    w = 0.5 * torch.randn(50, 16, dtype=torch.float64, device=device)
+    tokens = torch.randint(0, 50, (3, 9), device=device)
+    upstream = torch.randn(3, 8, dtype=torch.float64, device=device)  # a loss that weighs every log-prob differently
 
     def run(chunked, dtype):
         x, y = h.to(dtype).detach().requires_grad_(), w.to(dtype).detach().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and dtype == torch.float32):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16 and dtype == torch.float32):
             if chunked:
                 logp = align.token_logprobs(x, y, tokens, chunk)
             else:
