@@ -552,7 +552,7 @@ def load_pth(file):
     try:
         with zipfile.ZipFile(file) as z:
             bad = z.testzip() if any(r.CRC for r in z.infolist()) else None
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, OSError):  # not a zip, or unreadable: torch.load below says what it is
         bad = None
     if bad is not None:
         raise CheckpointError(f"{file}: the bytes of its record {bad} do not match their CRC-32: the file is "
