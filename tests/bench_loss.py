@@ -5,9 +5,9 @@
   log_softmax(F.linear(h, weight).float()).gather(targets), each summed.
 
 Each (shape, loss) runs in a fresh process (on CPU the training loss with train.py's model.keep_freed_memory, the
-log-probs without it, as align.py runs), so its peak memory is its own: on CPU the growth of the peak RSS over the process's size before the loss, on a GPU
-torch.cuda.max_memory_allocated over what was allocated before. Time: the median of --reps runs after one
-warm-up.
+log-probs without it, as align.py runs), so its peak memory is its own: on CPU the growth of the peak RSS over
+the process's size before the loss, on a GPU torch.cuda.max_memory_allocated over what was allocated before.
+Time: the median of --reps runs after one warm-up.
 
     python tests/bench_loss.py                  # CPU: 4096 rows at dim 256 (128K and 8K vocabularies)
     python tests/bench_loss.py --device cuda    # GPU: Llama 3.2 1B's head, 4096 and 16384 rows (B = 1 and 4)
@@ -90,6 +90,7 @@ def main():
             assert abs(pl["loss"] - ch["loss"]) < 1e-3 * max(1.0, abs(pl["loss"])), r
             print(f"{rows:>6} x {dim:>5} x {vocab:>6} | {pl['ms']:9.1f} {pl['gb']:6.2f} | {ch['ms']:10.1f} "
                   f"{ch['gb']:6.2f} | {pl['ms'] / ch['ms']:9.2f}x {pl['gb'] / max(ch['gb'], 1e-3):11.1f}x", flush=True)
+
 
 if __name__ == "__main__":
     main()
