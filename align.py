@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from model import PRESETS, Transformer, atomic_save, chunk_rows, load_model, load_pth, save_model
+from model import PRESETS, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth, save_model
 from sample import generate, load_tokenizer, tokenizer_path
 from tokenizer import Tokenizer, check_dialog
 
@@ -165,14 +165,14 @@ def task_conversation(task):
 
 def read_jsonl(path):
     """Yield (line_number, record) for every non-blank line. A line that is not UTF-8 JSON, or a file with no
-    records, raises ValueError naming path:line (or path)."""
+    records, raises ValueError naming path:line (or path). A byte-order mark (Windows editors write one) is skipped."""
     n = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
                 raise ValueError(f"{path}:{lineno}: not UTF-8") from None
             except json.JSONDecodeError as e:
@@ -214,8 +214,9 @@ def load_sft(path):
 
 def load_pairs(path):
     """{"prompt", "chosen", "rejected"[, "margin"]} per line -> list of {"prompt": messages, "chosen": str,
-    "rejected": str[, "margin": float]}."""
-    out = []
+    "rejected": str[, "margin": float]}. A pair whose two answers are the same text (HH-RLHF has a few) teaches
+    nothing and would count as a miss in every accuracy: it is dropped, and the drops are counted."""
+    out, same = [], []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
@@ -227,7 +228,15 @@ def load_pairs(path):
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
                 raise ValueError(f"{where}: 'margin' must be a finite number, got {m!r}")
             pair["margin"] = float(m)
+        if pair["chosen"].strip() == pair["rejected"].strip():  # the chat format strips them: the same tokens
+            same.append(lineno)
+            continue
         out.append(pair)
+    if same:
+        print(f"{path}: dropped {len(same)} pairs whose chosen and rejected are the same (lines {same[:5]}"
+              f"{', ...' if len(same) > 5 else ''})", file=sys.stderr)
+    if not out:
+        raise ValueError(f"{path}: no pair with two different answers")
     return out
 
 
@@ -259,12 +268,14 @@ def truncate_left(ids, n, mask=None):
     return ids if mask is None else (ids, mask[:1] + mask[len(mask) - n + 1:])
 
 
-def render(tok, prompt, response, max_len):
-    """(ids, mask) of `prompt` (messages) answered by `response`; mask on the answer tokens and its <|eot_id|>
-    only, not on the assistant turns of a multi-turn prompt (encode_dialog's mask marks every assistant turn)."""
+def render(tok, prompt, response, max_len=None):
+    """(ids, mask) of `prompt` (messages) answered by `response`, left-truncated to max_len if given; mask on the
+    answer tokens and its <|eot_id|> only, not on the assistant turns of a multi-turn prompt (encode_dialog's mask
+    marks every assistant turn)."""
     ids, mask = tok.encode_dialog(prompt + [{"role": "assistant", "content": response}])
     n = len(tok.encode_dialog_prompt(prompt))  # the prompt and the open assistant header
-    return truncate_left(list(ids), max_len, [0] * n + list(mask[n:]))
+    ids, mask = list(ids), [0] * n + list(mask[n:])
+    return (ids, mask) if max_len is None else truncate_left(ids, max_len, mask)
 
 
 def render_prompt(tok, prompt, max_len):
@@ -448,9 +459,14 @@ class RewardModel(nn.Module):
 
 
 def save_reward_model(rm, out_dir, tokenizer_file):
-    """Meta's layout for the transformer (sample.py can load it) + reward_head.pth beside it."""
+    """Meta's layout for the transformer (sample.py can load it) + reward_head.pth beside it. An old head is removed
+    first: a process killed between the two writes leaves a directory that is refused, never a new transformer
+    read with an old head."""
+    head = os.path.join(out_dir, "reward_head.pth")
+    if os.path.exists(head):
+        os.remove(head)
     save_model(rm.backbone, out_dir, tokenizer_path=tokenizer_file)
-    atomic_save(rm.head.state_dict(), os.path.join(out_dir, "reward_head.pth"))
+    atomic_save(rm.head.state_dict(), head)
 
 
 def load_reward_model(path, device="cpu"):
@@ -493,6 +509,15 @@ def context_len(model):
     return model.args.max_seq_len
 
 
+def prompt_room(model, max_new):
+    """Tokens a prompt may keep when max_new more must fit after it; a response of over half the context is
+    refused rather than leaving every prompt cut to a few tokens."""
+    if not 0 < max_new <= context_len(model) // 2:
+        raise ValueError(f"--max_new {max_new}: responses take 1 to {context_len(model) // 2} tokens (half the "
+                         f"model's context of {context_len(model)}), the rest is the prompt's")
+    return context_len(model) - max_new
+
+
 @torch.no_grad()
 def sample_responses(model, tok, prompt_ids, max_new, temperature=1.0, greedy=False, generator=None, batch_size=64):
     """Responses (token lists, the stop token included if one was hit) for each prompt, via sample.generate."""
@@ -522,7 +547,7 @@ def rm_scores(rm, seqs, batch_size=64):
 @torch.no_grad()
 def evaluate(model, tok, tasks, rm=None, max_new=16):
     """Held-out accuracy of greedy answers, overall and per task kind, and their mean reward-model score."""
-    prompts = [render_prompt(tok, user(t["prompt"]), context_len(model) - max_new) for t in tasks]
+    prompts = [render_prompt(tok, user(t["prompt"]), prompt_room(model, max_new)) for t in tasks]
     responses = sample_responses(model, tok, prompts, max_new, greedy=True)
     correct = [check(t, response_text(tok, r)) for t, r in zip(tasks, responses)]
     res = {"accuracy": sum(correct) / len(tasks)}
@@ -540,7 +565,7 @@ def preference_pairs(policy, tok, tasks, k, max_new, temperature=1.0, seed=0):
     Returns the pairs and the fraction of samples that were correct."""
     rng = random.Random(seed)
     gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
-    prompts = [render_prompt(tok, user(t["prompt"]), context_len(policy) - max_new) for t in tasks]
+    prompts = [render_prompt(tok, user(t["prompt"]), prompt_room(policy, max_new)) for t in tasks]
     responses = sample_responses(policy, tok, [p for p in prompts for _ in range(k)], max_new, temperature,
                                  generator=gen)
     pairs, n_good = [], 0
@@ -590,6 +615,9 @@ def batch_indices(n, batch_size, step, seed=0):
     batch[RANK::WORLD]: equal shares, which DDP's gradient average weighs equally."""
     if batch_size % WORLD:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {WORLD} processes")
+    if n < batch_size and WORLD > 1:  # the batch would be all n, shared unevenly (or not at all) by the ranks
+        raise ValueError(f"{n} examples for a batch of {batch_size} in {WORLD} processes: give more data or a "
+                         "smaller --batch_size")
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
@@ -645,11 +673,16 @@ def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft"):
 
 
 def _pair_rows(tok, pairs, max_len):
-    """Render each pair twice: (chosen ids, chosen loss mask, rejected ids, rejected loss mask)."""
+    """Render each pair twice: (chosen ids, chosen loss mask, rejected ids, rejected loss mask). Where the longer
+    one is over max_len, both lose the same tokens after <|begin_of_text|>, so both answer the same prompt."""
     rows = []
     for p in pairs:
-        c_ids, c_mask = render(tok, p["prompt"], p["chosen"], max_len)
-        r_ids, r_mask = render(tok, p["prompt"], p["rejected"], max_len)
+        c_ids, c_mask = render(tok, p["prompt"], p["chosen"])
+        r_ids, r_mask = render(tok, p["prompt"], p["rejected"])
+        cut = max(len(c_ids), len(r_ids)) - max_len
+        if cut > 0:
+            Truncations.n += 1
+            c_ids, c_mask, r_ids, r_mask = (s[:1] + s[1 + cut:] for s in (c_ids, c_mask, r_ids, r_mask))
         rows.append((c_ids, loss_mask(tok, c_ids, c_mask), r_ids, loss_mask(tok, r_ids, r_mask)))
     return rows
 
@@ -718,7 +751,7 @@ def rejection_sample(policy, rm, tok, prompts, k, max_new, temperature=1.0, seed
     Returns per prompt the winner as an SFT conversation (None if no sample ended) and the (len(prompts), K)
     score matrix."""
     gen = torch.Generator(device=device_of(policy)).manual_seed(seed)
-    prompt_ids = [render_prompt(tok, p, context_len(policy) - max_new) for p in prompts]
+    prompt_ids = [render_prompt(tok, p, prompt_room(policy, max_new)) for p in prompts]
     flat = [p for p in prompt_ids for _ in range(k)]
     responses = sample_responses(policy, tok, flat, max_new, temperature, generator=gen)
     scores = rm_scores(rm, [p + r for p, r in zip(flat, responses)]).view(len(prompts), k)
@@ -745,7 +778,7 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     score_mean, score_std = None, None
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng, perm_gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    rendered = [render_prompt(tok, p, context_len(policy) - max_new) for p in prompts]
+    rendered = [render_prompt(tok, p, prompt_room(policy, max_new)) for p in prompts]
     history = []
     for it in range(iters):
         # rollout: sample from the current policy, then score every token once with the same full forward
@@ -817,7 +850,7 @@ SMALL_VOCAB = 256 + 256 + 64  # bytes + special tokens + 64 merges: the task tex
 
 
 def mean_of(history, key):
-    """The mean of one metric over some steps of a stage's history (the last ten: a steadier end point)."""
+    """The mean of one metric over some steps of a stage's history (ten of them: a steadier figure than one)."""
     return sum(h[key] for h in history) / len(history)
 
 
@@ -848,8 +881,8 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
     elif RANK == 0:
         save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
     if RANK == 0:
-        with open(os.path.join(args.out, "align_log.json"), "w") as f:
-            json.dump({"stage": stage, "args": vars(args), "history": history}, f, indent=1)
+        log_json = json.dumps({"stage": stage, "args": vars(args), "history": history}, indent=1).encode()
+        atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
     if dist.is_initialized():
         dist.barrier()
     res = {}

@@ -500,7 +500,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file and the tensor."""
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """write(f) into a temporary file beside path, fsync, then rename over path: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -524,7 +524,7 @@ def _atomic_write(path, write):
 
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically (a killed process leaves the previous file intact)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
@@ -538,9 +538,9 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
     atomic_save(sd, out_dir / "consolidated.00.pth")
     if tokenizer_path is not None:
         data = Path(tokenizer_path).read_bytes()
-        _atomic_write(out_dir / "tokenizer.model", lambda f: f.write(data))
+        atomic_write(out_dir / "tokenizer.model", lambda f: f.write(data))
     params = json.dumps(model.args.to_params(), indent=2) + "\n"
-    _atomic_write(out_dir / "params.json", lambda f: f.write(params.encode()))
+    atomic_write(out_dir / "params.json", lambda f: f.write(params.encode()))
 
 
 def load_pth(file):

@@ -162,6 +162,18 @@ def test_malformed_jsonl_reports_line(tmp_path):
             align.load_pairs(pairs)
 
 
+def test_jsonl_with_a_byte_order_mark_and_pairs_without_a_difference(tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"  # as Notepad saves UTF-8: a BOM before the first record
+    same = [{"prompt": "q", "chosen": " 5\n", "rejected": "5"}, {"prompt": "q", "chosen": "", "rejected": ""}]
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}] + same
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, records)).encode())
+    assert align.load_pairs(path) == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
+    assert "dropped 2 pairs whose chosen and rejected are the same (lines [2, 3])" in capsys.readouterr().err
+    path.write_text("\n".join(map(json.dumps, same)))
+    with pytest.raises(ValueError, match=r"pairs\.jsonl: no pair with two different answers"):
+        align.load_pairs(path)
+
+
 @pytest.fixture(scope="module")
 def tok():
     train, _ = align.task_split(300, 0, seed=0)
@@ -214,6 +226,34 @@ def test_truncate_left_keeps_bos_and_counts():
     assert align.Truncations.n == before + 1
 
 
+def test_a_truncated_pair_keeps_the_same_prompt_on_both_sides(tok):
+    """The reward model and DPO compare two answers to one prompt: cut to fit, both must keep the same prompt
+    tokens, however different the answers' lengths (each cut on its own, the longer one lost more)."""
+    prompt = align.user("Reverse the letters: " + " ".join("abcdefghijklmnopqrstuvwxyz"))
+    pair = dict(prompt=prompt, chosen="a", rejected="a b c d e f g h i j k l m n o p")
+    c_ids, c_mask, r_ids, r_mask = align._pair_rows(tok, [pair], max_len=48)[0]
+    assert len(r_ids) == 48 and len(c_ids) < 48 and c_ids[0] == r_ids[0] == tok.bos_id
+    n = len(c_ids) - len(tok.encode("a")) - 1  # chosen's prompt part: all but its answer and <|eot_id|>
+    assert c_ids[:n] == r_ids[:n] and len(tok.encode_dialog_prompt(prompt)) > n  # the same prompt, and it was cut
+    for ids, mask, answer in ((c_ids, c_mask, "a"), (r_ids, r_mask, pair["rejected"])):  # the answers are whole
+        assert [t for t, m in zip(ids[1:], mask) if m] == tok.encode(answer)  # (the loss mask, on the targets)
+
+
+def test_max_new_leaves_room_for_the_prompt(tok):
+    model = tiny_model(tok)  # a context of 64
+    assert align.prompt_room(model, 32) == 32
+    for bad in (33, 63, 0):
+        with pytest.raises(ValueError, match=f"--max_new {bad}: responses take 1 to 32 tokens"):
+            align.prompt_room(model, bad)
+
+
+def test_a_batch_larger_than_the_data_is_refused_under_ddp(monkeypatch):
+    assert sorted(align.batch_indices(3, 4, step=0)) == [0, 1, 2]  # one process: the batch is all there is
+    monkeypatch.setattr(align, "WORLD", 2)  # two ranks would share 3 examples 2 + 1 (or 1 + 0)
+    with pytest.raises(ValueError, match="3 examples for a batch of 4 in 2 processes"):
+        align.batch_indices(3, 4, step=0)
+
+
 # --- each stage improves its own objective on a tiny model --------------------------------------------------------
 
 def tiny_model(tok, seed=0):
@@ -232,7 +272,7 @@ def test_sft_steps_lower_the_loss(tok):
     assert tail(hist) < 0.8 * hist[0]["loss"]
 
 
-def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path):
+def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path, monkeypatch):
     rng = random.Random(0)
     tasks = align.task_split(64, 0, seed=2)[0]
     pairs = [dict(prompt=align.user(t["prompt"]), chosen=t["answer"], rejected=align.corrupt(t, rng)) for t in tasks]
@@ -251,6 +291,12 @@ def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path):
     data, at = head.read_bytes(), head.read_bytes().index(rm.head.weight.detach().numpy().tobytes())
     head.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
     with pytest.raises(CheckpointError, match="reward_head.pth: the bytes of its record"):
+        align.load_reward_model(tmp_path / "rm")
+    # rewritten by a process killed after the transformer and before the head: refused, not read with the old head
+    monkeypatch.setattr(align, "atomic_save", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        align.save_reward_model(rm, tmp_path / "rm", tok_path)
+    with pytest.raises(FileNotFoundError, match="is not a reward model written by `align.py rm`"):
         align.load_reward_model(tmp_path / "rm")
 
 
