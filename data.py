@@ -31,7 +31,8 @@ Design choices
   Files are written to a temporary name and renamed; meta.json is written last, so a folder with meta.json is
   complete. Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
 - Loader: the split's shards form one token stream, cut into windows of T tokens (x = stream[p:p+T],
-  y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once.
+  y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once, but for the
+  stream's last (n_tokens - 1) % T + 1 (less than one window, the same every epoch).
   Target at a document boundary: the last token of a document has target <|begin_of_text|> and we keep it —
   under the document mask that prediction sees only its own document, so it is the model learning "this document
   ends here" (we write no <|end_of_text|>); nothing leaks across documents, and no position is wasted.
@@ -73,7 +74,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, stdlib_sources, text_batches
+from tokenizer import SURROGATE, Tokenizer, stdlib_sources, text_batches
 
 # -----------------------------------------------------------------------------
 # 1. Sources: every function yields documents as str
@@ -121,7 +122,7 @@ def read_jsonl(path, field="text"):
         while True:
             try:
                 line = next(f, None)  # gzip: a cut or foreign file fails here
-            except (EOFError, OSError) as e:
+            except (EOFError, OSError, zlib.error) as e:
                 raise ValueError(f"{path}: unreadable after line {lineno} ({e}); is the file truncated?") from None
             if line is None:
                 break
@@ -153,8 +154,20 @@ def read_parquet(path, field="text"):
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no {field!r} column (columns: {pf.schema_arrow.names})")
-    for batch in pf.iter_batches(columns=[field]):
-        yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+    yield from only_strings((t for batch in pf.iter_batches(columns=[field]) for t in batch.column(0).to_pylist()),
+                            path, field)
+
+
+def only_strings(values, where, field="text"):
+    """Yield the strings; skip the rest (None, numbers: a dataset's missing values) and say how many at the end."""
+    skipped = 0
+    for v in values:
+        if isinstance(v, str):
+            yield v
+        else:
+            skipped += 1
+    if skipped:
+        print(f"warning: {where}: skipped {skipped} record(s) without a string {field!r}", file=sys.stderr)
 
 
 def read_file(path):
@@ -186,8 +199,8 @@ def iter_documents(source):
         except ImportError:
             raise ImportError(f"source {source!r} needs the datasets package (pip install datasets)") from None
         name, _, config = source[3:].partition(":")
-        for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
-            yield row["text"]
+        rows = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        yield from only_strings((row.get("text") for row in rows), source)
     else:
         for path in source_files(source):
             yield from read_file(path)
@@ -226,7 +239,6 @@ def source_stamp(source):
 # 2. Cleaning: one canonical form, so that dedup compares like with like
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")  # C0/C1 controls but \t \n, and the BOM
-SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: "\ud83d" alone is valid JSON, not UTF-8
 TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 BLANK_LINES = re.compile(r"\n{4,}")
 
@@ -236,9 +248,8 @@ def clean_text(text):
     encode it), \\n newlines, no control characters, no trailing spaces, at most two blank lines in a row, no
     blank lines at either end.
     'Cafe\\u0301  \\r\\n\\r\\n\\r\\n\\r\\nx' -> 'Café\\n\\n\\nx'"""
-    text = unicodedata.normalize("NFC", SURROGATE.sub("\ufffd", text))
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = CONTROL.sub("", text)
+    text = SURROGATE.sub("\ufffd", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", CONTROL.sub("", text))  # after the controls go: they may part a mark
     text = TRAILING.sub("", text)
     text = BLANK_LINES.sub("\n\n\n", text)
     return text.strip("\n")
@@ -421,7 +432,8 @@ def checkpoint_labeller(ckpt_dir, max_tokens=1024):
 def train_quality_filter(texts, labeller, drop=0.1):
     """Label the sample (the `drop` fraction with the lowest labeller score is junk), fit a classifier on it."""
     scores = np.asarray(labeller(texts), dtype=np.float64)
-    labels = (scores > np.quantile(scores, drop)).astype(np.float32)
+    labels = np.ones(len(texts), dtype=np.float32)
+    labels[np.argsort(scores, kind="stable")[:int(drop * len(texts))]] = 0  # by rank: ties cannot make all junk
     return QualityClassifier().fit(texts, labels)
 
 
@@ -471,6 +483,8 @@ def read_shard(path):
         raise ValueError(f"{path}: has no tokens")
     if tokens[0] != bos_id:
         raise ValueError(f"{path}: does not start with <|begin_of_text|> (id {bos_id})")
+    if not (0 <= bos_id < vocab_size and fp.rstrip(b"\0").isascii()):
+        raise ValueError(f"{path}: damaged header (vocab size {vocab_size}, <|begin_of_text|> id {bos_id})")
     header = dict(vocab_size=vocab_size, bos_id=bos_id, n_docs=n_docs, n_tokens=n_tokens,
                   fingerprint=fp.rstrip(b"\0").decode("ascii"))
     return header, tokens
@@ -554,8 +568,20 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-PIPELINE = 2  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
-              # (2: the heuristics run before near-dedup)
+PIPELINE = 3  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+              # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank)
+
+
+def read_meta(path, missing_ok=False):
+    """meta.json -> dict; unreadable: ValueError naming it (missing_ok: {}, a cache to rebuild)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        if missing_ok:
+            return {}
+        raise ValueError(f"{path}: unreadable ({e}); re-run prepare_data / `python data.py`") from None
+
 
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
@@ -570,6 +596,11 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if not 0 <= val_fraction <= 0.5:
         raise ValueError(f"val_fraction={val_fraction}: must be within [0, 0.5] (every round(1/val_fraction)-th "
                          "document goes to val)")
+    if not 0 <= quality_drop < 1:
+        raise ValueError(f"quality_drop={quality_drop}: the fraction of the sample labelled junk, within [0, 1)")
+    for name, value in (("num_proc", num_proc or 1), ("shard_tokens", shard_tokens), ("max_docs", max_docs or 1)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
@@ -577,8 +608,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_meta(meta_path, missing_ok=True)  # (unreadable: rebuilt)
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
             if verbose:
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source "
@@ -683,7 +713,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             pool.terminate()
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
-    steps = ["empty", "exact duplicate", "near duplicate", "heuristic", "quality"]  # pipeline order, for the table
+    steps = ["empty", "exact duplicate", "heuristic", "near duplicate", "quality"]  # pipeline order, for the table
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
                 bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
                 read=dict(docs=read[0], bytes=read[1]),
@@ -692,7 +722,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 seconds=round(time.time() - t0, 1))
     if meta["train"]["docs"] == 0:
         raise ValueError(f"source {source!r}: no document survived filtering into the train split "
-                         f"(read {read[0]}, removed {meta['removed']})")
+                         f"(read {read[0]}, removed {meta['removed']}, {meta['val']['docs']} went to val: the "
+                         f"first kept document always does)")
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")
@@ -717,12 +748,17 @@ class PackedLoader:
     block = 1 << 20  # windows per shuffle block
 
     def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, fingerprint=None):
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1),
+                                 ("seed", seed, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"PackedLoader: {name}={value!r}, must be an integer >= {low}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"PackedLoader: rank {rank} is not one of the {world_size} processes")
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: run prepare_data / `python data.py` first "
                                     "(a folder without meta.json is incomplete)")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_meta(meta_path)
         if split not in meta or not meta[split]["shards"]:
             raise ValueError(f"{data_dir}: no {split!r} shards in meta.json")
         self.shards, self.paths = [], [os.path.join(data_dir, name) for name in meta[split]["shards"]]
@@ -732,14 +768,17 @@ class PackedLoader:
             if header["fingerprint"] != want:
                 raise ValueError(f"{os.path.join(data_dir, name)}: made with tokenizer {header['fingerprint']}, "
                                  f"expected {want}; re-run prepare_data with this tokenizer")
+            if (header["vocab_size"], header["bos_id"]) != (meta["vocab_size"], meta["bos_id"]):
+                raise ValueError(f"{os.path.join(data_dir, name)}: damaged header (vocab size {header['vocab_size']}"
+                                 f", <|begin_of_text|> {header['bos_id']}; meta.json: {meta['vocab_size']}, "
+                                 f"{meta['bos_id']})")
             self.shards.append(tokens)
-        self.bos_id, self.vocab_size = header["bos_id"], header["vocab_size"]
+        self.bos_id, self.vocab_size = meta["bos_id"], meta["vocab_size"]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
         if self.n_windows < 1:
             raise ValueError(f"{data_dir}: {split} has {self.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        assert 0 <= rank < world_size
         self.B, self.T, self.rank, self.world, self.seed = batch_size, seq_len, rank, world_size, seed
         self.batch = 0  # batches this rank has returned
         self._cache = {}

@@ -119,8 +119,8 @@ tok = Tokenizer.load(args.tokenizer)
 out = os.path.join(tmp, "shards1")
 import json  # noqa: E402
 with open(os.path.join(out, "meta.json"), "w") as f:
-    json.dump({"fingerprint": tok.fingerprint(), "train": {"shards": sorted(
-        n for n in os.listdir(out) if n.startswith("train_"))}}, f)
+    json.dump({"fingerprint": tok.fingerprint(), "vocab_size": tok.n_words, "bos_id": tok.bos_id,
+               "train": {"shards": sorted(n for n in os.listdir(out) if n.startswith("train_"))}}, f)
 margs = dataclasses.replace(PRESETS["cpu"], vocab_size=tok.n_words)
 B, T = 16, margs.max_seq_len
 

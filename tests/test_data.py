@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ def test_clean_text():
     assert data.clean_text("\n\n  indented code\n    more  \n\n") == "  indented code\n    more"
     half_emoji = json.loads('"ok \\ud83d!"')  # valid JSON, but no UTF-8 for it: it would fail at every encode
     assert data.clean_text(half_emoji) == "ok \ufffd!"
+    parted = data.clean_text("Cafe\x00\u0301 menu")  # the control goes first, then the accent joins its letter
+    assert parted == "Caf\u00e9 menu" and unicodedata.is_normalized("NFC", parted)
 
 
 def test_jsonl_bad_lines(tmp_path, capsys):
@@ -58,6 +61,13 @@ def test_jsonl_bad_lines(tmp_path, capsys):
         list(data.iter_documents(str(cut)))
     cut.write_bytes(b'{"text": "not gzipped"}\n')
     with pytest.raises(ValueError, match=r"c\.jsonl\.gz: unreadable after line 0"):
+        list(data.iter_documents(str(cut)))
+    with gzip.open(cut, "wt", encoding="utf-8") as f:  # a damaged deflate block: zlib's own error, named
+        f.write("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)))
+    raw = bytearray(cut.read_bytes())
+    raw[200] ^= 0xFF
+    cut.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"c\.jsonl\.gz: unreadable after line \d+"):
         list(data.iter_documents(str(cut)))
 
 
@@ -118,6 +128,19 @@ def test_a_rejected_document_does_not_take_its_clean_near_copy(corpus, tmp_path)
     meta = data.prepare_data(str(tmp_path / "docs.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0,
                              num_proc=1, verbose=False)
     assert meta["train"]["docs"] == 1 and "near duplicate" not in meta["removed"]
+
+
+def test_removals_are_listed_in_pipeline_order(corpus, tmp_path):
+    root, docs, tok_path = corpus
+    clean = max(docs, key=len)  # "short" goes at the heuristics, then the near copy (one word changed) after them
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                                 ["short", clean, clean.replace(" ", "  ", 1) + " x"] + docs[:3]))
+    meta = data.prepare_data(str(tmp_path / "docs.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0,
+                             num_proc=1, verbose=False)
+    assert list(meta["removed"]) == ["heuristic: too short", "near duplicate"]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": clean}))  # one document: it goes to val, and says so
+    with pytest.raises(ValueError, match="removed {}, 1 went to val: the first kept document always does"):
+        data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), verbose=False)
 
 
 def test_shard_writer_cuts_the_same_however_documents_arrive(tmp_path):
@@ -186,7 +209,7 @@ def write_split(out_dir, split, tokens, shard_tokens, fingerprint="f00d"):
     """Write a stream as shards + meta.json with data.ShardWriter, as prepare_data does."""
     w = data.ShardWriter(str(out_dir), split, shard_tokens, 1 << 31, BOS, fingerprint)
     w.add(tokens, int((tokens == BOS).sum()), 0)
-    meta = {"fingerprint": fingerprint, split: w.close()}
+    meta = {"fingerprint": fingerprint, "vocab_size": 1 << 31, "bos_id": BOS, split: w.close()}
     (out_dir / "meta.json").write_text(json.dumps(meta))
     return meta
 
@@ -225,6 +248,9 @@ def test_shard_roundtrip_and_bad_files(tmp_path):
     (tmp_path / "empty.bin").write_bytes(data.HEADER.pack(data.MAGIC, data.VERSION, 100, BOS, 0, 0, b"abc"))
     with pytest.raises(ValueError, match=r"empty\.bin: has no tokens"):
         data.read_shard(str(tmp_path / "empty.bin"))
+    (tmp_path / "fp.bin").write_bytes(raw[:32] + b"\xff" + raw[33:])  # a flipped bit in the fingerprint
+    with pytest.raises(ValueError, match=r"fp\.bin: damaged header"):
+        data.read_shard(str(tmp_path / "fp.bin"))
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic write leaves no temp file
 
 
@@ -235,9 +261,27 @@ def test_loader_refuses_other_tokenizer_and_missing_meta(stream, tmp_path_factor
         data.PackedLoader(str(out), "train", 2, 16, fingerprint="beef")
     with pytest.raises(FileNotFoundError, match="meta.json"):
         data.PackedLoader(str(tmp_path_factory.mktemp("empty")), "train", 2, 16)
+    last = out / f"train_{len(json.loads((out / 'meta.json').read_text())['train']['shards']) - 1:03d}.bin"
+    raw = last.read_bytes()  # the last shard's vocabulary size damaged (the loader used to take it from there)
+    last.write_bytes(raw[:12] + (1 << 30).to_bytes(4, "little") + raw[16:])  # (it blamed an intact shard's ids)
+    with pytest.raises(ValueError, match=rf"{last.name}: damaged header \(vocab size 1073741824"):
+        data.PackedLoader(str(out), "train", 2, 16)
+    last.write_bytes(raw)
     os.truncate(out / "train_001.bin", 100)
     with pytest.raises(ValueError, match=r"train_001\.bin: truncated"):
         data.PackedLoader(str(out), "train", 2, 16)
+    (out / "meta.json").write_text('{"version": 1, "con')  # cut short
+    with pytest.raises(ValueError, match=r"meta\.json: unreadable"):
+        data.PackedLoader(str(out), "train", 2, 16)
+
+
+@pytest.mark.parametrize("kwargs, what", [(dict(seq_len=0), "seq_len=0"), (dict(batch_size=0), "batch_size=0"),
+                                          (dict(rank=2, world_size=2), "rank 2 is not one of the 2 processes"),
+                                          (dict(seed=-1), "seed=-1")])
+def test_loader_arguments_are_checked(stream, kwargs, what):
+    args = dict(batch_size=2, seq_len=16) | kwargs
+    with pytest.raises(ValueError, match=what):
+        data.PackedLoader(str(stream[0]), "train", **args)
 
 
 def test_windows_and_doc_ids(stream):
@@ -383,6 +427,9 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
         json.dump(stale, f)
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
                              shard_tokens=2000, verbose=False)["config"]["pipeline"] == data.PIPELINE  # rebuilt
+    (tmp_path / "shards" / "meta.json").write_text('{"version": 1, "con')  # a damaged cache: rebuilt, not a crash
+    assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000, verbose=False)["train"] == meta["train"]
     meta2 = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=2)
     assert len(meta2["train"]["shards"]) == 1
     assert sorted(os.listdir(out)) == ["meta.json", "train_000.bin", "val_000.bin"]
@@ -406,8 +453,18 @@ def test_prepare_data_quality_filter_and_empty(corpus, tmp_path):
         return [np.mean([w.strip(".").lower() in vocab for w in t.split()]) for t in texts]
 
     meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
-                             labeller=labeller, quality_sample=60, quality_drop=0.3, verbose=False)
+                             labeller=labeller, quality_sample=60, quality_drop=0.35, verbose=False)  # 21/60 junk
     assert meta["removed"]["quality"]["docs"] == 50 and meta["train"]["docs"] == 100
+    # labels go by rank: no junk at drop 0 (the lowest score was junk at any drop), and scores that all tie do
+    # not make every document junk (all of them were, and nothing survived)
+    meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
+                             labeller=labeller, quality_sample=60, quality_drop=0, verbose=False)
+    assert "quality" not in meta["removed"] and meta["train"]["docs"] == 150
+    meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
+                             labeller=lambda texts: [1.0] * len(texts), quality_sample=60, verbose=False)
+    assert meta["train"]["docs"] > 0
+    with pytest.raises(ValueError, match=r"quality_drop=1: the fraction of the sample labelled junk"):
+        data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), labeller=labeller, quality_drop=1)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="no documents"):
