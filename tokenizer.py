@@ -52,6 +52,7 @@ from tqdm import tqdm
 # tiktoken's cl100k_base, GPT-4's tokenizer): contractions, letters with one optional leading non-letter, numbers of at most 3 digits,
 # punctuation runs, newlines, and whitespace that never swallows the space before a word.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+SURROGATE = regex.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: "\ud83d" alone is valid JSON, not UTF-8
 
 # Meta's Llama 3 special tokens, in id order after the mergeable ranks (meta-llama/llama3 tokenizer.py).
 # Llama 3.1 later renamed some reserved slots (<|eom_id|> at +8, <|python_tag|> at +10); the ids we use
@@ -156,7 +157,7 @@ def _count_chunks(args):
     pattern, texts = args
     rx, counts = regex.compile(pattern), Counter()
     for text in texts:
-        counts.update(rx.findall(text))
+        counts.update(rx.findall(SURROGATE.sub("\ufffd", text)))  # as tiktoken encodes a lone surrogate
     return counts
 
 
@@ -191,7 +192,7 @@ def count_chunks(texts, pattern=LLAMA3_PATTERN, processes=None, batch_chars=2_00
             jobs = ((pattern, batch) for batch in itertools.chain(head, batches))
             for part in pool.imap_unordered(_count_chunks, jobs):
                 counts.update(part)  # a sum: the order the parts come back in does not matter
-    return {chunk.encode("utf-8", errors="replace"): n for chunk, n in counts.items()}
+    return {chunk.encode("utf-8"): n for chunk, n in counts.items()}
 
 
 # Step 2: merge incrementally. Per merge we touch only the chunks that contain the merged pair.
@@ -392,8 +393,10 @@ class Tokenizer:
     def save(self, path):
         """Write `path` (tiktoken / Meta format) atomically, and a readable `.vocab` file beside it."""
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])
-        _write_atomic(path, "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank))
         vocab_path = os.path.splitext(path)[0] + ".vocab"
+        if os.path.abspath(vocab_path) == os.path.abspath(path):
+            raise ValueError(f"{path}: the tokenizer and its readable .vocab would be the same file: name it *.model")
+        _write_atomic(path, "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank))
         lines = [f"{rank}\t{render_token(tok)}\n" for tok, rank in by_rank]
         lines += [f"{i}\t{tok}\n" for tok, i in self.special_tokens.items()]
         _write_atomic(vocab_path, "".join(lines))
@@ -453,8 +456,9 @@ class Tokenizer:
     def encode_dialog_prompt(self, messages):
         """Render a conversation that the model should answer: ends with an open assistant header."""
         check_dialog(messages)
-        if messages[-1]["role"] == "assistant":
-            raise ValueError("the last message is the assistant's: the prompt must end with the user's turn")
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"the last message is the {messages[-1]['role']}'s: the prompt must end with the "
+                             "user's turn")
         ids, _ = self.encode_dialog(messages)
         return ids + self._header("assistant")
 
@@ -483,8 +487,9 @@ if __name__ == "__main__":
     if args.load:
         tok = Tokenizer.load(args.load)
     else:
-        from data import iter_documents  # data.py imports this file: import it only here
-        tok = Tokenizer.train(iter_documents(args.source), args.vocab_size, verbose=True)
+        from data import clean_text, iter_documents  # data.py imports this file: import it only here
+        # trained on the text the shards will hold: cleaned as data.py cleans it (\n newlines, no trailing spaces)
+        tok = Tokenizer.train(map(clean_text, iter_documents(args.source)), args.vocab_size, verbose=True)
         tok.save(args.out)
         print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab")
     print(f"{tok.n_words} tokens: 256 bytes + {len(tok.ranks) - 256} merged + {N_SPECIAL} special "

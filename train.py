@@ -371,7 +371,7 @@ source = args.source or "stdlib"
 if master and not os.path.exists(args.tokenizer):
     log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
-    Tokenizer.train(data.iter_documents(source), args.vocab_size).save(args.tokenizer)
+    Tokenizer.train(map(data.clean_text, data.iter_documents(source)), args.vocab_size).save(args.tokenizer)
     log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
 if master and not os.path.exists(os.path.join(args.data, "meta.json")):
     log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")

@@ -99,6 +99,14 @@ def test_parallel_counting_matches_serial():
     assert parallel == serial and sum(serial.values()) > 1000
 
 
+def test_lone_surrogates_are_counted_as_tiktoken_encodes_them(tok):
+    """A lone UTF-16 surrogate (valid in JSON, not in UTF-8): tiktoken encodes U+FFFD's bytes for it, so the
+    trainer counts those, once per occurrence (it counted b"?", and chunks that met there overwrote each other)."""
+    counts = T.count_chunks(["x\ud800 x\ud800 x? "], processes=1)
+    assert counts == {b"x": 1, "\ufffd".encode(): 2, b" x": 2, b"?": 1, b" ": 1}
+    assert tok.decode_bytes(tok.encode("a\ud83db")) == "a\ufffdb".encode()
+
+
 # --- encoding: tiktoken equals the pure-Python reference -------------------------------------------
 
 UNSEEN = ["Hello, world! How's it going?", "naïve café 🎉 ✓ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "    return x  \n\n\n", "",
@@ -187,6 +195,8 @@ def test_role_error_names_the_message(tok):
 def test_prompt_must_end_with_user(tok):
     with pytest.raises(ValueError, match="assistant"):
         tok.encode_dialog_prompt(DIALOG)
+    with pytest.raises(ValueError, match="the last message is the system's"):
+        tok.encode_dialog_prompt([{"role": "system", "content": "Be brief."}])
 
 
 # --- files: our format, tiktoken's loader, Meta's tokenizer.model ------------------------------------
@@ -204,6 +214,8 @@ def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     assert len(vocab_lines) == tok.n_words and vocab_lines[-1].endswith("<|reserved_special_token_250|>")
     other = Tokenizer.train(["something else entirely"], 256 + 5 + N_SPECIAL)
     assert other.fingerprint() != tok.fingerprint()
+    with pytest.raises(ValueError, match=r"tok\.vocab: the tokenizer and its readable \.vocab would be the same"):
+        tok.save(str(tmp_path / "tok.vocab"))  # the readable listing would overwrite the model just written
 
 
 def write_meta_like_model(path, n_ranks=128_000):
