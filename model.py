@@ -33,6 +33,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import warnings
 import zipfile
@@ -63,8 +64,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0           # Llama 3 raised RoPE's base from 10000 (paper, section 3.2)
     use_scaled_rope: bool = False          # Llama 3.1's long-context frequency scaling
-    max_seq_len: int = 8192                # Llama 3's pretraining context; caps the KV cache a caller sets up
-    # ours, written to params.json only when they differ from these defaults (Meta's loader stays happy)
+    max_seq_len: int = 8192                # Llama 3's pretraining context; caps the KV cache (params.json: context_len)
+    # ours (Meta's loaders skip them), written to params.json where they differ from these defaults
     rope_scaling_factor: float = 8.0       # Llama 3.1 uses 8, Llama 3.2 (1B, 3B) uses 32
     rope_original_context: int = 8192      # the context the model was pretrained at, where the scaling is anchored
     tie_embeddings: bool = False           # output shares tok_embeddings (Llama 3.2 1B/3B)
@@ -73,10 +74,17 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                 "rope_original_context") + (("ffn_hidden_dim",) if self.ffn_hidden_dim is not None else ())
         bad = [f"{f}={getattr(self, f)!r}" for f in sizes if not isinstance(getattr(self, f), int)]
         if bad:
             raise ValueError(f"ModelArgs: {', '.join(bad)}: sizes must be integers")
+        reals = ("norm_eps", "rope_theta", "rope_scaling_factor") + \
+            (("ffn_dim_multiplier",) if self.ffn_dim_multiplier is not None else ())
+        bad = [f"{f}={getattr(self, f)!r}" for f in reals
+               if not isinstance(getattr(self, f), (int, float)) or not getattr(self, f) > 0]  # (not NaN either)
+        if bad:
+            raise ValueError(f"ModelArgs: {', '.join(bad)}: must be a positive number")
         checks = [
             (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0 and self.n_kv_heads > 0,
              "dim, n_layers, n_heads, n_kv_heads must be positive"),
@@ -87,6 +95,9 @@ class ModelArgs:
             (self.vocab_size > 0, f"vocab_size={self.vocab_size} must be positive"),
             (self.multiple_of > 0, f"multiple_of={self.multiple_of} must be positive"),
             (self.max_seq_len > 0, f"max_seq_len={self.max_seq_len} must be positive"),
+            (self.rope_original_context > 0, f"rope_original_context={self.rope_original_context} must be positive"),
+            (self.ffn_hidden_dim is None or self.ffn_hidden_dim > 0,
+             f"ffn_hidden_dim={self.ffn_hidden_dim} must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,13 +108,36 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     def to_params(self) -> dict:
-        """The params.json dict: Meta's fields always, ours only where they are not the default."""
+        """The params.json dict, which Meta's reference code (meta-llama/llama-models) loads as
+        `ModelArgs(max_seq_len=..., max_batch_size=..., **params)`, skipping the keys it does not know: Meta's fields,
+        ours where they are not the default, and the RoPE factor whenever scaling is on."""
         defaults = ModelArgs()
-        ours = {"rope_scaling_factor", "rope_original_context", "tie_embeddings", "ffn_hidden_dim"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ours or v != getattr(defaults, k)}
+        ours = {"use_scaled_rope", "rope_scaling_factor", "rope_original_context", "tie_embeddings", "ffn_hidden_dim"}
+        params = {k: v for k, v in dataclasses.asdict(self).items() if k not in ours or v != getattr(defaults, k)}
+        if self.use_scaled_rope:  # else read_meta_checkpoint would guess the factor at the Llama 3.2 1B/3B shapes
+            params.update(rope_scaling_factor=self.rope_scaling_factor,
+                          rope_original_context=self.rope_original_context)
+        # Meta's loaders pass max_seq_len themselves (the cache they set up), so ours would be a second value
+        # for it (TypeError): our context goes under a name they skip
+        params["context_len"] = params.pop("max_seq_len")
+        hidden = self.ffn_hidden_dim
+        if hidden is not None and swiglu_hidden_dim(dataclasses.replace(self, ffn_hidden_dim=None)) != hidden:
+            # Meta's loaders skip ffn_hidden_dim too and size the SwiGLU from multiple_of and ffn_dim_multiplier
+            # (swiglu_hidden_dim): a multiplier taking int(8/3 dim) to hidden + 0.5, which int() makes hidden (half
+            # a unit from float rounding either way), is rounded up to a multiple of hidden: hidden itself
+            params.update(multiple_of=hidden, ffn_dim_multiplier=(hidden + 0.5) / int(2 * 4 * self.dim / 3))
+        return params
 
     @classmethod
     def from_params(cls, params: dict) -> "ModelArgs":
+        """The inverse of to_params; also reads Meta's params.json and ours from before context_len (max_seq_len)."""
+        if not isinstance(params, dict):
+            raise ValueError(f"params: a JSON {type(params).__name__}, not an object of fields")
+        params = dict(params)
+        if "context_len" in params:
+            if "max_seq_len" in params:
+                raise ValueError("params: both context_len and max_seq_len (the same field, the context)")
+            params["max_seq_len"] = params.pop("context_len")
         unknown = sorted(set(params) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"params: unknown fields {unknown}")
@@ -554,6 +588,9 @@ def load_pth(file):
             bad = z.testzip() if any(r.CRC for r in z.infolist()) else None
     except (zipfile.BadZipFile, OSError):  # not a zip, or unreadable: torch.load below says what it is
         bad = None
+    except Exception as e:  # damaged zip records: zipfile raises EOFError, NotImplementedError, UnicodeDecodeError...
+        raise CheckpointError(f"{file}: its zip records are damaged ({e!r}): the file is corrupt "
+                              "(copy or download it again)") from e
     if bad is not None:
         raise CheckpointError(f"{file}: the bytes of its record {bad} do not match their CRC-32: the file is "
                               "corrupt (copy or download it again)")
@@ -588,6 +625,12 @@ def read_meta_checkpoint(path):
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
     shards = [load_pth(f) for f in files]
+    for f, shard in zip(files, shards):
+        if not isinstance(shard, dict):
+            raise CheckpointError(f"{f}: holds a {type(shard).__name__}, not a state dict (name -> tensor)")
+        for key, t in shard.items():
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"{f}: tensor {key} is not a tensor but {type(t).__name__}")
     for f, shard in zip(files[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())
@@ -633,14 +676,22 @@ def read_safetensors_plain(file):
         except ValueError as e:
             raise CheckpointError(f"{file}: header is not JSON ({e})") from e
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: header is a JSON {type(header).__name__}, not an object")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        info = info if isinstance(info, dict) else {}
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and
+                isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{file}: tensor {name} has header entry {header[name]!r}: expected shape [sizes] "
+                                  "and data_offsets [begin, end], integers")
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        shape, (begin, end) = info["shape"], info["data_offsets"]
+        begin, end = offsets
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if end - begin != nbytes or begin < 0 or 8 + n + end > size:
             raise CheckpointError(f"{file}: tensor {name} has data_offsets {[begin, end]} that do not hold "
@@ -677,17 +728,19 @@ def args_from_hf_config(config, file="config.json"):
     # RoPE: transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older configs write
     # rope_theta and rope_scaling {rope_type (or type), factor, ...} (null when unscaled)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{file}: RoPE {rope!r} is not an object")
     args = dict(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
                 n_kv_heads=config.get("num_key_value_heads"), vocab_size=get("vocab_size"),
                 ffn_hidden_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
                 max_seq_len=get("max_position_embeddings", 2048),
                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
     kind = rope.get("rope_type", rope.get("type", "default"))
     expected = dict(low_freq_factor=1.0, high_freq_factor=4.0)
     if kind == "llama3" and "factor" in rope and all(rope.get(k) == v for k, v in expected.items()):
-        args.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]),
-                    rope_original_context=int(rope.get("original_max_position_embeddings", 8192)))
+        args.update(use_scaled_rope=True, rope_scaling_factor=rope["factor"],
+                    rope_original_context=rope.get("original_max_position_embeddings", 8192))
     elif kind != "default":
         raise CheckpointError(f"{file}: RoPE {rope} is neither plain nor Llama 3.1's (rope_type llama3, {expected})")
     try:
@@ -722,6 +775,8 @@ def read_hf_checkpoint(path):
         config = json.loads((path / "config.json").read_text())
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: not JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / 'config.json'}: a JSON {type(config).__name__}, not an object of fields")
     args = args_from_hf_config(config, path / "config.json")
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -737,15 +792,17 @@ def read_hf_checkpoint(path):
             elif key == "lm_head.weight":
                 key = "output.weight"
             elif key.startswith("layers."):
-                _, i, rest = key.split(".", 2)  # "layers", "3", "self_attn.q_proj.weight"
-                module, leaf = rest.rsplit(".", 1)
-                if module not in HF_NAMES or leaf != "weight":  # (a Llama has no biases)
+                match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)  # layers.3.self_attn.q_proj.weight
+                if match is None or match[2] not in HF_NAMES:  # (a Llama has no biases)
                     raise CheckpointError(f"{file}: unexpected tensor {name}")
-                key = f"layers.{i}.{HF_NAMES[module]}.{leaf}"
-                if module == "self_attn.q_proj":
-                    t = unpermute_hf(t, args.n_heads)
-                elif module == "self_attn.k_proj":
-                    t = unpermute_hf(t, args.n_kv_heads)
+                i, module = match.groups()
+                key = f"layers.{i}.{HF_NAMES[module]}.weight"
+                heads = {"self_attn.q_proj": args.n_heads, "self_attn.k_proj": args.n_kv_heads}.get(module)
+                if heads is not None:  # load_model checks the other shapes; unpermuting needs these right first
+                    if t.shape != (heads * args.head_dim, args.dim):
+                        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                              f"{(heads * args.head_dim, args.dim)} from config.json")
+                    t = unpermute_hf(t, heads)
             if key in sd:
                 raise CheckpointError(f"{file}: tensor {name} is also in {source[key].name}")
             sd[key], source[key] = t, file
@@ -785,6 +842,8 @@ def load_model(path, device="cpu", dtype=None):
         if t.shape != expected[key].shape:
             raise CheckpointError(f"{files.get(key, path)}: tensor {key} has shape {tuple(t.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from the config")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{files.get(key, path)}: tensor {key} has dtype {t.dtype}, not a floating point one")
     model.load_state_dict(sd, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter

@@ -37,10 +37,17 @@ from tokenizer import Tokenizer
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) fp32 -> next token ids (B,)."""
+    """logits (B, V) fp32 -> next token ids (B,). Checks its arguments: generate and Session.stream come here."""
+    if not temperature >= 0:  # (NaN too) below 0 would favour the least likely tokens
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k}: must be an integer >= 1 (or None: no top-k)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be within (0, 1] (or None: no top-p)")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # the largest logit becomes 0 before dividing, so a tiny temperature gives -inf (probability 0), never inf - inf
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -464,6 +465,82 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
 
 
+class MetaModelArgs:
+    """Meta's reference code (meta-llama/llama-models, models/llama3/args.py): defaults as class attributes, and an
+    __init__ that keeps only the keys it has (hasattr). Its loader (generation.py, Llama.build) calls it as
+    ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)."""
+    dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of, ffn_dim_multiplier = 4096, 32, 32, None, -1, 256, None
+    norm_eps, rope_theta, use_scaled_rope, max_batch_size, max_seq_len = 1e-5, 500000, False, 32, 2048
+
+    def __init__(self, **kwargs):
+        for k, v in kwargs.items():
+            if hasattr(self, k):
+                setattr(self, k, v)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+
+def meta_shapes(p):
+    """The tensor shapes Meta's llama3 model.py builds from its ModelArgs p (FeedForward: its hidden-size rule)."""
+    hidden = int(2 * (4 * p.dim) / 3)
+    if p.ffn_dim_multiplier is not None:
+        hidden = int(p.ffn_dim_multiplier * hidden)
+    hidden = p.multiple_of * ((hidden + p.multiple_of - 1) // p.multiple_of)
+    q, kv = p.dim // p.n_heads * p.n_heads, p.dim // p.n_heads * p.n_kv_heads
+    shapes = {"tok_embeddings.weight": (p.vocab_size, p.dim), "norm.weight": (p.dim,),
+              "output.weight": (p.vocab_size, p.dim)}
+    for i in range(p.n_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in {
+            "attention.wq.weight": (q, p.dim), "attention.wk.weight": (kv, p.dim), "attention.wv.weight": (kv, p.dim),
+            "attention.wo.weight": (p.dim, q), "feed_forward.w1.weight": (hidden, p.dim),
+            "feed_forward.w2.weight": (p.dim, hidden), "feed_forward.w3.weight": (hidden, p.dim),
+            "attention_norm.weight": (p.dim,), "ffn_norm.weight": (p.dim,)}.items()})
+    return shapes
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(use_scaled_rope=True, tie_embeddings=True), dict(ffn_hidden_dim=200), dict(ffn_hidden_dim=1),
+    dict(ffn_hidden_dim=100_003, dim=96, n_heads=6),
+    # Hugging Face's Llama 3 8B, 70B, 3.2 1B, 3B (intermediate_size given, multiple_of left at its default)
+    dict(dim=4096, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, vocab_size=128256, n_layers=1),
+    dict(dim=8192, n_heads=64, n_kv_heads=8, ffn_hidden_dim=28672, vocab_size=128256, n_layers=1),
+    dict(dim=2048, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, vocab_size=128256, n_layers=1),
+    dict(dim=3072, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192, vocab_size=128256, n_layers=1)])
+def test_params_json_loads_in_metas_reference_code(kw):
+    """Meta's loader passes max_seq_len itself (a second one in params.json was a TypeError) and sizes the SwiGLU
+    from multiple_of / ffn_dim_multiplier, never reading our ffn_hidden_dim: it must build our shapes."""
+    args = tiny_args(**{"multiple_of": 256, **kw} if "ffn_hidden_dim" in kw else kw)
+    params = json.loads(json.dumps(args.to_params()))
+    meta = MetaModelArgs(max_seq_len=512, max_batch_size=4, **params)
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    assert meta_shapes(meta) == ours
+    assert params["context_len"] == args.max_seq_len and ModelArgs.from_params(params).max_seq_len == args.max_seq_len
+    assert ("use_scaled_rope" in params) == args.use_scaled_rope  # Meta's Llama 3 8B/70B files have no such key
+
+
+def test_params_json_round_trip_keeps_context_rope_and_ffn(tmp_path):
+    m = tiny_model(ffn_hidden_dim=200, use_scaled_rope=True, rope_scaling_factor=4.0, max_seq_len=96)
+    M.save_model(m, tmp_path / "ckpt")
+    params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
+    loaded = M.load_model(tmp_path / "ckpt")
+    a = loaded.args
+    assert (a.max_seq_len, a.rope_scaling_factor, M.swiglu_hidden_dim(a)) == (96, 4.0, 200)
+    assert a.to_params() == params  # saving again writes the same file
+    tokens = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(loaded(tokens), m(tokens), atol=0, rtol=0)
+    # Llama 3.2 1B's shape with 3.1's factor 8: written, so not mistaken for Meta's files that leave out their 32
+    args = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, use_scaled_rope=True)
+    (tmp_path / "1b").mkdir()
+    (tmp_path / "1b" / "params.json").write_text(json.dumps(args.to_params()))
+    torch.save({}, tmp_path / "1b" / "consolidated.00.pth")  # the shapes are all this reads
+    assert M.read_meta_checkpoint(tmp_path / "1b")[0] == args
+    # params.json written before context_len still loads; one that gives both is refused
+    assert ModelArgs.from_params({"dim": 64, "n_heads": 4, "max_seq_len": 96}).max_seq_len == 96
+    with pytest.raises(ValueError, match="both context_len and max_seq_len"):
+        ModelArgs.from_params({"dim": 64, "n_heads": 4, "max_seq_len": 96, "context_len": 96})
+
+
 # Meta's fairscale split of each weight across model-parallel ranks (meta-llama/llama3 model.py):
 # ColumnParallelLinear (wq, wk, wv, w1, w3, output) and VocabParallelEmbedding on dim 0,
 # RowParallelLinear (wo, w2) on dim 1, norms copied to every rank.
@@ -480,7 +557,7 @@ def meta_shards(sd, n):
 
 def write_meta_dir(path, m, n_shards):
     path.mkdir()
-    params = {k: v for k, v in m.args.to_params().items() if k != "max_seq_len"}  # Meta omits it
+    params = {k: v for k, v in m.args.to_params().items() if k != "context_len"}  # Meta omits it
     (path / "params.json").write_text(json.dumps(params))
     for i, shard in enumerate(meta_shards(m.state_dict(), n_shards)):
         shard["rope.freqs"] = torch.zeros(8)  # a buffer older Meta checkpoints carry; the loader drops it
@@ -713,6 +790,74 @@ def test_bad_safetensors_and_shards_are_refused(tmp_path):
         M.load_model(tmp_path / "meta")
 
 
+def test_damaged_zip_records_name_the_file(tmp_path):
+    """Bits flipped in a .pth's zip records (not its tensors' bytes) made zipfile raise what it likes."""
+    M.save_model(tiny_model(), tmp_path / "ok")
+    data = (tmp_path / "ok" / "consolidated.00.pth").read_bytes()
+    central = data.index(b"PK\x01\x02")  # the first central directory record; the first local header is at 0
+    with zipfile.ZipFile(tmp_path / "ok" / "consolidated.00.pth") as z:
+        last = z.infolist()[-1].header_offset  # the last local header
+    # zipfile raised NotImplementedError, RuntimeError, UnicodeDecodeError and EOFError, naming no file
+    flips = {"compression method": (central + 10, 1), "encrypted flag": (central + 8, 1),
+             "name length": (26, 0x20), "extra length": (last + 29, 0x20)}
+    for what, (at, bit) in flips.items():
+        d = tmp_path / what.replace(" ", "_")
+        d.mkdir()
+        (d / "params.json").write_text((tmp_path / "ok" / "params.json").read_text())
+        (d / "consolidated.00.pth").write_bytes(data[:at] + bytes([data[at] ^ bit]) + data[at + 1:])
+        with pytest.raises(CheckpointError, match=f"{d.name}/consolidated.00.pth: "):
+            M.load_model(d)
+
+
+def test_malformed_safetensors_headers_name_file_and_tensor(tmp_path):
+    headers = {"noshape": ({"a": {"dtype": "F32", "data_offsets": [0, 4]}}, "tensor a has header entry"),
+               "list": ([1], "header is a JSON list"), "entry_str": ({"a": "F32"}, "tensor a has header entry"),
+               "offsets1": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4]}}, "tensor a has header entry"),
+               "dtype_list": ({"a": {"dtype": [], "shape": [1], "data_offsets": [0, 4]}}, "tensor a has unsupported")}
+    for name, (header, message) in headers.items():
+        head = json.dumps(header).encode()
+        (tmp_path / f"{name}.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(4))
+        with pytest.raises(CheckpointError, match=f"{name}.safetensors: {message}"):
+            M.read_safetensors_plain(tmp_path / f"{name}.safetensors")
+
+
+def test_hf_shapes_and_names_are_checked_before_unpermuting(tmp_path):
+    write_hf_dir(tmp_path / "hf", tiny_model())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_size": 96, "num_attention_heads": 6}))
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00002.safetensors: tensor model.layers.0.self_attn."
+                                              r"q_proj.weight has shape \(64, 64\), expected \(96, 96\)"):
+        M.load_model(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    write_safetensors(tmp_path / "hf" / "extra.safetensors", {"model.layers.0.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="extra.safetensors: unexpected tensor model.layers.0.weight"):
+        M.load_model(tmp_path / "hf")
+
+
+def test_malformed_configs_and_state_dicts_name_the_file(tmp_path):
+    write_hf_dir(tmp_path / "hf", tiny_model())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for bad, message in [([config], "a JSON list, not an object"), ({**config, "rope_theta": None}, "rope_theta=None"),
+                         ({**config, "rms_norm_eps": None}, "norm_eps=None"),
+                         ({**config, "intermediate_size": 176.0}, "ffn_hidden_dim=176.0: sizes must be integers")]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=f"hf/config.json: .*{message}"):
+            M.load_model(tmp_path / "hf")
+    with pytest.raises(ValueError, match="ffn_hidden_dim=-1 must be positive"):
+        tiny_args(ffn_hidden_dim=-1)
+    m = tiny_model()
+    M.save_model(m, tmp_path / "meta")
+    sd = m.state_dict()
+    for held, message in [(torch.zeros(3), "holds a Tensor, not a state dict"),
+                          ([1, 2], "holds a list, not a state dict"),
+                          ({**sd, "norm.weight": [1.0] * 64}, "tensor norm.weight is not a tensor but list"),
+                          ({**sd, "norm.weight": torch.ones(64, dtype=torch.int64)},
+                           "tensor norm.weight has dtype torch.int64, not a floating point one")]:
+        torch.save(held, tmp_path / "meta" / "consolidated.00.pth")
+        with pytest.raises(CheckpointError, match=f"meta/consolidated.00.pth: {message}"):
+            M.load_model(tmp_path / "meta")
+
+
 def test_output_layer_is_tied_only_where_the_checkpoint_says(tmp_path):
     """Meta's layout: a missing output.weight is a tied one (Meta's 3.2 1B/3B), said aloud. Hugging Face's: the
     config's tie_word_embeddings decides, and a tensor that contradicts it is refused, naming its file."""
@@ -735,7 +880,8 @@ def test_output_layer_is_tied_only_where_the_checkpoint_says(tmp_path):
     with pytest.raises(CheckpointError, match="extra.safetensors: output.weight differs from tok_embeddings"):
         M.load_model(tmp_path / "tied")
     write_safetensors(tmp_path / "tied" / "extra.safetensors", {"model.norm.weight": torch.ones(64)})
-    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: tensor model.norm.weight is also in extra"):
+    with pytest.raises(CheckpointError,
+                       match="model-00002-of-00002.safetensors: tensor model.norm.weight is also in extra"):
         M.load_model(tmp_path / "tied")
     write_safetensors(tmp_path / "tied" / "extra.safetensors",
                       {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})

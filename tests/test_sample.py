@@ -65,6 +65,24 @@ def test_sample_next_filters():
     assert set(draws[:, 0].tolist()) == {0, 1, 2, 3}
 
 
+def test_sampling_arguments_are_checked():
+    """align.py calls generate directly, past the CLI's checks: a negative temperature would favour the least likely
+    tokens, top_k 0 and top_p 0 used to fail deep inside torch."""
+    logits = torch.tensor([[5.0, 0.0, -5.0]])
+    for kw, message in [(dict(temperature=-1.0), "temperature=-1.0: must be >= 0"),
+                        (dict(temperature=float("nan")), "temperature=nan"), (dict(top_k=0), "top_k=0: must be"),
+                        (dict(top_k=-1), "top_k=-1"), (dict(top_k=2.5), "top_k=2.5"),
+                        (dict(top_p=0.0), r"top_p=0.0: must be within \(0, 1\]"), (dict(top_p=1.5), "top_p=1.5")]:
+        with pytest.raises(ValueError, match=message):
+            sample.sample_next(logits, **kw)
+    m = tiny_model()
+    with pytest.raises(ValueError, match="temperature=-0.5"):
+        sample.generate(m, [[1, 2]], 3, temperature=-0.5)
+    assert m.layers[0].attention.cache_k is None  # the cache was freed on the way out
+    # a tiny temperature is greedy, not NaN: the largest logit is moved to 0 before dividing
+    assert sample.sample_next(logits, temperature=1e-45).tolist() == [0]
+
+
 # ---------------------------------------------------------------------------------------------- generate
 
 def test_generate_ragged_batch_matches_reference():
