@@ -83,7 +83,7 @@ def get_lr(t, warmup, total, args):
     if t < warmup:
         return args.lr * t / warmup
     if args.schedule == "wsd":
-        decay_start = total * (1 - args.decay_frac)
+        decay_start = max(warmup, total * (1 - args.decay_frac))  # (a decay reaching into the warmup starts after)
         frac = min(1.0, max(0.0, t - decay_start) / max(total - decay_start, 1e-9))
         return args.lr + frac * (min_lr - args.lr)
     frac = min(1.0, (t - warmup) / max(total - warmup, 1e-9))
@@ -179,11 +179,7 @@ def save_checkpoint(path, model, optimizer, state, rank, keep=2):
         if os.path.exists(path):  # a run resumed from an older checkpoint comes back to this step
             shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
-        done = list_checkpoints(os.path.dirname(path))
-        here = done.index(path)
-        # a later step is another run's future (a fresh run in this out_dir, or a resume from an older checkpoint):
-        # deleted, so that --resume never goes back to it; of the rest, the last `keep` stay
-        for old in done[here + 1:] + done[:here + 1][:-keep]:
+        for old in list_checkpoints(os.path.dirname(path))[:-keep]:  # (none is later: see the start of the run)
             shutil.rmtree(old)
     barrier()
 
@@ -229,14 +225,19 @@ def read_log(path):
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    if any(not str(r.get("step", "")).isdigit() for r in rows):
+        fail(f"{path}: not a log.csv of train.py (a row without a step number); move it away to start a new log")
+    return rows
 
 
 def write_log(path, rows):
-    with open(path, "w", newline="") as f:
+    """The whole log, rewritten through a temporary file (a resume keeps the rows before its step)."""
+    with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
 def append_log(path, row):
@@ -318,13 +319,20 @@ parser.add_argument("--resume", nargs="?", const="last", help="from the last che
 parser.add_argument("--prompt", default="def ", help="the sample printed at the end starts with this")
 parser.add_argument("--sample_tokens", type=int, default=120)
 args = parser.parse_args()
-for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "tokens_per_step"):
+for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "tokens_per_step", "seq_len", "dim",
+             "n_layers", "n_heads", "n_kv_heads"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1")
-if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens) < 0 or not 0 <= args.decay_frac <= 1:
-    parser.error("--max_steps, --max_minutes and --sample_tokens must be >= 0, --decay_frac within [0, 1]")
+if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens, args.warmup_steps) < 0 or \
+        not 0 <= args.decay_frac <= 1:
+    parser.error("--max_steps, --max_minutes, --sample_tokens and --warmup_steps must be >= 0, --decay_frac within "
+                 "[0, 1]")
+if not (args.lr > 0 and args.grad_clip > 0 and args.weight_decay >= 0):
+    parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0")
 if args.rope_factor and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
+if args.init and args.model != parser.get_default("model"):
+    parser.error("--init takes the shape of the model it loads: drop --model")
 if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
     args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
 args.max_steps = 300 if args.max_steps is None else args.max_steps
@@ -379,15 +387,19 @@ if master and not os.path.exists(os.path.join(args.data, "meta.json")):
     log(f"  -> {args.data} in {time.time() - t_start:.0f}s")
 barrier()
 tok = Tokenizer.load(args.tokenizer)
-with open(os.path.join(args.data, "meta.json")) as f:
-    meta = json.load(f)  # tokens and UTF-8 bytes per split, for bits per byte
+try:
+    meta = data.read_meta(os.path.join(args.data, "meta.json"))  # tokens and UTF-8 bytes per split, for bits per byte
+    made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: an older data.py)
+except (ValueError, KeyError, TypeError) as e:
+    fail(f"{os.path.join(args.data, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})")
 # a folder made earlier is never rebuilt here (data.py's settings may differ from these defaults; rebuilding would
-# lose them), so it must at least hold the source asked for, and say so when that source's files have changed
-made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: an older data.py)
+# lose them), so it must at least hold the source asked for (the default folder: the default source), and say so
+# when that source's files have changed
+asked = args.source or (source if args.data == parser.get_default("data") else None)
 where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
-if args.source and where(args.source) != where(made_from):
-    fail(f"--data {args.data} holds the tokens of {made_from!r}, not of --source {args.source!r}: give a new "
-         "--data folder (and --tokenizer) to build this source there")
+if asked and where(asked) != where(made_from):
+    fail(f"--data {args.data} holds the tokens of {made_from!r}, not of {asked!r}: give a new --data folder (and "
+         "--tokenizer) to build this source there")
 try:
     changed = stamp is not None and data.source_stamp(made_from) != stamp
 except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare
@@ -400,6 +412,10 @@ if changed:
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context
 if args.init:
     model = load_model(args.init)
+    other = [f"--{k} {getattr(args, k)} (it has {getattr(model.args, k)})" for k in ("dim", "n_layers", "n_heads",
+             "n_kv_heads") if getattr(args, k) not in (None, getattr(model.args, k))]
+    if other:
+        fail(f"--init {args.init} gives the model's shape: {', '.join(other)}")
     T = args.seq_len or model.args.max_seq_len
     # long-context stage (Llama 3 section 3.4.2): the same weights go on at a longer context. --rope_factor
     # turns on Llama 3.1's RoPE scaling (model.scale_rope_frequencies): long wavelengths are stretched by the
@@ -416,7 +432,8 @@ if args.init:
     model = Transformer(model_args)
     model.load_state_dict(state)
 else:
-    overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
+                 if getattr(args, k) is not None}
     T = args.seq_len or PRESETS[args.model].max_seq_len
     model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
     model = Transformer(model_args)
@@ -461,9 +478,7 @@ eval_steps = max(1, args.eval_tokens // tokens_per_micro)
 train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
 os.makedirs(ckpt_dir, exist_ok=True)
-if master:  # this run's settings, readable; and away with half-written checkpoints of a run killed while saving
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+if master:  # away with half-written checkpoints of a run killed while saving
     for name in os.listdir(ckpt_dir):
         if name.endswith(".tmp"):
             shutil.rmtree(os.path.join(ckpt_dir, name))
@@ -472,17 +487,33 @@ if args.resume:
     last_ckpt = args.resume if args.resume != "last" else (list_checkpoints(ckpt_dir) or [None])[-1]
     if last_ckpt is None:
         fail(f"--resume: no checkpoint in {ckpt_dir}")
+    flags = [dict(g) for g in optimizer.param_groups]
     state = load_checkpoint(last_ckpt, model, optimizer, model_args)
+    for group, flag in zip(optimizer.param_groups, flags):  # the saved groups bring their settings back: this
+        group["weight_decay"] = flag["weight_decay"]        # command's --weight_decay wins (lr is set every step)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
     if args.max_minutes and "elapsed" not in state:
         log(f"note: {last_ckpt} was written before checkpoints kept the clock: the time budget starts over")
-    train_loader.load_state_dict(state["loader"])
+    try:
+        train_loader.load_state_dict(state["loader"])
+    except ValueError as e:  # another --seed, --batch_size, --seq_len or number of processes
+        fail(f"{last_ckpt}: its data position does not fit this run ({e}); resume with the flags it was saved with")
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)
         torch.cuda.set_rng_state(state["cuda_rng"])
     log(f"resumed from {last_ckpt} at step {start_step}")
-if master:  # a fresh log, or on resume the rows before the resumed step (the later ones are written again)
-    write_log(log_path, [r for r in read_log(log_path) if int(r["step"]) < start_step] if args.resume else [])
+# a fresh log, or on resume the rows before the resumed step (the later ones are written again; every rank reads
+# it, so that a damaged log stops them all)
+log_rows = [r for r in read_log(log_path) if int(r["step"]) < start_step] if args.resume else []
+if master:  # checkpoints after the start are another run's future: --resume must never go back to them
+    later = [c for c in list_checkpoints(ckpt_dir) if int(os.path.basename(c)[5:]) > start_step]
+    for c in later:
+        shutil.rmtree(c)
+    if later:
+        log(f"removed {len(later)} checkpoint(s) after step {start_step} in {ckpt_dir}, left by an earlier run")
+    with open(os.path.join(args.out_dir, "train_args.json"), "w") as f:  # this run's flags, readable
+        json.dump(vars(args), f, indent=1)
+    write_log(log_path, log_rows)
 flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
 log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if ddp else 'no parallelism'}, "
     f"{args.dtype} matmuls; "

@@ -122,9 +122,9 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
     cosine = {s: 1e-3 + 0.5 * (1 + math.cos(math.pi * (s - 1) / (STEPS - 2))) * (1e-2 - 1e-3) for s in range(1, STEPS)}
     assert {s: lr[s] for s in cosine} == pytest.approx(cosine, rel=1e-3)
     # Meta's layout, loadable, and the exported weights are the trained ones: they give the final val loss
-    for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "log.csv", "config.json"):
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model", "log.csv", "train_args.json"):
         assert os.path.exists(reference / name), name
-    assert json.load(open(reference / "config.json"))["max_steps"] == STEPS  # the run's flags, readable
+    assert json.load(open(reference / "train_args.json"))["max_steps"] == STEPS  # the run's flags, readable
     assert open(reference / "loss.svg").read().count("<polyline") == 2
     model = load_model(reference)
     assert model.args.dim == 32 and model.args.vocab_size == 600 and model.args.max_seq_len == 32
@@ -143,7 +143,7 @@ def test_default_dtype_is_bf16_where_the_cpu_has_it(corpus, reference, tmp_path)
     from model import bf16_matmuls, load_model
     train(corpus, tmp_path, "--batch_size", "4", dtype=None)
     has_bf16 = bf16_matmuls(torch.device("cpu"))
-    dtype = json.load(open(tmp_path / "config.json"))["dtype"]
+    dtype = json.load(open(tmp_path / "train_args.json"))["dtype"]
     assert dtype == ("bfloat16" if has_bf16 else "float32")
     got, ref, val = losses(tmp_path), losses(reference), losses(tmp_path, "val_loss")
     assert got[STEPS - 1] < got[0] - 1.0
@@ -238,6 +238,20 @@ def test_checkpoints_of_another_run_never_come_back(corpus, reference, tmp_path)
     assert sorted(os.listdir(run / "ckpt")) == ["step_000004", "step_000005"]
     r = train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "6", "--seed", "7")
     assert "at step 5" in r.stdout and max(losses(run)) == 5, r.stdout
+    # they go when the fresh run starts, not at its first save: a run that dies before then (here: its loss turns
+    # NaN at step 1) leaves nothing for --resume to go back to
+    r = train(corpus, run, "--batch_size", "4", "--lr", "1e30", "--warmup_steps", "0", ok=False)
+    assert r.returncode == 1 and "removed 2 checkpoint(s) after step 0" in r.stdout, r.stdout + r.stderr
+    assert os.listdir(run / "ckpt") == []
+
+
+def test_resume_takes_this_commands_weight_decay(corpus, reference, tmp_path):
+    """The optimizer's saved groups bring back their weight decay; the flag given on resume must win, as --lr does."""
+    shutil.copytree(reference, tmp_path / "run")
+    train(corpus, tmp_path / "run", "--batch_size", "4", "--resume", str(tmp_path / "run" / "ckpt" / "step_000008"),
+          "--weight_decay", "30")
+    ref, run = losses(reference), losses(tmp_path / "run")
+    assert [run[s] for s in range(9)] == [ref[s] for s in range(9)] and run[9] != ref[9]
 
 
 def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp_path):
@@ -252,6 +266,24 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
     shutil.copytree(reference, run)
     r = train(corpus, run, "--batch_size", "4", "--resume", "--dim", "64", ok=False)
     assert r.returncode == 1 and "holds another model: dim 32 there, 64 here" in r.stderr, r.stderr
+    r = train(corpus, run, "--batch_size", "4", "--resume", "--seed", "7", ok=False)
+    assert r.returncode == 1 and "step_000010: its data position does not fit this run (loader state has seed=1337" \
+        in r.stderr, r.stderr
+    for flags, what in ((["--grad_clip", "-1"], "--grad_clip must be > 0"), (["--seq_len", "0"], "--seq_len must be"),
+                        (["--warmup_steps", "-5"], "--warmup_steps must be >= 0"),
+                        (["--init", str(reference), "--model", "llama3-8b"], "--init takes the shape")):
+        r = train(corpus, tmp_path, *flags, ok=False)
+        assert r.returncode == 2 and what in r.stderr, r.stderr
+    r = train(corpus, tmp_path / "init", "--init", str(reference), "--dim", "64", ok=False)
+    assert r.returncode == 1 and "gives the model's shape: --dim 64 (it has 32)" in r.stderr, r.stderr
+    (run / "log.csv").write_text("garbage\nmore garbage\n")
+    r = train(corpus, run, "--batch_size", "4", "--resume", ok=False)
+    assert r.returncode == 1 and f"{run / 'log.csv'}: not a log.csv of train.py" in r.stderr, r.stderr
+    shutil.copytree(corpus / "shards", tmp_path / "shards")
+    (tmp_path / "shards" / "meta.json").write_text('{"version": 1, "con')
+    r = subprocess.run(command(corpus, tmp_path / "out") + ["--data", str(tmp_path / "shards")], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"{tmp_path / 'shards' / 'meta.json'}: unreadable" in r.stderr, r.stderr
 
 
 def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus, tmp_path):
@@ -267,6 +299,13 @@ def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus,
                                "--max_steps", "1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     r = run(str(corpus / "docs"))
     assert r.returncode == 1 and f"holds the tokens of {str(tmp_path / 'docs')!r}" in r.stderr, r.stderr
+    (tmp_path / "data").mkdir()  # the default data/stdlib, made from another source: refused without a --source
+    shutil.copytree(tmp_path / "shards", tmp_path / "data" / "stdlib")
+    shutil.copy(corpus / "tok.model", tmp_path / "data" / "stdlib" / "tok.model")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--max_steps", "1"], cwd=tmp_path,
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"holds the tokens of {str(tmp_path / 'docs')!r}, not of 'stdlib'" in r.stderr, \
+        r.stdout + r.stderr
     r = run(str(tmp_path / "docs") + "/")  # the same folder, spelt differently
     assert r.returncode == 0 and "warning" not in r.stdout, r.stdout + r.stderr
     os.utime(tmp_path / "docs" / "007.txt", ns=(0, 0))
@@ -277,14 +316,15 @@ def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus,
 def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, tmp_path):
     """The long-context stage: start from the exported model at twice the context, RoPE scaled, WSD schedule."""
     train(corpus, tmp_path, "--batch_size", "2", "--init", str(reference), "--seq_len", "64", "--rope_factor", "2",
-          "--max_steps", "4", "--schedule", "wsd", "--decay_frac", "0.5")
+          "--max_steps", "4", "--schedule", "wsd", "--decay_frac", "1")
     params = json.load(open(tmp_path / "params.json"))
-    assert params["max_seq_len"] == 64 and params["use_scaled_rope"] and params["rope_scaling_factor"] == 2.0
-    assert params["rope_original_context"] == json.load(open(reference / "params.json"))["max_seq_len"]
+    assert params["context_len"] == 64 and params["use_scaled_rope"] and params["rope_scaling_factor"] == 2.0
+    assert params["rope_original_context"] == json.load(open(reference / "params.json"))["context_len"]
     # the weights came from the reference: the first loss is far below a fresh model's ln(600) = 6.4
     assert losses(tmp_path)[0] < losses(reference)[0] - 1.0
     lr = {int(r["step"]): float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]}
-    assert lr == pytest.approx({0: 0.5e-2, 1: 1e-2, 2: 0.55e-2, 3: 1e-3})  # warmup, stable, linear decay to lr/10
+    # warmup, then linear decay to lr / 10: a decay of the whole run starts after the warmup, at the peak
+    assert lr == pytest.approx({0: 0.5e-2, 1: 1e-2, 2: 0.55e-2, 3: 1e-3})
 
 
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
