@@ -464,7 +464,9 @@ class Tokenizer:
 
 
 def _write_atomic(path, text):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder (made if missing), then rename: a crash never leaves half a
+    file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

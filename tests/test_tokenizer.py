@@ -214,6 +214,8 @@ def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     assert len(vocab_lines) == tok.n_words and vocab_lines[-1].endswith("<|reserved_special_token_250|>")
     other = Tokenizer.train(["something else entirely"], 256 + 5 + N_SPECIAL)
     assert other.fingerprint() != tok.fingerprint()
+    tok.save(str(tmp_path / "new" / "dir" / "tok.model"))  # folders made as needed (data/ is not in a fresh clone)
+    assert Tokenizer.load(str(tmp_path / "new" / "dir" / "tok.model")).ranks == tok.ranks
     with pytest.raises(ValueError, match=r"tok\.vocab: the tokenizer and its readable \.vocab would be the same"):
         tok.save(str(tmp_path / "tok.vocab"))  # the readable listing would overwrite the model just written
 
