@@ -297,7 +297,7 @@ class MinHashDedup:
         self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
         self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
         self.bands, self.rows, self.threshold, self.shingle = bands, num_perm // bands, threshold, shingle
-        self.buckets = {}      # (band, band bytes) -> index of a kept document
+        self.buckets = {}      # (band, band bytes) -> indices of the kept documents that have that band
         self.signatures = []   # signatures of kept documents
 
     def signature(self, text):
@@ -313,12 +313,13 @@ class MinHashDedup:
     def is_duplicate(self, sig):
         """True if the document with signature sig is a near-duplicate of one seen before; else remember it."""
         keys = [(i, sig[i * self.rows:(i + 1) * self.rows].tobytes()) for i in range(self.bands)]
+        # every kept document that shares a band is a candidate, not only the first one that had it: two kept
+        # documents share a band only by chance (their Jaccard is under the threshold), so the lists stay short
+        candidates = {j for key in keys for j in self.buckets.get(key, ())}
+        if any(np.mean(self.signatures[j] == sig) >= self.threshold for j in candidates):
+            return True
         for key in keys:
-            j = self.buckets.get(key)
-            if j is not None and np.mean(self.signatures[j] == sig) >= self.threshold:
-                return True
-        for key in keys:
-            self.buckets.setdefault(key, len(self.signatures))
+            self.buckets.setdefault(key, []).append(len(self.signatures))
         self.signatures.append(sig)
         return False
 
@@ -569,7 +570,8 @@ def _encode_chunk(job):
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
 PIPELINE = 3  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
-              # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank)
+              # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
+              # near-dedup compares every kept document that shares a band)
 
 
 def read_meta(path, missing_ok=False):

@@ -115,6 +115,19 @@ def test_minhash_dedup_planted():
     assert np.mean(dedup.signature(originals[0]) == dedup.signature(originals[1])) < 0.1
 
 
+def test_minhash_compares_every_document_that_shares_a_band():
+    """A band shared by chance with an earlier, dissimilar document must not hide the near duplicate that shares it
+    too (each band bucket kept only its first document: the copy below was then compared with that one alone)."""
+    dedup, rng = data.MinHashDedup(), np.random.default_rng(0)
+    first = rng.integers(0, 2**32, 120, dtype=np.uint64).astype(np.uint32)
+    kept = rng.integers(0, 2**32, 120, dtype=np.uint64).astype(np.uint32)
+    kept[:6] = first[:6]  # band 0 the same as `first`'s, the rest unrelated: not a duplicate, kept
+    copy = kept.copy()
+    copy[6::6] += 1  # one entry changed in each of bands 1-19: 101/120 = 0.84 agree, only band 0 still matches
+    assert not dedup.is_duplicate(first) and not dedup.is_duplicate(kept)
+    assert dedup.is_duplicate(copy)
+
+
 def test_a_rejected_document_does_not_take_its_clean_near_copy(corpus, tmp_path):
     """The heuristics run before near-dedup: a document with spam lines appended is dropped for them, and the
     clean document it nearly copies stays (it used to be dropped as that document's near duplicate)."""
