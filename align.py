@@ -885,12 +885,12 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
         atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
     if dist.is_initialized():
         dist.barrier()
-    res = {}
+    res, cut = {}, Truncations.n  # (before the evaluation's prompts are counted too)
     if RANK == 0 and stage != "rm":  # the reward model's transformer is no policy: its own metric says it all
         res = evaluate(model, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new)
     acc = f"held-out accuracy {res['accuracy']:.3f}, " if "accuracy" in res else ""
     reward = f"mean reward {res['reward']:.3f}, " if "reward" in res else ""
-    log(f"[{stage}] -> {args.out}: {acc}{reward}{metric} ({Truncations.n} sequences truncated to the context)")
+    log(f"[{stage}] -> {args.out}: {acc}{reward}{metric} ({cut} sequences truncated to the context)")
     return dict(stage=stage, out=args.out, metric=metric, **res)
 
 
