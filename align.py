@@ -881,7 +881,8 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
     elif RANK == 0:
         save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
     if RANK == 0:
-        log_json = json.dumps({"stage": stage, "args": vars(args), "history": history}, indent=1).encode()
+        log_json = json.dumps({"stage": stage, "args": vars(args), "processes": WORLD, "history": history},
+                              indent=1).encode()
         atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
     if dist.is_initialized():
         dist.barrier()

@@ -515,8 +515,9 @@ if master:  # checkpoints after the start are another run's future: --resume mus
         json.dump(vars(args), f, indent=1)
     write_log(log_path, log_rows)
 flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
+recomputed = sum("CheckpointWrapper" in type(block).__name__ for block in raw_model.layers)  # (as built, not asked)
 log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if ddp else 'no parallelism'}, "
-    f"{args.dtype} matmuls; "
+    + (f"activation checkpointing in {recomputed} blocks, " if recomputed else "") + f"{args.dtype} matmuls; "
     f"{tokens_per_step} tokens per step = {B} x {T} x {world_size} processes x {grad_accum} micro-steps; " +
     (f"MFU against {peak / 1e12:.1f} TFLOP/s per card" if peak else "MFU n/a (no datasheet peak for this device)"))
 

@@ -256,10 +256,10 @@ def test_a_batch_larger_than_the_data_is_refused_under_ddp(monkeypatch):
 
 # --- each stage improves its own objective on a tiny model --------------------------------------------------------
 
-def tiny_model(tok, seed=0):
+def tiny_model(tok, seed=0, context=64):
     torch.manual_seed(seed)
     return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words, multiple_of=16,
-                                 rope_theta=10000.0, max_seq_len=64))
+                                 rope_theta=10000.0, max_seq_len=context))
 
 
 def tail(history, key="loss", n=5):
@@ -268,8 +268,17 @@ def tail(history, key="loss", n=5):
 
 def test_sft_steps_lower_the_loss(tok):
     convos = [align.task_conversation(t) for t in align.task_split(64, 0, seed=1)[0]]
-    hist = align.train_sft(tiny_model(tok), tok, convos, steps=30, batch_size=8, lr=3e-3)
+    hist = align.train_sft(tiny_model(tok, context=128), tok, convos, steps=30, batch_size=8, lr=3e-3)
     assert tail(hist) < 0.8 * hist[0]["loss"]
+    # step 0 is the fresh model's loss on the first batch of packed rows, under their document mask (without it
+    # the conversations packed into a row, 3-4 at this context, would see each other: another number)
+    X, Y, D = align.pack_sft([tok.encode_dialog(c) for c in convos], 128)
+    idx = align.batch_indices(len(X), 8, step=0)
+    assert D[idx].max() >= 2  # (a row of one conversation and its padding is the same with or without the mask)
+    with torch.no_grad():
+        masked, unmasked = (tiny_model(tok, context=128)(X[idx], targets=Y[idx], doc_ids=d).item()
+                            for d in (D[idx], None))
+    assert hist[0]["loss"] == pytest.approx(masked, abs=1e-6) and abs(masked - unmasked) > 1e-3
 
 
 def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path, monkeypatch):
@@ -396,6 +405,8 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     assert any(not torch.equal(one[k], init[k]) for k in one)  # the steps did move the weights
     log = json.loads((tmp_path / "one" / "align_log.json").read_text())  # beside the checkpoint: every step
     assert log["stage"] == stage and len(log["history"]) == 3 and log["args"]["steps"] == 3
+    # really one and two processes (two copies of a single process would train alike and give the same weights)
+    assert (log["processes"], json.loads((tmp_path / "two" / "align_log.json").read_text())["processes"]) == (1, 2)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 

@@ -443,7 +443,8 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     (tmp_path / "shards" / "meta.json").write_text('{"version": 1, "con')  # a damaged cache: rebuilt, not a crash
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
                              shard_tokens=2000, verbose=False)["train"] == meta["train"]
-    meta2 = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=2)
+    meta2 = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=2,
+                              chunk_bytes=5000)  # many chunks: the workers' results must come back in order
     assert len(meta2["train"]["shards"]) == 1
     assert sorted(os.listdir(out)) == ["meta.json", "train_000.bin", "val_000.bin"]
     assert read_docs(out, "train", tok) == train  # 2 processes: the same tokens
@@ -532,28 +533,24 @@ def test_checkpoint_labeller_prefers_what_the_model_learned(corpus, tmp_path, on
     assert meta["removed"]["quality"]["docs"] == 30 and meta["train"]["docs"] == 30
 
 
-def test_optional_sources(tmp_path, monkeypatch, corpus):
+def test_optional_sources(tmp_path, monkeypatch, corpus, capsys):
     """parquet and hf: are real code paths; here they run on local stand-ins (no network in tests)."""
     class FakeDatasets:  # the slice of the `datasets` API iter_documents uses
         @staticmethod
         def load_dataset(name, config, split, streaming):
             assert (name, config, split, streaming) == ("org/web", "sample", "train", True)
-            return iter([{"text": "first"}, {"text": "second"}])
+            return iter([{"text": "first"}, {"text": None}, {"url": "x"}, {"text": "second"}])
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
-    assert list(data.iter_documents("hf:org/web:sample")) == ["first", "second"]
+    assert list(data.iter_documents("hf:org/web:sample")) == ["first", "second"]  # rows without text: counted
+    assert "hf:org/web:sample: skipped 2 record(s) without a string 'text'" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(ImportError, match="needs the datasets package"):
         list(data.iter_documents("hf:org/web"))
     path = tmp_path / "t.parquet"
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-        pq.write_table(pyarrow.table({"text": ["a", None, "b"], "id": [1, 2, 3]}), path)
-        assert list(data.iter_documents(str(path))) == ["a", "b"]
-    except ImportError:
-        path.write_bytes(b"PAR1")
-        with pytest.raises(ImportError, match="t.parquet: reading parquet needs pyarrow"):
-            list(data.iter_documents(str(path)))
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # not installed (whether it is here or not)
+    with pytest.raises(ImportError, match="t.parquet: reading parquet needs pyarrow"):
+        list(data.iter_documents(str(path)))
     # a corrupt JSONL line stops prepare_data with the file and line, also with worker processes
     root, docs, tok_path = corpus
     bad = tmp_path / "bad.jsonl"
@@ -561,6 +558,14 @@ def test_optional_sources(tmp_path, monkeypatch, corpus):
     with pytest.raises(ValueError, match=r"bad\.jsonl:21: not valid JSON"):
         data.prepare_data(str(bad), tok_path, str(tmp_path / "out"), num_proc=2, verbose=False)
     assert not os.path.exists(tmp_path / "out" / "meta.json")
+
+
+def test_parquet_source(tmp_path, capsys):
+    pyarrow = pytest.importorskip("pyarrow")  # an optional extra: a skip, shown as one, where it is missing
+    import pyarrow.parquet as pq
+    pq.write_table(pyarrow.table({"text": ["a", None, "b"], "id": [1, 2, 3]}), tmp_path / "t.parquet")
+    assert list(data.iter_documents(str(tmp_path / "t.parquet"))) == ["a", "b"]
+    assert "t.parquet: skipped 1 record(s) without a string 'text'" in capsys.readouterr().err
 
 
 def test_last_window_needs_a_target_after_it(tmp_path):

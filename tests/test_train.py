@@ -8,6 +8,7 @@ reproduce them exactly, and so on.
     python -m pytest -q tests/test_train.py
 """
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -107,10 +108,19 @@ def reference(corpus, tmp_path_factory):
 
 def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
     from data import PackedLoader
-    from model import load_model
+    from model import PRESETS, Transformer, load_model
     loss, val = losses(reference), losses(reference, "val_loss")
     assert sorted(loss) == list(range(STEPS)) and sorted(val) == [0, 5, 10]
     assert loss[0] == pytest.approx(math.log(600), abs=0.3)  # random init: about uniform over the vocabulary
+    # and exactly the seeded fresh model's loss on the loader's first batch under the document mask (without the
+    # mask the packed documents would see each other: another number)
+    torch.manual_seed(1337)
+    fresh = Transformer(dataclasses.replace(PRESETS["cpu"], dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                            vocab_size=600, max_seq_len=32))
+    x, y, d = PackedLoader(corpus / "shards", "train", 4, 32, seed=1337).next_batch()
+    with torch.no_grad():
+        masked, unmasked = fresh(x, y, doc_ids=d).item(), fresh(x, y).item()
+    assert loss[0] == pytest.approx(masked, abs=1e-5) and abs(masked - unmasked) > 1e-4
     assert loss[STEPS - 1] < loss[0] - 1.0 and val[10] < val[0] - 1.0
     rows = log_rows(reference)
     bpb = {int(r["step"]): float(r["val_bpb"]) for r in rows if r["val_bpb"]}
@@ -167,7 +177,11 @@ def test_same_losses_as_one_process(corpus, reference, tmp_path, mode):
         train(corpus, tmp_path, "--batch_size", "2", "--tokens_per_step", str(4 * 32))
     else:
         # FSDP2 with activation checkpointing too: recomputing the blocks in backward changes nothing
-        train(corpus, tmp_path, "--batch_size", "2", *(["--fsdp", "--act_ckpt"] if mode == "fsdp" else []), nproc=2)
+        r = train(corpus, tmp_path, "--batch_size", "2", *(["--fsdp", "--act_ckpt"] if mode == "fsdp" else []),
+                  nproc=2)
+        # it ran as asked (a --fsdp that fell back to DDP, or a lost --act_ckpt, would give the same losses)
+        assert ("2 process(es) on cpu, FSDP2, activation checkpointing in 2 blocks" if mode == "fsdp" else
+                "2 process(es) on cpu, DDP") in r.stdout, r.stdout
     for column in ("train_loss", "val_loss"):
         ref, got = losses(reference, column), losses(tmp_path, column)
         assert sorted(got) == sorted(ref)
