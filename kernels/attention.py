@@ -17,7 +17,9 @@ The math, for one query head (q_i, k_j, v_j are rows of length D; positions are 
 Design choices:
 - FlashAttention-2 (Dao, 2023): a program owns BLOCK_M query rows and walks the keys BLOCK_N at a time with an
   online softmax in fp32 (running max m, running sum l, rescaled accumulator), so the (T, Tk) score matrix never
-  exists in memory. exp2 instead of exp: the scale log2(e) is folded into the score scale.
+  exists in memory. exp2 instead of exp: the scale log2(e) is folded into the score scale. Inputs in fp16, bf16 or
+  fp32; fp32 products run as TF32 on the tensor cores (tl.dot's default, like torch with allow_tf32: train.py
+  turns it on), so fp32 attention on a GPU matches the reference to ~1e-3, not to fp32's last bits.
 - Skipping wholly-masked tiles, not computing them: a query tile walks only the keys [lo, hi) that can be visible.
   hi is the causal diagonal. lo is the first position of the earliest document among the tile's rows (from
   doc_ids). For packed rows (each document one contiguous run, what data.py makes) no tile in [lo, hi) is
@@ -86,6 +88,7 @@ except ImportError:  # no triton wheel for this platform (macOS, Windows): keep 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Llama 3 uses 64 and 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WARPS_MAX = 8                  # the most warps of a backward config: each warp keeps its own dq turns (_pass_turn)
 _WARPS_MAX = tl.constexpr(WARPS_MAX)   # the same, for the kernels (a global they read must be a constexpr)
 
@@ -503,7 +506,9 @@ def _spans_once(doc_ids):
     if doc_ids.is_inference():
         return _doc_spans(doc_ids)
     ids, version, spans = _last_spans
-    if ids is not doc_ids or version != doc_ids._version:
+    # (spans made under inference_mode cannot be saved for a backward: made again outside it)
+    if ids is not doc_ids or version != doc_ids._version or (spans.is_inference() and
+                                                              not torch.is_inference_mode_enabled()):
         spans = _doc_spans(doc_ids)
         _last_spans = (doc_ids, doc_ids._version, spans)
     return spans
@@ -536,6 +541,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative is an error, not a silent zero
     def backward(ctx, do):
         q, k, v, o, lse, spans = ctx.saved_tensors
         doc, first, reach, run_first, run_last = spans
@@ -569,7 +575,7 @@ def _check(q, k, v, doc_ids):
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv, Tk, D={D})")
     Hkv, Tk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
+    if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attention: q has {Hq} heads, not a multiple of the {Hkv} kv heads of k and v")
     if Tk < T:
         raise ValueError(f"attention: k has Tk={Tk} positions, fewer than the T={T} queries of q")
@@ -589,6 +595,8 @@ def flash_attention(q, k, v, doc_ids=None):
         raise RuntimeError("flash_attention needs triton (pip install triton, Linux); attention() falls back")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"flash_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in DTYPES:  # its sums are fp32: a float64 product would not compile (and gain nothing)
+        raise ValueError(f"flash_attention: dtype {q.dtype} of q is not one of the kernel's {DTYPES}")
     D = q.shape[-1]
     if D not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head_dim {D} of q is not one of the kernel's {HEAD_DIMS}")
@@ -640,8 +648,8 @@ def attention(q, k, v, doc_ids=None):
     """Causal (document-masked, GQA) attention: the Triton kernel on CUDA tensors, PyTorch's SDPA elsewhere.
     See the module docstring for why TRITON_INTERPRET=1 does not send CPU tensors to the kernel."""
     if q.is_cuda:
-        if HAS_TRITON and q.shape[-1] in HEAD_DIMS:
+        if HAS_TRITON and q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES:
             return flash_attention(q, k, v, doc_ids)
         _warn_once(f"attention: Triton kernel unavailable (triton installed: {HAS_TRITON}, head_dim "
-                   f"{q.shape[-1]}); using PyTorch's SDPA on CUDA")
+                   f"{q.shape[-1]}, dtype {q.dtype}); using PyTorch's SDPA on CUDA")
     return attention_sdpa(q, k, v, doc_ids)

@@ -128,6 +128,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative is an error, not a silent zero
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         M, N = x2.shape

@@ -276,6 +276,12 @@ def test_flash_under_inference_mode():
         doc_ids = docs_from_lengths([7 * S, 13 * S])
         o = A.flash_attention(q, k, v, doc_ids)
     assert_close(o, A.attention_reference(q, k, v, doc_ids), TOL[torch.float32], "o")
+    # an ordinary doc_ids used under inference_mode (an evaluation), then for training: the spans cached in there
+    # are inference tensors, which a backward cannot save; they are made again
+    doc_ids = docs_from_lengths([7 * S, 13 * S])
+    with torch.inference_mode():
+        A.flash_attention(q, k, v, doc_ids)
+    check_attention(1, 2, 2, 20 * S, 20 * S, doc_ids)
 
 
 @pytest.mark.parametrize("docs", [False, True])
@@ -376,6 +382,24 @@ def test_attention_errors():
     q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16)
     with pytest.raises(ValueError, match="doc_ids"):
         A.attention(q, k, k, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of the 0 kv heads"):
+        A.attention(q, k[:, :0], k[:, :0])
+    q = torch.randn(1, 2, 4, 16, dtype=torch.float64)  # the kernel's sums are fp32: not a float64 kernel
+    with pytest.raises(ValueError, match="dtype torch.float64 of q is not one of the kernel's"):
+        A.flash_attention(q, q, q)
+
+
+def test_second_derivatives_are_an_error_not_zero():
+    """The backward kernels are not differentiable themselves: a loss made of gradients (a gradient penalty) must
+    fail loudly in its backward (it trained on a silent zero: the gradients they return carried no graph)."""
+    q, k, v = (torch.randn(1, 2, 8, D, device=DEV, requires_grad=True) for _ in range(3))
+    gq, = torch.autograd.grad(A.flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gq.square().sum() + v.sum()).backward()
+    x, w = torch.randn(4, 32, device=DEV, requires_grad=True), torch.ones(32, device=DEV, requires_grad=True)
+    gx, = torch.autograd.grad(R.rms_norm_triton(x, w, 1e-5).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gx.square().sum() + w.sum()).backward()
 
 
 # ----------------------------------------------------------------------------- compiled for a GPU, without one
@@ -485,13 +509,22 @@ def test_import_without_triton():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA tensors (runs on the GPU machine)")
 def test_dispatch_cuda_tensors_use_triton(monkeypatch):
+    """Each dispatcher calls its Triton kernel exactly once, never a fallback (attention's is SDPA, RMSNorm's the
+    reference): a counter on the kernels, and the fallbacks made to raise."""
     def boom(*args):
-        raise AssertionError("the reference was taken for CUDA tensors")
-    monkeypatch.setattr(A, "attention_reference", boom)
-    monkeypatch.setattr(R, "rms_norm_reference", boom)
+        raise AssertionError("a fallback was taken for CUDA tensors")
+    calls = []
+
+    def counted(name, fn):
+        return lambda *a: calls.append(name) or fn(*a)
+    monkeypatch.setattr(A, "flash_attention", counted("flash", A.flash_attention))
+    monkeypatch.setattr(R, "rms_norm_triton", counted("rms", R.rms_norm_triton))
+    for mod, fallback in [(A, "attention_sdpa"), (A, "attention_reference"), (R, "rms_norm_reference")]:
+        monkeypatch.setattr(mod, fallback, boom)
     q = torch.randn(1, 2, 64, 64, device="cuda")
     A.attention(q, q, q)
     R.rms_norm(q, torch.ones(64, device="cuda"), 1e-5)
+    assert calls == ["flash", "rms"]
 
 
 # ----------------------------------------------------------------------------- RMSNorm
