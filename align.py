@@ -674,15 +674,17 @@ def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft"):
 
 def _pair_rows(tok, pairs, max_len):
     """Render each pair twice: (chosen ids, chosen loss mask, rejected ids, rejected loss mask). Where the longer
-    one is over max_len, both lose the same tokens after <|begin_of_text|>, so both answer the same prompt."""
+    one is over max_len, both lose the same prompt tokens after <|begin_of_text|>, so both answer the same prompt;
+    an answer too long even without its prompt is then cut from its start, on its side alone (truncate_left)."""
     rows = []
     for p in pairs:
         c_ids, c_mask = render(tok, p["prompt"], p["chosen"])
         r_ids, r_mask = render(tok, p["prompt"], p["rejected"])
-        cut = max(len(c_ids), len(r_ids)) - max_len
+        cut = min(max(len(c_ids), len(r_ids)) - max_len, len(tok.encode_dialog_prompt(p["prompt"])) - 1)
         if cut > 0:
-            Truncations.n += 1
             c_ids, c_mask, r_ids, r_mask = (s[:1] + s[1 + cut:] for s in (c_ids, c_mask, r_ids, r_mask))
+            Truncations.n += 2 - sum(len(ids) > max_len for ids in (c_ids, r_ids))  # truncate_left counts the rest
+        (c_ids, c_mask), (r_ids, r_mask) = truncate_left(c_ids, max_len, c_mask), truncate_left(r_ids, max_len, r_mask)
         rows.append((c_ids, loss_mask(tok, c_ids, c_mask), r_ids, loss_mask(tok, r_ids, r_mask)))
     return rows
 
@@ -895,8 +897,16 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
     return dict(stage=stage, out=args.out, metric=metric, **res)
 
 
+def load_init(args, device):
+    """The stage's starting model (--init) and its tokenizer; --max_new checked against its context before any work
+    (each stage's evaluation generates)."""
+    model = load_model(args.init, device=device)
+    prompt_room(model, args.max_new)
+    return model, load_tokenizer(args.init)
+
+
 def stage_sft(args, device):
-    model, tok = load_model(args.init, device=device), load_tokenizer(args.init)
+    model, tok = load_init(args, device)
     n = hp(args, "sft", "n_prompts")
     tasks = task_split(n, args.n_eval, args.seed, 1)[0]
     convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
@@ -906,7 +916,7 @@ def stage_sft(args, device):
 
 
 def stage_rm(args, device):
-    policy, tok = load_model(args.init, device=device), load_tokenizer(args.init)
+    policy, tok = load_init(args, device)
     train, held_out = task_split(hp(args, "rm", "n_prompts"), args.n_eval, args.seed, 2)
     if args.data:
         pairs, test_pairs = load_pairs(args.data), []
@@ -923,7 +933,7 @@ def stage_rm(args, device):
 
 
 def stage_rs(args, device):
-    policy, tok, rm = load_model(args.init, device=device), load_tokenizer(args.init), load_reward_model(args.rm, device)
+    (policy, tok), rm = load_init(args, device), load_reward_model(args.rm, device)
     tasks = task_split(hp(args, "rs", "n_prompts"), args.n_eval, args.seed, 3)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.temperature, args.seed)
@@ -942,7 +952,7 @@ def stage_rs(args, device):
 
 
 def stage_dpo(args, device):
-    policy, tok = load_model(args.init, device=device), load_tokenizer(args.init)
+    policy, tok = load_init(args, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     if args.data:
         pairs = load_pairs(args.data)
@@ -958,7 +968,7 @@ def stage_dpo(args, device):
 
 
 def stage_ppo(args, device):
-    policy, tok, rm = load_model(args.init, device=device), load_tokenizer(args.init), load_reward_model(args.rm, device)
+    (policy, tok), rm = load_init(args, device), load_reward_model(args.rm, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     tasks = task_split(hp(args, "ppo", "n_prompts"), args.n_eval, args.seed, 5)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]

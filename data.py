@@ -32,7 +32,7 @@ Design choices
   complete. Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
 - Loader: the split's shards form one token stream, cut into windows of T tokens (x = stream[p:p+T],
   y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once, but for the
-  stream's last (n_tokens - 1) % T + 1 (less than one window, the same every epoch).
+  stream's last (n_tokens - 1) % T + 1 (at most one window's worth, the same every epoch).
   Target at a document boundary: the last token of a document has target <|begin_of_text|> and we keep it —
   under the document mask that prediction sees only its own document, so it is the model learning "this document
   ends here" (we write no <|end_of_text|>); nothing leaks across documents, and no position is wasted.
@@ -59,6 +59,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import numbers
 import os
 import re
 import struct
@@ -601,7 +602,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if not 0 <= quality_drop < 1:
         raise ValueError(f"quality_drop={quality_drop}: the fraction of the sample labelled junk, within [0, 1)")
     for name, value in (("num_proc", num_proc or 1), ("shard_tokens", shard_tokens), ("max_docs", max_docs or 1)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
@@ -752,7 +753,7 @@ class PackedLoader:
     def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, fingerprint=None):
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1),
                                  ("seed", seed, 0)):
-            if not isinstance(value, int) or value < low:
+            if not isinstance(value, numbers.Integral) or value < low:  # (numpy ints too)
                 raise ValueError(f"PackedLoader: {name}={value!r}, must be an integer >= {low}")
         if not 0 <= rank < world_size:
             raise ValueError(f"PackedLoader: rank {rank} is not one of the {world_size} processes")

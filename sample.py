@@ -25,6 +25,7 @@ Tests: python -m pytest -q tests/test_sample.py      Benchmark: python tests/ben
 """
 import argparse
 import codecs
+import numbers
 import sys
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """logits (B, V) fp32 -> next token ids (B,). Checks its arguments: generate and Session.stream come here."""
     if not temperature >= 0:  # (NaN too) below 0 would favour the least likely tokens
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or top_k < 1):  # (numpy ints too)
         raise ValueError(f"top_k={top_k}: must be an integer >= 1 (or None: no top-k)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p}: must be within (0, 1] (or None: no top-p)")

@@ -487,10 +487,10 @@ if args.resume:
     last_ckpt = args.resume if args.resume != "last" else (list_checkpoints(ckpt_dir) or [None])[-1]
     if last_ckpt is None:
         fail(f"--resume: no checkpoint in {ckpt_dir}")
-    flags = [dict(g) for g in optimizer.param_groups]
+    decays = [group["weight_decay"] for group in optimizer.param_groups]  # as this command's flags set them
     state = load_checkpoint(last_ckpt, model, optimizer, model_args)
-    for group, flag in zip(optimizer.param_groups, flags):  # the saved groups bring their settings back: this
-        group["weight_decay"] = flag["weight_decay"]        # command's --weight_decay wins (lr is set every step)
+    for group, decay in zip(optimizer.param_groups, decays):  # the saved groups bring their settings back: this
+        group["weight_decay"] = decay                         # command's --weight_decay wins (lr is set every step)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
     if args.max_minutes and "elapsed" not in state:
         log(f"note: {last_ckpt} was written before checkpoints kept the clock: the time budget starts over")
@@ -506,7 +506,7 @@ if args.resume:
 # it, so that a damaged log stops them all)
 log_rows = [r for r in read_log(log_path) if int(r["step"]) < start_step] if args.resume else []
 if master:  # checkpoints after the start are another run's future: --resume must never go back to them
-    later = [c for c in list_checkpoints(ckpt_dir) if int(os.path.basename(c)[5:]) > start_step]
+    later = [c for c in list_checkpoints(ckpt_dir) if int(os.path.basename(c).removeprefix("step_")) > start_step]
     for c in later:
         shutil.rmtree(c)
     if later:

@@ -237,14 +237,27 @@ def test_a_truncated_pair_keeps_the_same_prompt_on_both_sides(tok):
     assert c_ids[:n] == r_ids[:n] and len(tok.encode_dialog_prompt(prompt)) > n  # the same prompt, and it was cut
     for ids, mask, answer in ((c_ids, c_mask, "a"), (r_ids, r_mask, pair["rejected"])):  # the answers are whole
         assert [t for t, m in zip(ids[1:], mask) if m] == tok.encode(answer)  # (the loss mask, on the targets)
+    # an answer longer than the context without its prompt: the prompt goes from both sides (no more), and the long
+    # answer loses its start on its own; the short answer stays whole (a shared cut that size had emptied it)
+    pair = dict(prompt=align.user("the cat sat"), chosen="yes", rejected=" ".join("abcdefghijklmnopqrstuvwxyz") * 2)
+    c_ids, c_mask, r_ids, r_mask = align._pair_rows(tok, [pair], max_len=32)[0]
+    assert len(r_ids) == 32 and [t for t, m in zip(c_ids[1:], c_mask) if m] == tok.encode("yes")
 
 
-def test_max_new_leaves_room_for_the_prompt(tok):
+def test_max_new_leaves_room_for_the_prompt(tok, tmp_path):
     model = tiny_model(tok)  # a context of 64
     assert align.prompt_room(model, 32) == 32
     for bad in (33, 63, 0):
         with pytest.raises(ValueError, match=f"--max_new {bad}: responses take 1 to 32 tokens"):
             align.prompt_room(model, bad)
+    # checked when the stage loads its model, not after training (the first use is the closing evaluation)
+    tok.save(str(tmp_path / "tok.model"))
+    save_model(model, tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "align.py", "sft", "--init", str(tmp_path / "init"), "--max_new", "40",
+                        "--out", str(tmp_path / "sft")], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--max_new 40: responses take 1 to 32 tokens" in r.stderr, r.stderr
+    assert "sft step" not in r.stdout and not (tmp_path / "sft").exists()
 
 
 def test_a_batch_larger_than_the_data_is_refused_under_ddp(monkeypatch):

@@ -295,6 +295,7 @@ def test_loader_arguments_are_checked(stream, kwargs, what):
     args = dict(batch_size=2, seq_len=16) | kwargs
     with pytest.raises(ValueError, match=what):
         data.PackedLoader(str(stream[0]), "train", **args)
+    data.PackedLoader(str(stream[0]), "train", np.int64(2), np.int64(16))  # numpy integers are integers
 
 
 def test_windows_and_doc_ids(stream):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +84,7 @@ def test_sampling_arguments_are_checked():
     assert m.layers[0].attention.cache_k is None  # the cache was freed on the way out
     # a tiny temperature is greedy, not NaN: the largest logit is moved to 0 before dividing
     assert sample.sample_next(logits, temperature=1e-45).tolist() == [0]
+    assert sample.sample_next(logits, top_k=np.int64(1)).tolist() == [0]  # a numpy integer is an integer
 
 
 # ---------------------------------------------------------------------------------------------- generate
