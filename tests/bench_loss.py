@@ -82,8 +82,9 @@ def main():
                 p = subprocess.run([sys.executable, __file__, "--device", a.device, "--reps", str(a.reps), "--one",
                                     loss, str(rows), str(dim), str(vocab)], capture_output=True, text=True)
                 r[loss] = json.loads(p.stdout.splitlines()[-1]) if p.returncode == 0 else None
-                if p.returncode:
-                    print(f"{loss} at {rows}x{dim}x{vocab} failed: {p.stderr.strip().splitlines()[-1]}")
+                if p.returncode:  # (a child killed outright leaves no stderr)
+                    why = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+                    print(f"{loss} at {rows}x{dim}x{vocab} failed: {why}")
             if None in r.values():
                 continue
             pl, ch = r[plain], r[chunked]
