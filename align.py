@@ -268,14 +268,12 @@ def truncate_left(ids, n, mask=None):
     return ids if mask is None else (ids, mask[:1] + mask[len(mask) - n + 1:])
 
 
-def render(tok, prompt, response, max_len=None):
-    """(ids, mask) of `prompt` (messages) answered by `response`, left-truncated to max_len if given; mask on the
-    answer tokens and its <|eot_id|> only, not on the assistant turns of a multi-turn prompt (encode_dialog's mask
-    marks every assistant turn)."""
+def render(tok, prompt, response):
+    """(ids, mask) of `prompt` (messages) answered by `response`; mask on the answer tokens and its <|eot_id|>
+    only, not on the assistant turns of a multi-turn prompt (encode_dialog's mask marks every assistant turn)."""
     ids, mask = tok.encode_dialog(prompt + [{"role": "assistant", "content": response}])
     n = len(tok.encode_dialog_prompt(prompt))  # the prompt and the open assistant header
-    ids, mask = list(ids), [0] * n + list(mask[n:])
-    return (ids, mask) if max_len is None else truncate_left(ids, max_len, mask)
+    return list(ids), [0] * n + list(mask[n:])
 
 
 def render_prompt(tok, prompt, max_len):

@@ -213,7 +213,7 @@ def test_pair_loss_mask_covers_only_the_final_response(tok):
     the response being compared, not those turns."""
     prompt = [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"},
               {"role": "user", "content": "What is 2 + 2?"}]
-    ids, mask = align.render(tok, prompt, "4", max_len=128)
+    ids, mask = align.render(tok, prompt, "4")
     assert [t for t, m in zip(ids, mask) if m] == tok.encode("4") + [tok.eot_id]
     kept = [t for t, m in zip(ids[1:], align.loss_mask(tok, ids, mask)) if m]
     assert kept == tok.encode("4")
@@ -511,7 +511,7 @@ def test_dpo_nll_is_per_token_on_the_chosen_response(tok):
     per_token, counts = [], []
     with torch.no_grad():
         for p in pairs:
-            ids, mask = align.render(tok, p["prompt"], p["chosen"], max_len=64)
+            ids, mask = align.render(tok, p["prompt"], p["chosen"])
             m = align.loss_mask(tok, ids, mask)  # m[t]: is ids[t + 1] a scored token
             logp = torch.log_softmax(policy(torch.tensor([ids]))[0].float(), -1)
             lps = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if m[t]]
