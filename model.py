@@ -568,7 +568,9 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
     model = getattr(model, "module", model)     # DDP wrapper
     out_dir = Path(out_dir)
     sd = model.state_dict() if state_dict is None else state_dict
-    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    # a tied output layer is the embedding matrix: saved once, under its embedding name, as in Meta's Llama 3.2
+    # 1B/3B files (a GPU's two .cpu() copies would have written it twice)
+    sd = {k: v.detach().cpu() for k, v in sd.items() if not (k == "output.weight" and model.args.tie_embeddings)}
     atomic_save(sd, out_dir / "consolidated.00.pth")
     if tokenizer_path is not None:
         data = Path(tokenizer_path).read_bytes()

@@ -449,6 +449,8 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["consolidated.00.pth", "params.json",
                                                                       "tokenizer.model"]
     assert json.loads((tmp_path / "ckpt" / "params.json").read_text())["n_kv_heads"] == 2
+    # tied: the matrix saved once, under tok_embeddings (as Meta's 3.2 1B/3B; separate copies off a GPU were two)
+    assert "output.weight" not in torch.load(tmp_path / "ckpt" / "consolidated.00.pth")
     loaded = M.load_model(tmp_path / "ckpt")
     assert loaded.args == m.args and loaded.output.weight is loaded.tok_embeddings.weight
     tokens = torch.randint(0, 97, (2, 9))
