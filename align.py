@@ -924,8 +924,8 @@ def stage_rm(args, device):
         log(f"[rm] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     rm = RewardModel(policy).to(device)
     hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"))
-    acc = rm_accuracy(rm, tok, test_pairs) if test_pairs else float("nan")
-    metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc:.3f}"
+    acc = f"{rm_accuracy(rm, tok, test_pairs):.3f}" if test_pairs else "n/a (--data: no held-out pairs)"
+    metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc}"
     save = lambda out: save_reward_model(rm, out, tokenizer_path(args.init))  # noqa: E731  (the head beside it)
     return finish(args, "rm", rm, tok, hist, metric, rm, save)
 
@@ -1027,7 +1027,8 @@ if __name__ == "__main__":
     p.add_argument("--data", help="JSONL instead of the embedded tasks (see the docstring for the shapes)")
     p.add_argument("--run", help="all: outputs go to out/RUN-sft, ... (default: the name of --init, else 'align')")
     p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see STAGE_DEFAULTS; "
-                   "with `all` these overrides apply to every stage (a quick smoke run: --steps 3 --n_prompts 16)")
+                   "with `all` these overrides apply to every stage (a quick smoke run from a fresh model: --steps 3 "
+                   "--n_prompts 16; from a pretrained --init, SFT needs more steps before RS finds answers that end)")
     p.add_argument("--batch_size", type=int, help="sequences per step (ppo: rollouts per iteration)")
     p.add_argument("--lr", type=float)
     p.add_argument("--n_prompts", type=int, help="task prompts the stage draws (sft: conversations, rm/dpo: pairs)")

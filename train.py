@@ -492,6 +492,12 @@ if args.resume:
     for group, decay in zip(optimizer.param_groups, decays):  # the saved groups bring their settings back: this
         group["weight_decay"] = decay                         # command's --weight_decay wins (lr is set every step)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
+    schedule = ("lr", "warmup_steps", "schedule", "decay_frac", "max_steps", "max_minutes")
+    other = [f"--{k} {getattr(args, k)} (was {state['args'][k]})" for k in schedule
+             if k in state.get("args", {}) and state["args"][k] != getattr(args, k)]
+    if other:  # this command's flags run the schedule from here: say so, the lr may jump
+        log(f"note: {last_ckpt} was trained on another schedule: {', '.join(other)}; the lr follows this command's "
+            "flags from here (give the checkpoint's to continue its schedule exactly)")
     if args.max_minutes and "elapsed" not in state:
         log(f"note: {last_ckpt} was written before checkpoints kept the clock: the time budget starts over")
     try:

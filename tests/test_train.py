@@ -246,8 +246,9 @@ def test_checkpoints_of_another_run_never_come_back(corpus, reference, tmp_path)
     go back to that run); resuming at or past --max_steps ends at once."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)  # checkpoints at steps 8 and 10
-    train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "8")  # at step 10 already: no step taken
+    r = train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "8")  # at step 10 already: no step taken
     assert max(losses(run)) == STEPS - 1
+    assert "was trained on another schedule: --max_steps 8 (was 10)" in r.stdout, r.stdout  # said, not silent
     train(corpus, run, "--batch_size", "4", "--max_steps", "5", "--seed", "7")  # a fresh run, another seed
     assert sorted(os.listdir(run / "ckpt")) == ["step_000004", "step_000005"]
     r = train(corpus, run, "--batch_size", "4", "--resume", "--max_steps", "6", "--seed", "7")
