@@ -575,13 +575,13 @@ PIPELINE = 3  # bump when a rule of cleaning, dedup or filtering changes: caches
               # near-dedup compares every kept document that shares a band)
 
 
-def read_meta(path, missing_ok=False):
-    """meta.json -> dict; unreadable: ValueError naming it (missing_ok: {}, a cache to rebuild)."""
+def read_meta(path, cache=False):
+    """meta.json -> dict; unreadable: ValueError naming it, or with cache=True {} (a stale cache, to rebuild)."""
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        if missing_ok:
+        if cache:
             return {}
         raise ValueError(f"{path}: unreadable ({e}); re-run prepare_data / `python data.py`") from None
 
@@ -611,7 +611,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
-        meta = read_meta(meta_path, missing_ok=True)  # (unreadable: rebuilt)
+        meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
             if verbose:
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source "
