@@ -17,7 +17,7 @@ Design choices
   each step removed. The model-based quality filter (Llama 3 trained fastText/RoBERTa classifiers on Llama 2
   labels) is here: a labeller scores a sample (ours: bits per byte under a trained checkpoint, lower = better),
   a hashed word n-gram logistic regression learns the labels and scores every document, the low scorers go.
-  It runs only when a checkpoint is named (--quality-model): the first run has no model to label with.
+  It runs only when a checkpoint is named (--quality_model): the first run has no model to label with.
   The labelled sample is the first quality_sample surviving documents (shuffle a source sorted by quality).
 - Processes: cleaning, the heuristics and the MinHash signatures, then tokenization (tiktoken straight to
   uint32 arrays, in threads on the worker's share of the cores), run in num_proc forked workers on ~4 MB
@@ -45,10 +45,10 @@ Design choices
 
 Run it
     python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib
-    python data.py --source ~/corpus/ --tokenizer tok.model --out data/corpus --num-proc 8
-    python data.py --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-docs 100000 --tokenizer tok.model \
+    python data.py --source ~/corpus/ --tokenizer tok.model --out data/corpus --num_proc 8
+    python data.py --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max_docs 100000 --tokenizer tok.model \
         --out data/fineweb  # pip install datasets
-    python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib-q --quality-model out/default
+    python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib-q --quality_model out/default
 train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.py` needs none of this by hand.
 """
 import argparse
@@ -857,13 +857,13 @@ if __name__ == "__main__":
     p.add_argument("--source", default="stdlib", help="stdlib | PATH (file or folder) | hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
     p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
-    p.add_argument("--val-fraction", type=float, default=0.02,
+    p.add_argument("--val_fraction", type=float, default=0.02,
                    help="share of documents held out for eval: every round(1/f)-th one (0.3 -> 1 in 3)")
-    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (2^26 = 256 MB)")
-    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
-    p.add_argument("--quality-model", default=None, help="checkpoint dir: label by its bits/byte, filter")
-    p.add_argument("--quality-drop", type=float, default=0.1, help="share of the labelled sample called junk")
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
+    p.add_argument("--shard_tokens", type=int, default=1 << 26, help="tokens per shard (2^26 = 256 MB)")
+    p.add_argument("--max_docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--quality_model", default=None, help="checkpoint dir: label by its bits/byte, filter")
+    p.add_argument("--quality_drop", type=float, default=0.1, help="share of the labelled sample called junk")
     a = p.parse_args()
     prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                  shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,

@@ -17,7 +17,7 @@ Design choices
   complete (an incremental decoder), so no U+FFFD appears mid-stream.
 
 Run:
-    python sample.py --ckpt out/default --prompt "def fibonacci(n):" --max-new-tokens 200
+    python sample.py --ckpt out/default --prompt "def fibonacci(n):" --max_new_tokens 200
     python sample.py --ckpt out/default-sft --chat --system "You are a concise assistant."
     python sample.py --ckpt path/to/Meta-Llama-3-8B-Instruct --chat      # Meta's download, or HF's with its
                                                                          # original/tokenizer.model
@@ -216,7 +216,7 @@ def chat(model, tok, args, generator):
         fresh = tok.encode_dialog_prompt(system + message)  # this message as the start of a new conversation
         if len(fresh) >= session.max_len:
             print(f"(that message is {len(fresh)} tokens with the system prompt; the context holds "
-                  f"{session.max_len}: shorten it, or raise --max-context if the model allows)")
+                  f"{session.max_len}: shorten it, or raise --max_context if the model allows)")
             continue
         if session.tokens and session.tokens[-1] != tok.eot_id:
             session.tokens.append(tok.eot_id)  # close a reply cut short by ctrl-C or the token limit
@@ -242,18 +242,18 @@ def main():
     parser.add_argument("--prompt", default=None, help="text to continue")
     parser.add_argument("--chat", action="store_true", help="chat REPL in the Llama 3 chat format")
     parser.add_argument("--system", default=None, help="system prompt for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--max-context", type=int, default=8192, help="KV cache length for --chat")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_context", type=int, default=8192, help="KV cache length for --chat")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.prompt is None and not args.chat:
         parser.error("give --prompt TEXT or --chat")
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be >= 0, --top-k >= 1, --top-p within (0, 1]")
+        parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1]")
 
     try:
         tok = load_tokenizer(args.ckpt)  # first: it is the quick one to find missing

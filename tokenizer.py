@@ -29,7 +29,7 @@ Design choices
 
 Run it
   python tokenizer.py                                      # train on the standard library, as train.py does
-  python tokenizer.py --source notes/ --vocab-size 32000 --out tok.model   # any data.py source: folder, .jsonl
+  python tokenizer.py --source notes/ --vocab_size 32000 --out tok.model   # any data.py source: folder, .jsonl
   python tokenizer.py --load tok.model --encode "Hello world"    # show the tokens of a string
   python tokenizer.py --load Meta-Llama-3-8B/original/tokenizer.model --encode "Hello world"
 """
@@ -480,7 +480,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train or inspect a Llama 3 style BPE tokenizer.")
     parser.add_argument("--source", default="stdlib", help="what data.py reads: stdlib | PATH (file or folder of "
                         ".txt, .md, .jsonl[.gz], .parquet) | hf:NAME[:CONFIG]")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="tokens in all, 256 specials included")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="tokens in all, 256 specials included")
     parser.add_argument("--out", default="tok.model", help="where to write the tokenizer (+ .vocab beside it)")
     parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")
     parser.add_argument("--encode", help="a string to show as tokens")

@@ -111,8 +111,8 @@ def bench(name, args, device, prompt_len, new_tokens, reps):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3, help="runs of each; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = parser.parse_args()

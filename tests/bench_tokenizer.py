@@ -3,7 +3,7 @@ the minbpe-style reference trainer for scale, and encoding speed against raw tik
 
 A script, not a test: it prints a table (paste it into the README with the date and the machine).
   python tests/bench_tokenizer.py                     # ~20 MB of the stdlib, vocab 8192
-  python tests/bench_tokenizer.py --mb 5 --vocab-size 4096 --repeat 1
+  python tests/bench_tokenizer.py --mb 5 --vocab_size 4096 --repeat 1
 
 Corpus: the running interpreter's standard library (stdlib_sources), the first --mb MB (UTF-8 bytes) of
 files in sorted order to train on, the next 2 MB of files held out for bytes-per-token and encode speed.
@@ -55,9 +55,9 @@ def train_hf(texts, vocab_size):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=20, help="MB of stdlib text to train on")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary incl. our 256 specials")
-    parser.add_argument("--ref-mb", type=float, default=1, help="MB for the reference trainer")
-    parser.add_argument("--ref-vocab-size", type=int, default=1280, help="vocab for the reference trainer")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="vocabulary incl. our 256 specials")
+    parser.add_argument("--ref_mb", type=float, default=1, help="MB for the reference trainer")
+    parser.add_argument("--ref_vocab_size", type=int, default=1280, help="vocab for the reference trainer")
     parser.add_argument("--repeat", type=int, default=3, help="training runs of each trainer (best counts)")
     args = parser.parse_args()
 

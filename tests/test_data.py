@@ -157,7 +157,7 @@ def test_removals_are_listed_in_pipeline_order(corpus, tmp_path):
 
 
 def test_shard_writer_cuts_the_same_however_documents_arrive(tmp_path):
-    """Shards are the same for any --num-proc: a chunk boundary at exactly shard_tokens changes no cut."""
+    """Shards are the same for any --num_proc: a chunk boundary at exactly shard_tokens changes no cut."""
     def shard_sizes(out, *chunks):
         os.makedirs(out)
         w = data.ShardWriter(str(out), "train", 10, 100, BOS, "abc")

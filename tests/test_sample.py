@@ -247,20 +247,20 @@ def test_cli_prompt_and_chat(tmp_path, tok):
     ckpt = str(tmp_path / "ckpt")
     # greedy (top-p does nothing at temperature 0) on CPU in fp32, as the reference: the CLI prints the prompt, then
     # generate's continuation of <|begin_of_text|> + the prompt, decoded without its stop token
-    r = run_cli(["--ckpt", ckpt, "--prompt", "hello world", "--max-new-tokens", "8", "--temperature", "0",
+    r = run_cli(["--ckpt", ckpt, "--prompt", "hello world", "--max_new_tokens", "8", "--temperature", "0",
                  "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     new, _ = sample.generate(m, [tok.encode("hello world", bos=True)], 8, temperature=0, stop_ids=tok.stop_ids)
     new = [t for t in new[0] if t not in tok.stop_ids]
     assert new and r.stdout == "hello world" + tok.decode(new) + "\n"
     # chat: three turns in a 48-token context with 16-token replies overflow; /reset; a too-long message; EOF
-    r = run_cli(["--ckpt", ckpt, "--chat", "--system", "be brief", "--max-new-tokens", "16"],
+    r = run_cli(["--ckpt", ckpt, "--chat", "--system", "be brief", "--max_new_tokens", "16"],
                 stdin="hello\nthe quick brown fox\njumps over\n/reset\nllama\n" + "x " * 100 + "\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("outgrew the 48-token context") >= 1 and "(new conversation)" in r.stdout
     assert "shorten it" in r.stdout  # a message longer than the whole context is refused, not truncated
-    r = run_cli(["--ckpt", ckpt, "--prompt", "hello", "--top-k", "0"])  # (it used to crash deep in sampling)
-    assert r.returncode == 2 and "--temperature must be >= 0, --top-k >= 1" in r.stderr
+    r = run_cli(["--ckpt", ckpt, "--prompt", "hello", "--top_k", "0"])  # (it used to crash deep in sampling)
+    assert r.returncode == 2 and "--temperature must be >= 0, --top_k >= 1" in r.stderr
     (tmp_path / "ckpt" / "tokenizer.model").unlink()
     r = run_cli(["--ckpt", ckpt, "--prompt", "hello"])
     assert r.returncode == 1 and "no tokenizer.model (nor original/tokenizer.model" in r.stderr

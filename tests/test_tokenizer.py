@@ -316,7 +316,7 @@ def test_cli_trains_and_encodes(tmp_path):
     out = str(tmp_path / "tok.model")
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *a],  # noqa: E731
                                     capture_output=True, text=True, check=True)
-    run("--source", str(tmp_path / "corpus"), "--vocab-size", "700", "--out", out)
+    run("--source", str(tmp_path / "corpus"), "--vocab_size", "700", "--out", out)
     tok = Tokenizer.load(out)
     assert tok.n_words == 700 and os.path.exists(tmp_path / "tok.vocab")
     shown = run("--load", out, "--encode", "naïve café").stdout.splitlines()
