@@ -68,6 +68,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -580,20 +581,28 @@ def preference_pairs(policy, tok, tasks, k, max_new, temperature=1.0, seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Distributed set-up and the training loop the stages share.
 
-RANK, WORLD = 0, 1
+RANK, WORLD, WAITING_ROOM = 0, 1, None
 
 
 def setup_device():
-    """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPUs (like train.py)."""
-    global RANK, WORLD
+    """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPUs (like train.py), and a gloo group
+    with no practical time limit for barrier(): there the other ranks wait while rank 0 alone saves and evaluates
+    (generation: it can outlast the training group's timeout, NCCL's 10 minutes)."""
+    global RANK, WORLD, WAITING_ROOM
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
+        WAITING_ROOM = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
     return device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier(group=WAITING_ROOM)
 
 
 def log(*a):
@@ -884,8 +893,7 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
         log_json = json.dumps({"stage": stage, "args": vars(args), "processes": WORLD, "history": history},
                               indent=1).encode()
         atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     res, cut = {}, Truncations.n  # (before the evaluation's prompts are counted too)
     if RANK == 0 and stage != "rm":  # the reward model's transformer is no policy: its own metric says it all
         res = evaluate(model, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new)
@@ -1060,7 +1068,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}[args.stage](args, device)
     if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be evaluating: leave together
+        barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()
         sys.stdout.flush()  # and past the interpreter's teardown, where gloo sometimes aborts (train.py's finish)
         sys.stderr.flush()

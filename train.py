@@ -53,6 +53,7 @@ import time
 import warnings
 import zlib
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -99,8 +100,11 @@ def list_checkpoints(ckpt_dir):
 
 
 def barrier():
+    """Wait for every rank, on a gloo group with no practical time limit (made with the process group below): here
+    the other ranks wait while rank 0 alone builds the data (hours for a large --source) or exports the model, and
+    the training group's collectives end at a timeout (NCCL's: 10 minutes)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=waiting_room)
 
 
 def finish(status=0):
@@ -110,7 +114,7 @@ def finish(status=0):
     written and closed by then."""
     if not dist.is_initialized():
         sys.exit(status)
-    dist.barrier()
+    barrier()
     if isinstance(status, str) and dist.get_rank() == 0:
         print(status, file=sys.stderr)
     dist.destroy_process_group()
@@ -347,6 +351,7 @@ if distributed:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    waiting_room = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # for barrier()
 else:
     rank, world_size = 0, 1
 master = rank == 0  # logs, writes the CSV, the plot and the exported model

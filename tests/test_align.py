@@ -387,11 +387,30 @@ def test_ppo_raises_the_reward(tok):
     assert all(math.isfinite(v) for h in hist for v in h.values())
 
 
+SLOW_RANK_0 = """
+import os
+if "RANK" in os.environ:  # a torchrun worker: its process group times out after 5 s, rank 0 evaluates slowly
+    import sys
+    import time
+    from datetime import timedelta
+    import torch.distributed as dist
+    init = dist.init_process_group
+    def short_timeout(*a, **k):
+        init(*a, timeout=timedelta(seconds=5), **k)
+        main = sys.modules["__main__"]  # align.py
+        evaluate = main.evaluate
+        main.evaluate = lambda *a, **k: (time.sleep(8), evaluate(*a, **k))[1]
+    dist.init_process_group = short_timeout
+"""
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_ddp_matches_one_process(tok, tmp_path, stage):
     """`torchrun --nproc_per_node=2 align.py sft|dpo` (gloo, DDP) takes the same steps as one process: each rank
     takes half of every global batch and DDP averages the gradients, so the weights come out equal. SFT's packed
-    rows hold different numbers of target tokens, so each rank's loss is weighed by its share of them."""
+    rows hold different numbers of target tokens, so each rank's loss is weighed by its share of them. Rank 0
+    alone evaluates at the end (generation: with a large model, longer than NCCL's 10-minute timeout): the other
+    rank waits for it past the group's timeout (5 s here: SLOW_RANK_0)."""
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
     rng = random.Random(2)
@@ -406,6 +425,10 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "align.py", *common, "--out", str(tmp_path / "one")], cwd=repo, env=env,
                    check=True, capture_output=True, timeout=300)
+    if stage == "sft":  # and the other rank waits for rank 0's evaluation past the process group's timeout
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_RANK_0)
+        env["PYTHONPATH"] = str(tmp_path / "site")
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -328,6 +328,36 @@ def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus,
     assert r.returncode == 0 and f"warning: {tmp_path / 'docs'}'s files changed" in r.stdout, r.stdout + r.stderr
 
 
+SLOW_RANK_0 = """
+import os
+if "RANK" in os.environ:  # a torchrun worker: its process group times out after 5 s, and rank 0 builds slowly
+    import time
+    from datetime import timedelta
+    import torch.distributed as dist
+    init = dist.init_process_group
+    def short_timeout(*a, **k):
+        init(*a, timeout=timedelta(seconds=5), **k)
+        import data  # (train.py has imported it by now)
+        build = data.prepare_data
+        data.prepare_data = lambda *a, **k: (time.sleep(8), build(*a, **k))[1]
+    dist.init_process_group = short_timeout
+"""
+
+
+def test_ranks_wait_for_rank_0s_data_build_past_the_process_group_timeout(corpus, tmp_path):
+    """Rank 0 alone tokenizes a --source while the other ranks wait: for a large source that takes hours, longer
+    than the training group's timeout (NCCL's: 10 minutes). Here the group times out after 5 s and the build
+    takes 8 s more: the run must still go through."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_RANK_0)
+    cmd = command(corpus, tmp_path / "out", "--batch_size", "2", "--max_steps", "2", "--source", str(corpus / "docs"),
+                  "--data", str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "tok.model"), "--vocab_size",
+                  "600", nproc=2)
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(env(), PYTHONPATH=str(tmp_path / "site")), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "tokenizing" in r.stdout and "exported" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, tmp_path):
     """The long-context stage: start from the exported model at twice the context, RoPE scaled, WSD schedule."""
     train(corpus, tmp_path, "--batch_size", "2", "--init", str(reference), "--seq_len", "64", "--rope_factor", "2",
