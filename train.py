@@ -582,9 +582,11 @@ while True:
             plot_svg(read_log(log_path), os.path.join(args.out_dir, "loss.svg"))
     if step > start_step and (step % args.ckpt_interval == 0 or last or stopped):
         last_ckpt = os.path.join(ckpt_dir, f"step_{step:06d}")
-        state = {"step": step, "elapsed": elapsed, "loader": train_loader.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "args": vars(args),
-                 "model_args": dataclasses.asdict(model_args)}
+        # the clock as it stands now (the last step's start would give a resumed run that step and this eval again)
+        state = {"step": step, "elapsed": time.time() - t_loop, "loader": train_loader.state_dict(),
+                 "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                 "args": vars(args), "model_args": dataclasses.asdict(model_args)}
         save_checkpoint(last_ckpt, model, optimizer, state, rank)
         log(f"step {step}: saved {last_ckpt}")
     if last or stopped:

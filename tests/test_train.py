@@ -355,7 +355,8 @@ def test_ranks_wait_for_rank_0s_data_build_past_the_process_group_timeout(corpus
                   "600", nproc=2)
     r = subprocess.run(cmd, cwd=ROOT, env=dict(env(), PYTHONPATH=str(tmp_path / "site")), capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0 and "tokenizing" in r.stdout and "exported" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and "tokenizing" in r.stdout and "exported" in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, tmp_path):
