@@ -38,6 +38,10 @@ Design choices
   `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
   (6.5M parameters, 8K vocabulary: an SFT step took 12x as long, 1.1 s, so most of an hour on the same CPU).
   SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
+- A killed stage goes on exactly where it was with --resume (the same flags): every --ckpt_interval steps its loop
+  (modules, optimizer, random generators, step, history) is saved to OUT/resume.pt, which goes once the stage's
+  checkpoint and align_log.json (the mark of a stage that ended) are written; `all --resume` keeps the stages that
+  ended. What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
@@ -57,6 +61,7 @@ Commands
   python align.py dpo --init out/default-rs --out out/default-dpo [--data pairs.jsonl]
   python align.py ppo --init out/default-dpo --rm out/default-rm --out out/default-ppo [--data prompts.jsonl]
   torchrun --standalone --nproc_per_node=8 align.py sft --init ... --out ...     # sft, rm, dpo: DDP
+  python align.py all --resume                          # after a kill: the same command, --resume added
 """
 import argparse
 import copy
@@ -610,6 +615,63 @@ def log(*a):
         print(*a, flush=True)
 
 
+def run_flags(args):
+    """The flags that decide what a stage computes: a resumed stage must have the same ones."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "ckpt_interval")}
+
+
+class StageState:
+    """A stage's training loop on disk, so that a killed stage goes on exactly where it was (--resume): every
+    `every` steps rank 0 writes what the loop holds (the trained modules, the optimizer, the random generators, the
+    step and the history so far) to OUT/resume.pt, atomically; it is removed once the stage's checkpoint and
+    align_log.json are written. What a stage computes before its loop (data, generated pairs and winners, reference
+    log-probs) follows from the flags and the seed, and is computed again."""
+
+    def __init__(self, args=None):
+        self.path = os.path.join(args.out, "resume.pt") if args else None
+        self.every, self.resume = (args.ckpt_interval, args.resume) if args else (0, False)
+        self.flags = run_flags(args) if args else None
+
+    def load(self, parts):
+        """Restore parts ({name: module, optimizer, torch.Generator or random.Random}) in place from the saved
+        state. -> (step, history, extra); (0, [], {}) with nothing to resume (a state left without --resume goes)."""
+        if not self.path or not os.path.exists(self.path):
+            if self.resume:
+                log(f"nothing to resume in {os.path.dirname(self.path)}: the stage starts from --init")
+            return 0, [], {}
+        if not self.resume:
+            if RANK == 0:
+                os.remove(self.path)  # another run's: starting over, it must never come back
+            return 0, [], {}
+        state = load_pth(self.path)
+        changed = [f"--{k} {state['flags'].get(k)!r} there, {v!r} here" for k, v in self.flags.items()
+                   if state["flags"].get(k) != v]
+        if changed:
+            raise SystemExit(f"{self.path}: written with other flags ({'; '.join(changed)}): resume with the same "
+                             "ones, or drop --resume to start the stage over")
+        for name, obj in parts.items():
+            if isinstance(obj, torch.Generator):
+                obj.set_state(state[name])
+            elif isinstance(obj, random.Random):
+                obj.setstate(state[name])
+            else:  # a module (DDP's unwrapped: any number of processes) or an optimizer
+                getattr(obj, "module", obj).load_state_dict(state[name])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resumed {self.path} at step {state['step']}")
+        return state["step"], state["history"], state["extra"]
+
+    def save(self, step, history, parts, extra=None):
+        """After `step` steps: written every `every` steps, by rank 0 (DDP's replicas are equal)."""
+        if not self.path or not self.every or step % self.every or RANK != 0:
+            return
+        state = {"step": step, "history": history, "flags": self.flags, "extra": extra or {},
+                 "torch_rng": torch.get_rng_state()}
+        for name, obj in parts.items():
+            state[name] = (obj.get_state() if isinstance(obj, torch.Generator) else obj.getstate()
+                           if isinstance(obj, random.Random) else getattr(obj, "module", obj).state_dict())
+        atomic_save(state, self.path)
+
+
 def wrap_ddp(module):
     """DDP averages gradients across processes during backward; a single process trains the module as is."""
     if not dist.is_initialized():
@@ -636,15 +698,17 @@ def autocast(module):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device_of(module).type == "cuda" else nullcontext()
 
 
-def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25):
+def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25, state=None):
     """The loop every stage shares, in nanoGPT's order: set lr, forward + backward, clip, step, log.
-    step_loss(step) -> (loss, {metric: float}). AdamW without weight decay (a fine-tune); linear warm-up, then linear
+    step_loss(step) -> (loss, {metric: float}), a function of the step alone (batch_indices), so a loop resumed
+    from a StageState takes the same steps. AdamW without weight decay (a fine-tune); linear warm-up, then linear
     decay to lr/10. bf16 autocast on CUDA."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     amp = autocast(module)
-    history = []
-    for step in range(steps):
+    state = state or StageState()
+    start, history, _ = state.load({"module": module, "opt": opt})
+    for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (1 - 0.9 * step / steps)
         with amp:
@@ -656,13 +720,15 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25):
         history.append({"loss": loss.item(), **metrics})
         if step % log_every == 0 or step == steps - 1:
             log(f"{name} step {step:4d}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
+        if step + 1 < steps:  # (after the last step the stage's checkpoint is written instead)
+            state.save(step + 1, history, {"module": module, "opt": opt})
     return history
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 8. The stages. Each train_* function takes a model and data and returns its history; the CLI wraps them below.
 
-def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft"):
+def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", state=None):
     """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks.
     The loss is the mean over the batch's target tokens, however many each row holds."""
     examples = [tok.encode_dialog(c) for c in conversations]
@@ -676,7 +742,7 @@ def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft"):
         # DDP averages the ranks' gradients: weigh each rank by its share of the batch's targets
         share = (Y[idx] != -100).sum() * WORLD / (Y[batch] != -100).sum()
         return loss * share, {}
-    return optimize(net, step_loss, steps, lr, name)
+    return optimize(net, step_loss, steps, lr, name, state=state)
 
 
 def _pair_rows(tok, pairs, max_len):
@@ -696,7 +762,7 @@ def _pair_rows(tok, pairs, max_len):
     return rows
 
 
-def train_rm(rm, tok, pairs, steps, batch_size, lr):
+def train_rm(rm, tok, pairs, steps, batch_size, lr, state=None):
     """Reward model: Bradley–Terry on (chosen, rejected), both in one forward; a pair may carry a "margin"."""
     rows = _pair_rows(tok, pairs, context_len(rm.backbone))
     margins = torch.tensor([float(p.get("margin", 0.0)) for p in pairs])
@@ -709,7 +775,7 @@ def train_rm(rm, tok, pairs, steps, batch_size, lr):
         r_chosen, r_rejected = net(pad(seqs).to(dev), last).chunk(2)  # (b,), (b,)
         loss = bradley_terry_loss(r_chosen, r_rejected, margins[idx].to(dev))
         return loss, {"acc": (r_chosen > r_rejected).float().mean().item()}
-    return optimize(net, step_loss, steps, lr, "rm")
+    return optimize(net, step_loss, steps, lr, "rm", state=state)
 
 
 @torch.no_grad()
@@ -729,7 +795,7 @@ def response_logprobs(policy, seqs, masks):
     return (policy(tokens)[0] * m).sum(-1), m.sum(-1)
 
 
-def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2):
+def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2, state=None):
     """DPO with Llama 3's changes: header/termination tokens out of the loss, NLL (per token) on chosen."""
     rows = _pair_rows(tok, pairs, context_len(policy))
 
@@ -751,7 +817,7 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
         nll = -(pi_c / n_c.clamp(min=1)).mean()
         return loss + nll_coef * nll, {"dpo": loss.item(), "nll": nll.item(), "margin": (r_c - r_r).mean().item(),
                                        "acc": (r_c > r_r).float().mean().item()}
-    return optimize(net, step_loss, steps, lr, "dpo")
+    return optimize(net, step_loss, steps, lr, "dpo", state=state)
 
 
 def rejection_sample(policy, rm, tok, prompts, k, max_new, temperature=1.0, seed=0):
@@ -772,9 +838,10 @@ def rejection_sample(policy, rm, tok, prompts, k, max_new, temperature=1.0, seed
 
 
 def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max_new=16, kl_coef=0.5,
-              kl_target=None, epochs=2, minibatch=16, gamma=1.0, lam=0.95, clip=0.2, vf_coef=0.5, seed=0):
+              kl_target=None, epochs=2, minibatch=16, gamma=1.0, lam=0.95, clip=0.2, vf_coef=0.5, seed=0, state=None):
     """PPO on prompts (lists of messages). reward_fn(seqs: list of token lists, prompt + response) -> (N,) scores.
-    Each iteration: roll out, score, shape rewards with the KL penalty, GAE, then `epochs` passes of minibatches."""
+    Each iteration: roll out, score, shape rewards with the KL penalty, GAE, then `epochs` passes of minibatches.
+    state: a StageState, saved every few iterations (and resumed from)."""
     dev = device_of(policy)
     pv = Policy(policy, value_head=True).to(dev)
     # the fresh value head starts from zero and must catch up with the rewards' scale: 10x the policy's lr
@@ -788,8 +855,11 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng, perm_gen = random.Random(seed), torch.Generator().manual_seed(seed)
     rendered = [render_prompt(tok, p, prompt_room(policy, max_new)) for p in prompts]
-    history = []
-    for it in range(iters):
+    state, parts = state or StageState(), {"pv": pv, "opt": opt, "gen": gen, "rng": rng, "perm_gen": perm_gen}
+    start, history, extra = state.load(parts)
+    if extra:
+        kl_ctl.coef, score_mean, score_std = extra["kl_coef"], extra["score_mean"].to(dev), extra["score_std"].to(dev)
+    for it in range(start, iters):
         # rollout: sample from the current policy, then score every token once with the same full forward
         prompt_ids = [rendered[i] for i in rng.sample(range(len(prompts)), min(rollout_size, len(prompts)))]
         responses = sample_responses(policy, tok, prompt_ids, max_new, generator=gen)
@@ -832,6 +902,8 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
                             pg_loss=pg, vf_loss=vf))
         if it % 5 == 0 or it == iters - 1:
             log(f"ppo iter {it:3d}/{iters} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
+        if it + 1 < iters:
+            state.save(it + 1, history, parts, dict(kl_coef=kl_ctl.coef, score_mean=score_mean, score_std=score_std))
     return history
 
 
@@ -883,24 +955,41 @@ def fresh_base(out_dir, n_eval, seed=0):
 
 
 def finish(args, stage, model, tok, history, metric, rm=None, save=None):
-    """Save the stage's checkpoint and beside it align_log.json (its settings and every step's metrics), on rank
-    0, then evaluate it on the held-out tasks and log one line."""
-    if RANK == 0 and save is not None:
-        save(args.out)  # the reward model: its head beside the transformer
-    elif RANK == 0:
-        save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
-    if RANK == 0:
-        log_json = json.dumps({"stage": stage, "args": vars(args), "processes": WORLD, "history": history},
-                              indent=1).encode()
-        atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
-    barrier()
+    """On rank 0: save the stage's checkpoint, evaluate it on the held-out tasks, and write beside it
+    align_log.json (its flags, every step's metrics, the result), which marks the stage done (`all --resume`).
+    Log one line."""
     res, cut = {}, Truncations.n  # (before the evaluation's prompts are counted too)
-    if RANK == 0 and stage != "rm":  # the reward model's transformer is no policy: its own metric says it all
-        res = evaluate(model, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new)
+    if RANK == 0:
+        if save is not None:
+            save(args.out)  # the reward model: its head beside the transformer
+        else:
+            save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
+        if stage != "rm":  # the reward model's transformer is no policy: its own metric says it all
+            res = evaluate(model, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new)
+        res = dict(stage=stage, out=args.out, metric=metric, **res)
+        log_json = json.dumps({"stage": stage, "args": vars(args), "processes": WORLD, "history": history,
+                               "result": res}, indent=1).encode()
+        atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
+        if os.path.exists(os.path.join(args.out, "resume.pt")):
+            os.remove(os.path.join(args.out, "resume.pt"))
     acc = f"held-out accuracy {res['accuracy']:.3f}, " if "accuracy" in res else ""
     reward = f"mean reward {res['reward']:.3f}, " if "reward" in res else ""
     log(f"[{stage}] -> {args.out}: {acc}{reward}{metric} ({cut} sequences truncated to the context)")
-    return dict(stage=stage, out=args.out, metric=metric, **res)
+    return res
+
+
+def finished(args):
+    """`all --resume`: the result of a stage that ended before (its align_log.json, and no resume.pt), else None."""
+    log_path = os.path.join(args.out, "align_log.json")
+    if not args.resume or not os.path.exists(log_path) or os.path.exists(os.path.join(args.out, "resume.pt")):
+        return None
+    with open(log_path) as f:
+        saved = json.load(f)
+    if "result" not in saved or run_flags(argparse.Namespace(**saved["args"])) != run_flags(args):
+        raise SystemExit(f"{log_path}: a stage run with other flags (or by an older align.py): resume with the same "
+                         "ones, or drop --resume to run the chain again")
+    log(f"[{saved['stage']}] ended before: {args.out}")
+    return saved["result"]
 
 
 def load_init(args, device):
@@ -916,7 +1005,8 @@ def stage_sft(args, device):
     n = hp(args, "sft", "n_prompts")
     tasks = task_split(n, args.n_eval, args.seed, 1)[0]
     convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
-    hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"))
+    hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"),
+                     state=StageState(args))
     return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
                   load_reward_model(args.rm, device) if args.rm else None)
 
@@ -931,7 +1021,8 @@ def stage_rm(args, device):
         test_pairs, _ = preference_pairs(policy, tok, held_out, args.k, args.max_new, args.temperature, args.seed + 1)
         log(f"[rm] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     rm = RewardModel(policy).to(device)
-    hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"))
+    hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"),
+                    state=StageState(args))
     acc = f"{rm_accuracy(rm, tok, test_pairs):.3f}" if test_pairs else "n/a (--data: no held-out pairs)"
     metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc}"
     save = lambda out: save_reward_model(rm, out, tokenizer_path(args.init))  # noqa: E731  (the head beside it)
@@ -951,7 +1042,7 @@ def stage_rs(args, device):
     log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
         + picked + f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
     hist = train_sft(policy, tok, [winners[i] for i in kept], hp(args, "rs", "steps"), hp(args, "rs", "batch_size"),
-                     hp(args, "rs", "lr"), name="rs")
+                     hp(args, "rs", "lr"), name="rs", state=StageState(args))
     metric = (f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean {scores.mean():.3f}{picked}; "
               f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
     return finish(args, "rs", policy, tok, hist, metric, rm)
@@ -967,7 +1058,7 @@ def stage_dpo(args, device):
         pairs, p_good = preference_pairs(policy, tok, tasks, args.k, args.max_new, args.temperature, args.seed)
         log(f"[dpo] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     hist = train_dpo(policy, ref, tok, pairs, hp(args, "dpo", "steps"), hp(args, "dpo", "batch_size"),
-                     hp(args, "dpo", "lr"), args.beta, args.nll_coef)
+                     hp(args, "dpo", "lr"), args.beta, args.nll_coef, state=StageState(args))
     metric = f"DPO loss {hist[0]['dpo']:.3f} -> {mean_of(hist[-10:], 'dpo'):.3f}, reward margin " \
              f"{mean_of(hist[-10:], 'margin'):.3f}"
     return finish(args, "dpo", policy, tok, hist, metric, load_reward_model(args.rm, device) if args.rm else None)
@@ -980,7 +1071,7 @@ def stage_ppo(args, device):
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     hist = train_ppo(policy, ref, lambda seqs: rm_scores(rm, seqs), tok, prompts, hp(args, "ppo", "steps"),
                      hp(args, "ppo", "batch_size"), hp(args, "ppo", "lr"), args.max_new, args.kl_coef, args.kl_target,
-                     seed=args.seed)
+                     seed=args.seed, state=StageState(args))
     metric = f"rollout reward {mean_of(hist[:10], 'reward'):.3f} -> {mean_of(hist[-10:], 'reward'):.3f}, " \
              f"KL {mean_of(hist[-10:], 'kl'):.3f}"
     return finish(args, "ppo", policy, tok, hist, metric, rm)
@@ -1005,8 +1096,9 @@ def stage_all(args, device):
     for stage, init, fn in chain:
         t, Truncations.n = time.time(), 0
         args.init, args.out = init, f"out/{run}-{stage}"
-        rows[stage] = fn(args, device)
-        walls[stage] = time.time() - t
+        done = finished(args)
+        rows[stage] = done or fn(args, device)
+        walls[stage] = None if done else time.time() - t
         if stage == "rm":
             args.rm = args.out
     # the table: every checkpoint reloaded from disk, greedy answers to the same held-out prompts, scored by the RM
@@ -1023,7 +1115,7 @@ def stage_all(args, device):
             res = evaluate(load_model(path, device=device), load_tokenizer(path), held_out, rm, args.max_new)
             cells = [f"{res['accuracy']:.3f}"] + [f"{res[k]:.2f}" for k in TASK_KINDS] + [f"{res['reward']:.3f}"]
         print(f"| {stage} | `{path}` | {' | '.join(cells)} | {rows.get(stage, {}).get('metric', '')} "
-              f"| {walls[stage]:.0f} s |")
+              f"| {'an earlier run' if walls[stage] is None else f'{walls[stage]:.0f} s'} |")
 
 
 if __name__ == "__main__":
@@ -1051,6 +1143,10 @@ if __name__ == "__main__":
     p.add_argument("--kl_target", type=float,
                    help="PPO: adapt the KL coefficient so the KL per response tracks this (default: keep it fixed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt_interval", type=int, default=100,
+                   help="steps (ppo: iterations) between the saves of a stage's loop to OUT/resume.pt (0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed stage from OUT/resume.pt, same flags (all: the stages not yet ended too)")
     args = p.parse_args()
     if args.stage != "all":
         if args.init is None:
@@ -1058,6 +1154,8 @@ if __name__ == "__main__":
         if args.stage in ("rs", "ppo") and args.rm is None:
             p.error(f"{args.stage} needs --rm (a reward model written by `align.py rm`)")
         args.out = args.out or f"{args.init.rstrip('/')}-{args.stage}"
+    if args.ckpt_interval < 0:
+        p.error("--ckpt_interval must be >= 0 (0: no saves to resume from)")
     device = setup_device()
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the matrices here are tiny (64-256 wide): intra-op threads cost more in synchronisation than they save,

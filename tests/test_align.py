@@ -410,7 +410,8 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     takes half of every global batch and DDP averages the gradients, so the weights come out equal. SFT's packed
     rows hold different numbers of target tokens, so each rank's loss is weighed by its share of them. Rank 0
     alone evaluates at the end (generation: with a large model, longer than NCCL's 10-minute timeout): the other
-    rank waits for it past the group's timeout (5 s here: SLOW_RANK_0)."""
+    rank waits for it past the group's timeout (5 s here: SLOW_RANK_0). DPO's 2 processes are killed at their 3rd
+    step and resumed from the state saved after the 2nd, written by rank 0 and read by both."""
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
     rng = random.Random(2)
@@ -425,16 +426,24 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "align.py", *common, "--out", str(tmp_path / "one")], cwd=repo, env=env,
                    check=True, capture_output=True, timeout=300)
-    if stage == "sft":  # and the other rank waits for rank 0's evaluation past the process group's timeout
-        (tmp_path / "site").mkdir()
-        (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_RANK_0)
-        env["PYTHONPATH"] = str(tmp_path / "site")
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                    "--master_addr=127.0.0.1", f"--master_port={port}", "align.py", *common,
-                    "--out", str(tmp_path / "two")], cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_RANK_0 if stage == "sft" else KILL_AT_STEP)
+    env["PYTHONPATH"] = str(tmp_path / "site")
+
+    def torchrun(*extra, **kw):
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "align.py", *common, "--out",
+                               str(tmp_path / "two"), *extra], cwd=repo, capture_output=True, timeout=300, **kw)
+    if stage == "dpo":
+        r = torchrun("--ckpt_interval", "2", env={**env, "KILL_AT_STEP": "3"})
+        assert r.returncode != 0 and os.path.exists(tmp_path / "two" / "resume.pt")
+        r = torchrun("--ckpt_interval", "2", "--resume", env=env, text=True)
+        assert r.stdout.count("resumed") == 1 and "at step 2" in r.stdout, r.stdout + r.stderr[-3000:]
+    else:
+        torchrun(env=env, check=True)
     one = torch.load(tmp_path / "one" / "consolidated.00.pth")
     two = torch.load(tmp_path / "two" / "consolidated.00.pth")
     init = torch.load(tmp_path / "init" / "consolidated.00.pth")
@@ -568,3 +577,56 @@ def test_ppo_mask_covers_exactly_the_response_tokens(tok, monkeypatch):
     for row, p, r in zip(masks[0], seen, responses):
         expected = [0.0] * (len(p) - 1) + [1.0] * len(r)
         assert row.tolist() == expected + [0.0] * (len(row) - len(expected))
+
+
+KILL_AT_STEP = """
+import os
+if "KILL_AT_STEP" in os.environ:  # SIGKILL this process as it starts its Nth optimizer step
+    import signal
+    import torch
+    step, calls = torch.optim.AdamW.step, [0]
+    def killing_step(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *a, **k)
+    torch.optim.AdamW.step = killing_step
+"""
+
+
+def test_a_killed_chain_resumes_exactly(tmp_path):
+    """`align.py all` killed with SIGKILL in the middle of DPO, then (resumed) in the middle of PPO, each time one
+    step after its last save (so a finished step is lost and taken again), and resumed with --resume: every stage's
+    checkpoint and every step's metrics equal an uninterrupted run's. A resume with other flags is refused."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILL_AT_STEP)
+    flags = ["all", "--steps", "6", "--n_prompts", "16", "--n_eval", "8", "--ckpt_interval", "2"]
+
+    def run(where, *extra, kill_at=None):
+        (tmp_path / where).mkdir(exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+        if kill_at:
+            env["KILL_AT_STEP"] = str(kill_at)
+        return subprocess.run([sys.executable, os.path.join(repo, "align.py"), *flags, *extra], cwd=tmp_path / where,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    r = run("whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # optimizer steps: SFT, RM and RS 6 each, DPO 6; PPO 2 an iteration (16 rollouts, 2 epochs of one minibatch)
+    r = run("killed", kill_at=6 + 6 + 6 + 6)  # DPO's 6th step: saved after its 4th, the 5th is lost
+    assert r.returncode == -9 and os.path.exists(tmp_path / "killed/out/align-dpo/resume.pt"), r.stderr[-3000:]
+    r = run("killed", "--resume", kill_at=2 + 2 * 3 + 1)  # DPO's last 2 steps, then PPO's 4th iteration (saved: 2)
+    assert r.returncode == -9 and "resumed out/align-dpo/resume.pt at step 4" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "[sft] ended before" in r.stdout and "[rs] ended before" in r.stdout
+    r = run("killed", "--resume")
+    assert r.returncode == 0 and "resumed out/align-ppo/resume.pt at step 2" in r.stdout, r.stdout + r.stderr[-3000:]
+    for stage in align.STAGES:
+        whole, killed = (tmp_path / d / "out" / f"align-{stage}" for d in ("whole", "killed"))
+        assert not os.path.exists(killed / "resume.pt")  # gone once the stage ended
+        a, b = (torch.load(d / "consolidated.00.pth") for d in (whole, killed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+        logs = [json.loads((d / "align_log.json").read_text()) for d in (whole, killed)]
+        assert logs[0]["history"] == logs[1]["history"] and logs[0]["result"] == logs[1]["result"], stage
+    r = run("killed", "--resume", "--lr", "1e-3")
+    assert r.returncode == 1 and "align-sft/align_log.json: a stage run with other flags" in r.stderr, r.stderr
