@@ -29,7 +29,7 @@ Design choices
   fingerprint) then little-endian uint32 tokens (a 128K vocab does not fit uint16). Every shard starts a
   document and every document starts with <|begin_of_text|>, so boundaries are recovered from the tokens.
   Files are written to a temporary name and renamed; meta.json is written last, so a folder with meta.json is
-  complete. Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
+  complete; it holds each shard's CRC-32, which train.py checks (a flipped bit in a token would train). Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
 - Loader: the split's shards form one token stream, cut into windows of T tokens (x = stream[p:p+T],
   y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once, but for the
   stream's last (n_tokens - 1) % T + 1 (at most one window's worth, the same every epoch).
@@ -460,11 +460,13 @@ def atomic_write(path, chunks):
 
 
 def write_shard(path, tokens, vocab_size, bos_id, fingerprint):
+    """-> the file's CRC-32."""
     tokens = np.asarray(tokens, dtype="<u4")
     assert len(tokens) and tokens[0] == bos_id, "a shard starts with <|begin_of_text|>"
     n_docs = int(np.count_nonzero(tokens == bos_id))
     header = HEADER.pack(MAGIC, VERSION, vocab_size, bos_id, n_docs, len(tokens), fingerprint.encode("ascii"))
     atomic_write(path, [header, tokens.tobytes()])
+    return zlib.crc32(tokens, zlib.crc32(header))
 
 
 def read_shard(path):
@@ -500,7 +502,7 @@ class ShardWriter:
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self.bos_id, self.info = bos_id, (vocab_size, bos_id, fingerprint)
         self.buf, self.buffered = [], 0
-        self.shards, self.docs, self.tokens, self.bytes = [], 0, 0, 0
+        self.shards, self.crc32, self.docs, self.tokens, self.bytes = [], [], 0, 0, 0
 
     def add(self, tokens, docs, n_bytes):
         """tokens: uint32 array of whole documents, each starting with <|begin_of_text|>."""
@@ -517,14 +519,14 @@ class ShardWriter:
 
     def _write(self, tokens):
         name = f"{self.split}_{len(self.shards):03d}.bin"
-        write_shard(os.path.join(self.out_dir, name), tokens, *self.info)
+        self.crc32.append(write_shard(os.path.join(self.out_dir, name), tokens, *self.info))
         self.shards.append(name)
 
     def close(self):
         if self.buffered:
             self._write(np.concatenate(self.buf))
         self.buf, self.buffered = [], 0
-        return dict(docs=self.docs, tokens=self.tokens, bytes=self.bytes, shards=self.shards)
+        return dict(docs=self.docs, tokens=self.tokens, bytes=self.bytes, shards=self.shards, crc32=self.crc32)
 
 
 # -----------------------------------------------------------------------------

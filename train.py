@@ -412,6 +412,18 @@ except (OSError, ValueError):  # the source is not here (shards copied to a clus
 if changed:
     log(f"warning: {made_from}'s files changed after {args.data} was made from them; this run trains on the old "
         f"tokens (to use the new ones, rerun data.py with --out {args.data}, or delete it)")
+# every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound); each
+# rank reads a share of the files, as for a checkpoint
+splits = [meta.get(s, {}) for s in ("train", "val")]
+crc = {n: c for split in splits for n, c in zip(split.get("shards", []), split.get("crc32", []))}
+if crc:
+    found = checksums(args.data, sorted(crc))
+    bad = [n for n in sorted(crc) if found.get(n, [0, None])[1] != crc[n]]
+    if bad:
+        fail(f"{args.data}: {', '.join(bad)} not as data.py wrote (missing, or its CRC-32 differs from meta.json's): "
+             "a damaged copy; copy the folder again or rebuild it with data.py")
+else:
+    log(f"note: {args.data}/meta.json has no CRC-32s of its shards (an older data.py): they are not checked")
 
 # -----------------------------------------------------------------------------
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context

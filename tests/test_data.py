@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import unicodedata
+import zlib
 
 import numpy as np
 import pytest
@@ -427,6 +428,9 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
         assert m["docs"] == len(got) and m["bytes"] == sum(len(d.encode()) for d in got)
         assert m["tokens"] == sum(len(tok.encode(d)) + 1 for d in got)
     assert len(meta["train"]["shards"]) > 1 and meta["fingerprint"] == tok.fingerprint()
+    for split in ("train", "val"):  # each shard's CRC-32, for train.py to check the files against
+        files = [open(os.path.join(out, name), "rb").read() for name in meta[split]["shards"]]
+        assert meta[split]["crc32"] == [zlib.crc32(b) for b in files]
     # cached: the same call does no work; other settings rebuild and leave no stale shard behind
     mtime = os.path.getmtime(os.path.join(out, "meta.json"))
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,

@@ -227,6 +227,23 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(corpus, refere
     assert losses(run) == losses(reference)
 
 
+def test_a_shard_with_a_flipped_bit_is_refused(corpus, tmp_path):
+    """One token's low bit flipped in a copy of the shards: still a valid id (the loader's range check passes it),
+    so only the CRC-32 in meta.json tells; the run stops before training, naming the shard."""
+    shutil.copytree(corpus / "shards", tmp_path / "shards")
+    shard = tmp_path / "shards" / "train_000.bin"
+    blob = bytearray(shard.read_bytes())
+    at = 64 + 4 * ((len(blob) - 64) // 8)  # a token in the middle
+    blob[at] ^= 1
+    assert int.from_bytes(blob[at:at + 4], "little") < 600  # (the tokenizer's ids)
+    shard.write_bytes(bytes(blob))
+    r = subprocess.run(command(corpus, tmp_path / "out", "--data", str(tmp_path / "shards"), "--max_steps", "1"),
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"{tmp_path / 'shards'}: train_000.bin not as data.py wrote" in r.stderr, \
+        r.stdout + r.stderr
+    assert not (tmp_path / "out" / "log.csv").exists()  # stopped before any step
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
