@@ -630,3 +630,23 @@ def test_a_killed_chain_resumes_exactly(tmp_path):
         assert logs[0]["history"] == logs[1]["history"] and logs[0]["result"] == logs[1]["result"], stage
     r = run("killed", "--resume", "--lr", "1e-3")
     assert r.returncode == 1 and "align-sft/align_log.json: a stage run with other flags" in r.stderr, r.stderr
+
+
+def test_stage_state_refuses_other_flags_and_a_fresh_start_drops_it(tmp_path):
+    """A saved loop state resumes only under the flags it was written with (the error names the flag and both
+    values); a run without --resume removes it, so that a later --resume never goes back to another run's state."""
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path), ckpt_interval=2, resume=True, lr=1e-3, steps=6, seed=0)
+    net = torch.nn.Linear(3, 2)
+    align.StageState(args).save(2, [{"loss": 1.0}], {"net": net})
+    assert (tmp_path / "resume.pt").exists()
+    with torch.no_grad():
+        net.weight.zero_()
+    step, history, extra = align.StageState(args).load({"net": net})
+    assert (step, history, extra) == (2, [{"loss": 1.0}], {}) and net.weight.abs().sum() > 0  # weights back
+    with pytest.raises(SystemExit, match=r"resume.pt: written with other flags \(--lr 0.001 there, 0.002 here\)"):
+        align.StageState(argparse.Namespace(**{**vars(args), "lr": 2e-3})).load({"net": net})
+    align.StageState(argparse.Namespace(**{**vars(args), "resume": False})).load({"net": net})
+    assert not (tmp_path / "resume.pt").exists()
+    align.StageState(args).save(3, [], {"net": net})  # every ckpt_interval steps only
+    assert not (tmp_path / "resume.pt").exists()
