@@ -38,10 +38,11 @@ Design choices
   `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
   (6.5M parameters, 8K vocabulary: an SFT step took 12x as long, 1.1 s, so most of an hour on the same CPU).
   SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
-- A killed stage goes on exactly where it was with --resume (the same flags): every --ckpt_interval steps its loop
-  (modules, optimizer, random generators, step, history) is saved to OUT/resume.pt, which goes once the stage's
-  checkpoint and align_log.json (the mark of a stage that ended) are written; `all --resume` keeps the stages that
-  ended. What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
+- A killed stage goes on exactly where it was with --resume (the same flags): every --ckpt_interval steps (default
+  a tenth of the stage's) its loop (modules, optimizer, random generators, step, history) is saved to OUT/resume.pt,
+  which goes once the stage's checkpoint and align_log.json (the mark of a stage that ended) are written; `all
+  --resume` keeps the stages that ended and runs the rest. A stage started without --resume first removes both
+  files. What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
@@ -620,12 +621,25 @@ def run_flags(args):
     return {k: v for k, v in vars(args).items() if k not in ("resume", "ckpt_interval")}
 
 
+def flag_changes(saved, args):
+    """How this command's flags differ from a saved run's ({flag: value}), one '--flag there, here' each."""
+    return [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in run_flags(args).items() if saved.get(k) != v]
+
+
+def forget(out):
+    """A stage starting over: what an earlier run left in its folder goes first (resume.pt, and align_log.json, the
+    mark of a stage that ended), so that a later --resume can never go back to it."""
+    for name in ("resume.pt", "align_log.json"):
+        if RANK == 0 and os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
 class StageState:
     """A stage's training loop on disk, so that a killed stage goes on exactly where it was (--resume): every
-    `every` steps rank 0 writes what the loop holds (the trained modules, the optimizer, the random generators, the
-    step and the history so far) to OUT/resume.pt, atomically; it is removed once the stage's checkpoint and
-    align_log.json are written. What a stage computes before its loop (data, generated pairs and winners, reference
-    log-probs) follows from the flags and the seed, and is computed again."""
+    --ckpt_interval steps (default a tenth of the stage's) rank 0 writes what the loop holds (the trained modules,
+    the optimizer, the random generators, the step and the history so far) to OUT/resume.pt, atomically; it is
+    removed once the stage's checkpoint and align_log.json are written. What a stage computes before its loop (data,
+    generated pairs and winners, reference log-probs) follows from the flags and the seed, and is computed again."""
 
     def __init__(self, args=None):
         self.path = os.path.join(args.out, "resume.pt") if args else None
@@ -634,42 +648,46 @@ class StageState:
 
     def load(self, parts):
         """Restore parts ({name: module, optimizer, torch.Generator or random.Random}) in place from the saved
-        state. -> (step, history, extra); (0, [], {}) with nothing to resume (a state left without --resume goes)."""
-        if not self.path or not os.path.exists(self.path):
-            if self.resume:
-                log(f"nothing to resume in {os.path.dirname(self.path)}: the stage starts from --init")
+        state, with --resume. -> (step, history, extra); (0, [], {}) with nothing to resume."""
+        if not self.resume or not self.path:
             return 0, [], {}
-        if not self.resume:
-            if RANK == 0:
-                os.remove(self.path)  # another run's: starting over, it must never come back
+        if not os.path.exists(self.path):
+            log(f"nothing to resume in {os.path.dirname(self.path)}: the stage starts from --init")
             return 0, [], {}
         state = load_pth(self.path)
-        changed = [f"--{k} {state['flags'].get(k)!r} there, {v!r} here" for k, v in self.flags.items()
-                   if state["flags"].get(k) != v]
-        if changed:
-            raise SystemExit(f"{self.path}: written with other flags ({'; '.join(changed)}): resume with the same "
-                             "ones, or drop --resume to start the stage over")
-        for name, obj in parts.items():
-            if isinstance(obj, torch.Generator):
-                obj.set_state(state[name])
-            elif isinstance(obj, random.Random):
-                obj.setstate(state[name])
-            else:  # a module (DDP's unwrapped: any number of processes) or an optimizer
-                getattr(obj, "module", obj).load_state_dict(state[name])
+        try:
+            changed = flag_changes(state["flags"], argparse.Namespace(**self.flags))
+            if changed:
+                raise SystemExit(f"{self.path}: written with other flags ({'; '.join(changed)}): resume with the "
+                                 "same ones, or drop --resume to start the stage over")
+            for name, obj in parts.items():
+                if isinstance(obj, torch.Generator):
+                    obj.set_state(state[name])
+                elif isinstance(obj, random.Random):
+                    obj.setstate(state[name])
+                else:  # a module (DDP's unwrapped: any number of processes) or an optimizer
+                    getattr(obj, "module", obj).load_state_dict(state[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # another model, another stage's state...
+            raise SystemExit(f"{self.path}: does not fit this stage ({type(e).__name__}: {e}); drop --resume to "
+                             "start the stage over") from None
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed {self.path} at step {state['step']}")
         return state["step"], state["history"], state["extra"]
 
-    def save(self, step, history, parts, extra=None):
-        """After `step` steps: written every `every` steps, by rank 0 (DDP's replicas are equal)."""
-        if not self.path or not self.every or step % self.every or RANK != 0:
+    def save(self, step, steps, history, parts, extra=None):
+        """After `step` of `steps` steps, every `every` of them (not after the last: the stage's checkpoint comes
+        then). Rank 0 writes (DDP's replicas are equal); the others wait, out of the training group's timeout."""
+        every = max(1, steps // 10) if self.every is None else self.every
+        if not self.path or not every or step % every or step >= steps:
             return
-        state = {"step": step, "history": history, "flags": self.flags, "extra": extra or {},
-                 "torch_rng": torch.get_rng_state()}
-        for name, obj in parts.items():
-            state[name] = (obj.get_state() if isinstance(obj, torch.Generator) else obj.getstate()
-                           if isinstance(obj, random.Random) else getattr(obj, "module", obj).state_dict())
-        atomic_save(state, self.path)
+        if RANK == 0:
+            state = {"step": step, "history": history, "flags": self.flags, "extra": extra or {},
+                     "torch_rng": torch.get_rng_state()}
+            for name, obj in parts.items():
+                state[name] = (obj.get_state() if isinstance(obj, torch.Generator) else obj.getstate()
+                               if isinstance(obj, random.Random) else getattr(obj, "module", obj).state_dict())
+            atomic_save(state, self.path)
+        barrier()
 
 
 def wrap_ddp(module):
@@ -720,8 +738,7 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25, state=
         history.append({"loss": loss.item(), **metrics})
         if step % log_every == 0 or step == steps - 1:
             log(f"{name} step {step:4d}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
-        if step + 1 < steps:  # (after the last step the stage's checkpoint is written instead)
-            state.save(step + 1, history, {"module": module, "opt": opt})
+        state.save(step + 1, steps, history, {"module": module, "opt": opt})
     return history
 
 
@@ -902,8 +919,7 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
                             pg_loss=pg, vf_loss=vf))
         if it % 5 == 0 or it == iters - 1:
             log(f"ppo iter {it:3d}/{iters} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
-        if it + 1 < iters:
-            state.save(it + 1, history, parts, dict(kl_coef=kl_ctl.coef, score_mean=score_mean, score_std=score_std))
+        state.save(it + 1, iters, history, parts, dict(kl_coef=kl_ctl.coef, score_mean=score_mean, score_std=score_std))
     return history
 
 
@@ -985,9 +1001,11 @@ def finished(args):
         return None
     with open(log_path) as f:
         saved = json.load(f)
-    if "result" not in saved or run_flags(argparse.Namespace(**saved["args"])) != run_flags(args):
-        raise SystemExit(f"{log_path}: a stage run with other flags (or by an older align.py): resume with the same "
-                         "ones, or drop --resume to run the chain again")
+    changed = flag_changes(saved["args"], args)
+    if changed or "result" not in saved:
+        why = f"other flags ({'; '.join(changed)})" if changed else "an older align.py"
+        raise SystemExit(f"{log_path}: a stage run with {why}: resume with the same flags, or drop --resume to run "
+                         "the chain again")
     log(f"[{saved['stage']}] ended before: {args.out}")
     return saved["result"]
 
@@ -1092,11 +1110,15 @@ def stage_all(args, device):
     walls = {"base": time.time() - t0}
     chain = [("sft", base, stage_sft), ("rm", f"out/{run}-sft", stage_rm), ("rs", f"out/{run}-sft", stage_rs),
              ("dpo", f"out/{run}-rs", stage_dpo), ("ppo", f"out/{run}-dpo", stage_ppo)]
-    rows = {}
+    rows, ran = {}, False
     for stage, init, fn in chain:
         t, Truncations.n = time.time(), 0
         args.init, args.out = init, f"out/{run}-{stage}"
-        done = finished(args)
+        done = None if ran else finished(args)
+        if not done:
+            if ran or not args.resume:  # after a stage that ran, a later one's files are another chain's
+                forget(args.out)
+            ran = True
         rows[stage] = done or fn(args, device)
         walls[stage] = None if done else time.time() - t
         if stage == "rm":
@@ -1143,8 +1165,9 @@ if __name__ == "__main__":
     p.add_argument("--kl_target", type=float,
                    help="PPO: adapt the KL coefficient so the KL per response tracks this (default: keep it fixed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt_interval", type=int, default=100,
-                   help="steps (ppo: iterations) between the saves of a stage's loop to OUT/resume.pt (0: none)")
+    p.add_argument("--ckpt_interval", type=int,
+                   help="steps (ppo: iterations) between the saves of a stage's loop to OUT/resume.pt (default: a "
+                   "tenth of the stage's; 0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed stage from OUT/resume.pt, same flags (all: the stages not yet ended too)")
     args = p.parse_args()
@@ -1154,7 +1177,7 @@ if __name__ == "__main__":
         if args.stage in ("rs", "ppo") and args.rm is None:
             p.error(f"{args.stage} needs --rm (a reward model written by `align.py rm`)")
         args.out = args.out or f"{args.init.rstrip('/')}-{args.stage}"
-    if args.ckpt_interval < 0:
+    if (args.ckpt_interval or 0) < 0:
         p.error("--ckpt_interval must be >= 0 (0: no saves to resume from)")
     device = setup_device()
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -1164,6 +1187,8 @@ if __name__ == "__main__":
     if args.stage in ("rs", "ppo") and dist.is_initialized():
         raise SystemExit(f"{args.stage} runs in one process: drop torchrun")
     torch.manual_seed(args.seed)
+    if args.stage != "all" and not args.resume:
+        forget(args.out)
     {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}[args.stage](args, device)
     if dist.is_initialized():
         barrier()  # rank 0 may still be evaluating: leave together

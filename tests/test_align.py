@@ -389,7 +389,7 @@ def test_ppo_raises_the_reward(tok):
 
 SLOW_RANK_0 = """
 import os
-if "RANK" in os.environ:  # a torchrun worker: its process group times out after 5 s, rank 0 evaluates slowly
+if "RANK" in os.environ:  # a torchrun worker: its group times out after 5 s, rank 0 evaluates and saves slowly
     import sys
     import time
     from datetime import timedelta
@@ -398,8 +398,9 @@ if "RANK" in os.environ:  # a torchrun worker: its process group times out after
     def short_timeout(*a, **k):
         init(*a, timeout=timedelta(seconds=5), **k)
         main = sys.modules["__main__"]  # align.py
-        evaluate = main.evaluate
+        evaluate, save = main.evaluate, main.atomic_save
         main.evaluate = lambda *a, **k: (time.sleep(8), evaluate(*a, **k))[1]
+        main.atomic_save = lambda obj, path: (time.sleep(8 * str(path).endswith("resume.pt")), save(obj, path))[1]
     dist.init_process_group = short_timeout
 """
 
@@ -409,9 +410,9 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     """`torchrun --nproc_per_node=2 align.py sft|dpo` (gloo, DDP) takes the same steps as one process: each rank
     takes half of every global batch and DDP averages the gradients, so the weights come out equal. SFT's packed
     rows hold different numbers of target tokens, so each rank's loss is weighed by its share of them. Rank 0
-    alone evaluates at the end (generation: with a large model, longer than NCCL's 10-minute timeout): the other
-    rank waits for it past the group's timeout (5 s here: SLOW_RANK_0). DPO's 2 processes are killed at their 3rd
-    step and resumed from the state saved after the 2nd, written by rank 0 and read by both."""
+    alone evaluates at the end (generation: with a large model, longer than NCCL's 10-minute timeout) and saves the
+    loop's state: the other rank waits for it past the group's timeout (5 s here: SLOW_RANK_0). DPO's 2 processes
+    are killed at their 3rd step and resumed from the state saved after the 2nd, written by rank 0, read by both."""
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
     rng = random.Random(2)
@@ -443,7 +444,7 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
         r = torchrun("--ckpt_interval", "2", "--resume", env=env, text=True)
         assert r.stdout.count("resumed") == 1 and "at step 2" in r.stdout, r.stdout + r.stderr[-3000:]
     else:
-        torchrun(env=env, check=True)
+        torchrun("--ckpt_interval", "2", env=env, check=True)
     one = torch.load(tmp_path / "one" / "consolidated.00.pth")
     two = torch.load(tmp_path / "two" / "consolidated.00.pth")
     init = torch.load(tmp_path / "init" / "consolidated.00.pth")
@@ -629,16 +630,23 @@ def test_a_killed_chain_resumes_exactly(tmp_path):
         logs = [json.loads((d / "align_log.json").read_text()) for d in (whole, killed)]
         assert logs[0]["history"] == logs[1]["history"] and logs[0]["result"] == logs[1]["result"], stage
     r = run("killed", "--resume", "--lr", "1e-3")
-    assert r.returncode == 1 and "align-sft/align_log.json: a stage run with other flags" in r.stderr, r.stderr
+    assert r.returncode == 1 and "align-sft/align_log.json: a stage run with other flags (--lr None there, 0.001 " \
+        "here)" in r.stderr, r.stderr
+    # a fresh chain over that one, killed in SFT's first step: the old chain's marks went with it, so --resume
+    # runs every stage again (had it kept them, it would have taken the old chain's later stages as its own)
+    assert run("killed", kill_at=1).returncode == -9
+    r = run("killed", "--resume")
+    assert r.returncode == 0 and "ended before" not in r.stdout and "[ppo] -> out/align-ppo" in r.stdout, r.stdout
 
 
 def test_stage_state_refuses_other_flags_and_a_fresh_start_drops_it(tmp_path):
     """A saved loop state resumes only under the flags it was written with (the error names the flag and both
-    values); a run without --resume removes it, so that a later --resume never goes back to another run's state."""
+    values) and into the same shapes; a stage starting without --resume removes it (and the mark of a stage that
+    ended), so that a later --resume never goes back to another run's state."""
     import argparse
     args = argparse.Namespace(out=str(tmp_path), ckpt_interval=2, resume=True, lr=1e-3, steps=6, seed=0)
     net = torch.nn.Linear(3, 2)
-    align.StageState(args).save(2, [{"loss": 1.0}], {"net": net})
+    align.StageState(args).save(2, 6, [{"loss": 1.0}], {"net": net})
     assert (tmp_path / "resume.pt").exists()
     with torch.no_grad():
         net.weight.zero_()
@@ -646,7 +654,14 @@ def test_stage_state_refuses_other_flags_and_a_fresh_start_drops_it(tmp_path):
     assert (step, history, extra) == (2, [{"loss": 1.0}], {}) and net.weight.abs().sum() > 0  # weights back
     with pytest.raises(SystemExit, match=r"resume.pt: written with other flags \(--lr 0.001 there, 0.002 here\)"):
         align.StageState(argparse.Namespace(**{**vars(args), "lr": 2e-3})).load({"net": net})
-    align.StageState(argparse.Namespace(**{**vars(args), "resume": False})).load({"net": net})
+    (tmp_path / "align_log.json").write_text("{}")
+    align.forget(str(tmp_path))  # a stage starting without --resume
+    assert not (tmp_path / "resume.pt").exists() and not (tmp_path / "align_log.json").exists()
+    align.StageState(args).save(3, 6, [], {"net": net})  # every ckpt_interval steps only,
+    align.StageState(args).save(6, 6, [], {"net": net})  # and not after the last (the stage's checkpoint then)
     assert not (tmp_path / "resume.pt").exists()
-    align.StageState(args).save(3, [], {"net": net})  # every ckpt_interval steps only
-    assert not (tmp_path / "resume.pt").exists()
+    args.ckpt_interval = None  # default: a tenth of the stage's steps
+    align.StageState(args).save(3, 30, [], {"net": net})
+    assert (tmp_path / "resume.pt").exists()
+    with pytest.raises(SystemExit, match=r"resume.pt: does not fit this stage \(RuntimeError"):
+        align.StageState(args).load({"net": torch.nn.Linear(3, 4)})  # another model's state
