@@ -83,7 +83,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from model import PRESETS, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth, save_model
+from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth,
+                   save_model)
 from sample import generate, load_tokenizer, tokenizer_path
 from tokenizer import Tokenizer, check_dialog
 
@@ -980,7 +981,7 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
             save(args.out)  # the reward model: its head beside the transformer
         else:
             save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
-        if stage != "rm":  # the reward model's transformer is no policy: its own metric says it all
+        if stage != "rm" and args.n_eval:  # the reward model's transformer is no policy: its own metric says it all
             res = evaluate(model, tok, task_split(0, args.n_eval, args.seed)[1], rm, args.max_new)
         res = dict(stage=stage, out=args.out, metric=metric, **res)
         log_json = json.dumps({"stage": stage, "args": vars(args), "processes": WORLD, "history": history,
@@ -988,7 +989,8 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
         atomic_write(os.path.join(args.out, "align_log.json"), lambda f: f.write(log_json))
         if os.path.exists(os.path.join(args.out, "resume.pt")):
             os.remove(os.path.join(args.out, "resume.pt"))
-    acc = f"held-out accuracy {res['accuracy']:.3f}, " if "accuracy" in res else ""
+    acc = (f"held-out accuracy{' on the embedded tasks' if args.data else ''} {res['accuracy']:.3f}, "
+           if "accuracy" in res else "")
     reward = f"mean reward {res['reward']:.3f}, " if "reward" in res else ""
     log(f"[{stage}] -> {args.out}: {acc}{reward}{metric} ({cut} sequences truncated to the context)")
     return res
@@ -1154,7 +1156,8 @@ if __name__ == "__main__":
     p.add_argument("--batch_size", type=int, help="sequences per step (ppo: rollouts per iteration)")
     p.add_argument("--lr", type=float)
     p.add_argument("--n_prompts", type=int, help="task prompts the stage draws (sft: conversations, rm/dpo: pairs)")
-    p.add_argument("--n_eval", type=int, default=500, help="held-out tasks scored after every stage")
+    p.add_argument("--n_eval", type=int, default=500, help="held-out tasks scored after every stage (the embedded "
+                   "tasks, with --data too; 0: none, but `all` needs some for its table)")
     p.add_argument("--k", type=int, default=4, help="samples per prompt for preference pairs and rejection sampling")
     p.add_argument("--max_new", type=int, default=16, help="longest response sampled, in tokens")
     p.add_argument("--temperature", type=float, default=0.7,
@@ -1179,6 +1182,8 @@ if __name__ == "__main__":
         args.out = args.out or f"{args.init.rstrip('/')}-{args.stage}"
     if (args.ckpt_interval or 0) < 0:
         p.error("--ckpt_interval must be >= 0 (0: no saves to resume from)")
+    if args.n_eval < (1 if args.stage == "all" else 0):
+        p.error(f"--n_eval must be >= {1 if args.stage == 'all' else 0}")
     device = setup_device()
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the matrices here are tiny (64-256 wide): intra-op threads cost more in synchronisation than they save,
@@ -1189,7 +1194,11 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     if args.stage != "all" and not args.resume:
         forget(args.out)
-    {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}[args.stage](args, device)
+    stage = {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}
+    try:
+        stage[args.stage](args, device)
+    except (FileNotFoundError, CheckpointError) as e:  # a mistyped --init, --rm or --data: one line, no traceback
+        raise SystemExit(str(e)) from None
     if dist.is_initialized():
         barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()

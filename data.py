@@ -29,7 +29,8 @@ Design choices
   fingerprint) then little-endian uint32 tokens (a 128K vocab does not fit uint16). Every shard starts a
   document and every document starts with <|begin_of_text|>, so boundaries are recovered from the tokens.
   Files are written to a temporary name and renamed; meta.json is written last, so a folder with meta.json is
-  complete; it holds each shard's CRC-32, which train.py checks (a flipped bit in a token would train). Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
+  complete; it holds each shard's CRC-32, which train.py checks (a flipped bit in a token would train).
+  Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
 - Loader: the split's shards form one token stream, cut into windows of T tokens (x = stream[p:p+T],
   y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once, but for the
   stream's last (n_tokens - 1) % T + 1 (at most one window's worth, the same every epoch).
@@ -772,7 +773,7 @@ class PackedLoader:
             want = fingerprint or meta["fingerprint"]
             if header["fingerprint"] != want:
                 raise ValueError(f"{os.path.join(data_dir, name)}: made with tokenizer {header['fingerprint']}, "
-                                 f"expected {want}; re-run prepare_data with this tokenizer")
+                                 f"expected {want}; re-run data.py (prepare_data) with this tokenizer")
             if (header["vocab_size"], header["bos_id"]) != (meta["vocab_size"], meta["bos_id"]):
                 raise ValueError(f"{os.path.join(data_dir, name)}: damaged header (vocab size {header['vocab_size']}"
                                  f", <|begin_of_text|> {header['bos_id']}; meta.json: {meta['vocab_size']}, "
@@ -783,7 +784,8 @@ class PackedLoader:
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
         if self.n_windows < 1:
-            raise ValueError(f"{data_dir}: {split} has {self.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"{data_dir}: {split} has {self.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
+                             f"a smaller seq_len, or more documents in {split} (data.py's --val_fraction)")
         self.B, self.T, self.rank, self.world, self.seed = batch_size, seq_len, rank, world_size, seed
         self.batch = 0  # batches this rank has returned
         self._cache = {}
@@ -867,6 +869,9 @@ if __name__ == "__main__":
     p.add_argument("--quality_model", default=None, help="checkpoint dir: label by its bits/byte, filter")
     p.add_argument("--quality_drop", type=float, default=0.1, help="share of the labelled sample called junk")
     a = p.parse_args()
-    prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
-                 shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
-                 quality_drop=a.quality_drop)
+    try:
+        prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
+                     shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
+                     quality_drop=a.quality_drop)
+    except FileNotFoundError as e:  # a mistyped path: one line, not a traceback
+        sys.exit(str(e))

@@ -813,10 +813,21 @@ def read_hf_checkpoint(path):
 
 # --- one entry point ------------------------------------------------------------------------------------------
 
+def model_dir(path):
+    """path as a Path, when it is a folder that may hold a model; else a CheckpointError saying what it is."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'a file, not a folder' if path.exists() else 'no such folder'}")
+    if (path / "manifest.json").exists() and (path / "state.pt").exists():
+        raise CheckpointError(f"{path}: a training checkpoint (what train.py --resume reads), not an exported model: "
+                              f"its run's folder {path.parent.parent} holds that")
+    return path
+
+
 def load_model(path, device="cpu", dtype=None):
     """Load our checkpoint directory, Meta's original download (params.json + consolidated.NN.pth shards), or a
     Hugging Face Llama directory (config.json + safetensors). dtype None keeps the checkpoint's dtype."""
-    path = Path(path)
+    path = model_dir(path)
     if (path / "params.json").exists():
         args, sd, files = read_meta_checkpoint(path)
         if "output.weight" not in sd and not args.tie_embeddings:  # Meta's 3.2 1B/3B: the shared matrix once

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import load_model
+from model import CheckpointError, load_model, model_dir
 from tokenizer import Tokenizer
 
 
@@ -173,7 +173,7 @@ class Session:
 
 def tokenizer_path(ckpt_dir):
     """tokenizer.model in the checkpoint directory (ours, Meta's), or original/tokenizer.model (HF downloads)."""
-    for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+    for path in (model_dir(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
         if path.exists():
             return path
     raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.model (nor original/tokenizer.model: a Hugging Face download "
@@ -255,12 +255,12 @@ def main():
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1]")
 
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:
         tok = load_tokenizer(args.ckpt)  # first: it is the quick one to find missing
-    except FileNotFoundError as e:
+        model = load_model(args.ckpt, device=args.device, dtype=dtype).eval()
+    except (FileNotFoundError, CheckpointError) as e:
         sys.exit(str(e))
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = load_model(args.ckpt, device=args.device, dtype=dtype).eval()
     if tok.n_words > model.args.vocab_size:
         sys.exit(f"{args.ckpt}: the tokenizer has {tok.n_words} ids but the model only {model.args.vocab_size}")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -485,9 +485,14 @@ if __name__ == "__main__":
     parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")
     parser.add_argument("--encode", help="a string to show as tokens")
     args = parser.parse_args()
+    if args.encode is not None and not args.load:
+        parser.error("--encode needs --load TOKENIZER (without --load, tokenizer.py trains one and writes --out)")
 
     if args.load:
-        tok = Tokenizer.load(args.load)
+        try:
+            tok = Tokenizer.load(args.load)
+        except FileNotFoundError as e:
+            sys.exit(str(e))
     else:
         from data import clean_text, iter_documents  # data.py imports this file: import it only here
         # trained on the text the shards will hold: cleaned as data.py cleans it (\n newlines, no trailing spaces)

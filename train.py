@@ -63,7 +63,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import PRESETS, Transformer, bf16_matmuls, keep_freed_memory, load_model, peak_flops, save_model
+from model import (PRESETS, CheckpointError, Transformer, bf16_matmuls, keep_freed_memory, load_model, peak_flops,
+                   save_model)
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -380,6 +381,9 @@ t_start = time.time()
 for flag, made in [("tokenizer", args.tokenizer), ("data", os.path.join(args.data, "meta.json"))]:
     if not os.path.exists(made) and getattr(args, flag) != parser.get_default(flag) and args.source is None:
         fail(f"--{flag} {getattr(args, flag)} not found: make it with data.py, or give --source to build it there")
+if not os.path.exists(args.tokenizer) and os.path.exists(os.path.join(args.data, "meta.json")):
+    fail(f"--tokenizer {args.tokenizer} not found, but --data {args.data} is built: give the tokenizer its shards were "
+         "made with (a new one would not match them)")
 source = args.source or "stdlib"
 if master and not os.path.exists(args.tokenizer):
     log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
@@ -428,7 +432,10 @@ else:
 # -----------------------------------------------------------------------------
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context
 if args.init:
-    model = load_model(args.init)
+    try:
+        model = load_model(args.init)
+    except CheckpointError as e:
+        fail(f"--init: {e}")
     other = [f"--{k} {getattr(args, k)} (it has {getattr(model.args, k)})" for k in ("dim", "n_layers", "n_heads",
              "n_kv_heads") if getattr(args, k) not in (None, getattr(model.args, k))]
     if other:
@@ -491,8 +498,14 @@ if tokens_per_step % tokens_per_micro:
          f"{tokens_per_micro}")
 grad_accum = tokens_per_step // tokens_per_micro
 eval_steps = max(1, args.eval_tokens // tokens_per_micro)
-# every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint)
-train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
+# every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint). The
+# validation loader is made here once too, so that a split too small for seq_len stops the run now, not at its
+# first evaluation
+try:
+    train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
+    data.PackedLoader(args.data, "val", B, T, rank, world_size, args.seed, tok.fingerprint())
+except ValueError as e:
+    fail(str(e))
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
 os.makedirs(ckpt_dir, exist_ok=True)
 if master:  # away with half-written checkpoints of a run killed while saving

@@ -665,3 +665,11 @@ def test_stage_state_refuses_other_flags_and_a_fresh_start_drops_it(tmp_path):
     assert (tmp_path / "resume.pt").exists()
     with pytest.raises(SystemExit, match=r"resume.pt: does not fit this stage \(RuntimeError"):
         align.StageState(args).load({"net": torch.nn.Linear(3, 4)})  # another model's state
+
+
+def test_a_mistyped_path_is_one_line(tmp_path):
+    """A --init, --rm or --data that is not there: a one-line message naming it, no traceback."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "align.py"), "sft", "--init", str(tmp_path / "nothere")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'nothere'}: no such folder", r.stderr

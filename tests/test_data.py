@@ -626,3 +626,15 @@ def test_padded_shard_is_refused(tmp_path):
         f.write(np.array([7], dtype="<u4").tobytes())  # a token the header does not count
     with pytest.raises(ValueError, match=r"s\.bin: truncated or padded: header says 3 tokens"):
         data.read_shard(path)
+
+
+def test_cli_mistyped_paths_are_one_line(corpus, tmp_path):
+    """`python data.py` with a --source or --tokenizer that is not there: a one-line message naming it."""
+    import subprocess
+    root, _, tok_path = corpus
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for source, tok, what in ((str(tmp_path / "corpuz"), tok_path, f"source {str(tmp_path / 'corpuz')!r}: not"),
+                              (str(root / "docs.jsonl"), tok_path + "x", tok_path + "x")):
+        r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "--source", source, "--tokenizer", tok,
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and what in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -750,8 +750,11 @@ def test_bad_checkpoints_name_file_and_tensor(tmp_path):
     (tmp_path / "ok" / "params.json").write_text('{"dim": 64.0, "n_heads": 4}')
     with pytest.raises(CheckpointError, match="params.json: ModelArgs: dim=64.0: sizes must be integers"):
         M.load_model(tmp_path / "ok")
-    with pytest.raises(CheckpointError, match="neither params.json"):
+    with pytest.raises(CheckpointError, match="missing_dir: no such folder"):
         M.load_model(tmp_path / "missing_dir")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="empty_dir: neither params.json"):
+        M.load_model(tmp_path / "empty_dir")
 
 
 def test_bad_safetensors_and_shards_are_refused(tmp_path):

@@ -228,7 +228,10 @@ def test_load_tokenizer(tmp_path, tok):
     (tmp_path / "hf" / "original").mkdir(parents=True)
     tok.save(str(tmp_path / "hf" / "original" / "tokenizer.model"))
     assert sample.load_tokenizer(tmp_path / "hf").n_words == tok.n_words
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no tokenizer.model"):
+        sample.load_tokenizer(tmp_path / "empty")
+    with pytest.raises(M.CheckpointError, match="nothing: no such folder"):
         sample.load_tokenizer(tmp_path / "hf" / "original" / "nothing")
 
 
@@ -264,6 +267,13 @@ def test_cli_prompt_and_chat(tmp_path, tok):
     (tmp_path / "ckpt" / "tokenizer.model").unlink()
     r = run_cli(["--ckpt", ckpt, "--prompt", "hello"])
     assert r.returncode == 1 and "no tokenizer.model (nor original/tokenizer.model" in r.stderr
+    r = run_cli(["--ckpt", ckpt + "x", "--prompt", "hello"])  # a typo: said so, not a word on HF downloads
+    assert r.returncode == 1 and r.stderr.strip() == f"{ckpt}x: no such folder", r.stderr
+    (tmp_path / "step_000010").mkdir()  # train.py's training checkpoint, given for its exported model
+    for name in ("manifest.json", "state.pt"):
+        (tmp_path / "step_000010" / name).write_text("{}")
+    r = run_cli(["--ckpt", str(tmp_path / "step_000010"), "--prompt", "hello"])
+    assert r.returncode == 1 and "a training checkpoint (what train.py --resume reads)" in r.stderr, r.stderr
 
 
 def test_sample_next_applies_temperature_before_top_p():

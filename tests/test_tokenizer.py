@@ -322,6 +322,13 @@ def test_cli_trains_and_encodes(tmp_path):
     shown = run("--load", out, "--encode", "naïve café").stdout.splitlines()
     assert shown[0].startswith("700 tokens: 256 bytes + 188 merged + 256 special (<|begin_of_text|> = 444")
     assert shown[1] == str(tok.encode("naïve café"))
+    # --encode without --load is refused: it used to train a new tokenizer over the default --out
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--encode", "hi", "--out", out],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--encode needs --load" in r.stderr and Tokenizer.load(out).ranks == tok.ranks
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", out + "x", "--encode", "hi"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and out + "x" in r.stderr, r.stderr
 
 
 def test_fingerprint_covers_the_split_pattern(tok):

@@ -316,6 +316,17 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
     r = subprocess.run(command(corpus, tmp_path / "out") + ["--data", str(tmp_path / "shards")], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and f"{tmp_path / 'shards' / 'meta.json'}: unreadable" in r.stderr, r.stderr
+    # user errors found by following the README: each a one-line message before any work, no traceback
+    for flags, what in (
+            (["--seq_len", "2048"], f"{corpus / 'shards'}: val has"),  # the val split is ~1K tokens
+            (["--tokenizer", str(tmp_path / "tok.model"), "--source", str(corpus / "docs")],
+             f"--tokenizer {tmp_path / 'tok.model'} not found, but --data {corpus / 'shards'} is built"),
+            (["--init", str(tmp_path / "nothere")], f"--init: {tmp_path / 'nothere'}: no such folder"),
+            (["--init", str(reference / "ckpt" / "step_000010")], "a training checkpoint (what train.py --resume "
+                                                                    "reads), not an exported model")):
+        r = train(corpus, tmp_path / "out", *flags, ok=False)
+        assert r.returncode == 1 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "tok.model").exists() and not (tmp_path / "out" / "log.csv").exists()
 
 
 def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus, tmp_path):
