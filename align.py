@@ -1013,44 +1013,45 @@ def finished(args):
 
 
 def load_init(args, device):
-    """The stage's starting model (--init) and its tokenizer; --max_new checked against its context before any work
-    (each stage's evaluation generates)."""
+    """The stage's starting model (--init), its tokenizer and the reward model (--rm, or None), all before any work
+    (a mistyped --rm found after training would lose it); --max_new checked against the context (each stage's
+    evaluation generates)."""
     model = load_model(args.init, device=device)
     prompt_room(model, args.max_new)
-    return model, load_tokenizer(args.init)
+    return model, load_tokenizer(args.init), load_reward_model(args.rm, device) if args.rm else None
 
 
 def stage_sft(args, device):
-    model, tok = load_init(args, device)
+    model, tok, rm = load_init(args, device)
     n = hp(args, "sft", "n_prompts")
     tasks = task_split(n, args.n_eval, args.seed, 1)[0]
     convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
     hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"),
                      state=StageState(args))
-    return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
-                  load_reward_model(args.rm, device) if args.rm else None)
+    return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}", rm)
 
 
 def stage_rm(args, device):
-    policy, tok = load_init(args, device)
+    policy, tok, _ = load_init(args, device)
     train, held_out = task_split(hp(args, "rm", "n_prompts"), args.n_eval, args.seed, 2)
     if args.data:
         pairs, test_pairs = load_pairs(args.data), []
     else:  # the policy's own samples, labelled by the checker; the held-out prompts give held-out pairs
         pairs, p_good = preference_pairs(policy, tok, train, args.k, args.max_new, args.temperature, args.seed)
-        test_pairs, _ = preference_pairs(policy, tok, held_out, args.k, args.max_new, args.temperature, args.seed + 1)
+        test_pairs = preference_pairs(policy, tok, held_out, args.k, args.max_new, args.temperature,
+                                      args.seed + 1)[0] if held_out else []  # (--n_eval 0: none)
         log(f"[rm] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     rm = RewardModel(policy).to(device)
     hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"),
                     state=StageState(args))
-    acc = f"{rm_accuracy(rm, tok, test_pairs):.3f}" if test_pairs else "n/a (--data: no held-out pairs)"
+    acc = f"{rm_accuracy(rm, tok, test_pairs):.3f}" if test_pairs else "n/a (no held-out pairs: --data, or --n_eval 0)"
     metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc}"
     save = lambda out: save_reward_model(rm, out, tokenizer_path(args.init))  # noqa: E731  (the head beside it)
     return finish(args, "rm", rm, tok, hist, metric, rm, save)
 
 
 def stage_rs(args, device):
-    (policy, tok), rm = load_init(args, device), load_reward_model(args.rm, device)
+    policy, tok, rm = load_init(args, device)
     tasks = task_split(hp(args, "rs", "n_prompts"), args.n_eval, args.seed, 3)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.temperature, args.seed)
@@ -1069,7 +1070,7 @@ def stage_rs(args, device):
 
 
 def stage_dpo(args, device):
-    policy, tok = load_init(args, device)
+    policy, tok, rm = load_init(args, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     if args.data:
         pairs = load_pairs(args.data)
@@ -1081,11 +1082,11 @@ def stage_dpo(args, device):
                      hp(args, "dpo", "lr"), args.beta, args.nll_coef, state=StageState(args))
     metric = f"DPO loss {hist[0]['dpo']:.3f} -> {mean_of(hist[-10:], 'dpo'):.3f}, reward margin " \
              f"{mean_of(hist[-10:], 'margin'):.3f}"
-    return finish(args, "dpo", policy, tok, hist, metric, load_reward_model(args.rm, device) if args.rm else None)
+    return finish(args, "dpo", policy, tok, hist, metric, rm)
 
 
 def stage_ppo(args, device):
-    (policy, tok), rm = load_init(args, device), load_reward_model(args.rm, device)
+    policy, tok, rm = load_init(args, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     tasks = task_split(hp(args, "ppo", "n_prompts"), args.n_eval, args.seed, 5)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
@@ -1194,11 +1195,15 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     if args.stage != "all" and not args.resume:
         forget(args.out)
+    elif args.stage != "all" and finished(args):  # --resume of a stage that ended: nothing left to do
+        sys.exit(0)
     stage = {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}
     try:
         stage[args.stage](args, device)
     except (FileNotFoundError, CheckpointError) as e:  # a mistyped --init, --rm or --data: one line, no traceback
-        raise SystemExit(str(e)) from None
+        if RANK == 0:
+            print(e, file=sys.stderr)
+        raise SystemExit(1) from None
     if dist.is_initialized():
         barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()

@@ -578,6 +578,28 @@ PIPELINE = 3  # bump when a rule of cleaning, dedup or filtering changes: caches
               # near-dedup compares every kept document that shares a band)
 
 
+def intact(out_dir, meta):
+    """Every shard meta.json lists is there with the CRC-32 it was written with (a meta.json of an older data.py,
+    without them: not intact, so rebuilt)."""
+    for split in ("train", "val"):
+        m = meta.get(split, {})
+        if len(m.get("crc32", [])) != len(m.get("shards", [None])):
+            return False
+        for name, crc in zip(m["shards"], m["crc32"]):
+            path = os.path.join(out_dir, name)
+            if not os.path.exists(path) or file_crc32(path) != crc:
+                return False
+    return True
+
+
+def file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def read_meta(path, cache=False):
     """meta.json -> dict; unreadable: ValueError naming it, or with cache=True {} (a stale cache, to rebuild)."""
     try:
@@ -615,17 +637,17 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
-        if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint():
+        if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint() and intact(out_dir, meta):
             if verbose:
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source "
-                      f"files, settings, pipeline and tokenizer)")
+                      f"files, settings, pipeline and tokenizer, every shard as written)")
             return meta
+    if quality_model and labeller is None:  # (before the old folder goes: a mistyped model loses nothing)
+        labeller = checkpoint_labeller(quality_model)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
         if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
             os.remove(os.path.join(out_dir, name))
-    if quality_model and labeller is None:
-        labeller = checkpoint_labeller(quality_model)
     t0 = time.time()
     read = [0, 0]  # documents, bytes
     removed = {}  # step -> [documents, bytes] it removed
@@ -766,7 +788,8 @@ class PackedLoader:
                                     "(a folder without meta.json is incomplete)")
         meta = read_meta(meta_path)
         if split not in meta or not meta[split]["shards"]:
-            raise ValueError(f"{data_dir}: no {split!r} shards in meta.json")
+            raise ValueError(f"{data_dir}: no {split!r} shards in meta.json" +
+                             (" (made with --val_fraction 0?)" if split == "val" else ""))
         self.shards, self.paths = [], [os.path.join(data_dir, name) for name in meta[split]["shards"]]
         for name in meta[split]["shards"]:
             header, tokens = read_shard(os.path.join(data_dir, name))
@@ -784,8 +807,9 @@ class PackedLoader:
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
         if self.n_windows < 1:
+            more = "a larger --val_fraction in data.py" if split == "val" else "more data"
             raise ValueError(f"{data_dir}: {split} has {self.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
-                             f"a smaller seq_len, or more documents in {split} (data.py's --val_fraction)")
+                             f"a smaller seq_len, or {more}")
         self.B, self.T, self.rank, self.world, self.seed = batch_size, seq_len, rank, world_size, seed
         self.batch = 0  # batches this rank has returned
         self._cache = {}
@@ -869,9 +893,10 @@ if __name__ == "__main__":
     p.add_argument("--quality_model", default=None, help="checkpoint dir: label by its bits/byte, filter")
     p.add_argument("--quality_drop", type=float, default=0.1, help="share of the labelled sample called junk")
     a = p.parse_args()
+    from model import CheckpointError  # (a --quality_model that is no model)
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
                      quality_drop=a.quality_drop)
-    except FileNotFoundError as e:  # a mistyped path: one line, not a traceback
+    except (FileNotFoundError, CheckpointError) as e:  # a mistyped path: one line, not a traceback
         sys.exit(str(e))

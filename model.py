@@ -819,8 +819,11 @@ def model_dir(path):
     if not path.is_dir():
         raise CheckpointError(f"{path}: {'a file, not a folder' if path.exists() else 'no such folder'}")
     if (path / "manifest.json").exists() and (path / "state.pt").exists():
-        raise CheckpointError(f"{path}: a training checkpoint (what train.py --resume reads), not an exported model: "
-                              f"its run's folder {path.parent.parent} holds that")
+        run = path.resolve().parent.parent  # (out_dir/ckpt/step_N)
+        where = (f"the run's model is {run}" if (run / "params.json").exists() else f"its run {run} exports one when "
+                 "it ends (one stopped early: resume it with --max_steps at this checkpoint's step)")
+        raise CheckpointError(f"{path}: a training checkpoint (what train.py --resume reads), not an exported model; "
+                              f"{where}")
     return path
 
 

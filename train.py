@@ -51,7 +51,6 @@ import signal
 import sys
 import time
 import warnings
-import zlib
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -129,14 +128,6 @@ def fail(message):
     finish(message)
 
 
-def file_crc32(path):
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def checksums(folder, names):
     """{name: [size, crc32]} of the files that exist. Each rank reads only every world_size-th file and the
     shares are gathered, so checking a checkpoint costs the same time at any scale."""
@@ -146,7 +137,7 @@ def checksums(folder, names):
         dist.broadcast_object_list(box, src=0)
         names = box[0]
     paths = {n: os.path.join(folder, n) for n in names[rank::world]}
-    mine = {n: [os.path.getsize(p), file_crc32(p)] for n, p in paths.items() if os.path.exists(p)}
+    mine = {n: [os.path.getsize(p), data.file_crc32(p)] for n, p in paths.items() if os.path.exists(p)}
     if world == 1:
         return mine
     shares = [None] * world
@@ -416,18 +407,25 @@ except (OSError, ValueError):  # the source is not here (shards copied to a clus
 if changed:
     log(f"warning: {made_from}'s files changed after {args.data} was made from them; this run trains on the old "
         f"tokens (to use the new ones, rerun data.py with --out {args.data}, or delete it)")
-# every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound); each
-# rank reads a share of the files, as for a checkpoint
+# every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound). The
+# ranks of each node share the files out among themselves, so every node checks all of them (its own copy, when
+# the data was copied to each node's disk)
 splits = [meta.get(s, {}) for s in ("train", "val")]
 crc = {n: c for split in splits for n, c in zip(split.get("shards", []), split.get("crc32", []))}
 if crc:
-    found = checksums(args.data, sorted(crc))
-    bad = [n for n in sorted(crc) if found.get(n, [0, None])[1] != crc[n]]
+    local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    paths = {n: os.path.join(args.data, n) for n in sorted(crc)[local::per_node]}
+    bad = [n for n, path in paths.items() if not os.path.exists(path) or data.file_crc32(path) != crc[n]]
+    if distributed:  # (on the waiting room's gloo group: a large folder may take longer than NCCL's timeout)
+        shares = [None] * world_size
+        dist.all_gather_object(shares, bad, group=waiting_room)
+        bad = sorted(set(sum(shares, [])))
     if bad:
         fail(f"{args.data}: {', '.join(bad)} not as data.py wrote (missing, or its CRC-32 differs from meta.json's): "
-             "a damaged copy; copy the folder again or rebuild it with data.py")
+             f"a damaged copy; copy the folder again, or rerun data.py with --out {args.data} (it rebuilds it)")
 else:
-    log(f"note: {args.data}/meta.json has no CRC-32s of its shards (an older data.py): they are not checked")
+    log(f"note: {args.data}/meta.json has no CRC-32s of its shards (an older data.py): they are not checked; "
+        f"rerun data.py with --out {args.data} to rebuild it with them")
 
 # -----------------------------------------------------------------------------
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context

@@ -667,9 +667,22 @@ def test_stage_state_refuses_other_flags_and_a_fresh_start_drops_it(tmp_path):
         align.StageState(args).load({"net": torch.nn.Linear(3, 4)})  # another model's state
 
 
-def test_a_mistyped_path_is_one_line(tmp_path):
-    """A --init, --rm or --data that is not there: a one-line message naming it, no traceback."""
+def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path):
+    """A --init or --rm that is not there: a one-line message naming it, before any training. `rm --n_eval 0` has
+    no held-out pairs to score (it divided by zero). `--resume` of a stage that ended does nothing."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(repo, "align.py"), "sft", "--init", str(tmp_path / "nothere")],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    tok.save(str(tmp_path / "tok.model"))
+    save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
+
+    def run(stage, *a):
+        return subprocess.run([sys.executable, os.path.join(repo, "align.py"), stage, "--steps", "2", "--n_prompts",
+                               "8", "--n_eval", "4", *a], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = run("sft", "--init", str(tmp_path / "nothere"))
     assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'nothere'}: no such folder", r.stderr
+    r = run("sft", "--init", str(tmp_path / "init"), "--rm", str(tmp_path / "typo"), "--out", str(tmp_path / "sft"))
+    assert r.returncode == 1 and "typo" in r.stderr and "Traceback" not in r.stderr and "sft step" not in r.stdout
+    r = run("rm", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "rm"), "--n_eval", "0")
+    assert r.returncode == 0 and "held-out pair accuracy n/a (no held-out pairs" in r.stdout, r.stderr[-2000:]
+    assert run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft")).returncode == 0
+    r = run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft"), "--resume")
+    assert r.returncode == 0 and "[sft] ended before" in r.stdout and "sft step" not in r.stdout, r.stdout

@@ -436,6 +436,25 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
                              shard_tokens=2000) == meta
     assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+    # a shard damaged since (its CRC-32 differs), or a meta.json without CRC-32s (an older data.py): rebuilt
+    timeless = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    shard = os.path.join(out, meta["train"]["shards"][1])
+    blob = bytearray(open(shard, "rb").read())
+    blob[-5] ^= 1
+    open(shard, "wb").write(bytes(blob))
+    assert timeless(data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                                      shard_tokens=2000, verbose=False)) == timeless(meta)
+    assert zlib.crc32(open(shard, "rb").read()) == meta["train"]["crc32"][1]
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({**meta, "train": {k: v for k, v in meta["train"].items() if k != "crc32"}}, f)
+    meta = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000, verbose=False)
+    assert "crc32" in meta["train"]
+    # a --quality_model that is no model: refused before the folder's files go
+    with pytest.raises(ValueError, match="typo: no such folder"):
+        data.prepare_data(str(root / "docs.jsonl"), tok_path, out, num_proc=1, quality_model=str(tmp_path / "typo"))
+    assert data.read_meta(os.path.join(out, "meta.json")) == meta
+    mtime = os.path.getmtime(os.path.join(out, "meta.json"))
     os.utime(root / "docs.jsonl", ns=(0, 0))  # the source edited (as far as size and time tell): rebuilt
     assert data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
                              shard_tokens=2000, verbose=False)["config"] != meta["config"]
