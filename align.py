@@ -84,7 +84,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth,
-                   save_model)
+                   model_dir, save_model)
 from sample import generate, load_tokenizer, tokenizer_path
 from tokenizer import Tokenizer, check_dialog
 
@@ -475,10 +475,16 @@ def save_reward_model(rm, out_dir, tokenizer_file):
     atomic_save(rm.head.state_dict(), head)
 
 
-def load_reward_model(path, device="cpu"):
-    head = os.path.join(path, "reward_head.pth")
+def reward_head(path):
+    """path/reward_head.pth, when path is a reward model's folder; else the error that says what it is."""
+    head = os.path.join(model_dir(path), "reward_head.pth")
     if not os.path.exists(head):
         raise FileNotFoundError(f"{head} not found: {path} is not a reward model written by `align.py rm`")
+    return head
+
+
+def load_reward_model(path, device="cpu"):
+    head = reward_head(path)
     rm = RewardModel(load_model(path, device=device))
     rm.head.load_state_dict(load_pth(head))  # (CRC-checked, like the transformer's weights)
     return rm.to(device)
@@ -997,7 +1003,7 @@ def finish(args, stage, model, tok, history, metric, rm=None, save=None):
 
 
 def finished(args):
-    """`all --resume`: the result of a stage that ended before (its align_log.json, and no resume.pt), else None."""
+    """With --resume: the result of a stage that ended before (its align_log.json, and no resume.pt), else None."""
     log_path = os.path.join(args.out, "align_log.json")
     if not args.resume or not os.path.exists(log_path) or os.path.exists(os.path.join(args.out, "resume.pt")):
         return None
@@ -1007,32 +1013,34 @@ def finished(args):
     if changed or "result" not in saved:
         why = f"other flags ({'; '.join(changed)})" if changed else "an older align.py"
         raise SystemExit(f"{log_path}: a stage run with {why}: resume with the same flags, or drop --resume to run "
-                         "the chain again")
+                         f"{'the chain' if args.stage == 'all' else 'the stage'} again")
     log(f"[{saved['stage']}] ended before: {args.out}")
     return saved["result"]
 
 
 def load_init(args, device):
-    """The stage's starting model (--init), its tokenizer and the reward model (--rm, or None), all before any work
-    (a mistyped --rm found after training would lose it); --max_new checked against the context (each stage's
-    evaluation generates)."""
+    """The stage's starting model (--init) and its tokenizer; --max_new checked against its context (each stage's
+    evaluation generates) and --rm found, before any work (a mistyped one found after training would lose it)."""
     model = load_model(args.init, device=device)
     prompt_room(model, args.max_new)
-    return model, load_tokenizer(args.init), load_reward_model(args.rm, device) if args.rm else None
+    if args.rm:
+        reward_head(args.rm)
+    return model, load_tokenizer(args.init)
 
 
 def stage_sft(args, device):
-    model, tok, rm = load_init(args, device)
+    model, tok = load_init(args, device)
     n = hp(args, "sft", "n_prompts")
     tasks = task_split(n, args.n_eval, args.seed, 1)[0]
     convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
     hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"),
                      state=StageState(args))
-    return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}", rm)
+    return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
+                  load_reward_model(args.rm, device) if args.rm else None)  # (not held while SFT trains)
 
 
 def stage_rm(args, device):
-    policy, tok, _ = load_init(args, device)
+    policy, tok = load_init(args, device)
     train, held_out = task_split(hp(args, "rm", "n_prompts"), args.n_eval, args.seed, 2)
     if args.data:
         pairs, test_pairs = load_pairs(args.data), []
@@ -1051,7 +1059,7 @@ def stage_rm(args, device):
 
 
 def stage_rs(args, device):
-    policy, tok, rm = load_init(args, device)
+    (policy, tok), rm = load_init(args, device), load_reward_model(args.rm, device)
     tasks = task_split(hp(args, "rs", "n_prompts"), args.n_eval, args.seed, 3)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
     winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.temperature, args.seed)
@@ -1070,7 +1078,7 @@ def stage_rs(args, device):
 
 
 def stage_dpo(args, device):
-    policy, tok, rm = load_init(args, device)
+    policy, tok = load_init(args, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     if args.data:
         pairs = load_pairs(args.data)
@@ -1082,11 +1090,11 @@ def stage_dpo(args, device):
                      hp(args, "dpo", "lr"), args.beta, args.nll_coef, state=StageState(args))
     metric = f"DPO loss {hist[0]['dpo']:.3f} -> {mean_of(hist[-10:], 'dpo'):.3f}, reward margin " \
              f"{mean_of(hist[-10:], 'margin'):.3f}"
-    return finish(args, "dpo", policy, tok, hist, metric, rm)
+    return finish(args, "dpo", policy, tok, hist, metric, load_reward_model(args.rm, device) if args.rm else None)
 
 
 def stage_ppo(args, device):
-    policy, tok, rm = load_init(args, device)
+    (policy, tok), rm = load_init(args, device), load_reward_model(args.rm, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     tasks = task_split(hp(args, "ppo", "n_prompts"), args.n_eval, args.seed, 5)[0]
     prompts = load_prompts(args.data) if args.data else [user(t["prompt"]) for t in tasks]
@@ -1201,9 +1209,7 @@ if __name__ == "__main__":
     try:
         stage[args.stage](args, device)
     except (FileNotFoundError, CheckpointError) as e:  # a mistyped --init, --rm or --data: one line, no traceback
-        if RANK == 0:
-            print(e, file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(str(e)) from None  # (every rank says it: torchrun may stop rank 0 before it could)
     if dist.is_initialized():
         barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()
