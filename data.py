@@ -578,18 +578,21 @@ PIPELINE = 3  # bump when a rule of cleaning, dedup or filtering changes: caches
               # near-dedup compares every kept document that shares a band)
 
 
+def damaged_shards(out_dir, meta, share=slice(None)):
+    """Of the shards meta.json lists (a `share` of their sorted names: train.py splits them among ranks), those
+    missing or whose CRC-32 is not the one they were written with."""
+    crc = {name: c for split in ("train", "val") for name, c in
+           zip(meta.get(split, {}).get("shards", []), meta.get(split, {}).get("crc32", []))}
+    paths = {name: os.path.join(out_dir, name) for name in sorted(crc)[share]}
+    return [name for name, path in paths.items() if not os.path.exists(path) or file_crc32(path) != crc[name]]
+
+
 def intact(out_dir, meta):
-    """Every shard meta.json lists is there with the CRC-32 it was written with (a meta.json of an older data.py,
-    without them: not intact, so rebuilt)."""
-    for split in ("train", "val"):
-        m = meta.get(split, {})
-        if len(m.get("crc32", [])) != len(m.get("shards", [None])):
-            return False
-        for name, crc in zip(m["shards"], m["crc32"]):
-            path = os.path.join(out_dir, name)
-            if not os.path.exists(path) or file_crc32(path) != crc:
-                return False
-    return True
+    """Every shard meta.json lists is there as it was written (a meta.json of an older data.py, without CRC-32s:
+    not intact, so rebuilt)."""
+    listed = all(len(meta.get(s, {}).get("crc32", [])) == len(meta.get(s, {}).get("shards", [None]))
+                 for s in ("train", "val"))
+    return listed and not damaged_shards(out_dir, meta)
 
 
 def file_crc32(path):

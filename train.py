@@ -410,12 +410,9 @@ if changed:
 # every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound). The
 # ranks of each node share the files out among themselves, so every node checks all of them (its own copy, when
 # the data was copied to each node's disk)
-splits = [meta.get(s, {}) for s in ("train", "val")]
-crc = {n: c for split in splits for n, c in zip(split.get("shards", []), split.get("crc32", []))}
-if crc:
+if any("crc32" in meta.get(split, {}) for split in ("train", "val")):
     local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    paths = {n: os.path.join(args.data, n) for n in sorted(crc)[local::per_node]}
-    bad = [n for n, path in paths.items() if not os.path.exists(path) or data.file_crc32(path) != crc[n]]
+    bad = data.damaged_shards(args.data, meta, slice(local, None, per_node))
     if distributed:  # (on the waiting room's gloo group: a large folder may take longer than NCCL's timeout)
         shares = [None] * world_size
         dist.all_gather_object(shares, bad, group=waiting_room)
