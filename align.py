@@ -42,7 +42,7 @@ Design choices
   a tenth of the stage's) its loop (modules, optimizer, random generators, step, history) is saved to OUT/resume.pt,
   which goes once the stage's checkpoint and align_log.json (the mark of a stage that ended) are written; `all
   --resume` keeps the stages that ended and runs the rest. A stage started without --resume first removes both
-  files. What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
+  files. SIGTERM (a scheduler's preemption) or Ctrl-C stops the loop after its step, saved: exit 0, --resume. What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
@@ -71,6 +71,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -618,6 +619,29 @@ def barrier():
         dist.barrier(group=WAITING_ROOM)
 
 
+STOP = []  # the signal that asked the command line to stop: SIGTERM (a scheduler's preemption) or Ctrl-C
+
+
+def on_signal(signum, frame):
+    """The first SIGTERM or Ctrl-C stops the stage's loop after its current step, saved for --resume (StageState);
+    a second one stops at once."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+
+
+def signalled():
+    """Whether any rank got a signal: all stop after the same step (DDP's replicas must stay equal)."""
+    flag = torch.tensor([float(len(STOP))])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=WAITING_ROOM)
+    return flag.item() > 0
+
+
+class Stopped(Exception):
+    """A stage's loop saved after a signal and ended (the command line says so and exits 0)."""
+
+
 def log(*a):
     if RANK == 0:
         print(*a, flush=True)
@@ -682,10 +706,14 @@ class StageState:
         return state["step"], state["history"], state["extra"]
 
     def save(self, step, steps, history, parts, extra=None):
-        """After `step` of `steps` steps, every `every` of them (not after the last: the stage's checkpoint comes
-        then). Rank 0 writes (DDP's replicas are equal); the others wait, out of the training group's timeout."""
+        """After `step` of `steps` steps, every `every` of them, and after a signal, then raising Stopped (not
+        after the last step: the stage's checkpoint comes then). Rank 0 writes (DDP's replicas are equal); the
+        others wait, out of the training group's timeout."""
         every = max(1, steps // 10) if self.every is None else self.every
-        if not self.path or not every or step % every or step >= steps:
+        if not self.path or step >= steps:
+            return
+        stop = signalled()
+        if not stop and (not every or step % every):
             return
         if RANK == 0:
             state = {"step": step, "history": history, "flags": self.flags, "extra": extra or {},
@@ -695,6 +723,10 @@ class StageState:
                                if isinstance(obj, random.Random) else getattr(obj, "module", obj).state_dict())
             atomic_save(state, self.path)
         barrier()
+        if stop:
+            name = signal.Signals(STOP[0]).name if STOP else "a signal to another process"
+            raise Stopped(f"stopped by {name} after step {step} of {steps}: the same command with --resume goes on "
+                          f"from {self.path}")
 
 
 def wrap_ddp(module):
@@ -1206,10 +1238,14 @@ if __name__ == "__main__":
     elif args.stage != "all" and finished(args):  # --resume of a stage that ended: nothing left to do
         sys.exit(0)
     stage = {"sft": stage_sft, "rm": stage_rm, "rs": stage_rs, "dpo": stage_dpo, "ppo": stage_ppo, "all": stage_all}
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         stage[args.stage](args, device)
     except (FileNotFoundError, CheckpointError) as e:  # a mistyped --init, --rm or --data: one line, no traceback
         raise SystemExit(str(e)) from None  # (every rank says it: torchrun may stop rank 0 before it could)
+    except Stopped as e:  # a signal: the loop is saved for --resume
+        log(str(e))
     if dist.is_initialized():
         barrier()  # rank 0 may still be evaluating: leave together
         dist.destroy_process_group()

@@ -411,8 +411,9 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     takes half of every global batch and DDP averages the gradients, so the weights come out equal. SFT's packed
     rows hold different numbers of target tokens, so each rank's loss is weighed by its share of them. Rank 0
     alone evaluates at the end (generation: with a large model, longer than NCCL's 10-minute timeout) and saves the
-    loop's state: the other rank waits for it past the group's timeout (5 s here: SLOW_RANK_0). DPO's 2 processes
-    are killed at their 3rd step and resumed from the state saved after the 2nd, written by rank 0, read by both."""
+    loop's state: the other rank waits for it past the group's timeout (5 s here: SLOW_RANK_0). In DPO, rank 1 gets
+    SIGTERM in its 2nd step (a scheduler's preemption): both ranks stop after it, rank 0 saves, both exit 0, and the
+    resumed run (both ranks reading the state) ends as one process does."""
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
     rng = random.Random(2)
@@ -439,9 +440,12 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
                                "--master_addr=127.0.0.1", f"--master_port={port}", "align.py", *common, "--out",
                                str(tmp_path / "two"), *extra], cwd=repo, capture_output=True, timeout=300, **kw)
     if stage == "dpo":
-        r = torchrun("--ckpt_interval", "2", env={**env, "KILL_AT_STEP": "3"})
-        assert r.returncode != 0 and os.path.exists(tmp_path / "two" / "resume.pt")
-        r = torchrun("--ckpt_interval", "2", "--resume", env=env, text=True)
+        r = torchrun("--ckpt_interval", "0", env={**env, "KILL_AT_STEP": "2", "KILL_SIGNAL": "TERM", "KILL_RANK": "1"},
+                     text=True)  # (no periodic save: the one there is the signal's)
+        assert r.returncode == 0 and "stopped by a signal to another process after step 2 of 3" in r.stdout, \
+            r.stdout + r.stderr[-3000:]
+        assert (tmp_path / "two" / "resume.pt").exists() and not (tmp_path / "two" / "align_log.json").exists()
+        r = torchrun("--resume", env=env, text=True)
         assert r.stdout.count("resumed") == 1 and "at step 2" in r.stdout, r.stdout + r.stderr[-3000:]
     else:
         torchrun("--ckpt_interval", "2", env=env, check=True)
@@ -582,14 +586,15 @@ def test_ppo_mask_covers_exactly_the_response_tokens(tok, monkeypatch):
 
 KILL_AT_STEP = """
 import os
-if "KILL_AT_STEP" in os.environ:  # SIGKILL this process as it starts its Nth optimizer step
+# SIGKILL this process (or KILL_SIGNAL; under torchrun only rank KILL_RANK, if given) as it starts its Nth step
+if "KILL_AT_STEP" in os.environ and os.environ.get("KILL_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
     import signal
     import torch
     step, calls = torch.optim.AdamW.step, [0]
     def killing_step(self, *a, **k):
         calls[0] += 1
         if calls[0] == int(os.environ["KILL_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
         return step(self, *a, **k)
     torch.optim.AdamW.step = killing_step
 """
@@ -686,3 +691,29 @@ def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path
     assert run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft")).returncode == 0
     r = run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft"), "--resume")
     assert r.returncode == 0 and "[sft] ended before" in r.stdout and "sft step" not in r.stdout, r.stdout
+
+
+def test_sigterm_saves_the_stage_and_resume_goes_on_exactly(tok, tmp_path):
+    """SIGTERM (a scheduler's preemption) in SFT's 3rd step of 6, no periodic saves: the step ends, the loop is saved,
+    the process exits 0 saying so; --resume ends with the weights and history of an uninterrupted run."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok.save(str(tmp_path / "tok.model"))
+    save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILL_AT_STEP)
+
+    def run(out, *a, **env):
+        return subprocess.run([sys.executable, os.path.join(repo, "align.py"), "sft", "--init", str(tmp_path / "init"),
+                               "--out", str(tmp_path / out), "--steps", "6", "--n_prompts", "32", "--n_eval", "4",
+                               "--ckpt_interval", "0", *a], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "site"), **env})
+    assert run("whole").returncode == 0
+    r = run("stopped", KILL_AT_STEP="3", KILL_SIGNAL="TERM")
+    assert r.returncode == 0 and "stopped by SIGTERM after step 3 of 6" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert not (tmp_path / "stopped" / "consolidated.00.pth").exists()
+    r = run("stopped", "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout and "at step 3" in r.stdout, r.stdout + r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "consolidated.00.pth") for d in ("whole", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads((tmp_path / d / "align_log.json").read_text()) for d in ("whole", "stopped")]
+    assert logs[0]["history"] == logs[1]["history"]
