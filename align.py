@@ -42,7 +42,8 @@ Design choices
   a tenth of the stage's) its loop (modules, optimizer, random generators, step, history) is saved to OUT/resume.pt,
   which goes once the stage's checkpoint and align_log.json (the mark of a stage that ended) are written; `all
   --resume` keeps the stages that ended and runs the rest. A stage started without --resume first removes both
-  files. SIGTERM (a scheduler's preemption) or Ctrl-C stops the loop after its step, saved: exit 0, --resume. What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
+  files. SIGTERM (a scheduler's preemption) or Ctrl-C stops the loop after its step, saved: exit 0, then --resume.
+  What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
