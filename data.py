@@ -3,6 +3,7 @@
     sources -> clean -> exact dedup -> heuristic filters -> MinHash near-dedup -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
+            -> MixedLoader: rows from several such folders in fixed shares of the tokens (the data mix)
 
 Design choices
 - Sources: "stdlib" (the default: every .py file of the running interpreter's standard library as a code
@@ -43,6 +44,10 @@ Design choices
   so memory is two permutations however large the data; tokens are np.memmap'ed, never loaded.
   DDP: global batch b holds the next B * world_size windows of that order, rank r takes rows [r*B, (r+1)*B):
   ranks never overlap and together see every window. The state is the number of windows consumed.
+- Data mix (MixedLoader): folders made from different sources are mixed at training time, not by copying tokens
+  around: each row of a batch is drawn from one folder with probability its share of the tokens, and each folder
+  reads its own shuffled windows in turn (train.py --data data/web=0.7 data/code=0.3). A share can be changed
+  without rebuilding a single shard, which is how Llama 3 tuned its mix and annealed on upsampled sources.
 
 Run it
     python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib
@@ -845,20 +850,25 @@ class PackedLoader:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def next_batch(self):
-        B, T = self.B, self.T
-        g0 = (self.batch * self.world + self.rank) * B  # this rank's rows of the global batch
-        windows = [self.window(g) for g in range(g0, g0 + B)]
+        g0 = (self.batch * self.world + self.rank) * self.B  # this rank's rows of the global batch
+        batch = self.read(range(g0, g0 + self.B))
+        self.batch += 1
+        return batch
+
+    def read(self, positions):
+        """(x, y, doc_ids), one row for each global position (see window()): (len(positions), T) each."""
+        T = self.T
+        windows = [self.window(int(g)) for g in positions]
         rows = [self.tokens(w * T, w * T + T + 1) for w in windows]
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (rows, T+1)
         if int(buf.max()) >= self.vocab_size:  # a damaged shard (no tokenizer makes such ids): name it here
             row, col = map(int, (buf >= self.vocab_size).nonzero()[0])
             path = self.paths[int(np.searchsorted(self.starts, windows[row] * T + col, side="right")) - 1]
             raise ValueError(f"{path}: token id {int(buf[row, col])} is not below the tokenizer's {self.vocab_size} "
                              "ids: the shard is damaged")
-        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
-        doc_ids = torch.cumsum(x == self.bos_id, dim=1)           # (B, T): +1 at each <|begin_of_text|>
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (rows, T) each
+        doc_ids = torch.cumsum(x == self.bos_id, dim=1)           # (rows, T): +1 at each <|begin_of_text|>
         doc_ids -= doc_ids[:, :1].clone()                         # the window's first document is 0
-        self.batch += 1
         return x, y, doc_ids
 
     def __iter__(self):  # `for x, y, doc_ids in loader:` (endless: the caller decides when to stop)
@@ -879,6 +889,67 @@ class PackedLoader:
             raise ValueError(f"loader state is at window {sd['windows']}, not a multiple of the global batch "
                              f"{global_batch} (batch_size x world_size): cannot resume exactly")
         self.batch = sd["windows"] // global_batch
+
+
+# -----------------------------------------------------------------------------
+# 10. The data mix: several sources in fixed shares of the tokens
+
+class MixedLoader:
+    """Batches from several PackedLoaders (one per source folder, built with the same batch size, seq_len, rank,
+    world_size and seed) in fixed shares of the tokens: Llama 3's data mix (section 3.1.2: ~50% general knowledge,
+    25% math and reasoning, 17% code, 8% multilingual) and its annealing on upsampled high-quality sources (3.4.3).
+    Each row of a global batch is drawn from one source with probability its weight, by a generator seeded with
+    (seed, batch number): every rank draws the same rows (and takes its own, as PackedLoader does), and a resumed run
+    draws them again. Each source reads its own shuffled windows in order, every rank counting how many the mix has
+    taken from it, so a small source of high weight is read for several epochs and a large one of low weight in part.
+    The state is the batch number and each source's count."""
+
+    def __init__(self, loaders, weights, seed=0):
+        if len(loaders) != len(weights) or not loaders:
+            raise ValueError(f"MixedLoader: {len(loaders)} loaders and {len(weights)} weights")
+        if not all(w > 0 for w in weights):
+            raise ValueError(f"MixedLoader: weights {list(weights)} must all be > 0")
+        if len({(ld.B, ld.T, ld.rank, ld.world, ld.seed) for ld in loaders}) > 1:
+            raise ValueError("MixedLoader: the loaders differ in batch_size, seq_len, rank, world_size or seed")
+        self.loaders, self.seed = loaders, seed
+        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.batch, self.used = 0, [0] * len(loaders)  # global batches drawn; windows taken from each source
+
+    def next_batch(self):
+        first = self.loaders[0]
+        B, rows = first.B, first.B * first.world
+        source = np.random.default_rng([self.seed, 0x6D6978, self.batch]).choice(len(self.loaders), rows, p=self.p)
+        position = np.zeros(rows, dtype=np.int64)  # of each row in its source's order
+        for s in range(len(self.loaders)):
+            mine = np.flatnonzero(source == s)
+            position[mine] = self.used[s] + np.arange(len(mine))
+            self.used[s] += len(mine)
+        self.batch += 1
+        mine = range(first.rank * B, first.rank * B + B)  # this rank's rows of the global batch
+        parts = [self.loaders[source[i]].read([position[i]]) for i in mine]
+        return tuple(torch.cat(column) for column in zip(*parts))  # (x, y, doc_ids), (B, T) each
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self):
+        first = self.loaders[0]
+        return dict(batch=self.batch, global_batch=first.B * first.world, seed=self.seed, weights=self.p.tolist(),
+                    sources=[dict(ld.state_dict(), windows=n) for ld, n in zip(self.loaders, self.used)])
+
+    def load_state_dict(self, sd):
+        first = self.loaders[0]
+        if "sources" not in sd or len(sd["sources"]) != len(self.loaders) or sd["seed"] != self.seed or \
+                not np.allclose(sd["weights"], self.p):
+            raise ValueError(f"loader state is of another mix (weights {sd.get('weights')}, seed {sd.get('seed')}; "
+                             f"this one: {self.p.tolist()}, {self.seed}): cannot resume exactly")
+        if sd["global_batch"] != first.B * first.world:  # the rows are drawn a global batch at a time
+            raise ValueError(f"loader state has a global batch of {sd['global_batch']} windows, this loader "
+                             f"{first.B * first.world} (batch_size x world_size): cannot resume exactly")
+        for ld, source in zip(self.loaders, sd["sources"]):
+            ld.load_state_dict(dict(source, windows=0))  # each source's own checks: the same data and seq_len
+        self.batch, self.used = sd["batch"], [source["windows"] for source in sd["sources"]]
 
 
 # -----------------------------------------------------------------------------

@@ -379,6 +379,72 @@ def test_resume_exact(stream):
         data.PackedLoader(str(out), "train", 3, 16, seed=3).load_state_dict(sd)
 
 
+OTHER = 1 << 20  # the second source's tokens are its stream positions + 1 + OTHER
+
+
+@pytest.fixture
+def two_sources(stream, tmp_path_factory):
+    """The stream fixture's folder, and a second one of another length whose tokens tell them apart."""
+    out_b = tmp_path_factory.mktemp("b")
+    tokens, _ = synthetic_stream(40, np.random.default_rng(2))
+    write_split(out_b, "train", np.where(tokens == BOS, BOS, tokens + OTHER).astype(np.uint32), shard_tokens=300)
+    return str(stream[0]), str(out_b)
+
+
+def mixed(folders, weights, B, T, rank=0, world_size=1, seed=4):
+    loaders = [data.PackedLoader(f, "train", B, T, rank, world_size, seed) for f in folders]
+    return data.MixedLoader(loaders, weights, seed)
+
+
+def test_mixed_loader_shares_and_each_sources_order(two_sources):
+    T, B, n = 8, 6, 400
+    ld = mixed(two_sources, [3, 1], B, T)  # weights are shares: 3:1 is 0.75 / 0.25
+    starts = {0: [], 1: []}
+    for _ in range(n):
+        x, y, doc_ids = ld.next_batch()
+        assert x.shape == y.shape == doc_ids.shape == (B, T)
+        assert torch.equal(x[:, 1:], y[:, :-1]) and (doc_ids[:, 0] == 0).all()
+        for row in x.numpy():
+            s = int(row.max() > OTHER)
+            starts[s].append(window_start(row % OTHER))
+    share = len(starts[1]) / (n * B)
+    assert abs(share - 0.25) < 0.03  # 2400 rows: the binomial's sd is 0.009
+    for s, folder in enumerate(two_sources):  # each source in its own loader's order, across epochs
+        alone = data.PackedLoader(folder, "train", 1, T, seed=4)
+        assert starts[s] == [window_start(alone.next_batch()[0][0].numpy() % OTHER) for _ in starts[s]]
+    small = data.PackedLoader(two_sources[1], "train", 1, T)
+    assert len(starts[1]) > 3 * small.n_windows  # the small source is read for several epochs
+
+
+def test_mixed_loader_ranks_resume_and_refusals(two_sources):
+    T = 8
+    one = mixed(two_sources, [0.5, 0.5], 4, T)
+    ranks = [mixed(two_sources, [0.5, 0.5], 2, T, rank, 2) for rank in range(2)]
+    for _ in range(5):  # two ranks take the rows of one process's global batch, in halves
+        x = one.next_batch()[0]
+        assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
+    sd = json.loads(json.dumps(ranks[1].state_dict()))  # the state survives a JSON / checkpoint round trip
+    expected = [ranks[1].next_batch() for _ in range(40)]
+    resumed = mixed(two_sources, [0.5, 0.5], 2, T, 1, 2)
+    resumed.load_state_dict(sd)
+    for want in expected:
+        assert all(torch.equal(a, b) for a, b in zip(want, resumed.next_batch()))
+    with pytest.raises(ValueError, match="another mix"):
+        mixed(two_sources, [0.6, 0.4], 2, T, 1, 2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="global batch of 4 windows, this loader 6"):
+        mixed(two_sources, [0.5, 0.5], 3, T, 1, 2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="n_tokens"):  # the folders swapped
+        mixed(two_sources[::-1], [0.5, 0.5], 2, T, 1, 2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="must all be > 0"):
+        mixed(two_sources, [1, 0], 2, T)
+    with pytest.raises(ValueError, match="differ in"):
+        data.MixedLoader([data.PackedLoader(f, "train", 2, T, seed=s) for s, f in enumerate(two_sources)], [1, 1])
+    # one source: the PackedLoader's own batches
+    alone, single = data.PackedLoader(two_sources[0], "train", 3, T, seed=4), mixed(two_sources[:1], [1], 3, T)
+    for _ in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(alone.next_batch(), single.next_batch()))
+
+
 # ----------------------------------------------------------------------------- prepare_data end to end
 
 @pytest.fixture(scope="module")
