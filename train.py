@@ -10,8 +10,11 @@ Design choices
   (eval + checkpoint -> set lr -> micro-steps forward/backward -> clip -> step -> log).
 - Packed documents, never padded, with Llama 3's document mask: data.PackedLoader yields doc_ids and attention
   never crosses a document boundary inside a sequence (Llama 3 paper, section 3.2). The loss is fp32.
+  Several --data folders with their shares of the tokens are Llama 3's data mix (section 3.1.2, data.MixedLoader):
+  each is evaluated on its own val split, and val loss / bits per byte weigh them by the shares.
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
-  tenth of the peak (Llama 2 paper section 2.2, kept for Llama 3), or warmup-stable-decay. Decay only on the
+  tenth of the peak (Llama 2 paper section 2.2; Llama 3 405B went to a hundredth, --min_lr), or
+  warmup-stable-decay. Decay only on the
   matrices (model.configure_optimizer): it pulls weights toward 0, which regularises a matrix, but RMSNorm's
   gains set a scale that the norm just removed, and decaying them only fights it (the nanoGPT/minGPT rule).
   Gradient accumulation reaches --tokens_per_step; bf16 autocast with fp32 master weights (GPU, and CPUs
@@ -39,6 +42,8 @@ Run it
                                                        # (data/ and out/ on a filesystem all nodes share)
     python train.py --init out/default --out_dir out/long --seq_len 1024 --rope_factor 4 --max_steps 200
                                                        # long-context stage: continue at 4x the context
+    python train.py --init out/default --out_dir out/anneal --data data/stdlib=0.5 data/best=0.5 --warmup_steps 0 \\
+        --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100  # annealing: lr to 0 on an upsampled source
 """
 import argparse
 import csv
@@ -76,11 +81,12 @@ warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unav
 
 def get_lr(t, warmup, total, args):
     """The learning rate at point t of a run of length `total`, both in steps (t = step + 1) or, under a time
-    budget (--max_minutes), in seconds. Linear warmup over `warmup`, then either cosine decay to min_lr = lr / 10
-    at `total` (Llama 2 section 2.2), or warmup-stable-decay: constant, then linear to min_lr over the last
+    budget (--max_minutes), in seconds. Linear warmup over `warmup`, then either cosine decay to min_lr (default
+    lr / 10, Llama 2 section 2.2) at `total`, or warmup-stable-decay: constant, then linear to min_lr over the last
     decay_frac of the run (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
-    Durations"), which lets a run be extended without restarting its schedule."""
-    min_lr = args.lr / 10
+    Durations"), which lets a run be extended without restarting its schedule. Llama 3's annealing is the last:
+    linear to 0 (--min_lr 0) on a mix that upsamples the best sources (section 3.4.3)."""
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if t < warmup:
         return args.lr * t / warmup
     if args.schedule == "wsd":
@@ -278,7 +284,9 @@ def plot_svg(rows, path, width=640, height=360, pad=50):
 # config: one flat block; the values are saved in every checkpoint
 parser = argparse.ArgumentParser(description="Pretrain a Llama 3 model (see the docstring of train.py).")
 parser.add_argument("--out_dir", default="out/default", help="model export, checkpoints, log.csv, loss.svg")
-parser.add_argument("--data", default="data/stdlib", help="folder of token shards; made from --source if missing")
+parser.add_argument("--data", nargs="+", default=["data/stdlib"], metavar="FOLDER[=SHARE]",
+                    help="folder of token shards (made from --source if missing), or several with their shares of "
+                         "the tokens, Llama 3's data mix: --data data/web=0.7 data/code=0.3")
 parser.add_argument("--source", help="what data.prepare_data reads to make a missing --data (default: stdlib)")
 parser.add_argument("--tokenizer", default="data/stdlib/tok.model", help="trained on --source if missing")
 parser.add_argument("--vocab_size", type=int, default=8192, help="of a newly trained tokenizer, incl. 256 specials")
@@ -297,6 +305,7 @@ parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
 parser.add_argument("--warmup_steps", type=int, default=30)
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
 parser.add_argument("--decay_frac", type=float, default=0.2, help="wsd: share of the steps spent decaying")
+parser.add_argument("--min_lr", type=float, help="where the decay ends (default lr / 10; Llama 3 405B: lr / 100)")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="Llama 2 section 2.2")
 parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (Llama 2 section 2.2)")
 parser.add_argument("--seed", type=int, default=1337)
@@ -323,8 +332,22 @@ if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens, args.warm
         not 0 <= args.decay_frac <= 1:
     parser.error("--max_steps, --max_minutes, --sample_tokens and --warmup_steps must be >= 0, --decay_frac within "
                  "[0, 1]")
-if not (args.lr > 0 and args.grad_clip > 0 and args.weight_decay >= 0):
-    parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0")
+if not (args.lr > 0 and args.grad_clip > 0 and args.weight_decay >= 0 and 0 <= (args.min_lr or 0) <= args.lr):
+    parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --min_lr within [0, --lr]")
+# the data mix: FOLDER=SHARE for each folder (shares of the tokens, normalised to sum to 1), or one folder alone
+mix = [spec.rpartition("=")[::2] if "=" in spec else (spec, "1") for spec in args.data]
+try:
+    shares = [float(share) for _, share in mix]
+except ValueError:
+    parser.error(f"--data {' '.join(args.data)}: a share is not a number (FOLDER=SHARE, e.g. data/web=0.7)")
+if (len(mix) > 1 and not all("=" in spec for spec in args.data)) or not all(share > 0 for share in shares):
+    parser.error(f"--data {' '.join(args.data)}: give each folder of a mix its share of the tokens, a number > 0 "
+                 "(FOLDER=SHARE, e.g. --data data/web=0.7 data/code=0.3)")
+folders, shares = [folder for folder, _ in mix], [share / sum(shares) for share in shares]
+if len(set(folders)) < len(folders):
+    parser.error(f"--data {' '.join(args.data)}: a folder named twice (give it the sum of its shares)")
+if len(folders) > 1 and args.source:
+    parser.error("--source builds one --data folder: build each folder of a mix with data.py")
 if args.rope_factor and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.init and args.model != parser.get_default("model"):
@@ -369,11 +392,15 @@ def log(*a):
 t_start = time.time()
 # both are made from --source when missing; a path of one's own without a --source is more likely a typo than a
 # wish to fill it with the standard library
-for flag, made in [("tokenizer", args.tokenizer), ("data", os.path.join(args.data, "meta.json"))]:
-    if not os.path.exists(made) and getattr(args, flag) != parser.get_default(flag) and args.source is None:
-        fail(f"--{flag} {getattr(args, flag)} not found: make it with data.py, or give --source to build it there")
-if not os.path.exists(args.tokenizer) and os.path.exists(os.path.join(args.data, "meta.json")):
-    fail(f"--tokenizer {args.tokenizer} not found, but --data {args.data} is built: give the tokenizer its shards were "
+default_data = parser.get_default("data")[0]
+for folder in folders:
+    if not os.path.exists(os.path.join(folder, "meta.json")) and folder != default_data and args.source is None:
+        fail(f"--data {folder} not found: make it with data.py, or give --source to build it there")
+if not os.path.exists(args.tokenizer) and args.tokenizer != parser.get_default("tokenizer") and args.source is None:
+    fail(f"--tokenizer {args.tokenizer} not found: make it with tokenizer.py, or give --source to build it there")
+built = [folder for folder in folders if os.path.exists(os.path.join(folder, "meta.json"))]
+if not os.path.exists(args.tokenizer) and built:
+    fail(f"--tokenizer {args.tokenizer} not found, but --data {built[0]} is built: give the tokenizer its shards were "
          "made with (a new one would not match them)")
 source = args.source or "stdlib"
 if master and not os.path.exists(args.tokenizer):
@@ -381,48 +408,51 @@ if master and not os.path.exists(args.tokenizer):
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
     Tokenizer.train(map(data.clean_text, data.iter_documents(source)), args.vocab_size).save(args.tokenizer)
     log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
-if master and not os.path.exists(os.path.join(args.data, "meta.json")):
-    log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")
-    data.prepare_data(source, args.tokenizer, args.data)
-    log(f"  -> {args.data} in {time.time() - t_start:.0f}s")
+for folder in folders:  # (one, or the default folder of a mix: a --source builds no folder of a mix)
+    if master and not os.path.exists(os.path.join(folder, "meta.json")):
+        log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")
+        data.prepare_data(source, args.tokenizer, folder)
+        log(f"  -> {folder} in {time.time() - t_start:.0f}s")
 barrier()
 tok = Tokenizer.load(args.tokenizer)
-try:
-    meta = data.read_meta(os.path.join(args.data, "meta.json"))  # tokens and UTF-8 bytes per split, for bits per byte
-    made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: an older data.py)
-except (ValueError, KeyError, TypeError) as e:
-    fail(f"{os.path.join(args.data, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})")
-# a folder made earlier is never rebuilt here (data.py's settings may differ from these defaults; rebuilding would
-# lose them), so it must at least hold the source asked for (the default folder: the default source), and say so
-# when that source's files have changed
-asked = args.source or (source if args.data == parser.get_default("data") else None)
-where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
-if asked and where(asked) != where(made_from):
-    fail(f"--data {args.data} holds the tokens of {made_from!r}, not of {asked!r}: give a new --data folder (and "
-         "--tokenizer) to build this source there")
-try:
-    changed = stamp is not None and data.source_stamp(made_from) != stamp
-except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare
-    changed = False
-if changed:
-    log(f"warning: {made_from}'s files changed after {args.data} was made from them; this run trains on the old "
-        f"tokens (to use the new ones, rerun data.py with --out {args.data}, or delete it)")
-# every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound). The
-# ranks of each node share the files out among themselves, so every node checks all of them (its own copy, when
-# the data was copied to each node's disk)
-if any("crc32" in meta.get(split, {}) for split in ("train", "val")):
-    local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    bad = data.damaged_shards(args.data, meta, slice(local, None, per_node))
-    if distributed:  # (on the waiting room's gloo group: a large folder may take longer than NCCL's timeout)
-        shares = [None] * world_size
-        dist.all_gather_object(shares, bad, group=waiting_room)
-        bad = sorted(set(sum(shares, [])))
-    if bad:
-        fail(f"{args.data}: {', '.join(bad)} not as data.py wrote (missing, or its CRC-32 differs from meta.json's): "
-             f"a damaged copy; copy the folder again, or rerun data.py with --out {args.data} (it rebuilds it)")
-else:
-    log(f"note: {args.data}/meta.json has no CRC-32s of its shards (an older data.py): they are not checked; "
-        f"rerun data.py with --out {args.data} to rebuild it with them")
+metas = {}  # each folder's meta.json: tokens and UTF-8 bytes per split, for bits per byte
+where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # noqa: E731  ("corpus/" = "./corpus")
+for folder in folders:
+    try:
+        meta = metas[folder] = data.read_meta(os.path.join(folder, "meta.json"))
+        made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{os.path.join(folder, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})")
+    # a folder made earlier is never rebuilt here (data.py's settings may differ from these defaults; rebuilding
+    # would lose them), so it must at least hold the source asked for (the default folder: the default source),
+    # and say so when that source's files have changed
+    asked = args.source or (source if folder == default_data else None)
+    if asked and where(asked) != where(made_from):
+        fail(f"--data {folder} holds the tokens of {made_from!r}, not of {asked!r}: give a new --data folder (and "
+             "--tokenizer) to build this source there")
+    try:
+        changed = stamp is not None and data.source_stamp(made_from) != stamp
+    except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare
+        changed = False
+    if changed:
+        log(f"warning: {made_from}'s files changed after {folder} was made from them; this run trains on the old "
+            f"tokens (to use the new ones, rerun data.py with --out {folder}, or delete it)")
+    # every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound).
+    # The ranks of each node share the files out among themselves, so every node checks all of them (its own copy,
+    # when the data was copied to each node's disk)
+    if any("crc32" in meta.get(split, {}) for split in ("train", "val")):
+        local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        bad = data.damaged_shards(folder, meta, slice(local, None, per_node))
+        if distributed:  # (on the waiting room's gloo group: a large folder may take longer than NCCL's timeout)
+            shares_of_bad = [None] * world_size
+            dist.all_gather_object(shares_of_bad, bad, group=waiting_room)
+            bad = sorted(set(sum(shares_of_bad, [])))
+        if bad:
+            fail(f"{folder}: {', '.join(bad)} not as data.py wrote (missing, or its CRC-32 differs from meta.json's):"
+                 f" a damaged copy; copy the folder again, or rerun data.py with --out {folder} (it rebuilds it)")
+    else:
+        log(f"note: {folder}/meta.json has no CRC-32s of its shards (an older data.py): they are not checked; "
+            f"rerun data.py with --out {folder} to rebuild it with them")
 
 # -----------------------------------------------------------------------------
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context
@@ -493,14 +523,25 @@ if tokens_per_step % tokens_per_micro:
          f"{tokens_per_micro}")
 grad_accum = tokens_per_step // tokens_per_micro
 eval_steps = max(1, args.eval_tokens // tokens_per_micro)
-# every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint). The
-# validation loader is made here once too, so that a split too small for seq_len stops the run now, not at its
-# first evaluation
+# every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint). A mix
+# draws each row from one folder by its share (data.MixedLoader). The validation loaders are made here once too, so
+# that a split too small for seq_len stops the run now, not at its first evaluation
+def loader(folder, split):
+    return data.PackedLoader(folder, split, B, T, rank, world_size, args.seed, tok.fingerprint())
+
+
 try:
-    train_loader = data.PackedLoader(args.data, "train", B, T, rank, world_size, args.seed, tok.fingerprint())
-    data.PackedLoader(args.data, "val", B, T, rank, world_size, args.seed, tok.fingerprint())
+    train_loader = loader(folders[0], "train") if len(folders) == 1 else \
+        data.MixedLoader([loader(folder, "train") for folder in folders], shares, args.seed)
+    for folder in folders:
+        loader(folder, "val")
 except ValueError as e:
     fail(str(e))
+if len(folders) > 1:  # a mix: how often this run reads each folder (a small one with a large share: repeated)
+    for folder, share in zip(folders, shares):
+        n = metas[folder]["train"]["tokens"]
+        reads = "" if args.max_minutes else f": {args.max_steps * tokens_per_step * share / n:.2f} epochs in this run"
+        log(f"data mix: {folder} {share:.1%} of the tokens ({n:,} tokens in its train split{reads})")
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
 os.makedirs(ckpt_dir, exist_ok=True)
 if master:  # away with half-written checkpoints of a run killed while saving
@@ -517,7 +558,7 @@ if args.resume:
     for group, decay in zip(optimizer.param_groups, decays):  # the saved groups bring their settings back: this
         group["weight_decay"] = decay                         # command's --weight_decay wins (lr is set every step)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
-    schedule = ("lr", "warmup_steps", "schedule", "decay_frac", "max_steps", "max_minutes")
+    schedule = ("lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "max_steps", "max_minutes")
     other = [f"--{k} {getattr(args, k)} (was {state['args'][k]})" for k in schedule
              if k in state.get("args", {}) and state["args"][k] != getattr(args, k)]
     if other:  # this command's flags run the schedule from here: say so, the lr may jump
@@ -555,19 +596,20 @@ log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if 
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over about eval_tokens tokens of the validation split (whole global batches, at least one): the
-    loader's seeded order, so the same windows at every evaluation of a run."""
+    """Mean loss over about eval_tokens tokens of each folder's validation split (whole global batches, at least
+    one): the loader's seeded order, so the same windows at every evaluation of a run. -> a loss per folder."""
     model.eval()
-    loader = data.PackedLoader(args.data, "val", B, T, rank, world_size, args.seed, tok.fingerprint())
-    total = torch.zeros((), device=device)
-    for _ in range(eval_steps):
-        x, y, doc_ids = (t.to(device) for t in loader.next_batch())
-        with autocast:
-            total += model(x, y, doc_ids=doc_ids)
+    total = torch.zeros(len(folders), device=device)
+    for i, folder in enumerate(folders):
+        val_loader = loader(folder, "val")
+        for _ in range(eval_steps):
+            x, y, doc_ids = (t.to(device) for t in val_loader.next_batch())
+            with autocast:
+                total[i] += model(x, y, doc_ids=doc_ids)
     if distributed:
         dist.all_reduce(total)
     model.train()
-    return total.item() / (eval_steps * world_size)
+    return (total / (eval_steps * world_size)).tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -593,10 +635,14 @@ step, stopped, t_loop = start_step, False, time.time() - elapsed  # a resumed ru
 while True:
     last = elapsed >= budget if budget else step >= args.max_steps  # under a budget: one step past it at most
     if (step % args.eval_interval == 0 or last) and not stopped:
-        val_loss = evaluate()
-        # bits per byte compare across tokenizers: nats per token / ln 2 * tokens per UTF-8 byte (val split)
-        val_bpb = val_loss / math.log(2) * meta["val"]["tokens"] / meta["val"]["bytes"]
-        log(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte")
+        losses = evaluate()
+        # bits per byte compare across tokenizers: nats per token / ln 2 / UTF-8 bytes per token (val split). A
+        # mix: nats and bytes of each folder by its share of the tokens
+        val_loss = sum(share * loss for share, loss in zip(shares, losses))
+        val_bpb = val_loss / math.log(2) / sum(share * metas[f]["val"]["bytes"] / metas[f]["val"]["tokens"]
+                                               for share, f in zip(shares, folders))
+        log(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte" + ("" if len(folders) == 1 else
+            " (" + ", ".join(f"{f} {loss:.4f}" for f, loss in zip(folders, losses)) + ")"))
         if master:
             append_log(log_path, {"step": step, "val_loss": f"{val_loss:.6f}", "val_bpb": f"{val_bpb:.6f}"})
             plot_svg(read_log(log_path), os.path.join(args.out_dir, "loss.svg"))

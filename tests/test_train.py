@@ -401,6 +401,60 @@ def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, t
     assert lr == pytest.approx({0: 0.5e-2, 1: 1e-2, 2: 0.55e-2, 3: 1e-3})
 
 
+@pytest.fixture(scope="module")
+def second_source(corpus):
+    """Another folder of shards with the same tokenizer: 60 documents of counting, not of animals."""
+    from data import prepare_data
+    rng, numbers = random.Random(1), "zero one two three four five six seven eight nine ten eleven twelve".split()
+    (corpus / "numbers").mkdir()
+    for i in range(60):
+        counts = [" ".join(numbers[rng.randint(0, 6):][:rng.randint(3, 6)]).capitalize() + "." for _ in range(12)]
+        (corpus / "numbers" / f"{i:02d}.txt").write_text(" ".join(counts))
+    prepare_data(str(corpus / "numbers"), str(corpus / "tok.model"), str(corpus / "shards2"), val_fraction=0.1,
+                 num_proc=1, verbose=False)
+    return corpus / "shards2"
+
+
+def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_source, tmp_path):
+    """--data A=3 B=1: rows drawn from both folders by share; the val loss and bits per byte weigh each folder's by
+    its share; 2 processes take the rows of one; a resume goes on exactly; an annealing stage upsamples B."""
+    mix = ["--data", f"{corpus / 'shards'}=3", f"{second_source}=1"]
+    r = train(corpus, tmp_path / "mix", "--batch_size", "4", *mix)
+    assert f"data mix: {corpus / 'shards'} 75.0% of the tokens" in r.stdout and "epochs in this run" in r.stdout, r.stdout
+    val = re.search(r"step 10: val loss ([\d.]+), ([\d.]+) bits per byte \(.*shards ([\d.]+), .*shards2 ([\d.]+)\)",
+                    r.stdout)
+    assert val, r.stdout
+    loss, bpb, a, b = map(float, val.groups())
+    assert loss == pytest.approx(0.75 * a + 0.25 * b, abs=2e-4) and abs(a - b) > 0.1
+    meta = [json.load(open(folder / "meta.json"))["val"] for folder in (corpus / "shards", second_source)]
+    per_token = 0.75 * meta[0]["bytes"] / meta[0]["tokens"] + 0.25 * meta[1]["bytes"] / meta[1]["tokens"]
+    assert bpb == pytest.approx(loss / math.log(2) / per_token, abs=2e-4)
+    assert losses(tmp_path / "mix") != losses(reference)  # (the numbers are in the batches)
+    ddp = tmp_path / "ddp"
+    train(corpus, ddp, "--batch_size", "2", *mix, nproc=2)
+    assert losses(ddp) == pytest.approx(losses(tmp_path / "mix"), rel=1e-4, abs=1e-4)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "mix", resumed)
+    train(corpus, resumed, "--batch_size", "4", *mix, "--resume", str(resumed / "ckpt" / "step_000008"))
+    assert losses(resumed) == losses(tmp_path / "mix")
+    r = train(corpus, resumed, "--batch_size", "4", "--data", f"{corpus / 'shards'}=1", f"{second_source}=1",
+              "--resume", ok=False)
+    assert r.returncode == 1 and "loader state is of another mix" in r.stderr, r.stderr
+    # Llama 3's annealing (section 3.4.3): from the trained model, the lr straight down to 0 on an upsampled mix
+    train(corpus, tmp_path / "anneal", "--batch_size", "4", "--init", str(reference), "--data",
+          f"{corpus / 'shards'}=1", f"{second_source}=3", "--warmup_steps", "0", "--schedule", "wsd",
+          "--decay_frac", "1", "--min_lr", "0", "--max_steps", "4")
+    lr = {int(r["step"]): float(r["lr"]) for r in log_rows(tmp_path / "anneal") if r["lr"]}
+    assert lr == pytest.approx({0: 0.75e-2, 1: 0.5e-2, 2: 0.25e-2, 3: 0.0})
+    for flags, what in ((["--data", str(corpus / "shards"), str(second_source)], "give each folder of a mix its share"),
+                        (["--data", f"{corpus / 'shards'}=x"], "a share is not a number"),
+                        (["--data", f"{corpus / 'shards'}=1", f"{corpus / 'shards'}=2"], "a folder named twice"),
+                        ([*mix, "--source", str(corpus / "docs")], "--source builds one --data folder"),
+                        (["--min_lr", "1"], "--min_lr within [0, --lr]")):
+        r = train(corpus, tmp_path / "bad", *flags, ok=False)
+        assert r.returncode == 2 and what in r.stderr, r.stderr
+
+
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
     """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed.
     Under DDP, so that the ranks must agree on every lr and on the last step (rank 0's clock), or hang."""
