@@ -201,16 +201,21 @@ def iter_documents(source):
     if source == "stdlib":
         yield from stdlib_documents()
     elif source.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError:
-            raise ImportError(f"source {source!r} needs the datasets package (pip install datasets)") from None
         name, _, config = source[3:].partition(":")
-        rows = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        rows = hf_datasets(source).load_dataset(name, config or None, split="train", streaming=True)
         yield from only_strings((row.get("text") for row in rows), source)
     else:
         for path in source_files(source):
             yield from read_file(path)
+
+
+def hf_datasets(source):
+    """The datasets package, imported only for an "hf:" source, or an error saying so."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"source {source!r} needs the datasets package (pip install datasets)") from None
+    return datasets
 
 
 def source_files(source):
@@ -652,6 +657,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             return meta
     if quality_model and labeller is None:  # (before the old folder goes: a mistyped model loses nothing)
         labeller = checkpoint_labeller(quality_model)
+    if source.startswith("hf:"):
+        hf_datasets(source)  # (not installed: an error before out_dir is made)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
         if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
@@ -972,5 +979,5 @@ if __name__ == "__main__":
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
                      quality_drop=a.quality_drop)
-    except (FileNotFoundError, CheckpointError) as e:  # a mistyped path: one line, not a traceback
+    except (FileNotFoundError, ImportError, CheckpointError) as e:  # a mistyped path, a missing extra: one line
         sys.exit(str(e))

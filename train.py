@@ -543,6 +543,8 @@ if len(folders) > 1:  # a mix: how often this run reads each folder (a small one
         reads = "" if args.max_minutes else f": {args.max_steps * tokens_per_step * share / n:.2f} epochs in this run"
         log(f"data mix: {folder} {share:.1%} of the tokens ({n:,} tokens in its train split{reads})")
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
+if args.resume == "last" and not list_checkpoints(ckpt_dir):  # (before the folder is made: a typo leaves none)
+    fail(f"--resume: no checkpoint in {ckpt_dir}")
 os.makedirs(ckpt_dir, exist_ok=True)
 if master:  # away with half-written checkpoints of a run killed while saving
     for name in os.listdir(ckpt_dir):
@@ -550,9 +552,7 @@ if master:  # away with half-written checkpoints of a run killed while saving
             shutil.rmtree(os.path.join(ckpt_dir, name))
 start_step, last_ckpt, elapsed = 0, None, 0.0
 if args.resume:
-    last_ckpt = args.resume if args.resume != "last" else (list_checkpoints(ckpt_dir) or [None])[-1]
-    if last_ckpt is None:
-        fail(f"--resume: no checkpoint in {ckpt_dir}")
+    last_ckpt = args.resume if args.resume != "last" else list_checkpoints(ckpt_dir)[-1]
     decays = [group["weight_decay"] for group in optimizer.param_groups]  # as this command's flags set them
     state = load_checkpoint(last_ckpt, model, optimizer, model_args)
     for group, decay in zip(optimizer.param_groups, decays):  # the saved groups bring their settings back: this

@@ -636,6 +636,9 @@ def test_optional_sources(tmp_path, monkeypatch, corpus, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(ImportError, match="needs the datasets package"):
         list(data.iter_documents("hf:org/web"))
+    with pytest.raises(ImportError, match="needs the datasets package"):  # before any folder is made
+        data.prepare_data("hf:org/web", corpus[2], str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
     path = tmp_path / "t.parquet"
     path.write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # not installed (whether it is here or not)

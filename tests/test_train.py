@@ -327,6 +327,9 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
         r = train(corpus, tmp_path / "out", *flags, ok=False)
         assert r.returncode == 1 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "tok.model").exists() and not (tmp_path / "out" / "log.csv").exists()
+    r = train(corpus, tmp_path / "new", "--resume", ok=False)  # a mistyped --out_dir: no empty folder left there
+    assert r.returncode == 1 and f"--resume: no checkpoint in {tmp_path / 'new' / 'ckpt'}" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus, tmp_path):
