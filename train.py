@@ -43,7 +43,8 @@ Run it
     python train.py --init out/default --out_dir out/long --seq_len 1024 --rope_factor 4 --max_steps 200
                                                        # long-context stage: continue at 4x the context
     python train.py --init out/default --out_dir out/anneal --data data/stdlib=0.5 data/best=0.5 --warmup_steps 0 \\
-        --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100  # annealing: lr to 0 on an upsampled source
+        --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100 --average_last 20
+                                                       # annealing: lr to 0 on an upsampled source, averaged
 """
 import argparse
 import csv
@@ -159,16 +160,17 @@ def save_file(obj, path):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path, model, optimizer, state, rank, keep=2):
+def save_checkpoint(path, model, optimizer, state, rank, average, keep=2):
     """Write the training state to path atomically: all of it goes to path.tmp, which rank 0 renames once every
-    rank has finished. Model and optimizer go through dcp (under FSDP each rank writes only its own shards);
-    `state` (step, loader position, RNG: the same on every rank) is rank 0's state.pt. The last `keep` stay."""
+    rank has finished. Model, optimizer and the weights' running average (empty without --average_last) go through
+    dcp (under FSDP each rank writes only its own shards); `state` (step, loader position, RNG: the same on every
+    rank) is rank 0's state.pt. The last `keep` stay."""
     tmp = path + ".tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left behind by a run killed in the middle of a save
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective: every rank takes part
+    dcp.save({"model": model_sd, "optim": optim_sd, "average": average}, checkpoint_id=tmp)  # (collective)
     if rank == 0:
         save_file(state, os.path.join(tmp, "state.pt"))
     barrier()
@@ -186,11 +188,11 @@ def save_checkpoint(path, model, optimizer, state, rank, keep=2):
     barrier()
 
 
-def load_checkpoint(path, model, optimizer, model_args):
+def load_checkpoint(path, model, optimizer, model_args, average):
     """Check path against its manifest (every file present, same size, same CRC32) and its model shape against
-    model_args, then read the model and optimizer state back in place (dcp reshards if the number of processes
-    changed) and return state.pt. A damaged or mismatched checkpoint is refused by name; nothing is loaded from
-    it and nothing is deleted."""
+    model_args, then read the model, optimizer and average state back in place (dcp reshards if the number of
+    processes changed) and return state.pt. A damaged or mismatched checkpoint is refused by name; nothing is
+    loaded from it and nothing is deleted."""
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.exists(manifest_path):
         fail(f"{path} is not a complete checkpoint: it has no manifest.json")
@@ -213,8 +215,12 @@ def load_checkpoint(path, model, optimizer, model_args):
     if diff:
         fail(f"{path} holds another model: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items())
              + " (resume with the flags it was trained with)")
+    saved = {k: state["args"].get(k) for k in ("average_last", "max_steps")}
+    if (average or saved["average_last"]) and saved != {k: getattr(args, k) for k in saved}:
+        fail(f"{path} was saved with --average_last {saved['average_last']} --max_steps {saved['max_steps']}: "
+             "resume with the same (the average so far is over the steps they gave)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
+    sd = {"model": model_sd, "optim": optim_sd, **({"average": average} if average else {})}
     dcp.load(sd, checkpoint_id=path)  # in place, into this rank's shards
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return state
@@ -306,6 +312,8 @@ parser.add_argument("--warmup_steps", type=int, default=30)
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
 parser.add_argument("--decay_frac", type=float, default=0.2, help="wsd: share of the steps spent decaying")
 parser.add_argument("--min_lr", type=float, help="where the decay ends (default lr / 10; Llama 3 405B: lr / 100)")
+parser.add_argument("--average_last", type=int, help="export the mean of the weights after each of the last N steps "
+                    "(Polyak averaging: Llama 3 averaged checkpoints during annealing)")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="Llama 2 section 2.2")
 parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (Llama 2 section 2.2)")
 parser.add_argument("--seed", type=int, default=1337)
@@ -325,7 +333,7 @@ parser.add_argument("--prompt", default="def ", help="the sample printed at the 
 parser.add_argument("--sample_tokens", type=int, default=120)
 args = parser.parse_args()
 for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "tokens_per_step", "seq_len", "dim",
-             "n_layers", "n_heads", "n_kv_heads"):
+             "n_layers", "n_heads", "n_kv_heads", "average_last"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1")
 if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens, args.warmup_steps) < 0 or \
@@ -355,6 +363,8 @@ if args.init and args.model != parser.get_default("model"):
 if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
     args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
 args.max_steps = 300 if args.max_steps is None else args.max_steps
+if args.average_last and (args.max_minutes or args.average_last > args.max_steps):
+    parser.error("--average_last counts the last steps of --max_steps: at most --max_steps, and no --max_minutes")
 
 # -----------------------------------------------------------------------------
 # device, distribution, seeds: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is 1 of 1
@@ -515,6 +525,12 @@ log(f"model: {raw_model.num_params(exclude_embedding=False) / 1e6:.2f}M paramete
 # -----------------------------------------------------------------------------
 # optimizer, batches, and the state to resume from
 optimizer = raw_model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.95), device_type=device.type)
+# Polyak averaging (Llama 3 section 3.4.3: the pre-trained model is the average of checkpoints taken during the
+# annealing): the running mean of the weights after each of the last --average_last steps, in fp32 beside them
+# (sharded as they are under FSDP), in every checkpoint, and exported in place of the last weights
+weights = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in raw_model.named_parameters()}
+average = {name: torch.zeros_like(p) for name, p in weights.items()} if args.average_last else {}
+average_from = args.max_steps - (args.average_last or 0)  # the first step whose weights are counted
 B = args.batch_size
 tokens_per_micro = B * T * world_size  # one micro-step of every process
 tokens_per_step = args.tokens_per_step or tokens_per_micro
@@ -554,7 +570,7 @@ start_step, last_ckpt, elapsed = 0, None, 0.0
 if args.resume:
     last_ckpt = args.resume if args.resume != "last" else list_checkpoints(ckpt_dir)[-1]
     decays = [group["weight_decay"] for group in optimizer.param_groups]  # as this command's flags set them
-    state = load_checkpoint(last_ckpt, model, optimizer, model_args)
+    state = load_checkpoint(last_ckpt, model, optimizer, model_args, average)
     for group, decay in zip(optimizer.param_groups, decays):  # the saved groups bring their settings back: this
         group["weight_decay"] = decay                         # command's --weight_decay wins (lr is set every step)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
@@ -597,7 +613,8 @@ log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if 
 @torch.no_grad()
 def evaluate():
     """Mean loss over about eval_tokens tokens of each folder's validation split (whole global batches, at least
-    one): the loader's seeded order, so the same windows at every evaluation of a run. -> a loss per folder."""
+    one): the loader's seeded order, so the same windows at every evaluation of a run. -> (val loss, bits per
+    byte, each folder's loss in words)."""
     model.eval()
     total = torch.zeros(len(folders), device=device)
     for i, folder in enumerate(folders):
@@ -609,7 +626,14 @@ def evaluate():
     if distributed:
         dist.all_reduce(total)
     model.train()
-    return (total / (eval_steps * world_size)).tolist()
+    losses = (total / (eval_steps * world_size)).tolist()
+    # bits per byte compare across tokenizers: nats per token / ln 2 / UTF-8 bytes per token (val split). A mix:
+    # nats and bytes of each folder by its share of the tokens
+    val_loss = sum(share * loss for share, loss in zip(shares, losses))
+    val_bpb = val_loss / math.log(2) / sum(share * metas[f]["val"]["bytes"] / metas[f]["val"]["tokens"]
+                                           for share, f in zip(shares, folders))
+    return val_loss, val_bpb, ("" if len(folders) == 1 else
+                               " (" + ", ".join(f"{f} {loss:.4f}" for f, loss in zip(folders, losses)) + ")")
 
 
 # -----------------------------------------------------------------------------
@@ -635,14 +659,8 @@ step, stopped, t_loop = start_step, False, time.time() - elapsed  # a resumed ru
 while True:
     last = elapsed >= budget if budget else step >= args.max_steps  # under a budget: one step past it at most
     if (step % args.eval_interval == 0 or last) and not stopped:
-        losses = evaluate()
-        # bits per byte compare across tokenizers: nats per token / ln 2 / UTF-8 bytes per token (val split). A
-        # mix: nats and bytes of each folder by its share of the tokens
-        val_loss = sum(share * loss for share, loss in zip(shares, losses))
-        val_bpb = val_loss / math.log(2) / sum(share * metas[f]["val"]["bytes"] / metas[f]["val"]["tokens"]
-                                               for share, f in zip(shares, folders))
-        log(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte" + ("" if len(folders) == 1 else
-            " (" + ", ".join(f"{f} {loss:.4f}" for f, loss in zip(folders, losses)) + ")"))
+        val_loss, val_bpb, each = evaluate()
+        log(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte{each}")
         if master:
             append_log(log_path, {"step": step, "val_loss": f"{val_loss:.6f}", "val_bpb": f"{val_bpb:.6f}"})
             plot_svg(read_log(log_path), os.path.join(args.out_dir, "loss.svg"))
@@ -653,7 +671,7 @@ while True:
                  "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                  "args": vars(args), "model_args": dataclasses.asdict(model_args)}
-        save_checkpoint(last_ckpt, model, optimizer, state, rank)
+        save_checkpoint(last_ckpt, model, optimizer, state, rank, average)
         log(f"step {step}: saved {last_ckpt}")
     if last or stopped:
         break
@@ -696,6 +714,10 @@ while True:
         fail(msg)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if average and step >= average_from:  # the k-th counted weights move the mean by 1/k of their distance to it
+        with torch.no_grad():
+            for name, p in weights.items():
+                average[name].lerp_(p, 1 / (step + 1 - average_from))
 
     dt = time.time() - t0  # on GPU: includes waiting for the previous step's kernels (the .item() above)
     tokens_per_s = tokens_per_step / dt
@@ -716,6 +738,13 @@ if stopped:
 
 # -----------------------------------------------------------------------------
 # export in Meta's layout (sample.py, align.py and Meta's own loaders read it), then print a sample
+if average:  # the averaged weights are the model: they take the last weights' place, with their own val loss
+    with torch.no_grad():
+        for name, p in weights.items():
+            p.copy_(average[name])
+    val_loss, val_bpb, each = evaluate()
+    log(f"the mean of the weights of the last {args.average_last} steps: val loss {val_loss:.4f}, {val_bpb:.4f} bits "
+        f"per byte{each}")
 full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if master:
     save_model(raw_model, args.out_dir, tokenizer_path=args.tokenizer, state_dict=full_state)

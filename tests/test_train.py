@@ -458,6 +458,38 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
         assert r.returncode == 2 and what in r.stderr, r.stderr
 
 
+def test_average_of_the_last_steps_is_exported_and_resumes(corpus, tmp_path):
+    """--average_last 2 with a checkpoint every step: the export is the mean of the last two checkpoints' weights (the
+    two kept), with its own val loss; resumed from the first of them, the same export to the bit; FSDP2's sharded
+    average gives the same export as one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def weights(ckpt):
+        dcp_to_torch_save(ckpt, tmp_path / "full.pt")
+        return torch.load(tmp_path / "full.pt")["model"]
+    run, flags = tmp_path / "run", ["--batch_size", "4", "--ckpt_interval", "1", "--average_last", "2"]
+    r = train(corpus, run, *flags)
+    assert re.search(r"the mean of the weights of the last 2 steps: val loss [\d.]+", r.stdout), r.stdout
+    exported = torch.load(run / "consolidated.00.pth")
+    a, b = weights(run / "ckpt" / "step_000009"), weights(run / "ckpt" / "step_000010")
+    for k, w in exported.items():
+        torch.testing.assert_close(w, (a[k] + b[k]) / 2, rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # (two different weights)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    train(corpus, resumed, *flags, "--resume", str(resumed / "ckpt" / "step_000009"))
+    again = torch.load(resumed / "consolidated.00.pth")
+    assert all(torch.equal(again[k], w) for k, w in exported.items())
+    train(corpus, tmp_path / "fsdp", "--batch_size", "2", "--average_last", "2", "--fsdp", nproc=2)
+    for k, w in torch.load(tmp_path / "fsdp" / "consolidated.00.pth").items():
+        torch.testing.assert_close(w, exported[k], rtol=1e-3, atol=1e-4, msg=k)
+    r = train(corpus, resumed, "--batch_size", "4", "--resume", ok=False)
+    assert r.returncode == 1 and "was saved with --average_last 2 --max_steps 10: resume with the same" in r.stderr
+    for extra in (["--average_last", "11"], ["--average_last", "2", "--max_minutes", "1"]):
+        r = train(corpus, tmp_path / "bad", *extra, ok=False)
+        assert r.returncode == 2 and "--average_last counts the last steps of --max_steps" in r.stderr, r.stderr
+
+
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
     """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed.
     Under DDP, so that the ranks must agree on every lr and on the last step (rank 0's clock), or hang."""
