@@ -46,8 +46,8 @@ Design choices
   ranks never overlap and together see every window. The state is the number of windows consumed.
 - Data mix (MixedLoader): folders made from different sources are mixed at training time, not by copying tokens
   around: each row of a batch is drawn from one folder with probability its share of the tokens, and each folder
-  reads its own shuffled windows in turn (train.py --data data/web=0.7 data/code=0.3). A share can be changed
-  without rebuilding a single shard, which is how Llama 3 tuned its mix and annealed on upsampled sources.
+  reads its own shuffled windows in turn (train.py --data data/web=0.7 data/code=0.3). A share changes without
+  rebuilding a shard: Llama 3 chose its mix from small-model experiments, and changed it for the annealing.
 
 Run it
     python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib
@@ -64,6 +64,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import numbers
 import os
@@ -817,7 +818,7 @@ class PackedLoader:
                                  f", <|begin_of_text|> {header['bos_id']}; meta.json: {meta['vocab_size']}, "
                                  f"{meta['bos_id']})")
             self.shards.append(tokens)
-        self.bos_id, self.vocab_size = meta["bos_id"], meta["vocab_size"]
+        self.bos_id, self.vocab_size, self.fingerprint = meta["bos_id"], meta["vocab_size"], meta["fingerprint"]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
@@ -887,6 +888,9 @@ class PackedLoader:
                     n_tokens=self.n_tokens)
 
     def load_state_dict(self, sd):
+        if "windows" not in sd:
+            raise ValueError(f"loader state is of a data mix of {len(sd.get('sources', []))} folders, this loader "
+                             "reads one: cannot resume exactly")
         for k, mine in dict(seed=self.seed, seq_len=self.T, n_tokens=self.n_tokens).items():
             if sd[k] != mine:
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine}: "
@@ -905,35 +909,52 @@ class MixedLoader:
     """Batches from several PackedLoaders (one per source folder, built with the same batch size, seq_len, rank,
     world_size and seed) in fixed shares of the tokens: Llama 3's data mix (section 3.1.2: ~50% general knowledge,
     25% math and reasoning, 17% code, 8% multilingual) and its annealing on upsampled high-quality sources (3.4.3).
-    Each row of a global batch is drawn from one source with probability its weight, by a generator seeded with
-    (seed, batch number): every rank draws the same rows (and takes its own, as PackedLoader does), and a resumed run
-    draws them again. Each source reads its own shuffled windows in order, every rank counting how many the mix has
-    taken from it, so a small source of high weight is read for several epochs and a large one of low weight in part.
-    The state is the batch number and each source's count."""
+    Global row n (n = 0, 1, 2, ... over all batches) comes from one source, drawn with probability its weight by a
+    generator seeded with (seed, n // chunk): every rank draws the same rows and takes its own, as PackedLoader
+    does. Each source reads its own shuffled windows in order, every rank counting how many the mix has taken from
+    it, so a small source of high weight is read for several epochs and a large one of low weight in part. The
+    state is the number of rows served and each source's count: as PackedLoader's, it does not depend on how the
+    global batch is split into ranks and micro-batches."""
+
+    chunk = 1 << 16  # rows whose sources are drawn at once
 
     def __init__(self, loaders, weights, seed=0):
         if len(loaders) != len(weights) or not loaders:
             raise ValueError(f"MixedLoader: {len(loaders)} loaders and {len(weights)} weights")
-        if not all(w > 0 for w in weights):
-            raise ValueError(f"MixedLoader: weights {list(weights)} must all be > 0")
+        if not all(0 < w < math.inf for w in weights):
+            raise ValueError(f"MixedLoader: weights {list(weights)} must all be finite and > 0")
         if len({(ld.B, ld.T, ld.rank, ld.world, ld.seed) for ld in loaders}) > 1:
             raise ValueError("MixedLoader: the loaders differ in batch_size, seq_len, rank, world_size or seed")
+        tokens = {(ld.fingerprint, ld.vocab_size, ld.bos_id) for ld in loaders}
+        if len(tokens) > 1:  # the same ids must mean the same text in every row
+            raise ValueError(f"MixedLoader: the folders were made with different tokenizers: "
+                             f"{', '.join(os.path.dirname(ld.paths[0]) + ' ' + ld.fingerprint for ld in loaders)}")
         self.loaders, self.seed = loaders, seed
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.batch, self.used = 0, [0] * len(loaders)  # global batches drawn; windows taken from each source
+        self.rows, self.taken = 0, [0] * len(loaders)  # global rows served; windows taken from each source
+        self._drawn = (None, None)                     # (chunk number, its rows' sources)
+
+    def sources(self, start, stop):
+        """The source of each global row in [start, stop)."""
+        out = []
+        for c in range(start // self.chunk, (stop - 1) // self.chunk + 1):
+            if self._drawn[0] != c:  # ("mix" in ASCII keeps these draws apart from PackedLoader's shuffles)
+                rng = np.random.default_rng([self.seed, 0x6D6978, c])
+                self._drawn = (c, rng.choice(len(self.loaders), self.chunk, p=self.p))
+            out.append(self._drawn[1][max(start - c * self.chunk, 0): stop - c * self.chunk])
+        return np.concatenate(out)
 
     def next_batch(self):
         first = self.loaders[0]
         B, rows = first.B, first.B * first.world
-        source = np.random.default_rng([self.seed, 0x6D6978, self.batch]).choice(len(self.loaders), rows, p=self.p)
-        position = np.zeros(rows, dtype=np.int64)  # of each row in its source's order
+        source = self.sources(self.rows, self.rows + rows)  # of each row of this global batch
+        position = np.zeros(rows, dtype=np.int64)           # of each row in its source's own order
         for s in range(len(self.loaders)):
-            mine = np.flatnonzero(source == s)
-            position[mine] = self.used[s] + np.arange(len(mine))
-            self.used[s] += len(mine)
-        self.batch += 1
-        mine = range(first.rank * B, first.rank * B + B)  # this rank's rows of the global batch
-        parts = [self.loaders[source[i]].read([position[i]]) for i in mine]
+            of_s = np.flatnonzero(source == s)
+            position[of_s] = self.taken[s] + np.arange(len(of_s))
+            self.taken[s] += len(of_s)
+        self.rows += rows
+        parts = [self.loaders[source[i]].read([position[i]]) for i in range(first.rank * B, first.rank * B + B)]
         return tuple(torch.cat(column) for column in zip(*parts))  # (x, y, doc_ids), (B, T) each
 
     def __iter__(self):
@@ -941,22 +962,19 @@ class MixedLoader:
             yield self.next_batch()
 
     def state_dict(self):
-        first = self.loaders[0]
-        return dict(batch=self.batch, global_batch=first.B * first.world, seed=self.seed, weights=self.p.tolist(),
-                    sources=[dict(ld.state_dict(), windows=n) for ld, n in zip(self.loaders, self.used)])
+        return dict(rows=self.rows, taken=list(self.taken), seed=self.seed, weights=self.p.tolist(),
+                    sources=[dict(n_tokens=ld.n_tokens, seq_len=ld.T) for ld in self.loaders])
 
     def load_state_dict(self, sd):
-        first = self.loaders[0]
-        if "sources" not in sd or len(sd["sources"]) != len(self.loaders) or sd["seed"] != self.seed or \
-                not np.allclose(sd["weights"], self.p):
-            raise ValueError(f"loader state is of another mix (weights {sd.get('weights')}, seed {sd.get('seed')}; "
-                             f"this one: {self.p.tolist()}, {self.seed}): cannot resume exactly")
-        if sd["global_batch"] != first.B * first.world:  # the rows are drawn a global batch at a time
-            raise ValueError(f"loader state has a global batch of {sd['global_batch']} windows, this loader "
-                             f"{first.B * first.world} (batch_size x world_size): cannot resume exactly")
-        for ld, source in zip(self.loaders, sd["sources"]):
-            ld.load_state_dict(dict(source, windows=0))  # each source's own checks: the same data and seq_len
-        self.batch, self.used = sd["batch"], [source["windows"] for source in sd["sources"]]
+        if "rows" not in sd:
+            raise ValueError(f"loader state is of one folder, this loader mixes {len(self.loaders)}: cannot resume "
+                             "exactly")
+        mine = self.state_dict()
+        for k in ("seed", "weights", "sources"):
+            if sd[k] != mine[k]:
+                raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same mix of "
+                                 "the same data, cannot resume exactly")
+        self.rows, self.taken = sd["rows"], list(sd["taken"])
 
 
 # -----------------------------------------------------------------------------

@@ -98,6 +98,24 @@ def get_lr(t, warmup, total, args):
     return min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (args.lr - min_lr)
 
 
+def parse_mix(specs):
+    """--data's FOLDER=SHARE for each folder of a data mix, or one FOLDER alone -> (folders, shares of the tokens
+    summing to 1). An existing path is a folder as it is, '=' in its name or not."""
+    mix = [(spec, None) if os.path.exists(spec) or "=" not in spec else spec.rsplit("=", 1) for spec in specs]
+    if len(mix) > 1 and any(share is None for _, share in mix):
+        raise ValueError("give each folder of a mix its share of the tokens (FOLDER=SHARE, e.g. --data data/web=0.7 "
+                         "data/code=0.3)")
+    try:
+        shares = [1.0 if share is None else float(share) for _, share in mix]
+    except ValueError:
+        raise ValueError("a share is not a number (FOLDER=SHARE, e.g. data/web=0.7)") from None
+    if not all(0 < share < math.inf for share in shares):
+        raise ValueError("a share must be a finite number > 0")
+    if len({os.path.realpath(folder) for folder, _ in mix}) < len(mix):
+        raise ValueError("a folder named twice (give it the sum of its shares)")
+    return [folder for folder, _ in mix], [share / sum(shares) for share in shares]
+
+
 def list_checkpoints(ckpt_dir):
     """Complete checkpoints in ckpt_dir, by step. A folder is named step_N only once it is complete."""
     if not os.path.isdir(ckpt_dir):
@@ -325,7 +343,8 @@ parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard w
 parser.add_argument("--compile", action="store_true", help="torch.compile each block")
 parser.add_argument("--act_ckpt", action="store_true", help="activation checkpointing: recompute blocks in backward")
 parser.add_argument("--eval_interval", type=int, default=100)
-parser.add_argument("--eval_tokens", type=int, default=16384, help="validation tokens per evaluation")
+parser.add_argument("--eval_tokens", type=int, default=16384, help="validation tokens per evaluation (of each "
+                    "--data folder)")
 parser.add_argument("--ckpt_interval", type=int, default=100)
 parser.add_argument("--log_interval", type=int, default=10, help="print every this many steps (log.csv: all)")
 parser.add_argument("--resume", nargs="?", const="last", help="from the last checkpoint in out_dir, or this one")
@@ -342,18 +361,10 @@ if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens, args.warm
                  "[0, 1]")
 if not (args.lr > 0 and args.grad_clip > 0 and args.weight_decay >= 0 and 0 <= (args.min_lr or 0) <= args.lr):
     parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --min_lr within [0, --lr]")
-# the data mix: FOLDER=SHARE for each folder (shares of the tokens, normalised to sum to 1), or one folder alone
-mix = [spec.rpartition("=")[::2] if "=" in spec else (spec, "1") for spec in args.data]
 try:
-    shares = [float(share) for _, share in mix]
-except ValueError:
-    parser.error(f"--data {' '.join(args.data)}: a share is not a number (FOLDER=SHARE, e.g. data/web=0.7)")
-if (len(mix) > 1 and not all("=" in spec for spec in args.data)) or not all(share > 0 for share in shares):
-    parser.error(f"--data {' '.join(args.data)}: give each folder of a mix its share of the tokens, a number > 0 "
-                 "(FOLDER=SHARE, e.g. --data data/web=0.7 data/code=0.3)")
-folders, shares = [folder for folder, _ in mix], [share / sum(shares) for share in shares]
-if len(set(folders)) < len(folders):
-    parser.error(f"--data {' '.join(args.data)}: a folder named twice (give it the sum of its shares)")
+    folders, shares = parse_mix(args.data)
+except ValueError as e:
+    parser.error(f"--data {' '.join(args.data)}: {e}")
 if len(folders) > 1 and args.source:
     parser.error("--source builds one --data folder: build each folder of a mix with data.py")
 if args.rope_factor and not args.init:

@@ -416,7 +416,7 @@ def test_mixed_loader_shares_and_each_sources_order(two_sources):
     assert len(starts[1]) > 3 * small.n_windows  # the small source is read for several epochs
 
 
-def test_mixed_loader_ranks_resume_and_refusals(two_sources):
+def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     T = 8
     one = mixed(two_sources, [0.5, 0.5], 4, T)
     ranks = [mixed(two_sources, [0.5, 0.5], 2, T, rank, 2) for rank in range(2)]
@@ -429,20 +429,51 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources):
     resumed.load_state_dict(sd)
     for want in expected:
         assert all(torch.equal(a, b) for a, b in zip(want, resumed.next_batch()))
-    with pytest.raises(ValueError, match="another mix"):
+    # the same rows however the global batch is split: a global batch of 8 rows in one process, or of 4 in four
+    # processes of 1, go on from that state (gradient accumulation, or a restart on another number of GPUs)
+    single = mixed(two_sources, [0.5, 0.5], 8, T)
+    quarters = [mixed(two_sources, [0.5, 0.5], 1, T, rank, 4) for rank in range(4)]
+    for ld in [single, *quarters]:
+        ld.load_state_dict(sd)
+    x = single.next_batch()[0]
+    assert torch.equal(x[2:4], expected[0][0]) and torch.equal(x[6:8], expected[1][0])
+    for half in (x[:4], x[4:]):
+        assert torch.equal(torch.cat([ld.next_batch()[0] for ld in quarters]), half)
+    with pytest.raises(ValueError, match="weights"):
         mixed(two_sources, [0.6, 0.4], 2, T, 1, 2).load_state_dict(sd)
-    with pytest.raises(ValueError, match="global batch of 4 windows, this loader 6"):
-        mixed(two_sources, [0.5, 0.5], 3, T, 1, 2).load_state_dict(sd)
-    with pytest.raises(ValueError, match="n_tokens"):  # the folders swapped
+    with pytest.raises(ValueError, match="sources"):  # the folders swapped
         mixed(two_sources[::-1], [0.5, 0.5], 2, T, 1, 2).load_state_dict(sd)
-    with pytest.raises(ValueError, match="must all be > 0"):
-        mixed(two_sources, [1, 0], 2, T)
+    with pytest.raises(ValueError, match="loader state is of a data mix of 2 folders, this loader reads one"):
+        data.PackedLoader(two_sources[0], "train", 2, T, seed=4).load_state_dict(sd)
+    with pytest.raises(ValueError, match="loader state is of one folder, this loader mixes 2"):
+        mixed(two_sources, [0.5, 0.5], 2, T).load_state_dict(data.PackedLoader(two_sources[0], "train", 2, T)
+                                                             .state_dict())
+    for weights in ([1, 0], [1, float("inf")]):
+        with pytest.raises(ValueError, match="must all be finite and > 0"):
+            mixed(two_sources, weights, 2, T)
     with pytest.raises(ValueError, match="differ in"):
         data.MixedLoader([data.PackedLoader(f, "train", 2, T, seed=s) for s, f in enumerate(two_sources)], [1, 1])
+    tokens, _ = synthetic_stream(40, np.random.default_rng(3))  # a folder made with another tokenizer
+    (tmp_path / "other").mkdir()
+    write_split(tmp_path / "other", "train", tokens, shard_tokens=300, fingerprint="beef")
+    with pytest.raises(ValueError, match=f"different tokenizers: {two_sources[0]} f00d, {tmp_path / 'other'} beef"):
+        mixed([two_sources[0], str(tmp_path / "other")], [1, 1], 2, T)
     # one source: the PackedLoader's own batches
     alone, single = data.PackedLoader(two_sources[0], "train", 3, T, seed=4), mixed(two_sources[:1], [1], 3, T)
     for _ in range(5):
         assert all(torch.equal(a, b) for a, b in zip(alone.next_batch(), single.next_batch()))
+
+
+def test_mixed_loader_draws_across_chunks(two_sources, monkeypatch):
+    """The sources of rows are drawn a chunk at a time: any range of rows, and batches that straddle chunks, get
+    the same draws."""
+    monkeypatch.setattr(data.MixedLoader, "chunk", 5)  # a global batch of 4 rows straddles chunks
+    ld = mixed(two_sources, [1, 1], 4, 8)
+    drawn = ld.sources(0, 40)
+    assert drawn.shape == (40,) and set(drawn.tolist()) == {0, 1}
+    assert np.array_equal(ld.sources(3, 12), drawn[3:12])  # any range: the same draws
+    sources = [int(row.max() > OTHER) for _ in range(10) for row in ld.next_batch()[0].numpy()]
+    assert sources == drawn.tolist()
 
 
 # ----------------------------------------------------------------------------- prepare_data end to end

@@ -442,7 +442,19 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     assert losses(resumed) == losses(tmp_path / "mix")
     r = train(corpus, resumed, "--batch_size", "4", "--data", f"{corpus / 'shards'}=1", f"{second_source}=1",
               "--resume", ok=False)
-    assert r.returncode == 1 and "loader state is of another mix" in r.stderr, r.stderr
+    assert r.returncode == 1 and "its data position does not fit this run (loader state has weights=" in r.stderr, \
+        r.stderr
+    r = train(corpus, resumed, "--batch_size", "4", "--resume", ok=False)  # the mix's checkpoint, one folder
+    assert r.returncode == 1 and "loader state is of a data mix of 2 folders" in r.stderr, r.stderr
+    # the micro-batches may change (gradient accumulation, fewer processes): the same rows go on
+    again = tmp_path / "accumulated"
+    shutil.copytree(tmp_path / "mix", again)
+    train(corpus, again, "--batch_size", "2", "--tokens_per_step", "128", *mix, "--resume",
+          str(again / "ckpt" / "step_000008"))
+    assert losses(again) == pytest.approx(losses(tmp_path / "mix"), rel=1e-4, abs=1e-4)
+    shutil.copytree(corpus / "shards", tmp_path / "a=1")  # a folder with '=' in its name is taken whole
+    r = train(corpus, tmp_path / "eq", "--data", str(tmp_path / "a=1"), "--max_steps", "1")
+    assert "data mix" not in r.stdout
     # Llama 3's annealing (section 3.4.3): from the trained model, the lr straight down to 0 on an upsampled mix
     train(corpus, tmp_path / "anneal", "--batch_size", "4", "--init", str(reference), "--data",
           f"{corpus / 'shards'}=1", f"{second_source}=3", "--warmup_steps", "0", "--schedule", "wsd",
@@ -451,7 +463,8 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     assert lr == pytest.approx({0: 0.75e-2, 1: 0.5e-2, 2: 0.25e-2, 3: 0.0})
     for flags, what in ((["--data", str(corpus / "shards"), str(second_source)], "give each folder of a mix its share"),
                         (["--data", f"{corpus / 'shards'}=x"], "a share is not a number"),
-                        (["--data", f"{corpus / 'shards'}=1", f"{corpus / 'shards'}=2"], "a folder named twice"),
+                        (["--data", f"{corpus / 'shards'}=1", f"{corpus / 'shards'}/=2"], "a folder named twice"),
+                        (["--data", f"{corpus / 'shards'}=inf"], "a share must be a finite number > 0"),
                         ([*mix, "--source", str(corpus / "docs")], "--source builds one --data folder"),
                         (["--min_lr", "1"], "--min_lr within [0, --lr]")):
         r = train(corpus, tmp_path / "bad", *flags, ok=False)
