@@ -966,7 +966,7 @@ class MixedLoader:
                     sources=[dict(n_tokens=ld.n_tokens, seq_len=ld.T) for ld in self.loaders])
 
     def load_state_dict(self, sd):
-        if "rows" not in sd:
+        if "windows" in sd:
             raise ValueError(f"loader state is of one folder, this loader mixes {len(self.loaders)}: cannot resume "
                              "exactly")
         mine = self.state_dict()

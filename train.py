@@ -109,7 +109,7 @@ def parse_mix(specs):
         shares = [1.0 if share is None else float(share) for _, share in mix]
     except ValueError:
         raise ValueError("a share is not a number (FOLDER=SHARE, e.g. data/web=0.7)") from None
-    if not all(0 < share < math.inf for share in shares):
+    if not all(0 < share < math.inf for share in shares) or sum(shares) == math.inf:
         raise ValueError("a share must be a finite number > 0")
     if len({os.path.realpath(folder) for folder, _ in mix}) < len(mix):
         raise ValueError("a folder named twice (give it the sum of its shares)")
@@ -233,12 +233,18 @@ def load_checkpoint(path, model, optimizer, model_args, average):
     if diff:
         fail(f"{path} holds another model: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items())
              + " (resume with the flags it was trained with)")
-    saved = {k: state["args"].get(k) for k in ("average_last", "max_steps")}
-    if (average or saved["average_last"]) and saved != {k: getattr(args, k) for k in saved}:
-        fail(f"{path} was saved with --average_last {saved['average_last']} --max_steps {saved['max_steps']}: "
-             "resume with the same (the average so far is over the steps they gave)")
+    # --average_last: a checkpoint past the start of its averaging holds the average so far (over the steps that its
+    # flags gave), one before it holds nothing to go on from (this run's averaging must start after it)
+    step, last, total = state["step"], state["args"].get("average_last"), state["args"].get("max_steps")
+    averaged = bool(last) and step > total - last
+    if averaged and (last, total) != (args.average_last, args.max_steps):
+        fail(f"{path} holds the mean of the weights since step {total - last} (--average_last {last} --max_steps "
+             f"{total}): resume with those two flags")
+    if average and not averaged and step > args.max_steps - args.average_last:
+        fail(f"{path} is at step {step}, past step {args.max_steps - args.average_last} where --average_last "
+             f"{args.average_last} would start, and it holds no average: a smaller --average_last")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd, **({"average": average} if average else {})}
+    sd = {"model": model_sd, "optim": optim_sd, **({"average": average} if averaged and average else {})}
     dcp.load(sd, checkpoint_id=path)  # in place, into this rank's shards
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return state
@@ -371,11 +377,14 @@ if args.rope_factor and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.init and args.model != parser.get_default("model"):
     parser.error("--init takes the shape of the model it loads: drop --model")
+if args.average_last and (args.max_minutes or args.max_steps is None and args.device == "cpu"):
+    parser.error("--average_last counts the last of --max_steps: give --max_steps, not --max_minutes (without it a "
+                 "CPU run is on a 6-minute clock)")
 if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
     args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
 args.max_steps = 300 if args.max_steps is None else args.max_steps
-if args.average_last and (args.max_minutes or args.average_last > args.max_steps):
-    parser.error("--average_last counts the last steps of --max_steps: at most --max_steps, and no --max_minutes")
+if (args.average_last or 0) > args.max_steps:
+    parser.error(f"--average_last {args.average_last}: more than the {args.max_steps} steps of --max_steps")
 
 # -----------------------------------------------------------------------------
 # device, distribution, seeds: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is 1 of 1
@@ -538,7 +547,8 @@ log(f"model: {raw_model.num_params(exclude_embedding=False) / 1e6:.2f}M paramete
 optimizer = raw_model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.95), device_type=device.type)
 # Polyak averaging (Llama 3 section 3.4.3: the pre-trained model is the average of checkpoints taken during the
 # annealing): the running mean of the weights after each of the last --average_last steps, in fp32 beside them
-# (sharded as they are under FSDP), in every checkpoint, and exported in place of the last weights
+# (sharded as they are under FSDP), in every checkpoint, and exported in place of the last weights. Keyed by the
+# parameters' names without what --act_ckpt's wrapper adds to them (a resume may turn it on or off)
 weights = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in raw_model.named_parameters()}
 average = {name: torch.zeros_like(p) for name, p in weights.items()} if args.average_last else {}
 average_from = args.max_steps - (args.average_last or 0)  # the first step whose weights are counted
@@ -625,7 +635,7 @@ log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if 
 def evaluate():
     """Mean loss over about eval_tokens tokens of each folder's validation split (whole global batches, at least
     one): the loader's seeded order, so the same windows at every evaluation of a run. -> (val loss, bits per
-    byte, each folder's loss in words)."""
+    byte, [each folder's loss]): the first two weigh the folders by their shares."""
     model.eval()
     total = torch.zeros(len(folders), device=device)
     for i, folder in enumerate(folders):
@@ -643,8 +653,13 @@ def evaluate():
     val_loss = sum(share * loss for share, loss in zip(shares, losses))
     val_bpb = val_loss / math.log(2) / sum(share * metas[f]["val"]["bytes"] / metas[f]["val"]["tokens"]
                                            for share, f in zip(shares, folders))
-    return val_loss, val_bpb, ("" if len(folders) == 1 else
-                               " (" + ", ".join(f"{f} {loss:.4f}" for f, loss in zip(folders, losses)) + ")")
+    return val_loss, val_bpb, losses
+
+
+def val_line(val_loss, val_bpb, losses):
+    """What a log line says of an evaluation: each folder's loss too, for a mix."""
+    each = "" if len(folders) == 1 else " (" + ", ".join(f"{f} {loss:.4f}" for f, loss in zip(folders, losses)) + ")"
+    return f"val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte{each}"
 
 
 # -----------------------------------------------------------------------------
@@ -670,8 +685,8 @@ step, stopped, t_loop = start_step, False, time.time() - elapsed  # a resumed ru
 while True:
     last = elapsed >= budget if budget else step >= args.max_steps  # under a budget: one step past it at most
     if (step % args.eval_interval == 0 or last) and not stopped:
-        val_loss, val_bpb, each = evaluate()
-        log(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits per byte{each}")
+        val_loss, val_bpb, losses = evaluate()
+        log(f"step {step}: {val_line(val_loss, val_bpb, losses)}")
         if master:
             append_log(log_path, {"step": step, "val_loss": f"{val_loss:.6f}", "val_bpb": f"{val_bpb:.6f}"})
             plot_svg(read_log(log_path), os.path.join(args.out_dir, "loss.svg"))
@@ -753,9 +768,8 @@ if average:  # the averaged weights are the model: they take the last weights' p
     with torch.no_grad():
         for name, p in weights.items():
             p.copy_(average[name])
-    val_loss, val_bpb, each = evaluate()
-    log(f"the mean of the weights of the last {args.average_last} steps: val loss {val_loss:.4f}, {val_bpb:.4f} bits "
-        f"per byte{each}")
+    val_loss, val_bpb, losses = evaluate()
+    log(f"the mean of the weights of the last {args.average_last} steps: {val_line(val_loss, val_bpb, losses)}")
 full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if master:
     save_model(raw_model, args.out_dir, tokenizer_path=args.tokenizer, state_dict=full_state)

@@ -471,7 +471,7 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
         assert r.returncode == 2 and what in r.stderr, r.stderr
 
 
-def test_average_of_the_last_steps_is_exported_and_resumes(corpus, tmp_path):
+def test_average_of_the_last_steps_is_exported_and_resumes(corpus, reference, tmp_path):
     """--average_last 2 with a checkpoint every step: the export is the mean of the last two checkpoints' weights (the
     two kept), with its own val loss; resumed from the first of them, the same export to the bit; FSDP2's sharded
     average gives the same export as one process."""
@@ -497,10 +497,19 @@ def test_average_of_the_last_steps_is_exported_and_resumes(corpus, tmp_path):
     for k, w in torch.load(tmp_path / "fsdp" / "consolidated.00.pth").items():
         torch.testing.assert_close(w, exported[k], rtol=1e-3, atol=1e-4, msg=k)
     r = train(corpus, resumed, "--batch_size", "4", "--resume", ok=False)
-    assert r.returncode == 1 and "was saved with --average_last 2 --max_steps 10: resume with the same" in r.stderr
-    for extra in (["--average_last", "11"], ["--average_last", "2", "--max_minutes", "1"]):
+    assert r.returncode == 1 and "holds the mean of the weights since step 8 (--average_last 2 --max_steps 10): " \
+        "resume with those two flags" in r.stderr, r.stderr
+    # a checkpoint without an average: averaging may start after it (a longer run), not before it
+    longer = tmp_path / "longer"
+    shutil.copytree(reference / "ckpt" / "step_000008", longer / "ckpt" / "step_000008")  # (no --average_last)
+    r = train(corpus, longer, "--batch_size", "4", "--resume", "--average_last", "4", ok=False)
+    assert r.returncode == 1 and "is at step 8, past step 6 where --average_last 4 would start" in r.stderr, r.stderr
+    r = train(corpus, longer, "--batch_size", "4", "--resume", "--average_last", "2", "--max_steps", "12")
+    assert "the mean of the weights of the last 2 steps" in r.stdout, r.stdout
+    for extra, what in ((["--average_last", "11"], "--average_last 11: more than the 10 steps"),
+                        (["--average_last", "2", "--max_minutes", "1"], "give --max_steps, not --max_minutes")):
         r = train(corpus, tmp_path / "bad", *extra, ok=False)
-        assert r.returncode == 2 and "--average_last counts the last steps of --max_steps" in r.stderr, r.stderr
+        assert r.returncode == 2 and what in r.stderr, r.stderr
 
 
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
