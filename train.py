@@ -14,11 +14,11 @@ Design choices
   each is evaluated on its own val split, and val loss / bits per byte weigh them by the shares.
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
   tenth of the peak (Llama 2 paper section 2.2; Llama 3 405B went to a hundredth, --min_lr), or
-  warmup-stable-decay. Decay only on the
-  matrices (model.configure_optimizer): it pulls weights toward 0, which regularises a matrix, but RMSNorm's
-  gains set a scale that the norm just removed, and decaying them only fights it (the nanoGPT/minGPT rule).
-  Gradient accumulation reaches --tokens_per_step; bf16 autocast with fp32 master weights (GPU, and CPUs
-  with bf16 matrix instructions).
+  warmup-stable-decay. Decay only on the matrices (model.configure_optimizer): it pulls weights toward 0, which
+  regularises a matrix, but RMSNorm's gains set a scale that the norm just removed, and decaying them only fights
+  it (the nanoGPT/minGPT rule). Gradient accumulation reaches --tokens_per_step; bf16 autocast with fp32 master
+  weights (GPU, and CPUs with bf16 matrix instructions). --average_last exports the mean of the last steps'
+  weights (Llama 3 averaged checkpoints during its annealing, section 3.4.3).
 - Distribution from the same loop: DDP, or FSDP2 (fully_shard per block, then the root; bf16 parameters and
   fp32 gradient reduction on GPU). Every rank reads its own slice of each batch; rank 0 alone logs and writes.
   On CPU the same code runs over gloo, which is how tests/test_train.py checks that 2 processes match 1.
