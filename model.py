@@ -866,7 +866,59 @@ def load_model(path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype)
 
 
+def mean_tensors(dicts, files):
+    """{name: tensor} dicts of the same names and shapes -> each tensor's mean, in fp32, back in the first's dtype."""
+    for d, file in zip(dicts[1:], files[1:]):
+        other = sorted(k for k in d.keys() | dicts[0].keys() if k not in d or k not in dicts[0]
+                       or d[k].shape != dicts[0][k].shape)
+        if other:
+            raise CheckpointError(f"{file}: tensor {other[0]} is not as in {files[0]} (missing or another shape)")
+    return {k: (sum(d[k].float() for d in dicts) / len(dicts)).to(t.dtype) for k, t in dicts[0].items()}
+
+
+def average_models(paths, out_dir):
+    """Model averaging (Llama 3 section 4.1.5: at each of the RM, SFT and DPO stages, the models of runs with other
+    data or hyperparameters are averaged): each tensor's mean over models of one shape and one tokenizer, written to
+    out_dir in our layout with that tokenizer. Any other .pth file that every folder has (a reward model's
+    reward_head.pth) is averaged the same way. The models' files are mmapped (ours, and Hugging Face's safetensors):
+    the pages are read as the sums need them, and the memory held is one fp32 tensor at a time and the mean."""
+    if len(paths) < 2:
+        raise ValueError("average_models: give two models or more")
+    models = [load_model(p) for p in paths]
+    for p, m in zip(paths[1:], models[1:]):
+        if m.args != models[0].args:
+            raise CheckpointError(f"{p}: another shape than {paths[0]} ({m.args} there, {models[0].args} here)")
+    tokenizers = [Path(p, "tokenizer.model") for p in paths]
+    if any(t.exists() != tokenizers[0].exists() or t.exists() and t.read_bytes() != tokenizers[0].read_bytes()
+           for t in tokenizers):
+        raise CheckpointError(f"{', '.join(paths)}: not all with the same tokenizer.model: their ids mean different "
+                              "text, and the mean of their embeddings would mean nothing")
+    mean = mean_tensors([m.state_dict() for m in models], paths)
+    save_model(models[0], out_dir, tokenizer_path=tokenizers[0] if tokenizers[0].exists() else None, state_dict=mean)
+    extras = set.intersection(*({f for f in os.listdir(p) if f.endswith(".pth") and not f.startswith("consolidated.")}
+                                for p in paths))
+    for name in sorted(extras):
+        files = [os.path.join(p, name) for p in paths]
+        atomic_save(mean_tensors([load_pth(f) for f in files], files), Path(out_dir, name))
+
+
 if __name__ == "__main__":
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Print each preset's size, or average models (--average).")
+    parser.add_argument("--average", nargs="+", metavar="DIR", help="models of one shape and tokenizer to average "
+                        "(Llama 3 section 4.1.5), written to --out")
+    parser.add_argument("--out", help="where --average writes the mean model")
+    a = parser.parse_args()
+    if a.average:
+        if not a.out or len(a.average) < 2:
+            parser.error("--average takes two models or more, and --out")
+        try:
+            average_models(a.average, a.out)
+        except CheckpointError as e:
+            sys.exit(str(e))
+        print(f"{a.out}: the mean of {', '.join(a.average)}")
+        sys.exit(0)
     for name, args in PRESETS.items():
         with torch.device("meta"):
             m = Transformer(args)

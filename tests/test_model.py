@@ -458,6 +458,36 @@ def test_save_load_round_trip(tmp_path):
     assert M.load_model(tmp_path / "ckpt", dtype=torch.bfloat16).output.weight.dtype == torch.bfloat16
 
 
+def test_average_models_and_their_reward_heads(tmp_path):
+    """model.py --average: each tensor's mean (tied embeddings too), the tokenizer kept, a reward model's head
+    averaged with it; another shape or another tokenizer refused by name, in one line from the CLI."""
+    (tmp_path / "tok.model").write_bytes(b"dGVzdA== 0\n")
+    models = [tiny_model(tie_embeddings=True) for _ in range(3)]
+    for i, m in enumerate(models):
+        torch.nn.init.normal_(m.layers[0].attention.wq.weight)  # (tiny_model's seed: three different models)
+        M.save_model(m, tmp_path / f"m{i}", tokenizer_path=tmp_path / "tok.model")
+        M.atomic_save({"weight": torch.full((1, 8), float(i))}, tmp_path / f"m{i}" / "reward_head.pth")
+    paths = [str(tmp_path / f"m{i}") for i in range(3)]
+    r = subprocess.run([sys.executable, "model.py", "--average", *paths, "--out", str(tmp_path / "avg")],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    assert r.returncode == 0 and "the mean of" in r.stdout, r.stderr
+    avg = M.load_model(tmp_path / "avg")
+    for k, t in avg.state_dict().items():
+        torch.testing.assert_close(t, sum(m.state_dict()[k] for m in models) / 3, rtol=0, atol=1e-6, msg=k)
+    assert avg.output.weight is avg.tok_embeddings.weight and not torch.equal(*(m.layers[0].attention.wq.weight
+                                                                                 for m in models[:2]))
+    assert (tmp_path / "avg" / "tokenizer.model").read_bytes() == (tmp_path / "tok.model").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "avg" / "reward_head.pth")["weight"], torch.full((1, 8), 1.0))
+    M.save_model(tiny_model(dim=32, tie_embeddings=True), tmp_path / "wide", tokenizer_path=tmp_path / "tok.model")
+    with pytest.raises(CheckpointError, match="wide: another shape than"):
+        M.average_models([paths[0], str(tmp_path / "wide")], tmp_path / "x")
+    (tmp_path / "m2" / "tokenizer.model").write_bytes(b"dGVzdQ== 0\n")
+    r = subprocess.run([sys.executable, "model.py", "--average", *paths, "--out", str(tmp_path / "y")],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    assert r.returncode == 1 and "not all with the same tokenizer.model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
     path = tmp_path / "state.pt"
     M.atomic_save({"step": 1}, path)
