@@ -1,6 +1,7 @@
 """data.py — from raw text to packed, document-masked training batches (Llama 3 §3.1, "pre-training data").
 
-    sources -> clean -> exact dedup -> heuristic filters -> MinHash near-dedup -> [model-based quality filter]
+    sources -> clean -> exact dedup -> heuristic filters -> MinHash near-dedup -> [line-level dedup]
+            -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
             -> MixedLoader: rows from several such folders in fixed shares of the tokens (the data mix)
@@ -20,6 +21,8 @@ Design choices
   a hashed word n-gram logistic regression learns the labels and scores every document, the low scorers go.
   It runs only when a checkpoint is named (--quality_model): the first run has no model to label with.
   The labelled sample is the first quality_sample surviving documents (shuffle a source sorted by quality).
+- Line-level dedup (Llama 3's, --line_dedup 6) is off by default: it is for web text, and our default corpus is
+  code, where `try:` and `else:` repeat by nature.
 - Processes: cleaning, the heuristics and the MinHash signatures, then tokenization (tiktoken straight to
   uint32 arrays, in threads on the worker's share of the cores), run in num_proc forked workers on ~4 MB
   chunks; the decisions that need every document seen so far (dedup, the split, the shard writer) stay in the
@@ -337,6 +340,28 @@ class MinHashDedup:
         return False
 
 
+LINE_BUCKET = 100_000  # documents whose lines are counted together (Llama 3: 30M; ours are held in memory)
+
+
+def line_key(line):
+    return hashlib.blake2b(line.strip().encode("utf-8"), digest_size=8).digest()
+
+
+def drop_repeated_lines(texts, max_repeats):
+    """Line-level de-duplication (Llama 3 §3.1.1, after CCNet): a line (stripped, not blank) that appears more than
+    max_repeats times in these documents is removed from all of them: navigation menus, cookie notices, licence
+    headers; frequent good lines too, which Llama 3 found a price worth paying. For web text: in code, `try:` and
+    `else:` repeat by nature. -> (the texts, '' where nothing was left; bytes removed)."""
+    counts = Counter(line_key(line) for text in texts for line in text.split("\n") if line.strip())
+    out, n_bytes = [], 0
+    for text in texts:
+        lines = text.split("\n")
+        kept = [line for line in lines if not line.strip() or counts[line_key(line)] <= max_repeats]
+        out.append(clean_text("\n".join(kept)) if len(kept) < len(lines) else text)  # (blank runs closed up)
+        n_bytes += len(text.encode("utf-8")) - len(out[-1].encode("utf-8"))
+    return out, n_bytes
+
+
 # -----------------------------------------------------------------------------
 # 4. Heuristic quality filters (Llama 3 §3.1.1: "heuristic filtering"; thresholds after Gopher, Rae et al. 2021,
 #    loosened where source code, our default corpus, is legitimately symbol-heavy and repetitive)
@@ -627,12 +652,14 @@ def read_meta(path, cache=False):
 
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
-                 chunk_bytes=1 << 22, verbose=True):
+                 line_dedup=0, chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
     If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings, pipeline and
     tokenizer, returns it without work.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
+    line_dedup N > 0: lines seen more than N times in a bucket of LINE_BUCKET kept documents are removed (Llama 3:
+    6), for web text; 0: none.
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
     if not 0 <= val_fraction <= 0.5:
@@ -643,11 +670,14 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     for name, value in (("num_proc", num_proc or 1), ("shard_tokens", shard_tokens), ("max_docs", max_docs or 1)):
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
+    if not isinstance(line_dedup, numbers.Integral) or line_dedup < 0:
+        raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
                   shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
-                  quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE)
+                  quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
+                  **({"line_dedup": line_dedup} if line_dedup else {}))  # (off: older caches stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
@@ -669,6 +699,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     removed = {}  # step -> [documents, bytes] it removed
     seen, minhash, clf = set(), MinHashDedup(), None
     pending = []          # documents waiting for the quality classifier to be trained on them
+    bucket = []           # documents waiting for their line counts (line_dedup)
     every = round(1 / val_fraction) if val_fraction > 0 else 0
     n_kept = 0            # documents kept so far: the split counts them
     writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
@@ -696,6 +727,21 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 drop("near duplicate", text)
             else:
                 yield text
+
+    def line_filter(texts, final):
+        """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times;
+        a document with nothing left goes. (After document dedup, so that copies do not count twice.)"""
+        nonlocal bucket
+        if not line_dedup:
+            return texts
+        bucket, out = bucket + texts, []
+        while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
+            done, n_bytes = drop_repeated_lines(bucket[:LINE_BUCKET], line_dedup)
+            bucket = bucket[LINE_BUCKET:]
+            step = removed.setdefault("line duplicates", [0, 0])
+            step[0], step[1] = step[0] + done.count(""), step[1] + n_bytes  # (documents emptied; all bytes removed)
+            out += [t for t in done if t]
+        return out
 
     def quality_filter(texts, final):
         """No labeller: all pass. Else the first quality_sample documents train the classifier (Llama 3's
@@ -747,7 +793,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
                 bar.update(n_bytes)
                 kept += dedup_and_filter(features)
-            for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(quality_filter(kept, final))):
+            kept = quality_filter(line_filter(kept, final), final)
+            for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(kept)):
                 writers[split].add(tokens, n_docs, n_bytes)
             if final:
                 break
@@ -757,7 +804,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             pool.terminate()
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
-    steps = ["empty", "exact duplicate", "heuristic", "near duplicate", "quality"]  # pipeline order, for the table
+    steps = ["empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates", "quality"]  # (in order)
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
                 bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
                 read=dict(docs=read[0], bytes=read[1]),
@@ -991,11 +1038,13 @@ if __name__ == "__main__":
     p.add_argument("--max_docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--quality_model", default=None, help="checkpoint dir: label by its bits/byte, filter")
     p.add_argument("--quality_drop", type=float, default=0.1, help="share of the labelled sample called junk")
+    p.add_argument("--line_dedup", type=int, default=0, help="remove lines seen more than this many times in a bucket "
+                   f"of {LINE_BUCKET:,} documents (Llama 3: 6; for web text, not code); 0: off")
     a = p.parse_args()
     from model import CheckpointError  # (a --quality_model that is no model)
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
-                     quality_drop=a.quality_drop)
+                     quality_drop=a.quality_drop, line_dedup=a.line_dedup)
     except (FileNotFoundError, ImportError, CheckpointError) as e:  # a mistyped path, a missing extra: one line
         sys.exit(str(e))

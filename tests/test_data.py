@@ -503,6 +503,42 @@ def read_docs(out_dir, split, tok):
     return [tok.decode(stream[a + 1:b].tolist()) for a, b in zip(starts[:-1], starts[1:])]
 
 
+def test_line_dedup_removes_lines_repeated_too_often():
+    boiler = "Accept our cookies to continue reading"
+    texts = [f"Story {i} begins here.\n{boiler}\n\n\n\nIt ends {i}." for i in range(7)] + \
+        [boiler, f"  {boiler}  \nunique"]  # the line 9 times (stripped), 7 of them in stories
+    out, n_bytes = data.drop_repeated_lines(texts, 6)
+    assert out[:7] == [f"Story {i} begins here.\n\n\nIt ends {i}." for i in range(7)]  # (blank runs closed up)
+    assert out[7:] == ["", "unique"]  # nothing left of the bare boilerplate
+    assert n_bytes == sum(len(t.encode()) for t in texts) - sum(len(t.encode()) for t in out)
+    assert data.drop_repeated_lines(texts, 9) == (texts, 0)  # 9 is not more than 9
+    unique = [f"line {i}\n\n\nend {i}" for i in range(9)]
+    assert data.drop_repeated_lines(unique, 1) == (unique, 0)  # blank lines are never counted
+
+
+def test_prepare_data_line_dedup_by_bucket(corpus, tmp_path, monkeypatch):
+    """--line_dedup 6 in prepare_data: the boilerplate line of 12 documents goes from every one of them, a document
+    of nothing else goes (counted in the table), and the counting is per bucket of LINE_BUCKET kept documents."""
+    _, docs, tok_path = corpus
+    boiler = "Subscribe to our newsletter for more stories like this one, every single week of the year"
+    texts = [d + "\n" + boiler for d in docs[:12]] + [boiler] + docs[12:40]
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = Tokenizer.load(tok_path)
+
+    def run(out):
+        meta = data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / out), val_fraction=0.1,
+                                 num_proc=1, line_dedup=6, verbose=False)
+        return meta, read_docs(tmp_path / out, "train", tok) + read_docs(tmp_path / out, "val", tok)
+    meta, kept = run("all")
+    assert not any(boiler in d for d in kept) and len(kept) == len(texts) - 1
+    assert meta["removed"]["line duplicates"]["docs"] == 1 and meta["config"]["line_dedup"] == 6
+    monkeypatch.setattr(data, "LINE_BUCKET", 5)  # 12 copies in buckets of 5 documents: at most 5 in each, all kept
+    meta, kept = run("buckets")
+    assert sum(boiler in d for d in kept) == 13 and meta["removed"]["line duplicates"] == dict(docs=0, bytes=0)
+    with pytest.raises(ValueError, match="line_dedup=-1"):
+        data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "x"), line_dedup=-1)
+
+
 def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     root, docs, tok_path = corpus
     tok = Tokenizer.load(tok_path)
