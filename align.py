@@ -86,8 +86,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth,
-                   model_dir, save_model)
-from sample import generate, load_tokenizer, tokenizer_path
+                   model_dir, save_model, tokenizer_path)
+from sample import generate, load_tokenizer
 from tokenizer import Tokenizer, check_dialog
 
 # ----------------------------------------------------------------------------------------------------------------

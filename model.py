@@ -827,6 +827,15 @@ def model_dir(path):
     return path
 
 
+def tokenizer_path(ckpt_dir):
+    """tokenizer.model in the checkpoint directory (ours, Meta's), or original/tokenizer.model (HF downloads)."""
+    for path in (model_dir(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.model (nor original/tokenizer.model: a Hugging Face download "
+                            "has Meta's tokenizer there only when its original/ folder was downloaded too)")
+
+
 def load_model(path, device="cpu", dtype=None):
     """Load our checkpoint directory, Meta's original download (params.json + consolidated.NN.pth shards), or a
     Hugging Face Llama directory (config.json + safetensors). dtype None keeps the checkpoint's dtype."""
@@ -868,7 +877,9 @@ def load_model(path, device="cpu", dtype=None):
 
 def mean_tensors(dicts, files):
     """{name: tensor} dicts of the same names and shapes -> each tensor's mean, in fp32, back in the first's dtype."""
-    for d, file in zip(dicts[1:], files[1:]):
+    for d, file in zip(dicts, files):
+        if not isinstance(d, dict) or not all(torch.is_tensor(t) for t in d.values()):
+            raise CheckpointError(f"{file}: not a flat {{name: tensor}} dict, which is all that can be averaged")
         other = sorted(k for k in d.keys() | dicts[0].keys() if k not in d or k not in dicts[0]
                        or d[k].shape != dicts[0][k].shape)
         if other:
@@ -876,46 +887,65 @@ def mean_tensors(dicts, files):
     return {k: (sum(d[k].float() for d in dicts) / len(dicts)).to(t.dtype) for k, t in dicts[0].items()}
 
 
+SAME_MODEL = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "use_scaled_rope",
+              "rope_scaling_factor", "rope_original_context", "tie_embeddings")  # (tensor shapes are checked too)
+
+
 def average_models(paths, out_dir):
     """Model averaging (Llama 3 section 4.1.5: at each of the RM, SFT and DPO stages, the models of runs with other
-    data or hyperparameters are averaged): each tensor's mean over models of one shape and one tokenizer, written to
-    out_dir in our layout with that tokenizer. Any other .pth file that every folder has (a reward model's
-    reward_head.pth) is averaged the same way. The models' files are mmapped (ours, and Hugging Face's safetensors):
-    the pages are read as the sums need them, and the memory held is one fp32 tensor at a time and the mean."""
-    if len(paths) < 2:
-        raise ValueError("average_models: give two models or more")
+    data or hyperparameters are averaged): each tensor's mean over models of one architecture and one tokenizer,
+    written to a new folder out_dir in our layout, in the first model's dtype, with that tokenizer. The other .pth
+    files of the folders (a reward model's reward_head.pth) are averaged the same way: every folder must have them.
+    The models' files are mmapped (ours, and Hugging Face's safetensors): the pages are read as the sums need them,
+    and the memory held is one fp32 tensor at a time and the mean. Everything is checked before anything is written."""
+    if len({os.path.realpath(p) for p in paths}) < max(len(paths), 2):
+        raise ValueError(f"average_models: {', '.join(map(str, paths))}: give two models or more, each once")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise CheckpointError(f"{out_dir}: already there: give a new folder for the mean (its model files would mix "
+                              "with the ones there)")
     models = [load_model(p) for p in paths]
     for p, m in zip(paths[1:], models[1:]):
-        if m.args != models[0].args:
-            raise CheckpointError(f"{p}: another shape than {paths[0]} ({m.args} there, {models[0].args} here)")
-    tokenizers = [Path(p, "tokenizer.model") for p in paths]
-    if any(t.exists() != tokenizers[0].exists() or t.exists() and t.read_bytes() != tokenizers[0].read_bytes()
-           for t in tokenizers):
+        other = [f"{f} {getattr(m.args, f)} (in {paths[0]}: {getattr(models[0].args, f)})" for f in SAME_MODEL
+                 if getattr(m.args, f) != getattr(models[0].args, f)]
+        if other:
+            raise CheckpointError(f"{p}: not the architecture of {paths[0]}: {', '.join(other)}")
+    tokenizers = []
+    for p in paths:
+        try:
+            tokenizers.append(tokenizer_path(p))
+        except FileNotFoundError:
+            tokenizers.append(None)
+    if len({t.read_bytes() if t else None for t in tokenizers}) > 1:
         raise CheckpointError(f"{', '.join(paths)}: not all with the same tokenizer.model: their ids mean different "
                               "text, and the mean of their embeddings would mean nothing")
     mean = mean_tensors([m.state_dict() for m in models], paths)
-    save_model(models[0], out_dir, tokenizer_path=tokenizers[0] if tokenizers[0].exists() else None, state_dict=mean)
-    extras = set.intersection(*({f for f in os.listdir(p) if f.endswith(".pth") and not f.startswith("consolidated.")}
-                                for p in paths))
-    for name in sorted(extras):
-        files = [os.path.join(p, name) for p in paths]
-        atomic_save(mean_tensors([load_pth(f) for f in files], files), Path(out_dir, name))
+    extras = [{f for f in os.listdir(p) if f.endswith(".pth") and not f.startswith("consolidated.")} for p in paths]
+    for p, names in zip(paths, extras):
+        if names != extras[0]:
+            raise CheckpointError(f"{p}: has {sorted(names) or 'no other .pth files'}, {paths[0]} "
+                                  f"{sorted(extras[0]) or 'none'}: average models of one kind (a reward model's "
+                                  "reward_head.pth beside it)")
+    means = {name: mean_tensors([load_pth(os.path.join(p, name)) for p in paths],
+                                [os.path.join(p, name) for p in paths]) for name in sorted(extras[0])}
+    save_model(models[0], out_dir, tokenizer_path=tokenizers[0], state_dict=mean)
+    for name, sd in means.items():
+        atomic_save(sd, Path(out_dir, name))
 
 
 if __name__ == "__main__":
     import argparse
     import sys
     parser = argparse.ArgumentParser(description="Print each preset's size, or average models (--average).")
-    parser.add_argument("--average", nargs="+", metavar="DIR", help="models of one shape and tokenizer to average "
-                        "(Llama 3 section 4.1.5), written to --out")
-    parser.add_argument("--out", help="where --average writes the mean model")
+    parser.add_argument("--average", nargs="+", metavar="DIR", help="models of one architecture and tokenizer to "
+                        "average (Llama 3 section 4.1.5), written to --out")
+    parser.add_argument("--out", help="a new folder, where --average writes the mean model")
     a = parser.parse_args()
     if a.average:
         if not a.out or len(a.average) < 2:
             parser.error("--average takes two models or more, and --out")
         try:
             average_models(a.average, a.out)
-        except CheckpointError as e:
+        except (CheckpointError, ValueError, OSError) as e:
             sys.exit(str(e))
         print(f"{a.out}: the mean of {', '.join(a.average)}")
         sys.exit(0)

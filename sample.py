@@ -28,12 +28,11 @@ import codecs
 import numbers
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, load_model, model_dir
+from model import CheckpointError, load_model, tokenizer_path
 from tokenizer import Tokenizer
 
 
@@ -169,15 +168,6 @@ class Session:
             yield tok
             if tok in stop_ids:
                 return
-
-
-def tokenizer_path(ckpt_dir):
-    """tokenizer.model in the checkpoint directory (ours, Meta's), or original/tokenizer.model (HF downloads)."""
-    for path in (model_dir(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.model (nor original/tokenizer.model: a Hugging Face download "
-                            "has Meta's tokenizer there only when its original/ folder was downloaded too)")
 
 
 def load_tokenizer(ckpt_dir):

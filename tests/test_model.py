@@ -479,8 +479,15 @@ def test_average_models_and_their_reward_heads(tmp_path):
     assert (tmp_path / "avg" / "tokenizer.model").read_bytes() == (tmp_path / "tok.model").read_bytes()
     assert torch.equal(torch.load(tmp_path / "avg" / "reward_head.pth")["weight"], torch.full((1, 8), 1.0))
     M.save_model(tiny_model(dim=32, tie_embeddings=True), tmp_path / "wide", tokenizer_path=tmp_path / "tok.model")
-    with pytest.raises(CheckpointError, match="wide: another shape than"):
+    with pytest.raises(CheckpointError, match=r"wide: not the architecture of .*m0: dim 32 \(in .*m0: 64\)$"):
         M.average_models([paths[0], str(tmp_path / "wide")], tmp_path / "x")
+    with pytest.raises(CheckpointError, match="avg: already there: give a new folder"):  # (no stale files mixed in)
+        M.average_models(paths, tmp_path / "avg")
+    M.save_model(models[0], tmp_path / "plain", tokenizer_path=tmp_path / "tok.model")  # no reward head
+    with pytest.raises(CheckpointError, match=r"plain: has no other .pth files, .*m0 \['reward_head.pth'\]"):
+        M.average_models([paths[0], str(tmp_path / "plain")], tmp_path / "x")
+    with pytest.raises(ValueError, match="each once"):
+        M.average_models([paths[0], paths[0] + "/"], tmp_path / "x")
     (tmp_path / "m2" / "tokenizer.model").write_bytes(b"dGVzdQ== 0\n")
     r = subprocess.run([sys.executable, "model.py", "--average", *paths, "--out", str(tmp_path / "y")],
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
