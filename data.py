@@ -350,14 +350,15 @@ def line_key(line):
 def drop_repeated_lines(texts, max_repeats):
     """Line-level de-duplication (Llama 3 §3.1.1, after CCNet): a line (stripped, not blank) that appears more than
     max_repeats times in these documents is removed from all of them: navigation menus, cookie notices, licence
-    headers; frequent good lines too, which Llama 3 found a price worth paying. For web text: in code, `try:` and
-    `else:` repeat by nature. -> (the texts, '' where nothing was left; bytes removed)."""
-    counts = Counter(line_key(line) for text in texts for line in text.split("\n") if line.strip())
+    headers; frequent good lines too, which Llama 3 found a price worth paying (repeats inside one document count
+    too). For web text: in code, `try:` and `else:` repeat by nature. -> (the texts, bytes removed)."""
+    keys = [[line_key(line) if line.strip() else None for line in text.split("\n")] for text in texts]
+    counts = Counter(k for doc in keys for k in doc if k)
     out, n_bytes = [], 0
-    for text in texts:
+    for text, doc in zip(texts, keys):
         lines = text.split("\n")
-        kept = [line for line in lines if not line.strip() or counts[line_key(line)] <= max_repeats]
-        out.append(clean_text("\n".join(kept)) if len(kept) < len(lines) else text)  # (blank runs closed up)
+        kept = [line for line, k in zip(lines, doc) if k is None or counts[k] <= max_repeats]
+        out.append(BLANK_LINES.sub("\n\n\n", "\n".join(kept)).strip("\n") if len(kept) < len(lines) else text)
         n_bytes += len(text.encode("utf-8")) - len(out[-1].encode("utf-8"))
     return out, n_bytes
 
@@ -670,14 +671,15 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     for name, value in (("num_proc", num_proc or 1), ("shard_tokens", shard_tokens), ("max_docs", max_docs or 1)):
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
-    if not isinstance(line_dedup, numbers.Integral) or line_dedup < 0:
+    if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
                   shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
-                  **({"line_dedup": line_dedup} if line_dedup else {}))  # (off: older caches stay valid)
+                  **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}))
+    # (line_dedup off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
@@ -729,18 +731,27 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 yield text
 
     def line_filter(texts, final):
-        """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times;
-        a document with nothing left goes. (After document dedup, so that copies do not count twice.)"""
-        nonlocal bucket
+        """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times
+        (after document dedup, so that copies do not count twice); what is left of a document that lost lines goes
+        through the heuristic filters again (Llama 3 filters after de-duplicating), and goes if it is blank.
+        The table's row: the documents left blank, and every byte the lines took."""
         if not line_dedup:
             return texts
-        bucket, out = bucket + texts, []
+        bucket.extend(texts)
+        out = []
         while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
             done, n_bytes = drop_repeated_lines(bucket[:LINE_BUCKET], line_dedup)
-            bucket = bucket[LINE_BUCKET:]
             step = removed.setdefault("line duplicates", [0, 0])
-            step[0], step[1] = step[0] + done.count(""), step[1] + n_bytes  # (documents emptied; all bytes removed)
-            out += [t for t in done if t]
+            step[1] += n_bytes
+            for before, text in zip(bucket, done):
+                rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text)
+                if rule == "blank":
+                    step[0], step[1] = step[0] + 1, step[1] + len(text.encode("utf-8"))
+                elif rule:
+                    drop(f"heuristic: {rule}", text)
+                else:
+                    out.append(text)
+            del bucket[:LINE_BUCKET]
         return out
 
     def quality_filter(texts, final):
@@ -1041,10 +1052,9 @@ if __name__ == "__main__":
     p.add_argument("--line_dedup", type=int, default=0, help="remove lines seen more than this many times in a bucket "
                    f"of {LINE_BUCKET:,} documents (Llama 3: 6; for web text, not code); 0: off")
     a = p.parse_args()
-    from model import CheckpointError  # (a --quality_model that is no model)
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
                      quality_drop=a.quality_drop, line_dedup=a.line_dedup)
-    except (FileNotFoundError, ImportError, CheckpointError) as e:  # a mistyped path, a missing extra: one line
+    except (ValueError, FileNotFoundError, ImportError) as e:  # a mistyped path or flag, a damaged file: one line
         sys.exit(str(e))

@@ -517,11 +517,14 @@ def test_line_dedup_removes_lines_repeated_too_often():
 
 
 def test_prepare_data_line_dedup_by_bucket(corpus, tmp_path, monkeypatch):
-    """--line_dedup 6 in prepare_data: the boilerplate line of 12 documents goes from every one of them, a document
-    of nothing else goes (counted in the table), and the counting is per bucket of LINE_BUCKET kept documents."""
+    """--line_dedup 6 in prepare_data: two boilerplate lines of 13 and 9 documents go from every one of them; what
+    is left goes through the heuristics again (a short rest goes) and a blank rest goes; the counting is per bucket
+    of LINE_BUCKET kept documents, which is part of the cache's key."""
     _, docs, tok_path = corpus
     boiler = "Subscribe to our newsletter for more stories like this one, every single week of the year"
-    texts = [d + "\n" + boiler for d in docs[:12]] + [boiler] + docs[12:40]
+    other = "Share this article with your friends and family on every social network that you use"
+    texts = [d + "\n" + boiler for d in docs[:12]] + ["\u00a0\u00a0\n" + boiler] + \
+        [d + "\n" + other for d in docs[12:20]] + ["ok\n" + other] + docs[20:40]
     (tmp_path / "src.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tok = Tokenizer.load(tok_path)
 
@@ -530,11 +533,14 @@ def test_prepare_data_line_dedup_by_bucket(corpus, tmp_path, monkeypatch):
                                  num_proc=1, line_dedup=6, verbose=False)
         return meta, read_docs(tmp_path / out, "train", tok) + read_docs(tmp_path / out, "val", tok)
     meta, kept = run("all")
-    assert not any(boiler in d for d in kept) and len(kept) == len(texts) - 1
-    assert meta["removed"]["line duplicates"]["docs"] == 1 and meta["config"]["line_dedup"] == 6
-    monkeypatch.setattr(data, "LINE_BUCKET", 5)  # 12 copies in buckets of 5 documents: at most 5 in each, all kept
-    meta, kept = run("buckets")
-    assert sum(boiler in d for d in kept) == 13 and meta["removed"]["line duplicates"] == dict(docs=0, bytes=0)
+    assert not any(boiler in d or other in d for d in kept) and len(kept) == len(texts) - 2 and "ok" not in kept
+    assert meta["removed"]["line duplicates"]["docs"] == 1  # the one with no-break spaces left
+    assert meta["removed"]["heuristic: too short"]["docs"] == 1  # "ok"
+    assert meta["config"]["line_dedup"] == 6 and meta["config"]["line_bucket"] == data.LINE_BUCKET
+    monkeypatch.setattr(data, "LINE_BUCKET", 5)  # in buckets of 5 documents: at most 5 copies in each, all kept
+    meta, kept = run("all")  # (the same folder: another bucket size rebuilds it)
+    assert (sum(boiler in d for d in kept), sum(other in d for d in kept)) == (13, 9)
+    assert meta["removed"]["line duplicates"] == dict(docs=0, bytes=0)
     with pytest.raises(ValueError, match="line_dedup=-1"):
         data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "x"), line_dedup=-1)
 
