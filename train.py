@@ -446,7 +446,7 @@ for folder in folders:  # (one, or the default folder of a mix: a --source build
 barrier()
 tok = Tokenizer.load(args.tokenizer)
 metas = {}  # each folder's meta.json: tokens and UTF-8 bytes per split, for bits per byte
-where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # noqa: E731  ("corpus/" = "./corpus")
+where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
 for folder in folders:
     try:
         meta = metas[folder] = data.read_meta(os.path.join(folder, "meta.json"))
