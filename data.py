@@ -55,8 +55,8 @@ Design choices
 Run it
     python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib
     python data.py --source ~/corpus/ --tokenizer tok.model --out data/corpus --num_proc 8
-    python data.py --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max_docs 100000 --tokenizer tok.model \
-        --out data/fineweb  # pip install datasets
+    python data.py --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max_docs 100000 --line_dedup 6 \
+        --tokenizer tok.model --out data/fineweb  # pip install datasets
     python data.py --source stdlib --tokenizer data/stdlib/tok.model --out data/stdlib-q --quality_model out/default
 train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.py` needs none of this by hand.
 """
@@ -272,7 +272,7 @@ def clean_text(text):
 
 
 # -----------------------------------------------------------------------------
-# 3. Deduplication: exact (a hash per document), then near-duplicates (MinHash + LSH banding)
+# 3. Deduplication: exact (a hash per document), near-duplicates (MinHash + LSH banding), repeated lines
 
 def doc_hash(text):
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
@@ -358,8 +358,11 @@ def drop_repeated_lines(texts, max_repeats):
     for text, doc in zip(texts, keys):
         lines = text.split("\n")
         kept = [line for line, k in zip(lines, doc) if k is None or counts[k] <= max_repeats]
-        out.append(BLANK_LINES.sub("\n\n\n", "\n".join(kept)).strip("\n") if len(kept) < len(lines) else text)
-        n_bytes += len(text.encode("utf-8")) - len(out[-1].encode("utf-8"))
+        if len(kept) < len(lines):  # (blank runs closed up, as clean_text leaves them)
+            new = BLANK_LINES.sub("\n\n\n", "\n".join(kept)).strip("\n")
+            n_bytes += len(text.encode("utf-8")) - len(new.encode("utf-8"))
+            text = new
+        out.append(text)
     return out, n_bytes
 
 
@@ -741,12 +744,11 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         out = []
         while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
             done, n_bytes = drop_repeated_lines(bucket[:LINE_BUCKET], line_dedup)
-            step = removed.setdefault("line duplicates", [0, 0])
-            step[1] += n_bytes
+            removed.setdefault("line duplicates", [0, 0])[1] += n_bytes
             for before, text in zip(bucket, done):
                 rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text)
                 if rule == "blank":
-                    step[0], step[1] = step[0] + 1, step[1] + len(text.encode("utf-8"))
+                    drop("line duplicates", text)
                 elif rule:
                     drop(f"heuristic: {rule}", text)
                 else:
@@ -876,7 +878,8 @@ class PackedLoader:
                                  f", <|begin_of_text|> {header['bos_id']}; meta.json: {meta['vocab_size']}, "
                                  f"{meta['bos_id']})")
             self.shards.append(tokens)
-        self.bos_id, self.vocab_size, self.fingerprint = meta["bos_id"], meta["vocab_size"], meta["fingerprint"]
+        self.data_dir, self.bos_id, self.vocab_size = data_dir, meta["bos_id"], meta["vocab_size"]
+        self.fingerprint = meta["fingerprint"]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
@@ -986,7 +989,7 @@ class MixedLoader:
         tokens = {(ld.fingerprint, ld.vocab_size, ld.bos_id) for ld in loaders}
         if len(tokens) > 1:  # the same ids must mean the same text in every row
             raise ValueError(f"MixedLoader: the folders were made with different tokenizers: "
-                             f"{', '.join(os.path.dirname(ld.paths[0]) + ' ' + ld.fingerprint for ld in loaders)}")
+                             f"{', '.join(f'{ld.data_dir} {ld.fingerprint}' for ld in loaders)}")
         self.loaders, self.seed = loaders, seed
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.rows, self.taken = 0, [0] * len(loaders)  # global rows served; windows taken from each source

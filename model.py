@@ -25,6 +25,7 @@ Design choices
   grow with depth and the first steps are stable at lr 1e-3 without warm-up tricks.
 
 Run:  python model.py            # prints every preset's parameter count and FLOPs per token
+      python model.py --average out/a out/b --out out/ab   # the mean of models of one architecture and tokenizer
 Tests: python -m pytest -q tests/test_model.py
 """
 import ctypes
@@ -896,13 +897,21 @@ def average_models(paths, out_dir):
     data or hyperparameters are averaged): each tensor's mean over models of one architecture and one tokenizer,
     written to a new folder out_dir in our layout, in the first model's dtype, with that tokenizer. The other .pth
     files of the folders (a reward model's reward_head.pth) are averaged the same way: every folder must have them.
-    The models' files are mmapped (ours, and Hugging Face's safetensors): the pages are read as the sums need them,
-    and the memory held is one fp32 tensor at a time and the mean. Everything is checked before anything is written."""
+    The models' files are mmapped (ours, and Hugging Face's safetensors): their pages are read as the sums need them,
+    and the memory held is one fp32 tensor at a time and the mean (a Hugging Face model's wq and wk, and a sharded
+    Meta model, are copied into memory as they are read). Everything is checked before anything is written."""
     if len({os.path.realpath(p) for p in paths}) < max(len(paths), 2):
         raise ValueError(f"average_models: {', '.join(map(str, paths))}: give two models or more, each once")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise CheckpointError(f"{out_dir}: already there: give a new folder for the mean (its model files would mix "
                               "with the ones there)")
+    extras = [{f for f in os.listdir(model_dir(p)) if f.endswith(".pth") and not f.startswith("consolidated.")}
+              for p in paths]
+    for p, names in zip(paths, extras):
+        if names != extras[0]:
+            raise CheckpointError(f"{p}: has {sorted(names) or 'no other .pth files'}, {paths[0]} "
+                                  f"{sorted(extras[0]) or 'none'}: average models of one kind (a reward model's "
+                                  "reward_head.pth beside it)")
     models = [load_model(p) for p in paths]
     for p, m in zip(paths[1:], models[1:]):
         other = [f"{f} {getattr(m.args, f)} (in {paths[0]}: {getattr(models[0].args, f)})" for f in SAME_MODEL
@@ -916,15 +925,11 @@ def average_models(paths, out_dir):
         except FileNotFoundError:
             tokenizers.append(None)
     if len({t.read_bytes() if t else None for t in tokenizers}) > 1:
-        raise CheckpointError(f"{', '.join(paths)}: not all with the same tokenizer.model: their ids mean different "
-                              "text, and the mean of their embeddings would mean nothing")
-    mean = mean_tensors([m.state_dict() for m in models], paths)
-    extras = [{f for f in os.listdir(p) if f.endswith(".pth") and not f.startswith("consolidated.")} for p in paths]
-    for p, names in zip(paths, extras):
-        if names != extras[0]:
-            raise CheckpointError(f"{p}: has {sorted(names) or 'no other .pth files'}, {paths[0]} "
-                                  f"{sorted(extras[0]) or 'none'}: average models of one kind (a reward model's "
-                                  "reward_head.pth beside it)")
+        raise CheckpointError(f"{', '.join(map(str, paths))}: not all with the same tokenizer.model: their ids mean "
+                              "different text, and the mean of their embeddings would mean nothing")
+    tied = models[0].args.tie_embeddings  # (the output matrix is the embedding: averaged once)
+    mean = mean_tensors([{k: t for k, t in m.state_dict().items() if not (tied and k == "output.weight")}
+                         for m in models], paths)
     means = {name: mean_tensors([load_pth(os.path.join(p, name)) for p in paths],
                                 [os.path.join(p, name) for p in paths]) for name in sorted(extras[0])}
     save_model(models[0], out_dir, tokenizer_path=tokenizers[0], state_dict=mean)
@@ -945,7 +950,7 @@ if __name__ == "__main__":
             parser.error("--average takes two models or more, and --out")
         try:
             average_models(a.average, a.out)
-        except (CheckpointError, ValueError, OSError) as e:
+        except (ValueError, OSError) as e:  # (a CheckpointError is a ValueError)
             sys.exit(str(e))
         print(f"{a.out}: the mean of {', '.join(a.average)}")
         sys.exit(0)

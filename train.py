@@ -206,7 +206,7 @@ def save_checkpoint(path, model, optimizer, state, rank, average, keep=2):
     barrier()
 
 
-def load_checkpoint(path, model, optimizer, model_args, average):
+def load_checkpoint(path, model, optimizer, model_args, average, args):
     """Check path against its manifest (every file present, same size, same CRC32) and its model shape against
     model_args, then read the model, optimizer and average state back in place (dcp reshards if the number of
     processes changed) and return state.pt. A damaged or mismatched checkpoint is refused by name; nothing is
@@ -244,7 +244,7 @@ def load_checkpoint(path, model, optimizer, model_args, average):
         fail(f"{path} is at step {step}, past step {args.max_steps - args.average_last} where --average_last "
              f"{args.average_last} would start, and it holds no average: a smaller --average_last")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd, **({"average": average} if averaged and average else {})}
+    sd = {"model": model_sd, "optim": optim_sd, **({"average": average} if averaged else {})}
     dcp.load(sd, checkpoint_id=path)  # in place, into this rank's shards
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return state
@@ -377,12 +377,12 @@ if args.rope_factor and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.init and args.model != parser.get_default("model"):
     parser.error("--init takes the shape of the model it loads: drop --model")
-if args.average_last and (args.max_minutes or args.max_steps is None and args.device == "cpu"):
-    parser.error("--average_last counts the last of --max_steps: give --max_steps, not --max_minutes (without it a "
-                 "CPU run is on a 6-minute clock)")
 if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
     args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
 args.max_steps = 300 if args.max_steps is None else args.max_steps
+if args.average_last and args.max_minutes:
+    parser.error("--average_last counts the last of --max_steps: give --max_steps, not --max_minutes (without "
+                 "--max_steps a CPU run is on a 6-minute clock)")
 if (args.average_last or 0) > args.max_steps:
     parser.error(f"--average_last {args.average_last}: more than the {args.max_steps} steps of --max_steps")
 
@@ -591,7 +591,7 @@ start_step, last_ckpt, elapsed = 0, None, 0.0
 if args.resume:
     last_ckpt = args.resume if args.resume != "last" else list_checkpoints(ckpt_dir)[-1]
     decays = [group["weight_decay"] for group in optimizer.param_groups]  # as this command's flags set them
-    state = load_checkpoint(last_ckpt, model, optimizer, model_args, average)
+    state = load_checkpoint(last_ckpt, model, optimizer, model_args, average, args)
     for group, decay in zip(optimizer.param_groups, decays):  # the saved groups bring their settings back: this
         group["weight_decay"] = decay                         # command's --weight_decay wins (lr is set every step)
     start_step, elapsed = state["step"], state.get("elapsed", 0.0)
@@ -605,7 +605,7 @@ if args.resume:
         log(f"note: {last_ckpt} was written before checkpoints kept the clock: the time budget starts over")
     try:
         train_loader.load_state_dict(state["loader"])
-    except ValueError as e:  # another --seed, --batch_size, --seq_len or number of processes
+    except ValueError as e:  # another --seed, --seq_len, global batch or --data mix
         fail(f"{last_ckpt}: its data position does not fit this run ({e}); resume with the flags it was saved with")
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)

@@ -65,7 +65,7 @@ run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
 case " $PARTS " in *" train "*) rm -rf out/gpu_check/train ;; esac  # a fresh run dir, only when it runs
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
-    --log_interval 10 --sample_tokens 40 --average_last 10  # (the average's CUDA path: untried on a GPU)
+    --log_interval 10 --sample_tokens 40 --average_last 10  # (and the average's CUDA path)
 [ -f out/gpu_check/train/log.csv ] && cp out/gpu_check/train/log.csv "$OUT/train_log.csv"
 
 for part in $PARTS; do

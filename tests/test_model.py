@@ -479,6 +479,7 @@ def test_average_models_and_their_reward_heads(tmp_path):
     assert (tmp_path / "avg" / "tokenizer.model").read_bytes() == (tmp_path / "tok.model").read_bytes()
     assert torch.equal(torch.load(tmp_path / "avg" / "reward_head.pth")["weight"], torch.full((1, 8), 1.0))
     M.save_model(tiny_model(dim=32, tie_embeddings=True), tmp_path / "wide", tokenizer_path=tmp_path / "tok.model")
+    M.atomic_save({"weight": torch.zeros(1, 8)}, tmp_path / "wide" / "reward_head.pth")
     with pytest.raises(CheckpointError, match=r"wide: not the architecture of .*m0: dim 32 \(in .*m0: 64\)$"):
         M.average_models([paths[0], str(tmp_path / "wide")], tmp_path / "x")
     with pytest.raises(CheckpointError, match="avg: already there: give a new folder"):  # (no stale files mixed in)
