@@ -1,6 +1,7 @@
 """data.py — from raw text to packed, document-masked training batches (Llama 3 §3.1, "pre-training data").
 
-    sources -> clean -> exact dedup -> heuristic filters -> MinHash near-dedup -> [line-level dedup]
+    sources [web pages: URL dedup, HTML -> text] -> clean -> exact dedup -> heuristic filters (incl. personal
+            data) -> MinHash near-dedup -> [line-level dedup]
             -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
@@ -10,8 +11,13 @@ Design choices
 - Sources: "stdlib" (the default: every .py file of the running interpreter's standard library as a code
   document, plus one English document per module made of its docstrings, plus pydoc's topic pages — no
   download needed), a local file or folder of .txt/.md (a file is a document), .jsonl/.jsonl.gz (the "text"
-  field of each line), .parquet (needs pyarrow), or "hf:NAME[:CONFIG]" (a streamed Hugging Face dataset,
-  needs the datasets package and the network).
+  field of each line), .parquet (needs pyarrow), .html/.htm (a page), .warc/.warc.gz (Common Crawl's archives),
+  or "hf:NAME[:CONFIG]" (a streamed Hugging Face dataset, needs the datasets package and the network).
+- Web pages (Llama 3 §3.1.1): a WARC file's pages are its 200 responses of HTML (or the text of WET "conversion"
+  records); across all the WARC files of a source only the newest page of each URL is read (URL-level dedup,
+  a first pass over the files). Text comes out of HTML in the worker processes (html_to_text: the main text,
+  boilerplate dropped, code blocks, image alt text and TeX kept, no markdown); documents where e-mail and public
+  IP addresses are dense go (Llama 3 removes pages with high volumes of personal data).
 - Bad JSONL: a line that is not JSON means a truncated or corrupt file, so it is an error naming file and line;
   a valid record without a string "text" field is skipped and counted, with one warning per file naming the
   first such line (web dumps carry the odd metadata-only record; a whole run should not die for it).
@@ -65,6 +71,7 @@ import ast
 import glob
 import gzip
 import hashlib
+import ipaddress
 import itertools
 import json
 import math
@@ -80,8 +87,10 @@ import unicodedata
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
 
 import numpy as np
+import regex
 import torch
 from tqdm import tqdm
 
@@ -186,6 +195,9 @@ def read_file(path):
         yield from read_jsonl(path)
     elif path.endswith(".parquet"):
         yield from read_parquet(path)
+    elif path.endswith((".html", ".htm")):
+        with open(path, "rb") as f:
+            yield HTML(decode_html(f.read()))  # (its text is extracted by clean_text, in the worker processes)
     elif path.endswith((".txt", ".md")):
         with open(path, "rb") as f:
             raw = f.read()
@@ -194,10 +206,10 @@ def read_file(path):
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 (byte {e.start}); convert it or remove it") from None
     else:
-        raise ValueError(f"{path}: unknown file type (want .txt, .md, .jsonl, .jsonl.gz or .parquet)")
+        raise ValueError(f"{path}: unknown file type (want {', '.join(SUFFIXES)})")
 
 
-SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet")
+SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet", ".html", ".htm", ".warc", ".warc.gz")
 
 
 def iter_documents(source):
@@ -209,8 +221,10 @@ def iter_documents(source):
         rows = hf_datasets(source).load_dataset(name, config or None, split="train", streaming=True)
         yield from only_strings((row.get("text") for row in rows), source)
     else:
-        for path in source_files(source):
-            yield from read_file(path)
+        paths = source_files(source)
+        newest = newest_pages([p for p in paths if p.endswith((".warc", ".warc.gz"))])  # (URL dedup: all files)
+        for path in paths:
+            yield from warc_pages(path, newest[path]) if path in newest else read_file(path)
 
 
 def hf_datasets(source):
@@ -252,6 +266,205 @@ def source_stamp(source):
 
 
 # -----------------------------------------------------------------------------
+# 1b. Web pages (Llama 3 §3.1.1): text from HTML, Common Crawl's WARC files, URL-level dedup
+
+class HTML(str):
+    """A web page's markup on its way to a worker process, which extracts its text (html_to_text)."""
+
+
+SKIP = {"title", "script", "style", "noscript", "template", "svg", "canvas", "iframe", "object", "nav", "header",
+        "footer", "aside", "form", "button", "select", "textarea"}  # never the page's content
+BOILERPLATE = {"nav", "navbar", "navigation", "menu", "sidebar", "footer", "cookie", "cookies", "banner", "popup",
+               "modal", "breadcrumb", "breadcrumbs", "share", "sharing", "social", "advert", "advertisement", "ad",
+               "ads"}  # words of a class or id that mark an element as not the page's content
+BLOCK = {"p": 2, "div": 1, "section": 2, "article": 2, "main": 2, "h1": 2, "h2": 2, "h3": 2, "h4": 2, "h5": 2,
+         "h6": 2, "pre": 2, "blockquote": 2, "ul": 2, "ol": 2, "dl": 2, "table": 2, "figure": 2, "details": 2,
+         "li": 1, "dt": 1, "dd": 1, "tr": 1, "br": 1, "hr": 2, "figcaption": 1, "caption": 1, "summary": 1,
+         "address": 1}  # a block's text stands on its own lines: 1 newline before it, or 2 (a blank line)
+KEEP = {"html", "body", "main", "article",  # the page itself (<html class="sidebar-visible">: not boilerplate)
+        "p", "li", "dt", "dd", "tr", "td", "th", "thead", "tbody", "tfoot", "option", "colgroup",  # may lack an end
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}  # no end
+MAX_LINK_SHARE = 0.5  # a block whose characters are mostly link text is a menu, a tag cloud or "next / previous"
+
+
+def visible(text):
+    """Characters that are not whitespace."""
+    return len("".join(text.split()))
+
+
+class TextExtractor(HTMLParser):
+    """html_to_text's parser: text blocks in reading order, boilerplate skipped (rules: html_to_text)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.blocks, self.parts, self.gap = [], [], 0  # finished blocks; the open block's text; newlines before it
+        self.link_chars = 0  # characters of the open block in links to other pages
+        self.skip = None     # [tag, depth] while inside an element whose text is dropped
+        self.pre, self.link = 0, False  # depth inside <pre>; inside a link to another page (<a> do not nest)
+
+    def flush(self, gap):
+        text = "".join(self.parts)
+        text = text.strip("\n") if self.pre else " ".join(text.split())  # <pre> keeps its spaces: code
+        if text.strip() and self.link_chars <= MAX_LINK_SHARE * visible(text):
+            self.blocks.append("\n" * (self.gap if self.blocks else 0) + text)
+            self.gap = 0
+        self.parts, self.link_chars, self.gap = [], 0, max(self.gap, gap)
+
+    def handle_starttag(self, tag, attrs):
+        if self.skip:
+            self.skip[1] += tag == self.skip[0]
+            return
+        attrs = {k: v or "" for k, v in attrs}
+        words = set(re.split(r"[\s_-]+", f"{attrs.get('class', '')} {attrs.get('id', '')}".lower()))
+        hidden = ("hidden" in attrs or attrs.get("aria-hidden") == "true"
+                  or "display:none" in attrs.get("style", "").replace(" ", ""))
+        if tag in SKIP or (tag not in KEEP and (hidden or words & BOILERPLATE)):
+            self.skip = [tag, 1]
+        elif tag in BLOCK:
+            self.flush(BLOCK[tag])
+            self.pre += tag == "pre"
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+        elif tag == "a":  # (a heading that links to itself, href="#...", is not navigation)
+            self.link = not attrs.get("href", "#").startswith("#")
+        elif tag == "img" and attrs.get("alt"):  # Llama 3 keeps alt text: math is often an image with its TeX there
+            self.handle_data(f" {attrs['alt']} ")
+        elif tag == "math" and attrs.get("alttext"):  # MathML with its TeX: the TeX, not the markup's symbols
+            self.handle_data(f" {attrs['alttext']} ")
+            self.skip = [tag, 1]
+
+    def handle_endtag(self, tag):
+        if self.skip:
+            self.skip[1] -= tag == self.skip[0]
+            self.skip = self.skip if self.skip[1] else None
+        elif tag in BLOCK:
+            self.flush(BLOCK[tag])
+            self.pre -= tag == "pre" and self.pre > 0
+        elif tag == "a":
+            self.link = False
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+            self.link_chars += visible(data) if self.link else 0
+
+
+def html_to_text(html):
+    """A page's main text, plain (Llama 3: "markdown markers" hurt, so none are written), one block per paragraph:
+    - dropped: <title>, scripts, styles, navigation, headers, footers, asides, forms; elements hidden (hidden,
+      aria-hidden, display:none) or whose class/id names boilerplate (menu, sidebar, cookie, share, ad, ...);
+      blocks whose characters are mostly link text. Precision over recall, as Llama 3's parser.
+    - kept: text in reading order, <pre> with its spaces (code), the alt text of images and the TeX of <math
+      alttext=...> (Llama 3 keeps both for mathematics), table cells separated by spaces.
+    '<nav><a href=/>Home</a></nav><h1>Hi</h1><p>a &amp; <b>b</b></p><pre>x = 1\\n  y</pre>'
+    -> 'Hi\\n\\na & b\\n\\nx = 1\\n  y'"""
+    parser = TextExtractor()
+    try:
+        parser.feed(html)
+        parser.close()
+    except AssertionError:  # html.parser gives up on a few malformed "<![" sections: keep the text before it
+        pass
+    parser.flush(0)
+    return "".join(parser.blocks)
+
+
+META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([\w.:-]+)""", re.IGNORECASE)
+
+
+def decode_html(raw, charset=None):
+    """Bytes of a page -> str, by the charset its HTTP header gives, or its <meta> tag, or else UTF-8; bytes
+    that do not decode become U+FFFD, as in a browser (web pages often misstate their charset)."""
+    if not charset:
+        m = META_CHARSET.search(raw[:4096])
+        charset = m and m.group(1).decode("ascii")
+    try:
+        return raw.decode(charset or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return raw.decode("utf-8", "replace")
+
+
+def warc_records(path):
+    """(WARC headers with lower-case names, content block bytes) of each record of a .warc or .warc.gz file
+    (Common Crawl gzips each record on its own; gzip reads the members as one stream).
+    Not WARC, cut inside a record, or damaged gzip -> ValueError naming the file and the record."""
+    opener = gzip.open if path.endswith(".gz") else open
+    n = 0
+    with opener(path, "rb") as f:
+        try:
+            while line := f.readline():
+                if not line.strip():
+                    continue  # the blank lines that end each record
+                if not line.startswith(b"WARC/"):
+                    raise ValueError(f"{path}: record {n + 1}: not a WARC record (it starts {line[:40]!r})")
+                headers = {}
+                while (line := f.readline()).strip():
+                    name, _, value = line.decode("utf-8", "replace").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = headers.get("content-length", "")
+                if not line or not length.isdigit():
+                    raise ValueError(f"{path}: record {n + 1}: " +
+                                     ("cut inside its header" if not line else "no Content-Length"))
+                block = f.read(int(length))
+                if len(block) < int(length):
+                    raise ValueError(f"{path}: record {n + 1}: cut ({len(block)} of {length} bytes); is the "
+                                     f"file truncated?")
+                n += 1
+                yield headers, block
+        except (EOFError, OSError, zlib.error) as e:  # gzip: a cut or foreign file fails here
+            raise ValueError(f"{path}: unreadable after record {n} ({e}); is the file truncated?") from None
+
+
+def warc_page(headers, block):
+    """A WARC record -> its page: HTML (a 200 response of an HTML page, to extract), str (a WET "conversion"
+    record: text Common Crawl extracted), or None (requests, metadata, redirects, errors, images, PDFs, ...)."""
+    kind = headers.get("warc-type")
+    if kind == "conversion":
+        return block.decode("utf-8", "replace")
+    if kind != "response" or not headers.get("content-type", "").startswith("application/http"):
+        return None
+    head, _, body = block.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    http = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    content_type = http.get("content-type", "").lower()
+    if status.split()[1:2] != ["200"] or "html" not in content_type or \
+            http.get("content-encoding", "identity").lower() != "identity":  # (Common Crawl stores bodies decoded)
+        return None
+    charset = re.search(r"charset=[\"']?([\w.:-]+)", content_type)
+    return HTML(decode_html(body, charset and charset.group(1)))
+
+
+def newest_pages(paths):
+    """URL-level dedup across the WARC files `paths` (Llama 3: "we keep the most recent version for pages
+    corresponding to each URL"): {path: numbers of its records to read}, the page of each URL with the latest
+    WARC-Date (ISO 8601, compared as text; a tie keeps the first read). A first pass over the files: the URLs are
+    held in memory, fine for a few million pages."""
+    newest = {}  # URL -> (WARC-Date, path, record number)
+    pages = 0
+    for path in paths:
+        for n, (headers, block) in enumerate(warc_records(path)):
+            if warc_page(headers, block) is not None:
+                pages += 1
+                url = headers.get("warc-target-uri", "").strip("<>") or (path, n)  # (no URL: a page of its own)
+                date = headers.get("warc-date", "")
+                if url not in newest or date > newest[url][0]:
+                    newest[url] = (date, path, n)
+    keep = {path: set() for path in paths}
+    for _, path, n in newest.values():
+        keep[path].add(n)
+    if pages > len(newest):
+        print(f"data: URL dedup: {pages - len(newest):,} of {pages:,} pages in {len(paths)} WARC file(s) were "
+              f"older versions of a URL", file=sys.stderr)
+    return keep
+
+
+def warc_pages(path, keep):
+    """The pages of a WARC file whose record numbers are in `keep` (newest_pages)."""
+    for n, (headers, block) in enumerate(warc_records(path)):
+        if n in keep:
+            yield warc_page(headers, block)
+
+
+# -----------------------------------------------------------------------------
 # 2. Cleaning: one canonical form, so that dedup compares like with like
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")  # C0/C1 controls but \t \n, and the BOM
@@ -264,6 +477,7 @@ def clean_text(text):
     encode it), \\n newlines, no control characters, no trailing spaces, at most two blank lines in a row, no
     blank lines at either end.
     'Cafe\\u0301  \\r\\n\\r\\n\\r\\n\\r\\nx' -> 'Café\\n\\n\\nx'"""
+    text = html_to_text(text) if isinstance(text, HTML) else text  # a web page: its text first
     text = SURROGATE.sub("\ufffd", text).replace("\r\n", "\n").replace("\r", "\n")
     text = unicodedata.normalize("NFC", CONTROL.sub("", text))  # after the controls go: they may part a mark
     text = TRAILING.sub("", text)
@@ -375,10 +589,25 @@ MAX_CHARS = 1_000_000       # a 1 MB "document" is a data dump, not prose or cod
 MIN_ALPHA = 0.25            # share of letters; below it: tables of numbers, base64, binary junk
 MAX_SYMBOL = 0.40           # share of characters that are not letters, digits or whitespace (stdlib max: 0.37)
 MAX_DUP_LINE_CHARS = 0.50   # share of characters in repeated lines (Gopher: 0.20 for prose; stdlib: 6 files over)
+MAX_PII = 0.02              # e-mail and public IP addresses per word, when 5 or more (Llama 3 drops pages with
+                            # "high volumes of PII"; stdlib: 4 files over, tests of the email and ipaddress modules)
 
 
 LETTER = re.compile(r"[^\W\d_]")  # a Unicode letter: a word character that is not a digit or underscore
 SYMBOL = re.compile(r"[^\w\s]|_")   # not a letter, digit or whitespace
+PII = regex.compile(r"(?<=[\w%+-])@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"  # an e-mail address's @domain
+                    r"|\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")  # an IPv4 address (the regex module: 4x re's speed)
+
+
+def personal_data(text):
+    """How many e-mail addresses and public IPv4 addresses (not private, loopback or documentation ones) the
+    text holds: 'mail bob@corp.com or ana@corp.com from 8.8.8.8, not 10.0.0.1' -> 3"""
+    def public(ip):
+        try:
+            return ipaddress.ip_address(ip).is_global
+        except ValueError:  # 999.1.2.3: not an address
+            return False
+    return sum(1 for m in PII.findall(text) if m.startswith("@") or public(m))
 
 
 def heuristic_reject(text):
@@ -396,6 +625,9 @@ def heuristic_reject(text):
     counts = Counter(map(str.strip, text.split("\n")))
     if sum(len(line) * c for line, c in counts.items() if c > 1 and len(line) > 10) > MAX_DUP_LINE_CHARS * n:
         return "repeated lines"
+    pii = personal_data(text)
+    if pii >= 5 and pii > MAX_PII * len(text.split()):
+        return "personal data"
     return None
 
 
@@ -613,9 +845,9 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-PIPELINE = 3  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+PIPELINE = 4  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
-              # near-dedup compares every kept document that shares a band)
+              # near-dedup compares every kept document that shares a band; 4: the personal data rule)
 
 
 def damaged_shards(out_dir, meta, share=slice(None)):
@@ -805,6 +1037,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 n_bytes = sum(len(t.encode("utf-8")) for t in chunk)
                 read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
                 bar.update(n_bytes)
+                pages = [(raw, text) for raw, (text, *_) in zip(chunk, features) if isinstance(raw, HTML)]
+                if pages:  # the bytes of a page that were not its text
+                    removed.setdefault("HTML markup", [0, 0])[1] += sum(
+                        len(raw.encode("utf-8")) - len(text.encode("utf-8")) for raw, text in pages)
                 kept += dedup_and_filter(features)
             kept = quality_filter(line_filter(kept, final), final)
             for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(kept)):
@@ -817,7 +1053,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             pool.terminate()
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
-    steps = ["empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates", "quality"]  # (in order)
+    steps = ["HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
+             "quality"]  # (in order)
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
                 bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
                 read=dict(docs=read[0], bytes=read[1]),
@@ -1042,7 +1279,8 @@ class MixedLoader:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="text sources -> clean/dedup/filter -> token shards")
-    p.add_argument("--source", default="stdlib", help="stdlib | PATH (file or folder) | hf:NAME[:CONFIG]")
+    p.add_argument("--source", default="stdlib", help="stdlib | PATH (a file or folder of .txt, .md, .jsonl[.gz], "
+                   ".parquet, .html, .warc[.gz]) | hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
     p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
     p.add_argument("--val_fraction", type=float, default=0.02,

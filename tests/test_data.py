@@ -96,6 +96,154 @@ def test_stdlib_documents_add_docstrings():
     assert ast.get_docstring(ast.parse(code)) in docs[1] and "def " not in docs[1]
 
 
+# ----------------------------------------------------------------------------- web pages
+
+PAGE = """<!DOCTYPE html><html class="sidebar-visible"><head><title>Site | Title</title><style>p {color: red}</style>
+<script>var s = "<p>not text</p>";</script></head>
+<body><header><h1>Site name</h1></header><nav><ul><li><a href=/>Home</a><li><a href=/blog>Blog</a></ul></nav>
+<div class="cookie-banner">We use cookies. <button>OK</button></div>
+<article><h1>Title &amp; more</h1><div class="modal">Sign up now!</div>
+<h2 id=more><a href="#more">A heading that links to itself</a></h2>
+<p>First   paragraph with a <a href=x>link</a>
+ and <b>bold</b>.<br>Second line.</p>
+<ul class="tags"><li><a href=/t/1>python</a></li><li><a href=/t/2>html</a></li></ul>
+<pre><code>def f(x):
+    return x  # indented</code></pre>
+<p>Math: <math alttext="x^2"><mi>x</mi><mn>2</mn></math> and <img src=half.png alt="\\frac{1}{2}"> here.</p>
+<span style="display: none">hidden text</span><div hidden>also hidden</div><div aria-hidden="true">and this</div>
+<table><tr><th>a<th>b<tr><td>1<td>2</table>
+<p>Unclosed paragraph<p>next one</p>
+<div class="share-buttons"><div><a href=t>Tweet</a></div> Share this</div>
+</article><aside>Related posts</aside><footer>(c) 2024 Site</footer></body></html>"""
+
+
+def test_html_to_text():
+    """The main text in reading order, plain: boilerplate, hidden elements and link lists out; code keeps its
+    spaces; image alt text and MathML's TeX in; table cells on their row's line."""
+    assert data.clean_text(data.HTML(PAGE)) == (
+        "Title & more\n\nA heading that links to itself\n\nFirst paragraph with a link and bold.\nSecond line.\n\n"
+        "def f(x):\n    return x  # indented\n\nMath: x^2 and \\frac{1}{2} here.\n\na b\n1 2\n\n"
+        "Unclosed paragraph\n\nnext one")
+    assert "<article>" in data.clean_text(PAGE)  # a plain str is text, not markup
+    assert data.html_to_text("<p>kept<![foo bar]>lost") == "kept"  # html.parser gives up here: the text so far stays
+    assert data.html_to_text("<p>no end <div class=menu>menu <b>never closed") == "no end"
+    # the charset: the HTTP header's, else the page's <meta>, else UTF-8; bytes that do not decode: U+FFFD
+    latin = b'<meta charset="iso-8859-1"><p>caf\xe9</p>'
+    assert data.decode_html(latin).endswith("caf\u00e9</p>")
+    assert data.decode_html(latin, "utf-8").endswith("caf\ufffd</p>")
+    assert data.decode_html(b"<meta charset=no-such-codec><p>\xc3\xa9\xff") .endswith("<p>\u00e9\ufffd")
+
+
+def warc_record(kind, url, date="2024-01-01T00:00:00Z", block=b"", http=None):
+    """One WARC/1.0 record; http: the status line and headers of a response, written before the block."""
+    if http is not None:
+        block = ("\r\n".join(http) + "\r\n\r\n").encode() + block
+    content_type = "application/http; msgtype=response" if http is not None else "text/plain"
+    return (f"WARC/1.0\r\nWARC-Type: {kind}\r\nWARC-Target-URI: {url}\r\nWARC-Date: {date}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(block)}\r\n\r\n").encode() + block + b"\r\n\r\n"
+
+
+def page(url, date, html, status="200 OK", content_type="text/html; charset=utf-8", *headers):
+    return warc_record("response", url, date, html, [f"HTTP/1.1 {status}", f"Content-Type: {content_type}", *headers])
+
+
+def write_warc(path, records):
+    """Common Crawl's layout: each record gzipped on its own (.warc.gz), or the records as they are (.warc)."""
+    path.write_bytes(b"".join(gzip.compress(r) for r in records) if path.suffix == ".gz" else b"".join(records))
+
+
+def test_warc_pages_and_url_dedup(tmp_path, capsys):
+    write_warc(tmp_path / "a.warc.gz", [
+        warc_record("warcinfo", ""),
+        warc_record("request", "http://x.org/1", block=b"GET /1 HTTP/1.1\r\n\r\n"),
+        page("http://x.org/1", "2024-05-01T00:00:00Z", b"<p>x1, the May version</p>"),
+        page("http://x.org/404", "2024-05-01T00:00:00Z", b"<p>not found</p>", "404 Not Found"),
+        page("http://x.org/logo", "2024-05-01T00:00:00Z", b"\x89PNG...", "200 OK", "image/png"),
+        page("http://x.org/gz", "2024-05-01T00:00:00Z", b"\x1f\x8b...", "200 OK", "text/html",
+             "Content-Encoding: gzip"),
+        page("http://x.org/latin", "2024-05-01T00:00:00Z", b"<p>caf\xe9</p>", "200 OK", "text/html; charset=latin-1"),
+        warc_record("metadata", "http://x.org/1", block=b"fetchTimeMs: 12\r\n"),
+    ])
+    write_warc(tmp_path / "b.warc", [
+        page("http://x.org/1", "2024-01-01T00:00:00Z", b"<p>x1, the January version</p>"),  # older: not read
+        warc_record("conversion", "http://y.org/", block="y, as text (WET) \u00e9".encode()),
+        page("<http://x.org/2>", "2024-01-01T00:00:00Z", b"<p>x2 in January</p>"),   # WARC/1.0's <URI> form
+        page("http://x.org/2", "2024-02-01T00:00:00Z", b"<p>x2 in February</p>"),
+        page("http://x.org/3", "2024-03-01T00:00:00Z", b"<p>x3, first</p>"),
+        page("http://x.org/3", "2024-03-01T00:00:00Z", b"<p>x3, a copy of the same date</p>"),  # a tie: the first
+    ])
+    docs = list(data.iter_documents(str(tmp_path)))
+    assert [type(d) for d in docs] == [data.HTML, data.HTML, str, data.HTML, data.HTML]  # WET text is text
+    assert [data.clean_text(d) for d in docs] == ["x1, the May version", "caf\u00e9", "y, as text (WET) \u00e9",
+                                                 "x2 in February", "x3, first"]
+    assert "URL dedup: 3 of 8 pages in 2 WARC file(s) were older versions of a URL" in capsys.readouterr().err
+
+
+def test_warc_bad_files(tmp_path):
+    records = [page(f"http://x.org/{i}", "2024-01-01T00:00:00Z", b"<p>%d</p>" % i) for i in range(3)]
+    cut = tmp_path / "cut.warc"
+    write_warc(cut, records)
+    cut.write_bytes(cut.read_bytes()[:len(records[0]) + len(records[1]) - 10])
+    with pytest.raises(ValueError, match=r"cut\.warc: record 2: cut \(\d+ of \d+ bytes\)"):
+        list(data.iter_documents(str(cut)))
+    cut.write_bytes(records[0] + records[1][:30])
+    with pytest.raises(ValueError, match=r"cut\.warc: record 2: cut inside its header"):
+        list(data.iter_documents(str(cut)))
+    cut.write_bytes(records[0] + records[1].replace(b"Content-Length", b"Content-Lenght"))
+    with pytest.raises(ValueError, match=r"cut\.warc: record 2: no Content-Length"):
+        list(data.iter_documents(str(cut)))
+    foreign = tmp_path / "foreign.warc"
+    foreign.write_bytes(records[0] + b"<html>a page saved as .warc</html>\r\n")
+    with pytest.raises(ValueError, match=r"foreign\.warc: record 2: not a WARC record"):
+        list(data.iter_documents(str(foreign)))
+    damaged = tmp_path / "damaged.warc.gz"
+    write_warc(damaged, records)
+    damaged.write_bytes(damaged.read_bytes()[:-8])  # the last member's CRC and size cut off
+    with pytest.raises(ValueError, match=r"damaged\.warc\.gz: unreadable after record \d"):
+        list(data.iter_documents(str(damaged)))
+
+
+def test_personal_data_rule():
+    """Llama 3 drops pages with high volumes of PII: e-mail and public IP addresses dense in a document."""
+    rng = np.random.default_rng(0)
+    assert data.personal_data("mail bob@corp.com or ana@corp.com from 8.8.8.8, not 10.0.0.1") == 3
+    assert data.personal_data("x = a @ b.T; y = a@b.T; print(f'{s}@{t}'); 1.2.3.400; 127.0.0.1; 192.0.2.1") == 0
+    contacts = " ".join(f"{prose(rng, 12)} Contact: person{i}@example.com." for i in range(10))  # 10 in ~150 words
+    assert data.heuristic_reject(contacts) == "personal data"
+    assert data.heuristic_reject(prose(rng, 200) + " Write to ana@corp.com or bob@corp.com.") is None
+    servers = " ".join(f"{prose(rng, 12)} Host 93.184.{i}.34 is up." for i in range(10))
+    assert data.heuristic_reject(servers) == "personal data"
+    assert data.heuristic_reject(servers.replace("93.184.", "192.168.")) is None  # private addresses are no one's
+    few = " ".join(f"{w} x{i}@y.org" for i, w in enumerate("one two three four".split()))  # dense, but only 4
+    assert data.heuristic_reject(few + " " + prose(rng, 10)) is None
+
+
+def test_prepare_data_from_web_pages(corpus, tmp_path):
+    """Pages through the whole pipeline: their text, not their markup, is in the shards, the markup's bytes are
+    in the table, and the shards are the same for any num_proc (pages travel to the workers as HTML)."""
+    _, docs, tok_path = corpus
+    src = tmp_path / "web"
+    src.mkdir()
+    texts = docs[30:54]  # (none that cleaning changes)
+    for i in range(12):
+        (src / f"p{i:02d}.html").write_text(f"<html><head><title>Page {i}</title></head><body><nav><a href=/>Home"
+                                            f"</a></nav><p>{texts[i]}</p></body></html>")
+    write_warc(src / "crawl.warc.gz", [page(f"http://x.org/{i}", "2024-01-01T00:00:00Z",
+                                            f"<div class=menu>Menu</div><p>{texts[12 + i]}</p>".encode())
+                                       for i in range(12)])
+    metas = [data.prepare_data(str(src), tok_path, str(tmp_path / f"out{n}"), val_fraction=0.1, num_proc=n,
+                               verbose=False) for n in (1, 2)]
+    assert metas[0]["read"]["docs"] == 24 and metas[0]["train"]["docs"] + metas[0]["val"]["docs"] == 24
+    markup = sum(len(p.read_bytes()) for p in src.glob("*.html")) - sum(len(t.encode()) for t in texts[:12])
+    assert metas[0]["removed"]["HTML markup"]["docs"] == 0 and metas[0]["removed"]["HTML markup"]["bytes"] > markup
+    assert metas[0]["train"]["bytes"] + metas[0]["val"]["bytes"] == sum(len(t.encode()) for t in texts)
+    shards = [[data.read_shard(str(tmp_path / f"out{n}" / name))[1] for name in metas[0]["train"]["shards"]]
+              for n in (1, 2)]
+    assert len(shards[0]) == len(shards[1]) and all(np.array_equal(a, b) for a, b in zip(*shards))
+    text = Tokenizer.load(tok_path).decode(np.concatenate(shards[0]).tolist())
+    assert texts[1] in text and texts[13] in text and not {"Home", "Menu", "Page", "<p>"} & set(text.split())
+
+
 # ----------------------------------------------------------------------------- dedup and filters
 
 def test_minhash_dedup_planted():
