@@ -1212,7 +1212,8 @@ class MixedLoader:
     does. Each source reads its own shuffled windows in order, every rank counting how many the mix has taken from
     it, so a small source of high weight is read for several epochs and a large one of low weight in part. The
     state is the number of rows served and each source's count: as PackedLoader's, it does not depend on how the
-    global batch is split into ranks and micro-batches."""
+    global batch is split into ranks and micro-batches. A state may be loaded with other weights (Llama 3 changed
+    its mix while training): the rows from there on are drawn by the new ones, each source going on where it was."""
 
     chunk = 1 << 16  # rows whose sources are drawn at once
 
@@ -1268,7 +1269,7 @@ class MixedLoader:
             raise ValueError(f"loader state is of one folder, this loader mixes {len(self.loaders)}: cannot resume "
                              "exactly")
         mine = self.state_dict()
-        for k in ("seed", "weights", "sources"):
+        for k in ("seed", "sources"):
             if sd[k] != mine[k]:
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same mix of "
                                  "the same data, cannot resume exactly")

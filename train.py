@@ -11,7 +11,8 @@ Design choices
 - Packed documents, never padded, with Llama 3's document mask: data.PackedLoader yields doc_ids and attention
   never crosses a document boundary inside a sequence (Llama 3 paper, section 3.2). The loss is fp32.
   Several --data folders with their shares of the tokens are Llama 3's data mix (section 3.1.2, data.MixedLoader):
-  each is evaluated on its own val split, and val loss / bits per byte weigh them by the shares.
+  each is evaluated on its own val split, and val loss / bits per byte weigh them by the shares, which a --resume
+  may change (Llama 3 changed its mix while training).
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
   tenth of the peak (Llama 2 paper section 2.2; Llama 3 405B went to a hundredth, --min_lr), or
   warmup-stable-decay. Decay only on the matrices (model.configure_optimizer): it pulls weights toward 0, which
@@ -605,8 +606,12 @@ if args.resume:
         log(f"note: {last_ckpt} was written before checkpoints kept the clock: the time budget starts over")
     try:
         train_loader.load_state_dict(state["loader"])
-    except ValueError as e:  # another --seed, --seq_len, global batch or --data mix
+    except ValueError as e:  # another --seed, --seq_len, global batch or --data folders
         fail(f"{last_ckpt}: its data position does not fit this run ({e}); resume with the flags it was saved with")
+    was = state["loader"].get("weights")  # a mix may change its shares on resume, as Llama 3's did while training
+    if was is not None and was != train_loader.p.tolist():
+        log(f"note: the data mix changes at step {start_step}: shares {' / '.join(f'{w:.1%}' for w in was)} -> "
+            f"{' / '.join(f'{w:.1%}' for w in shares)} (each folder goes on where it was)")
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)
         torch.cuda.set_rng_state(state["cuda_rng"])

@@ -572,6 +572,7 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
         x = one.next_batch()[0]
         assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
     sd = json.loads(json.dumps(ranks[1].state_dict()))  # the state survives a JSON / checkpoint round trip
+    sources_next = [ld.read([sd["taken"][s]])[0] for s, ld in enumerate(ranks[1].loaders)]  # (x, y, doc_ids)
     expected = [ranks[1].next_batch() for _ in range(40)]
     resumed = mixed(two_sources, [0.5, 0.5], 2, T, 1, 2)
     resumed.load_state_dict(sd)
@@ -587,8 +588,18 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     assert torch.equal(x[2:4], expected[0][0]) and torch.equal(x[6:8], expected[1][0])
     for half in (x[:4], x[4:]):
         assert torch.equal(torch.cat([ld.next_batch()[0] for ld in quarters]), half)
-    with pytest.raises(ValueError, match="weights"):
-        mixed(two_sources, [0.6, 0.4], 2, T, 1, 2).load_state_dict(sd)
+    # other shares from a state (Llama 3 changed its mix while training): each source goes on in its own order,
+    # and the rows from there on follow the new shares
+    upsampled = mixed(two_sources, [1, 3], 4, T)  # (one process: every row of the global batch is its own)
+    upsampled.load_state_dict(sd)
+    counts = [0, 0]
+    for _ in range(600):
+        for row in upsampled.next_batch()[0]:
+            s = int(row.max() >= OTHER)
+            counts[s] += 1
+            if counts[s] == 1:  # the first row of each source after the resume: where that source was
+                assert torch.equal(row, sources_next[s][0]), s
+    assert abs(counts[1] / sum(counts) - 0.75) < 0.03  # 2400 rows: the binomial's sd is 0.009
     with pytest.raises(ValueError, match="sources"):  # the folders swapped
         mixed(two_sources[::-1], [0.5, 0.5], 2, T, 1, 2).load_state_dict(sd)
     with pytest.raises(ValueError, match="loader state is of a data mix of 2 folders, this loader reads one"):

@@ -442,8 +442,13 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     train(corpus, resumed, "--batch_size", "4", *mix, "--resume", str(resumed / "ckpt" / "step_000008"))
     assert losses(resumed) == losses(tmp_path / "mix")
     r = train(corpus, resumed, "--batch_size", "4", "--data", f"{corpus / 'shards'}=1", f"{second_source}=1",
-              "--resume", ok=False)
-    assert r.returncode == 1 and "its data position does not fit this run (loader state has weights=" in r.stderr, \
+              "--resume", str(resumed / "ckpt" / "step_000008"))  # other shares from here: Llama 3 changed its mix
+    assert "note: the data mix changes at step 8: shares 75.0% / 25.0% -> 50.0% / 50.0%" in r.stdout, r.stdout
+    before, after = losses(tmp_path / "mix"), losses(resumed)
+    assert all(after[s] == before[s] for s in before if s < 8) and any(after[s] != before[s] for s in before if s > 8)
+    r = train(corpus, resumed, "--batch_size", "4", "--data", f"{second_source}=1", f"{corpus / 'shards'}=3",
+              "--resume", ok=False)  # the folders are part of the position: not in another order
+    assert r.returncode == 1 and "its data position does not fit this run (loader state has sources=" in r.stderr, \
         r.stderr
     r = train(corpus, resumed, "--batch_size", "4", "--resume", ok=False)  # the mix's checkpoint, one folder
     assert r.returncode == 1 and "loader state is of a data mix of 2 folders" in r.stderr, r.stderr
