@@ -11,7 +11,7 @@ Design choices
 - Sources: "stdlib" (the default: every .py file of the running interpreter's standard library as a code
   document, plus one English document per module made of its docstrings, plus pydoc's topic pages — no
   download needed), a local file or folder of .txt/.md (a file is a document), .jsonl/.jsonl.gz (the "text"
-  field of each line), .parquet (needs pyarrow), .html/.htm (a page), .warc/.warc.gz (Common Crawl's archives),
+  field of each line), .parquet (needs pyarrow), .html/.htm (a page), .warc[.gz] / .wet[.gz] (Common Crawl's),
   or "hf:NAME[:CONFIG]" (a streamed Hugging Face dataset, needs the datasets package and the network).
 - Web pages (Llama 3 §3.1.1): a WARC file's pages are its 200 responses of HTML (or the text of WET "conversion"
   records); across all the WARC files of a source only the newest page of each URL is read (URL-level dedup,
@@ -68,6 +68,7 @@ train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.
 """
 import argparse
 import ast
+import datetime
 import glob
 import gzip
 import hashlib
@@ -209,7 +210,8 @@ def read_file(path):
         raise ValueError(f"{path}: unknown file type (want {', '.join(SUFFIXES)})")
 
 
-SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet", ".html", ".htm", ".warc", ".warc.gz")
+WARC = (".warc", ".warc.gz", ".wet", ".wet.gz")  # Common Crawl's archives: pages (WARC), their text (WET)
+SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet", ".html", ".htm") + WARC
 
 
 def iter_documents(source):
@@ -222,7 +224,7 @@ def iter_documents(source):
         yield from only_strings((row.get("text") for row in rows), source)
     else:
         paths = source_files(source)
-        newest = newest_pages([p for p in paths if p.endswith((".warc", ".warc.gz"))])  # (URL dedup: all files)
+        newest = newest_pages([p for p in paths if p.endswith(WARC)])  # (URL dedup: across all the files)
         for path in paths:
             yield from warc_pages(path, newest[path]) if path in newest else read_file(path)
 
@@ -273,17 +275,18 @@ class HTML(str):
 
 
 SKIP = {"title", "script", "style", "noscript", "template", "svg", "canvas", "iframe", "object", "nav", "header",
-        "footer", "aside", "form", "button", "select", "textarea"}  # never the page's content
+        "footer", "aside", "button", "select", "textarea"}  # never the page's content (a <form> may wrap a page)
 BOILERPLATE = {"nav", "navbar", "navigation", "menu", "sidebar", "footer", "cookie", "cookies", "banner", "popup",
-               "modal", "breadcrumb", "breadcrumbs", "share", "sharing", "social", "advert", "advertisement", "ad",
-               "ads"}  # words of a class or id that mark an element as not the page's content
+               "modal", "breadcrumb", "breadcrumbs", "share", "sharing", "social", "advert", "advertisement",
+               "ads"}  # a class that is one of these, or starts with one and "-" or "_" ("menu-bar"), is not content
+
 BLOCK = {"p": 2, "div": 1, "section": 2, "article": 2, "main": 2, "h1": 2, "h2": 2, "h3": 2, "h4": 2, "h5": 2,
          "h6": 2, "pre": 2, "blockquote": 2, "ul": 2, "ol": 2, "dl": 2, "table": 2, "figure": 2, "details": 2,
          "li": 1, "dt": 1, "dd": 1, "tr": 1, "br": 1, "hr": 2, "figcaption": 1, "caption": 1, "summary": 1,
          "address": 1}  # a block's text stands on its own lines: 1 newline before it, or 2 (a blank line)
 KEEP = {"html", "body", "main", "article",  # the page itself (<html class="sidebar-visible">: not boilerplate)
-        "p", "li", "dt", "dd", "tr", "td", "th", "thead", "tbody", "tfoot", "option", "colgroup",  # may lack an end
         "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}  # no end
+OPTIONAL_END = {"p", "li", "dt", "dd", "tr", "td", "th", "option"}  # skipped to their end tag or the next block
 MAX_LINK_SHARE = 0.5  # a block whose characters are mostly link text is a menu, a tag cloud or "next / previous"
 
 
@@ -305,21 +308,20 @@ class TextExtractor(HTMLParser):
     def flush(self, gap):
         text = "".join(self.parts)
         text = text.strip("\n") if self.pre else " ".join(text.split())  # <pre> keeps its spaces: code
-        if text.strip() and self.link_chars <= MAX_LINK_SHARE * visible(text):
+        if text.strip() and (self.pre or self.link_chars <= MAX_LINK_SHARE * visible(text)):  # (code: all of it)
             self.blocks.append("\n" * (self.gap if self.blocks else 0) + text)
             self.gap = 0
         self.parts, self.link_chars, self.gap = [], 0, max(self.gap, gap)
 
     def handle_starttag(self, tag, attrs):
+        if self.skip and self.skip[2] and (tag in BLOCK or tag in OPTIONAL_END):
+            self.skip = None  # <li hidden>a<li>b: the next item (or block) ends the skipped one
         if self.skip:
             self.skip[1] += tag == self.skip[0]
             return
         attrs = {k: v or "" for k, v in attrs}
-        words = set(re.split(r"[\s_-]+", f"{attrs.get('class', '')} {attrs.get('id', '')}".lower()))
-        hidden = ("hidden" in attrs or attrs.get("aria-hidden") == "true"
-                  or "display:none" in attrs.get("style", "").replace(" ", ""))
-        if tag in SKIP or (tag not in KEEP and (hidden or words & BOILERPLATE)):
-            self.skip = [tag, 1]
+        if tag in SKIP or (tag not in KEEP and boilerplate(attrs)):
+            self.skip = [tag, 1, tag in OPTIONAL_END]  # (tag, depth, may end without its end tag)
         elif tag in BLOCK:
             self.flush(BLOCK[tag])
             self.pre += tag == "pre"
@@ -331,9 +333,11 @@ class TextExtractor(HTMLParser):
             self.handle_data(f" {attrs['alt']} ")
         elif tag == "math" and attrs.get("alttext"):  # MathML with its TeX: the TeX, not the markup's symbols
             self.handle_data(f" {attrs['alttext']} ")
-            self.skip = [tag, 1]
+            self.skip = [tag, 1, False]
 
     def handle_endtag(self, tag):
+        if self.skip and self.skip[2] and tag != self.skip[0] and tag in BLOCK:
+            self.skip = None  # <ul><li hidden>a</ul>: the list's end ends the item, and is handled below
         if self.skip:
             self.skip[1] -= tag == self.skip[0]
             self.skip = self.skip if self.skip[1] else None
@@ -349,10 +353,18 @@ class TextExtractor(HTMLParser):
             self.link_chars += visible(data) if self.link else 0
 
 
+def boilerplate(attrs):
+    """Whether an element's attributes say it is not the page's content: hidden, or a class naming boilerplate."""
+    style = attrs.get("style", "").lower().replace(" ", "")
+    return ("hidden" in attrs or attrs.get("aria-hidden", "").lower() == "true" or "display:none" in style
+            or "visibility:hidden" in style
+            or any(re.split(r"[-_]", name)[0] in BOILERPLATE for name in attrs.get("class", "").lower().split()))
+
+
 def html_to_text(html):
     """A page's main text, plain (Llama 3: "markdown markers" hurt, so none are written), one block per paragraph:
-    - dropped: <title>, scripts, styles, navigation, headers, footers, asides, forms; elements hidden (hidden,
-      aria-hidden, display:none) or whose class/id names boilerplate (menu, sidebar, cookie, share, ad, ...);
+    - dropped: <title>, scripts, styles, navigation, headers, footers, asides, buttons; elements hidden (hidden,
+      aria-hidden, display:none, ...) or whose class names boilerplate (menu, sidebar, cookie, share, ads, ...);
       blocks whose characters are mostly link text. Precision over recall, as Llama 3's parser.
     - kept: text in reading order, <pre> with its spaces (code), the alt text of images and the TeX of <math
       alttext=...> (Llama 3 keeps both for mathematics), table cells separated by spaces.
@@ -361,7 +373,8 @@ def html_to_text(html):
     parser = TextExtractor()
     try:
         parser.feed(html)
-        parser.close()
+        if not parser.rawdata.startswith("<"):  # a page cut inside a tag or comment: the rest is markup, not text
+            parser.close()
     except AssertionError:  # html.parser gives up on a few malformed "<![" sections: keep the text before it
         pass
     parser.flush(0)
@@ -369,6 +382,7 @@ def html_to_text(html):
 
 
 META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([\w.:-]+)""", re.IGNORECASE)
+MAX_RECORD = 1 << 30  # bytes: a larger WARC record is a damaged header (Common Crawl cuts pages at 1 MiB)
 
 
 def decode_html(raw, charset=None):
@@ -377,10 +391,13 @@ def decode_html(raw, charset=None):
     if not charset:
         m = META_CHARSET.search(raw[:4096])
         charset = m and m.group(1).decode("ascii")
+    for bom, codec in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):  # a byte-order mark outranks every label, as in a browser
+            charset = codec
     try:
         return raw.decode(charset or "utf-8", "replace")
-    except LookupError:  # a charset Python does not know
-        return raw.decode("utf-8", "replace")
+    except (LookupError, UnicodeError):  # a charset Python does not know, or a codec that is no page's (charset=
+        return raw.decode("utf-8", "replace")  # undefined, idna: they raise even with "replace")
 
 
 def warc_records(path):
@@ -395,15 +412,17 @@ def warc_records(path):
                 if not line.strip():
                     continue  # the blank lines that end each record
                 if not line.startswith(b"WARC/"):
-                    raise ValueError(f"{path}: record {n + 1}: not a WARC record (it starts {line[:40]!r})")
+                    raise ValueError(f"{path}: record {n + 1}: not a WARC record (it starts {line[:40]!r})" +
+                                     (f"; or record {n}'s Content-Length is wrong" if n else ""))
                 headers = {}
                 while (line := f.readline()).strip():
                     name, _, value = line.decode("utf-8", "replace").partition(":")
                     headers[name.strip().lower()] = value.strip()
                 length = headers.get("content-length", "")
-                if not line or not length.isdigit():
-                    raise ValueError(f"{path}: record {n + 1}: " +
-                                     ("cut inside its header" if not line else "no Content-Length"))
+                if not line or not re.fullmatch(r"[0-9]{1,10}", length) or int(length) > MAX_RECORD:
+                    raise ValueError(f"{path}: record {n + 1}: " + ("cut inside its header" if not line else
+                                     "no Content-Length" if not length else
+                                     f"Content-Length {length!r} is not a size up to {MAX_RECORD:,} bytes"))
                 block = f.read(int(length))
                 if len(block) < int(length):
                     raise ValueError(f"{path}: record {n + 1}: cut ({len(block)} of {length} bytes); is the "
@@ -420,23 +439,24 @@ def warc_page(headers, block):
     kind = headers.get("warc-type")
     if kind == "conversion":
         return block.decode("utf-8", "replace")
-    if kind != "response" or not headers.get("content-type", "").startswith("application/http"):
+    blank = re.search(rb"\r?\n\r?\n", block)  # the end of the HTTP header (CRLF, or LF from some writers)
+    if kind != "response" or not headers.get("content-type", "").lower().startswith("application/http") or not blank:
         return None
-    head, _, body = block.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    http = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    content_type = http.get("content-type", "").lower()
-    if status.split()[1:2] != ["200"] or "html" not in content_type or \
-            http.get("content-encoding", "identity").lower() != "identity":  # (Common Crawl stores bodies decoded)
+    status, *lines = block[:blank.start()].decode("latin-1").splitlines()
+    http = {k.strip().lower(): v.strip().lower() for k, _, v in (line.partition(":") for line in lines)}
+    content_type = http.get("content-type", "")
+    if status.split()[1:2] != ["200"] or "html" not in content_type or any(  # (Common Crawl stores bodies decoded)
+            http.get(h, "identity") != "identity" for h in ("content-encoding", "transfer-encoding")):
         return None
-    charset = re.search(r"charset=[\"']?([\w.:-]+)", content_type)
+    charset = re.search(r"charset\s*=\s*[\"']?([\w.:-]+)", content_type)
+    body = block[blank.end():]
     return HTML(decode_html(body, charset and charset.group(1)))
 
 
 def newest_pages(paths):
     """URL-level dedup across the WARC files `paths` (Llama 3: "we keep the most recent version for pages
     corresponding to each URL"): {path: numbers of its records to read}, the page of each URL with the latest
-    WARC-Date (ISO 8601, compared as text; a tie keeps the first read). A first pass over the files: the URLs are
+    WARC-Date (a tie keeps the first read). A first pass over the files: the URLs are
     held in memory, fine for a few million pages."""
     newest = {}  # URL -> (WARC-Date, path, record number)
     pages = 0
@@ -445,7 +465,7 @@ def newest_pages(paths):
             if warc_page(headers, block) is not None:
                 pages += 1
                 url = headers.get("warc-target-uri", "").strip("<>") or (path, n)  # (no URL: a page of its own)
-                date = headers.get("warc-date", "")
+                date = warc_time(headers.get("warc-date", ""))
                 if url not in newest or date > newest[url][0]:
                     newest[url] = (date, path, n)
     keep = {path: set() for path in paths}
@@ -455,6 +475,14 @@ def newest_pages(paths):
         print(f"data: URL dedup: {pages - len(newest):,} of {pages:,} pages in {len(paths)} WARC file(s) were "
               f"older versions of a URL", file=sys.stderr)
     return keep
+
+
+def warc_time(date):
+    """A WARC-Date (ISO 8601, UTC) -> seconds since 1970; unreadable -> -inf (older than any)."""
+    try:
+        return datetime.datetime.fromisoformat(date.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return -math.inf
 
 
 def warc_pages(path, keep):
@@ -595,8 +623,10 @@ MAX_PII = 0.02              # e-mail and public IP addresses per word, when 5 or
 
 LETTER = re.compile(r"[^\W\d_]")  # a Unicode letter: a word character that is not a digit or underscore
 SYMBOL = re.compile(r"[^\w\s]|_")   # not a letter, digit or whitespace
-PII = regex.compile(r"(?<=[\w%+-])@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"  # an e-mail address's @domain
-                    r"|\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")  # an IPv4 address (the regex module: 4x re's speed)
+PII = regex.compile(r"(?<=[\w%+-])@(?:[a-z0-9-]{1,63}\.){1,8}(?:[a-z]{2}|com|org|net|edu|gov|info|biz|io)\b"  # e-mail
+                    r"|(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?!\.?\d)", regex.IGNORECASE)  # IPv4 (not in 1.3.6.1.2.1)
+# (an e-mail's domain ends in a country's two letters or a common generic name, so that q@k.transpose is no
+# address; the repeats are bounded, else the regex module, 4x re's speed here, is quadratic on "a@b.b.b.b...")
 
 
 def personal_data(text):
@@ -1281,7 +1311,7 @@ class MixedLoader:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="text sources -> clean/dedup/filter -> token shards")
     p.add_argument("--source", default="stdlib", help="stdlib | PATH (a file or folder of .txt, .md, .jsonl[.gz], "
-                   ".parquet, .html, .warc[.gz]) | hf:NAME[:CONFIG]")
+                   ".parquet, .html, .warc[.gz], .wet[.gz]) | hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
     p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
     p.add_argument("--val_fraction", type=float, default=0.02,

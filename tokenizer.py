@@ -479,7 +479,7 @@ def _write_atomic(path, text):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train or inspect a Llama 3 style BPE tokenizer.")
     parser.add_argument("--source", default="stdlib", help="what data.py reads: stdlib | PATH (file or folder of "
-                        ".txt, .md, .jsonl[.gz], .parquet, .html, .warc[.gz]) | hf:NAME[:CONFIG]")
+                        ".txt, .md, .jsonl[.gz], .parquet, .html, .warc[.gz], .wet[.gz]) | hf:NAME[:CONFIG]")
     parser.add_argument("--vocab_size", type=int, default=8192, help="tokens in all, 256 specials included")
     parser.add_argument("--out", default="tok.model", help="where to write the tokenizer (+ .vocab beside it)")
     parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")

@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import sys
 import unicodedata
 import zlib
@@ -127,11 +128,24 @@ def test_html_to_text():
     assert "<article>" in data.clean_text(PAGE)  # a plain str is text, not markup
     assert data.html_to_text("<p>kept<![foo bar]>lost") == "kept"  # html.parser gives up here: the text so far stays
     assert data.html_to_text("<p>no end <div class=menu>menu <b>never closed") == "no end"
+    assert data.html_to_text("<p>Main text.</p><!-- cut inside a comment: <div>old</div> <p>x") == "Main text."
+    # a <form> may wrap a whole page (ASP.NET); code keeps its links and blocks; classes are words, ids are not
+    assert data.html_to_text("<body><form id=form1><h1>Report</h1><p>Approved.</p></form>") == "Report\n\nApproved."
+    code = '<pre>struct A&lt;T = <a href=/g>Global</a>&gt;<div class="where">where\n    T: <a href=/c>Clone</a>,</div>{'
+    assert data.html_to_text(code + " }</pre>") == "struct A<T = Global>\nwhere\n    T: Clone,\n{ }"
+    content = '<section id=navigation><h2 id=sharing-data>Sharing data</h2><div class="post has-sidebar"><p>Text.</div>'
+    assert data.html_to_text(content + "</section>") == "Sharing data\n\nText."
+    # hidden elements, also those whose end tag may be left out
+    hidden = ('<ul><li hidden>gone<li>one<li aria-hidden="TRUE">gone</ul><p style="visibility: hidden">gone<p>two'
+              '<p class=cookie-notice>gone</p><table><tr><td style="DISPLAY:NONE">gone<td>three</table>')
+    assert data.html_to_text(hidden) == "one\n\ntwo\n\nthree"
     # the charset: the HTTP header's, else the page's <meta>, else UTF-8; bytes that do not decode: U+FFFD
     latin = b'<meta charset="iso-8859-1"><p>caf\xe9</p>'
     assert data.decode_html(latin).endswith("caf\u00e9</p>")
     assert data.decode_html(latin, "utf-8").endswith("caf\ufffd</p>")
-    assert data.decode_html(b"<meta charset=no-such-codec><p>\xc3\xa9\xff") .endswith("<p>\u00e9\ufffd")
+    for label in ("no-such-codec", "undefined", "idna"):  # unknown, or a codec that raises even with "replace"
+        assert data.decode_html(f"<meta charset={label}><p>".encode() + b"\xc3\xa9\xff").endswith("<p>\u00e9\ufffd")
+    assert data.decode_html("<p>bom</p>".encode("utf-16"), "latin-1") == "<p>bom</p>"  # (with a BOM) the BOM wins
 
 
 def warc_record(kind, url, date="2024-01-01T00:00:00Z", block=b"", http=None):
@@ -153,6 +167,7 @@ def write_warc(path, records):
 
 
 def test_warc_pages_and_url_dedup(tmp_path, capsys):
+    lf_only = b"HTTP/1.1 200 OK\nContent-Type: text/html\n\n<p>x5, its HTTP header in LF lines</p>"
     write_warc(tmp_path / "a.warc.gz", [
         warc_record("warcinfo", ""),
         warc_record("request", "http://x.org/1", block=b"GET /1 HTTP/1.1\r\n\r\n"),
@@ -161,22 +176,31 @@ def test_warc_pages_and_url_dedup(tmp_path, capsys):
         page("http://x.org/logo", "2024-05-01T00:00:00Z", b"\x89PNG...", "200 OK", "image/png"),
         page("http://x.org/gz", "2024-05-01T00:00:00Z", b"\x1f\x8b...", "200 OK", "text/html",
              "Content-Encoding: gzip"),
-        page("http://x.org/latin", "2024-05-01T00:00:00Z", b"<p>caf\xe9</p>", "200 OK", "text/html; charset=latin-1"),
+        page("http://x.org/chunks", "2024-05-01T00:00:00Z", b"9\r\n<p>x</p>\r\n0\r\n\r\n", "200 OK", "text/html",
+             "Transfer-Encoding: chunked"),
+        page("http://x.org/latin", "2024-05-01T00:00:00Z", b"<p>caf\xe9</p>", "200 OK", "text/html; charset = latin-1"),
+        page("http://x.org/odd", "2024-05-01T00:00:00Z", b"<p>\xc3\xa9, charset undefined</p>", "200 OK",
+             "text/html; charset=undefined"),  # (a misconfigured server: read as UTF-8)
+        page("http://x.org/4", "2024-06-01T00:00:00.900Z", b"<p>x4, at 0.9 s</p>"),
+        warc_record("response", "http://x.org/5", block=lf_only).replace(b"text/plain", b"Application/HTTP"),
         warc_record("metadata", "http://x.org/1", block=b"fetchTimeMs: 12\r\n"),
     ])
     write_warc(tmp_path / "b.warc", [
         page("http://x.org/1", "2024-01-01T00:00:00Z", b"<p>x1, the January version</p>"),  # older: not read
-        warc_record("conversion", "http://y.org/", block="y, as text (WET) \u00e9".encode()),
         page("<http://x.org/2>", "2024-01-01T00:00:00Z", b"<p>x2 in January</p>"),   # WARC/1.0's <URI> form
         page("http://x.org/2", "2024-02-01T00:00:00Z", b"<p>x2 in February</p>"),
         page("http://x.org/3", "2024-03-01T00:00:00Z", b"<p>x3, first</p>"),
         page("http://x.org/3", "2024-03-01T00:00:00Z", b"<p>x3, a copy of the same date</p>"),  # a tie: the first
+        page("http://x.org/4", "2024-06-01T00:00:00Z", b"<p>x4, at 0 s</p>"),  # older by 0.9 s
     ])
+    write_warc(tmp_path / "c.warc.wet.gz", [  # Common Crawl's WET files: the text of each page
+        warc_record("conversion", "http://y.org/", block="y, as text (WET) \u00e9".encode())])
     docs = list(data.iter_documents(str(tmp_path)))
-    assert [type(d) for d in docs] == [data.HTML, data.HTML, str, data.HTML, data.HTML]  # WET text is text
-    assert [data.clean_text(d) for d in docs] == ["x1, the May version", "caf\u00e9", "y, as text (WET) \u00e9",
-                                                 "x2 in February", "x3, first"]
-    assert "URL dedup: 3 of 8 pages in 2 WARC file(s) were older versions of a URL" in capsys.readouterr().err
+    assert [type(d) for d in docs] == [data.HTML] * 7 + [str]  # WET text is text
+    assert [data.clean_text(d) for d in docs] == [
+        "x1, the May version", "caf\u00e9", "\u00e9, charset undefined", "x4, at 0.9 s",
+        "x5, its HTTP header in LF lines", "x2 in February", "x3, first", "y, as text (WET) \u00e9"]
+    assert "URL dedup: 4 of 12 pages in 3 WARC file(s) were older versions of a URL" in capsys.readouterr().err
 
 
 def test_warc_bad_files(tmp_path):
@@ -191,6 +215,13 @@ def test_warc_bad_files(tmp_path):
         list(data.iter_documents(str(cut)))
     cut.write_bytes(records[0] + records[1].replace(b"Content-Length", b"Content-Lenght"))
     with pytest.raises(ValueError, match=r"cut\.warc: record 2: no Content-Length"):
+        list(data.iter_documents(str(cut)))
+    for size in (b"99999999999", "\u00b2".encode()):  # (no 10 GB read is attempted; a superscript is no digit)
+        cut.write_bytes(records[0] + re.sub(rb"Content-Length: \d+", b"Content-Length: " + size, records[1]))
+        with pytest.raises(ValueError, match=r"cut\.warc: record 2: Content-Length '.*' is not a size up to"):
+            list(data.iter_documents(str(cut)))
+    cut.write_bytes(records[0].replace(b"Content-Length: ", b"Content-Length: 1") + records[1])  # too short: 1
+    with pytest.raises(ValueError, match=r"cut\.warc: record \d: .*; or record 1's Content-Length is wrong|cut \("):
         list(data.iter_documents(str(cut)))
     foreign = tmp_path / "foreign.warc"
     foreign.write_bytes(records[0] + b"<html>a page saved as .warc</html>\r\n")
@@ -208,6 +239,8 @@ def test_personal_data_rule():
     rng = np.random.default_rng(0)
     assert data.personal_data("mail bob@corp.com or ana@corp.com from 8.8.8.8, not 10.0.0.1") == 3
     assert data.personal_data("x = a @ b.T; y = a@b.T; print(f'{s}@{t}'); 1.2.3.400; 127.0.0.1; 192.0.2.1") == 0
+    assert data.personal_data("s = q@k.transpose(-2, -1); h = x@w1.weight.T; oid 1.3.6.1.2.1.1.5.0") == 0
+    assert data.personal_data("a.b@mail.example.co.uk, x@y.io") == 2
     contacts = " ".join(f"{prose(rng, 12)} Contact: person{i}@example.com." for i in range(10))  # 10 in ~150 words
     assert data.heuristic_reject(contacts) == "personal data"
     assert data.heuristic_reject(prose(rng, 200) + " Write to ana@corp.com or bob@corp.com.") is None
