@@ -15,9 +15,10 @@ Design choices
   or "hf:NAME[:CONFIG]" (a streamed Hugging Face dataset, needs the datasets package and the network).
 - Web pages (Llama 3 §3.1.1): a WARC file's pages are its 200 responses of HTML (or the text of WET "conversion"
   records); across all the WARC files of a source only the newest page of each URL is read (URL-level dedup,
-  a first pass over the files). Text comes out of HTML in the worker processes (html_to_text: the main text,
-  boilerplate dropped, code blocks, image alt text and TeX kept, no markdown); documents where e-mail and public
-  IP addresses are dense go (Llama 3 removes pages with high volumes of personal data).
+  a first pass over the files), and none of a domain on a --blocklist (Llama 3's safety filter). Text comes out
+  of HTML in the worker processes (html_to_text: the main text, boilerplate dropped, code blocks, image alt text
+  and TeX kept, no markdown); documents where e-mail and public IP addresses are dense go (Llama 3 removes pages
+  with high volumes of personal data).
 - Bad JSONL: a line that is not JSON means a truncated or corrupt file, so it is an error naming file and line;
   a valid record without a string "text" field is skipped and counted, with one warning per file naming the
   first such line (web dumps carry the odd metadata-only record; a whole run should not die for it).
@@ -85,6 +86,7 @@ import sys
 import sysconfig
 import time
 import unicodedata
+import urllib.parse
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -214,8 +216,9 @@ WARC = (".warc", ".warc.gz", ".wet", ".wet.gz")  # Common Crawl's archives: page
 SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet", ".html", ".htm") + WARC
 
 
-def iter_documents(source):
-    """source: "stdlib" | a file or folder path | "hf:NAME[:CONFIG]" -> documents (str), deterministic order."""
+def iter_documents(source, blocklist=()):
+    """source: "stdlib" | a file or folder path | "hf:NAME[:CONFIG]" -> documents (str), deterministic order.
+    blocklist: domains whose WARC/WET pages are left out (read_blocklist)."""
     if source == "stdlib":
         yield from stdlib_documents()
     elif source.startswith("hf:"):
@@ -224,7 +227,7 @@ def iter_documents(source):
         yield from only_strings((row.get("text") for row in rows), source)
     else:
         paths = source_files(source)
-        newest = newest_pages([p for p in paths if p.endswith(WARC)])  # (URL dedup: across all the files)
+        newest = newest_pages([p for p in paths if p.endswith(WARC)], blocklist)  # (URL dedup: all the files)
         for path in paths:
             yield from warc_pages(path, newest[path]) if path in newest else read_file(path)
 
@@ -453,28 +456,59 @@ def warc_page(headers, block):
     return HTML(decode_html(body, charset and charset.group(1)))
 
 
-def newest_pages(paths):
+def newest_pages(paths, blocklist=()):
     """URL-level dedup across the WARC files `paths` (Llama 3: "we keep the most recent version for pages
     corresponding to each URL"): {path: numbers of its records to read}, the page of each URL with the latest
-    WARC-Date (a tie keeps the first read). A first pass over the files: the URLs are
-    held in memory, fine for a few million pages."""
+    WARC-Date (a tie keeps the first read), but none of a domain in `blocklist`. A first pass over the files: the
+    URLs are held in memory, fine for a few million pages."""
     newest = {}  # URL -> (WARC-Date, path, record number)
-    pages = 0
+    pages = left_out = 0
     for path in paths:
         for n, (headers, block) in enumerate(warc_records(path)):
             if warc_page(headers, block) is not None:
-                pages += 1
                 url = headers.get("warc-target-uri", "").strip("<>") or (path, n)  # (no URL: a page of its own)
+                if blocklist and isinstance(url, str) and blocked(url, blocklist):
+                    left_out += 1
+                    continue
+                pages += 1
                 date = warc_time(headers.get("warc-date", ""))
                 if url not in newest or date > newest[url][0]:
                     newest[url] = (date, path, n)
     keep = {path: set() for path in paths}
     for _, path, n in newest.values():
         keep[path].add(n)
+    if left_out:
+        print(f"data: blocklist: {left_out:,} pages of its domains left out", file=sys.stderr)
     if pages > len(newest):
         print(f"data: URL dedup: {pages - len(newest):,} of {pages:,} pages in {len(paths)} WARC file(s) were "
               f"older versions of a URL", file=sys.stderr)
     return keep
+
+
+def read_blocklist(path):
+    """Domains whose pages are left out (Llama 3's safety filter drops domains ranked harmful or known for adult
+    content; FineWeb used the UT1 lists): one per line, '#' comments -> a set of lower-case domains.
+    A line of more than one word -> ValueError naming file:line."""
+    domains = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                words = line.split("#")[0].split()
+                if len(words) > 1:
+                    raise ValueError(f"{path}:{lineno}: not a domain ({line.strip()[:60]!r})")
+                domains.update(w.lower().lstrip("*.") for w in words)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    return domains
+
+
+def blocked(url, domains):
+    """Whether the URL's host is one of `domains` or inside one: 'https://a.B.com:8080/x' is inside 'b.com'."""
+    try:
+        labels = (urllib.parse.urlsplit(url).hostname or "").split(".")
+    except ValueError:  # a malformed URL ("http://[::1")
+        return False
+    return any(".".join(labels[i:]) in domains for i in range(len(labels)))
 
 
 def warc_time(date):
@@ -918,14 +952,14 @@ def read_meta(path, cache=False):
 
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
-                 line_dedup=0, chunk_bytes=1 << 22, verbose=True):
+                 line_dedup=0, blocklist=None, chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
     If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings, pipeline and
     tokenizer, returns it without work.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     line_dedup N > 0: lines seen more than N times in a bucket of LINE_BUCKET kept documents are removed (Llama 3:
-    6), for web text; 0: none.
+    6), for web text; 0: none. blocklist: a file of domains whose WARC/WET pages are left out (read_blocklist).
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
     if not 0 <= val_fraction <= 0.5:
@@ -938,13 +972,16 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
+    if blocklist and not os.path.isfile(blocklist):
+        raise FileNotFoundError(f"blocklist {blocklist}: no such file")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
                   shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
-                  **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}))
-    # (line_dedup off: the config of older caches, which stay valid)
+                  **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}),
+                  **({"blocklist": [os.path.abspath(blocklist), source_stamp(blocklist)]} if blocklist else {}))
+    # (line_dedup and blocklist off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
@@ -957,6 +994,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         labeller = checkpoint_labeller(quality_model)
     if source.startswith("hf:"):
         hf_datasets(source)  # (not installed: an error before out_dir is made)
+    domains = read_blocklist(blocklist) if blocklist else set()
+    if blocklist and not (os.path.exists(source) and any(p.endswith(WARC) for p in source_files(source))):
+        raise ValueError(f"blocklist {blocklist}: it leaves out pages by their URL, and source {source!r} has no "
+                         f"{' or '.join(WARC)} files")
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
         if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
@@ -1045,7 +1086,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             n_kept += 1
         return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
 
-    docs = iter_documents(source) if max_docs is None else itertools.islice(iter_documents(source), max_docs)
+    docs = iter_documents(source, domains)
+    docs = docs if max_docs is None else itertools.islice(docs, max_docs)
     # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
     # train.py have no `if __name__ == "__main__"` guard. No fork (Windows): one process.
     if "fork" not in multiprocessing.get_all_start_methods():
@@ -1323,10 +1365,12 @@ if __name__ == "__main__":
     p.add_argument("--quality_drop", type=float, default=0.1, help="share of the labelled sample called junk")
     p.add_argument("--line_dedup", type=int, default=0, help="remove lines seen more than this many times in a bucket "
                    f"of {LINE_BUCKET:,} documents (Llama 3: 6; for web text, not code); 0: off")
+    p.add_argument("--blocklist", default=None, help="a file of domains (one per line) whose WARC/WET pages are left "
+                   "out: Llama 3's safety filter, e.g. a UT1 list as FineWeb used")
     a = p.parse_args()
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
-                     quality_drop=a.quality_drop, line_dedup=a.line_dedup)
+                     quality_drop=a.quality_drop, line_dedup=a.line_dedup, blocklist=a.blocklist)
     except (ValueError, FileNotFoundError, ImportError) as e:  # a mistyped path or flag, a damaged file: one line
         sys.exit(str(e))

@@ -203,6 +203,37 @@ def test_warc_pages_and_url_dedup(tmp_path, capsys):
     assert "URL dedup: 4 of 12 pages in 3 WARC file(s) were older versions of a URL" in capsys.readouterr().err
 
 
+def test_blocklist(corpus, tmp_path, capsys):
+    """Llama 3's safety filter by domain: pages of a listed domain or of its subdomains are left out, before URL
+    dedup; the list is part of the cache's settings; a bad list or a source without URLs is refused."""
+    _, docs, tok_path = corpus
+    blocklist = tmp_path / "adult.txt"
+    blocklist.write_text("# domains (UT1's format)\nadult.example\n\n*.casino.example  # a wildcard\n")
+    assert data.read_blocklist(str(blocklist)) == {"adult.example", "casino.example"}
+    urls = ["http://adult.example/", "https://WWW.Adult.Example:8080/a?b", "http://notadult.example/",
+            "http://casino.example/x", "http://ok.org/adult.example", "http://[::1"]
+    assert [data.blocked(u, {"adult.example", "casino.example"}) for u in urls] == [1, 1, 0, 1, 0, 0]
+    src = tmp_path / "crawl"
+    src.mkdir()
+    write_warc(src / "a.warc.gz", [page(u, "2024-01-01T00:00:00Z", f"<p>{docs[30 + i]}</p>".encode())
+                                   for i, u in enumerate(urls[:5])])
+    assert len(list(data.iter_documents(str(src), data.read_blocklist(str(blocklist))))) == 2
+    assert "blocklist: 3 pages of its domains left out" in capsys.readouterr().err
+    out = str(tmp_path / "out")
+    meta = data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
+    assert meta["read"]["docs"] == 2 and meta["config"]["blocklist"][0] == str(blocklist)
+    assert data.prepare_data(str(src), tok_path, out, num_proc=1, verbose=False)["read"]["docs"] == 5  # rebuilt
+    blocklist.write_text("adult.example casino.example\n")
+    with pytest.raises(ValueError, match=r"adult\.txt:1: not a domain"):
+        data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
+    with pytest.raises(FileNotFoundError, match="blocklist .*typo.txt: no such file"):
+        data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(tmp_path / "typo.txt"), verbose=False)
+    blocklist.write_text("adult.example\n")
+    with pytest.raises(ValueError, match="leaves out pages by their URL, and source .* has no .warc"):
+        data.prepare_data(str(tmp_path / "adult.txt"), tok_path, out, num_proc=1, blocklist=str(blocklist))
+    assert os.path.exists(os.path.join(out, "meta.json"))  # (refused before the old cache went)
+
+
 def test_warc_bad_files(tmp_path):
     records = [page(f"http://x.org/{i}", "2024-01-01T00:00:00Z", b"<p>%d</p>" % i) for i in range(3)]
     cut = tmp_path / "cut.warc"
