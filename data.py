@@ -289,7 +289,13 @@ BLOCK = {"p": 2, "div": 1, "section": 2, "article": 2, "main": 2, "h1": 2, "h2":
          "address": 1}  # a block's text stands on its own lines: 1 newline before it, or 2 (a blank line)
 KEEP = {"html", "body", "main", "article",  # the page itself (<html class="sidebar-visible">: not boilerplate)
         "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}  # no end
-OPTIONAL_END = {"p", "li", "dt", "dd", "tr", "td", "th", "option"}  # skipped to their end tag or the next block
+SECTION_ENDS = {"table", "thead", "tbody", "tfoot"}
+CLOSED_BY = {  # elements whose end tag may be left out: the start tags and end tags that end them (HTML's rules)
+    "p": (set(BLOCK) - {"br"}, set(BLOCK) | {"form", "td", "th", "body", "html"}),
+    "li": ({"li"}, {"ul", "ol"}), "dt": ({"dt", "dd"}, {"dl"}), "dd": ({"dt", "dd"}, {"dl"}),
+    "tr": ({"tr"}, SECTION_ENDS), "td": ({"td", "th", "tr"}, SECTION_ENDS | {"tr"}),
+    "th": ({"td", "th", "tr"}, SECTION_ENDS | {"tr"}), "option": ({"option", "optgroup"}, {"select", "optgroup"})}
+NESTS = {"ul", "ol", "dl", "table", "select"}  # inside these, items do not end the element around them
 MAX_LINK_SHARE = 0.5  # a block whose characters are mostly link text is a menu, a tag cloud or "next / previous"
 
 
@@ -305,7 +311,8 @@ class TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.blocks, self.parts, self.gap = [], [], 0  # finished blocks; the open block's text; newlines before it
         self.link_chars = 0  # characters of the open block in links to other pages
-        self.skip = None     # [tag, depth] while inside an element whose text is dropped
+        self.skip = None     # [tag, depth] while inside an element whose text is dropped: depth counts the open
+                             # elements of that tag, or for one of CLOSED_BY the open NESTS inside it
         self.pre, self.link = 0, False  # depth inside <pre>; inside a link to another page (<a> do not nest)
 
     def flush(self, gap):
@@ -317,14 +324,14 @@ class TextExtractor(HTMLParser):
         self.parts, self.link_chars, self.gap = [], 0, max(self.gap, gap)
 
     def handle_starttag(self, tag, attrs):
-        if self.skip and self.skip[2] and (tag in BLOCK or tag in OPTIONAL_END):
-            self.skip = None  # <li hidden>a<li>b: the next item (or block) ends the skipped one
+        if self.skip and self.skip[0] in CLOSED_BY and not self.skip[1] and tag in CLOSED_BY[self.skip[0]][0]:
+            self.skip = None  # <li hidden>a<li>b: the next item ends the skipped one, and is read below
         if self.skip:
-            self.skip[1] += tag == self.skip[0]
+            self.skip[1] += tag in NESTS if self.skip[0] in CLOSED_BY else tag == self.skip[0]
             return
         attrs = {k: v or "" for k, v in attrs}
         if tag in SKIP or (tag not in KEEP and boilerplate(attrs)):
-            self.skip = [tag, 1, tag in OPTIONAL_END]  # (tag, depth, may end without its end tag)
+            self.skip = [tag, 0 if tag in CLOSED_BY else 1]
         elif tag in BLOCK:
             self.flush(BLOCK[tag])
             self.pre += tag == "pre"
@@ -336,11 +343,18 @@ class TextExtractor(HTMLParser):
             self.handle_data(f" {attrs['alt']} ")
         elif tag == "math" and attrs.get("alttext"):  # MathML with its TeX: the TeX, not the markup's symbols
             self.handle_data(f" {attrs['alttext']} ")
-            self.skip = [tag, 1, False]
+            self.skip = [tag, 1]
 
     def handle_endtag(self, tag):
-        if self.skip and self.skip[2] and tag != self.skip[0] and tag in BLOCK:
-            self.skip = None  # <ul><li hidden>a</ul>: the list's end ends the item, and is handled below
+        if self.skip and self.skip[0] in CLOSED_BY:
+            name, nested = self.skip
+            if nested or not (tag == name or tag in CLOSED_BY[name][1]):
+                if nested and tag in NESTS:
+                    self.skip[1] -= 1
+                return
+            self.skip = None  # its end tag, or <ul><li hidden>a</ul>: the list's end ends the item (read below)
+            if tag == name:
+                return
         if self.skip:
             self.skip[1] -= tag == self.skip[0]
             self.skip = self.skip if self.skip[1] else None
@@ -487,25 +501,36 @@ def newest_pages(paths, blocklist=()):
 
 def read_blocklist(path):
     """Domains whose pages are left out (Llama 3's safety filter drops domains ranked harmful or known for adult
-    content; FineWeb used the UT1 lists): one per line, '#' comments -> a set of lower-case domains.
-    A line of more than one word -> ValueError naming file:line."""
+    content; FineWeb used the UT1 lists): one per line, '#' comments, a leading '*.' ignored -> a set of domains
+    in one form (host_form). A line that is not one domain (two words, a URL, a port) -> ValueError naming
+    file:line: UT1's `urls` files, beside its `domains` files, would otherwise block nothing."""
     domains = set()
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 words = line.split("#")[0].split()
-                if len(words) > 1:
+                if len(words) > 1 or any(c in "".join(words) for c in "/:@"):
                     raise ValueError(f"{path}:{lineno}: not a domain ({line.strip()[:60]!r})")
-                domains.update(w.lower().lstrip("*.") for w in words)
+                domains.update(host_form(w.lstrip("*.")) for w in words)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
     return domains
 
 
-def blocked(url, domains):
-    """Whether the URL's host is one of `domains` or inside one: 'https://a.B.com:8080/x' is inside 'b.com'."""
+def host_form(host):
+    """One spelling per host name: lower case, no trailing dot, international names as IDNA ('bücher.de' ->
+    'xn--bcher-kva.de'), so that a list and a URL that spell a domain differently still meet."""
+    host = host.lower().rstrip(".")
     try:
-        labels = (urllib.parse.urlsplit(url).hostname or "").split(".")
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:  # not a valid international name (an empty or over-long label): as it is
+        return host
+
+
+def blocked(url, domains):
+    """Whether the URL's host is one of `domains` or inside one: 'https://a.B.com.:8080/x' is inside 'b.com'."""
+    try:
+        labels = host_form(urllib.parse.urlsplit(url).hostname or "").split(".")
     except ValueError:  # a malformed URL ("http://[::1")
         return False
     return any(".".join(labels[i:]) in domains for i in range(len(labels)))
@@ -668,7 +693,8 @@ def personal_data(text):
     text holds: 'mail bob@corp.com or ana@corp.com from 8.8.8.8, not 10.0.0.1' -> 3"""
     def public(ip):
         try:
-            return ipaddress.ip_address(ip).is_global
+            address = ipaddress.ip_address(ip)
+            return address.is_global and not address.is_multicast  # (Python calls 224.0.0.1 global)
         except ValueError:  # 999.1.2.3: not an address
             return False
     return sum(1 for m in PII.findall(text) if m.startswith("@") or public(m))
@@ -980,7 +1006,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                   shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
                   **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}),
-                  **({"blocklist": [os.path.abspath(blocklist), source_stamp(blocklist)]} if blocklist else {}))
+                  **({"blocklist": [os.path.abspath(blocklist), file_crc32(blocklist)]} if blocklist else {}))
     # (line_dedup and blocklist off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)

@@ -609,9 +609,10 @@ if args.resume:
     except ValueError as e:  # another --seed, --seq_len, global batch or --data folders
         fail(f"{last_ckpt}: its data position does not fit this run ({e}); resume with the flags it was saved with")
     was = state["loader"].get("weights")  # a mix may change its shares on resume, as Llama 3's did while training
-    if was is not None and was != train_loader.p.tolist():
+    if was is not None and any(abs(a - b) > 1e-9 for a, b in zip(was, train_loader.p)):  # (not the last bit)
         log(f"note: the data mix changes at step {start_step}: shares {' / '.join(f'{w:.1%}' for w in was)} -> "
-            f"{' / '.join(f'{w:.1%}' for w in shares)} (each folder goes on where it was)")
+            f"{' / '.join(f'{w:.1%}' for w in shares)} (each folder goes on where it was; val loss and bits per "
+            "byte are weighed by the new shares from here)")
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)
         torch.cuda.set_rng_state(state["cuda_rng"])

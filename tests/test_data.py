@@ -139,6 +139,15 @@ def test_html_to_text():
     hidden = ('<ul><li hidden>gone<li>one<li aria-hidden="TRUE">gone</ul><p style="visibility: hidden">gone<p>two'
               '<p class=cookie-notice>gone</p><table><tr><td style="DISPLAY:NONE">gone<td>three</table>')
     assert data.html_to_text(hidden) == "one\n\ntwo\n\nthree"
+    for page, shown in (  # they end where a browser ends them: not at a <br> or an inner list; at their parent's end
+            ("<li hidden>gone<br>gone too</li><li>shown", "shown"),
+            ("<ul><li hidden>gone<ul><li>nested, gone</ul>gone</li><li>shown</ul>", "shown"),
+            ("<ul class=menu><li class=menu-item>gone<ul class=sub-menu><li>gone</ul>gone</ul><p>shown", "shown"),
+            ("<table><tr hidden><td>gone<td>gone</tr><tr><td>shown</table>", "shown"),
+            ("<table><tr><td hidden><table><tr><td>gone</table></td><td>shown</table>", "shown"),
+            ("<dl><dd hidden><p>gone</p></dd><dt>shown</dl>", "shown"),
+            ("<form><p hidden>gone</form>shown", "shown"), ("<ul><li hidden>gone</ul>shown", "shown")):
+        assert data.html_to_text(page) == shown, page
     # the charset: the HTTP header's, else the page's <meta>, else UTF-8; bytes that do not decode: U+FFFD
     latin = b'<meta charset="iso-8859-1"><p>caf\xe9</p>'
     assert data.decode_html(latin).endswith("caf\u00e9</p>")
@@ -208,11 +217,14 @@ def test_blocklist(corpus, tmp_path, capsys):
     dedup; the list is part of the cache's settings; a bad list or a source without URLs is refused."""
     _, docs, tok_path = corpus
     blocklist = tmp_path / "adult.txt"
-    blocklist.write_text("# domains (UT1's format)\nadult.example\n\n*.casino.example  # a wildcard\n")
-    assert data.read_blocklist(str(blocklist)) == {"adult.example", "casino.example"}
-    urls = ["http://adult.example/", "https://WWW.Adult.Example:8080/a?b", "http://notadult.example/",
-            "http://casino.example/x", "http://ok.org/adult.example", "http://[::1"]
-    assert [data.blocked(u, {"adult.example", "casino.example"}) for u in urls] == [1, 1, 0, 1, 0, 0]
+    blocklist.write_text("\ufeff# domains (UT1's format)\nadult.example\n\n*.Casino.Example.  # a wildcard\n"
+                         "b\u00fccher.example\n", encoding="utf-8")  # (a byte-order mark first, as some editors write)
+    domains = data.read_blocklist(str(blocklist))
+    assert domains == {"adult.example", "casino.example", "xn--bcher-kva.example"}
+    urls = ["http://adult.example/", "https://WWW.Adult.Example.:8080/a?b", "http://notadult.example/",
+            "http://casino.example/x", "http://ok.org/adult.example", "http://[::1", "http://xn--bcher-kva.example/",
+            "http://B\u00fccher.example/"]
+    assert [data.blocked(u, domains) for u in urls] == [1, 1, 0, 1, 0, 0, 1, 1]
     src = tmp_path / "crawl"
     src.mkdir()
     write_warc(src / "a.warc.gz", [page(u, "2024-01-01T00:00:00Z", f"<p>{docs[30 + i]}</p>".encode())
@@ -223,9 +235,13 @@ def test_blocklist(corpus, tmp_path, capsys):
     meta = data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
     assert meta["read"]["docs"] == 2 and meta["config"]["blocklist"][0] == str(blocklist)
     assert data.prepare_data(str(src), tok_path, out, num_proc=1, verbose=False)["read"]["docs"] == 5  # rebuilt
-    blocklist.write_text("adult.example casino.example\n")
-    with pytest.raises(ValueError, match=r"adult\.txt:1: not a domain"):
-        data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
+    blocklist.write_text("casino.example\n")  # another list: the cache is rebuilt
+    assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)[
+        "read"]["docs"] == 4
+    for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443"):
+        blocklist.write_text(f"ok.example\n{line}\n")  # two words, or a line of UT1's `urls` files: nothing matches
+        with pytest.raises(ValueError, match=r"adult\.txt:2: not a domain"):
+            data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
     with pytest.raises(FileNotFoundError, match="blocklist .*typo.txt: no such file"):
         data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(tmp_path / "typo.txt"), verbose=False)
     blocklist.write_text("adult.example\n")
@@ -280,6 +296,10 @@ def test_personal_data_rule():
     assert data.heuristic_reject(servers.replace("93.184.", "192.168.")) is None  # private addresses are no one's
     few = " ".join(f"{w} x{i}@y.org" for i, w in enumerate("one two three four".split()))  # dense, but only 4
     assert data.heuristic_reject(few + " " + prose(rng, 10)) is None
+    six = " ".join(f"{prose(rng, 50)} Mail a{i}@corp.com." for i in range(6))  # 6 in 312 words: under 1 in 50
+    assert data.personal_data(six) == 6 and data.heuristic_reject(six) is None
+    assert data.heuristic_reject(six + " Or a6@corp.com.") == "personal data"  # 7 in 315 words: over
+    assert data.personal_data("100.64.0.1 169.254.1.1 224.0.0.1 8.8.4.4") == 1  # shared, link-local, multicast
 
 
 def test_prepare_data_from_web_pages(corpus, tmp_path):

@@ -441,11 +441,15 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     shutil.copytree(tmp_path / "mix", resumed)
     train(corpus, resumed, "--batch_size", "4", *mix, "--resume", str(resumed / "ckpt" / "step_000008"))
     assert losses(resumed) == losses(tmp_path / "mix")
-    r = train(corpus, resumed, "--batch_size", "4", "--data", f"{corpus / 'shards'}=1", f"{second_source}=1",
-              "--resume", str(resumed / "ckpt" / "step_000008"))  # other shares from here: Llama 3 changed its mix
+    even = ["--batch_size", "4", "--data", f"{corpus / 'shards'}=1", f"{second_source}=1", "--ckpt_interval", "1"]
+    r = train(corpus, resumed, *even, "--resume", str(resumed / "ckpt" / "step_000008"))  # Llama 3 changed its mix
     assert "note: the data mix changes at step 8: shares 75.0% / 25.0% -> 50.0% / 50.0%" in r.stdout, r.stdout
     before, after = losses(tmp_path / "mix"), losses(resumed)
     assert all(after[s] == before[s] for s in before if s < 8) and any(after[s] != before[s] for s in before if s > 8)
+    again = tmp_path / "again"  # and once changed, a resume at the new shares goes on exactly, without a note
+    shutil.copytree(resumed, again)
+    r = train(corpus, again, *even, "--resume", str(again / "ckpt" / "step_000009"))
+    assert "data mix changes" not in r.stdout and losses(again) == after
     r = train(corpus, resumed, "--batch_size", "4", "--data", f"{second_source}=1", f"{corpus / 'shards'}=3",
               "--resume", ok=False)  # the folders are part of the position: not in another order
     assert r.returncode == 1 and "its data position does not fit this run (loader state has sources=" in r.stderr, \
