@@ -41,7 +41,8 @@ Design choices
   document and every document starts with <|begin_of_text|>, so boundaries are recovered from the tokens.
   Files are written to a temporary name and renamed; meta.json is written last, so a folder with meta.json is
   complete; it holds each shard's CRC-32, which train.py checks (a flipped bit in a token would train).
-  Train/val split by document: every round(1/val_fraction)-th kept document, starting with the first.
+  Train/val split by document, by its hash: 1 in round(1/val_fraction) kept documents, the same ones whatever the
+  other documents are (a filter that removes some, a source read in another order), so val losses stay comparable.
 - Loader: the split's shards form one token stream, cut into windows of T tokens (x = stream[p:p+T],
   y = stream[p+1:p+T+1]); nothing is padded and every token of an epoch is an input exactly once, but for the
   stream's last (n_tokens - 1) % T + 1 (at most one window's worth, the same every epoch).
@@ -937,7 +938,15 @@ def _encode_chunk(job):
 
 PIPELINE = 4  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
-              # near-dedup compares every kept document that shares a band; 4: the personal data rule)
+              # near-dedup compares every kept document that shares a band; 4: the personal data rule, the val
+              # split by hash)
+
+
+def is_val(text, every):
+    """The train/val split, by document: 1 in `every` (0: none) by the document's hash, so that its split depends
+    on its text alone, not on the documents before it (a filter that removes some, or a source in another order,
+    leaves the val split as it was)."""
+    return every > 0 and int.from_bytes(doc_hash(text)[:8], "little") % every == 0
 
 
 def damaged_shards(out_dir, meta, share=slice(None)):
@@ -989,8 +998,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
     if not 0 <= val_fraction <= 0.5:
-        raise ValueError(f"val_fraction={val_fraction}: must be within [0, 0.5] (every round(1/val_fraction)-th "
-                         "document goes to val)")
+        raise ValueError(f"val_fraction={val_fraction}: must be within [0, 0.5] (1 in round(1/val_fraction) "
+                         "documents goes to val)")
     if not 0 <= quality_drop < 1:
         raise ValueError(f"quality_drop={quality_drop}: the fraction of the sample labelled junk, within [0, 1)")
     for name, value in (("num_proc", num_proc or 1), ("shard_tokens", shard_tokens), ("max_docs", max_docs or 1)):
@@ -1035,7 +1044,6 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     pending = []          # documents waiting for the quality classifier to be trained on them
     bucket = []           # documents waiting for their line counts (line_dedup)
     every = round(1 / val_fraction) if val_fraction > 0 else 0
-    n_kept = 0            # documents kept so far: the split counts them
     writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
                for s in ("train", "val")}
 
@@ -1104,12 +1112,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         return [t for t, k in zip(texts, keep) if k]
 
     def split_jobs(texts):
-        """(split, texts) jobs of about chunk_bytes; every round(1/val_fraction)-th kept document is val."""
-        nonlocal n_kept
+        """(split, texts) jobs of about chunk_bytes, each document in its split (is_val)."""
         by_split = {"train": [], "val": []}
         for text in texts:
-            by_split["val" if every and n_kept % every == 0 else "train"].append(text)
-            n_kept += 1
+            by_split["val" if is_val(text, every) else "train"].append(text)
         return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
 
     docs = iter_documents(source, domains)
@@ -1161,8 +1167,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 seconds=round(time.time() - t0, 1))
     if meta["train"]["docs"] == 0:
         raise ValueError(f"source {source!r}: no document survived filtering into the train split "
-                         f"(read {read[0]}, removed {meta['removed']}, {meta['val']['docs']} went to val: the "
-                         f"first kept document always does)")
+                         f"(read {read[0]}, removed {meta['removed']}, {meta['val']['docs']} went to val)")
+    if every and meta["val"]["docs"] == 0:
+        raise ValueError(f"source {source!r}: no document fell into the val split (1 in {every} by its hash, of "
+                         f"{meta['train']['docs']} kept): a larger val_fraction, or more documents")
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")
@@ -1383,7 +1391,7 @@ if __name__ == "__main__":
     p.add_argument("--tokenizer", required=True, help="tok.model from tokenizer.py")
     p.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
     p.add_argument("--val_fraction", type=float, default=0.02,
-                   help="share of documents held out for eval: every round(1/f)-th one (0.3 -> 1 in 3)")
+                   help="share of documents held out for eval: 1 in round(1/f), by hash (0.3 -> 1 in 3)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
     p.add_argument("--shard_tokens", type=int, default=1 << 26, help="tokens per shard (2^26 = 256 MB)")
     p.add_argument("--max_docs", type=int, default=None, help="read at most this many documents")

@@ -232,12 +232,14 @@ def test_blocklist(corpus, tmp_path, capsys):
     assert len(list(data.iter_documents(str(src), data.read_blocklist(str(blocklist))))) == 2
     assert "blocklist: 3 pages of its domains left out" in capsys.readouterr().err
     out = str(tmp_path / "out")
-    meta = data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
+    meta = data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
+                             verbose=False)
     assert meta["read"]["docs"] == 2 and meta["config"]["blocklist"][0] == str(blocklist)
-    assert data.prepare_data(str(src), tok_path, out, num_proc=1, verbose=False)["read"]["docs"] == 5  # rebuilt
+    assert data.prepare_data(str(src), tok_path, out, num_proc=1, val_fraction=0, verbose=False)["read"][
+        "docs"] == 5  # rebuilt
     blocklist.write_text("casino.example\n")  # another list: the cache is rebuilt
-    assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)[
-        "read"]["docs"] == 4
+    assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
+                             verbose=False)["read"]["docs"] == 4
     for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443"):
         blocklist.write_text(f"ok.example\n{line}\n")  # two words, or a line of UT1's `urls` files: nothing matches
         with pytest.raises(ValueError, match=r"adult\.txt:2: not a domain"):
@@ -321,8 +323,8 @@ def test_prepare_data_from_web_pages(corpus, tmp_path):
     markup = sum(len(p.read_bytes()) for p in src.glob("*.html")) - sum(len(t.encode()) for t in texts[:12])
     assert metas[0]["removed"]["HTML markup"]["docs"] == 0 and metas[0]["removed"]["HTML markup"]["bytes"] > markup
     assert metas[0]["train"]["bytes"] + metas[0]["val"]["bytes"] == sum(len(t.encode()) for t in texts)
-    shards = [[data.read_shard(str(tmp_path / f"out{n}" / name))[1] for name in metas[0]["train"]["shards"]]
-              for n in (1, 2)]
+    names = metas[0]["train"]["shards"] + metas[0]["val"]["shards"]
+    shards = [[data.read_shard(str(tmp_path / f"out{n}" / name))[1] for name in names] for n in (1, 2)]
     assert len(shards[0]) == len(shards[1]) and all(np.array_equal(a, b) for a, b in zip(*shards))
     text = Tokenizer.load(tok_path).decode(np.concatenate(shards[0]).tolist())
     assert texts[1] in text and texts[13] in text and not {"Home", "Menu", "Page", "<p>"} & set(text.split())
@@ -384,9 +386,28 @@ def test_removals_are_listed_in_pipeline_order(corpus, tmp_path):
     meta = data.prepare_data(str(tmp_path / "docs.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0,
                              num_proc=1, verbose=False)
     assert list(meta["removed"]) == ["heuristic: too short", "near duplicate"]
-    (tmp_path / "one.jsonl").write_text(json.dumps({"text": clean}))  # one document: it goes to val, and says so
-    with pytest.raises(ValueError, match="removed {}, 1 went to val: the first kept document always does"):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": clean}))  # one document, in train: no val, and says so
+    assert not data.is_val(data.clean_text(clean), 50)
+    with pytest.raises(ValueError, match=r"no document fell into the val split \(1 in 50 by its hash, of 1 kept\)"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), verbose=False)
+    assert data.is_val(data.clean_text(clean), 2)  # at val_fraction 0.5 it is val, and train has none
+    with pytest.raises(ValueError, match="no document survived filtering into the train split .* 1 went to val"):
+        data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), val_fraction=0.5,
+                          verbose=False)
+
+
+def test_val_split_is_the_same_whatever_the_other_documents(corpus, tmp_path):
+    """A document's split depends on its text alone: with a third of the others gone and the rest in reverse order,
+    the val documents left are the same (a position-based split would have shifted them all)."""
+    root, docs, tok_path = corpus
+    tok = Tokenizer.load(tok_path)
+    for name, texts in (("all", docs), ("fewer", [d for i, d in enumerate(docs) if i % 3][::-1])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in texts))
+        data.prepare_data(str(tmp_path / f"{name}.jsonl"), tok_path, str(tmp_path / name), val_fraction=0.1,
+                          num_proc=1, verbose=False)
+    val, fewer = (set(read_docs(str(tmp_path / name), "val", tok)) for name in ("all", "fewer"))
+    kept = {data.clean_text(d) for i, d in enumerate(docs) if i % 3}
+    assert fewer == val & kept and len(fewer) >= 3
 
 
 def test_shard_writer_cuts_the_same_however_documents_arrive(tmp_path):
@@ -800,11 +821,11 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     assert meta["removed"]["heuristic: too short"]["docs"] == 1 and meta["removed"]["heuristic: few letters"]["docs"] == 1
     cleaned = [data.clean_text(d) for d in docs]
     val, train = read_docs(out, "val", tok), read_docs(out, "train", tok)
-    assert val == cleaned[::10] and train == [d for i, d in enumerate(cleaned) if i % 10]  # split by document
-    assert "Caf\u00e9 au lait" in cleaned[10]
+    assert val == [d for d in cleaned if data.is_val(d, 10)] and train == [d for d in cleaned if not data.is_val(d, 10)]
+    assert 8 <= len(val) <= 22 and "Caf\u00e9 au lait" in cleaned[10]  # (1 in 10 of 150 by hash: 15 +- 3.7)
     stream = np.concatenate([data.read_shard(os.path.join(out, f))[1] for f in meta["train"]["shards"]])
     assert stream.tolist() == [t for d in train for t in tok.encode(d, bos=True)]  # the ids of Tokenizer.encode
-    assert "<|eot_id|> and <|begin_of_text|> typed as text" in train[18]
+    assert "<|eot_id|> and <|begin_of_text|> typed as text" in cleaned[21] and cleaned[21] in train + val
     for split, got in (("train", train), ("val", val)):
         m = meta[split]
         assert m["docs"] == len(got) and m["bytes"] == sum(len(d.encode()) for d in got)

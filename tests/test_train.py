@@ -429,7 +429,7 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
                     r.stdout)
     assert val, r.stdout
     loss, bpb, a, b = map(float, val.groups())
-    assert loss == pytest.approx(0.75 * a + 0.25 * b, abs=2e-4) and abs(a - b) > 0.1
+    assert loss == pytest.approx(0.75 * a + 0.25 * b, abs=2e-4) and abs(a - b) > 0.02  # (even shares: 5e-3 off)
     meta = [json.load(open(folder / "meta.json"))["val"] for folder in (corpus / "shards", second_source)]
     per_token = 0.75 * meta[0]["bytes"] / meta[0]["tokens"] + 0.25 * meta[1]["bytes"] / meta[1]["tokens"]
     assert bpb == pytest.approx(loss / math.log(2) / per_token, abs=2e-4)
