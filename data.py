@@ -5,7 +5,7 @@
             -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
-            -> MixedLoader: rows from several such folders in fixed shares of the tokens (the data mix)
+            -> MixedLoader: rows from several such folders in given shares of the tokens (the data mix)
 
 Design choices
 - Sources: "stdlib" (the default: every .py file of the running interpreter's standard library as a code
@@ -312,8 +312,8 @@ class TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.blocks, self.parts, self.gap = [], [], 0  # finished blocks; the open block's text; newlines before it
         self.link_chars = 0  # characters of the open block in links to other pages
-        self.skip = None     # [tag, depth] while inside an element whose text is dropped: depth counts the open
-                             # elements of that tag, or for one of CLOSED_BY the open NESTS inside it
+        self.skip = None     # [tag, depth] inside an element whose text is dropped; depth: the elements inside
+                             # it still open that it cannot end before (opens_inside)
         self.pre, self.link = 0, False  # depth inside <pre>; inside a link to another page (<a> do not nest)
 
     def flush(self, gap):
@@ -325,14 +325,15 @@ class TextExtractor(HTMLParser):
         self.parts, self.link_chars, self.gap = [], 0, max(self.gap, gap)
 
     def handle_starttag(self, tag, attrs):
-        if self.skip and self.skip[0] in CLOSED_BY and not self.skip[1] and tag in CLOSED_BY[self.skip[0]][0]:
-            self.skip = None  # <li hidden>a<li>b: the next item ends the skipped one, and is read below
         if self.skip:
-            self.skip[1] += tag in NESTS if self.skip[0] in CLOSED_BY else tag == self.skip[0]
-            return
+            name, depth = self.skip
+            if depth or name not in CLOSED_BY or tag not in CLOSED_BY[name][0]:
+                self.skip[1] += opens_inside(name, tag)
+                return
+            self.skip = None  # <li hidden>a<li>b: the next item ends the skipped one, and is read below
         attrs = {k: v or "" for k, v in attrs}
         if tag in SKIP or (tag not in KEEP and boilerplate(attrs)):
-            self.skip = [tag, 0 if tag in CLOSED_BY else 1]
+            self.skip = [tag, 0]
         elif tag in BLOCK:
             self.flush(BLOCK[tag])
             self.pre += tag == "pre"
@@ -344,22 +345,18 @@ class TextExtractor(HTMLParser):
             self.handle_data(f" {attrs['alt']} ")
         elif tag == "math" and attrs.get("alttext"):  # MathML with its TeX: the TeX, not the markup's symbols
             self.handle_data(f" {attrs['alttext']} ")
-            self.skip = [tag, 1]
+            self.skip = [tag, 0]
 
     def handle_endtag(self, tag):
-        if self.skip and self.skip[0] in CLOSED_BY:
-            name, nested = self.skip
-            if nested or not (tag == name or tag in CLOSED_BY[name][1]):
-                if nested and tag in NESTS:
-                    self.skip[1] -= 1
+        if self.skip:
+            name, depth = self.skip
+            if depth or not (tag == name or tag in CLOSED_BY.get(name, ((), ()))[1]):
+                self.skip[1] -= depth > 0 and opens_inside(name, tag)  # (an element inside it closes)
                 return
-            self.skip = None  # its end tag, or <ul><li hidden>a</ul>: the list's end ends the item (read below)
+            self.skip = None  # its end tag, or <ul><li hidden>a</ul>: the parent's end ends the item (read below)
             if tag == name:
                 return
-        if self.skip:
-            self.skip[1] -= tag == self.skip[0]
-            self.skip = self.skip if self.skip[1] else None
-        elif tag in BLOCK:
+        if tag in BLOCK:
             self.flush(BLOCK[tag])
             self.pre -= tag == "pre" and self.pre > 0
         elif tag == "a":
@@ -369,6 +366,12 @@ class TextExtractor(HTMLParser):
         if not self.skip:
             self.parts.append(data)
             self.link_chars += visible(data) if self.link else 0
+
+
+def opens_inside(name, tag):
+    """Inside a skipped element `name`: whether `tag` is an element that must close before `name` can end (its own
+    tag nested in it; for one of CLOSED_BY, a list or table inside it, whose items do not end it)."""
+    return tag in NESTS if name in CLOSED_BY else tag == name
 
 
 def boilerplate(attrs):
@@ -460,7 +463,7 @@ def warc_page(headers, block):
     blank = re.search(rb"\r?\n\r?\n", block)  # the end of the HTTP header (CRLF, or LF from some writers)
     if kind != "response" or not headers.get("content-type", "").lower().startswith("application/http") or not blank:
         return None
-    status, *lines = block[:blank.start()].decode("latin-1").splitlines()
+    status, *lines = block[:blank.start()].decode("latin-1").splitlines() or [""]  # (no status line: no page)
     http = {k.strip().lower(): v.strip().lower() for k, _, v in (line.partition(":") for line in lines)}
     content_type = http.get("content-type", "")
     if status.split()[1:2] != ["200"] or "html" not in content_type or any(  # (Common Crawl stores bodies decoded)
@@ -510,7 +513,7 @@ def read_blocklist(path):
         with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 words = line.split("#")[0].split()
-                if len(words) > 1 or any(c in "".join(words) for c in "/:@"):
+                if len(words) > 1 or any(c in "".join(words) for c in "/:@") or words and not words[0].strip("*."):
                     raise ValueError(f"{path}:{lineno}: not a domain ({line.strip()[:60]!r})")
                 domains.update(host_form(w.lstrip("*.")) for w in words)
     except UnicodeDecodeError as e:
@@ -1008,7 +1011,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
     if blocklist and not os.path.isfile(blocklist):
-        raise FileNotFoundError(f"blocklist {blocklist}: no such file")
+        raise FileNotFoundError(f"blocklist {blocklist}: no such file" + (" (a folder: of a UT1 category, give its "
+                                "`domains` file)" if os.path.isdir(blocklist) else ""))
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
@@ -1165,12 +1169,14 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 removed={s: dict(docs=d, bytes=b) for s, (d, b) in
                          sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
                 seconds=round(time.time() - t0, 1))
-    if meta["train"]["docs"] == 0:
-        raise ValueError(f"source {source!r}: no document survived filtering into the train split "
-                         f"(read {read[0]}, removed {meta['removed']}, {meta['val']['docs']} went to val)")
-    if every and meta["val"]["docs"] == 0:
-        raise ValueError(f"source {source!r}: no document fell into the val split (1 in {every} by its hash, of "
-                         f"{meta['train']['docs']} kept): a larger val_fraction, or more documents")
+    empty = ("train" if meta["train"]["docs"] == 0 else "val" if every and meta["val"]["docs"] == 0 else None)
+    if empty:  # refused: the shards written go too (a folder holds shards only with its meta.json)
+        for name in meta["train"]["shards"] + meta["val"]["shards"]:
+            os.remove(os.path.join(out_dir, name))
+        raise ValueError(f"source {source!r}: no document survived filtering into the train split (read {read[0]}, "
+                         f"removed {meta['removed']}, {meta['val']['docs']} went to val)" if empty == "train" else
+                         f"source {source!r}: no document fell into the val split (each of the {meta['train']['docs']}"
+                         f" kept had a chance of 1 in {every}, by its hash): a larger val_fraction, or more documents")
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")
@@ -1307,11 +1313,11 @@ class PackedLoader:
 
 
 # -----------------------------------------------------------------------------
-# 10. The data mix: several sources in fixed shares of the tokens
+# 10. The data mix: several sources in given shares of the tokens
 
 class MixedLoader:
     """Batches from several PackedLoaders (one per source folder, built with the same batch size, seq_len, rank,
-    world_size and seed) in fixed shares of the tokens: Llama 3's data mix (section 3.1.2: ~50% general knowledge,
+    world_size and seed) in given shares of the tokens: Llama 3's data mix (section 3.1.2: ~50% general knowledge,
     25% math and reasoning, 17% code, 8% multilingual) and its annealing on upsampled high-quality sources (3.4.3).
     Global row n (n = 0, 1, 2, ... over all batches) comes from one source, drawn with probability its weight by a
     generator seeded with (seed, n // chunk): every rank draws the same rows and takes its own, as PackedLoader
@@ -1377,8 +1383,8 @@ class MixedLoader:
         mine = self.state_dict()
         for k in ("seed", "sources"):
             if sd[k] != mine[k]:
-                raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same mix of "
-                                 "the same data, cannot resume exactly")
+                raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same folders "
+                                 "in the same order with the same seed, cannot resume exactly")
         self.rows, self.taken = sd["rows"], list(sd["taken"])
 
 

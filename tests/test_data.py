@@ -240,12 +240,15 @@ def test_blocklist(corpus, tmp_path, capsys):
     blocklist.write_text("casino.example\n")  # another list: the cache is rebuilt
     assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
                              verbose=False)["read"]["docs"] == 4
-    for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443"):
+    for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443",
+                 "*."):
         blocklist.write_text(f"ok.example\n{line}\n")  # two words, or a line of UT1's `urls` files: nothing matches
         with pytest.raises(ValueError, match=r"adult\.txt:2: not a domain"):
             data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
     with pytest.raises(FileNotFoundError, match="blocklist .*typo.txt: no such file"):
         data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(tmp_path / "typo.txt"), verbose=False)
+    with pytest.raises(FileNotFoundError, match="a folder: of a UT1 category, give its `domains` file"):
+        data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(src), verbose=False)
     blocklist.write_text("adult.example\n")
     with pytest.raises(ValueError, match="leaves out pages by their URL, and source .* has no .warc"):
         data.prepare_data(str(tmp_path / "adult.txt"), tok_path, out, num_proc=1, blocklist=str(blocklist))
@@ -388,12 +391,15 @@ def test_removals_are_listed_in_pipeline_order(corpus, tmp_path):
     assert list(meta["removed"]) == ["heuristic: too short", "near duplicate"]
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": clean}))  # one document, in train: no val, and says so
     assert not data.is_val(data.clean_text(clean), 50)
-    with pytest.raises(ValueError, match=r"no document fell into the val split \(1 in 50 by its hash, of 1 kept\)"):
+    with pytest.raises(ValueError, match=r"no document fell into the val split \(each of the 1 kept had a chance of "
+                                         r"1 in 50"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), verbose=False)
+    assert os.listdir(tmp_path / "one") == []  # (the train shard it wrote went with the refusal)
     assert data.is_val(data.clean_text(clean), 2)  # at val_fraction 0.5 it is val, and train has none
     with pytest.raises(ValueError, match="no document survived filtering into the train split .* 1 went to val"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), val_fraction=0.5,
                           verbose=False)
+    assert os.listdir(tmp_path / "one") == []
 
 
 def test_val_split_is_the_same_whatever_the_other_documents(corpus, tmp_path):
