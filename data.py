@@ -386,7 +386,8 @@ def html_to_text(html):
     """A page's main text, plain (Llama 3: "markdown markers" hurt, so none are written), one block per paragraph:
     - dropped: <title>, scripts, styles, navigation, headers, footers, asides, buttons; elements hidden (hidden,
       aria-hidden, display:none, ...) or whose class names boilerplate (menu, sidebar, cookie, share, ads, ...);
-      blocks whose characters are mostly link text. Precision over recall, as Llama 3's parser.
+      blocks whose characters are mostly link text. (Llama 3's parser aims at precision in removing boilerplate
+      and at recall of content; where they conflict, this one drops text: an unclosed <nav> ends its page.)
     - kept: text in reading order, <pre> with its spaces (code), the alt text of images and the TeX of <math
       alttext=...> (Llama 3 keeps both for mathematics), table cells separated by spaces.
     '<nav><a href=/>Home</a></nav><h1>Hi</h1><p>a &amp; <b>b</b></p><pre>x = 1\\n  y</pre>'
@@ -407,8 +408,8 @@ MAX_RECORD = 1 << 30  # bytes: a larger WARC record is a damaged header (Common 
 
 
 def decode_html(raw, charset=None):
-    """Bytes of a page -> str, by the charset its HTTP header gives, or its <meta> tag, or else UTF-8; bytes
-    that do not decode become U+FFFD, as in a browser (web pages often misstate their charset)."""
+    """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
+    tag, or UTF-8; bytes that do not decode become U+FFFD, as in a browser (pages often misstate their charset)."""
     if not charset:
         m = META_CHARSET.search(raw[:4096])
         charset = m and m.group(1).decode("ascii")
