@@ -217,9 +217,10 @@ WARC = (".warc", ".warc.gz", ".wet", ".wet.gz")  # Common Crawl's archives: page
 SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet", ".html", ".htm") + WARC
 
 
-def iter_documents(source, blocklist=()):
+def iter_documents(source, blocklist=(), removed=None):
     """source: "stdlib" | a file or folder path | "hf:NAME[:CONFIG]" -> documents (str), deterministic order.
-    blocklist: domains whose WARC/WET pages are left out (read_blocklist)."""
+    blocklist: domains whose WARC/WET pages are left out (read_blocklist); removed: where newest_pages counts the
+    pages it leaves out."""
     if source == "stdlib":
         yield from stdlib_documents()
     elif source.startswith("hf:"):
@@ -228,7 +229,7 @@ def iter_documents(source, blocklist=()):
         yield from only_strings((row.get("text") for row in rows), source)
     else:
         paths = source_files(source)
-        newest = newest_pages([p for p in paths if p.endswith(WARC)], blocklist)  # (URL dedup: all the files)
+        newest = newest_pages([p for p in paths if p.endswith(WARC)], blocklist, removed)  # (URL dedup: all files)
         for path in paths:
             yield from warc_pages(path, newest[path]) if path in newest else read_file(path)
 
@@ -475,32 +476,40 @@ def warc_page(headers, block):
     return HTML(decode_html(body, charset and charset.group(1)))
 
 
-def newest_pages(paths, blocklist=()):
+def newest_pages(paths, blocklist=(), removed=None):
     """URL-level dedup across the WARC files `paths` (Llama 3: "we keep the most recent version for pages
     corresponding to each URL"): {path: numbers of its records to read}, the page of each URL with the latest
     WARC-Date (a tie keeps the first read), but none of a domain in `blocklist`. A first pass over the files: the
-    URLs are held in memory, fine for a few million pages."""
-    newest = {}  # URL -> (WARC-Date, path, record number)
-    pages = left_out = 0
+    URLs are held in memory, fine for a few million pages. The pages left out are counted in `removed` (step ->
+    [documents, bytes], prepare_data's table), or else printed."""
+    newest = {}  # URL -> (WARC-Date, path, record number, UTF-8 bytes)
+    counts = {"URL: blocklisted": [0, 0], "URL: older version": [0, 0]}
     for path in paths:
         for n, (headers, block) in enumerate(warc_records(path)):
-            if warc_page(headers, block) is not None:
-                url = headers.get("warc-target-uri", "").strip("<>") or (path, n)  # (no URL: a page of its own)
-                if blocklist and isinstance(url, str) and blocked(url, blocklist):
-                    left_out += 1
-                    continue
-                pages += 1
-                date = warc_time(headers.get("warc-date", ""))
-                if url not in newest or date > newest[url][0]:
-                    newest[url] = (date, path, n)
+            page = warc_page(headers, block)
+            if page is None:
+                continue
+            url = headers.get("warc-target-uri", "").strip("<>") or (path, n)  # (no URL: a page of its own)
+            this = (warc_time(headers.get("warc-date", "")), path, n, len(page.encode("utf-8")))
+            if blocklist and isinstance(url, str) and blocked(url, blocklist):
+                step, gone = "URL: blocklisted", this
+            elif url not in newest:
+                step, gone, newest[url] = None, None, this
+            elif this[0] > newest[url][0]:  # (a tie keeps the first read)
+                step, gone, newest[url] = "URL: older version", newest[url], this
+            else:
+                step, gone = "URL: older version", this
+            if gone:
+                counts[step][0] += 1
+                counts[step][1] += gone[3]
     keep = {path: set() for path in paths}
-    for _, path, n in newest.values():
+    for _, path, n, _ in newest.values():
         keep[path].add(n)
-    if left_out:
-        print(f"data: blocklist: {left_out:,} pages of its domains left out", file=sys.stderr)
-    if pages > len(newest):
-        print(f"data: URL dedup: {pages - len(newest):,} of {pages:,} pages in {len(paths)} WARC file(s) were "
-              f"older versions of a URL", file=sys.stderr)
+    for step, (docs, n_bytes) in counts.items():
+        if docs and removed is not None:
+            removed[step] = [docs, n_bytes]
+        elif docs:
+            print(f"data: {step}: {docs:,} of the pages of {len(paths)} WARC file(s) left out", file=sys.stderr)
     return keep
 
 
@@ -1123,7 +1132,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             by_split["val" if is_val(text, every) else "train"].append(text)
         return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
 
-    docs = iter_documents(source, domains)
+    docs = iter_documents(source, domains, removed)
     docs = docs if max_docs is None else itertools.islice(docs, max_docs)
     # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
     # train.py have no `if __name__ == "__main__"` guard. No fork (Windows): one process.
@@ -1160,9 +1169,11 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         bar.close()
         if pool:
             pool.terminate()
+    for step in ("URL: blocklisted", "URL: older version"):  # (pages read, and left out before the pipeline)
+        read[0], read[1] = read[0] + removed.get(step, [0, 0])[0], read[1] + removed.get(step, [0, 0])[1]
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
-    steps = ["HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
+    steps = ["URL", "HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
              "quality"]  # (in order)
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
                 bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},

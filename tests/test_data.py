@@ -209,7 +209,12 @@ def test_warc_pages_and_url_dedup(tmp_path, capsys):
     assert [data.clean_text(d) for d in docs] == [
         "x1, the May version", "caf\u00e9", "\u00e9, charset undefined", "x4, at 0.9 s",
         "x5, its HTTP header in LF lines", "x2 in February", "x3, first", "y, as text (WET) \u00e9"]
-    assert "URL dedup: 4 of 12 pages in 3 WARC file(s) were older versions of a URL" in capsys.readouterr().err
+    assert "URL: older version: 4 of the pages of 3 WARC file(s) left out" in capsys.readouterr().err
+    removed = {}  # (prepare_data's table: what each step removed, [documents, bytes])
+    assert len(list(data.iter_documents(str(tmp_path), removed=removed))) == 8 and not capsys.readouterr().err
+    older = [b"<p>x1, the January version</p>", b"<p>x2 in January</p>", b"<p>x3, a copy of the same date</p>",
+             b"<p>x4, at 0 s</p>"]
+    assert removed == {"URL: older version": [4, sum(map(len, older))]}
 
 
 def test_blocklist(corpus, tmp_path, capsys):
@@ -230,16 +235,18 @@ def test_blocklist(corpus, tmp_path, capsys):
     write_warc(src / "a.warc.gz", [page(u, "2024-01-01T00:00:00Z", f"<p>{docs[30 + i]}</p>".encode())
                                    for i, u in enumerate(urls[:5])])
     assert len(list(data.iter_documents(str(src), data.read_blocklist(str(blocklist))))) == 2
-    assert "blocklist: 3 pages of its domains left out" in capsys.readouterr().err
+    assert "URL: blocklisted: 3 of the pages of 1 WARC file(s) left out" in capsys.readouterr().err
     out = str(tmp_path / "out")
     meta = data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
                              verbose=False)
-    assert meta["read"]["docs"] == 2 and meta["config"]["blocklist"][0] == str(blocklist)
+    blocked_bytes = sum(len(f"<p>{docs[30 + i]}</p>".encode()) for i in (0, 1, 3))
+    assert meta["removed"]["URL: blocklisted"] == dict(docs=3, bytes=blocked_bytes) and meta["train"]["docs"] == 2
+    assert meta["read"]["docs"] == 5 and meta["config"]["blocklist"][0] == str(blocklist)
     assert data.prepare_data(str(src), tok_path, out, num_proc=1, val_fraction=0, verbose=False)["read"][
         "docs"] == 5  # rebuilt
     blocklist.write_text("casino.example\n")  # another list: the cache is rebuilt
     assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
-                             verbose=False)["read"]["docs"] == 4
+                             verbose=False)["train"]["docs"] == 4
     for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443",
                  "*."):
         blocklist.write_text(f"ok.example\n{line}\n")  # two words, or a line of UT1's `urls` files: nothing matches
