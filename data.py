@@ -1181,14 +1181,15 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 removed={s: dict(docs=d, bytes=b) for s, (d, b) in
                          sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
                 seconds=round(time.time() - t0, 1))
-    empty = ("train" if meta["train"]["docs"] == 0 else "val" if every and meta["val"]["docs"] == 0 else None)
-    if empty:  # refused: the shards written go too (a folder holds shards only with its meta.json)
+    problem = (f"no document survived filtering into the train split (read {read[0]}, removed {meta['removed']}, "
+               f"{meta['val']['docs']} went to val)" if meta["train"]["docs"] == 0 else
+               f"no document fell into the val split (each of the {meta['train']['docs']} kept had a chance of 1 in "
+               f"{every}, by its hash): a larger val_fraction, or more documents" if every and meta["val"]["docs"] == 0
+               else None)
+    if problem:  # refused: the shards written go too (a folder holds shards only with its meta.json)
         for name in meta["train"]["shards"] + meta["val"]["shards"]:
             os.remove(os.path.join(out_dir, name))
-        raise ValueError(f"source {source!r}: no document survived filtering into the train split (read {read[0]}, "
-                         f"removed {meta['removed']}, {meta['val']['docs']} went to val)" if empty == "train" else
-                         f"source {source!r}: no document fell into the val split (each of the {meta['train']['docs']}"
-                         f" kept had a chance of 1 in {every}, by its hash): a larger val_fraction, or more documents")
+        raise ValueError(f"source {source!r}: {problem}")
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")
