@@ -31,27 +31,19 @@ Design choices:
   run of one document as every row of the tile ("full blocks" in FlexAttention's words); a tile whose rows span
   two documents has no such keys (full_lo = full_hi). Runs, not ids, keep this exact when an id repeats. Most
   tiles of a row packed with long documents are full: they pay for no load of document ids and no select.
-  The backward walks the same ranges transposed, over the query tiles that see a key tile.
-- GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The
-  backward program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are
-  sums without atomics and the group shares one software pipeline (and one dq turn per query tile).
+  The backward kernels walk the same ranges (dk/dv: transposed, over the query tiles that see a key tile).
+- GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
+  program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are sums
+  without atomics and the group shares one software pipeline.
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
-- Backward is one kernel after a small one for delta: a program per key tile walks the query tiles that see
-  it, recomputes p from the saved lse, sums its dk and dv, and adds its share of each query tile's dq to an
-  fp32 sum in memory: 5 matrix products per tile, as FlashAttention-2/3 (a separate dq kernel would compute
-  q k^T and dO v^T again: 7). FlashAttention adds dq with atomics in whatever order the programs come, so dq's
-  last bits change from run to run; here a query tile's shares are added in a fixed order, last key tile
-  first (the idea of CUTLASS's serial split-K and FlashAttention-3's deterministic mode). The key tiles that
-  see a query tile are a contiguous run (lo and hi below grow with the key tile), so each waits only for the
-  one after it: the query tile's turn counter holds 0, then `after` + 1 of the key tile that added last
-  (`after`: how many key tiles follow it), and a key tile adds once the counter equals its own `after` (the
-  next key tile has added), or at 0 if no later key tile sees the query tile. Programs are launched last key
-  tile first, so the one a program waits for is always running or done: no program waits in a cycle. And
-  each program walks its query tiles first to last, from its diagonal, so the key tile after it started
-  BLOCK_N rows further down the same walk: it is ahead by then, and waits are rare. The result: a
-  deterministic backward, so training runs repeat exactly.
+- Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
+  both recomputing p from the saved lse, after a small kernel for delta. dq's kernel recomputes q k^T and
+  dO v^T (7 matrix products in all, FlashAttention-2/3 do 5 by adding dq up with atomics): the price of a
+  deterministic backward, so training runs repeat exactly. A one-kernel backward with 5 products, dq's shares
+  added in a fixed order (per-query-tile turn counters), was built and timed on an H100 (2026-11-27, at
+  b4e136d): 0.80-0.92x the speed of these two kernels at T 1K-16K, so it was taken out (README).
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
   _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
@@ -82,34 +74,33 @@ try:
 except ImportError:  # no triton wheel for this platform (macOS, Windows): keep the file importable
     from types import SimpleNamespace
     triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: (lambda fn: fn), Config=lambda *a, **kw: None)
-    tl = SimpleNamespace(constexpr=lambda value=None: value)
+    tl = SimpleNamespace(constexpr=None)
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Llama 3 uses 64 and 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-WARPS_MAX = 8                  # the most warps of a backward config: each warp keeps its own dq turns (_pass_turn)
-_WARPS_MAX = tl.constexpr(WARPS_MAX)   # the same, for the kernels (a global they read must be a constexpr)
 
 
 # ----------------------------------------------------------------------------- block sizes
 def _configs(shapes, **constexprs):
-    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
-    What bounds it: the running tiles live in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x
-    BLOCK_N scores; backward: the BLOCK_N x D sums dk and dv; all fp32), and past 255 registers a thread spills
-    to local memory; a Hopper warpgroup MMA is 64 rows tall, so 64- and 128-row tiles keep one or two
-    warpgroups (4 or 8 warps) busy; num_stages is how many K/V (or Q/dO) tiles are prefetched into shared memory.
-    What is in it: the winners of a wider space timed on an H100 (tests/bench_kernels.py: bf16, D=128, T 1K-16K,
-    causal and 8 documents; README): the forward's 64x64 for short rows and documents (more, cheaper programs for
-    132 SMs) and 128x64 for long causal rows; the backward's 32x128 (2 stages with documents, 3 without), which
-    won when dk/dv had a kernel of their own (the one-kernel backward is not timed yet). Not yet timed either,
-    each compiled for sm_90 and read with cuobjdump (no stores to local memory inside the loops): the forward's
-    PV_LAG loop (_fwd_tiles) at 128x64 and 64x64, and the backward at 64x128, FlashAttention-3's tile at D=128
-    (three of the five products are BLOCK_M wide; 0.78-0.86x the instructions per (query, key) pair of 32x128,
-    and half the dq turns; at 3 stages it spills, so 2).
-    Dropped: the forward at 128x64 with 4 warps (spills at D=128) and 128x128 (never won); the backward's 16-row
-    tiles (lost) and 32x64 with 4 warps (spills once it does dq)."""
+    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an
+    H100 (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live
+    in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
+    BLOCK_N x D accumulators plus k and v), and past 255 registers a thread spills to local memory; a Hopper
+    warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how
+    many K/V (or Q/dO) tiles are prefetched into shared memory. The forward takes 64x64 for short rows and for
+    documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; dk/dv 32x128 (2 stages with
+    documents, 3 without); dq 64x32 or 128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128)
+    and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
+    (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles fill
+    the 255 registers (two 128x128 fp32 accumulators) and spill 0-16 bytes (32-272 while each query head of
+    the group had a loop of its own). Added later, in the space since: dk/dv 32x64 at 4 warps (one warpgroup
+    per program at 243-255 registers, 64-81 KB of shared memory, so two programs share an SM), and the
+    forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against 181-234, no
+    spills in the loops). On an H100 (2026-11-27) PV_LAG won only at T=1K with documents (64x64); which dk/dv
+    tile won was not recorded (bench_kernels prints it now)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -150,15 +141,18 @@ def _shared_memory_limit(device):
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
-# the forward walks keys for a query tile (tall M), the backward queries for a key tile (tall N)
+# forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
 FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
                _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
-BWD_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2)])   # num_warps <= WARPS_MAX
-# forward: q kept, k and v streamed (with PV_LAG one more v tile in flight); backward: k and v kept, q and dO
-# streamed, and ~2 BLOCK_M rows for ds^T and dq's transposition (compiled for sm_90 at bf16, D=128: 16.6-17.4 KB
-# at 32x128; 64x128 takes 16 KB, so its count is 16 KB high: on the safe side)
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)])
+DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
+# q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed, and
+# BLOCK_M rows more as a margin for p^T and ds^T on their way to the tensor cores (at fp32, D=128 the count
+# without it allowed 32x128 at 3 stages in 224 KB of the H100's 227; the one-kernel backward, counted that tight,
+# failed there asking 240 KB); dq: q and dO kept, k and v streamed
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
-BWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + 2 * BLOCK_M, 2 * BLOCK_M))
+DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
+DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -306,62 +300,19 @@ def _bwd_delta(O, DO,        # o, dO (B * Hq * T, D) contiguous
 
 
 @triton.jit
-def _wait_turn(TURNS, turn, expected, SPIN: tl.constexpr):
-    """Wait until this warp's counter of query tile `turn` (none if turn < 0) holds `expected`, with acquire
-    order: what was added before it was set is seen, and this warp's adds after it land after that. Returns
-    `expected` once the turn has come; in the interpreter, the counter (another value: the turns are broken).
-    On the GPU it gives up after 2^22 reads (seconds; a program waits for the one launched before it, which
-    runs): then its adds come out of turn, the sum stays right but its last bits may differ. Never a hang."""
-    if SPIN:   # the spin loop in PTX: a loop in triton would stop it pipelining the tile loop around this
-        seen = tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 w, c; .reg .u64 a; mov.u32 $0, $2; setp.lt.s32 p, $3, 0; @p bra DONE; "
-            "mov.u32 w, %tid.x; shr.u32 w, w, 5; mul.wide.u32 a, w, 4; add.u64 a, a, $1; mov.u32 c, 0; "
-            "WAIT: ld.global.acquire.gpu.b32 w, [a]; setp.eq.s32 p, w, $2; @p bra DONE; "
-            "add.u32 c, c, 1; setp.lt.u32 p, c, 4194304; @p bra WAIT; DONE: }",
-            "=r,l,r,r", [TURNS + tl.maximum(turn, 0) * _WARPS_MAX, expected, turn], dtype=tl.int32,
-            is_pure=False, pack=1)
-    else:      # the interpreter runs the programs one at a time in grid order: the turn has come, or never will
-        seen = tl.where(turn >= 0, tl.load(TURNS + tl.maximum(turn, 0) * _WARPS_MAX), expected)
-    return seen
-
-
-@triton.jit
-def _pass_turn(TURNS, turn, value, SPIN: tl.constexpr):
-    """Set this warp's counter of query tile `turn` (none if turn < 0) to value, with release order: after the
-    adds of every thread of the warp (bar.warp.sync; a CTA-wide barrier here would stop triton pipelining)."""
-    if SPIN:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 w; .reg .u64 a; setp.ge.s32 p, $2, 0; mov.u32 w, %tid.x; shr.u32 w, w, 5; "
-            "mul.wide.u32 a, w, 4; add.u64 a, a, $1; bar.warp.sync -1; @p st.release.gpu.global.b32 [a], $3; "
-            "mov.u32 $0, 0; }",
-            "=r,l,r,r", [TURNS + tl.maximum(turn, 0) * _WARPS_MAX, turn, value], dtype=tl.int32, is_pure=False,
-            pack=1)
-    else:
-        tl.store(TURNS + tl.maximum(turn, 0) * _WARPS_MAX, value, mask=turn >= 0)
-
-
-@triton.jit
-def _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending,
-               Q, DO, LSE, DELTA,   # q, dO, lse, delta of the first query head of this kv head's group
-               DQ, TURNS,           # that head's fp32 dq sums; the group's turn counters
-               DOC,                 # the row's document numbers
-               stride_qh, stride_qt, lo, hi, T, Tk, after, next_lo, qk_scale, sm_scale, GROUP: tl.constexpr,
-               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, BLOCK_M: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    """Add the contributions of query tiles [lo, hi) of every query head of the group to this key tile's dk and
-    dv, and its share of their dq to the fp32 sums, each query tile in its turn (module docstring). One loop
-    over (query tile, head) pairs, so the whole group shares one software pipeline (a loop per head would start
-    and drain GROUP of them) and one turn per query tile. Works on s transposed (keys on rows) so dk and dv come
-    out in the key tile's layout. `after`: how many key tiles follow this one; `next_lo`: where the next one's
-    query tiles begin (before it, this tile adds first); `pending`: the query tile whose turn this program has
-    still to pass on (-1: none)."""
+def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
+                Q, DO, LSE, DELTA,   # q, dO, lse, delta of the first query head of this kv head's group
+                DOC,                 # the row's document numbers
+                stride_qh, stride_qt, lo, hi, T, Tk, qk_scale, GROUP: tl.constexpr,
+                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Add the contributions of query tiles [lo, hi) of every query head of the group to one key tile's dk, dv.
+    One loop over (query tile, head) pairs, so the whole group shares one software pipeline (a loop per head
+    would start and drain GROUP of them). Works on s transposed (keys on rows) so both products come out in
+    the key tile's layout."""
     offs_d = tl.arange(0, HEAD_DIM)
-    row_tile = tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :]  # a query tile's offsets in dO, dq
-    tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
-    for i in range(0, tiles * GROUP):
+    for i in range(0, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * GROUP):
         g = i % GROUP                                                   # the head, then the next query tile
-        start_m = lo + (i // GROUP) * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = lo + (i // GROUP) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
         q = tl.load(Q + g * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
                     other=0.0)
@@ -372,41 +323,28 @@ def _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending,
         if HAS_DOCS:
             q_doc = tl.load(DOC + offs_m, mask=row_ok, other=-1)
             pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
-        rows = (g * T + start_m) * HEAD_DIM + row_tile                  # this query tile's rows in dO and dq
-        do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + g * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
         dv += tl.dot(pT.to(do.dtype), do)
         delta = tl.load(DELTA + g * T + offs_m, mask=row_ok, other=0.0)
-        dsT = (pT * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
-        dk += tl.dot(dsT, q)
-        dq = tl.trans(tl.dot(tl.trans(k), dsT)) * sm_scale   # (BLOCK_M, HEAD_DIM), as dq^T: 128-row wgmma tiles
-        # at the group's first head: pass on the turn of the last query tile (its adds have had this tile's
-        # products to land), then wait for this one's: until the key tiles after this one have added theirs
-        new_tile = g == 0
-        _pass_turn(TURNS, tl.where(new_tile, pending, -1), after + 1, SPIN)
-        expected = tl.where(start_m < next_lo, 0, after)                # 0: no later key tile sees it
-        seen = _wait_turn(TURNS, tl.where(new_tile, start_m // BLOCK_M, -1), expected, SPIN)
-        tl.atomic_add(DQ + rows, dq, mask=tl.where(seen == expected, row_ok, False)[:, None], sem="relaxed")
-        pending = start_m // BLOCK_M
-    return dk, dv, pending
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
-                 prune_configs_by={"early_config_prune": BWD_FIT}, reset_to_zero=["DQ", "TURNS"])
+@triton.autotune(configs=DKDV_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
+                 prune_configs_by={"early_config_prune": DKDV_FIT})
 @triton.jit
-def _attn_bwd(Q, K, V,               # as in _attn_fwd
-              DO, LSE, DELTA,        # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
-              DK, DV,                # outputs (B, Hkv, Tk, D) contiguous
-              DQ, TURNS,             # outputs, zeroed: dq (B, Hq, T, D) fp32; turns (B, Hkv, T, WARPS_MAX) int32
-              DOC, DOC_REACH,        # (B, T) int32: document number, last position of the documents so far,
-              RUN_LAST,              # and last position of the contiguous run of its document it lies in
-              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
-              GROUP: tl.constexpr,   # query heads per kv head; a constant, so i // GROUP needs no division
-              HAS_DOCS: tl.constexpr, SPIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    after = tl.program_id(0)                 # how many key tiles come after this one: they are launched first,
-    n = tl.num_programs(0) - 1 - after       # since dq's turns go from the last key tile down (module docstring)
-    start_n = n * BLOCK_N
+def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
+                   DO, LSE, DELTA,   # dO (B, Hq, T, D) contiguous; lse, delta (B, Hq, T) fp32
+                   DK, DV,           # outputs (B, Hkv, Tk, D) contiguous
+                   DOC, DOC_LAST,    # (B, T) int32: document number, last position of its document,
+                   RUN_LAST,         # and last position of the contiguous run of its document it lies in
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
+                   GROUP: tl.constexpr,  # query heads per kv head; a constant, so i // GROUP needs no division
+                   HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
     b, hk = bhk // Hkv, bhk % Hkv
     offs_d = tl.arange(0, HEAD_DIM)
@@ -418,18 +356,17 @@ def _attn_bwd(Q, K, V,               # as in _attn_fwd
     v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_ok, other=0.0)
 
     # the queries that can see this tile: [lo, hi), the forward's ranges transposed: [lo, full_lo) causal and
-    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask. lo and hi grow with n, so the key
-    # tiles that see a query tile are a run, and this tile adds first where the next tile's range has not begun
+    # document masks, [full_lo, full_hi) no mask, [full_hi, hi) document mask
     lo = tl.maximum(start_n - (Tk - T), 0) // BLOCK_M * BLOCK_M
     full_lo = (tl.maximum(start_n + BLOCK_N - 1 - (Tk - T), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     hi = T
     full_hi = T
-    next_lo = tl.where(after > 0, tl.maximum(start_n + BLOCK_N - (Tk - T), 0) // BLOCK_M * BLOCK_M, T)   # n + 1's lo
     k_doc = k_pos                                                        # unused without documents
     if HAS_DOCS:                                                         # (then Tk == T)
         DOC += b * T
         k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
-        hi = tl.load(DOC_REACH + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1) + 1   # the rest is skipped
+        last = tl.load(DOC_LAST + b * T + k_pos, mask=k_pos < Tk, other=-1)
+        hi = tl.max(last, 0) + 1                   # query tiles after the last document end are skipped
         run = tl.load(RUN_LAST + b * T + start_n)  # the tile lies in one run if its first and last keys end theirs
         one_run = run == tl.load(RUN_LAST + b * T + tl.minimum(start_n + BLOCK_N, Tk) - 1)   # at the same place
         full_hi = tl.where(one_run, (run + 1) // BLOCK_M * BLOCK_M, full_lo)
@@ -440,23 +377,81 @@ def _attn_bwd(Q, K, V,               # as in _attn_fwd
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     bh = b * Hq + hk * GROUP                       # the group's first query head; dk, dv sum over the group
     Qg = Q + b.to(tl.int64) * stride_qb + hk * GROUP * stride_qh
-    DOg, DQg = DO + bh.to(tl.int64) * T * HEAD_DIM, DQ + bh.to(tl.int64) * T * HEAD_DIM
-    LSEg, DELTAg, TURNSg = LSE + bh * T, DELTA + bh * T, TURNS + bhk * T * _WARPS_MAX
-    pending = -1                                   # no turn to pass on yet
-    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
-                                 stride_qh, stride_qt, lo, full_lo, T, Tk, after, next_lo, qk_scale, sm_scale,
-                                 GROUP, True, HAS_DOCS, SPIN, BLOCK_M, HEAD_DIM)
-    dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
-                                 stride_qh, stride_qt, full_lo, full_hi, T, Tk, after, next_lo, qk_scale, sm_scale,
-                                 GROUP, False, False, SPIN, BLOCK_M, HEAD_DIM)
+    DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
+    LSEg, DELTAg = LSE + bh * T, DELTA + bh * T
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
+                         stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
+                         stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
     if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
-        dk, dv, pending = _bwd_tiles(dk, dv, k, v, k_pos, k_doc, pending, Qg, DOg, LSEg, DELTAg, DQg, TURNSg, DOC,
-                                     stride_qh, stride_qt, full_hi, hi, T, Tk, after, next_lo, qk_scale, sm_scale,
-                                     GROUP, False, True, SPIN, BLOCK_M, HEAD_DIM)
-    _pass_turn(TURNSg, pending, after + 1, SPIN)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
+                             stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc,
+              K, V, DOC,                  # this (batch, kv head)'s keys and values, the row's document numbers
+              stride_kt, stride_vt, lo, hi, Tk, qk_scale,
+              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Add the contributions of key tiles [lo, hi) to one query tile's dq."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + k_pos[:, None] * stride_kt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+        v = tl.load(V + k_pos[:, None] * stride_vt + offs_d[None, :], mask=k_pos[:, None] < Tk, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])    # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            p = tl.where(k_pos[None, :] <= q_pos[:, None], p, 0.0)
+        if HAS_DOCS:
+            k_doc = tl.load(DOC + k_pos, mask=k_pos < Tk, other=-1)
+            p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "HAS_DOCS"],
+                 prune_configs_by={"early_config_prune": DQ_FIT})
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
+                 DQ,                        # output (B, Hq, T, D) contiguous
+                 DOC, DOC_FIRST, RUN_FIRST,   # as in _attn_fwd
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                 Hq, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
+                 HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    hk = h // GROUP
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    rows = bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    q_pos = offs_m + (Tk - T)
+
+    DOC += b * T                                          # the same key ranges as the forward
+    lo, full_lo, full_hi, q_doc = _key_ranges(start_m, offs_m, T, Tk, DOC, DOC_FIRST + b * T, RUN_FIRST + b * T,
+                                              HAS_DOCS, BLOCK_M, BLOCK_N)
+    hi = tl.minimum(start_m + BLOCK_M + (Tk - T), Tk)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                   lo, full_lo, Tk, qk_scale, False, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                   full_lo, full_hi, Tk, qk_scale, False, False, BLOCK_N, HEAD_DIM)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, DOC, stride_kt, stride_vt,
+                   full_hi, hi, Tk, qk_scale, True, HAS_DOCS, BLOCK_N, HEAD_DIM)
+    tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- autograd wrapper
@@ -475,22 +470,20 @@ def _runs(x):
 
 
 def _doc_spans(doc_ids):
-    """doc_ids (B, T), any integers -> (5, B, T) int32: doc, first, reach, run_first, run_last. doc: the ids
-    renumbered 1, 2, ... per row; first: the first position in the row of each position's document; reach: the
-    last position of any document met so far along the row (the end of its own document when documents are
-    contiguous, as packing makes them; never less than it, and never smaller than the reach before it);
-    run_first, run_last: the first and last position of the contiguous run of its document the position lies
-    in. Sorting the ids keeps first and reach exact when an id repeats at separate places.
-    Example: doc_ids [[7, 7, 9, 9, 7]] -> doc [[1, 1, 2, 2, 1]], first [[0, 0, 2, 2, 0]], reach [[4, 4, 4, 4, 4]],
+    """doc_ids (B, T), any integers -> (5, B, T) int32: doc, first, last, run_first, run_last. doc: the ids
+    renumbered 1, 2, ... per row; first, last: the first and last position in the row of each position's
+    document; run_first, run_last: the same for the contiguous run of it that the position lies in. They differ
+    only when an id repeats at separate places; sorting the ids keeps first and last exact then.
+    Example: doc_ids [[7, 7, 9, 9, 7]] -> doc [[1, 1, 2, 2, 1]], first [[0, 0, 2, 2, 0]], last [[4, 4, 3, 3, 4]],
     run_first [[0, 0, 2, 2, 4]], run_last [[1, 1, 3, 3, 4]]."""
     ids, perm = doc_ids.sort(dim=1, stable=True)           # equal ids adjacent, each group in position order
     group_first, group_last, group_begins = _runs(ids)     # indices in sorted order
     unsort = lambda x: torch.empty_like(x).scatter_(1, perm, x)  # noqa: E731  back to position order
     doc = unsort(group_begins.long().cumsum(1))
     first = unsort(perm.gather(1, group_first))            # stable sort: the group's first entry is its earliest
-    reach = unsort(perm.gather(1, group_last)).cummax(1).values
+    last = unsort(perm.gather(1, group_last))
     run_first, run_last, _ = _runs(doc_ids)
-    return torch.stack([doc, first, reach, run_first, run_last]).int()
+    return torch.stack([doc, first, last, run_first, run_last]).int()
 
 
 _last_spans = (None, -1, None)   # (doc_ids, its version counter, _doc_spans of it)
@@ -526,7 +519,7 @@ class _FlashAttention(torch.autograd.Function):
         Hkv, Tk = k.shape[1], k.shape[2]
         o = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-        # doc, first, reach, run_first, run_last; without documents never read (HAS_DOCS=False): any int32 will do
+        # doc, first, last, run_first, run_last; without documents never read (HAS_DOCS=False): any int32 will do
         no_docs = torch.zeros(5, 1, 1, device=q.device, dtype=torch.int32)
         spans = _spans_once(doc_ids) if doc_ids is not None else no_docs
         doc, first, _, run_first, _ = spans
@@ -544,25 +537,26 @@ class _FlashAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a second derivative is an error, not a silent zero
     def backward(ctx, do):
         q, k, v, o, lse, spans = ctx.saved_tensors
-        doc, first, reach, run_first, run_last = spans
+        doc, first, last, run_first, run_last = spans
         B, Hq, T, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         do = do.contiguous()
         delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
         BLOCK = 16 if INTERPRET else 64
         _bwd_delta[(triton.cdiv(B * Hq * T, BLOCK),)](o, do, delta, B * Hq * T, HEAD_DIM=D, BLOCK_M=BLOCK)
-        dq = torch.zeros((B, Hq, T, D), device=q.device, dtype=torch.float32)   # summed in turn, then cast
-        # per query tile and warp; T rows, as many as tiles of 1 row (BLOCK_M is the autotuner's to pick)
-        turns = torch.zeros((B, Hkv, T, WARPS_MAX), device=q.device, dtype=torch.int32)
+        dq = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, Hkv, Tk, D), device=k.device, dtype=k.dtype)
         dv = torch.empty((B, Hkv, Tk, D), device=v.device, dtype=v.dtype)
         sm_scale = D ** -0.5
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        _attn_bwd[grid](q, k, v, do, lse, delta, dk, dv, dq, turns, doc, reach, run_last,
-                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                        Hq, Hkv, T, Tk, sm_scale * LOG2E, sm_scale, _bucket(T),
-                        GROUP=Hq // Hkv, HAS_DOCS=ctx.has_docs, SPIN=not INTERPRET, HEAD_DIM=D)
-        dq = dq.to(q.dtype)
+        _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, run_last, *strides,
+                             Hq, Hkv, T, Tk, sm_scale * LOG2E, sm_scale, _bucket(T),
+                             GROUP=Hq // Hkv, HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, run_first, *strides,
+                           Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),
+                           HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
         return dq, dk, dv, None
 
 

@@ -17,13 +17,14 @@ kernel moves: x read twice (forward, backward), y written, dy read, dx written =
 "of copy" is that rate over the card's device-to-device copy bandwidth, measured here. Each is timed over 8
 calls back to back (as a model's layers make them), and ours also alone. Beside each wall time the GPU's own
 kernel time (torch.profiler) is printed too: RMSNorm's "kernels only" GB/s, and for our attention the split
-into forward, backward and the rest. A wall time well above it was spent on the host.
+into forward, backward and the rest. A wall time well above it was spent on the host: RMSNorm's table gives a
+call's microseconds, the kernels' part of them, and the host's time to issue the call (not waiting for the GPU).
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
-    mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
+    mkdir -p out/base && for f in attention rmsnorm; do git show b4e136d:kernels/$f.py > out/base/$f.py; done
     python tests/bench_kernels.py --against out/base   # + that version of the kernels, side by side
-(d3c342c: the last version with the backward in two kernels, dk/dv then dq.)
+(b4e136d: the backward in one kernel, dq added in turn; on an H100 0.80-0.92x the speed of today's two.)
 RMSNorm runs first (seconds): a time limit then cuts only the longest attention rows, which print as they are
 measured, each with the block shapes autotuning picked. On a machine without CUDA it says so and exits 0 (the
 kernels' CPU tests are tests/test_kernels.py).
@@ -130,14 +131,23 @@ for N in (4096, 8192):
         gbs[name] = 5 * M * N * 2 / ms / 1e6
     one_call = 5 * M * N * 2 / bench_ms(lambda: torch.autograd.grad(rms_norm_triton(x, w, 1e-5), (x, w), dy)) / 1e6
     kernels = max(1e-9, sum(kernel_ms(lambda: torch.autograd.grad(rms_norm_triton(x, w, 1e-5), (x, w), dy)).values()))
+    # the host's own time to issue a call, GPU not waited for: near the wall time per call, the host is the bound
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(REPEAT):
+        torch.autograd.grad(rms_norm_triton(x, w, 1e-5), (x, w), dy)
+    host_us = (time.perf_counter() - t0) / REPEAT * 1e6
+    torch.cuda.synchronize()
     # (1e-9: a profiler that saw no kernels must not cost the whole table)
     rows.append([N, M, f"{gbs['ours']:.0f}", f"{one_call:.0f}", f"{5 * M * N * 2 / kernels / 1e6:.0f}",
+                 f"{5 * M * N * 2 / gbs['ours'] / 1e3:.0f}", f"{kernels * 1e3:.0f}", f"{host_us:.0f}",
                  f"{gbs['eager']:.0f}", f"{gbs['compile']:.0f}",
                  f"{gbs['ours'] / gbs['eager']:.2f}x", f"{gbs['ours'] / gbs['compile']:.2f}x",
                  f"{gbs['ours'] / copy_gbs:.0%}", f"{err:.1e}"] +
                 ([f"{gbs['base']:.0f}", f"{gbs['ours'] / gbs['base']:.2f}x"] if base_rms is not None else []))
 table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth measured {copy_gbs:.0f} GB/s",
-      ["hidden", "rows", "ours", "ours, one call", "ours, kernels only", "eager", "compile", "vs eager",
+      ["hidden", "rows", "ours", "ours, one call", "ours, kernels only", "us a call", "of it kernels",
+       "of it host", "eager", "compile", "vs eager",
        "vs compile", "of copy", "max err"] + (["base", "vs base"] if base_rms is not None else []), rows)
 
 
@@ -163,7 +173,7 @@ def tile(kernel):
 
 
 fwd_rows, bwd_rows, skip_rows, split_rows = [], [], [], []
-BWD = ("_attn_bwd", "_attn_bwd_dkdv", "_attn_bwd_dq")   # our backward kernel; older versions had two (--against)
+BWD = ("_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd")   # our two backward kernels; b4e136d's had one (--against)
 Ts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
 t_start = time.time()
 for T in Ts:
@@ -248,7 +258,7 @@ for T in Ts:
         bwd_rows.append([T, B, mask, f"{tf['ours'][3]:.2f}", cell("ours", 1), cell("sdpa", 1), cell("flex", 1),
                          ratio(1, "sdpa"), ratio(1, "flex")] + vs_base(1))
         tiles = ", ".join(f"{kern.fn.__name__} {tile(kern)}"
-                          for kern in (A._attn_fwd, A._attn_bwd))
+                          for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq))
         print(f"T={T} {mask}: fwd TF/s ours/SDPA/Flex {cell('ours', 0)}/{cell('sdpa', 0)}/{cell('flex', 0)}, "
               f"fwd+bwd {cell('ours', 1)}/{cell('sdpa', 1)}/{cell('flex', 1)}, err {err:.1e}; tiles: {tiles}; "
               f"kernel ms fwd/bwd/other {'/'.join(splits['ours'])} of {tf['ours'][3]:.2f} wall "
@@ -268,7 +278,7 @@ table(f"attention forward (bf16, {Hq}q/{Hkv}kv heads, D={D}, {args.tokens} token
       head + ["err vs SDPA", "SDPA's longest kernel (its backend)"], fwd_rows)
 table("attention forward+backward", head, bwd_rows)
 table("where the forward+backward time goes: wall ms (as above) against the GPU's kernel ms (torch.profiler)",
-      ["T", "mask", "kernels of", "wall", "kernels", "fwd", "bwd (base: dk/dv + dq)", "other (delta, zeroing, casts)"],
+      ["T", "mask", "kernels of", "wall", "kernels", "fwd", "bwd (dk/dv + dq)", "other (delta, zeroing, casts)"],
       split_rows)
 table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
       ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal", "doc spans ms, once a batch"],

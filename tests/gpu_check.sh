@@ -6,15 +6,16 @@
 #
 #     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 570 s
 #     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_loss graph bench_sample \
-#         train                                                # the model: 575 s
+#         train                                                # the model: 595 s
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
-# more than the 15 minutes of device time, so they are ceilings, not plans: on an H100, 2026-11-26, the two calls
-# took 212 s and 111 s, the machine's start ~30 s more. Run the kernels call first.)
+# more than the 15 minutes of device time, so they are ceilings, not plans: on an H100, 2026-11-27, the kernels
+# call took 257 s (with --against), the model call ~380 s (bench_loss then had 60 s and needed more), the
+# machine's start ~30 s more. Run the kernels call first, and the next at once: a machine idle for 30 s goes back.
+# The device returns at most 8 files from $OUT: each call here writes fewer.)
 #
 # bench_kernels also times another version of the kernels beside ours when out/base/ holds its attention.py and
-# rmsnorm.py (carry it), e.g. the commit the README's figures are from (b818606), or d3c342c, the last with the
-# two-kernel backward (dk/dv, then dq), to measure the one-kernel backward against it:
-#     mkdir -p out/base && for f in attention rmsnorm; do git show d3c342c:kernels/$f.py > out/base/$f.py; done
+# rmsnorm.py (carry it), e.g. the commit the README's figures are from, or b4e136d, the one-kernel backward:
+#     mkdir -p out/base && for f in attention rmsnorm; do git show b4e136d:kernels/$f.py > out/base/$f.py; done
 #
 # Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_loss, graph, bench_sample,
 # train.
@@ -54,19 +55,21 @@ run tests 120 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py te
     tests/test_align.py::test_token_logprobs_chunked_equal_the_full_log_softmax
 AGAINST=$([ -f out/base/attention.py ] && echo "--against out/base")
 run bench_kernels 420 $PY tests/bench_kernels.py $AGAINST
-run bench_train 100 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 micro-steps a step
+run bench_train 90 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 micro-steps a step
 # B = 4 as in the README's 1-GPU train.py line: per micro-step costs (autocast's bf16 copies of the weights,
 # adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
 run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
-run bench_train_compile 150 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile  # untried
-run bench_loss 60 $PY tests/bench_loss.py --device cuda  # chunked loss and log-probs: time, memory; untried on a GPU
-# generate's decode step as a CUDA graph (untried on a GPU): its test first, then the benchmark that times it
+run bench_train_compile 120 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile
+# chunked loss and log-probs: time, memory (on the H100 the log-prob rows did not finish in 60 s: never measured)
+run bench_loss 120 $PY tests/bench_loss.py --device cuda
+# generate's decode step as a CUDA graph: its test first, then the benchmark that times it
 run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
 run bench_sample 45 $PY tests/bench_sample.py --device cuda
 case " $PARTS " in *" train "*) rm -rf out/gpu_check/train ;; esac  # a fresh run dir, only when it runs
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
     --log_interval 10 --sample_tokens 40 --average_last 10  # (and the average's CUDA path)
-[ -f out/gpu_check/train/log.csv ] && cp out/gpu_check/train/log.csv "$OUT/train_log.csv"
+# appended to its log, not a file of its own: the device sends back at most 8 files
+[ -f out/gpu_check/train/log.csv ] && { echo "== log.csv"; cat out/gpu_check/train/log.csv; } >>"$OUT/train.log"
 
 for part in $PARTS; do
     [ -f "$OUT/$part.log" ] || continue

@@ -32,7 +32,7 @@ HALF = torch.bfloat16 if CUDA else torch.float16
 
 # On a GPU each new (T, head_dim, ...) would autotune: compile and time every block shape, minutes for this
 # file. So each test runs one shape per kernel, and test_flash_every_config runs all of them once.
-AUTOTUNED = [A._attn_fwd, A._attn_bwd]
+AUTOTUNED = [A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq]
 ALL_CONFIGS = {kernel: list(kernel.configs) for kernel in AUTOTUNED}
 N_CONFIGS = max(len(c) for c in ALL_CONFIGS.values())   # 1 in the interpreter
 
@@ -175,14 +175,19 @@ def test_fit_shared_memory(monkeypatch):
     assert shapes(A.FWD_FIT(space, x[torch.bfloat16], HEAD_DIM=128)) == shapes(space)
     # fp32: 64x64 at 3 stages takes 229376 bytes and stays; both 128x64 become 2 stages, one config
     assert shapes(A.FWD_FIT(space, x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 3), (128, 64, 8, 2)]
-    # the backward keeps k, v, ds^T and dq's transposition (2 * BLOCK_N + 2 * BLOCK_M rows) and streams q and dO
-    # (2 * BLOCK_M a stage): 64x64 fp32 takes 320 KB at 3 stages, 256 KB at 2, 192 KB at 1
-    assert shapes(A.BWD_FIT(space[:1], x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 1)]
-    # a config that does not fit even at 1 stage is dropped (fp32 64x128: 256 KB), unless none fits
-    bwd = [A.triton.Config({"BLOCK_M": m, "BLOCK_N": 128}, num_warps=8, num_stages=2) for m in (32, 64)]
-    assert shapes(A.BWD_FIT(bwd, x[torch.bfloat16], HEAD_DIM=128)) == shapes(bwd)
-    assert shapes(A.BWD_FIT(bwd, x[torch.float32], HEAD_DIM=128)) == [(32, 128, 8, 2)]   # 224 KB
-    assert shapes(A.BWD_FIT(bwd[1:], x[torch.float32], HEAD_DIM=128)) == [(64, 128, 8, 2)]
+    # dk/dv keep k and v and a margin (2 * BLOCK_N + BLOCK_M rows) and stream q and dO (2 * BLOCK_M): 64x64 needs
+    # 288 KB at 3 stages, 224 KB at 2; 32x128, what the H100 picks, 240 KB at 3 (the margin's doing), 208 KB at 2
+    assert shapes(A.DKDV_FIT(space[:1], x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 2)]
+    bwd = [A.triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)]
+    assert shapes(A.DKDV_FIT(bwd, x[torch.float32], HEAD_DIM=128)) == [(32, 128, 8, 2)]
+    assert shapes(A.DKDV_FIT(bwd, x[torch.bfloat16], HEAD_DIM=128)) == [(32, 128, 8, 3)]
+    # dq keeps q and dO (2 * BLOCK_M) and streams k and v (2 * BLOCK_N): 128x64 at 3 stages is 384 KB in fp32
+    assert shapes(A.DQ_FIT(space[1:2], x[torch.float32], HEAD_DIM=128)) == [(128, 64, 8, 1)]
+    # a config that does not fit even at 1 stage is dropped (fp32 dk/dv 32x256: 304 KB), unless none fits
+    bwd = [A.triton.Config({"BLOCK_M": 32, "BLOCK_N": n}, num_warps=8, num_stages=2) for n in (128, 256)]
+    assert shapes(A.DKDV_FIT(bwd, x[torch.bfloat16], HEAD_DIM=128)) == shapes(bwd)
+    assert shapes(A.DKDV_FIT(bwd, x[torch.float32], HEAD_DIM=128)) == [(32, 128, 8, 2)]   # 208 KB
+    assert shapes(A.DKDV_FIT(bwd[1:], x[torch.float32], HEAD_DIM=128)) == [(32, 256, 8, 2)]
 
 
 def test_autotune_key_buckets_T(monkeypatch):
@@ -211,12 +216,13 @@ def test_flash_fp32_head_dim_128(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the real tiles, all of them unequal")
-@pytest.mark.parametrize("fwd,bwd", [((32, 16), (16, 32)), ((16, 32), (32, 16)), ((16, 64), (16, 64))])
-def test_flash_unequal_tiles(fwd, bwd, monkeypatch):
+@pytest.mark.parametrize("fwd,dkdv,dq", [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 64)),
+                                         ((16, 64), (16, 64), (64, 16))])
+def test_flash_unequal_tiles(fwd, dkdv, dq, monkeypatch):
     """The interpreter's tiles are 16x16, but on a GPU BLOCK_M != BLOCK_N (128x64, 32x128, ...): the key and
     query ranges round to both. Run the interpreter on unequal tiles: documents (one id on both sides of
     another), and Tk > T."""
-    for kernel, (bm, bn) in zip(AUTOTUNED, (fwd, bwd)):
+    for kernel, (bm, bn) in zip(AUTOTUNED, (fwd, dkdv, dq)):
         monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
     doc_ids = docs_from_lengths([37, 50, 40, 13], [5, 60, 75])
     doc_ids[0, 127:] = 0
@@ -241,10 +247,11 @@ def test_flash_pv_lag(bm, monkeypatch):
 @pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products")
 def test_documents_cost_fewer_tiles(monkeypatch):
     """A row packed with short documents must cost less than one long document: count the tile iterations of
-    each kernel (its tl.dot calls: 2 per tile in the forward, 5 in the backward) with the tiles the H100
-    picked at T=1K (forward 64x64, backward 32x128), for causal and for 8 documents of 128. Exact counts:
-    causal query tile i of 64 sees i+1 key tiles (136 in all); a document is 2 of them and sees 1 + 2; the
-    backward's key tile j of 128 sees 32 - 4j query tiles of 32 (144), its document 4."""
+    each kernel (its tl.dot calls: 2 per tile in the forward, 4 in dk/dv, 3 in dq) with the tiles the H100
+    picked at T=1K (forward 64x64, dk/dv 32x128, dq 64x32), for causal and for 8 documents of 128. Exact
+    counts: causal query tile i of 64 sees i+1 key tiles (136 in all); a document is 2 of them and sees 1 + 2;
+    dk/dv's key tile j of 128 sees 32 - 4j query tiles of 32 (144), its document 4; dq's query tile i sees 2i+2
+    key tiles of 32 (272), a document's two 2 + 4."""
     from triton.runtime import interpreter
     if not hasattr(interpreter, "InterpreterBuilder") or not hasattr(interpreter.InterpreterBuilder, "create_dot"):
         pytest.skip("this triton's interpreter has no InterpreterBuilder.create_dot to count")
@@ -254,18 +261,18 @@ def test_documents_cost_fewer_tiles(monkeypatch):
         dots[running[0]] = dots.get(running[0], 0) + 1
         return create_dot(self, *args, **kwargs)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
-    for kernel, (bm, bn) in zip(AUTOTUNED, ((64, 64), (32, 128))):
+    for kernel, (bm, bn) in zip(AUTOTUNED, ((64, 64), (32, 128), (64, 32))):
         monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
         def run(*args, _run=kernel.run, _name=kernel.fn.__name__, **kwargs):
             running[0] = _name
             return _run(*args, **kwargs)
         monkeypatch.setattr(kernel, "run", run)
     T = 1024
-    for doc_ids, tiles in ((None, (136, 144)), (docs_from_lengths([128] * 8), (8 * 3, 8 * 4))):
+    for doc_ids, tiles in ((None, (136, 144, 272)), (docs_from_lengths([128] * 8), (8 * 3, 8 * 4, 8 * 6))):
         dots.clear()
         q, k, v = (torch.randn(1, 1, T, 16, requires_grad=True) for _ in range(3))
         torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), torch.randn(1, 1, T, 16))
-        assert dots == {"_attn_fwd": 2 * tiles[0], "_attn_bwd": 5 * tiles[1]}
+        assert dots == {"_attn_fwd": 2 * tiles[0], "_attn_bwd_dkdv": 4 * tiles[1], "_attn_bwd_dq": 3 * tiles[2]}
 
 
 def test_flash_under_inference_mode():
@@ -297,22 +304,22 @@ def test_flash_strided_inputs(docs):
 @pytest.mark.skipif(not CUDA, reason="the interpreter runs programs one at a time: any order repeats there")
 @pytest.mark.parametrize("docs", [False, True])
 def test_flash_backward_is_deterministic(docs, monkeypatch):
-    """dq is summed from many programs running at once (one per key tile); the turns make the order of the sum
-    fixed, so the same inputs give bit-identical gradients, run after run. (Atomic adds without the turns would
-    give differences at the last bits of dq.) Long rows, bf16, GQA 4: many key tiles add to each query tile.
-    Every backward tile of the autotune space."""
+    """No atomic adds: each gradient row is summed by one program in a fixed order, so the same inputs give
+    bit-identical gradients, run after run (FlashAttention's atomic dq differs at its last bits). Long rows, bf16,
+    GQA 4: many key tiles see each query tile. Every backward tile of the autotune space."""
     T = 16 * TILE
     doc_ids = docs_from_lengths([3 * TILE + 5, 9 * TILE - 40, 4 * TILE + 35]) if docs else None
     q = torch.randn(1, 8, T, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 2, T, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     do = torch.randn_like(q)
-    for config in ALL_CONFIGS[A._attn_bwd]:
-        monkeypatch.setattr(A._attn_bwd, "configs", [config])
+    for kernel, config in [(kernel, c) for kernel in AUTOTUNED[1:] for c in ALL_CONFIGS[kernel]]:
+        monkeypatch.setattr(kernel, "configs", [config])
         first = torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), do)
         for _ in range(3):
             again = torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), do)
             for name, a, b in zip("qkv", first, again):
                 assert torch.equal(a, b), f"d{name} differs between two runs on the same inputs ({config})"
+        monkeypatch.setattr(kernel, "configs", ALL_CONFIGS[kernel][:1])
 
 
 def test_flash_skips_masked_tiles():
@@ -352,13 +359,12 @@ def test_doc_spans():
     """The per-position document summary the kernels use for skipping and for unmasked tiles, against a
     brute-force loop; ids that repeat at separate places make the document and its runs differ."""
     doc_ids = torch.tensor([[7, 7, 9, 9, 9, 2], [3, 1, 3, 3, 1, 5]])
-    doc, first, reach, run_first, run_last = A._doc_spans(doc_ids)
+    doc, first, last, run_first, run_last = A._doc_spans(doc_ids)
     for b in range(2):
         ids = doc_ids[b].tolist()
         for i, x in enumerate(ids):
             same = [j for j, y in enumerate(ids) if y == x]
-            assert first[b, i] == same[0]
-            assert reach[b, i] == max(max(j for j, y in enumerate(ids) if y == ids[m]) for m in range(i + 1))
+            assert (first[b, i], last[b, i]) == (same[0], same[-1])
             run = [j for j in same if all(ids[m] == x for m in range(min(i, j), max(i, j) + 1))]
             assert (run_first[b, i], run_last[b, i]) == (run[0], run[-1])
             assert all((doc[b, i] == doc[b, j]) == (ids[i] == ids[j]) for j in range(len(ids)))
@@ -421,15 +427,14 @@ def arg_type(p):  # the signature a launch with bf16 tensors would give each arg
         return "i32"
     if p.name.startswith(("DOC", "RUN")):
         return "*i32"
-    return {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "TURNS": "*i32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32",
-            "W": "*fp32"}.get(p.name, "*bf16")
+    return {"LSE": "*fp32", "DELTA": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "W": "*fp32"}.get(p.name, "*bf16")
 
 for jit, consts, warps, stages in [
         (A._attn_fwd.fn, dict(HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 3),
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 3),
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PV_LAG=True), 8, 3),
-        (A._attn_bwd.fn, dict(GROUP=4, HAS_DOCS=True, SPIN=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8, 3),
-        (A._attn_bwd.fn, dict(GROUP=4, HAS_DOCS=False, SPIN=True, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128), 8, 2),
+        (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8, 3),
+        (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 2),
         (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4, 3),
         (R._rms_norm_fwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2)), 16, 3),        # bf16 x
         (R._rms_norm_bwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2 * 2)), 16, 3)]:  # bf16 x and dy
@@ -444,11 +449,6 @@ for jit, consts, warps, stages in [
     if jit.__name__.startswith("_attn"):  # Hopper's tensor-core MMA, fed by asynchronous (pipelined) copies
         assert "wgmma.mma_async" in kernel.asm["ptx"], f"{jit.__name__}: no wgmma"
         assert "cp.async" in kernel.asm["ptx"], f"{jit.__name__}: loads not pipelined"
-    if jit.__name__ == "_attn_bwd":  # dq's shares added 16 bytes at a time, every product a wgmma, in turn
-        # (triton 3.9 issues red, 3.6 atom with the old value unused)
-        assert re.search(r"(red|atom)\\.global\\.gpu\\.relaxed\\.add\\.v4\\.f32", kernel.asm["ptx"]), "_attn_bwd: dq adds"
-        assert "mma.sync" not in kernel.asm["ptx"], "_attn_bwd: a product fell back to mma.sync"
-        assert "ld.global.acquire.gpu" in kernel.asm["ptx"] and "st.release.gpu" in kernel.asm["ptx"]
     if jit.__name__.startswith("_rms"):  # rows prefetched (the loop pipelined) in 16-byte copies of 8 bf16
         copies = re.findall(r"cp\\.async\\.cg\\.shared\\.global \\[[^]]*\\], \\[[^]]*\\], 0x10", kernel.asm["ptx"])
         assert copies, f"{jit.__name__}: row loads not pipelined in 16-byte copies"
@@ -461,9 +461,7 @@ print("ok")
 def test_kernels_compile_for_hopper():
     """The interpreter runs code the compiler may reject (it is Python): compile each kernel for an H100
     (sm_90) in a subprocess without TRITON_INTERPRET, no GPU needed, and check attention uses Hopper's wgmma
-    with its K/V (Q/dO) tiles prefetched by cp.async, as the autotune space's num_stages intends (a CTA-wide
-    barrier in the backward's loop, to pass dq's turn, stopped that: seen in triton 3.9), and that the backward
-    adds dq in 16-byte reductions with its turns' acquire and release."""
+    with its K/V (Q/dO) tiles prefetched by cp.async, as the autotune space's num_stages intends."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
