@@ -43,7 +43,8 @@ Design choices:
   dO v^T (7 matrix products in all, FlashAttention-2/3 do 5 by adding dq up with atomics): the price of a
   deterministic backward, so training runs repeat exactly. A one-kernel backward with 5 products, dq's shares
   added in a fixed order (per-query-tile turn counters), was built and timed on an H100 (2026-11-27, at
-  b4e136d): 0.80-0.92x the speed of these two kernels at T 1K-16K, so it was taken out (README).
+  b4e136d): 0.80-0.92x the speed of these two kernels at T 1K-16K, level only at 1K with documents, so it
+  was taken out (README).
 - Inputs may be strided views (a transposed q, a slice of a KV cache) as long as head_dim is contiguous.
 - Block sizes are autotuned on the GPU, keyed on head_dim and T rounded up to a power of two (see _configs and
   _bucket); the interpreter uses one small block so the CPU tests are quick and still cross many tile boundaries.
