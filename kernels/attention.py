@@ -57,7 +57,7 @@ runs kernels in numpy (~200x slower than the reference at T=100, seen here), and
 call `attention` on CPU tensors (tried on 2026-11-26: with CPU tensors sent to the interpreter, the test suite
 had run 12 of its 175 tests after 20 minutes; as it is, all of them take 2). The kernel on CPU is reached by
 calling `flash_attention` directly, which is what tests/test_kernels.py does. On CUDA, falling back (no triton,
-or a head_dim the kernel does not take) warns once.
+or a head_dim or dtype the kernel does not take) warns once.
 
     python -m pytest -q tests/test_kernels.py    # CPU: the kernels under TRITON_INTERPRET=1, small shapes
     python tests/bench_kernels.py                # GPU: TFLOP/s vs SDPA and FlexAttention
@@ -148,9 +148,10 @@ FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
 DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)])
 DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
 # q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed, and
-# BLOCK_M rows more as a margin for p^T and ds^T on their way to the tensor cores (at fp32, D=128 the count
-# without it allowed 32x128 at 3 stages in 224 KB of the H100's 227; the one-kernel backward, counted that tight,
-# failed there asking 240 KB); dq: q and dO kept, k and v streamed
+# BLOCK_M rows more, a margin for p^T and ds^T on their way to the tensor cores: a guess, not measured for this
+# kernel (without it fp32 32x128 at D=128 would take 3 stages, 224 KB of the H100's 227; the one-kernel backward,
+# counted at 224 KB, asked for 240 there); test_flash_fp32_head_dim_128 on a GPU checks it; dq: q and dO kept, k and
+# v streamed
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
 DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
 DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))

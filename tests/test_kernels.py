@@ -176,12 +176,13 @@ def test_fit_shared_memory(monkeypatch):
     # fp32: 64x64 at 3 stages takes 229376 bytes and stays; both 128x64 become 2 stages, one config
     assert shapes(A.FWD_FIT(space, x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 3), (128, 64, 8, 2)]
     # dk/dv keep k and v and a margin (2 * BLOCK_N + BLOCK_M rows) and stream q and dO (2 * BLOCK_M): 64x64 needs
-    # 288 KB at 3 stages, 224 KB at 2; 32x128, what the H100 picks, 240 KB at 3 (the margin's doing), 208 KB at 2
+    # 288 KB at 3 stages, 224 KB at 2; 32x128, the H100's pick at b818606, 240 KB at 3 (the margin's doing), 208 at 2
     assert shapes(A.DKDV_FIT(space[:1], x[torch.float32], HEAD_DIM=128)) == [(64, 64, 4, 2)]
     bwd = [A.triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)]
     assert shapes(A.DKDV_FIT(bwd, x[torch.float32], HEAD_DIM=128)) == [(32, 128, 8, 2)]
     assert shapes(A.DKDV_FIT(bwd, x[torch.bfloat16], HEAD_DIM=128)) == [(32, 128, 8, 3)]
-    # dq keeps q and dO (2 * BLOCK_M) and streams k and v (2 * BLOCK_N): 128x64 at 3 stages is 384 KB in fp32
+    # dq keeps q and dO (2 * BLOCK_M) and streams k and v (2 * BLOCK_N): 128x64 in fp32 is 320 KB at 3 stages,
+    # 256 KB at 2, 192 KB at 1
     assert shapes(A.DQ_FIT(space[1:2], x[torch.float32], HEAD_DIM=128)) == [(128, 64, 8, 1)]
     # a config that does not fit even at 1 stage is dropped (fp32 dk/dv 32x256: 304 KB), unless none fits
     bwd = [A.triton.Config({"BLOCK_M": 32, "BLOCK_N": n}, num_warps=8, num_stages=2) for n in (128, 256)]
@@ -434,6 +435,7 @@ for jit, consts, warps, stages in [
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 3),
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PV_LAG=True), 8, 3),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8, 3),
+        (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64), 4, 3),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 2),
         (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4, 3),
         (R._rms_norm_fwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2)), 16, 3),        # bf16 x
