@@ -33,8 +33,10 @@ Design choices:
   tiles of a row packed with long documents are full: they pay for no load of document ids and no select.
   The backward kernels walk the same ranges (dk/dv: transposed, over the query tiles that see a key tile).
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
-  program for one kv head walks (query tile, query head) pairs of its group in one loop, so dk/dv are sums
-  without atomics and the group shares one software pipeline.
+  program for one kv head sums over the query heads of its group, so dk/dv are sums without atomics, in one of
+  two orders the autotuner chooses between: (query tile, query head) pairs in one loop, so the group shares one
+  software pipeline (faster on rows of short documents on an H100), or HEAD_LOOPS, each head in loops of its own
+  (faster on long causal rows).
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
@@ -101,7 +103,8 @@ def _configs(shapes, **constexprs):
     per program at 243-255 registers, 64-81 KB of shared memory, so two programs share an SM), and the
     forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against 181-234, no
     spills in the loops). On an H100 (2026-11-27) PV_LAG won only at T=1K with documents (64x64); which dk/dv
-    tile won was not recorded (bench_kernels prints it now)."""
+    tile won was not recorded (bench_kernels prints it now). dk/dv's HEAD_LOOPS order at 32x128, the space of
+    b818606, when it was faster on causal rows (it spills 16-296 bytes, as it did then)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -145,13 +148,14 @@ def _shared_memory_limit(device):
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
 FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
                _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
-DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)])
+DKDV_CONFIGS = (_configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)]) +
+                _configs([(32, 128, 8, 2), (32, 128, 8, 3)], HEAD_LOOPS=True))
 DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
 # q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed, and
-# BLOCK_M rows more, a margin for p^T and ds^T on their way to the tensor cores: a guess, not measured for this
-# kernel (without it fp32 32x128 at D=128 would take 3 stages, 224 KB of the H100's 227; the one-kernel backward,
-# counted at 224 KB, asked for 240 there); test_flash_fp32_head_dim_128 on a GPU checks it; dq: q and dO kept, k and
-# v streamed
+# BLOCK_M rows more, a margin for p^T and ds^T on their way to the tensor cores (compiled for sm_90, bf16, D=128,
+# 32x128 at 3 stages asks 115,200 bytes, 512 over the count without it; at fp32 that count would allow 3 stages
+# in 224 KB of the H100's 227; test_flash_fp32_head_dim_128 on a GPU checks the fit); dq: q and dO kept, k and v
+# streamed
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
 DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
 DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))
@@ -345,7 +349,8 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
                    GROUP: tl.constexpr,  # query heads per kv head; a constant, so i // GROUP needs no division
-                   HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_LOOPS: tl.constexpr = False):   # an autotune choice: see below
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)                                               # = b * Hkv + hk
     b, hk = bhk // Hkv, bhk % Hkv
@@ -381,13 +386,27 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     Qg = Q + b.to(tl.int64) * stride_qb + hk * GROUP * stride_qh
     DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
     LSEg, DELTAg = LSE + bh * T, DELTA + bh * T
-    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                         stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                         stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
-    if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
+    if HEAD_LOOPS:
+        # the group's heads one after another, each in loops of its own (GROUP=1 below). On an H100 this order
+        # (b818606) was faster on long causal rows, the one loop below on rows of short documents (README):
+        # the autotuner takes whichever is faster at each (T, documents or not)
+        for g in range(GROUP):
+            Qh, DOh, LSEh, DELTAh = Qg + g * stride_qh, DOg + g * T * HEAD_DIM, LSEg + g * T, DELTAg + g * T
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,
+                                 stride_qt, lo, full_lo, T, Tk, qk_scale, 1, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,
+                                 stride_qt, full_lo, full_hi, T, Tk, qk_scale, 1, False, False, BLOCK_M, HEAD_DIM)
+            if HAS_DOCS:
+                dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,
+                                     stride_qt, full_hi, hi, T, Tk, qk_scale, 1, False, True, BLOCK_M, HEAD_DIM)
+    else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                             stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
+                             stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
+                             stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
+        if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
+                                 stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)

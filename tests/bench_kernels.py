@@ -173,10 +173,10 @@ Hq, Hkv, D = 32, 8, 128
 
 def tile(kernel):
     """The block shape autotuning picked at the kernel's last call: BLOCK_MxBLOCK_N, warps, stages (and the
-    forward's PV_LAG loop when it won)."""
+    forward's PV_LAG loop, dk/dv's HEAD_LOOPS order, when it won)."""
     c = getattr(kernel, "best_config", None)
-    lag = " PV_LAG" if c and c.kwargs.get("PV_LAG") else ""
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{lag}" if c else "?"
+    order = "".join(f" {flag}" for flag in ("PV_LAG", "HEAD_LOOPS") if c and c.kwargs.get(flag))
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{order}" if c else "?"
 
 
 fwd_rows, bwd_rows, skip_rows, split_rows = [], [], [], []

@@ -245,6 +245,20 @@ def test_flash_pv_lag(bm, monkeypatch):
     check_attention(1, 4, 2, 45, 110)
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the autotuner's HEAD_LOOPS configs")
+@pytest.mark.parametrize("bm,bn", [(16, 16), (16, 32)])
+def test_flash_head_loops(bm, bn, monkeypatch):
+    """dk/dv's other order (HEAD_LOOPS: the group's query heads one after another, each in loops of its own),
+    which the interpreter's one config does not take: GQA 4 and 2, documents, causal rows, Tk > T."""
+    monkeypatch.setattr(A._attn_bwd_dkdv, "configs",
+                        [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_LOOPS": True}, num_warps=1)])
+    doc_ids = docs_from_lengths([37, 50, 40, 13], [5, 60, 75])
+    doc_ids[0, 127:] = 0
+    check_attention(2, 8, 2, 140, 140, doc_ids)
+    check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5)
+    check_attention(1, 4, 1, 45, 110)
+
+
 @pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products")
 def test_documents_cost_fewer_tiles(monkeypatch):
     """A row packed with short documents must cost less than one long document: count the tile iterations of
@@ -436,6 +450,8 @@ for jit, consts, warps, stages in [
         (A._attn_fwd.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, PV_LAG=True), 8, 3),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8, 3),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64), 4, 3),
+        (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128, HEAD_LOOPS=True),
+         8, 3),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 2),
         (A._bwd_delta, dict(HEAD_DIM=128, BLOCK_M=64), 4, 3),
         (R._rms_norm_fwd, dict(BLOCK_N=4096, STAGES=R._stages(4096 * 2)), 16, 3),        # bf16 x
