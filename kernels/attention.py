@@ -35,8 +35,8 @@ Design choices:
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
   program for one kv head sums over the query heads of its group, so dk/dv are sums without atomics, in one of
   two orders the autotuner chooses between: (query tile, query head) pairs in one loop, so the group shares one
-  software pipeline (faster on rows of short documents on an H100), or HEAD_LOOPS, each head in loops of its own
-  (faster on long causal rows).
+  software pipeline, or HEAD_LOOPS, each head in loops of its own, the order of b818606, a commit that was
+  faster on long causal rows on an H100 and slower on short documents (not yet timed as a choice).
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
@@ -104,7 +104,7 @@ def _configs(shapes, **constexprs):
     forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against 181-234, no
     spills in the loops). On an H100 (2026-11-27) PV_LAG won only at T=1K with documents (64x64); which dk/dv
     tile won was not recorded (bench_kernels prints it now). dk/dv's HEAD_LOOPS order at 32x128, the space of
-    b818606, when it was faster on causal rows (it spills 16-296 bytes, as it did then)."""
+    b818606, when it was faster on causal rows (compiled for sm_90 it spills 16-296 bytes; 32-272 then)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -153,11 +153,11 @@ DKDV_CONFIGS = (_configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)]) +
 DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
 # q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed, and
 # BLOCK_M rows more, a margin for p^T and ds^T on their way to the tensor cores (compiled for sm_90, bf16, D=128,
-# 32x128 at 3 stages asks 115,200 bytes, 512 over the count without it; at fp32 that count would allow 3 stages
-# in 224 KB of the H100's 227; test_flash_fp32_head_dim_128 on a GPU checks the fit); dq: q and dO kept, k and v
-# streamed
+# 32x128 at 3 stages asks 115,200 bytes without documents and 115,456 with, up to 768 over the count without
+# it; at fp32 that count would allow 3 stages in 224 KB of the H100's 227; test_flash_fp32_head_dim_128 on a GPU
+# checks the fit); dq: q and dO kept, k and v streamed
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
-DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
+DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, HEAD_LOOPS=False: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
 DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))
 
 
@@ -387,9 +387,9 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
     LSEg, DELTAg = LSE + bh * T, DELTA + bh * T
     if HEAD_LOOPS:
-        # the group's heads one after another, each in loops of its own (GROUP=1 below). On an H100 this order
-        # (b818606) was faster on long causal rows, the one loop below on rows of short documents (README):
-        # the autotuner takes whichever is faster at each (T, documents or not)
+        # the group's heads one after another, each in loops of its own (GROUP=1 below): the order of b818606,
+        # which on an H100 was faster than today's on long causal rows and slower on short documents (README;
+        # whole commits compared, a day apart): the autotuner takes whichever is faster at each T and mask
         for g in range(GROUP):
             Qh, DOh, LSEh, DELTAh = Qg + g * stride_qh, DOg + g * T * HEAD_DIM, LSEg + g * T, DELTAg + g * T
             dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,

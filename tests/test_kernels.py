@@ -181,6 +181,10 @@ def test_fit_shared_memory(monkeypatch):
     bwd = [A.triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)]
     assert shapes(A.DKDV_FIT(bwd, x[torch.float32], HEAD_DIM=128)) == [(32, 128, 8, 2)]
     assert shapes(A.DKDV_FIT(bwd, x[torch.bfloat16], HEAD_DIM=128)) == [(32, 128, 8, 3)]
+    # the autotune choices pass through the pre-pass (the interpreter's one config never meets it: only on a GPU)
+    for fit, flag in ((A.FWD_FIT, "PV_LAG"), (A.DKDV_FIT, "HEAD_LOOPS")):
+        flagged = [A.triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, flag: True}, num_warps=4, num_stages=2)]
+        assert fit(flagged, x[torch.float32], HEAD_DIM=128)[0].kwargs[flag] is True
     # dq keeps q and dO (2 * BLOCK_M) and streams k and v (2 * BLOCK_N): 128x64 in fp32 is 320 KB at 3 stages,
     # 256 KB at 2, 192 KB at 1
     assert shapes(A.DQ_FIT(space[1:2], x[torch.float32], HEAD_DIM=128)) == [(128, 64, 8, 1)]
@@ -206,6 +210,21 @@ def test_autotune_key_buckets_T(monkeypatch):
         with torch.no_grad():
             assert_close(A.flash_attention(q, q, q), A.attention_reference(q, q, q), TOL[torch.float32], f"T={T}")
     assert len(kernel.cache) == 2 and len(timed) == 4, (kernel.cache, timed)
+
+
+@pytest.mark.skipif(CUDA, reason="replaces the autotuner's timings")
+def test_autotuner_path_keeps_the_loop_choices(monkeypatch):
+    """On a GPU every call goes through the autotuner's pre-pass (shared memory) and timings; the interpreter's
+    one config skips both. Here two configs a kernel, the timings replaced so that the one with the loop choice
+    (the forward's PV_LAG, dk/dv's HEAD_LOOPS) wins: the pre-pass must keep the flag, and the result is right."""
+    monkeypatch.setattr(A, "_shared_memory_limit", lambda device: 2 ** 20)
+    for kernel, flag in ((A._attn_fwd, "PV_LAG"), (A._attn_bwd_dkdv, "HEAD_LOOPS"), (A._attn_bwd_dq, "")):
+        monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **extra}, num_warps=1)
+                                                for extra in ({}, {flag: True} if flag else {"BLOCK_N": 32})])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "_bench", lambda *args, config, **kw: [1.0 if len(config.kwargs) == 2 else 0.5] * 3)
+    check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5, docs_from_lengths([TILE - 3, 2 * TILE + 8]))
+    assert A._attn_fwd.best_config.kwargs.get("PV_LAG") and A._attn_bwd_dkdv.best_config.kwargs.get("HEAD_LOOPS")
 
 
 @pytest.mark.skipif(not CUDA, reason="shared memory limits are the GPU's")
