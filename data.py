@@ -531,6 +531,20 @@ def read_blocklist(path):
     return domains
 
 
+def load_blocklist(path, source):
+    """read_blocklist(path) for a source it applies to; no path -> no domains. A missing file (or a UT1 category's
+    folder) and a source without WARC/WET files are refused by name: the list would leave out nothing."""
+    if not path:
+        return set()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"blocklist {path}: no such file" + (" (a folder: of a UT1 category, give its "
+                                "`domains` file)" if os.path.isdir(path) else ""))
+    if not (os.path.exists(source) and any(p.endswith(WARC) for p in source_files(source))):
+        raise ValueError(f"blocklist {path}: it leaves out pages by their URL, and source {source!r} has no "
+                         f"{' or '.join(WARC)} files")
+    return read_blocklist(path)
+
+
 def host_form(host):
     """One spelling per host name: lower case, no trailing dot, international names as IDNA ('bücher.de' ->
     'xn--bcher-kva.de'), so that a list and a URL that spell a domain differently still meet."""
@@ -1020,9 +1034,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
-    if blocklist and not os.path.isfile(blocklist):
-        raise FileNotFoundError(f"blocklist {blocklist}: no such file" + (" (a folder: of a UT1 category, give its "
-                                "`domains` file)" if os.path.isdir(blocklist) else ""))
+    domains = load_blocklist(blocklist, source)   # (refused before the old cache is touched)
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
@@ -1043,10 +1055,6 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         labeller = checkpoint_labeller(quality_model)
     if source.startswith("hf:"):
         hf_datasets(source)  # (not installed: an error before out_dir is made)
-    domains = read_blocklist(blocklist) if blocklist else set()
-    if blocklist and not (os.path.exists(source) and any(p.endswith(WARC) for p in source_files(source))):
-        raise ValueError(f"blocklist {blocklist}: it leaves out pages by their URL, and source {source!r} has no "
-                         f"{' or '.join(WARC)} files")
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
         if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):

@@ -30,6 +30,7 @@ Design choices
 Run it
   python tokenizer.py                                      # train on the standard library, as train.py does
   python tokenizer.py --source notes/ --vocab_size 32000 --out tok.model   # any data.py source: folder, .jsonl
+  python tokenizer.py --source crawl/ --blocklist ut1/adult/domains --out tok.model   # web pages, as data.py reads
   python tokenizer.py --load tok.model --encode "Hello world"    # show the tokens of a string
   python tokenizer.py --load Meta-Llama-3-8B/original/tokenizer.model --encode "Hello world"
 """
@@ -480,6 +481,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train or inspect a Llama 3 style BPE tokenizer.")
     parser.add_argument("--source", default="stdlib", help="what data.py reads: stdlib | PATH (file or folder of "
                         ".txt, .md, .jsonl[.gz], .parquet, .html, .warc[.gz], .wet[.gz]) | hf:NAME[:CONFIG]")
+    parser.add_argument("--blocklist", help="a file of domains whose WARC/WET pages are left out, as data.py "
+                        "--blocklist leaves them out of the shards")
     parser.add_argument("--vocab_size", type=int, default=8192, help="tokens in all, 256 specials included")
     parser.add_argument("--out", default="tok.model", help="where to write the tokenizer (+ .vocab beside it)")
     parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")
@@ -494,9 +497,14 @@ if __name__ == "__main__":
         except FileNotFoundError as e:
             sys.exit(str(e))
     else:
-        from data import clean_text, iter_documents  # data.py imports this file: import it only here
-        # trained on the text the shards will hold: cleaned as data.py cleans it (\n newlines, no trailing spaces)
-        tok = Tokenizer.train(map(clean_text, iter_documents(args.source)), args.vocab_size, verbose=True)
+        from data import clean_text, iter_documents, load_blocklist  # data.py imports this file: only here
+        # trained on the text the shards will hold: cleaned as data.py cleans it (\n newlines, no trailing spaces),
+        # without the pages of blocklisted domains
+        try:
+            blocklist = load_blocklist(args.blocklist, args.source)
+        except (OSError, ValueError) as e:
+            sys.exit(str(e))
+        tok = Tokenizer.train(map(clean_text, iter_documents(args.source, blocklist)), args.vocab_size, verbose=True)
         tok.save(args.out)
         print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab")
     print(f"{tok.n_words} tokens: 256 bytes + {len(tok.ranks) - 256} merged + {N_SPECIAL} special "

@@ -260,6 +260,19 @@ def test_blocklist(corpus, tmp_path, capsys):
     with pytest.raises(ValueError, match="leaves out pages by their URL, and source .* has no .warc"):
         data.prepare_data(str(tmp_path / "adult.txt"), tok_path, out, num_proc=1, blocklist=str(blocklist))
     assert os.path.exists(os.path.join(out, "meta.json"))  # (refused before the old cache went)
+    # the tokenizer learns from the pages the shards will hold: tokenizer.py takes the list too
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizer.py")
+    write_warc(src / "a.warc.gz", [page("http://adult.example/", "2024-01-01T00:00:00Z", b"<p>" + b"zqxj " * 500),
+                                   page("http://ok.org/", "2024-01-01T00:00:00Z", f"<p>{docs[40]}</p>".encode())])
+    tok = str(tmp_path / "web.model")
+    for extra, learned in (([], True), (["--blocklist", str(blocklist)], False)):
+        subprocess.run([sys.executable, script, "--source", str(src), "--vocab_size", "560", "--out", tok, *extra],
+                       capture_output=True, text=True, check=True)
+        assert (len(Tokenizer.load(tok).encode(" zqxj")) == 1) == learned
+    r = subprocess.run([sys.executable, script, "--source", str(tmp_path / "adult.txt"), "--blocklist",
+                        str(blocklist), "--out", tok], capture_output=True, text=True)
+    assert r.returncode == 1 and "has no .warc" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_warc_bad_files(tmp_path):
