@@ -531,18 +531,17 @@ def read_blocklist(path):
     return domains
 
 
-def load_blocklist(path, source):
-    """read_blocklist(path) for a source it applies to; no path -> no domains. A missing file (or a UT1 category's
-    folder) and a source without WARC/WET files are refused by name: the list would leave out nothing."""
+def check_blocklist(path, source):
+    """Refuse by name a blocklist that is missing (or a UT1 category's folder) or given for a source without
+    WARC/WET files, where it would leave out nothing. Cheap: the list is read later, by read_blocklist."""
     if not path:
-        return set()
+        return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"blocklist {path}: no such file" + (" (a folder: of a UT1 category, give its "
                                 "`domains` file)" if os.path.isdir(path) else ""))
-    if not (os.path.exists(source) and any(p.endswith(WARC) for p in source_files(source))):
+    if source == "stdlib" or source.startswith("hf:") or not any(p.endswith(WARC) for p in source_files(source)):
         raise ValueError(f"blocklist {path}: it leaves out pages by their URL, and source {source!r} has no "
                          f"{' or '.join(WARC)} files")
-    return read_blocklist(path)
 
 
 def host_form(host):
@@ -1034,7 +1033,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
-    domains = load_blocklist(blocklist, source)   # (refused before the old cache is touched)
+    check_blocklist(blocklist, source)   # (a bad list: refused before the old cache is touched)
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
@@ -1055,6 +1054,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         labeller = checkpoint_labeller(quality_model)
     if source.startswith("hf:"):
         hf_datasets(source)  # (not installed: an error before out_dir is made)
+    domains = read_blocklist(blocklist) if blocklist else set()   # (a line that is no domain: refused here)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
         if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):

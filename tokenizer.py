@@ -490,6 +490,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.encode is not None and not args.load:
         parser.error("--encode needs --load TOKENIZER (without --load, tokenizer.py trains one and writes --out)")
+    if args.blocklist and args.load:
+        parser.error("--blocklist is for training (it leaves pages out of the text); --load reads a tokenizer")
 
     if args.load:
         try:
@@ -497,14 +499,16 @@ if __name__ == "__main__":
         except FileNotFoundError as e:
             sys.exit(str(e))
     else:
-        from data import clean_text, iter_documents, load_blocklist  # data.py imports this file: only here
+        from data import check_blocklist, clean_text, iter_documents, read_blocklist  # data.py imports this file
         # trained on the text the shards will hold: cleaned as data.py cleans it (\n newlines, no trailing spaces),
         # without the pages of blocklisted domains
         try:
-            blocklist = load_blocklist(args.blocklist, args.source)
-        except (OSError, ValueError) as e:
-            sys.exit(str(e))
-        tok = Tokenizer.train(map(clean_text, iter_documents(args.source, blocklist)), args.vocab_size, verbose=True)
+            check_blocklist(args.blocklist, args.source)
+            blocklist = read_blocklist(args.blocklist) if args.blocklist else ()
+            tok = Tokenizer.train(map(clean_text, iter_documents(args.source, blocklist)), args.vocab_size,
+                                  verbose=True)
+        except (ValueError, FileNotFoundError, ImportError) as e:  # as data.py's: bad input named, no traceback
+            sys.exit(f"tokenizer.py: {e}")
         tok.save(args.out)
         print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.vocab")
     print(f"{tok.n_words} tokens: 256 bytes + {len(tok.ranks) - 256} merged + {N_SPECIAL} special "

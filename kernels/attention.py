@@ -34,9 +34,11 @@ Design choices:
   The backward kernels walk the same ranges (dk/dv: transposed, over the query tiles that see a key tile).
 - GQA by index: query head h reads kv head h // (Hq // Hkv); repeated k/v are never materialised. The dk/dv
   program for one kv head sums over the query heads of its group, so dk/dv are sums without atomics, in one of
-  two orders the autotuner chooses between: (query tile, query head) pairs in one loop, so the group shares one
-  software pipeline, or HEAD_LOOPS, each head in loops of its own, the order of b818606, a commit that was
-  faster on long causal rows on an H100 and slower on short documents (not yet timed as a choice).
+  two orders the autotuner times: (query tile, query head) pairs in one loop, one pipeline fill and drain per
+  range at the price of head indexing in every tile (~6% more instructions), or HEAD_LOOPS, a loop per head:
+  plainer tiles, but GROUP fills and drains, which the short ranges of short documents cannot hide. Which is
+  faster depends on the ranges' length (on an H100 a commit with only the second, b818606, was faster on long
+  causal rows and slower on short documents than one with only the first; the choice is not yet timed).
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
@@ -103,8 +105,8 @@ def _configs(shapes, **constexprs):
     per program at 243-255 registers, 64-81 KB of shared memory, so two programs share an SM), and the
     forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against 181-234, no
     spills in the loops). On an H100 (2026-11-27) PV_LAG won only at T=1K with documents (64x64); which dk/dv
-    tile won was not recorded (bench_kernels prints it now). dk/dv's HEAD_LOOPS order at 32x128, the space of
-    b818606, when it was faster on causal rows (compiled for sm_90 it spills 16-296 bytes; 32-272 then)."""
+    tile won was not recorded (bench_kernels prints it now). dk/dv's HEAD_LOOPS order is offered at 32x128, the
+    tiles of b818606 (it spills 16-296 bytes there, the one loop 0-16)."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -157,8 +159,8 @@ DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
 # it; at fp32 that count would allow 3 stages in 224 KB of the H100's 227; test_flash_fp32_head_dim_128 on a GPU
 # checks the fit); dq: q and dO kept, k and v streamed
 FWD_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, PV_LAG=False: (BLOCK_M + PV_LAG * BLOCK_N, 2 * BLOCK_N))
-DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, HEAD_LOOPS=False: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
-DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N: (2 * BLOCK_M, 2 * BLOCK_N))
+DKDV_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, **_: (2 * BLOCK_N + BLOCK_M, 2 * BLOCK_M))
+DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, **_: (2 * BLOCK_M, 2 * BLOCK_N))   # (**_: loop choices)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -311,10 +313,10 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
                 DOC,                 # the row's document numbers
                 stride_qh, stride_qt, lo, hi, T, Tk, qk_scale, GROUP: tl.constexpr,
                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Add the contributions of query tiles [lo, hi) of every query head of the group to one key tile's dk, dv.
-    One loop over (query tile, head) pairs, so the whole group shares one software pipeline (a loop per head
-    would start and drain GROUP of them). Works on s transposed (keys on rows) so both products come out in
-    the key tile's layout."""
+    """Add the contributions of query tiles [lo, hi) of the GROUP query heads from Q on to one key tile's dk, dv.
+    One loop over (query tile, head) pairs, so those heads share one software pipeline; with GROUP=1 (HEAD_LOOPS)
+    it is one head's loop. Works on s transposed (keys on rows) so both products come out in the key tile's
+    layout."""
     offs_d = tl.arange(0, HEAD_DIM)
     for i in range(0, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * GROUP):
         g = i % GROUP                                                   # the head, then the next query tile
@@ -335,6 +337,22 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc,
         delta = tl.load(DELTA + g * T + offs_m, mask=row_ok, other=0.0)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_ranges(dk, dv, k, v, k_pos, k_doc, Q, DO, LSE, DELTA, DOC, stride_qh, stride_qt, lo, full_lo, full_hi,
+                 hi, T, Tk, qk_scale, GROUP: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """_dkdv_tiles over the three ranges of query tiles: [lo, full_lo) with the causal and document masks,
+    [full_lo, full_hi) with none, [full_hi, hi) with the document mask."""
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Q, DO, LSE, DELTA, DOC, stride_qh,
+                         stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Q, DO, LSE, DELTA, DOC, stride_qh,
+                         stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
+    if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Q, DO, LSE, DELTA, DOC, stride_qh,
+                             stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
     return dk, dv
 
 
@@ -386,27 +404,14 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
     Qg = Q + b.to(tl.int64) * stride_qb + hk * GROUP * stride_qh
     DOg = DO + bh.to(tl.int64) * T * HEAD_DIM
     LSEg, DELTAg = LSE + bh * T, DELTA + bh * T
-    if HEAD_LOOPS:
-        # the group's heads one after another, each in loops of its own (GROUP=1 below): the order of b818606,
-        # which on an H100 was faster than today's on long causal rows and slower on short documents (README;
-        # whole commits compared, a day apart): the autotuner takes whichever is faster at each T and mask
+    if HEAD_LOOPS:  # the autotune choice: the group's heads one after another, each in loops of its own
         for g in range(GROUP):
-            Qh, DOh, LSEh, DELTAh = Qg + g * stride_qh, DOg + g * T * HEAD_DIM, LSEg + g * T, DELTAg + g * T
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,
-                                 stride_qt, lo, full_lo, T, Tk, qk_scale, 1, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,
-                                 stride_qt, full_lo, full_hi, T, Tk, qk_scale, 1, False, False, BLOCK_M, HEAD_DIM)
-            if HAS_DOCS:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qh, DOh, LSEh, DELTAh, DOC, stride_qh,
-                                     stride_qt, full_hi, hi, T, Tk, qk_scale, 1, False, True, BLOCK_M, HEAD_DIM)
-    else:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                             stride_qt, lo, full_lo, T, Tk, qk_scale, GROUP, True, HAS_DOCS, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                             stride_qt, full_lo, full_hi, T, Tk, qk_scale, GROUP, False, False, BLOCK_M, HEAD_DIM)
-        if HAS_DOCS:  # (without documents this range is empty: leaving the loop out saves registers)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh,
-                                 stride_qt, full_hi, hi, T, Tk, qk_scale, GROUP, False, True, BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_ranges(dk, dv, k, v, k_pos, k_doc, Qg + g * stride_qh, DOg + g * T * HEAD_DIM,
+                                  LSEg + g * T, DELTAg + g * T, DOC, stride_qh, stride_qt, lo, full_lo, full_hi, hi,
+                                  T, Tk, qk_scale, 1, HAS_DOCS, BLOCK_M, HEAD_DIM)
+    else:           # the group's heads in one loop
+        dk, dv = _dkdv_ranges(dk, dv, k, v, k_pos, k_doc, Qg, DOg, LSEg, DELTAg, DOC, stride_qh, stride_qt, lo,
+                              full_lo, full_hi, hi, T, Tk, qk_scale, GROUP, HAS_DOCS, BLOCK_M, HEAD_DIM)
     out = bhk.to(tl.int64) * Tk * HEAD_DIM + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok)

@@ -22,9 +22,10 @@ gives a norm's kernel microseconds and the host's time to issue it (not waiting 
 
     python tests/bench_kernels.py            # the full tables (a few minutes: autotuning, compiling)
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
-    mkdir -p out/base && for f in attention rmsnorm; do git show b4e136d:kernels/$f.py > out/base/$f.py; done
+    mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
     python tests/bench_kernels.py --against out/base   # + that version of the kernels, side by side
-(b4e136d: the backward in one kernel, dq added in turn; on an H100 0.80-0.92x the speed of today's two.)
+(b818606: the next comparison, its backward faster on causal rows than d3c342c's; b4e136d: the backward in one
+kernel, on an H100 0.80-0.92x the speed of the two.)
 RMSNorm runs first (seconds): a time limit then cuts only the longest attention rows, which print as they are
 measured, each with the block shapes autotuning picked. On a machine without CUDA it says so and exits 0 (the
 kernels' CPU tests are tests/test_kernels.py).

@@ -329,6 +329,13 @@ def test_cli_trains_and_encodes(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", out + "x", "--encode", "hi"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and out + "x" in r.stderr, r.stderr
+    # a mistyped source is named, as data.py names it; --blocklist belongs to training, not to --load
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--source", str(tmp_path / "typo"),
+                        "--out", out], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "typo': not 'stdlib'" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", out, "--blocklist", out],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--blocklist is for training" in r.stderr, r.stderr
 
 
 def test_fingerprint_covers_the_split_pattern(tok):
