@@ -37,8 +37,8 @@ Design choices:
   two orders the autotuner times: (query tile, query head) pairs in one loop, one pipeline fill and drain per
   range at the price of head indexing in every tile (~6% more instructions), or HEAD_LOOPS, a loop per head:
   plainer tiles, but GROUP fills and drains, which the short ranges of short documents cannot hide. Which is
-  faster depends on the ranges' length (on an H100 a commit with only the second, b818606, was faster on long
-  causal rows and slower on short documents than one with only the first; the choice is not yet timed).
+  faster depends on the ranges' length: on an H200 (2026-11-27) HEAD_LOOPS won every causal row and 16K with
+  documents, the one loop documents at 1K-8K.
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
@@ -104,9 +104,10 @@ def _configs(shapes, **constexprs):
     the group had a loop of its own). Added later, in the space since: dk/dv 32x64 at 4 warps (one warpgroup
     per program at 243-255 registers, 64-81 KB of shared memory, so two programs share an SM), and the
     forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against 181-234, no
-    spills in the loops). On an H100 (2026-11-27) PV_LAG won only at T=1K with documents (64x64); which dk/dv
-    tile won was not recorded (bench_kernels prints it now). dk/dv's HEAD_LOOPS order is offered at 32x128, the
-    tiles of b818606 (it spills 16-296 bytes there, the one loop 0-16)."""
+    spills in the loops). On an H100 and an H200 (2026-11-27) PV_LAG won only at T=1K with documents (64x64).
+    dk/dv's HEAD_LOOPS order is offered at 32x128, the tiles of b818606 (it spills 16-296 bytes there, the one
+    loop 0-16); on the H200 it won at 32x128 (8 warps) for causal rows, the one loop at 32x64 (4 warps) for
+    documents up to 8K."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)

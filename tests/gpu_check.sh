@@ -8,14 +8,14 @@
 #     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_loss graph bench_sample \
 #         train                                                # the model: 595 s
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
-# more than the 15 minutes of device time, so they are ceilings, not plans: on an H100, 2026-11-27, the kernels
-# call took 257 s (with --against), the model call ~380 s (bench_loss then had 60 s and needed more), the
-# machine's start ~30 s more. Run the kernels call first, and the next at once: a machine idle for 30 s goes back.
-# The device returns at most 8 files from $OUT: each call here writes fewer.)
+# more than the 15 minutes of device time, so they are ceilings, not plans: on an H200, 2026-11-27, the kernels
+# call took 270 s (with --against), the model call 361 s, and the lease counted 674 s for both with the machine's
+# start: no time is left for a third call. Run the kernels call first, and the next at once: a machine idle for
+# 30 s goes back. The device returns at most 8 files from $OUT: the model call writes exactly 8.)
 #
 # bench_kernels also times another version of the kernels beside ours when out/base/ holds its attention.py and
-# rmsnorm.py (carry it). Next: b818606, whose two-kernel backward was faster on causal rows than today's
-# (README, Kernels: 20.22 against 22.72 ms at 16K, measured a day apart); b4e136d has the one-kernel backward:
+# rmsnorm.py (carry it). b818606 (2026-11-26, the fastest causal rows before HEAD_LOOPS) was the last one timed;
+# b4e136d has the one-kernel backward:
 #     mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
 #
 # Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_loss, graph, bench_sample,
