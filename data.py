@@ -962,17 +962,18 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-PIPELINE = 4  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+PIPELINE = 5  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
               # near-dedup compares every kept document that shares a band; 4: the personal data rule, the val
-              # split by hash)
+              # split by hash; 5: that hash taken before line dedup)
 
 
-def is_val(text, every):
-    """The train/val split, by document: 1 in `every` (0: none) by the document's hash, so that its split depends
-    on its text alone, not on the documents before it (a filter that removes some, or a source in another order,
-    leaves the val split as it was)."""
-    return every > 0 and int.from_bytes(doc_hash(text)[:8], "little") % every == 0
+def is_val(h, every):
+    """The train/val split, by document: 1 in `every` (0: none) by h, the hash of the document's cleaned text
+    (doc_hash, as exact dedup takes it), so that its split depends on its text alone, not on the documents before
+    it (a filter that removes some, or a source in another order, leaves the val split as it was). Taken before
+    line dedup, whose cut of a document depends on the others in its bucket."""
+    return every > 0 and int.from_bytes(h[:8], "little") % every == 0
 
 
 def damaged_shards(out_dir, meta, share=slice(None)):
@@ -1063,8 +1064,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     read = [0, 0]  # documents, bytes
     removed = {}  # step -> [documents, bytes] it removed
     seen, minhash, clf = set(), MinHashDedup(), None
-    pending = []          # documents waiting for the quality classifier to be trained on them
-    bucket = []           # documents waiting for their line counts (line_dedup)
+    pending = []          # documents waiting for the quality classifier to be trained on them,
+    bucket = []           # and for their line counts (line_dedup): (text, doc_hash) pairs from here on
     every = round(1 / val_fraction) if val_fraction > 0 else 0
     writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
                for s in ("train", "val")}
@@ -1090,7 +1091,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             elif minhash.is_duplicate(sig):
                 drop("near duplicate", text)
             else:
-                yield text
+                yield text, h   # (h decides its split: is_val)
 
     def line_filter(texts, final):
         """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times
@@ -1102,16 +1103,16 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         bucket.extend(texts)
         out = []
         while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
-            done, n_bytes = drop_repeated_lines(bucket[:LINE_BUCKET], line_dedup)
+            done, n_bytes = drop_repeated_lines([text for text, _ in bucket[:LINE_BUCKET]], line_dedup)
             removed.setdefault("line duplicates", [0, 0])[1] += n_bytes
-            for before, text in zip(bucket, done):
+            for (before, h), text in zip(bucket, done):
                 rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text)
                 if rule == "blank":
                     drop("line duplicates", text)
                 elif rule:
                     drop(f"heuristic: {rule}", text)
                 else:
-                    out.append(text)
+                    out.append((text, h))
             del bucket[:LINE_BUCKET]
         return out
 
@@ -1125,19 +1126,19 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             pending += texts
             if (len(pending) < quality_sample and not final) or not pending:
                 return []
-            clf = train_quality_filter(pending[:quality_sample], labeller, quality_drop)
+            clf = train_quality_filter([text for text, _ in pending[:quality_sample]], labeller, quality_drop)
             texts, pending = pending, []
-        keep = clf.score(texts) >= 0.5 if texts else []
-        for text, k in zip(texts, keep):
+        keep = clf.score([text for text, _ in texts]) >= 0.5 if texts else []
+        for (text, _), k in zip(texts, keep):
             if not k:
                 drop("quality", text)
         return [t for t, k in zip(texts, keep) if k]
 
     def split_jobs(texts):
-        """(split, texts) jobs of about chunk_bytes, each document in its split (is_val)."""
+        """(split, texts) jobs of about chunk_bytes, each (text, hash) in its split (is_val)."""
         by_split = {"train": [], "val": []}
-        for text in texts:
-            by_split["val" if is_val(text, every) else "train"].append(text)
+        for text, h in texts:
+            by_split["val" if is_val(h, every) else "train"].append(text)
         return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
 
     docs = iter_documents(source, domains, removed)

@@ -410,12 +410,12 @@ def test_removals_are_listed_in_pipeline_order(corpus, tmp_path):
                              num_proc=1, verbose=False)
     assert list(meta["removed"]) == ["heuristic: too short", "near duplicate"]
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": clean}))  # one document, in train: no val, and says so
-    assert not data.is_val(data.clean_text(clean), 50)
+    assert not data.is_val(data.doc_hash(data.clean_text(clean)), 50)
     with pytest.raises(ValueError, match=r"no document fell into the val split \(each of the 1 kept had a chance of "
                                          r"1 in 50"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), verbose=False)
     assert os.listdir(tmp_path / "one") == []  # (the train shard it wrote went with the refusal)
-    assert data.is_val(data.clean_text(clean), 2)  # at val_fraction 0.5 it is val, and train has none
+    assert data.is_val(data.doc_hash(data.clean_text(clean)), 2)  # at val_fraction 0.5 it is val, and train has none
     with pytest.raises(ValueError, match="no document survived filtering into the train split .* 1 went to val"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), val_fraction=0.5,
                           verbose=False)
@@ -821,16 +821,20 @@ def test_prepare_data_line_dedup_by_bucket(corpus, tmp_path, monkeypatch):
     def run(out):
         meta = data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / out), val_fraction=0.1,
                                  num_proc=1, line_dedup=6, verbose=False)
-        return meta, read_docs(tmp_path / out, "train", tok) + read_docs(tmp_path / out, "val", tok)
-    meta, kept = run("all")
+        val = read_docs(tmp_path / out, "val", tok)
+        return meta, read_docs(tmp_path / out, "train", tok) + val, {d.split("\n")[0] for d in val}
+    meta, kept, val = run("all")
     assert not any(boiler in d or other in d for d in kept) and len(kept) == len(texts) - 2 and "ok" not in kept
     assert meta["removed"]["line duplicates"]["docs"] == 1  # the one with no-break spaces left
     assert meta["removed"]["heuristic: too short"]["docs"] == 1  # "ok"
     assert meta["config"]["line_dedup"] == 6 and meta["config"]["line_bucket"] == data.LINE_BUCKET
     monkeypatch.setattr(data, "LINE_BUCKET", 5)  # in buckets of 5 documents: at most 5 copies in each, all kept
-    meta, kept = run("all")  # (the same folder: another bucket size rebuilds it)
+    firsts = {d.split("\n")[0] for d in kept}  # (each document's first line names it)
+    meta, kept, val_5 = run("all")  # (the same folder: another bucket size rebuilds it)
     assert (sum(boiler in d for d in kept), sum(other in d for d in kept)) == (13, 9)
     assert meta["removed"]["line duplicates"] == dict(docs=0, bytes=0)
+    # a document's split is decided before line dedup: with its lines or without, the same documents are val
+    assert val_5 & firsts == val and len(val) >= 2
     with pytest.raises(ValueError, match="line_dedup=-1"):
         data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "x"), line_dedup=-1)
 
@@ -847,7 +851,8 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     assert meta["removed"]["heuristic: too short"]["docs"] == 1 and meta["removed"]["heuristic: few letters"]["docs"] == 1
     cleaned = [data.clean_text(d) for d in docs]
     val, train = read_docs(out, "val", tok), read_docs(out, "train", tok)
-    assert val == [d for d in cleaned if data.is_val(d, 10)] and train == [d for d in cleaned if not data.is_val(d, 10)]
+    in_val = [data.is_val(data.doc_hash(d), 10) for d in cleaned]
+    assert val == [d for d, v in zip(cleaned, in_val) if v] and train == [d for d, v in zip(cleaned, in_val) if not v]
     assert 8 <= len(val) <= 22 and "Caf\u00e9 au lait" in cleaned[10]  # (1 in 10 of 150 by hash: 15 +- 3.7)
     stream = np.concatenate([data.read_shard(os.path.join(out, f))[1] for f in meta["train"]["shards"]])
     assert stream.tolist() == [t for d in train for t in tok.encode(d, bos=True)]  # the ids of Tokenizer.encode
