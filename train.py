@@ -319,6 +319,8 @@ parser.add_argument("--data", nargs="+", default=["data/stdlib"], metavar="FOLDE
                     help="folder of token shards (made from --source if missing), or several with their shares of "
                          "the tokens, Llama 3's data mix: --data data/web=0.7 data/code=0.3")
 parser.add_argument("--source", help="what data.prepare_data reads to make a missing --data (default: stdlib)")
+parser.add_argument("--blocklist", help="with --source: a file of domains whose WARC/WET pages the new tokenizer and "
+                    "shards leave out (data.py's --blocklist)")
 parser.add_argument("--tokenizer", default="data/stdlib/tok.model", help="trained on --source if missing")
 parser.add_argument("--vocab_size", type=int, default=8192, help="of a newly trained tokenizer, incl. 256 specials")
 parser.add_argument("--model", default="cpu", choices=sorted(PRESETS), help="shape preset of model.py")
@@ -374,6 +376,8 @@ except ValueError as e:
     parser.error(f"--data {' '.join(args.data)}: {e}")
 if len(folders) > 1 and args.source:
     parser.error("--source builds one --data folder: build each folder of a mix with data.py")
+if args.blocklist and not args.source:
+    parser.error("--blocklist goes with --source: it leaves pages out of the data --source builds")
 if args.rope_factor and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.init and args.model != parser.get_default("model"):
@@ -434,15 +438,21 @@ if not os.path.exists(args.tokenizer) and built:
     fail(f"--tokenizer {args.tokenizer} not found, but --data {built[0]} is built: give the tokenizer its shards were "
          "made with (a new one would not match them)")
 source = args.source or "stdlib"
+try:  # Llama 3's safety filter by domain: the tokenizer learns from the pages the shards will hold (on every
+    # rank, so that all stop together at a bad list; parsed only when a tokenizer is to be trained)
+    data.check_blocklist(args.blocklist, source)
+    blocklist = data.read_blocklist(args.blocklist) if args.blocklist and not os.path.exists(args.tokenizer) else ()
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
 if master and not os.path.exists(args.tokenizer):
     log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
-    Tokenizer.train(map(data.clean_text, data.iter_documents(source)), args.vocab_size).save(args.tokenizer)
+    Tokenizer.train(map(data.clean_text, data.iter_documents(source, blocklist)), args.vocab_size).save(args.tokenizer)
     log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
 for folder in folders:  # (one, or the default folder of a mix: a --source builds no folder of a mix)
     if master and not os.path.exists(os.path.join(folder, "meta.json")):
         log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")
-        data.prepare_data(source, args.tokenizer, folder)
+        data.prepare_data(source, args.tokenizer, folder, blocklist=args.blocklist)
         log(f"  -> {folder} in {time.time() - t_start:.0f}s")
 barrier()
 tok = Tokenizer.load(args.tokenizer)
@@ -461,6 +471,10 @@ for folder in folders:
     if asked and where(asked) != where(made_from):
         fail(f"--data {folder} holds the tokens of {made_from!r}, not of {asked!r}: give a new --data folder (and "
              "--tokenizer) to build this source there")
+    if args.blocklist and meta["config"].get("blocklist") != [os.path.abspath(args.blocklist),
+                                                              data.file_crc32(args.blocklist)]:
+        fail(f"--data {folder} was not made with --blocklist {args.blocklist} as it is now: give a new --data folder "
+             "(and --tokenizer) to build it there")
     try:
         changed = stamp is not None and data.source_stamp(made_from) != stamp
     except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare

@@ -275,6 +275,42 @@ def test_blocklist(corpus, tmp_path, capsys):
     assert r.returncode == 1 and "has no .warc" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+
+def test_train_source_with_a_blocklist(corpus, tmp_path):
+    """train.py --source --blocklist: the tokenizer and shards it builds leave out the pages of listed domains, as
+    tokenizer.py and data.py do; a --data folder made without that list is refused, and so is a list without a
+    --source (nothing would use it) or for a source with no WARC files."""
+    import subprocess
+    _, docs, _ = corpus
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "crawl").mkdir()
+    write_warc(tmp_path / "crawl" / "a.warc", [page("http://www.adult.example/", "2024-01-01T00:00:00Z",
+                                                    b"<p>" + b"zqxj " * 500)] +
+               [page(f"http://ok.org/{i}", "2024-01-01T00:00:00Z", f"<p>{d}</p>".encode()) for i, d in enumerate(docs)])
+    (tmp_path / "list.txt").write_text("adult.example\n")
+    tiny = ["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1", "--seq_len", "16",
+            "--max_steps", "1", "--eval_tokens", "64", "--sample_tokens", "0", "--vocab_size", "600"]
+
+    def train(name, *extra):
+        return subprocess.run([sys.executable, os.path.join(root, "train.py"), "--source", str(tmp_path / "crawl"),
+                               "--data", str(tmp_path / name), "--tokenizer", str(tmp_path / name / "tok.model"),
+                               "--out_dir", str(tmp_path / "out" / name), *tiny, *extra], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    for name, extra, learned in (("all", [], True), ("listed", ["--blocklist", "list.txt"], False)):
+        r = train(name, *extra)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert (len(Tokenizer.load(str(tmp_path / name / "tok.model")).encode(" zqxj")) == 1) == learned
+        meta = json.loads((tmp_path / name / "meta.json").read_text())
+        assert ("URL: blocklisted" in meta["removed"]) == (not learned) and meta["train"]["docs"] > 100
+    for name, extra, code, what in (
+            ("all", ["--blocklist", "list.txt"], 1, "was not made with --blocklist list.txt as it is now"),
+            ("new", ["--blocklist", "typo.txt"], 1, "blocklist typo.txt: no such file"),
+            ("new", ["--blocklist", "list.txt", "--source", "list.txt"], 1, "has no .warc"),
+            ("new", ["--blocklist", "list.txt", "--source", ""], 2, "--blocklist goes with --source")):
+        r = train(name, *extra)
+        assert r.returncode == code and what in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+
 def test_warc_bad_files(tmp_path):
     records = [page(f"http://x.org/{i}", "2024-01-01T00:00:00Z", b"<p>%d</p>" % i) for i in range(3)]
     cut = tmp_path / "cut.warc"
