@@ -1,7 +1,7 @@
 """data.py — from raw text to packed, document-masked training batches (Llama 3 §3.1, "pre-training data").
 
-    sources [web pages: URL dedup, HTML -> text] -> clean -> exact dedup -> heuristic filters (incl. personal
-            data) -> MinHash near-dedup -> [line-level dedup]
+    sources [web pages: URL dedup, HTML -> text] -> clean -> lines of repeated content -> exact dedup
+            -> heuristic filters (incl. personal data) -> MinHash near-dedup -> [line-level dedup]
             -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
@@ -705,6 +705,9 @@ MAX_SYMBOL = 0.40           # share of characters that are not letters, digits o
 MAX_DUP_LINE_CHARS = 0.50   # share of characters in repeated lines (Gopher: 0.20 for prose; stdlib: 6 files over)
 MAX_PII = 0.02              # e-mail and public IP addresses per word, when 5 or more (Llama 3 drops pages with
                             # "high volumes of PII"; stdlib: 4 files over, tests of the email and ipaddress modules)
+LONG_LINE_WORDS = 50        # a line this long may be one of "repeated content" (below); stdlib has 37 such lines
+MAX_LINE_DUP_5GRAMS = 0.6   # share of its word characters in 5-grams it repeats; the most in real prose, 0.53 (the
+                            # Rust docs: 1,740 long lines of 2,500 pages of std; the Rust book's 2,961: 0.39)
 
 
 LETTER = re.compile(r"[^\W\d_]")  # a Unicode letter: a word character that is not a digit or underscore
@@ -725,6 +728,30 @@ def personal_data(text):
         except ValueError:  # 999.1.2.3: not an address
             return False
     return sum(1 for m in PII.findall(text) if m.startswith("@") or public(m))
+
+
+def repeated_content(text):
+    """Llama 3's line-level duplicated n-gram coverage (Rae et al. 2021's ratio, applied to lines): a line of 50
+    words or more goes when over MAX_LINE_DUP_5GRAMS of its word characters lie in word 5-grams that occur in it
+    more than once: logging or error output run together, too long and too unique for line dedup to see twice.
+    -> (the text without those lines, bytes removed)"""
+    lines, kept = text.split("\n"), []
+    for line in lines:
+        words = WORD.findall(line) if len(line) > 2 * LONG_LINE_WORDS else ()   # (a cheap bound first)
+        if len(words) >= LONG_LINE_WORDS:
+            grams = Counter(zip(*(words[i:] for i in range(5))))
+            covered = [False] * len(words)
+            for i, gram in enumerate(zip(*(words[i:] for i in range(5)))):
+                if grams[gram] > 1:
+                    covered[i:i + 5] = [True] * 5
+            dup = sum(len(w) for w, c in zip(words, covered) if c)
+            if dup > MAX_LINE_DUP_5GRAMS * sum(map(len, words)):
+                continue
+        kept.append(line)
+    if len(kept) == len(lines):
+        return text, 0
+    new = BLANK_LINES.sub("\n\n\n", "\n".join(kept)).strip("\n")  # (blank runs closed up, as clean_text leaves them)
+    return new, len(text.encode("utf-8")) - len(new.encode("utf-8"))
 
 
 def heuristic_reject(text):
@@ -933,14 +960,15 @@ def _init_worker(tokenizer_path, threads=None):
 
 
 def _clean_chunk(texts):
-    """Raw documents -> [(clean text, heuristic rule broken or None, exact hash, MinHash signature)]."""
+    """Raw documents -> [(clean text, heuristic rule broken or None, exact hash, MinHash signature, bytes of
+    repeated-content lines removed)]."""
     out = []
     for text in texts:
-        text = clean_text(text)
+        text, cut = repeated_content(clean_text(text))
         if not text.strip():
-            out.append((text, "empty", None, None))
+            out.append((text, "empty", None, None, cut))
         else:
-            out.append((text, heuristic_reject(text), doc_hash(text), _worker["minhash"].signature(text)))
+            out.append((text, heuristic_reject(text), doc_hash(text), _worker["minhash"].signature(text), cut))
     return out
 
 
@@ -965,7 +993,7 @@ def _encode_chunk(job):
 PIPELINE = 5  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
               # near-dedup compares every kept document that shares a band; 4: the personal data rule, the val
-              # split by hash; 5: that hash taken before line dedup)
+              # split by hash; 5: that hash taken before line dedup, lines of repeated content)
 
 
 def is_val(h, every):
@@ -1078,7 +1106,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     def dedup_and_filter(features):
         """The sequential decisions, in this order: empty, exact duplicate, heuristic, near duplicate (only kept
         documents enter the MinHash index: a rejected one must not take a clean near-copy with it)."""
-        for text, rule, h, sig in features:
+        for text, rule, h, sig, cut in features:
+            if cut:  # (a row of bytes: lines, not documents)
+                removed.setdefault("heuristic: repeated-content lines", [0, 0])[1] += cut
             if rule == "empty":
                 drop("empty", text)
                 continue
@@ -1164,10 +1194,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 n_bytes = sum(len(t.encode("utf-8")) for t in chunk)
                 read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
                 bar.update(n_bytes)
-                pages = [(raw, text) for raw, (text, *_) in zip(chunk, features) if isinstance(raw, HTML)]
+                pages = [(raw, text, cut) for raw, (text, *_, cut) in zip(chunk, features) if isinstance(raw, HTML)]
                 if pages:  # the bytes of a page that were not its text
                     removed.setdefault("HTML markup", [0, 0])[1] += sum(
-                        len(raw.encode("utf-8")) - len(text.encode("utf-8")) for raw, text in pages)
+                        len(raw.encode("utf-8")) - len(text.encode("utf-8")) - cut for raw, text, cut in pages)
                 kept += dedup_and_filter(features)
             kept = quality_filter(line_filter(kept, final), final)
             for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(kept)):

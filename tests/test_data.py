@@ -496,6 +496,34 @@ def test_heuristic_filters():
     assert data.heuristic_reject(spam) == "repeated lines"
 
 
+
+def test_lines_of_repeated_content(corpus, tmp_path):
+    """Llama 3's line-level duplicated n-gram coverage: a long line that mostly repeats its own 5-grams (log output
+    run together) goes, counted in bytes; real prose that repeats itself (the Rust book's most repetitive long
+    line) and a short spam line stay; the line's document goes on without it."""
+    log = " ".join(f"ERROR: mirror {i % 3} did not answer in time, retrying the download." for i in range(8))
+    prose_line = ("In this example, string1 is valid until the end of the outer scope, string2 is valid until the "
+                  "end of the inner scope, and result references something that is valid until the end of the "
+                  "inner scope. Run this code, and you will see that the borrow checker approves; it will compile "
+                  "and print the longest string.")
+    short = " ".join(["retrying the download now"] * 9)  # 36 words: under LONG_LINE_WORDS, whatever it repeats
+    assert len(log.split()) >= data.LONG_LINE_WORDS <= len(prose_line.split()) and len(short.split()) < 50
+    text = f"A first line.\n{log}\n\n\n{prose_line}\n{short}"
+    out, cut = data.repeated_content(text)
+    assert out == f"A first line.\n\n\n{prose_line}\n{short}" and cut == len(log) + 1
+    assert data.repeated_content(prose_line) == (prose_line, 0)
+    said = "the worker could not open its configuration file at the default path because the disk is full"
+    twice = f"{said}; so we waited for an operator who cleared space; meanwhile requests queued and the dashboard " \
+            f"showed stale numbers; {said}."  # 52 words, two thirds in one sentence said twice
+    assert data.repeated_content(twice) == ("", len(twice))
+    _, docs, tok_path = corpus
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [docs[0] + "\n" + log] +
+                                                 docs[1:20]))
+    meta = data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0,
+                             num_proc=1, verbose=False)
+    assert meta["removed"]["heuristic: repeated-content lines"] == dict(docs=0, bytes=len(log) + 1)
+    assert read_docs(tmp_path / "out", "train", Tokenizer.load(tok_path))[0] == data.clean_text(docs[0])
+
 def junk(rng, n_words):
     """Keyword spam and random strings: what a quality filter should drop."""
     spam = "buy cheap casino bonus click free win viagra deal offer now lol xxx".split()
