@@ -1281,6 +1281,10 @@ class PackedLoader:
             self.shards.append(tokens)
         self.data_dir, self.bos_id, self.vocab_size = data_dir, meta["bos_id"], meta["vocab_size"]
         self.fingerprint = meta["fingerprint"]
+        # what the shards hold, from the CRC-32s data.py wrote (None for a folder of an older data.py): a resumed
+        # run must read the same tokens, not just as many (two folders of a mix could hold equal counts)
+        crcs = meta[split].get("crc32")
+        self.content = f"{zlib.crc32(json.dumps(crcs).encode()):08x}" if crcs else None
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
         self.n_tokens = int(self.starts[-1])
         self.n_windows = (self.n_tokens - 1) // seq_len  # the last target needs one token after the window
@@ -1347,14 +1351,14 @@ class PackedLoader:
 
     def state_dict(self):
         return dict(windows=self.batch * self.world * self.B, seed=self.seed, seq_len=self.T,
-                    n_tokens=self.n_tokens)
+                    n_tokens=self.n_tokens, content=self.content)
 
     def load_state_dict(self, sd):
         if "windows" not in sd:
             raise ValueError(f"loader state is of a data mix of {len(sd.get('sources', []))} folders, this loader "
                              "reads one: cannot resume exactly")
-        for k, mine in dict(seed=self.seed, seq_len=self.T, n_tokens=self.n_tokens).items():
-            if sd[k] != mine:
+        for k, mine in dict(seed=self.seed, seq_len=self.T, n_tokens=self.n_tokens, content=self.content).items():
+            if sd.get(k, mine) != mine:   # (a state of an older train.py has no content: not compared)
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine}: "
                                  "not the same data or settings, cannot resume exactly")
         global_batch = self.world * self.B
@@ -1426,13 +1430,15 @@ class MixedLoader:
 
     def state_dict(self):
         return dict(rows=self.rows, taken=list(self.taken), seed=self.seed, weights=self.p.tolist(),
-                    sources=[dict(n_tokens=ld.n_tokens, seq_len=ld.T) for ld in self.loaders])
+                    sources=[dict(n_tokens=ld.n_tokens, seq_len=ld.T, content=ld.content) for ld in self.loaders])
 
     def load_state_dict(self, sd):
         if "windows" in sd:
             raise ValueError(f"loader state is of one folder, this loader mixes {len(self.loaders)}: cannot resume "
                              "exactly")
         mine = self.state_dict()
+        if not all("content" in source for source in sd["sources"]):  # (an older train.py's state: not compared)
+            mine["sources"] = [dict(n_tokens=s["n_tokens"], seq_len=s["seq_len"]) for s in mine["sources"]]
         for k in ("seed", "sources"):
             if sd[k] != mine[k]:
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same folders "

@@ -797,6 +797,22 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     assert abs(counts[1] / sum(counts) - 0.75) < 0.03  # 2400 rows: the binomial's sd is 0.009
     with pytest.raises(ValueError, match="sources"):  # the folders swapped
         mixed(two_sources[::-1], [0.5, 0.5], 2, T, 1, 2).load_state_dict(sd)
+    # two folders of as many tokens, swapped: told apart by what they hold (their shards' CRC-32s), not by size
+    tokens = np.concatenate([data.read_shard(os.path.join(two_sources[0], name))[1] for name in
+                             json.loads(open(os.path.join(two_sources[0], "meta.json")).read())["train"]["shards"]])
+    (tmp_path / "like").mkdir()
+    write_split(tmp_path / "like", "train", np.where(tokens == BOS, BOS, tokens + 2 * OTHER).astype(np.uint32), 1000)
+    like = [two_sources[0], str(tmp_path / "like")]
+    state = mixed(like, [0.5, 0.5], 2, T).state_dict()
+    assert state["sources"][0]["n_tokens"] == state["sources"][1]["n_tokens"]
+    with pytest.raises(ValueError, match="sources"):
+        mixed(like[::-1], [0.5, 0.5], 2, T).load_state_dict(state)
+    with pytest.raises(ValueError, match="content"):
+        data.PackedLoader(like[1], "train", 2, T).load_state_dict(data.PackedLoader(like[0], "train", 2, T)
+                                                                  .state_dict())
+    for source in state["sources"]:  # a state saved before sources had a content: resumed as before
+        del source["content"]
+    mixed(like[::-1], [0.5, 0.5], 2, T).load_state_dict(state)
     with pytest.raises(ValueError, match="loader state is of a data mix of 2 folders, this loader reads one"):
         data.PackedLoader(two_sources[0], "train", 2, T, seed=4).load_state_dict(sd)
     with pytest.raises(ValueError, match="loader state is of one folder, this loader mixes 2"):
