@@ -438,12 +438,16 @@ if not os.path.exists(args.tokenizer) and built:
     fail(f"--tokenizer {args.tokenizer} not found, but --data {built[0]} is built: give the tokenizer its shards were "
          "made with (a new one would not match them)")
 source = args.source or "stdlib"
-try:  # Llama 3's safety filter by domain: the tokenizer learns from the pages the shards will hold (on every
-    # rank, so that all stop together at a bad list; parsed only when a tokenizer is to be trained)
+building = not os.path.exists(args.tokenizer) or len(built) < len(folders)
+try:  # Llama 3's safety filter by domain: the tokenizer learns from the pages the shards will hold (read on every
+    # rank, so that all stop together at a bad list, and only when something is to be built)
     data.check_blocklist(args.blocklist, source)
-    blocklist = data.read_blocklist(args.blocklist) if args.blocklist and not os.path.exists(args.tokenizer) else ()
+    blocklist = data.read_blocklist(args.blocklist) if args.blocklist and building else ()
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
+if args.blocklist and building and os.path.exists(args.tokenizer):
+    log(f"note: --tokenizer {args.tokenizer} is used as it is: the list leaves pages out of the shards only (a "
+        "tokenizer made without it learned from them too; tokenizer.py --blocklist makes one with it)")
 if master and not os.path.exists(args.tokenizer):
     log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
@@ -471,8 +475,9 @@ for folder in folders:
     if asked and where(asked) != where(made_from):
         fail(f"--data {folder} holds the tokens of {made_from!r}, not of {asked!r}: give a new --data folder (and "
              "--tokenizer) to build this source there")
-    if args.blocklist and meta["config"].get("blocklist") != [os.path.abspath(args.blocklist),
-                                                              data.file_crc32(args.blocklist)]:
+    made_with = meta["config"].get("blocklist") or ["", None]   # (data.py's: the list's path and CRC-32)
+    if args.blocklist and [where(made_with[0]), made_with[1]] != [where(args.blocklist),
+                                                                  data.file_crc32(args.blocklist)]:
         fail(f"--data {folder} was not made with --blocklist {args.blocklist} as it is now: give a new --data folder "
              "(and --tokenizer) to build it there")
     try:

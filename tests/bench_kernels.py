@@ -24,8 +24,8 @@ gives a norm's kernel microseconds and the host's time to issue it (not waiting 
     python tests/bench_kernels.py --quick    # T in {1K, 4K}
     mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
     python tests/bench_kernels.py --against out/base   # + that version of the kernels, side by side
-(b818606: the kernels of 2026-11-26; on an H200 ours ran at 1.00-1.14x its speed; b4e136d: the backward in one
-kernel, on an H100 0.80-0.92x the speed of the two.)
+(b818606: the kernels of 2026-11-26; on an H200 ours ran fwd+bwd at 1.00-1.14x its speed, forward 0.98-1.03x;
+b4e136d: the backward in one kernel, on an H100 0.80-0.92x the speed of the two.)
 RMSNorm runs first (seconds): a time limit then cuts only the longest attention rows, which print as they are
 measured, each with the block shapes autotuning picked. On a machine without CUDA it says so and exits 0 (the
 kernels' CPU tests are tests/test_kernels.py).

@@ -9,7 +9,7 @@
 #         train                                                # the model: 595 s
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
 # more than the 15 minutes of device time, so they are ceilings, not plans: on an H200, 2026-11-27, the kernels
-# call took 270 s (with --against), the model call 361 s, and the lease counted 674 s for both with the machine's
+# call took 270 s (with --against), the model call 361 s, and the device tool's lease counted 674 s for both with the machine's
 # start: no time is left for a third call. Run the kernels call first, and the next at once: a machine idle for
 # 30 s goes back. The device returns at most 8 files from $OUT: the model call writes exactly 8.)
 #
@@ -61,7 +61,7 @@ run bench_train 90 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 m
 # adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
 run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
 run bench_train_compile 120 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile
-# chunked loss and log-probs: time, memory (on the H100 the log-prob rows did not finish in 60 s: never measured)
+# chunked loss and log-probs: time, memory (the log-prob rows need more than 60 s: 86 s for all on the H200)
 run bench_loss 120 $PY tests/bench_loss.py --device cuda
 # generate's decode step as a CUDA graph: its test first, then the benchmark that times it
 run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"

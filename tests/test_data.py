@@ -302,7 +302,14 @@ def test_train_source_with_a_blocklist(corpus, tmp_path):
         assert (len(Tokenizer.load(str(tmp_path / name / "tok.model")).encode(" zqxj")) == 1) == learned
         meta = json.loads((tmp_path / name / "meta.json").read_text())
         assert ("URL: blocklisted" in meta["removed"]) == (not learned) and meta["train"]["docs"] > 100
+    os.symlink("list.txt", tmp_path / "link.txt")  # the same list by another path: the folder is the same
+    assert train("listed", "--blocklist", "link.txt").returncode == 0
+    r = train("reused", "--blocklist", "list.txt", "--tokenizer", str(tmp_path / "all" / "tok.model"))
+    assert r.returncode == 0 and "is used as it is: the list leaves pages out of the shards only" in r.stdout, r.stderr
+    (tmp_path / "bad.txt").write_text("http://adult.example/\n")  # a line of UT1's `urls` files, not a domain
     for name, extra, code, what in (
+            ("new", ["--blocklist", "bad.txt", "--tokenizer", str(tmp_path / "all" / "tok.model")], 1,
+             "bad.txt:1: not a domain"),  # (read before anything is built, on every rank)
             ("all", ["--blocklist", "list.txt"], 1, "was not made with --blocklist list.txt as it is now"),
             ("new", ["--blocklist", "typo.txt"], 1, "blocklist typo.txt: no such file"),
             ("new", ["--blocklist", "list.txt", "--source", "list.txt"], 1, "has no .warc"),
