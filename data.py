@@ -732,13 +732,15 @@ def personal_data(text):
 
 def repeated_content(text):
     """Llama 3's line-level duplicated n-gram coverage (Rae et al. 2021's ratio, applied to lines): a line of 50
-    words or more goes when over MAX_LINE_DUP_5GRAMS of its word characters lie in word 5-grams that occur in it
-    more than once: logging or error output run together, too long and too unique for line dedup to see twice.
+    words or more, mostly letters, goes when over MAX_LINE_DUP_5GRAMS of its word characters lie in word 5-grams
+    that occur in it more than once: logging or error output run together, too long and too unique for line dedup
+    to see twice. (Mostly letters: over two thirds of its visible characters, as in prose, ~90%. A table in code,
+    `[0, 1, 1, 0, ...]` or `'GET', 'GET', ...`, repeats itself too, but cutting it would break the program.)
     -> (the text without those lines, bytes removed)"""
     lines, kept = text.split("\n"), []
     for line in lines:
-        words = WORD.findall(line) if len(line) > 2 * LONG_LINE_WORDS else ()   # (a cheap bound first)
-        if len(words) >= LONG_LINE_WORDS:
+        words = WORD.findall(line) if len(line) >= 2 * LONG_LINE_WORDS - 1 else ()  # (50 words: 99 characters)
+        if len(words) >= LONG_LINE_WORDS and 3 * len(LETTER.findall(line)) > 2 * len("".join(line.split())):
             grams = Counter(zip(*(words[i:] for i in range(5))))
             covered = [False] * len(words)
             for i, gram in enumerate(zip(*(words[i:] for i in range(5)))):
@@ -998,9 +1000,10 @@ PIPELINE = 5  # bump when a rule of cleaning, dedup or filtering changes: caches
 
 def is_val(h, every):
     """The train/val split, by document: 1 in `every` (0: none) by h, the hash of the document's cleaned text
-    (doc_hash, as exact dedup takes it), so that its split depends on its text alone, not on the documents before
-    it (a filter that removes some, or a source in another order, leaves the val split as it was). Taken before
-    line dedup, whose cut of a document depends on the others in its bucket."""
+    with its lines of repeated content gone (doc_hash, as exact dedup takes it), so that its split depends on its
+    text alone, not on the documents before it (a filter that removes some, or a source in another order, leaves
+    the val split as it was). Taken before line dedup, whose cut of a document depends on the others in its
+    bucket."""
     return every > 0 and int.from_bytes(h[:8], "little") % every == 0
 
 
@@ -1108,7 +1111,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         documents enter the MinHash index: a rejected one must not take a clean near-copy with it)."""
         for text, rule, h, sig, cut in features:
             if cut:  # (a row of bytes: lines, not documents)
-                removed.setdefault("heuristic: repeated-content lines", [0, 0])[1] += cut
+                removed.setdefault("heuristic: repeated content", [0, 0])[1] += cut
             if rule == "empty":
                 drop("empty", text)
                 continue
@@ -1246,6 +1249,12 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
 # -----------------------------------------------------------------------------
 # 9. The packed loader
 
+def same(key, saved, mine):
+    """Whether a loader state's value of key describes this loader's data. A content of None is unknown (a folder
+    of an older data.py, or a state of an older train.py): not compared."""
+    return saved == mine or key == "content" and (saved is None or mine is None)
+
+
 class PackedLoader:
     """Endless (x, y, doc_ids) batches of (B, T) int64 CPU tensors from out_dir/{split}_NNN.bin (rules: module
     docstring). Deterministic in (seed, rank, world_size); state_dict() holds the position for exact resume."""
@@ -1282,7 +1291,8 @@ class PackedLoader:
         self.data_dir, self.bos_id, self.vocab_size = data_dir, meta["bos_id"], meta["vocab_size"]
         self.fingerprint = meta["fingerprint"]
         # what the shards hold, from the CRC-32s data.py wrote (None for a folder of an older data.py): a resumed
-        # run must read the same tokens, not just as many (two folders of a mix could hold equal counts)
+        # run must read the same tokens, not just as many (two folders of a mix could hold equal counts). The same
+        # source and settings make the same shards; the same tokens cut into shards of another size do not match
         crcs = meta[split].get("crc32")
         self.content = f"{zlib.crc32(json.dumps(crcs).encode()):08x}" if crcs else None
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
@@ -1358,7 +1368,7 @@ class PackedLoader:
             raise ValueError(f"loader state is of a data mix of {len(sd.get('sources', []))} folders, this loader "
                              "reads one: cannot resume exactly")
         for k, mine in dict(seed=self.seed, seq_len=self.T, n_tokens=self.n_tokens, content=self.content).items():
-            if sd.get(k, mine) != mine:   # (a state of an older train.py has no content: not compared)
+            if not same(k, sd.get(k, mine), mine):
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine}: "
                                  "not the same data or settings, cannot resume exactly")
         global_batch = self.world * self.B
@@ -1437,10 +1447,11 @@ class MixedLoader:
             raise ValueError(f"loader state is of one folder, this loader mixes {len(self.loaders)}: cannot resume "
                              "exactly")
         mine = self.state_dict()
-        if not all("content" in source for source in sd["sources"]):  # (an older train.py's state: not compared)
-            mine["sources"] = [dict(n_tokens=s["n_tokens"], seq_len=s["seq_len"]) for s in mine["sources"]]
-        for k in ("seed", "sources"):
-            if sd[k] != mine[k]:
+        described = len(sd["sources"]) == len(mine["sources"]) and all(   # each folder, in order
+            same(key, theirs.get(key), value) for theirs, ours in zip(sd["sources"], mine["sources"])
+            for key, value in ours.items())
+        for k, ok in (("seed", sd["seed"] == mine["seed"]), ("sources", described)):
+            if not ok:
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same folders "
                                  "in the same order with the same seed, cannot resume exactly")
         self.rows, self.taken = sd["rows"], list(sd["taken"])

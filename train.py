@@ -453,6 +453,7 @@ if master and not os.path.exists(args.tokenizer):
     os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
     Tokenizer.train(map(data.clean_text, data.iter_documents(source, blocklist)), args.vocab_size).save(args.tokenizer)
     log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
+del blocklist  # (a million domains take ~100 MB: not kept for the run)
 for folder in folders:  # (one, or the default folder of a mix: a --source builds no folder of a mix)
     if master and not os.path.exists(os.path.join(folder, "meta.json")):
         log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")

@@ -519,6 +519,10 @@ def test_lines_of_repeated_content(corpus, tmp_path):
     out, cut = data.repeated_content(text)
     assert out == f"A first line.\n\n\n{prose_line}\n{short}" and cut == len(log) + 1
     assert data.repeated_content(prose_line) == (prose_line, 0)
+    assert data.repeated_content(" ".join("a" * 50)) == ("", 99)  # the shortest line of 50 words
+    table = "HEX = [" + ", ".join("1" if chr(c) in "0123456789abcdef" else "0" for c in range(128)) + "]"
+    code = f"def is_hex(c):\n    return HEX[ord(c)]\n{table}\nMETHODS = [" + ", ".join(["'GET'"] * 60) + "]"
+    assert data.repeated_content(code) == (code, 0)  # tables in code repeat themselves: not cut out of a program
     said = "the worker could not open its configuration file at the default path because the disk is full"
     twice = f"{said}; so we waited for an operator who cleared space; meanwhile requests queued and the dashboard " \
             f"showed stale numbers; {said}."  # 52 words, two thirds in one sentence said twice
@@ -528,7 +532,7 @@ def test_lines_of_repeated_content(corpus, tmp_path):
                                                  docs[1:20]))
     meta = data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0,
                              num_proc=1, verbose=False)
-    assert meta["removed"]["heuristic: repeated-content lines"] == dict(docs=0, bytes=len(log) + 1)
+    assert meta["removed"]["heuristic: repeated content"] == dict(docs=0, bytes=len(log) + 1)
     assert read_docs(tmp_path / "out", "train", Tokenizer.load(tok_path))[0] == data.clean_text(docs[0])
 
 def junk(rng, n_words):
@@ -820,6 +824,9 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     for source in state["sources"]:  # a state saved before sources had a content: resumed as before
         del source["content"]
     mixed(like[::-1], [0.5, 0.5], 2, T).load_state_dict(state)
+    old = data.PackedLoader(like[1], "train", 2, T).state_dict()
+    old["content"] = None  # a folder of an older data.py (no CRC-32s), given them since: resumed
+    data.PackedLoader(like[1], "train", 2, T).load_state_dict(old)
     with pytest.raises(ValueError, match="loader state is of a data mix of 2 folders, this loader reads one"):
         data.PackedLoader(two_sources[0], "train", 2, T, seed=4).load_state_dict(sd)
     with pytest.raises(ValueError, match="loader state is of one folder, this loader mixes 2"):
