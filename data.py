@@ -1249,7 +1249,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
 # -----------------------------------------------------------------------------
 # 9. The packed loader
 
-def same(key, saved, mine):
+def same_data(key, saved, mine):
     """Whether a loader state's value of key describes this loader's data. A content of None is unknown (a folder
     of an older data.py, or a state of an older train.py): not compared."""
     return saved == mine or key == "content" and (saved is None or mine is None)
@@ -1368,7 +1368,7 @@ class PackedLoader:
             raise ValueError(f"loader state is of a data mix of {len(sd.get('sources', []))} folders, this loader "
                              "reads one: cannot resume exactly")
         for k, mine in dict(seed=self.seed, seq_len=self.T, n_tokens=self.n_tokens, content=self.content).items():
-            if not same(k, sd.get(k, mine), mine):
+            if not same_data(k, sd.get(k, mine), mine):
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine}: "
                                  "not the same data or settings, cannot resume exactly")
         global_batch = self.world * self.B
@@ -1448,7 +1448,7 @@ class MixedLoader:
                              "exactly")
         mine = self.state_dict()
         described = len(sd["sources"]) == len(mine["sources"]) and all(   # each folder, in order
-            same(key, theirs.get(key), value) for theirs, ours in zip(sd["sources"], mine["sources"])
+            same_data(key, theirs.get(key), value) for theirs, ours in zip(sd["sources"], mine["sources"])
             for key, value in ours.items())
         for k, ok in (("seed", sd["seed"] == mine["seed"]), ("sources", described)):
             if not ok:
