@@ -741,10 +741,10 @@ def repeated_content(text):
     for line in lines:
         words = WORD.findall(line) if len(line) >= 2 * LONG_LINE_WORDS - 1 else ()  # (50 words: 99 characters)
         if len(words) >= LONG_LINE_WORDS and 3 * len(LETTER.findall(line)) > 2 * len("".join(line.split())):
-            grams = Counter(zip(*(words[i:] for i in range(5))))
-            covered = [False] * len(words)
-            for i, gram in enumerate(zip(*(words[i:] for i in range(5)))):
-                if grams[gram] > 1:
+            grams = list(zip(*(words[i:] for i in range(5))))   # the line's word 5-grams, in order
+            counts, covered = Counter(grams), [False] * len(words)
+            for i, gram in enumerate(grams):
+                if counts[gram] > 1:
                     covered[i:i + 5] = [True] * 5
             dup = sum(len(w) for w, c in zip(words, covered) if c)
             if dup > MAX_LINE_DUP_5GRAMS * sum(map(len, words)):
