@@ -275,7 +275,6 @@ def test_blocklist(corpus, tmp_path, capsys):
     assert r.returncode == 1 and "has no .warc" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-
 def test_train_source_with_a_blocklist(corpus, tmp_path):
     """train.py --source --blocklist: the tokenizer and shards it builds leave out the pages of listed domains, as
     tokenizer.py and data.py do; a --data folder made without that list is refused, and so is a list without a
@@ -317,6 +316,7 @@ def test_train_source_with_a_blocklist(corpus, tmp_path):
         r = train(name, *extra)
         assert r.returncode == code and what in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "new").exists()
+
 
 def test_warc_bad_files(tmp_path):
     records = [page(f"http://x.org/{i}", "2024-01-01T00:00:00Z", b"<p>%d</p>" % i) for i in range(3)]
@@ -503,7 +503,6 @@ def test_heuristic_filters():
     assert data.heuristic_reject(spam) == "repeated lines"
 
 
-
 def test_lines_of_repeated_content(corpus, tmp_path):
     """Llama 3's line-level duplicated n-gram coverage: a long line that mostly repeats its own 5-grams (log output
     run together) goes, counted in bytes; real prose that repeats itself (the Rust book's most repetitive long
@@ -534,6 +533,7 @@ def test_lines_of_repeated_content(corpus, tmp_path):
                              num_proc=1, verbose=False)
     assert meta["removed"]["heuristic: repeated content"] == dict(docs=0, bytes=len(log) + 1)
     assert read_docs(tmp_path / "out", "train", Tokenizer.load(tok_path))[0] == data.clean_text(docs[0])
+
 
 def junk(rng, n_words):
     """Keyword spam and random strings: what a quality filter should drop."""
