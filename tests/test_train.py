@@ -522,6 +522,27 @@ def test_average_of_the_last_steps_is_exported_and_resumes(corpus, reference, tm
         assert r.returncode == 2 and what in r.stderr, r.stderr
 
 
+def test_compiled_blocks_train_like_eager_and_export_the_same_names(corpus, reference, tmp_path):
+    """--compile (each block compiled in place by inductor, here on the CPU) with --average_last: the losses
+    follow the eager reference's (inductor fuses and reorders fp32 sums: close, not equal), the export has the
+    reference's tensor names (no `_orig_mod.`) and loads; resumed from step 9's checkpoint, the same last step
+    and the same export, to the bit."""
+    run, flags = tmp_path / "run", ["--batch_size", "4", "--compile", "--ckpt_interval", "1", "--average_last", "2"]
+    r = train(corpus, run, *flags)
+    assert re.search(r"the mean of the weights of the last 2 steps: val loss [\d.]+", r.stdout), r.stdout
+    mine, ref = losses(run), losses(reference)
+    assert mine.keys() == ref.keys() and all(abs(mine[s] - ref[s]) < 1e-3 for s in ref), (mine, ref)
+    exported, eager = torch.load(run / "consolidated.00.pth"), torch.load(reference / "consolidated.00.pth")
+    assert exported.keys() == eager.keys()
+    from model import load_model
+    load_model(str(run))
+    shutil.rmtree(run / "ckpt" / "step_000010")
+    (run / "consolidated.00.pth").unlink()
+    r = train(corpus, run, *flags, "--resume")
+    assert "at step 9" in r.stdout and losses(run) == mine, r.stdout
+    again = torch.load(run / "consolidated.00.pth")
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
     """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed.
     Under DDP, so that the ranks must agree on every lr and on the last step (rank 0's clock), or hang."""
