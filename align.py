@@ -43,7 +43,8 @@ Design choices
   which goes once the stage's checkpoint and align_log.json (the mark of a stage that ended) are written; `all
   --resume` keeps the stages that ended and runs the rest. A stage started without --resume first removes both
   files. SIGTERM (a scheduler's preemption) or Ctrl-C stops the loop after its step, saved: exit 0, then --resume.
-  What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed.
+  What comes before a loop (generated pairs and winners, reference log-probs) is made again from the seed (a
+  signal during it stops the stage as its loop would begin).
 - On CPU one intra-op thread per process (unless OMP_NUM_THREADS is set): these matrices are too small for
   threads to pay, and on shared cores threads thrash (measured here: generation 20x faster with one thread).
 
@@ -639,6 +640,10 @@ def signalled():
     return flag.item() > 0
 
 
+def signal_name():
+    return signal.Signals(STOP[0]).name if STOP else "a signal to another process"
+
+
 class Stopped(Exception):
     """A stage's loop saved after a signal and ended (the command line says so and exits 0)."""
 
@@ -680,7 +685,12 @@ class StageState:
 
     def load(self, parts):
         """Restore parts ({name: module, optimizer, torch.Generator or random.Random}) in place from the saved
-        state, with --resume. -> (step, history, extra); (0, [], {}) with nothing to resume."""
+        state, with --resume. -> (step, history, extra); (0, [], {}) with nothing to resume. Called as the loop
+        starts: a signal during the work before it (RS's sampling, DPO's reference log-probs, minutes on a real
+        model) stops here, with nothing new to save (that work is done again on --resume)."""
+        if self.path and signalled():
+            raise Stopped(f"stopped by {signal_name()} before the loop of this stage began: the same command with "
+                          "--resume goes on from its last save, if any")
         if not self.resume or not self.path:
             return 0, [], {}
         if not os.path.exists(self.path):
@@ -725,9 +735,8 @@ class StageState:
             atomic_save(state, self.path)
         barrier()
         if stop:
-            name = signal.Signals(STOP[0]).name if STOP else "a signal to another process"
-            raise Stopped(f"stopped by {name} after step {step} of {steps}: the same command with --resume goes on "
-                          f"from {self.path}")
+            raise Stopped(f"stopped by {signal_name()} after step {step} of {steps}: the same command with --resume "
+                          f"goes on from {self.path}")
 
 
 def wrap_ddp(module):

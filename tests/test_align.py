@@ -597,6 +597,12 @@ if "KILL_AT_STEP" in os.environ and os.environ.get("KILL_RANK", os.environ.get("
             os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
         return step(self, *a, **k)
     torch.optim.AdamW.step = killing_step
+    init = torch.optim.AdamW.__init__
+    def killing_init(self, *a, **k):  # KILL_AT_STEP=0: as the optimizer is made, before the loop
+        init(self, *a, **k)
+        if os.environ["KILL_AT_STEP"] == "0":
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
+    torch.optim.AdamW.__init__ = killing_init
 """
 
 
@@ -695,7 +701,9 @@ def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path
 
 def test_sigterm_saves_the_stage_and_resume_goes_on_exactly(tok, tmp_path):
     """SIGTERM (a scheduler's preemption) in SFT's 3rd step of 6, no periodic saves: the step ends, the loop is saved,
-    the process exits 0 saying so; --resume ends with the weights and history of an uninterrupted run."""
+    the process exits 0 saying so; --resume ends with the weights and history of an uninterrupted run. The same
+    signal before the loop (as its optimizer is made; on a real model, during RS's sampling or DPO's reference
+    log-probs) stops before any step with nothing saved (it used to act after the first step)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
@@ -717,3 +725,12 @@ def test_sigterm_saves_the_stage_and_resume_goes_on_exactly(tok, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [json.loads((tmp_path / d / "align_log.json").read_text()) for d in ("whole", "stopped")]
     assert logs[0]["history"] == logs[1]["history"]
+    # a signal before the loop (here as its optimizer is made): no step taken, nothing saved, exit 0
+    r = run("early", KILL_AT_STEP="0", KILL_SIGNAL="TERM")
+    assert r.returncode == 0 and "stopped by SIGTERM before the loop" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "sft step" not in r.stdout and not any((tmp_path / "early" / f).exists()
+                                                  for f in ("resume.pt", "consolidated.00.pth"))
+    r = run("early", "--resume")
+    assert r.returncode == 0 and "nothing to resume" in r.stdout, r.stdout + r.stderr[-2000:]
+    c = torch.load(tmp_path / "early" / "consolidated.00.pth")
+    assert all(torch.equal(a[k], c[k]) for k in a)
