@@ -1,7 +1,7 @@
 """data.py — from raw text to packed, document-masked training batches (Llama 3 §3.1, "pre-training data").
 
     sources [web pages: URL dedup, HTML -> text] -> clean -> lines of repeated content -> exact dedup
-            -> heuristic filters (incl. personal data) -> MinHash near-dedup -> [line-level dedup]
+            -> heuristic filters (incl. personal data, [dirty words]) -> MinHash near-dedup -> [line-level dedup]
             -> [model-based quality filter]
             -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
@@ -711,6 +711,9 @@ MAX_PII = 0.02              # e-mail and public IP addresses per word, when 5 or
 LONG_LINE_WORDS = 50        # a line this long may be one of "repeated content" (below); stdlib has 37 such lines
 MAX_LINE_DUP_5GRAMS = 0.6   # share of its word characters in 5-grams it repeats; the most in real prose, 0.53 (the
                             # Rust docs: 1,740 long lines of 2,500 pages of std; the Rust book's 2,961: 0.39)
+MIN_DIRTY, MAX_DIRTY = 3, 0.01   # --dirty_words: a document goes with 3 or more listed words and over 1 in 100 of its
+                            # words listed (a choice, not a measurement: C4 dropped a page for one word, which takes
+                            # medical and biology pages too; Llama 3 counts, with no threshold published)
 
 
 LETTERS = regex.compile(r"[^\W\d_]+")   # letters (with their marks): word characters not digits or underscores
@@ -736,6 +739,37 @@ def personal_data(text):
         except ValueError:  # 999.1.2.3: not an address
             return False
     return sum(1 for m in PII.findall(text) if m.startswith("@") or public(m))
+
+
+def read_word_list(path):
+    """--dirty_words FILE: one word or phrase per line (the format of the "List of Dirty, Naughty, Obscene, and
+    Otherwise Bad Words" that C4 used), blank lines and '#' comments skipped -> a set of word tuples, compared
+    as words (WORD, lower case): 'S&M' is the phrase ('s', 'm'). A line with no word in it can match nothing:
+    ValueError naming file:line."""
+    phrases = set()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.split("#")[0].strip()
+                if line and not WORD.findall(line):
+                    raise ValueError(f"{path}:{lineno}: no word in {line[:60]!r}, so it would match nothing")
+                if line:
+                    phrases.add(tuple(WORD.findall(line.lower())))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    if not phrases:
+        raise ValueError(f"{path}: no words listed")
+    return phrases
+
+
+def listed_words(text, phrases):
+    """How many times the text holds one of `phrases` (read_word_list), and how many words it has:
+    ('Damn it, DAMN the rain', {('damn',), ('the', 'rain')}) -> (3, 5)"""
+    words = WORD.findall(text.lower())
+    hits = 0
+    for n in {len(p) for p in phrases}:
+        hits += sum(gram in phrases for gram in zip(*(words[i:] for i in range(n))))
+    return hits, len(words)
 
 
 def repeated_content(text):
@@ -764,8 +798,8 @@ def repeated_content(text):
     return new, len(text.encode("utf-8")) - len(new.encode("utf-8"))
 
 
-def heuristic_reject(text):
-    """The name of the first rule the document breaks, or None to keep it."""
+def heuristic_reject(text, phrases=None):
+    """The name of the first rule the document breaks, or None to keep it. phrases: --dirty_words (read_word_list)."""
     n = len(text)
     if n < MIN_CHARS:
         return "too short"
@@ -782,6 +816,10 @@ def heuristic_reject(text):
     pii = personal_data(text)
     if pii >= 5 and pii > MAX_PII * len(text.split()):
         return "personal data"
+    if phrases:
+        hits, n_words = listed_words(text, phrases)
+        if hits >= MIN_DIRTY and hits > MAX_DIRTY * n_words:
+            return "dirty words"
     return None
 
 
@@ -963,8 +1001,9 @@ class ShardWriter:
 _worker = {}
 
 
-def _init_worker(tokenizer_path, threads=None):
+def _init_worker(tokenizer_path, threads=None, phrases=None):
     _worker["tok"] = Tokenizer.load(tokenizer_path)
+    _worker["phrases"] = phrases  # --dirty_words
     _worker["threads"] = threads or os.cpu_count() or 1  # tokenizer threads: this process's share of the cores
     _worker["minhash"] = MinHashDedup()  # same seed everywhere: the same hash functions in every process
 
@@ -978,7 +1017,8 @@ def _clean_chunk(texts):
         if not text.strip():
             out.append((text, "empty", None, None, cut))
         else:
-            out.append((text, heuristic_reject(text), doc_hash(text), _worker["minhash"].signature(text), cut))
+            out.append((text, heuristic_reject(text, _worker["phrases"]), doc_hash(text),
+                        _worker["minhash"].signature(text), cut))
     return out
 
 
@@ -1054,7 +1094,7 @@ def read_meta(path, cache=False):
 
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
-                 line_dedup=0, blocklist=None, chunk_bytes=1 << 22, verbose=True):
+                 line_dedup=0, blocklist=None, dirty_words=None, chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
     If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings, pipeline and
     tokenizer, returns it without work.
@@ -1062,6 +1102,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     line_dedup N > 0: lines seen more than N times in a bucket of LINE_BUCKET kept documents are removed (Llama 3:
     6), for web text; 0: none. blocklist: a file of domains whose WARC/WET pages are left out (read_blocklist).
+    dirty_words: a file of words and phrases; a document dense in them goes (read_word_list, MAX_DIRTY).
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
     if not 0 <= val_fraction <= 0.5:
@@ -1075,14 +1116,16 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
     check_blocklist(blocklist, source)   # (a bad list: refused before the old cache is touched)
+    phrases = read_word_list(dirty_words) if dirty_words else None
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
                   shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
                   **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}),
-                  **({"blocklist": [os.path.abspath(blocklist), file_crc32(blocklist)]} if blocklist else {}))
-    # (line_dedup and blocklist off: the config of older caches, which stay valid)
+                  **({"blocklist": [os.path.abspath(blocklist), file_crc32(blocklist)]} if blocklist else {}),
+                  **({"dirty_words": [os.path.abspath(dirty_words), file_crc32(dirty_words)]} if dirty_words else {}))
+    # (line_dedup, blocklist and dirty_words off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
@@ -1148,7 +1191,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             done, n_bytes = drop_repeated_lines([text for text, _ in bucket[:LINE_BUCKET]], line_dedup)
             removed.setdefault("line duplicates", [0, 0])[1] += n_bytes
             for (before, h), text in zip(bucket, done):
-                rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text)
+                rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text, phrases)
                 if rule == "blank":
                     drop("line duplicates", text)
                 elif rule:
@@ -1190,10 +1233,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if "fork" not in multiprocessing.get_all_start_methods():
         num_proc = 1
     threads = max(1, (os.cpu_count() or 1) // num_proc)
-    pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (tokenizer_path, threads)) \
+    pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (tokenizer_path, threads, phrases)) \
         if num_proc > 1 else None
     if pool is None:
-        _init_worker(tokenizer_path, threads)
+        _init_worker(tokenizer_path, threads, phrases)
     pmap = pool.map if pool else (lambda f, xs: list(map(f, xs)))
     bar = tqdm(desc=f"data {source}", unit="B", unit_scale=True, disable=not verbose)
     try:
@@ -1485,10 +1528,13 @@ if __name__ == "__main__":
                    f"of {LINE_BUCKET:,} documents (Llama 3: 6; for web text, not code); 0: off")
     p.add_argument("--blocklist", default=None, help="a file of domains (one per line) whose WARC/WET pages are left "
                    "out: Llama 3's safety filter, e.g. a UT1 list as FineWeb used")
+    p.add_argument("--dirty_words", default=None, help="a file of words and phrases (one per line, e.g. the LDNOOBW "
+                   f"list C4 used): a document with {MIN_DIRTY}+ of them, over 1 in {round(1 / MAX_DIRTY)} of its words, goes")
     a = p.parse_args()
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
-                     quality_drop=a.quality_drop, line_dedup=a.line_dedup, blocklist=a.blocklist)
+                     quality_drop=a.quality_drop, line_dedup=a.line_dedup, blocklist=a.blocklist,
+                     dirty_words=a.dirty_words)
     except (ValueError, FileNotFoundError, ImportError) as e:  # a mistyped path or flag, a damaged file: one line
         sys.exit(str(e))

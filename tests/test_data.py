@@ -370,6 +370,40 @@ def test_personal_data_rule():
     assert data.personal_data("100.64.0.1 169.254.1.1 224.0.0.1 8.8.4.4") == 1  # shared, link-local, multicast
 
 
+def test_dirty_words(corpus, tmp_path):
+    """--dirty_words (Llama 3's dirty-word counting, C4's list format): listed words and phrases counted as words,
+    case-insensitively; a document goes with MIN_DIRTY or more over MAX_DIRTY of its words; the table counts it; a
+    new list is a new cache; a line that holds no word, or a list of nothing, is refused naming the file."""
+    rng = np.random.default_rng(0)
+    listed = tmp_path / "words.txt"
+    listed.write_text("# a test list\nzorp\n\nblorf gak\nS&M\n")
+    phrases = data.read_word_list(str(listed))
+    assert phrases == {("zorp",), ("blorf", "gak"), ("s", "m")}
+    assert data.listed_words("Zorp, ZORP! blorf  gak; blorf only; s&m, zorpy", phrases) == (4, 9)
+    dense = " ".join(f"{prose(rng, 30)} Zorp." for _ in range(3))           # 3 in ~93 words: over 1 in 100
+    assert data.heuristic_reject(dense, phrases) == "dirty words"
+    assert data.heuristic_reject(dense) is None                              # (no list: no rule)
+    assert data.heuristic_reject(dense + prose(rng, 300), phrases) is None   # 3 in ~393 words: under
+    assert data.heuristic_reject("Zorp and zorp. " + prose(rng, 20), phrases) is None   # 2: under MIN_DIRTY
+    root, docs, tok_path = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, text in enumerate(docs[:40] + [dense, dense.replace("Zorp", "Blorf gak")]):
+        (src / f"{i:03d}.txt").write_text(text)
+    meta = data.prepare_data(str(src), tok_path, str(tmp_path / "out"), val_fraction=0.1, num_proc=2,
+                             dirty_words=str(listed), verbose=False)
+    assert meta["removed"]["heuristic: dirty words"]["docs"] == 2
+    assert meta["train"]["docs"] + meta["val"]["docs"] == 40
+    listed.write_text("zorp\n")      # another list: the folder is made again, the phrase kept now
+    meta = data.prepare_data(str(src), tok_path, str(tmp_path / "out"), val_fraction=0.1, num_proc=1,
+                             dirty_words=str(listed), verbose=False)
+    assert meta["removed"]["heuristic: dirty words"]["docs"] == 1
+    for text, what in (("zorp\n$$$\n", "words.txt:2: no word in '$$$'"), ("# nothing\n\n", "no words listed")):
+        listed.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(what)):
+            data.prepare_data(str(src), tok_path, str(tmp_path / "out"), dirty_words=str(listed), verbose=False)
+
+
 def test_prepare_data_from_web_pages(corpus, tmp_path):
     """Pages through the whole pipeline: their text, not their markup, is in the shards, the markup's bytes are
     in the table, and the shards are the same for any num_proc (pages travel to the workers as HTML)."""
@@ -1198,12 +1232,18 @@ def test_padded_shard_is_refused(tmp_path):
 
 
 def test_cli_mistyped_paths_are_one_line(corpus, tmp_path):
-    """`python data.py` with a --source or --tokenizer that is not there: a one-line message naming it."""
+    """`python data.py` with a --source, --tokenizer or --dirty_words that is not there: a one-line message naming
+    it. (--help too prints, which a '%' in a flag's help breaks.)"""
     import subprocess
     root, _, tok_path = corpus
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for source, tok, what in ((str(tmp_path / "corpuz"), tok_path, f"source {str(tmp_path / 'corpuz')!r}: not"),
-                              (str(root / "docs.jsonl"), tok_path + "x", tok_path + "x")):
-        r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "--source", source, "--tokenizer", tok,
-                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    source = str(root / "docs.jsonl")
+    for extra, what in ((["--source", str(tmp_path / "corpuz"), "--tokenizer", tok_path],
+                         f"source {str(tmp_path / 'corpuz')!r}: not"),
+                        (["--source", source, "--tokenizer", tok_path + "x"], tok_path + "x"),
+                        (["--source", source, "--tokenizer", tok_path, "--dirty_words", "wordz.txt"], "wordz.txt")):
+        r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), *extra, "--out", str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--dirty_words" in r.stdout, r.stderr
