@@ -3,7 +3,8 @@
     sources [web pages: URL dedup, HTML -> text] -> clean -> lines of repeated content -> exact dedup
             -> heuristic filters (incl. personal data, [dirty words]) -> MinHash near-dedup -> [line-level dedup]
             -> [model-based quality filter]
-            -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards + meta.json
+            -> tokenize (processes x tiktoken threads) -> {train,val}_NNN.bin uint32 shards
+            -> [token-distribution outliers: the shards written again without them] -> meta.json
             -> PackedLoader: (x, y, doc_ids) windows of (B, T), packed across documents and shards
             -> MixedLoader: rows from several such folders in given shares of the tokens (the data mix)
 
@@ -994,6 +995,63 @@ class ShardWriter:
         return dict(docs=self.docs, tokens=self.tokens, bytes=self.bytes, shards=self.shards, crc32=self.crc32)
 
 
+def token_kl(tokens, bos_id, log_q):
+    """The KL divergence of each document's token distribution from the corpus's, in bits per token:
+    KL = sum_t p(t) log2(p(t) / q(t)), p the document's own token frequencies. tokens: a shard's (each document
+    after its <|begin_of_text|>); log_q: log2 of the corpus's token probabilities -> (KL, tokens) per document.
+    For the whole shard at once: one sort of (document, token) pairs gives every document's counts."""
+    starts = tokens == bos_id
+    doc = (np.cumsum(starts) - 1)[~starts]                    # each token's document
+    n = np.bincount(doc, minlength=int(starts.sum()))
+    pairs, counts = np.unique(doc * len(log_q) + tokens[~starts], return_counts=True)
+    d, t = np.divmod(pairs, len(log_q))
+    p = counts / n[d]
+    return np.bincount(d, weights=p * (np.log2(p) - log_q[t]), minlength=len(n)), n
+
+
+def drop_token_outliers(out_dir, splits, tok, z_max, shard_tokens):
+    """Llama 3's token-distribution KL filter (§3.1.1: documents "containing excessive numbers of outlier tokens
+    compared to the training corpus distribution"), a pass over the finished shards. q: the train split's token
+    frequencies (+0.5 each, so that a token only val holds has some). KL falls with a document's length n (a
+    short one's own frequencies are far from any corpus's: on the stdlib KL ~ 8.7 - 0.52 log2(n) bits), so each
+    document is compared with those of its length: its distance above the least-squares line of KL on log2(n)
+    over the train documents, in robust standard deviations (1.4826 x the median absolute deviation). Over z_max
+    it goes, and the shards are written again without it (shard i is written after the old shard i was read:
+    documents only move forward). -> (splits as ShardWriter.close() gives them, [documents, bytes] removed)"""
+    def shards(split):  # (in memory one at a time: the old files are replaced as the new ones are written)
+        for name in splits[split]["shards"]:
+            yield np.array(read_shard(os.path.join(out_dir, name))[1])
+    counts = sum((np.bincount(x, minlength=tok.n_words) for x in shards("train")), np.zeros(tok.n_words))
+    counts[tok.bos_id] = 0
+    log_q = np.log2((counts + 0.5) / (counts + 0.5).sum())
+    stats = {split: [token_kl(x, tok.bos_id, log_q) for x in shards(split)] for split in splits}
+    kl, n = (np.concatenate([st[i] for st in stats["train"]]) for i in (0, 1))
+    x, inlier = np.log2(n), np.ones(len(n), bool)
+    for _ in range(10):  # fitted again without the outliers found, until they stay the same (least squares follows
+        slope, intercept = np.polyfit(x[inlier], kl[inlier], 1) if np.ptp(x[inlier]) else (0.0, np.median(kl))
+        residual = kl - (slope * x + intercept)                        # its outliers: a few far ones tilt the line)
+        center = np.median(residual)
+        scale = 1.4826 * np.median(np.abs(residual - center)) or np.inf    # (all alike: none is an outlier)
+        inlier, before = residual - center <= z_max * scale, inlier
+        if np.array_equal(inlier, before):
+            break
+    n_bytes = np.zeros(tok.n_words, np.int64)                   # each token's UTF-8 bytes (specials: none)
+    n_bytes[list(tok.ranks.values())] = [len(b) for b in tok.ranks]
+    removed, out = [0, 0], {}
+    for split in splits:
+        writer = ShardWriter(out_dir, split, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+        for x, (kl, n) in zip(shards(split), stats[split]):
+            go = kl - (slope * np.log2(n) + intercept) - center > z_max * scale    # per document
+            doc = np.cumsum(x == tok.bos_id) - 1
+            gone = int(n_bytes[x[go[doc]]].sum())
+            removed = [removed[0] + int(go.sum()), removed[1] + gone]
+            writer.add(x[~go[doc]], int((~go).sum()), int(n_bytes[x].sum()) - gone)
+        out[split] = writer.close()
+        for name in set(splits[split]["shards"]) - set(out[split]["shards"]):   # (fewer shards now)
+            os.remove(os.path.join(out_dir, name))
+    return out, removed
+
+
 # -----------------------------------------------------------------------------
 # 7. Parallel work: clean + filter features, and tokenization, run in worker processes on chunks of
 #    documents; the decisions that need to see every document (dedup, the split) stay in the main process.
@@ -1094,7 +1152,7 @@ def read_meta(path, cache=False):
 
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
-                 line_dedup=0, blocklist=None, dirty_words=None, chunk_bytes=1 << 22, verbose=True):
+                 line_dedup=0, blocklist=None, dirty_words=None, token_kl=0, chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
     If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings, pipeline and
     tokenizer, returns it without work.
@@ -1103,6 +1161,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     line_dedup N > 0: lines seen more than N times in a bucket of LINE_BUCKET kept documents are removed (Llama 3:
     6), for web text; 0: none. blocklist: a file of domains whose WARC/WET pages are left out (read_blocklist).
     dirty_words: a file of words and phrases; a document dense in them goes (read_word_list, MAX_DIRTY).
+    token_kl Z > 0: a document whose token distribution is over Z robust standard deviations further from the
+    corpus's than documents of its length goes (drop_token_outliers); 0: none.
     num_proc worker processes (default: the cores, at most 8) clean and tokenize; the output is the same
     for any num_proc."""
     if not 0 <= val_fraction <= 0.5:
@@ -1115,6 +1175,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
+    if not (isinstance(token_kl, numbers.Real) and 0 <= token_kl < math.inf):
+        raise ValueError(f"token_kl={token_kl!r}: must be a number >= 0 (robust standard deviations; 0: off)")
     check_blocklist(blocklist, source)   # (a bad list: refused before the old cache is touched)
     phrases = read_word_list(dirty_words) if dirty_words else None
     tok = Tokenizer.load(tokenizer_path)
@@ -1124,8 +1186,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
                   **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}),
                   **({"blocklist": [os.path.abspath(blocklist), file_crc32(blocklist)]} if blocklist else {}),
-                  **({"dirty_words": [os.path.abspath(dirty_words), file_crc32(dirty_words)]} if dirty_words else {}))
-    # (line_dedup, blocklist and dirty_words off: the config of older caches, which stay valid)
+                  **({"dirty_words": [os.path.abspath(dirty_words), file_crc32(dirty_words)]} if dirty_words else {}),
+                  **({"token_kl": token_kl} if token_kl else {}))
+    # (line_dedup, blocklist, dirty_words and token_kl off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
@@ -1267,10 +1330,13 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         read[0], read[1] = read[0] + removed.get(step, [0, 0])[0], read[1] + removed.get(step, [0, 0])[1]
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
+    splits = {s: w.close() for s, w in writers.items()}
+    if token_kl and splits["train"]["docs"]:
+        splits, removed["token outliers"] = drop_token_outliers(out_dir, splits, tok, token_kl, shard_tokens)
     steps = ["URL", "HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
-             "quality"]  # (in order)
+             "quality", "token outliers"]  # (in order)
     meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
-                bos_id=tok.bos_id, **{s: w.close() for s, w in writers.items()},
+                bos_id=tok.bos_id, **splits,
                 read=dict(docs=read[0], bytes=read[1]),
                 removed={s: dict(docs=d, bytes=b) for s, (d, b) in
                          sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
@@ -1529,12 +1595,16 @@ if __name__ == "__main__":
     p.add_argument("--blocklist", default=None, help="a file of domains (one per line) whose WARC/WET pages are left "
                    "out: Llama 3's safety filter, e.g. a UT1 list as FineWeb used")
     p.add_argument("--dirty_words", default=None, help="a file of words and phrases (one per line, e.g. the LDNOOBW "
-                   f"list C4 used): a document with {MIN_DIRTY}+ of them, over 1 in {round(1 / MAX_DIRTY)} of its words, goes")
+                   f"list C4 used): a document with {MIN_DIRTY}+ of them, over 1 in {round(1 / MAX_DIRTY)} of its "
+                   "words, goes")
+    p.add_argument("--token_kl", type=float, default=0, help="Llama 3's token-distribution KL filter: a document "
+                   "further from the corpus's token frequencies than documents of its length by over this many "
+                   "robust standard deviations goes (5 is a start); 0: off")
     a = p.parse_args()
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,
                      quality_drop=a.quality_drop, line_dedup=a.line_dedup, blocklist=a.blocklist,
-                     dirty_words=a.dirty_words)
+                     dirty_words=a.dirty_words, token_kl=a.token_kl)
     except (ValueError, FileNotFoundError, ImportError) as e:  # a mistyped path or flag, a damaged file: one line
         sys.exit(str(e))

@@ -556,6 +556,49 @@ def test_words_and_letters_of_scripts_with_combining_marks():
     assert data.letters("हिन्दी") == 6 and len(data.word_hashes("हिन्दी")) == 1
 
 
+def test_token_kl_is_each_documents_divergence():
+    """token_kl, for a whole shard at once, against the definition computed document by document."""
+    rng = np.random.default_rng(0)
+    bos, vocab = 9, 10
+    docs = [rng.integers(0, 9, int(rng.integers(1, 40))) for _ in range(20)]
+    shard = np.concatenate([np.r_[bos, d] for d in docs]).astype(np.uint32)
+    q = rng.random(vocab) + 0.1
+    log_q = np.log2(q / q.sum())
+    kl, n = data.token_kl(shard, bos, log_q)
+    for d, got, length in zip(docs, kl, n):
+        counts = np.bincount(d, minlength=vocab)
+        p = counts[counts > 0] / len(d)
+        assert length == len(d) and abs(got - (p * (np.log2(p) - log_q[counts > 0])).sum()) < 1e-12
+
+
+def test_token_kl_filter_removes_outliers_only(corpus, tmp_path):
+    """token_kl=5: documents whose tokens are far from the corpus's for their length go (here: Chinese, and
+    spam made of words the tokenizer never saw, among English-like prose); the shards, cut small so that documents
+    move across them, are then those of the prose alone, to the byte, and the table counts the two."""
+    rng = np.random.default_rng(1)
+    _, docs, tok_path = corpus
+    outliers = ["长江和黄河是中国的两条重要河流，流经许多省份。" * 8,
+                " ".join(rng.choice(["viagra", "casino", "jackpot", "bonus", "crypto"], 120))]
+    src, plain = tmp_path / "src", tmp_path / "plain"
+    src.mkdir(), plain.mkdir()
+    for i, text in enumerate(docs[:60] + outliers + docs[60:]):
+        (src / f"{i:03d}.txt").write_text(text)
+    for i, text in enumerate(docs):
+        (plain / f"{i:03d}.txt").write_text(text)
+    kw = dict(val_fraction=0.1, shard_tokens=2000, verbose=False)
+    meta = data.prepare_data(str(src), tok_path, str(tmp_path / "a"), token_kl=5, **kw)
+    ref = data.prepare_data(str(plain), tok_path, str(tmp_path / "b"), **kw)
+    assert meta["removed"]["token outliers"] == {"docs": 2, "bytes": sum(len(t.encode()) for t in outliers)}
+    assert len(ref["train"]["shards"]) > 3
+    for split in ("train", "val"):
+        assert {k: meta[split][k] for k in ("docs", "tokens", "bytes", "shards", "crc32")} == \
+            {k: ref[split][k] for k in ("docs", "tokens", "bytes", "shards", "crc32")}
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))   # no old shard left behind
+    for bad in (-1, float("inf"), "5"):
+        with pytest.raises(ValueError, match="token_kl"):
+            data.prepare_data(str(plain), tok_path, str(tmp_path / "c"), token_kl=bad, verbose=False)
+
+
 def test_lines_of_repeated_content(corpus, tmp_path):
     """Llama 3's line-level duplicated n-gram coverage: a long line that mostly repeats its own 5-grams (log output
     run together) goes, counted in bytes; real prose that repeats itself (the Rust book's most repetitive long
