@@ -8,7 +8,7 @@ Rows (MB/s of UTF-8 text, best of --repeat runs):
 - data.py shards, N proc: what prepare_data does after filtering: 4 MB chunks -> N forked workers ->
   encode_to_numpy in threads -> uint32 arrays with <|begin_of_text|> -> ShardWriter (atomic files on disk)
 - prepare_data, N proc: the whole pipeline (clean, dedup, filters, tokenize, shards), for scale
-Loader: PackedLoader.next_batch() batches/s at train.py's default (B, T), against the training steps/s of the
+Loader: PackedLoader.next_batch() batches/s at B=16, T = the cpu preset's 256, against the training steps/s of the
 default CPU model (forward + backward + AdamW), and tokens/s at a GPU-sized batch (B=8, T=8192)."""
 import argparse
 import multiprocessing

@@ -9,7 +9,7 @@ log-probs without it, as align.py runs), so its peak memory is its own: on CPU t
 the process's size before the loss, on a GPU torch.cuda.max_memory_allocated over what was allocated before.
 Time: the median of --reps runs after one warm-up.
 
-    python tests/bench_loss.py                  # CPU: 4096 rows at dim 256 (128K and 8K vocabularies)
+    python tests/bench_loss.py                  # CPU, dim 256: 4096 rows x 128K vocabulary, 2048 x 8K
     python tests/bench_loss.py --device cuda    # GPU: Llama 3.2 1B's head, 4096 and 16384 rows (B = 1 and 4)
 """
 import argparse
