@@ -107,7 +107,11 @@ def _configs(shapes, **constexprs):
     spills in the loops). On an H100 and an H200 (2026-11-27) PV_LAG won only at T=1K with documents (64x64).
     dk/dv's HEAD_LOOPS order is offered at 32x128, the tiles of b818606 (it spills 16-296 bytes there, the one
     loop 0-16); on the H200 it won at 32x128 (8 warps) for causal rows, the one loop at 32x64 (4 warps) for
-    documents up to 8K."""
+    documents up to 8K. Added untimed (2026-11-27): dk/dv with 64 query rows a tile, 64x128 at 8 warps and 64x64
+    at 4, 2 stages, in the one loop (compiled for sm_90, bf16, D=128, with and without documents: 255 registers,
+    no spills; HEAD_LOOPS spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the
+    query rows (dv += p^T dO, dk += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's
+    trips and the waits between its products, for twice the p and ds tiles in registers."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -151,7 +155,7 @@ def _shared_memory_limit(device):
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
 FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
                _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
-DKDV_CONFIGS = (_configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)]) +
+DKDV_CONFIGS = (_configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2)]) +
                 _configs([(32, 128, 8, 2), (32, 128, 8, 3)], HEAD_LOOPS=True))
 DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
 # q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed, and
