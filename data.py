@@ -611,11 +611,21 @@ def doc_hash(text):
 # splits हिन्दी into ह, न, द: every vowel sign of Devanagari, Tamil or Bengali, and Arabic's vowel marks, would
 # end a word and count as a symbol). Thai and Chinese write no spaces: a "word" there is a whole phrase.
 WORD = regex.compile(r"\w+")
+NOT_WORD = bytes(b if regex.fullmatch(r"\w", chr(b)) else 32 for b in range(256))   # ASCII: word bytes kept, others
+                                                                                   # a space (bytes.translate)
+
+
+def words(text):
+    """The text's words (WORD), lower-cased, as UTF-8 bytes. ASCII text (most code and English) is split by
+    bytes.translate and split, ~5x faster than the regex and the same words."""
+    if text.isascii():
+        return text.encode("ascii").lower().translate(NOT_WORD).split()
+    return [w.encode("utf-8") for w in WORD.findall(text.lower())]
 
 
 def word_hashes(text):
     """Lower-cased words -> uint64 hashes (crc32: deterministic, unlike Python's salted hash())."""
-    return np.array([zlib.crc32(w.encode("utf-8")) for w in WORD.findall(text.lower())], dtype=np.uint64)
+    return np.array([zlib.crc32(w) for w in words(text)], dtype=np.uint64)
 
 
 def ngram_hashes(h, n):
@@ -725,9 +735,23 @@ PII = regex.compile(r"(?<=[\w%+-])@(?:[a-z0-9-]{1,63}\.){1,8}(?:[a-z]{2}|com|org
 # address; the repeats are bounded, else the regex module, 4x re's speed here, is quadratic on "a@b.b.b.b...")
 
 
+ASCII_LETTERS = bytes(b for b in range(128) if LETTERS.fullmatch(chr(b)))   # the same rules, byte by byte
+ASCII_SYMBOLS = bytes(b for b in range(128) if SYMBOLS.fullmatch(chr(b)))
+
+
 def letters(text):
-    """How many of the text's characters are letters (runs matched and cut out: ~2x faster than one by one)."""
+    """How many of the text's characters are letters: for ASCII text the bytes that bytes.translate deletes
+    (~20x faster than the regex), else the runs the regex cuts out (~2x faster than one by one)."""
+    if text.isascii():
+        return len(text) - len(text.encode("ascii").translate(None, ASCII_LETTERS))
     return len(text) - len(LETTERS.sub("", text))
+
+
+def symbols(text):
+    """How many of the text's characters are symbols (SYMBOLS), as letters() counts letters."""
+    if text.isascii():
+        return len(text) - len(text.encode("ascii").translate(None, ASCII_SYMBOLS))
+    return len(text) - len(SYMBOLS.sub("", text))
 
 
 def personal_data(text):
@@ -808,7 +832,7 @@ def heuristic_reject(text, phrases=None):
         return "too long"
     if letters(text) < MIN_ALPHA * n:
         return "few letters"
-    if n - len(SYMBOLS.sub("", text)) > MAX_SYMBOL * n:
+    if symbols(text) > MAX_SYMBOL * n:
         return "many symbols"
     # repeated lines (logging spam, boilerplate); short lines like "    pass" or "}" may repeat
     counts = Counter(map(str.strip, text.split("\n")))

@@ -537,6 +537,17 @@ def test_heuristic_filters():
     assert data.heuristic_reject(spam) == "repeated lines"
 
 
+def test_ascii_fast_paths_count_as_the_regexes_do():
+    """words, letters and symbols take bytes.translate for ASCII text: the same results as the regexes."""
+    rng = np.random.default_rng(0)
+    ascii_chars = [chr(c) for c in range(128)]
+    texts = ["".join(rng.choice(ascii_chars, 300)) for _ in range(20)] + [prose(rng, 50), "def f(x_1):\n\treturn x_1"]
+    for text in texts + [t + " é ß ١٢ 中文" for t in texts[-3:]]:
+        assert data.words(text) == [w.encode("utf-8") for w in data.WORD.findall(text.lower())]
+        assert data.letters(text) == len(text) - len(data.LETTERS.sub("", text))
+        assert data.symbols(text) == len(text) - len(data.SYMBOLS.sub("", text))
+
+
 def test_words_and_letters_of_scripts_with_combining_marks():
     """Vowel signs (Devanagari, Tamil) and vowel marks (Arabic) are combining marks: part of their word and letters,
     not symbols. With `re`'s \\w, which leaves marks out, हिन्दी was three words and a third of the characters
