@@ -804,8 +804,10 @@ def repeated_content(text):
     `[0, 1, 1, 0, ...]` or `'GET', 'GET', ...`, repeats itself too, but cutting it would break the program.)
     -> (the text without those lines, bytes removed)"""
     lines, kept = text.split("\n"), []
+    if max(map(len, lines)) < 2 * LONG_LINE_WORDS - 1:   # (50 words take 99 characters: most texts have no such line)
+        return text, 0
     for line in lines:
-        words = WORD.findall(line) if len(line) >= 2 * LONG_LINE_WORDS - 1 else ()  # (50 words: 99 characters)
+        words = WORD.findall(line) if len(line) >= 2 * LONG_LINE_WORDS - 1 else ()
         if len(words) >= LONG_LINE_WORDS and 3 * letters(line) > 2 * len("".join(line.split())):
             grams = list(zip(*(words[i:] for i in range(5))))   # the line's word 5-grams, in order
             counts, covered = Counter(grams), [False] * len(words)
