@@ -645,7 +645,8 @@ def signal_name():
 
 
 class Stopped(Exception):
-    """A stage's loop saved after a signal and ended (the command line says so and exits 0)."""
+    """A signal ended a stage: its loop saved after a step, or no step taken yet (the command line says so and
+    exits 0)."""
 
 
 def log(*a):
@@ -1254,7 +1255,7 @@ if __name__ == "__main__":
         stage[args.stage](args, device)
     except (FileNotFoundError, CheckpointError) as e:  # a mistyped --init, --rm or --data: one line, no traceback
         raise SystemExit(str(e)) from None  # (every rank says it: torchrun may stop rank 0 before it could)
-    except Stopped as e:  # a signal: the loop is saved for --resume
+    except Stopped as e:  # a signal: what --resume needs is saved
         log(str(e))
     if dist.is_initialized():
         barrier()  # rank 0 may still be evaluating: leave together

@@ -721,6 +721,7 @@ MAX_PII = 0.02              # e-mail and public IP addresses per word, when 5 or
 LONG_LINE_WORDS = 50        # a line this long may be one of "repeated content" (below); stdlib has 37 such lines
 MAX_LINE_DUP_5GRAMS = 0.6   # share of its word characters in 5-grams it repeats; the most in real prose, 0.53 (the
                             # Rust docs: 1,740 long lines of 2,500 pages of std; the Rust book's 2,961: 0.39)
+MIN_KL_DOCS = 20            # --token_kl: fewer train documents than this give no spread to measure outliers by
 MIN_DIRTY, MAX_DIRTY = 3, 0.01   # --dirty_words: a document goes with 3 or more listed words and over 1 in 100 of its
                             # words listed (a choice, not a measurement: C4 dropped a page for one word, which takes
                             # medical and biology pages too; Llama 3 counts, with no threshold published)
@@ -774,7 +775,7 @@ def read_word_list(path):
     try:
         with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
-                line = line.split("#")[0].strip()
+                line = unicodedata.normalize("NFC", line.split("#")[0].strip())   # as clean_text leaves texts
                 if line and not WORD.findall(line):
                     raise ValueError(f"{path}:{lineno}: no word in {line[:60]!r}, so it would match nothing")
                 if line:
@@ -1042,7 +1043,7 @@ def drop_token_outliers(out_dir, splits, tok, z_max, shard_tokens):
     document is compared with those of its length: its distance above the least-squares line of KL on log2(n)
     over the train documents, in robust standard deviations (1.4826 x the median absolute deviation). Over z_max
     it goes, and the shards are written again without it (shard i is written after the old shard i was read:
-    documents only move forward). -> (splits as ShardWriter.close() gives them, [documents, bytes] removed)"""
+    documents only move towards the start). -> (splits as ShardWriter.close() gives them, [documents, bytes] removed)"""
     def shards(split):  # (in memory one at a time: the old files are replaced as the new ones are written)
         for name in splits[split]["shards"]:
             yield np.array(read_shard(os.path.join(out_dir, name))[1])
@@ -1200,7 +1201,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
         raise ValueError(f"line_dedup={line_dedup!r}: must be an integer >= 0 (0: no line-level dedup)")
-    if not (isinstance(token_kl, numbers.Real) and 0 <= token_kl < math.inf):
+    if not isinstance(token_kl, numbers.Real) or isinstance(token_kl, bool) or not 0 <= token_kl < math.inf:
         raise ValueError(f"token_kl={token_kl!r}: must be a number >= 0 (robust standard deviations; 0: off)")
     check_blocklist(blocklist, source)   # (a bad list: refused before the old cache is touched)
     phrases = read_word_list(dirty_words) if dirty_words else None
@@ -1356,7 +1357,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if read[0] == 0:
         raise ValueError(f"source {source!r} has no documents")
     splits = {s: w.close() for s, w in writers.items()}
-    if token_kl and splits["train"]["docs"]:
+    val_docs = splits["val"]["docs"]   # (before the token filter)
+    if token_kl and splits["train"]["docs"] >= MIN_KL_DOCS:
         splits, removed["token outliers"] = drop_token_outliers(out_dir, splits, tok, token_kl, shard_tokens)
     steps = ["URL", "HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
              "quality", "token outliers"]  # (in order)
@@ -1366,11 +1368,18 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 removed={s: dict(docs=d, bytes=b) for s, (d, b) in
                          sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
                 seconds=round(time.time() - t0, 1))
-    problem = (f"no document survived filtering into the train split (read {read[0]}, removed {meta['removed']}, "
-               f"{meta['val']['docs']} went to val)" if meta["train"]["docs"] == 0 else
-               f"no document fell into the val split (each of the {meta['train']['docs']} kept had a chance of 1 in "
-               f"{every}, by its hash): a larger val_fraction, or more documents" if every and meta["val"]["docs"] == 0
-               else None)
+    problem = None
+    if meta["train"]["docs"] == 0:
+        problem = (f"no document survived filtering into the train split (read {read[0]}, removed {meta['removed']}, "
+                   f"{meta['val']['docs']} went to val)")
+    elif token_kl and "token outliers" not in removed:
+        problem = (f"token_kl measures documents against the spread of the train split's, and "
+                   f"{meta['train']['docs']} are too few for that (it needs {MIN_KL_DOCS}): more documents, or no token_kl")
+    elif every and meta["val"]["docs"] == 0:
+        problem = (f"no document fell into the val split (each of the {meta['train']['docs']} kept had a chance of 1 "
+                   f"in {every}, by its hash): a larger val_fraction, or more documents" if not val_docs else
+                   f"token_kl={token_kl} took every one of the {val_docs} val documents: a larger value, or more "
+                   "documents")
     if problem:  # refused: the shards written go too (a folder holds shards only with its meta.json)
         for name in meta["train"]["shards"] + meta["val"]["shards"]:
             os.remove(os.path.join(out_dir, name))

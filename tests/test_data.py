@@ -376,9 +376,9 @@ def test_dirty_words(corpus, tmp_path):
     new list is a new cache; a line that holds no word, or a list of nothing, is refused naming the file."""
     rng = np.random.default_rng(0)
     listed = tmp_path / "words.txt"
-    listed.write_text("# a test list\nzorp\n\nblorf gak\nS&M\n")
+    listed.write_text("# a test list\nzorp\n\nblorf gak\nS&M\ncafe\u0301\n")   # (the last one decomposed, NFD)
     phrases = data.read_word_list(str(listed))
-    assert phrases == {("zorp",), ("blorf", "gak"), ("s", "m")}
+    assert phrases == {("zorp",), ("blorf", "gak"), ("s", "m"), ("caf\u00e9",)}   # as clean_text makes texts: NFC
     assert data.listed_words("Zorp, ZORP! blorf  gak; blorf only; s&m, zorpy", phrases) == (4, 9)
     dense = " ".join(f"{prose(rng, 30)} Zorp." for _ in range(3))           # 3 in ~93 words: over 1 in 100
     assert data.heuristic_reject(dense, phrases) == "dirty words"
@@ -605,9 +605,25 @@ def test_token_kl_filter_removes_outliers_only(corpus, tmp_path):
         assert {k: meta[split][k] for k in ("docs", "tokens", "bytes", "shards", "crc32")} == \
             {k: ref[split][k] for k in ("docs", "tokens", "bytes", "shards", "crc32")}
     assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))   # no old shard left behind
-    for bad in (-1, float("inf"), "5"):
+    for bad in (-1, float("inf"), "5", True):
         with pytest.raises(ValueError, match="token_kl"):
             data.prepare_data(str(plain), tok_path, str(tmp_path / "c"), token_kl=bad, verbose=False)
+    # refused: too few documents to measure a spread by, and a filter that takes the whole val split (the message
+    # names the filter, not the hash split); neither leaves shards behind
+    few = tmp_path / "few"
+    few.mkdir()
+    for i, text in enumerate(docs[:10]):
+        (few / f"{i:03d}.txt").write_text(text)
+    with pytest.raises(ValueError, match="10 are too few for that"):
+        data.prepare_data(str(few), tok_path, str(tmp_path / "c"), token_kl=5, verbose=False)
+    val_page = next(p for p in (outliers[0] + f" {i}" for i in range(1000))
+                    if data.is_val(data.doc_hash(data.clean_text(p)), 10))
+    in_train = [d for d in docs if not data.is_val(data.doc_hash(data.clean_text(d)), 10)]
+    for i, text in enumerate(in_train + [val_page]):
+        (few / f"{i:03d}.txt").write_text(text)
+    with pytest.raises(ValueError, match="token_kl=5 took every one of the 1 val documents"):
+        data.prepare_data(str(few), tok_path, str(tmp_path / "c"), token_kl=5, val_fraction=0.1, verbose=False)
+    assert not any(name.endswith(".bin") for name in os.listdir(tmp_path / "c"))
 
 
 def test_lines_of_repeated_content(corpus, tmp_path):
