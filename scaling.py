@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py") 
 
 
 def model_args(dim, vocab_size, seq_len):
-    """The cpu preset at another width: depth 6, heads of 32 dimensions, half as many kv heads (GQA)."""
+    """The cpu preset at another width: depth 6, heads of 32 dimensions (below width 64, one head of it all), half
+    as many kv heads (GQA; at least one)."""
     heads = max(1, dim // 32)
     return dataclasses.replace(PRESETS["cpu"], dim=dim, n_heads=heads, n_kv_heads=max(1, heads // 2),
                                vocab_size=vocab_size, max_seq_len=seq_len)
@@ -101,7 +103,8 @@ def main():
             steps = round(budget / per_token / tokens_per_step)
             if steps < a.min_steps or steps > (a.max_steps or steps):
                 continue
-            out = os.path.join(a.out_dir, f"C{budget:.0e}_d{dim}")
+            out = os.path.join(a.out_dir, f"C{budget:.0e}_d{dim}" + (f"_{zlib.crc32(a.train_args.encode()):08x}"
+                                                                       if a.train_args else ""))  # (others' runs)
             loss = final_val_loss(os.path.join(out, "log.csv"), steps)
             if loss is None:   # not run, or not to the end: (re)run it from scratch
                 cmd = [sys.executable, TRAIN_PY, "--data", a.data, "--tokenizer", a.tokenizer, "--out_dir", out,
