@@ -769,17 +769,17 @@ def personal_data(text):
 def read_word_list(path):
     """--dirty_words FILE: one word or phrase per line (the format of the "List of Dirty, Naughty, Obscene, and
     Otherwise Bad Words" that C4 used), blank lines and '#' comments skipped -> a set of word tuples, compared
-    as words (WORD, lower case): 'S&M' is the phrase ('s', 'm'). A line with no word in it can match nothing:
-    ValueError naming file:line."""
+    as words (words(): lower case, UTF-8): 'S&M' is the phrase (b's', b'm'). A line with no word in it can match
+    nothing: ValueError naming file:line."""
     phrases = set()
     try:
         with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 line = unicodedata.normalize("NFC", line.split("#")[0].strip())   # as clean_text leaves texts
-                if line and not WORD.findall(line):
+                if line and not words(line):
                     raise ValueError(f"{path}:{lineno}: no word in {line[:60]!r}, so it would match nothing")
                 if line:
-                    phrases.add(tuple(WORD.findall(line.lower())))
+                    phrases.add(tuple(words(line)))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
     if not phrases:
@@ -789,12 +789,12 @@ def read_word_list(path):
 
 def listed_words(text, phrases):
     """How many times the text holds one of `phrases` (read_word_list), and how many words it has:
-    ('Damn it, DAMN the rain', {('damn',), ('the', 'rain')}) -> (3, 5)"""
-    words = WORD.findall(text.lower())
+    ('Damn it, DAMN the rain', {(b'damn',), (b'the', b'rain')}) -> (3, 5)"""
+    found = words(text)
     hits = 0
     for n in {len(p) for p in phrases}:
-        hits += sum(gram in phrases for gram in zip(*(words[i:] for i in range(n))))
-    return hits, len(words)
+        hits += sum(gram in phrases for gram in zip(*(found[i:] for i in range(n))))
+    return hits, len(found)
 
 
 def repeated_content(text):
