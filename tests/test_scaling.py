@@ -74,3 +74,9 @@ def test_a_sweep_runs_train_py_and_reads_finished_runs_back(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.stdout.split("\n\n")[0] == first.stdout.split("\n\n")[0]
     assert stamps == {p: os.path.getmtime(p) for p in (tmp_path / "runs").glob("*/log.csv")}
+
+
+def test_missing_data_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "scaling.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "nowhere: not there" in r.stderr and "Traceback" not in r.stderr, r.stderr
