@@ -12,7 +12,7 @@ then the parabolas, the minima and the power law. Runs that already finished (th
 step) are read, not run again, so a killed sweep goes on where it was.
 
     python train.py --max_minutes 0.1              # once: makes the tokenizer and data/stdlib that the runs read
-    python scaling.py                              # the default sweep: 3 budgets x 9 widths, ~45 min on 2 cores
+    python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour on 2 cores
     python scaling.py --budgets 1e13 3e13 1e14 --dims 12 16 24 32 48 64 --predict 1e16   # (hours here)
 """
 import argparse
