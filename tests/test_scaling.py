@@ -74,6 +74,11 @@ def test_a_sweep_runs_train_py_and_reads_finished_runs_back(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.stdout.split("\n\n")[0] == first.stdout.split("\n\n")[0]
     assert stamps == {p: os.path.getmtime(p) for p in (tmp_path / "runs").glob("*/log.csv")}
+    # a run that train.py refuses (flags after scaling.py's own win) stops the sweep, naming the run, with its error
+    bad = subprocess.run(cmd + ["--train_args", "--batch_size 0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "train.py failed for budget 3e+09, dim 16" in bad.stderr, bad.stderr[-2000:]
+    assert "batch_size" in bad.stderr
 
 
 def test_missing_data_is_one_line(tmp_path):
