@@ -11,8 +11,15 @@ spend the budget (model.Transformer.flops_per_token: 6N + attention), the final 
 then the parabolas, the minima and the power law. Runs that already finished (their log.csv reaches their last
 step) are read, not run again, so a killed sweep goes on where it was.
 
+Llama 3 then forecast the flagship's score on a benchmark (ARC Challenge) in two more steps: the normalized
+negative log-likelihood (NLL) of the right answers against training FLOPs, for the compute-optimal models, and
+accuracy against that NLL, a sigmoid, fitted on the scaling runs and on older models of more compute (Llama 2).
+Here the benchmark is one made from the val split, which of four lines comes next in a document
+(next_line_task), scored like any multiple-choice benchmark: the choice of least NLL per character.
+
     python train.py --max_minutes 0.1              # once: makes the tokenizer and data/stdlib that the runs read
-    python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour on 2 cores
+    python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour here
+    python scaling.py --more_models out/default    # read back, and a model of more compute in the accuracy fit
     python scaling.py --budgets 1e13 3e13 1e14 --dims 12 16 24 32 48 64 --predict 1e16   # (hours here)
 """
 import argparse
@@ -20,6 +27,7 @@ import csv
 import dataclasses
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -28,7 +36,8 @@ import zlib
 import numpy as np
 import torch
 
-from model import PRESETS, Transformer
+from data import read_meta, read_shard
+from model import PRESETS, Transformer, load_model, tokenizer_path
 from tokenizer import Tokenizer
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")   # (run from any folder)
@@ -68,10 +77,90 @@ def fit_parabola(log_tokens, losses):
     return x, a * x * x + b * x + c
 
 
-def fit_power_law(budgets, optimal_tokens):
-    """D*(C) = A C^alpha, a straight line in log-log -> (alpha, A)."""
-    alpha, log_a = np.polyfit(np.log(budgets), np.log(optimal_tokens), 1)
+def near_minimum(points):
+    """A budget's (tokens, loss, ...) runs -> the one of lowest loss and up to two either side, by tokens. (Near
+    the bottom only: at this scale the curves are steeper on the side of the small models, and a parabola through
+    all of them puts its minimum above the lowest loss measured.)"""
+    points = sorted(points)
+    best = min(range(len(points)), key=lambda i: points[i][1])
+    return points[max(0, best - 2):best + 3]
+
+
+def fit_power_law(budgets, values):
+    """y(C) = A C^alpha, a straight line in log-log -> (alpha, A)."""
+    alpha, log_a = np.polyfit(np.log(budgets), np.log(values), 1)
     return alpha, math.exp(log_a)
+
+
+# --- Llama 3's forecast of a benchmark: NLL of the right answers from FLOPs, then accuracy from NLL -----------
+
+def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
+    """A multiple-choice benchmark made from the val split: after the `context` tokens that precede a line of a val
+    document, which of `choices` lines comes next: the document's own, or one of the lines of other val documents?
+    Lines of 8-100 characters (stripped); every choice gets the right line's indentation, so only what the line
+    says tells them apart; no choice twice. -> [(context ids, [choice ids], [choice characters], right index)]."""
+    meta = read_meta(os.path.join(data_dir, "meta.json"))
+    docs = []
+    for name in meta["val"]["shards"]:
+        _, tokens = read_shard(os.path.join(data_dir, name))
+        starts = np.flatnonzero(np.asarray(tokens) == tok.bos_id)
+        docs += [tok.decode(doc[1:]).split("\n") for doc in np.split(np.asarray(tokens), starts[1:])]
+    lines = [(d, i) for d, doc in enumerate(docs) for i, line in enumerate(doc) if i and 8 <= len(line.strip()) <= 100]
+    rng = random.Random(seed)
+    task = []
+    for d, i in rng.sample(lines, min(questions, len(lines))):
+        right = docs[d][i]
+        indent = right[:len(right) - len(right.lstrip())]
+        options = [right.strip()]
+        for _ in range(50 * choices):   # (distinct lines of other documents; a tiny val split may lack them)
+            od, oi = rng.choice(lines)
+            if len(options) < choices and od != d and docs[od][oi].strip() not in options:
+                options.append(docs[od][oi].strip())
+        if len(options) < choices:
+            continue
+        rng.shuffle(options)
+        texts = [indent + option for option in options]
+        before = tok.encode("\n".join(docs[d][:i]) + "\n")[-context:]
+        task.append((before, [tok.encode(t) for t in texts], [len(t) for t in texts], options.index(right.strip())))
+    return task
+
+
+@torch.no_grad()
+def score_task(model, task, batch=64):
+    """-> (the right answers' NLL per character, its mean; accuracy: the share of questions whose right answer has
+    the least NLL per character of the choices). Each choice is scored after its context, all in batches."""
+    model.eval()
+    rows = [(q, c, ctx + ids, len(ctx)) for q, (ctx, options, _, _) in enumerate(task) for c, ids in enumerate(options)]
+    nll = torch.zeros(len(task), len(task[0][1]))
+    for start in range(0, len(rows), batch):
+        part = rows[start:start + batch]
+        tokens = torch.zeros(len(part), max(len(ids) for _, _, ids, _ in part), dtype=torch.long)
+        targets = torch.full_like(tokens, -100)             # the choice's tokens, each predicted one position early
+        for r, (_, _, ids, n) in enumerate(part):
+            tokens[r, :len(ids)] = torch.tensor(ids)
+            targets[r, n - 1:len(ids) - 1] = torch.tensor(ids[n:])
+        scored = targets != -100
+        h = model.hidden_states(tokens)[scored]            # (logits at the scored positions only)
+        logp = torch.log_softmax(model.output(h).float(), -1).gather(1, targets[scored][:, None])[:, 0]
+        per_row = torch.zeros(len(part)).index_add_(0, scored.nonzero()[:, 0], -logp)
+        for r, (q, c, _, _) in enumerate(part):
+            nll[q, c] = per_row[r]
+    nll /= torch.tensor([chars for _, _, chars, _ in task], dtype=torch.float)
+    right = torch.tensor([answer for *_, answer in task])
+    return nll[torch.arange(len(task)), right].mean().item(), (nll.argmin(1) == right).float().mean().item()
+
+
+def fit_sigmoid(nll, accuracy, chance):
+    """accuracy = chance + (1 - chance) / (1 + exp(k (nll - x0))) -> (k, x0): a straight line through the logits of
+    the accuracy above chance, each weighted by sqrt(p (1 - p)) (a logit's error grows as 1 / sqrt(p (1 - p)): the
+    points near chance or near 1 say little), clipped to [0.01, 0.99]."""
+    p = np.clip((np.asarray(accuracy) - chance) / (1 - chance), 0.01, 0.99)
+    slope, intercept = np.polyfit(nll, np.log(p / (1 - p)), 1, w=np.sqrt(p * (1 - p)))
+    return -slope, intercept / -slope
+
+
+def sigmoid_accuracy(nll, k, x0, chance):
+    return chance + (1 - chance) / (1 + math.exp(k * (nll - x0)))
 
 
 def main():
@@ -88,11 +177,15 @@ def main():
     p.add_argument("--predict", type=float, nargs="*", default=[1e14, 1e15],
                    help="budgets to extrapolate the power law to (Llama 3 405B's: 3.8e25)")
     p.add_argument("--train_args", default="", help="more train.py flags for every run, e.g. '--lr 2e-3'")
+    p.add_argument("--questions", type=int, default=500, help="of the next-line benchmark (0: no forecast of it)")
+    p.add_argument("--more_models", nargs="*", default=[], help="checkpoints of more compute (same tokenizer) whose "
+                   "scores join the accuracy fit, as Llama 2's did in Llama 3's")
     a = p.parse_args()
     for path in (a.data, a.tokenizer):
         if not os.path.exists(path):
             sys.exit(f"{path}: not there; `python train.py` makes data/stdlib and its tokenizer on first use")
-    vocab = Tokenizer.load(a.tokenizer).n_words
+    tok = Tokenizer.load(a.tokenizer)
+    vocab = tok.n_words
     tokens_per_step = a.batch_size * a.seq_len
     print(f"{'budget':>9} {'dim':>5} {'FLOPs/token':>12} {'tokens':>10} {'steps':>6} {'val loss':>9}")
     curves = {}
@@ -119,25 +212,20 @@ def main():
                 loss = final_val_loss(os.path.join(out, "log.csv"), steps)
                 if run.returncode or loss is None:
                     sys.exit(f"train.py failed for budget {budget:.0e}, dim {dim}:\n{run.stderr[-2000:]}")
-            curves.setdefault(budget, []).append((steps * tokens_per_step, loss))
+            curves.setdefault(budget, []).append((steps * tokens_per_step, loss, out))
             print(f"{budget:9.1e} {dim:5d} {per_token:12,} {steps * tokens_per_step:10,} {steps:6d} {loss:9.4f}",
                   flush=True)
 
     print("\nIsoFLOP minima (a parabola in log tokens through each budget's lowest loss and two runs either side):")
     minima = []
     for budget, points in curves.items():
-        # (near the bottom only: at this scale the curves are steeper on the side of the small models, and a
-        # parabola through all of them puts its minimum above the lowest loss measured)
-        points = sorted(points)
-        best = min(range(len(points)), key=lambda i: points[i][1])
-        near = points[max(0, best - 2):best + 3]
-        fit = fit_parabola(np.log([t for t, _ in near]), [loss for _, loss in near]) if len(near) >= 3 else None
+        near = near_minimum(points)
+        fit = fit_parabola(np.log([t for t, *_ in near]), [loss for _, loss, _ in near]) if len(near) >= 3 else None
         if fit is None:
             print(f"  {budget:.1e}: no minimum inside the widths tried ({len(points)} runs): widen --dims")
             continue
-        tokens = math.exp(fit[0])
-        minima.append((budget, tokens))
-        print(f"  {budget:.1e}: {tokens:,.0f} tokens (val loss {fit[1]:.4f} there)")
+        minima.append((budget, math.exp(fit[0])))
+        print(f"  {budget:.1e}: {minima[-1][1]:,.0f} tokens (val loss {fit[1]:.4f} there)")
     if len(minima) < 2:
         sys.exit("fewer than two budgets with a minimum: no power law")
     alpha, coef = fit_power_law(*zip(*minima))
@@ -146,6 +234,49 @@ def main():
         tokens = coef * budget ** alpha
         print(f"  at {budget:.1e} FLOPs: {tokens:.3g} tokens, a model of ~{budget / (6 * tokens):.3g} parameters "
               "(C = 6 N D)")
+    if a.questions:
+        forecast(a, tok, curves, minima)
+
+
+def forecast(a, tok, curves, minima, choices=4):
+    """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark."""
+    task = next_line_task(a.data, tok, a.questions, choices, context=a.seq_len // 2)
+    if len(task) < 50:
+        print(f"\nno forecast: the val split gives {len(task)} next-line questions, under 50")
+        return
+    print(f"\nThe next-line benchmark: {len(task)} questions of {choices} lines from the val split (chance "
+          f"{1 / choices:.2f}); NLL per character of the right line, accuracy")
+    scores = {}   # out_dir -> (nll, accuracy)
+    for budget, points in curves.items():
+        for tokens, _, out in sorted(points):
+            scores[out] = score_task(load_model(out), task)
+            print(f"  {budget:9.1e} {tokens:10,} tokens: NLL {scores[out][0]:.4f}, accuracy {scores[out][1]:.3f}",
+                  flush=True)
+    print("The compute-optimal model's NLL (a parabola in log tokens through the runs near each minimum):")
+    optimal = []
+    for budget, tokens in minima:
+        near = near_minimum(curves[budget])
+        coef = np.polyfit(np.log([t for t, *_ in near]), [scores[out][0] for *_, out in near], 2)
+        optimal.append((budget, np.polyval(coef, math.log(tokens))))
+        print(f"  {budget:.1e}: NLL {optimal[-1][1]:.4f} at {tokens:,.0f} tokens")
+    beta, coef_nll = fit_power_law(*zip(*optimal))
+    print(f"NLL*(C) = {coef_nll:.3g} * C^{beta:.4f}")
+    k, x0 = fit_sigmoid(*zip(*scores.values()), 1 / choices)
+    print(f"accuracy = {1 / choices:.2f} + {1 - 1 / choices:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
+          f"(through the {len(scores)} runs)")
+    for path in a.more_models:   # (each a test of the sigmoid beyond the runs, then a point of its final fit)
+        if Tokenizer.load(tokenizer_path(path)).fingerprint() != tok.fingerprint():
+            sys.exit(f"{path}: trained with another tokenizer than {a.tokenizer}: its NLL is not comparable")
+        scores[path] = nll, accuracy = score_task(load_model(path), task)
+        print(f"  {path}: NLL {nll:.4f}, accuracy {accuracy:.3f} (the sigmoid said "
+              f"{sigmoid_accuracy(nll, k, x0, 1 / choices):.3f})")
+    if a.more_models:
+        k, x0 = fit_sigmoid(*zip(*scores.values()), 1 / choices)
+        print(f"accuracy = {1 / choices:.2f} + {1 - 1 / choices:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
+              f"(through all {len(scores)} models)")
+    for budget in a.predict:
+        nll = coef_nll * budget ** beta
+        print(f"  at {budget:.1e} FLOPs: NLL {nll:.4f}, accuracy {sigmoid_accuracy(nll, k, x0, 1 / choices):.3f}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 
 import scaling
-from data import prepare_data
+from data import prepare_data, read_shard
+from model import Transformer, save_model
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +82,97 @@ def test_a_sweep_runs_train_py_and_reads_finished_runs_back(tmp_path):
                          timeout=120)
     assert bad.returncode == 1 and "train.py failed for budget 3e+09, dim 16" in bad.stderr, bad.stderr[-2000:]
     assert "batch_size" in bad.stderr
+
+
+def test_sigmoid_of_accuracy_against_nll_is_recovered():
+    nll = np.linspace(0.6, 1.8, 9)
+    accuracy = [scaling.sigmoid_accuracy(x, 3.0, 1.1, 0.25) for x in nll]
+    k, x0 = scaling.fit_sigmoid(nll, accuracy, 0.25)
+    assert abs(k - 3.0) < 1e-9 and abs(x0 - 1.1) < 1e-9
+    assert scaling.sigmoid_accuracy(1.1, k, x0, 0.25) == 0.625 and accuracy[0] > accuracy[-1]
+
+
+@pytest.fixture(scope="module")
+def lined_corpus(tmp_path_factory):
+    """Shards of 60 documents of indented lines of words (a val split of ~12), and their tokenizer."""
+    path = tmp_path_factory.mktemp("lined")
+    rng = random.Random(1)
+    words = "the a cat dog sat ran on under mat tree big small red and then def return if".split()
+    (path / "docs").mkdir()
+    texts = []
+    for i in range(60):
+        lines = [" " * rng.choice((0, 4, 8)) + " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
+                 for _ in range(rng.randint(8, 20))]
+        texts.append("\n".join(lines))
+        (path / "docs" / f"{i:03d}.txt").write_text(texts[-1])
+    Tokenizer.train(texts, 600).save(str(path / "tok.model"))
+    prepare_data(str(path / "docs"), str(path / "tok.model"), str(path / "shards"), val_fraction=0.2, num_proc=1,
+                 verbose=False)
+    return path, Tokenizer.load(str(path / "tok.model"))
+
+
+def test_next_line_task_asks_for_a_documents_own_next_line(lined_corpus):
+    path, tok = lined_corpus
+    task = scaling.next_line_task(str(path / "shards"), tok, 40, choices=4, context=24)
+    assert len(task) == 40 and task == scaling.next_line_task(str(path / "shards"), tok, 40, choices=4, context=24)
+    _, tokens = read_shard(str(path / "shards" / "val_000.bin"))
+    tokens = np.asarray(tokens)
+    docs = [tok.decode(doc[1:]) + "\n" for doc in np.split(tokens, np.flatnonzero(tokens == tok.bos_id)[1:])]
+    for context, options, chars, right in task:
+        texts = [tok.decode(ids) for ids in options]
+        assert [len(t) for t in texts] == chars and len(set(texts)) == 4 and len(context) <= 24
+        indent = {t[:len(t) - len(t.lstrip())] for t in texts}
+        assert len(indent) == 1                                    # every choice indented as the right line
+        assert any(tok.decode(context) + texts[right] + "\n" in doc for doc in docs)   # the context, its next line
+        assert all(8 <= len(t.strip()) <= 100 for t in texts)
+    assert len({right for *_, right in task}) == 4                  # the right answer is not always first
+
+
+def test_score_task_is_each_choice_scored_alone(lined_corpus):
+    """Batched and padded, the NLL per character of each choice is the one of its own forward pass; accuracy is
+    the share of questions whose right line has the least of it."""
+    path, tok = lined_corpus
+    task = scaling.next_line_task(str(path / "shards"), tok, 30, choices=4, context=24)
+    torch.manual_seed(0)
+    model = Transformer(scaling.model_args(32, tok.n_words, 64)).eval()
+    nll, accuracy = scaling.score_task(model, task, batch=7)   # (batches that split questions)
+    per_char = torch.zeros(len(task), 4)
+    with torch.no_grad():
+        for q, (context, options, chars, _) in enumerate(task):
+            for c, ids in enumerate(options):
+                logits = model(torch.tensor([context + ids]))[0, len(context) - 1:-1].double()
+                per_char[q, c] = -logits.log_softmax(-1)[torch.arange(len(ids)), ids].sum() / chars[c]
+    right = torch.tensor([r for *_, r in task])
+    assert abs(nll - per_char[torch.arange(len(task)), right].mean().item()) < 1e-5
+    assert accuracy == (per_char.argmin(1) == right).float().mean().item()
+
+
+def test_forecast_prints_the_two_steps(lined_corpus, tmp_path, capsys):
+    """forecast() on runs saved as checkpoints: each scored as score_task scores it, the compute-optimal NLL, the
+    power law, the sigmoid and the predictions printed; a model of another tokenizer refused by name."""
+    path, tok = lined_corpus
+    curves = {}
+    for budget, seed in ((1e9, 0), (1e10, 3)):
+        for i, tokens in enumerate((1000, 2000, 4000)):
+            torch.manual_seed(seed + i)
+            out = str(tmp_path / f"run{budget:.0e}_{i}")
+            save_model(Transformer(scaling.model_args(16, tok.n_words, 64)), out, str(path / "tok.model"))
+            curves.setdefault(budget, []).append((tokens, 5.0 - i % 2, out))
+    a = scaling.argparse.Namespace(data=str(path / "shards"), tokenizer=str(path / "tok.model"), questions=60,
+                                   seq_len=48, more_models=[], predict=[1e12])
+    scaling.forecast(a, tok, curves, [(1e9, 1500), (1e10, 3000)])
+    printed = capsys.readouterr().out
+    task = scaling.next_line_task(a.data, tok, 60, context=24)
+    nll, accuracy = scaling.score_task(scaling.load_model(curves[1e9][0][2]), task)
+    assert f"1,000 tokens: NLL {nll:.4f}, accuracy {accuracy:.3f}" in printed
+    assert re.search(r"NLL\*\(C\) = [\d.e+-]+ \* C\^-?[\d.]+", printed) and "(through the 6 runs)" in printed
+    assert re.search(r"at 1\.0e\+12 FLOPs: NLL [\d.]+, accuracy [\d.]+", printed), printed
+    other = tmp_path / "other"
+    Tokenizer.train(["something else entirely"] * 20, 600).save(str(tmp_path / "other.model"))
+    save_model(Transformer(scaling.model_args(16, tok.n_words, 64)), other, str(tmp_path / "other.model"))
+    a.more_models = [str(other)]
+    with pytest.raises(SystemExit, match="other: trained with another tokenizer"):
+        scaling.forecast(a, tok, curves, [(1e9, 1500), (1e10, 3000)])
 
 
 def test_missing_data_is_one_line(tmp_path):
