@@ -98,37 +98,46 @@ def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
     """A multiple-choice benchmark made from the val split: after the `context` tokens that precede a line of a val
     document, which of `choices` lines comes next: the document's own, or one of the lines of other val documents?
     Lines of 8-100 characters (stripped); every choice gets the right line's indentation, so only what the line
-    says tells them apart; no choice twice. -> [(context ids, [choice ids], [choice characters], right index)]."""
+    says tells them apart; no choice twice. A question draws a document, then one of its lines, so that a long
+    file is not most of the benchmark. -> [(context ids, [choice ids], [choice characters], right index)]."""
     meta = read_meta(os.path.join(data_dir, "meta.json"))
     docs = []
     for name in meta["val"]["shards"]:
         _, tokens = read_shard(os.path.join(data_dir, name))
         starts = np.flatnonzero(np.asarray(tokens) == tok.bos_id)
         docs += [tok.decode(doc[1:]).split("\n") for doc in np.split(np.asarray(tokens), starts[1:])]
-    lines = [(d, i) for d, doc in enumerate(docs) for i, line in enumerate(doc) if i and 8 <= len(line.strip()) <= 100]
+    unasked = {d: [i for i, line in enumerate(doc) if i and 8 <= len(line.strip()) <= 100]
+               for d, doc in enumerate(docs)}
+    unasked = {d: lines for d, lines in unasked.items() if lines}
+    every_line = [(d, i) for d, lines in unasked.items() for i in lines]   # (where the wrong choices come from)
     rng = random.Random(seed)
     task = []
-    for d, i in rng.sample(lines, min(questions, len(lines))):
+    while len(task) < questions and unasked:
+        d = rng.choice(list(unasked))
+        i = unasked[d].pop(rng.randrange(len(unasked[d])))
+        if not unasked[d]:
+            del unasked[d]
         right = docs[d][i]
-        indent = right[:len(right) - len(right.lstrip())]
-        options = [right.strip()]
-        for _ in range(50 * choices):   # (distinct lines of other documents; a tiny val split may lack them)
-            od, oi = rng.choice(lines)
-            if len(options) < choices and od != d and docs[od][oi].strip() not in options:
+        options, tries = [right.strip()], 50 * choices   # (a tiny val split may lack distinct lines elsewhere)
+        while len(options) < choices and tries:
+            tries -= 1
+            od, oi = rng.choice(every_line)
+            if od != d and docs[od][oi].strip() not in options:
                 options.append(docs[od][oi].strip())
         if len(options) < choices:
             continue
         rng.shuffle(options)
+        indent = right[:len(right) - len(right.lstrip())]
         texts = [indent + option for option in options]
-        before = tok.encode("\n".join(docs[d][:i]) + "\n")[-context:]
+        before = tok.encode("\n".join(docs[d][:i]) + "\n", bos=True)[-context:]   # (as in training: after a BOS)
         task.append((before, [tok.encode(t) for t in texts], [len(t) for t in texts], options.index(right.strip())))
     return task
 
 
 @torch.no_grad()
 def score_task(model, task, batch=64):
-    """-> (the right answers' NLL per character, its mean; accuracy: the share of questions whose right answer has
-    the least NLL per character of the choices). Each choice is scored after its context, all in batches."""
+    """-> (the mean NLL per character of the right answers, accuracy), accuracy being the share of questions
+    whose right answer has the least NLL per character of its choices. Each choice is scored after its context."""
     model.eval()
     rows = [(q, c, ctx + ids, len(ctx)) for q, (ctx, options, _, _) in enumerate(task) for c, ids in enumerate(options)]
     nll = torch.zeros(len(task), len(task[0][1]))
@@ -150,17 +159,43 @@ def score_task(model, task, batch=64):
     return nll[torch.arange(len(task)), right].mean().item(), (nll.argmin(1) == right).float().mean().item()
 
 
-def fit_sigmoid(nll, accuracy, chance):
-    """accuracy = chance + (1 - chance) / (1 + exp(k (nll - x0))) -> (k, x0): a straight line through the logits of
-    the accuracy above chance, each weighted by sqrt(p (1 - p)) (a logit's error grows as 1 / sqrt(p (1 - p)): the
-    points near chance or near 1 say little), clipped to [0.01, 0.99]."""
-    p = np.clip((np.asarray(accuracy) - chance) / (1 - chance), 0.01, 0.99)
-    slope, intercept = np.polyfit(nll, np.log(p / (1 - p)), 1, w=np.sqrt(p * (1 - p)))
-    return -slope, intercept / -slope
-
-
 def sigmoid_accuracy(nll, k, x0, chance):
-    return chance + (1 - chance) / (1 + math.exp(k * (nll - x0)))
+    """Llama 3's accuracy curve: from chance (NLL high) up to 1 (NLL low), through the middle at x0."""
+    return chance + (1 - chance) * sigmoid(k * (x0 - np.asarray(nll, dtype=float)))
+
+
+def sigmoid(z):
+    return 0.5 + 0.5 * np.tanh(z / 2)   # = 1 / (1 + exp(-z)), which overflows for very negative z
+
+
+def fit_sigmoid(nll, accuracy, chance):
+    """-> (k, x0) of sigmoid_accuracy by maximum likelihood, each accuracy the share of the same number of
+    questions answered right (binomial): Fisher scoring in (a, b) = (k x0, -k), from a straight line through the
+    logits of the accuracy above chance. (That line alone is biased: near chance the logit of a noisy share is
+    far below the true one, and it drags the curve down where it extrapolates.)"""
+    x, y = np.asarray(nll, dtype=float), np.asarray(accuracy, dtype=float)
+    above = np.clip((y - chance) / (1 - chance), 0.01, 0.99)
+    b, a = np.polyfit(x, np.log(above / (1 - above)), 1)
+    for _ in range(100):
+        s = sigmoid(a + b * x)
+        p = np.clip(chance + (1 - chance) * s, 1e-9, 1 - 1e-9)
+        grad = (1 - chance) * (s * (1 - s))[:, None] * np.stack([np.ones_like(x), x], 1)   # dp / d(a, b)
+        w = 1 / (p * (1 - p))                                                              # 1 / binomial variance
+        # (lstsq, not solve: accuracies all at chance drive a to -inf, where the curve is flat and the matrix 0)
+        step = np.linalg.lstsq(grad.T @ (w[:, None] * grad), grad.T @ (w * (y - p)), rcond=None)[0]
+        a, b = a + step[0], b + step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    return -b, a / -b
+
+
+def sigmoid_spread(nll, k, x0, chance, questions, at, draws=200, seed=0):
+    """The fitted sigmoid's own uncertainty at the NLLs `at`: the standard deviation of its predictions when refitted
+    to accuracies drawn (binomially, `questions` each) from it at the measured NLLs (a parametric bootstrap)."""
+    rng = np.random.default_rng(seed)
+    truth = sigmoid_accuracy(nll, k, x0, chance)
+    refits = [fit_sigmoid(nll, rng.binomial(questions, truth) / questions, chance) for _ in range(draws)]
+    return np.std([sigmoid_accuracy(at, *fit, chance) for fit in refits], axis=0)
 
 
 def main():
@@ -186,6 +221,16 @@ def main():
             sys.exit(f"{path}: not there; `python train.py` makes data/stdlib and its tokenizer on first use")
     tok = Tokenizer.load(a.tokenizer)
     vocab = tok.n_words
+    if a.more_models and not a.questions:
+        sys.exit("--more_models join the forecast, which --questions 0 turns off")
+    for path in a.more_models:   # (checked before the sweep, which may take hours)
+        try:
+            same = Tokenizer.load(tokenizer_path(path)).fingerprint() == tok.fingerprint()
+        except (OSError, ValueError) as e:
+            sys.exit(f"--more_models {path}: {e}")
+        if not same:
+            sys.exit(f"--more_models {path}: trained with another tokenizer than {a.tokenizer}: its NLL is not "
+                     "comparable")
     tokens_per_step = a.batch_size * a.seq_len
     print(f"{'budget':>9} {'dim':>5} {'FLOPs/token':>12} {'tokens':>10} {'steps':>6} {'val loss':>9}")
     curves = {}
@@ -239,44 +284,59 @@ def main():
 
 
 def forecast(a, tok, curves, minima, choices=4):
-    """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark."""
+    """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark. (± figures: one
+    standard error, binomial, for a measured accuracy; sigmoid_spread for the sigmoid's predictions.)"""
+    chance = 1 / choices
     task = next_line_task(a.data, tok, a.questions, choices, context=a.seq_len // 2)
     if len(task) < 50:
-        print(f"\nno forecast: the val split gives {len(task)} next-line questions, under 50")
+        print(f"\nno forecast: {len(task)} next-line questions (--questions {a.questions}, as many as the val split "
+              "has lines for), under 50")
         return
     print(f"\nThe next-line benchmark: {len(task)} questions of {choices} lines from the val split (chance "
-          f"{1 / choices:.2f}); NLL per character of the right line, accuracy")
-    scores = {}   # out_dir -> (nll, accuracy)
+          f"{chance:.2f}); NLL per character of the right line, accuracy")
+    runs = {}   # out_dir -> (NLL, accuracy)
     for budget, points in curves.items():
         for tokens, _, out in sorted(points):
-            scores[out] = score_task(load_model(out), task)
-            print(f"  {budget:9.1e} {tokens:10,} tokens: NLL {scores[out][0]:.4f}, accuracy {scores[out][1]:.3f}",
+            runs[out] = score_task(load(out), task)
+            print(f"  {budget:9.1e} {tokens:10,} tokens: NLL {runs[out][0]:.4f}, accuracy {runs[out][1]:.3f}",
                   flush=True)
     print("The compute-optimal model's NLL (a parabola in log tokens through the runs near each minimum):")
     optimal = []
     for budget, tokens in minima:
         near = near_minimum(curves[budget])
-        coef = np.polyfit(np.log([t for t, *_ in near]), [scores[out][0] for *_, out in near], 2)
+        coef = np.polyfit(np.log([t for t, *_ in near]), [runs[out][0] for *_, out in near], 2)
         optimal.append((budget, np.polyval(coef, math.log(tokens))))
         print(f"  {budget:.1e}: NLL {optimal[-1][1]:.4f} at {tokens:,.0f} tokens")
     beta, coef_nll = fit_power_law(*zip(*optimal))
     print(f"NLL*(C) = {coef_nll:.3g} * C^{beta:.4f}")
-    k, x0 = fit_sigmoid(*zip(*scores.values()), 1 / choices)
-    print(f"accuracy = {1 / choices:.2f} + {1 - 1 / choices:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
-          f"(through the {len(scores)} runs)")
+    points = list(runs.values())
+    k, x0 = fit_sigmoid(*zip(*points), chance)
+    print(f"accuracy = {chance:.2f} + {1 - chance:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
+          f"(through the {len(points)} runs)")
     for path in a.more_models:   # (each a test of the sigmoid beyond the runs, then a point of its final fit)
-        if Tokenizer.load(tokenizer_path(path)).fingerprint() != tok.fingerprint():
-            sys.exit(f"{path}: trained with another tokenizer than {a.tokenizer}: its NLL is not comparable")
-        scores[path] = nll, accuracy = score_task(load_model(path), task)
-        print(f"  {path}: NLL {nll:.4f}, accuracy {accuracy:.3f} (the sigmoid said "
-              f"{sigmoid_accuracy(nll, k, x0, 1 / choices):.3f})")
+        nll, accuracy = score_task(load(path), task)
+        spread, = sigmoid_spread([x for x, _ in runs.values()], k, x0, chance, len(task), [nll])
+        error = math.sqrt(accuracy * (1 - accuracy) / len(task))
+        print(f"  {path}: NLL {nll:.4f}, accuracy {accuracy:.3f} ± {error:.3f}; the sigmoid said "
+              f"{sigmoid_accuracy(nll, k, x0, chance):.3f} ± {spread:.3f}")
+        points.append((nll, accuracy))
     if a.more_models:
-        k, x0 = fit_sigmoid(*zip(*scores.values()), 1 / choices)
-        print(f"accuracy = {1 / choices:.2f} + {1 - 1 / choices:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
-              f"(through all {len(scores)} models)")
-    for budget in a.predict:
-        nll = coef_nll * budget ** beta
-        print(f"  at {budget:.1e} FLOPs: NLL {nll:.4f}, accuracy {sigmoid_accuracy(nll, k, x0, 1 / choices):.3f}")
+        k, x0 = fit_sigmoid(*zip(*points), chance)
+        print(f"accuracy = {chance:.2f} + {1 - chance:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
+              f"(through all {len(points)} models)")
+    predicted = [coef_nll * budget ** beta for budget in a.predict]
+    spreads = sigmoid_spread([x for x, _ in points], k, x0, chance, len(task), predicted)
+    for budget, nll, spread in zip(a.predict, predicted, spreads):
+        print(f"  at {budget:.1e} FLOPs: NLL {nll:.4f}, accuracy {sigmoid_accuracy(nll, k, x0, chance):.3f} ± "
+              f"{spread:.3f} (the sigmoid's alone; the NLL power law's three points add more)")
+
+
+def load(path):
+    """load_model, a missing or damaged model a one-line exit that names it (CheckpointError is a ValueError)."""
+    try:
+        return load_model(path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"no model to score: {e}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ that a second invocation reads back instead of running again.
 
     python -m pytest -q tests/test_scaling.py
 """
+import json
 import math
 import os
 import random
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import scaling
-from data import prepare_data, read_shard
+from data import prepare_data, read_shard, write_shard
 from model import Transformer, save_model
 from tokenizer import Tokenizer
 
@@ -86,15 +87,40 @@ def test_a_sweep_runs_train_py_and_reads_finished_runs_back(tmp_path):
 
 def test_sigmoid_of_accuracy_against_nll_is_recovered():
     nll = np.linspace(0.6, 1.8, 9)
-    accuracy = [scaling.sigmoid_accuracy(x, 3.0, 1.1, 0.25) for x in nll]
+    k, x0 = scaling.fit_sigmoid(nll, scaling.sigmoid_accuracy(nll, 3.0, 1.1, 0.25), 0.25)
+    assert k == pytest.approx(3.0, abs=1e-7) and x0 == pytest.approx(1.1, abs=1e-7)
+    assert scaling.sigmoid_accuracy(1.1, 3.0, 1.1, 0.25) == 0.625
+    assert scaling.sigmoid_accuracy(0.6, 3.0, 1.1, 0.25) > 0.8
+
+
+def test_sigmoid_fit_is_the_binomial_maximum_likelihood():
+    """On noisy shares (500 questions each, near chance as the small runs are) the fit is where the binomial
+    log-likelihood peaks: above the true curve's, above the straight line through the logits it starts from,
+    and above every small step away from it."""
+    rng = np.random.default_rng(0)
+    nll = np.linspace(1.2, 2.0, 27)
+    accuracy = rng.binomial(500, scaling.sigmoid_accuracy(nll, 2.7, 0.8, 0.25)) / 500
+
+    def loglik(k, x0):
+        p = scaling.sigmoid_accuracy(nll, k, x0, 0.25)
+        return float(np.sum(500 * (accuracy * np.log(p) + (1 - accuracy) * np.log(1 - p))))
     k, x0 = scaling.fit_sigmoid(nll, accuracy, 0.25)
-    assert abs(k - 3.0) < 1e-9 and abs(x0 - 1.1) < 1e-9
-    assert scaling.sigmoid_accuracy(1.1, k, x0, 0.25) == 0.625 and accuracy[0] > accuracy[-1]
+    above = np.clip((accuracy - 0.25) / 0.75, 0.01, 0.99)
+    slope, intercept = np.polyfit(nll, np.log(above / (1 - above)), 1)
+    assert loglik(k, x0) >= loglik(2.7, 0.8) and loglik(k, x0) > loglik(-slope, intercept / -slope)
+    assert all(loglik(k, x0) >= loglik(k + dk, x0 + dx) for dk in (-0.01, 0, 0.01) for dx in (-0.001, 0, 0.001))
+    assert abs(scaling.sigmoid_accuracy(0.7, k, x0, 0.25) - scaling.sigmoid_accuracy(0.7, 2.7, 0.8, 0.25)) < 0.1
+    spread, = scaling.sigmoid_spread(nll, k, x0, 0.25, 500, [0.7], draws=50)
+    assert 0.005 < spread < 0.1
+    chance = rng.binomial(60, 0.25, 12) / 60       # models at chance: a flat curve, not an error
+    k, x0 = scaling.fit_sigmoid(np.linspace(2, 3, 12), chance, 0.25)
+    assert np.all(np.abs(scaling.sigmoid_accuracy(np.linspace(2, 3, 12), k, x0, 0.25) - 0.25) < 0.05)
 
 
 @pytest.fixture(scope="module")
 def lined_corpus(tmp_path_factory):
-    """Shards of 60 documents of indented lines of words (a val split of ~12), and their tokenizer."""
+    """Shards of 60 documents of indented lines of words, each line ending in its document's tag (a val split of
+    ~12), and their tokenizer."""
     path = tmp_path_factory.mktemp("lined")
     rng = random.Random(1)
     words = "the a cat dog sat ran on under mat tree big small red and then def return if".split()
@@ -102,7 +128,7 @@ def lined_corpus(tmp_path_factory):
     texts = []
     for i in range(60):
         lines = [" " * rng.choice((0, 4, 8)) + " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
-                 for _ in range(rng.randint(8, 20))]
+                 + f" d{i}" for _ in range(rng.randint(8, 20))]
         texts.append("\n".join(lines))
         (path / "docs" / f"{i:03d}.txt").write_text(texts[-1])
     Tokenizer.train(texts, 600).save(str(path / "tok.model"))
@@ -123,9 +149,29 @@ def test_next_line_task_asks_for_a_documents_own_next_line(lined_corpus):
         assert [len(t) for t in texts] == chars and len(set(texts)) == 4 and len(context) <= 24
         indent = {t[:len(t) - len(t.lstrip())] for t in texts}
         assert len(indent) == 1                                    # every choice indented as the right line
-        assert any(tok.decode(context) + texts[right] + "\n" in doc for doc in docs)   # the context, its next line
+        tags = [t.split()[-1] for t in texts]
+        assert tags.count(tags[right]) == 1                        # the wrong lines are other documents'
+        before = tok.decode(context[1:] if context[0] == tok.bos_id else context) + texts[right] + "\n"
+        if context[0] == tok.bos_id:                               # a whole beginning: after <|begin_of_text|>
+            assert any(doc.startswith(before) for doc in docs)
+        assert any(before in doc for doc in docs)                  # the context, then its own next line
         assert all(8 <= len(t.strip()) <= 100 for t in texts)
     assert len({right for *_, right in task}) == 4                  # the right answer is not always first
+    assert any(context[0] == tok.bos_id for context, *_ in task)
+
+
+def test_next_line_task_draws_documents_not_lines(tmp_path):
+    """One val document of 300 lines among nine of 10: questions draw a document first, so the long one gets
+    about a tenth of them, not three quarters."""
+    tok = Tokenizer.train([f"line {i} of words" for i in range(200)], 600)
+    docs = [[f"long doc line {i}" for i in range(300)]] + [[f"short doc {d} line {i}" for i in range(10)]
+                                                            for d in range(9)]
+    tokens = [t for doc in docs for t in [tok.bos_id] + tok.encode("\n".join(doc))]
+    write_shard(str(tmp_path / "val_000.bin"), tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+    (tmp_path / "meta.json").write_text(json.dumps({"val": {"shards": ["val_000.bin"]}}))
+    task = scaling.next_line_task(str(tmp_path), tok, 60, context=16)
+    long = sum(tok.decode(task[q][1][task[q][3]]).startswith("long") for q in range(len(task)))
+    assert len(task) == 60 and 2 <= long <= 12, long
 
 
 def test_score_task_is_each_choice_scored_alone(lined_corpus):
@@ -149,7 +195,7 @@ def test_score_task_is_each_choice_scored_alone(lined_corpus):
 
 def test_forecast_prints_the_two_steps(lined_corpus, tmp_path, capsys):
     """forecast() on runs saved as checkpoints: each scored as score_task scores it, the compute-optimal NLL, the
-    power law, the sigmoid and the predictions printed; a model of another tokenizer refused by name."""
+    power law, the sigmoid, a --more_models model tested against it then fitted with the runs, the predictions."""
     path, tok = lined_corpus
     curves = {}
     for budget, seed in ((1e9, 0), (1e10, 3)):
@@ -158,21 +204,35 @@ def test_forecast_prints_the_two_steps(lined_corpus, tmp_path, capsys):
             out = str(tmp_path / f"run{budget:.0e}_{i}")
             save_model(Transformer(scaling.model_args(16, tok.n_words, 64)), out, str(path / "tok.model"))
             curves.setdefault(budget, []).append((tokens, 5.0 - i % 2, out))
+    more = str(tmp_path / "more")
+    save_model(Transformer(scaling.model_args(24, tok.n_words, 64)), more, str(path / "tok.model"))
     a = scaling.argparse.Namespace(data=str(path / "shards"), tokenizer=str(path / "tok.model"), questions=60,
-                                   seq_len=48, more_models=[], predict=[1e12])
+                                   seq_len=48, more_models=[more], predict=[1e12])
     scaling.forecast(a, tok, curves, [(1e9, 1500), (1e10, 3000)])
     printed = capsys.readouterr().out
     task = scaling.next_line_task(a.data, tok, 60, context=24)
     nll, accuracy = scaling.score_task(scaling.load_model(curves[1e9][0][2]), task)
     assert f"1,000 tokens: NLL {nll:.4f}, accuracy {accuracy:.3f}" in printed
     assert re.search(r"NLL\*\(C\) = [\d.e+-]+ \* C\^-?[\d.]+", printed) and "(through the 6 runs)" in printed
-    assert re.search(r"at 1\.0e\+12 FLOPs: NLL [\d.]+, accuracy [\d.]+", printed), printed
+    nll, accuracy = scaling.score_task(scaling.load_model(more), task)
+    assert re.search(rf"more: NLL {nll:.4f}, accuracy {accuracy:.3f} ± [\d.]+; the sigmoid said [\d.]+ ± [\d.]+",
+                     printed), printed
+    assert "(through all 7 models)" in printed
+    assert re.search(r"at 1\.0e\+12 FLOPs: NLL [\d.]+, accuracy [\d.]+ ± [\d.]+", printed), printed
+
+
+def test_more_models_are_checked_before_the_sweep(lined_corpus, tmp_path):
+    """Another tokenizer's model, or a folder with no model, stops scaling.py at once, in one line naming it."""
+    path, tok = lined_corpus
     other = tmp_path / "other"
     Tokenizer.train(["something else entirely"] * 20, 600).save(str(tmp_path / "other.model"))
     save_model(Transformer(scaling.model_args(16, tok.n_words, 64)), other, str(tmp_path / "other.model"))
-    a.more_models = [str(other)]
-    with pytest.raises(SystemExit, match="other: trained with another tokenizer"):
-        scaling.forecast(a, tok, curves, [(1e9, 1500), (1e10, 3000)])
+    cmd = [sys.executable, "scaling.py", "--data", str(path / "shards"), "--tokenizer", str(path / "tok.model"),
+           "--out_dir", str(tmp_path / "runs"), "--more_models"]
+    for where, said in ((other, "trained with another tokenizer"), (tmp_path / "nothing", "no such folder")):
+        r = subprocess.run(cmd + [str(where)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"--more_models {where}: " in r.stderr and said in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
 
 
 def test_missing_data_is_one_line(tmp_path):
