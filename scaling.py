@@ -213,8 +213,8 @@ def main():
                    help="budgets to extrapolate the power law to (Llama 3 405B's: 3.8e25)")
     p.add_argument("--train_args", default="", help="more train.py flags for every run, e.g. '--lr 2e-3'")
     p.add_argument("--questions", type=int, default=500, help="of the next-line benchmark (0: no forecast of it)")
-    p.add_argument("--more_models", nargs="*", default=[], help="checkpoints of more compute (same tokenizer) whose "
-                   "scores join the accuracy fit, as Llama 2's did in Llama 3's")
+    p.add_argument("--more_models", nargs="*", default=[], help="checkpoints of more compute (same tokenizer, never "
+                   "trained on this val split) whose scores join the accuracy fit, as Llama 2's did in Llama 3's")
     a = p.parse_args()
     for path in (a.data, a.tokenizer):
         if not os.path.exists(path):
