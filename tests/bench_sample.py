@@ -1,9 +1,9 @@
 """Benchmark: generation speed of sample.generate against Hugging Face transformers, same weights.
 
 For a 6.5M-parameter Llama (the "cpu" preset's shape at width 256) and a ~100M one, at batch 1 and 8: prefill
-tokens/s (the prompt's forward) and decode tokens/s (new tokens, one forward each), ours vs LlamaForCausalLM.generate (greedy, KV cache,
-its default SDPA attention). The weights are copied into the HF model with HF's q/k permutation, and the
-first step's logits are checked equal before timing. Best of 3 runs (the machine may be shared).
+tokens/s (the prompt's forward) and decode tokens/s (new tokens, one forward each), ours vs
+LlamaForCausalLM.generate (greedy, KV cache, its default SDPA attention). The weights are copied into the HF
+model with HF's q/k permutation, and the first step's logits are checked equal before timing. Best of 3 runs (the machine may be shared).
 transformers is imported here only; without it the script prints our figures alone.
 
     python tests/bench_sample.py                 # CPU (whatever threads torch uses; --threads 1 on a busy machine)
