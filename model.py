@@ -148,7 +148,8 @@ class ModelArgs:
 PRESETS = {
     # 2.2M parameters with the tokenizer's 8K vocab (half of them the embedding), sized for `python train.py`'s
     # 6 minutes on 2 CPU cores by its val loss there (widths 96 / 128 / 192 / 256: 1.27 / 1.24 / 1.44 / 1.52 bits
-    # per byte; until 2026-11-28 it was 256 wide, 6.5M) and by scaling.py's power law (README, Pretraining).
+    # per byte, 96 and 128 within the noise; until 2026-11-28 it was 256 wide, 6.5M) and by scaling.py's power
+    # law (README, Pretraining).
     "cpu": ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=8192, multiple_of=32,
                      rope_theta=10000.0, max_seq_len=256, tie_embeddings=True),
     # Meta's published shapes (params.json of each download; Llama 3 paper, table 3).
