@@ -36,7 +36,7 @@ Design choices
 - `python align.py all` starts from a fresh small model (0.8M parameters) with a small BPE tokenizer trained on the
   task texts (written as out/align-base), so the whole chain runs in minutes on a 2-core CPU.
   `python align.py all --init out/default` starts from the pretrained model of `python train.py` instead
-  (2.2M parameters, 8K vocabulary: an SFT step took 4.5x as long, 0.41 s, so the chain takes several times as long).
+  (2.2M parameters, 8K vocabulary: an SFT step took 4.5x as long, 0.41 s; the chain 12.7 minutes on the same CPU).
   SFT, RM and DPO run under torchrun (DDP); RS and PPO in one process.
 - A killed stage goes on exactly where it was with --resume (the same flags): every --ckpt_interval steps (default
   a tenth of the stage's) its loop (modules, optimizer, random generators, step, history) is saved to OUT/resume.pt,
