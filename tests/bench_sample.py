@@ -1,6 +1,6 @@
 """Benchmark: generation speed of sample.generate against Hugging Face transformers, same weights.
 
-For a 6.5M-parameter Llama (the "cpu" preset's shape at width 256) and a ~100M one, at batch 1 and 8: prefill
+For the "cpu" preset (2.2M), its shape at width 256 (6.5M) and a ~100M Llama, at batch 1 and 8: prefill
 tokens/s (the prompt's forward) and decode tokens/s (new tokens, one forward each), ours vs
 LlamaForCausalLM.generate (greedy, KV cache, its default SDPA attention). The weights are copied into the HF
 model with HF's q/k permutation, and the first step's logits are checked equal before timing. Best of 3 runs (the machine may be shared).
@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import sample  # noqa: E402
 
-CONFIGS = {   # (6.5M: the cpu preset until 2026-11-28, whose figures the README shows; it is 2.2M since)
+CONFIGS = {   # (6.5M: the cpu preset until 2026-11-28, as in the README's older tables; it is 2.2M since)
+    "2.2M": M.PRESETS["cpu"],
     "6.5M": dataclasses.replace(M.PRESETS["cpu"], dim=256, n_heads=8, n_kv_heads=4),
     "~100M": M.ModelArgs(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=32768, multiple_of=256,
                          rope_theta=500000.0, max_seq_len=1024, tie_embeddings=True),

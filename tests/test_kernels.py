@@ -511,8 +511,8 @@ def test_kernels_compile_for_hopper():
 # ----------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize("T,Tk,docs", [(8, 8, True), (8, 8, False), (3, 8, False)])
 def test_dispatch_cpu_tensors_use_pytorch(monkeypatch, T, Tk, docs):
-    """CPU tensors take PyTorch's SDPA (equal to the reference) even under TRITON_INTERPRET=1, so CPU model
-    tests stay fast; causal, document-masked and bottom-right (Tk > T) masks, values and gradients."""
+    """CPU tensors take PyTorch's SDPA and F.rms_norm (equal to the references) even under TRITON_INTERPRET=1, so
+    CPU model tests stay fast; causal, document-masked and bottom-right (Tk > T) masks, values and gradients."""
     def boom(*args):
         raise AssertionError("the Triton path was taken for CPU tensors")
     monkeypatch.setattr(A, "flash_attention", boom)
@@ -525,8 +525,21 @@ def test_dispatch_cpu_tensors_use_pytorch(monkeypatch, T, Tk, docs):
     dy = torch.randn_like(out)
     for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
         torch.testing.assert_close(g, g_ref)
-    x, w = torch.randn(3, 40), torch.randn(40)
-    assert torch.equal(R.rms_norm(x, w, 1e-5), R.rms_norm_reference(x, w, 1e-5))
+    # RMSNorm on CPU tensors is torch's F.rms_norm: the reference's values and gradients in every dtype (with
+    # torch 2.13 to the bit; assert_close's tolerances leave room for another version's rounding)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, w = torch.randn(3, 5, 40).to(dtype).requires_grad_(), torch.randn(40).to(dtype).requires_grad_()
+        out, ref = R.rms_norm(x, w, 1e-5), R.rms_norm_reference(x, w, 1e-5)
+        dy = torch.randn_like(out)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, ref)
+        for g, g_ref in zip(torch.autograd.grad(out, (x, w), dy), torch.autograd.grad(ref, (x, w), dy)):
+            torch.testing.assert_close(g, g_ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # (train.py's CPU setting: fp32 in, fp32 out)
+        x = torch.randn(3, 40)
+        out = R.rms_norm(x, torch.ones(40), 1e-5)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, R.rms_norm_reference(x, torch.ones(40), 1e-5))
 
 
 def test_import_without_triton():
@@ -541,8 +554,8 @@ def test_import_without_triton():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA tensors (runs on the GPU machine)")
 def test_dispatch_cuda_tensors_use_triton(monkeypatch):
-    """Each dispatcher calls its Triton kernel exactly once, never a fallback (attention's is SDPA, RMSNorm's the
-    reference): a counter on the kernels, and the fallbacks made to raise."""
+    """Each dispatcher calls its Triton kernel exactly once, never a fallback (attention's is SDPA, RMSNorm's
+    F.rms_norm): a counter on the kernels, and the fallbacks made to raise."""
     def boom(*args):
         raise AssertionError("a fallback was taken for CUDA tensors")
     calls = []
@@ -551,7 +564,8 @@ def test_dispatch_cuda_tensors_use_triton(monkeypatch):
         return lambda *a: calls.append(name) or fn(*a)
     monkeypatch.setattr(A, "flash_attention", counted("flash", A.flash_attention))
     monkeypatch.setattr(R, "rms_norm_triton", counted("rms", R.rms_norm_triton))
-    for mod, fallback in [(A, "attention_sdpa"), (A, "attention_reference"), (R, "rms_norm_reference")]:
+    for mod, fallback in [(A, "attention_sdpa"), (A, "attention_reference"), (R, "rms_norm_reference"),
+                          (R.F, "rms_norm")]:
         monkeypatch.setattr(mod, fallback, boom)
     q = torch.randn(1, 2, 64, 64, device="cuda")
     A.attention(q, q, q)
