@@ -3,7 +3,8 @@
 For the "cpu" preset (2.2M), its shape at width 256 (6.5M) and a ~100M Llama, at batch 1 and 8: prefill
 tokens/s (the prompt's forward) and decode tokens/s (new tokens, one forward each), ours vs
 LlamaForCausalLM.generate (greedy, KV cache, its default SDPA attention). The weights are copied into the HF
-model with HF's q/k permutation, and the first step's logits are checked equal before timing. Best of 3 runs (the machine may be shared).
+model with HF's q/k permutation, and the first step's logits are checked equal before timing. Best of 3 runs
+(the machine may be shared).
 transformers is imported here only; without it the script prints our figures alone.
 
     python tests/bench_sample.py                 # CPU (whatever threads torch uses; --threads 1 on a busy machine)
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import sample  # noqa: E402
 
-CONFIGS = {   # (6.5M: the cpu preset until 2026-11-28, as in the README's older tables; it is 2.2M since)
+CONFIGS = {   # (6.5M: the cpu preset's shape until 2026-11-28, kept for comparison with older figures)
     "2.2M": M.PRESETS["cpu"],
     "6.5M": dataclasses.replace(M.PRESETS["cpu"], dim=256, n_heads=8, n_kv_heads=4),
     "~100M": M.ModelArgs(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=32768, multiple_of=256,

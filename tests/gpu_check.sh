@@ -65,7 +65,7 @@ run bench_train_compile 120 $PY tests/bench_train.py --skip_cpu --batch_size 4 -
 run bench_loss 120 $PY tests/bench_loss.py --device cuda
 # generate's decode step as a CUDA graph: its test first, then the benchmark that times it
 run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
-run bench_sample 45 $PY tests/bench_sample.py --device cuda
+run bench_sample 60 $PY tests/bench_sample.py --device cuda   # (3 models since 2026-11-28)
 case " $PARTS " in *" train "*) rm -rf out/gpu_check/train ;; esac  # a fresh run dir, only when it runs
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
     --log_interval 10 --sample_tokens 40 --average_last 10  # (and the average's CUDA path)
