@@ -310,9 +310,13 @@ def forecast(a, tok, curves, minima, choices=4):
     beta, coef_nll = fit_power_law(*zip(*optimal))
     print(f"NLL*(C) = {coef_nll:.3g} * C^{beta:.4f}")
     points = list(runs.values())
-    k, x0 = fit_sigmoid(*zip(*points), chance)
-    print(f"accuracy = {chance:.2f} + {1 - chance:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
-          f"(through the {len(points)} runs)")
+
+    def fit_and_print(through):
+        k, x0 = fit_sigmoid(*zip(*points), chance)
+        print(f"accuracy = {chance:.2f} + {1 - chance:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   ({through})")
+        return k, x0
+
+    k, x0 = fit_and_print(f"through the {len(points)} runs")
     for path in a.more_models:   # (each a test of the sigmoid beyond the runs, then a point of its final fit)
         nll, accuracy = score_task(load(path), task)
         spread, = sigmoid_spread([x for x, _ in runs.values()], k, x0, chance, len(task), [nll])
@@ -321,9 +325,7 @@ def forecast(a, tok, curves, minima, choices=4):
               f"{sigmoid_accuracy(nll, k, x0, chance):.3f} ± {spread:.3f}")
         points.append((nll, accuracy))
     if a.more_models:
-        k, x0 = fit_sigmoid(*zip(*points), chance)
-        print(f"accuracy = {chance:.2f} + {1 - chance:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   "
-              f"(through all {len(points)} models)")
+        k, x0 = fit_and_print(f"through all {len(points)} models")
     predicted = [coef_nll * budget ** beta for budget in a.predict]
     spreads = sigmoid_spread([x for x, _ in points], k, x0, chance, len(task), predicted)
     for budget, nll, spread in zip(a.predict, predicted, spreads):
