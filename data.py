@@ -83,6 +83,7 @@ import multiprocessing
 import numbers
 import os
 import re
+import shutil
 import struct
 import sys
 import sysconfig
@@ -266,10 +267,15 @@ def source_stamp(source):
         return f"python {sys.version.split()[0]} {sysconfig.get_paths()['stdlib']}"
     if source.startswith("hf:"):
         return None
+    return files_stamp(source_files(source), source)
+
+
+def files_stamp(paths, root):
+    """A hash of each file's path under root, size and modification time."""
     h = hashlib.sha256()
-    for path in source_files(source):
+    for path in paths:
         st = os.stat(path)
-        h.update(f"{os.path.relpath(path, source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -923,6 +929,14 @@ def checkpoint_labeller(ckpt_dir, max_tokens=1024):
     return label
 
 
+def model_stamp(ckpt_dir):
+    """What changes when a checkpoint does (retrained in place): the files_stamp of its folder's files (not of
+    subfolders: a run's ckpt/ changes as it trains, its exported model only when it ends). None: no folder."""
+    if not os.path.isdir(ckpt_dir):
+        return None   # (refused by checkpoint_labeller, before the old dataset is touched)
+    return files_stamp(sorted(e.path for e in os.scandir(ckpt_dir) if e.is_file()), ckpt_dir)
+
+
 def train_quality_filter(texts, labeller, drop=0.1):
     """Label the sample (the `drop` fraction with the lowest labeller score is junk), fit a classifier on it."""
     scores = np.asarray(labeller(texts), dtype=np.float64)
@@ -1169,7 +1183,10 @@ def read_meta(path, cache=False):
     """meta.json -> dict; unreadable: ValueError naming it, or with cache=True {} (a stale cache, to rebuild)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        return meta
     except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
         if cache:
             return {}
@@ -1180,8 +1197,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
                  line_dedup=0, blocklist=None, dirty_words=None, token_kl=0, chunk_bytes=1 << 22, verbose=True):
     """Clean, dedup, filter and tokenize `source` into out_dir/{train,val}_NNN.bin + meta.json; returns meta.
-    If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings, pipeline and
-    tokenizer, returns it without work.
+    If out_dir/meta.json already describes this source (files unchanged: source_stamp), settings (the quality
+    model's files too: model_stamp), pipeline and tokenizer, returns it without work. Else the shards are built
+    in out_dir/building and replace the old ones only when the build succeeds.
     labeller: a function list[str] -> scores (higher = better) for the quality filter; quality_model=CKPT_DIR
     builds one from a checkpoint (checkpoint_labeller). Neither: no model-based filter.
     line_dedup N > 0: lines seen more than N times in a bucket of LINE_BUCKET kept documents are removed (Llama 3:
@@ -1208,7 +1226,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
-                  shard_tokens=shard_tokens, max_docs=max_docs, quality_model=quality_model,
+                  shard_tokens=shard_tokens, max_docs=max_docs,
+                  quality_model=quality_model and [os.path.abspath(quality_model), model_stamp(quality_model)],
                   quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
                   **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}),
                   **({"blocklist": [os.path.abspath(blocklist), file_crc32(blocklist)]} if blocklist else {}),
@@ -1228,162 +1247,175 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if source.startswith("hf:"):
         hf_datasets(source)  # (not installed: an error before out_dir is made)
     domains = read_blocklist(blocklist) if blocklist else set()   # (a line that is no domain: refused here)
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # another run's files: stale, and the loader must never mix them in
-        if name == "meta.json" or re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
-            os.remove(os.path.join(out_dir, name))
-    t0 = time.time()
-    read = [0, 0]  # documents, bytes
-    removed = {}  # step -> [documents, bytes] it removed
-    seen, minhash, clf = set(), MinHashDedup(), None
-    pending = []          # documents waiting for the quality classifier to be trained on them,
-    bucket = []           # and for their line counts (line_dedup): (text, doc_hash) pairs from here on
-    every = round(1 / val_fraction) if val_fraction > 0 else 0
-    writers = {s: ShardWriter(out_dir, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
-               for s in ("train", "val")}
-
-    def drop(step, text):
-        removed.setdefault(step, [0, 0])
-        removed[step][0] += 1
-        removed[step][1] += len(text.encode("utf-8"))
-
-    def dedup_and_filter(features):
-        """The sequential decisions, in this order: empty, exact duplicate, heuristic, near duplicate (only kept
-        documents enter the MinHash index: a rejected one must not take a clean near-copy with it)."""
-        for text, rule, h, sig, cut in features:
-            if cut:  # (a row of bytes: lines, not documents)
-                removed.setdefault("heuristic: repeated content", [0, 0])[1] += cut
-            if rule == "empty":
-                drop("empty", text)
-                continue
-            if h in seen:
-                drop("exact duplicate", text)
-                continue
-            seen.add(h)
-            if rule:
-                drop(f"heuristic: {rule}", text)
-            elif minhash.is_duplicate(sig):
-                drop("near duplicate", text)
-            else:
-                yield text, h   # (h decides its split: is_val)
-
-    def line_filter(texts, final):
-        """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times
-        (after document dedup, so that copies do not count twice); what is left of a document that lost lines goes
-        through the heuristic filters again (Llama 3 filters after de-duplicating), and goes if it is blank.
-        The table's row: the documents left blank, and every byte the lines took."""
-        if not line_dedup:
-            return texts
-        bucket.extend(texts)
-        out = []
-        while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
-            done, n_bytes = drop_repeated_lines([text for text, _ in bucket[:LINE_BUCKET]], line_dedup)
-            removed.setdefault("line duplicates", [0, 0])[1] += n_bytes
-            for (before, h), text in zip(bucket, done):
-                rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text, phrases)
-                if rule == "blank":
-                    drop("line duplicates", text)
-                elif rule:
-                    drop(f"heuristic: {rule}", text)
-                else:
-                    out.append((text, h))
-            del bucket[:LINE_BUCKET]
-        return out
-
-    def quality_filter(texts, final):
-        """No labeller: all pass. Else the first quality_sample documents train the classifier (Llama 3's
-        model-based filter), which then scores them and every later document; p(good) < 0.5 is dropped."""
-        nonlocal clf, pending
-        if labeller is None:
-            return texts
-        if clf is None:
-            pending += texts
-            if (len(pending) < quality_sample and not final) or not pending:
-                return []
-            clf = train_quality_filter([text for text, _ in pending[:quality_sample]], labeller, quality_drop)
-            texts, pending = pending, []
-        keep = clf.score([text for text, _ in texts]) >= 0.5 if texts else []
-        for (text, _), k in zip(texts, keep):
-            if not k:
-                drop("quality", text)
-        return [t for t, k in zip(texts, keep) if k]
-
-    def split_jobs(texts):
-        """(split, texts) jobs of about chunk_bytes, each (text, hash) in its split (is_val)."""
-        by_split = {"train": [], "val": []}
-        for text, h in texts:
-            by_split["val" if is_val(h, every) else "train"].append(text)
-        return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
-
-    docs = iter_documents(source, domains, removed)
-    docs = docs if max_docs is None else itertools.islice(docs, max_docs)
-    # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
-    # train.py have no `if __name__ == "__main__"` guard. No fork (Windows): one process.
-    if "fork" not in multiprocessing.get_all_start_methods():
-        num_proc = 1
-    threads = max(1, (os.cpu_count() or 1) // num_proc)
-    pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (tokenizer_path, threads, phrases)) \
-        if num_proc > 1 else None
-    if pool is None:
-        _init_worker(tokenizer_path, threads, phrases)
-    pmap = pool.map if pool else (lambda f, xs: list(map(f, xs)))
-    bar = tqdm(desc=f"data {source}", unit="B", unit_scale=True, disable=not verbose)
+    # The shards are written to out_dir/building and moved in at the end: a build refused half-way (a file of the
+    # source found bad, too few documents) leaves the old dataset whole. (Disk: old and new side by side till then.)
+    build = os.path.join(out_dir, "building")
+    shutil.rmtree(build, ignore_errors=True)   # (a killed build's)
+    os.makedirs(build)
     try:
-        raw = text_batches(docs, chunk_bytes)
-        while True:
-            group = list(itertools.islice(raw, 2 * num_proc))  # bounded memory, however big the source
-            final = not group
-            kept = []
-            for chunk, features in zip(group, pmap(_clean_chunk, group)):
-                n_bytes = sum(len(t.encode("utf-8")) for t in chunk)
-                read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
-                bar.update(n_bytes)
-                pages = [(raw, text, cut) for raw, (text, *_, cut) in zip(chunk, features) if isinstance(raw, HTML)]
-                if pages:  # the bytes of a page that were not its text
-                    removed.setdefault("HTML markup", [0, 0])[1] += sum(
-                        len(raw.encode("utf-8")) - len(text.encode("utf-8")) - cut for raw, text, cut in pages)
-                kept += dedup_and_filter(features)
-            kept = quality_filter(line_filter(kept, final), final)
-            for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(kept)):
-                writers[split].add(tokens, n_docs, n_bytes)
-            if final:
-                break
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
-    for step in ("URL: blocklisted", "URL: older version"):  # (pages read, and left out before the pipeline)
-        read[0], read[1] = read[0] + removed.get(step, [0, 0])[0], read[1] + removed.get(step, [0, 0])[1]
-    if read[0] == 0:
-        raise ValueError(f"source {source!r} has no documents")
-    splits = {s: w.close() for s, w in writers.items()}
-    val_docs = splits["val"]["docs"]   # (before the token filter)
-    if token_kl and splits["train"]["docs"] >= MIN_KL_DOCS:
-        splits, removed["token outliers"] = drop_token_outliers(out_dir, splits, tok, token_kl, shard_tokens)
-    steps = ["URL", "HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
-             "quality", "token outliers"]  # (in order)
-    meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
-                bos_id=tok.bos_id, **splits,
-                read=dict(docs=read[0], bytes=read[1]),
-                removed={s: dict(docs=d, bytes=b) for s, (d, b) in
-                         sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
-                seconds=round(time.time() - t0, 1))
-    problem = None
-    if meta["train"]["docs"] == 0:
-        problem = (f"no document survived filtering into the train split (read {read[0]}, removed {meta['removed']}, "
-                   f"{meta['val']['docs']} went to val)")
-    elif token_kl and "token outliers" not in removed:
-        problem = (f"token_kl measures documents against the spread of the train split's, and "
-                   f"{meta['train']['docs']} are too few for that (it needs {MIN_KL_DOCS}): more documents, or no token_kl")
-    elif every and meta["val"]["docs"] == 0:
-        problem = (f"no document fell into the val split (each of the {meta['train']['docs']} kept had a chance of 1 "
-                   f"in {every}, by its hash): a larger val_fraction, or more documents" if not val_docs else
-                   f"token_kl={token_kl} took every one of the {val_docs} val documents: a larger value, or more "
-                   "documents")
-    if problem:  # refused: the shards written go too (a folder holds shards only with its meta.json)
-        for name in meta["train"]["shards"] + meta["val"]["shards"]:
+        t0 = time.time()
+        read = [0, 0]  # documents, bytes
+        removed = {}  # step -> [documents, bytes] it removed
+        seen, minhash, clf = set(), MinHashDedup(), None
+        pending = []          # documents waiting for the quality classifier to be trained on them,
+        bucket = []           # and for their line counts (line_dedup): (text, doc_hash) pairs from here on
+        every = round(1 / val_fraction) if val_fraction > 0 else 0
+        writers = {s: ShardWriter(build, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+                   for s in ("train", "val")}
+
+        def drop(step, text):
+            removed.setdefault(step, [0, 0])
+            removed[step][0] += 1
+            removed[step][1] += len(text.encode("utf-8"))
+
+        def dedup_and_filter(features):
+            """The sequential decisions, in this order: empty, exact duplicate, heuristic, near duplicate (only kept
+            documents enter the MinHash index: a rejected one must not take a clean near-copy with it)."""
+            for text, rule, h, sig, cut in features:
+                if cut:  # (a row of bytes: lines, not documents)
+                    removed.setdefault("heuristic: repeated content", [0, 0])[1] += cut
+                if rule == "empty":
+                    drop("empty", text)
+                    continue
+                if h in seen:
+                    drop("exact duplicate", text)
+                    continue
+                seen.add(h)
+                if rule:
+                    drop(f"heuristic: {rule}", text)
+                elif minhash.is_duplicate(sig):
+                    drop("near duplicate", text)
+                else:
+                    yield text, h   # (h decides its split: is_val)
+
+        def line_filter(texts, final):
+            """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times
+            (after document dedup, so that copies do not count twice); what is left of a document that lost lines goes
+            through the heuristic filters again (Llama 3 filters after de-duplicating), and goes if it is blank.
+            The table's row: the documents left blank, and every byte the lines took."""
+            if not line_dedup:
+                return texts
+            bucket.extend(texts)
+            out = []
+            while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
+                done, n_bytes = drop_repeated_lines([text for text, _ in bucket[:LINE_BUCKET]], line_dedup)
+                removed.setdefault("line duplicates", [0, 0])[1] += n_bytes
+                for (before, h), text in zip(bucket, done):
+                    rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text, phrases)
+                    if rule == "blank":
+                        drop("line duplicates", text)
+                    elif rule:
+                        drop(f"heuristic: {rule}", text)
+                    else:
+                        out.append((text, h))
+                del bucket[:LINE_BUCKET]
+            return out
+
+        def quality_filter(texts, final):
+            """No labeller: all pass. Else the first quality_sample documents train the classifier (Llama 3's
+            model-based filter), which then scores them and every later document; p(good) < 0.5 is dropped."""
+            nonlocal clf, pending
+            if labeller is None:
+                return texts
+            if clf is None:
+                pending += texts
+                if (len(pending) < quality_sample and not final) or not pending:
+                    return []
+                clf = train_quality_filter([text for text, _ in pending[:quality_sample]], labeller, quality_drop)
+                texts, pending = pending, []
+            keep = clf.score([text for text, _ in texts]) >= 0.5 if texts else []
+            for (text, _), k in zip(texts, keep):
+                if not k:
+                    drop("quality", text)
+            return [t for t, k in zip(texts, keep) if k]
+
+        def split_jobs(texts):
+            """(split, texts) jobs of about chunk_bytes, each (text, hash) in its split (is_val)."""
+            by_split = {"train": [], "val": []}
+            for text, h in texts:
+                by_split["val" if is_val(h, every) else "train"].append(text)
+            return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
+
+        docs = iter_documents(source, domains, removed)
+        docs = docs if max_docs is None else itertools.islice(docs, max_docs)
+        # Workers are forked: "spawn" would re-run the caller's script in each worker, and flat scripts like
+        # train.py have no `if __name__ == "__main__"` guard. No fork (Windows): one process.
+        if "fork" not in multiprocessing.get_all_start_methods():
+            num_proc = 1
+        threads = max(1, (os.cpu_count() or 1) // num_proc)
+        pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (tokenizer_path, threads, phrases)) \
+            if num_proc > 1 else None
+        if pool is None:
+            _init_worker(tokenizer_path, threads, phrases)
+        pmap = pool.map if pool else (lambda f, xs: list(map(f, xs)))
+        bar = tqdm(desc=f"data {source}", unit="B", unit_scale=True, disable=not verbose)
+        try:
+            raw = text_batches(docs, chunk_bytes)
+            while True:
+                group = list(itertools.islice(raw, 2 * num_proc))  # bounded memory, however big the source
+                final = not group
+                kept = []
+                for chunk, features in zip(group, pmap(_clean_chunk, group)):
+                    n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in chunk)  # (raw: lone surrogates)
+                    read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
+                    bar.update(n_bytes)
+                    pages = [(raw, text, cut) for raw, (text, *_, cut) in zip(chunk, features) if isinstance(raw, HTML)]
+                    if pages:  # the bytes of a page that were not its text
+                        removed.setdefault("HTML markup", [0, 0])[1] += sum(
+                            len(raw.encode("utf-8", "surrogatepass")) - len(text.encode("utf-8")) - cut
+                            for raw, text, cut in pages)
+                    kept += dedup_and_filter(features)
+                kept = quality_filter(line_filter(kept, final), final)
+                for split, tokens, n_docs, n_bytes in pmap(_encode_chunk, split_jobs(kept)):
+                    writers[split].add(tokens, n_docs, n_bytes)
+                if final:
+                    break
+        finally:
+            bar.close()
+            if pool:
+                pool.terminate()
+        for step in ("URL: blocklisted", "URL: older version"):  # (pages read, and left out before the pipeline)
+            read[0], read[1] = read[0] + removed.get(step, [0, 0])[0], read[1] + removed.get(step, [0, 0])[1]
+        if read[0] == 0:
+            raise ValueError(f"source {source!r} has no documents")
+        splits = {s: w.close() for s, w in writers.items()}
+        val_docs = splits["val"]["docs"]   # (before the token filter)
+        if token_kl and splits["train"]["docs"] >= MIN_KL_DOCS:
+            splits, removed["token outliers"] = drop_token_outliers(build, splits, tok, token_kl, shard_tokens)
+        steps = ["URL", "HTML markup", "empty", "exact duplicate", "heuristic", "near duplicate", "line duplicates",
+                 "quality", "token outliers"]  # (in order)
+        meta = dict(version=VERSION, config=config, fingerprint=tok.fingerprint(), vocab_size=tok.n_words,
+                    bos_id=tok.bos_id, **splits,
+                    read=dict(docs=read[0], bytes=read[1]),
+                    removed={s: dict(docs=d, bytes=b) for s, (d, b) in
+                             sorted(removed.items(), key=lambda kv: steps.index(kv[0].split(":")[0]))},
+                    seconds=round(time.time() - t0, 1))
+        problem = None
+        if meta["train"]["docs"] == 0:
+            problem = (f"no document survived filtering into the train split (read {read[0]}, removed "
+                       f"{meta['removed']}, {meta['val']['docs']} went to val)")
+        elif token_kl and "token outliers" not in removed:
+            problem = (f"token_kl measures documents against the spread of the train split's, and "
+                       f"{meta['train']['docs']} are too few for that (it needs {MIN_KL_DOCS}): more documents, "
+                       "or no token_kl")
+        elif every and meta["val"]["docs"] == 0:
+            problem = (f"no document fell into the val split (each of the {meta['train']['docs']} kept had a chance "
+                       f"of 1 in {every}, by its hash): a larger val_fraction, or more documents" if not val_docs else
+                       f"token_kl={token_kl} took every one of the {val_docs} val documents: a larger value, or more "
+                       "documents")
+        if problem:
+            raise ValueError(f"source {source!r}: {problem}")
+    except BaseException:  # (a refusal, a bad file in the source, Ctrl-C: the old dataset stays as it was)
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    if os.path.exists(meta_path):  # the old dataset goes, meta.json first (a folder holds shards only with it)
+        os.remove(meta_path)
+    for name in os.listdir(out_dir):  # (the loader must never mix another build's shards in)
+        if re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
             os.remove(os.path.join(out_dir, name))
-        raise ValueError(f"source {source!r}: {problem}")
+    for name in meta["train"]["shards"] + meta["val"]["shards"]:
+        os.replace(os.path.join(build, name), os.path.join(out_dir, name))
+    os.rmdir(build)
     atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")

@@ -1206,6 +1206,42 @@ def test_checkpoint_labeller_prefers_what_the_model_learned(corpus, tmp_path, on
     meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
                              quality_model=str(ckpt), quality_sample=60, quality_drop=0.5, verbose=False)
     assert meta["removed"]["quality"]["docs"] == 30 and meta["train"]["docs"] == 30
+    again = lambda: data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,  # noqa
+                                      quality_model=str(ckpt), quality_sample=60, quality_drop=0.5, verbose=False)
+    assert again() == meta   # cached
+    os.utime(ckpt / "consolidated.00.pth", ns=(0, 0))   # the model retrained in place (as size and time tell): rebuilt
+    rebuilt = again()
+    assert rebuilt["config"]["quality_model"] != meta["config"]["quality_model"]
+    assert rebuilt["train"] == meta["train"]
+
+
+def test_prepare_data_failing_half_way_keeps_the_old_dataset(corpus, tmp_path):
+    """A build refused half-way (a file of the source found bad when read, shards already written) leaves the
+    old dataset's files as they were. A lone surrogate in a JSON string is cleaned (U+FFFD), not a crash; a
+    meta.json that is JSON but no object is a damaged cache, rebuilt."""
+    root, docs, tok_path = corpus
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    for i, d in enumerate(docs[:60]):
+        (src / f"{i:03d}.txt").write_text(d)
+    build = lambda: data.prepare_data(str(src), tok_path, out, val_fraction=0.1, num_proc=1,  # noqa: E731
+                                      shard_tokens=300, chunk_bytes=2000, verbose=False)
+    meta = build()
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    assert len(meta["train"]["shards"]) > 3
+    (src / "999.txt").write_bytes(b"good text, then \xff\xfe bytes")   # read last, after shards were written
+    with pytest.raises(ValueError, match=r"999.txt: not UTF-8"):
+        build()
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+    (src / "999.txt").unlink()
+    for bad in ("null", "[]"):
+        with open(os.path.join(out, "meta.json"), "w") as f:
+            f.write(bad)
+        assert build()["train"] == meta["train"]
+    (src / "999.jsonl").write_text(json.dumps({"text": docs[60] + " a lone surrogate \ud800 here"}) + "\n")
+    meta = data.prepare_data(str(src), tok_path, out, val_fraction=0, num_proc=1, verbose=False)
+    assert meta["train"]["docs"] == 61 and sorted(os.listdir(out)) == ["meta.json", "train_000.bin"]
+    assert any("a lone surrogate \ufffd here" in d for d in read_docs(out, "train", Tokenizer.load(tok_path)))
 
 
 def test_optional_sources(tmp_path, monkeypatch, corpus, capsys):
