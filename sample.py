@@ -208,7 +208,9 @@ def chat(model, tok, args, generator):
             print(f"(that message is {len(fresh)} tokens with the system prompt; the context holds "
                   f"{session.max_len}: shorten it, or raise --max_context if the model allows)")
             continue
-        if session.tokens and session.tokens[-1] != tok.eot_id:
+        if session.tokens and session.tokens[-1] in tok.stop_ids:  # (sampled, not yet in the cache)
+            session.tokens[-1] = tok.eot_id    # (ended by <|end_of_text|>: Meta's format closes a turn with this)
+        elif session.tokens:
             session.tokens.append(tok.eot_id)  # close a reply cut short by ctrl-C or the token limit
         # later turns continue the dialog: the same rendering without its <|begin_of_text|> and system prompt
         turn = tok.encode_dialog_prompt(message)[1:] if session.tokens else fresh

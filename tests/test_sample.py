@@ -317,3 +317,31 @@ def test_chat_turns_continue_one_dialog(tok, monkeypatch):
     expected = first + reply + [tok.eot_id] + second
     assert sessions[0].tokens[:len(expected)] == expected
     assert len(sessions[0].tokens) == len(expected) + 4
+
+
+def test_chat_closes_a_reply_ended_by_end_of_text_with_eot(tok, monkeypatch):
+    """A reply that stops at <|end_of_text|> (a stop token too) is closed as Meta's format closes every turn:
+    <|eot_id|> in its place, not after it."""
+    sessions = []
+
+    class Recorded(sample.Session):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+    monkeypatch.setattr(sample, "Session", Recorded)
+    monkeypatch.setattr(sample, "sample_next", lambda logits, *a: torch.tensor([tok.eos_id]))
+    lines = iter(["hello", "again"])
+
+    def fake_input(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+    monkeypatch.setattr("builtins.input", fake_input)
+    m = tiny_model(vocab_size=tok.n_words, max_seq_len=128).eval()
+    args = argparse.Namespace(ckpt="tiny", system=None, max_context=128, max_new_tokens=4, temperature=0,
+                              top_k=None, top_p=None)
+    sample.chat(m, tok, args, torch.Generator().manual_seed(0))
+    first = tok.encode_dialog_prompt([{"role": "user", "content": "hello"}])
+    second = tok.encode_dialog_prompt([{"role": "user", "content": "again"}])[1:]
+    assert sessions[0].tokens == first + [tok.eot_id] + second + [tok.eos_id]
