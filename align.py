@@ -488,7 +488,7 @@ def reward_head(path):
 
 def load_reward_model(path, device="cpu"):
     head = reward_head(path)
-    rm = RewardModel(load_model(path, device=device))
+    rm = RewardModel(load_model(path, device=device, dtype=torch.float32))
     rm.head.load_state_dict(load_pth(head))  # (CRC-checked, like the transformer's weights)
     return rm.to(device)
 
@@ -1064,11 +1064,15 @@ def finished(args):
 def load_init(args, device):
     """The stage's starting model (--init) and its tokenizer; --max_new checked against its context (each stage's
     evaluation generates) and --rm found, before any work (a mistyped one found after training would lose it)."""
-    model = load_model(args.init, device=device)
+    model = load_model(args.init, device=device, dtype=torch.float32)  # fp32 master weights (Meta's are bf16)
     prompt_room(model, args.max_new)
+    tok = load_tokenizer(args.init)
     if args.rm:
         reward_head(args.rm)
-    return model, load_tokenizer(args.init)
+        if load_tokenizer(args.rm).fingerprint() != tok.fingerprint():  # its scores would read other text
+            raise CheckpointError(f"--rm {args.rm} was trained with another tokenizer than --init {args.init}'s "
+                                  f"({tokenizer_path(args.rm)} vs {tokenizer_path(args.init)})")
+    return model, tok
 
 
 def stage_sft(args, device):
@@ -1234,6 +1238,11 @@ if __name__ == "__main__":
         args.out = args.out or f"{args.init.rstrip('/')}-{args.stage}"
     if (args.ckpt_interval or 0) < 0:
         p.error("--ckpt_interval must be >= 0 (0: no saves to resume from)")
+    for name in ("steps", "batch_size", "n_prompts", "k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if (args.lr is not None and not args.lr > 0) or not args.temperature >= 0:
+        p.error("--lr must be > 0 and --temperature >= 0")
     if args.n_eval < (1 if args.stage == "all" else 0):
         p.error(f"--n_eval must be >= {1 if args.stage == 'all' else 0}")
     device = setup_device()

@@ -694,6 +694,20 @@ def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path
     assert r.returncode == 1 and "typo" in r.stderr and "Traceback" not in r.stderr and "sft step" not in r.stdout
     r = run("rm", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "rm"), "--n_eval", "0")
     assert r.returncode == 0 and "held-out pair accuracy n/a (no held-out pairs" in r.stdout, r.stderr[-2000:]
+    # a reward model of another tokenizer would score other text: refused, naming both
+    other = Tokenizer.train(["other text entirely, " * 50], vocab_size=256 + 256 + 8)
+    other.save(str(tmp_path / "other.model"))
+    save_model(tiny_model(other), tmp_path / "init2", tokenizer_path=tmp_path / "other.model")
+    r = run("sft", "--init", str(tmp_path / "init2"), "--rm", str(tmp_path / "rm"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "trained with another tokenizer than --init" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "sft step" not in r.stdout
+    # a bf16 checkpoint (Meta's and HF's are) is trained in fp32: the reward head and PPO's value head are fp32
+    save_model(tiny_model(tok).to(torch.bfloat16), tmp_path / "bf16", tokenizer_path=tmp_path / "tok.model")
+    r = run("rm", "--init", str(tmp_path / "bf16"), "--out", str(tmp_path / "rm16"), "--n_eval", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--k", "--batch_size", "--steps", "--n_prompts"):
+        r = run("sft", "--init", str(tmp_path / "init"), flag, "0")
+        assert r.returncode == 2 and f"{flag} must be >= 1" in r.stderr, r.stderr
     assert run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft")).returncode == 0
     r = run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft"), "--resume")
     assert r.returncode == 0 and "[sft] ended before" in r.stdout and "sft step" not in r.stdout, r.stdout
