@@ -622,7 +622,7 @@ def read_meta_checkpoint(path):
     try:
         params = json.loads((path / "params.json").read_text())
         args = ModelArgs.from_params(params)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:  # (OSError: a folder named params.json, unreadable)
         raise CheckpointError(f"{path / 'params.json'}: {e}") from e
     if args.use_scaled_rope and "rope_scaling_factor" not in params and (args.dim, args.n_layers) in \
             {(2048, 16), (3072, 28)}:  # Llama 3.2 1B/3B: Meta's params.json omit their factor, 32 not 3.1's 8
@@ -649,7 +649,10 @@ def read_meta_checkpoint(path):
     sd = {}
     for key in shards[0]:
         parts = [s[key] for s in shards]
-        dim = SHARD_DIM.get(key.split(".")[-2])
+        dim = SHARD_DIM.get(key.split(".")[-2]) if "." in key else None  # (a stray name: refused by load_model)
+        if dim is None and not all(torch.equal(p, parts[0]) for p in parts[1:]):  # (norms: copies, not parts)
+            odd = next(f for f, p in zip(files[1:], parts[1:]) if not torch.equal(p, parts[0]))
+            raise CheckpointError(f"{odd}: tensor {key}, which every shard holds whole, differs from {files[0].name}'s")
         try:
             sd[key] = parts[0] if dim is None else torch.cat(parts, dim=dim)
         except RuntimeError:

@@ -70,7 +70,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from model import (PRESETS, CheckpointError, Transformer, bf16_matmuls, keep_freed_memory, load_model, peak_flops,
-                   save_model)
+                   save_model, tokenizer_path)
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -213,6 +213,8 @@ def load_checkpoint(path, model, optimizer, model_args, average, args):
     processes changed) and return state.pt. A damaged or mismatched checkpoint is refused by name; nothing is
     loaded from it and nothing is deleted."""
     manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        fail(f"--resume {path}: no such checkpoint folder (they are OUT_DIR/ckpt/step_N)")
     if not os.path.exists(manifest_path):
         fail(f"{path} is not a complete checkpoint: it has no manifest.json")
     try:
@@ -224,7 +226,7 @@ def load_checkpoint(path, model, optimizer, model_args, average, args):
     found = checksums(path, sorted(expected))  # the same on every rank, so all stop or none
     bad = [os.path.join(path, n) for n, v in expected.items() if found.get(n) != v]
     if bad:
-        others = [p for p in list_checkpoints(os.path.dirname(path)) if p != os.path.normpath(path)]
+        others = [p for p in list_checkpoints(os.path.dirname(os.path.normpath(path))) if p != os.path.normpath(path)]
         fail(f"corrupt checkpoint: {', '.join(bad)} does not match {manifest_path} (missing, or "
              f"another size or CRC32); refusing to load {path}. Other checkpoints, untouched: "
              f"{', '.join(others) or 'none'} (resume from one with --resume PATH)")
@@ -257,10 +259,19 @@ LOG_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "t
 def read_log(path):
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if any(not str(r.get("step", "")).isdigit() for r in rows):
-        fail(f"{path}: not a log.csv of train.py (a row without a step number); move it away to start a new log")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for i, r in enumerate(rows, 2):   # (line 1: the header)
+            if not str(r.get("step", "")).isdigit():
+                raise ValueError(f"line {i} has no step number")
+            for k in LOG_FIELDS[1:]:  # (plot_svg reads them: a damaged value must stop the run here, not later)
+                try:
+                    float(r.get(k) or 0)
+                except (ValueError, TypeError):
+                    raise ValueError(f"line {i}: {k} {r[k]!r} is no number") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(f"{path}: not a log.csv of train.py ({e}); move it away to start a new log")
     return rows
 
 
@@ -360,14 +371,14 @@ parser.add_argument("--resume", nargs="?", const="last", help="from the last che
 parser.add_argument("--prompt", default="def ", help="the sample printed at the end starts with this")
 parser.add_argument("--sample_tokens", type=int, default=120)
 args = parser.parse_args()
-for name in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "tokens_per_step", "seq_len", "dim",
-             "n_layers", "n_heads", "n_kv_heads", "average_last"):
+for name in ("batch_size", "eval_interval", "eval_tokens", "ckpt_interval", "log_interval", "tokens_per_step",
+             "seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "average_last"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1")
-if min(args.max_steps or 0, args.max_minutes or 0, args.sample_tokens, args.warmup_steps) < 0 or \
-        not 0 <= args.decay_frac <= 1:
-    parser.error("--max_steps, --max_minutes, --sample_tokens and --warmup_steps must be >= 0, --decay_frac within "
-                 "[0, 1]")
+if min(args.max_steps or 0, args.sample_tokens, args.warmup_steps) < 0 or not 0 <= args.decay_frac <= 1 or \
+        not 0 <= (args.max_minutes or 0) < math.inf or not 1 < (2 if args.rope_factor is None else args.rope_factor) < math.inf:
+    parser.error("--max_steps, --max_minutes, --sample_tokens and --warmup_steps must be >= 0 (and finite), "
+                 "--decay_frac within [0, 1], --rope_factor > 1")
 if not (args.lr > 0 and args.grad_clip > 0 and args.weight_decay >= 0 and 0 <= (args.min_lr or 0) <= args.lr):
     parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --min_lr within [0, --lr]")
 try:
@@ -378,7 +389,7 @@ if len(folders) > 1 and args.source:
     parser.error("--source builds one --data folder: build each folder of a mix with data.py")
 if args.blocklist and not args.source:
     parser.error("--blocklist goes with --source: it leaves pages out of the data --source builds")
-if args.rope_factor and not args.init:
+if args.rope_factor is not None and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.init and args.model != parser.get_default("model"):
     parser.error("--init takes the shape of the model it loads: drop --model")
@@ -460,7 +471,13 @@ for folder in folders:  # (one, or the default folder of a mix: a --source build
         data.prepare_data(source, args.tokenizer, folder, blocklist=args.blocklist)
         log(f"  -> {folder} in {time.time() - t_start:.0f}s")
 barrier()
-tok = Tokenizer.load(args.tokenizer)
+try:
+    tok = Tokenizer.load(args.tokenizer)
+except (ValueError, OSError) as e:  # (a damaged file: its message names the line)
+    fail(f"--tokenizer: {e}")
+if args.vocab_size != parser.get_default("vocab_size") and tok.n_words != args.vocab_size:
+    fail(f"--vocab_size {args.vocab_size}, but --tokenizer {args.tokenizer} exists with {tok.n_words} tokens: "
+         "give a new --tokenizer path (and --data folder) to train one of that size")
 metas = {}  # each folder's meta.json: tokens and UTF-8 bytes per split, for bits per byte
 where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
 for folder in folders:
@@ -521,13 +538,24 @@ if args.init:
     # turns on Llama 3.1's RoPE scaling (model.scale_rope_frequencies): long wavelengths are stretched by the
     # factor, so positions beyond the trained context map to angles the model has seen. The scaling is anchored
     # at the context the model was trained at (Llama 3.1: 8192), here the loaded model's max_seq_len.
+    if args.rope_factor and model.args.use_scaled_rope:  # (a second scaling would re-anchor the first)
+        fail(f"--init {args.init} scales its RoPE already (by {model.args.rope_scaling_factor} from a context of "
+             f"{model.args.rope_original_context}): drop --rope_factor, a longer --seq_len keeps its scaling")
     scaling = dict(use_scaled_rope=True, rope_scaling_factor=args.rope_factor,
                    rope_original_context=model.args.max_seq_len) if args.rope_factor else {}
     model_args = dataclasses.replace(model.args, max_seq_len=T, **scaling)
-    init_tok = os.path.join(args.init, "tokenizer.model")
-    if os.path.exists(init_tok) and Tokenizer.load(init_tok).fingerprint() != tok.fingerprint():
+    try:
+        init_tok = tokenizer_path(args.init)  # (a Hugging Face folder: original/tokenizer.model)
+    except FileNotFoundError:
+        init_tok = None
+    try:
+        same = Tokenizer.load(init_tok).fingerprint() == tok.fingerprint() if init_tok else \
+            model.args.vocab_size == tok.n_words  # (no tokenizer beside it: its vocabulary's size at least)
+    except (ValueError, OSError) as e:
+        fail(f"--init: {e}")
+    if not same:
         fail(f"--tokenizer {args.tokenizer} is not the tokenizer {args.init} was trained with: pass "
-             f"--tokenizer {init_tok} and --data shards made with it")
+             f"--tokenizer {init_tok or 'TOKENIZER'} and --data shards made with it")
     state = model.state_dict()
     model = Transformer(model_args)
     model.load_state_dict(state)
@@ -601,6 +629,8 @@ if len(folders) > 1:  # a mix: how often this run reads each folder (a small one
         reads = "" if args.max_minutes else f": {args.max_steps * tokens_per_step * share / n:.2f} epochs in this run"
         log(f"data mix: {folder} {share:.1%} of the tokens ({n:,} tokens in its train split{reads})")
 ckpt_dir, log_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "log.csv")
+if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+    fail(f"--out_dir {args.out_dir} is a file")
 if args.resume == "last" and not list_checkpoints(ckpt_dir):  # (before the folder is made: a typo leaves none)
     fail(f"--resume: no checkpoint in {ckpt_dir}")
 os.makedirs(ckpt_dir, exist_ok=True)

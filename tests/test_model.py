@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -812,6 +813,18 @@ def test_bad_safetensors_and_shards_are_refused(tmp_path):
     torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match="consolidated.01.pth: tensor norm.weight"):
         M.load_model(tmp_path / "meta")
+    shutil.rmtree(tmp_path / "meta")
+    write_meta_dir(tmp_path / "meta", m, n_shards=2)   # a norm (whole in every shard) that differs between them,
+    shards = [torch.load(tmp_path / "meta" / f"consolidated.0{i}.pth") for i in (0, 1)]   # or a stray tensor
+    torch.save({**shards[1], "norm.weight": shards[1]["norm.weight"] * 2}, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match="consolidated.01.pth: tensor norm.weight, which every shard holds whole"):
+        M.load_model(tmp_path / "meta")
+    for i in (0, 1):
+        torch.save({**shards[i], "step": torch.tensor(3.0)}, tmp_path / "meta" / f"consolidated.0{i}.pth")
+    with pytest.raises(CheckpointError, match="unexpected tensor step"):
+        M.load_model(tmp_path / "meta")
+    shutil.rmtree(tmp_path / "meta")
+    write_meta_dir(tmp_path / "meta", m, n_shards=2)
     # an HF config of another architecture
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')

@@ -308,9 +308,21 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
         assert r.returncode == 2 and what in r.stderr, r.stderr
     r = train(corpus, tmp_path / "init", "--init", str(reference), "--dim", "64", ok=False)
     assert r.returncode == 1 and "gives the model's shape: --dim 64 (it has 32)" in r.stderr, r.stderr
+    log = (run / "log.csv").read_text()
+    (run / "log.csv").write_text(log.replace("\n3,", "\n3,x", 1))   # one damaged number: refused before any work
+    r = train(corpus, run, "--batch_size", "4", "--resume", str(run / "ckpt" / "step_000008"), ok=False)
+    assert r.returncode == 1 and "log.csv: not a log.csv of train.py (line " in r.stderr and "is no number" in \
+        r.stderr and (run / "ckpt" / "step_000010").exists(), r.stderr   # (it died later, past the deletions)
     (run / "log.csv").write_text("garbage\nmore garbage\n")
     r = train(corpus, run, "--batch_size", "4", "--resume", ok=False)
     assert r.returncode == 1 and f"{run / 'log.csv'}: not a log.csv of train.py" in r.stderr, r.stderr
+    r = train(corpus, run, "--resume", str(run / "ckpt" / "step_000009"), ok=False)
+    assert r.returncode == 1 and "step_000009: no such checkpoint folder" in r.stderr, r.stderr
+    r = train(corpus, run / "log.csv", ok=False)
+    assert r.returncode == 1 and "log.csv is a file" in r.stderr, r.stderr
+    for flags in (["--max_minutes", "nan"], ["--max_minutes", "inf"], ["--init", str(reference), "--rope_factor", "0"]):
+        r = train(corpus, tmp_path, *flags, ok=False)   # (nan and inf: a run that never ended; 0: ignored)
+        assert r.returncode == 2 and "(and finite)" in r.stderr, r.stderr
     shutil.copytree(corpus / "shards", tmp_path / "shards")
     (tmp_path / "shards" / "meta.json").write_text('{"version": 1, "con')
     r = subprocess.run(command(corpus, tmp_path / "out") + ["--data", str(tmp_path / "shards")], cwd=ROOT, env=env(),
@@ -402,6 +414,17 @@ def test_init_continues_at_longer_context_with_rope_scaling(corpus, reference, t
     lr = {int(r["step"]): float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]}
     # warmup, then linear decay to lr / 10: a decay of the whole run starts after the warmup, at the peak
     assert lr == pytest.approx({0: 0.5e-2, 1: 1e-2, 2: 0.55e-2, 3: 1e-3})
+    # scaled twice, the second would re-anchor the first (Llama 3.1's 8192): refused
+    r = train(corpus, tmp_path / "again", "--init", str(tmp_path), "--rope_factor", "2", ok=False)
+    assert r.returncode == 1 and "scales its RoPE already (by 2.0 from a context of 32)" in r.stderr, r.stderr
+    # a Hugging Face folder keeps Meta's tokenizer in original/: checked there too
+    from tokenizer import Tokenizer
+    hf = tmp_path / "hf"
+    shutil.copytree(reference, hf, ignore=shutil.ignore_patterns("ckpt", "tokenizer.model"))
+    (hf / "original").mkdir()
+    Tokenizer.train(["other words entirely " * 40], 600).save(str(hf / "original" / "tokenizer.model"))
+    r = train(corpus, tmp_path / "h", "--init", str(hf), ok=False)
+    assert r.returncode == 1 and f"is not the tokenizer {hf} was trained with" in r.stderr, r.stderr
 
 
 @pytest.fixture(scope="module")
