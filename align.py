@@ -174,9 +174,15 @@ def task_conversation(task):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Real data: JSONL loaders for the usual shapes; a malformed record is reported with its file and line.
 
+class BadData(ValueError):
+    """A --data file that is not what the stage reads; the message names file:line and the field."""
+
+
 def read_jsonl(path):
     """Yield (line_number, record) for every non-blank line. A line that is not UTF-8 JSON, or a file with no
-    records, raises ValueError naming path:line (or path). A byte-order mark (Windows editors write one) is skipped."""
+    records, raises BadData naming path:line (or path). A byte-order mark (Windows editors write one) is skipped."""
+    if os.path.isdir(path):
+        raise BadData(f"{path}: a folder, not a JSONL file")
     n = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -185,13 +191,13 @@ def read_jsonl(path):
             try:
                 record = json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
-                raise ValueError(f"{path}:{lineno}: not UTF-8") from None
+                raise BadData(f"{path}:{lineno}: not UTF-8") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise BadData(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             n += 1
             yield lineno, record
     if n == 0:
-        raise ValueError(f"{path}: no records")
+        raise BadData(f"{path}: no records")
 
 
 def _messages(x, where, last):
@@ -201,9 +207,9 @@ def _messages(x, where, last):
     try:
         check_dialog(msgs)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise BadData(f"{where}: {e}") from None
     if msgs[-1]["role"] != last:
-        raise ValueError(f"{where}: the last message must be the {last}'s")
+        raise BadData(f"{where}: the last message must be the {last}'s")
     return msgs
 
 
@@ -218,8 +224,8 @@ def load_sft(path):
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or "messages" not in rec:
-            raise ValueError(f"{where}: expected an object with a 'messages' list")
-        out.append(_messages(rec["messages"], where, "assistant"))
+            raise BadData(f"{where}: expected an object with a 'messages' list")
+        out.append(_messages(rec["messages"], f"{where}: 'messages'", "assistant"))
     return out
 
 
@@ -231,13 +237,14 @@ def load_pairs(path):
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
-            raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
-        pair = dict(prompt=_messages(rec["prompt"], where, "user"), chosen=_response(rec["chosen"], where),
-                    rejected=_response(rec["rejected"], where))
+            raise BadData(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+        pair = dict(prompt=_messages(rec["prompt"], f"{where}: 'prompt'", "user"),
+                    chosen=_response(rec["chosen"], f"{where}: 'chosen'"),
+                    rejected=_response(rec["rejected"], f"{where}: 'rejected'"))
         if "margin" in rec:  # Llama 2's preference strength, for the reward model's loss
             m = rec["margin"]
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-                raise ValueError(f"{where}: 'margin' must be a finite number, got {m!r}")
+                raise BadData(f"{where}: 'margin' must be a finite number, got {m!r}")
             pair["margin"] = float(m)
         if pair["chosen"].strip() == pair["rejected"].strip():  # the chat format strips them: the same tokens
             same.append(lineno)
@@ -247,7 +254,7 @@ def load_pairs(path):
         print(f"{path}: dropped {len(same)} pairs whose chosen and rejected are the same (lines {same[:5]}"
               f"{', ...' if len(same) > 5 else ''})", file=sys.stderr)
     if not out:
-        raise ValueError(f"{path}: no pair with two different answers")
+        raise BadData(f"{path}: no pair with two different answers")
     return out
 
 
@@ -257,8 +264,8 @@ def load_prompts(path):
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or "prompt" not in rec:
-            raise ValueError(f"{where}: expected an object with a 'prompt'")
-        out.append(_messages(rec["prompt"], where, "user"))
+            raise BadData(f"{where}: expected an object with a 'prompt'")
+        out.append(_messages(rec["prompt"], f"{where}: 'prompt'", "user"))
     return out
 
 
@@ -1262,7 +1269,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)
     try:
         stage[args.stage](args, device)
-    except (FileNotFoundError, CheckpointError) as e:  # a mistyped --init, --rm or --data: one line, no traceback
+    except (FileNotFoundError, CheckpointError, BadData) as e:  # a mistyped --init, --rm or --data: one line
         raise SystemExit(str(e)) from None  # (every rank says it: torchrun may stop rank 0 before it could)
     except Stopped as e:  # a signal: what --resume needs is saved
         log(str(e))

@@ -126,21 +126,24 @@ def test_malformed_jsonl_reports_line(tmp_path):
     with pytest.raises(ValueError, match=r"sft\.jsonl:4: not valid JSON"):
         align.load_sft(path)
     path.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"sft\.jsonl:2: the last message must be the assistant's"):
+    with pytest.raises(ValueError, match=r"sft\.jsonl:2: 'messages': the last message must be the assistant's"):
         align.load_sft(path)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" +
                      json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: expected an object with 'prompt', 'chosen'"):
         align.load_pairs(pairs)
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": None}) + "\n")  # which field: named
+    with pytest.raises(align.BadData, match=r"pairs\.jsonl:1: 'rejected': a dialog is"):
+        align.load_pairs(pairs)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: message 0 has role 'assistant', expected 'user'"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: 'prompt': message 0 has role 'assistant', expected 'user'"):
         align.load_prompts(prompts)
     # a prompt must end with the user's turn (it is what the model answers)
     prompts.write_text(json.dumps({"prompt": "q"}) + "\n" + json.dumps(
         {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: the last message must be the user's"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: 'prompt': the last message must be the user's"):
         align.load_prompts(prompts)
     prompts.write_bytes(json.dumps({"prompt": "q"}).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')  # Latin-1
     with pytest.raises(ValueError, match=r"prompts\.jsonl:2: not UTF-8"):
@@ -705,6 +708,8 @@ def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path
     save_model(tiny_model(tok).to(torch.bfloat16), tmp_path / "bf16", tokenizer_path=tmp_path / "tok.model")
     r = run("rm", "--init", str(tmp_path / "bf16"), "--out", str(tmp_path / "rm16"), "--n_eval", "0")
     assert r.returncode == 0, r.stderr[-2000:]
+    r = run("sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path}: a folder, not a JSONL file", r.stderr[-2000:]
     for flag in ("--k", "--batch_size", "--steps", "--n_prompts"):
         r = run("sft", "--init", str(tmp_path / "init"), flag, "0")
         assert r.returncode == 2 and f"{flag} must be >= 1" in r.stderr, r.stderr
