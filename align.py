@@ -1073,7 +1073,7 @@ def load_init(args, device):
     evaluation generates) and --rm found, before any work (a mistyped one found after training would lose it)."""
     model = load_model(args.init, device=device, dtype=torch.float32)  # fp32 master weights (Meta's are bf16)
     prompt_room(model, args.max_new)
-    tok = load_tokenizer(args.init)
+    tok = load_tokenizer(args.init, model)
     if args.rm:
         reward_head(args.rm)
         if load_tokenizer(args.rm).fingerprint() != tok.fingerprint():  # its scores would read other text

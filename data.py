@@ -911,7 +911,8 @@ def checkpoint_labeller(ckpt_dir, max_tokens=1024):
     LM's perplexity in the same way; Llama 3 asked Llama 2 for labels instead."""
     from model import load_model
     from sample import load_tokenizer
-    model, tok = load_model(ckpt_dir).eval(), load_tokenizer(ckpt_dir)
+    model = load_model(ckpt_dir).eval()
+    tok = load_tokenizer(ckpt_dir, model)
     max_tokens = min(max_tokens, model.args.max_seq_len)
 
     @torch.no_grad()

@@ -170,8 +170,15 @@ class Session:
                 return
 
 
-def load_tokenizer(ckpt_dir):
-    return Tokenizer.load(tokenizer_path(ckpt_dir))
+def load_tokenizer(ckpt_dir, model=None):
+    """The checkpoint's tokenizer; with its model, checked to fill the vocabulary exactly: more ids than embedding
+    rows cannot run, and fewer is a tokenizer.model cut short at a line's end (Meta's format holds no count: such
+    a file loads, every special id shifted) or another model's."""
+    tok = Tokenizer.load(tokenizer_path(ckpt_dir))
+    if model is not None and tok.n_words != model.args.vocab_size:
+        raise CheckpointError(f"{tokenizer_path(ckpt_dir)}: {tok.n_words} ids, but the model's vocabulary has "
+                              f"{model.args.vocab_size}: a file cut short, or another model's")
+    return tok
 
 
 def print_stream(tok, tokens):
@@ -249,12 +256,11 @@ def main():
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:
-        tok = load_tokenizer(args.ckpt)  # first: it is the quick one to find missing
+        load_tokenizer(args.ckpt)  # first: it is the quick one to find missing
         model = load_model(args.ckpt, device=args.device, dtype=dtype).eval()
+        tok = load_tokenizer(args.ckpt, model)
     except (FileNotFoundError, CheckpointError) as e:
         sys.exit(str(e))
-    if tok.n_words > model.args.vocab_size:
-        sys.exit(f"{args.ckpt}: the tokenizer has {tok.n_words} ids but the model only {model.args.vocab_size}")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.chat:
         return chat(model, tok, args, generator)

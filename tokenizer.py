@@ -339,7 +339,9 @@ class Tokenizer:
         self.start_header_id = self.special_tokens["<|start_header_id|>"]
         self.end_header_id = self.special_tokens["<|end_header_id|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.stop_ids = {self.eos_id, self.eot_id}  # generation ends at either
+        # generation ends at any: end of text, of a turn, or (Llama 3.1's <|eom_id|>, in 3.0's reserved slot 8: never
+        # sampled there) of a message that waits for a tool's answer
+        self.stop_ids = {self.eos_id, self.eot_id, len(ranks) + 8}
 
     @classmethod
     def train(cls, texts, vocab_size, pattern=LLAMA3_PATTERN, processes=None, verbose=None):

@@ -233,6 +233,15 @@ def test_load_tokenizer(tmp_path, tok):
         sample.load_tokenizer(tmp_path / "empty")
     with pytest.raises(M.CheckpointError, match="nothing: no such folder"):
         sample.load_tokenizer(tmp_path / "hf" / "original" / "nothing")
+    # with its model: the vocabulary must match, or a tokenizer.model cut at a line's end (it loads: Meta's format
+    # holds no count) would shift every special id
+    m = tiny_model(vocab_size=tok.n_words)
+    assert sample.load_tokenizer(tmp_path, m).n_words == tok.n_words
+    lines = (tmp_path / "tokenizer.model").read_text().splitlines(keepends=True)
+    (tmp_path / "tokenizer.model").write_text("".join(lines[:-3]))
+    with pytest.raises(M.CheckpointError, match=f"tokenizer.model: {tok.n_words - 3} ids, but the model's "
+                                                f"vocabulary has {tok.n_words}"):
+        sample.load_tokenizer(tmp_path, m)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

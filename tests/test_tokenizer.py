@@ -50,7 +50,7 @@ def test_special_tokens_follow_meta_layout(tok):
     n = len(tok.ranks)
     assert tok.bos_id == n and tok.eos_id == n + 1
     assert (tok.start_header_id, tok.end_header_id, tok.eot_id) == (n + 6, n + 7, n + 9)
-    assert tok.stop_ids == {n + 1, n + 9}
+    assert tok.stop_ids == {n + 1, n + 8, n + 9}   # <|end_of_text|>, Llama 3.1's <|eom_id|>, <|eot_id|>
     assert tok.n_words == n + 256 == max(tok.special_tokens.values()) + 1
     assert tok.special_tokens["<|reserved_special_token_250|>"] == n + 255
 
