@@ -802,7 +802,7 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25, state=
 # ----------------------------------------------------------------------------------------------------------------
 # 8. The stages. Each train_* function takes a model and data and returns its history; the CLI wraps them below.
 
-def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", state=None):
+def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", state=None, seed=0):
     """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks.
     The loss is the mean over the batch's target tokens, however many each row holds."""
     examples = [tok.encode_dialog(c) for c in conversations]
@@ -810,7 +810,7 @@ def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", stat
     net, dev = wrap_ddp(model), device_of(model)
 
     def step_loss(step):
-        batch = batch_indices(len(X), batch_size, step)
+        batch = batch_indices(len(X), batch_size, step, seed)
         idx = batch[RANK::WORLD]
         loss = net(X[idx].to(dev), targets=Y[idx].to(dev), doc_ids=D[idx].to(dev))  # mean over this rank's targets
         # DDP averages the ranks' gradients: weigh each rank by its share of the batch's targets
@@ -836,14 +836,14 @@ def _pair_rows(tok, pairs, max_len):
     return rows
 
 
-def train_rm(rm, tok, pairs, steps, batch_size, lr, state=None):
+def train_rm(rm, tok, pairs, steps, batch_size, lr, state=None, seed=0):
     """Reward model: Bradley–Terry on (chosen, rejected), both in one forward; a pair may carry a "margin"."""
     rows = _pair_rows(tok, pairs, context_len(rm.backbone))
     margins = torch.tensor([float(p.get("margin", 0.0)) for p in pairs])
     net, dev = wrap_ddp(rm), device_of(rm)
 
     def step_loss(step):
-        idx = batch_indices(len(rows), batch_size, step)[RANK::WORLD]
+        idx = batch_indices(len(rows), batch_size, step, seed)[RANK::WORLD]
         seqs = [rows[i][0] for i in idx] + [rows[i][2] for i in idx]  # chosen then rejected
         last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
         r_chosen, r_rejected = net(pad(seqs).to(dev), last).chunk(2)  # (b,), (b,)
@@ -869,7 +869,7 @@ def response_logprobs(policy, seqs, masks):
     return (policy(tokens)[0] * m).sum(-1), m.sum(-1)
 
 
-def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2, state=None):
+def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2, state=None, seed=0):
     """DPO with Llama 3's changes: header/termination tokens out of the loss, NLL (per token) on chosen."""
     rows = _pair_rows(tok, pairs, context_len(policy))
 
@@ -883,7 +883,7 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
     net, dev = wrap_ddp(Policy(policy)), device_of(policy)
 
     def step_loss(step):
-        idx = batch_indices(len(rows), batch_size, step)[RANK::WORLD]
+        idx = batch_indices(len(rows), batch_size, step, seed)[RANK::WORLD]
         lp, n = response_logprobs(net, [rows[i][0] for i in idx] + [rows[i][2] for i in idx],
                                   [rows[i][1] for i in idx] + [rows[i][3] for i in idx])
         (pi_c, pi_r), n_c = lp.chunk(2), n[:len(idx)]
@@ -1088,7 +1088,7 @@ def stage_sft(args, device):
     tasks = task_split(n, args.n_eval, args.seed, 1)[0]
     convos = load_sft(args.data) if args.data else [task_conversation(t) for t in tasks]
     hist = train_sft(model, tok, convos, hp(args, "sft", "steps"), hp(args, "sft", "batch_size"), hp(args, "sft", "lr"),
-                     state=StageState(args))
+                     state=StageState(args), seed=args.seed)
     return finish(args, "sft", model, tok, hist, f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
                   load_reward_model(args.rm, device) if args.rm else None)  # (not held while SFT trains)
 
@@ -1105,7 +1105,7 @@ def stage_rm(args, device):
         log(f"[rm] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     rm = RewardModel(policy).to(device)
     hist = train_rm(rm, tok, pairs, hp(args, "rm", "steps"), hp(args, "rm", "batch_size"), hp(args, "rm", "lr"),
-                    state=StageState(args))
+                    state=StageState(args), seed=args.seed)
     acc = f"{rm_accuracy(rm, tok, test_pairs):.3f}" if test_pairs else "n/a (no held-out pairs: --data, or --n_eval 0)"
     metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc}"
     save = lambda out: save_reward_model(rm, out, tokenizer_path(args.init))  # noqa: E731  (the head beside it)
@@ -1125,7 +1125,7 @@ def stage_rs(args, device):
     log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
         + picked + f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
     hist = train_sft(policy, tok, [winners[i] for i in kept], hp(args, "rs", "steps"), hp(args, "rs", "batch_size"),
-                     hp(args, "rs", "lr"), name="rs", state=StageState(args))
+                     hp(args, "rs", "lr"), name="rs", state=StageState(args), seed=args.seed)
     metric = (f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean {scores.mean():.3f}{picked}; "
               f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
     return finish(args, "rs", policy, tok, hist, metric, rm)
@@ -1141,7 +1141,7 @@ def stage_dpo(args, device):
         pairs, p_good = preference_pairs(policy, tok, tasks, args.k, args.max_new, args.temperature, args.seed)
         log(f"[dpo] {len(pairs)} pairs from {args.k} samples per prompt; {p_good:.1%} of samples correct")
     hist = train_dpo(policy, ref, tok, pairs, hp(args, "dpo", "steps"), hp(args, "dpo", "batch_size"),
-                     hp(args, "dpo", "lr"), args.beta, args.nll_coef, state=StageState(args))
+                     hp(args, "dpo", "lr"), args.beta, args.nll_coef, state=StageState(args), seed=args.seed)
     metric = f"DPO loss {hist[0]['dpo']:.3f} -> {mean_of(hist[-10:], 'dpo'):.3f}, reward margin " \
              f"{mean_of(hist[-10:], 'margin'):.3f}"
     return finish(args, "dpo", policy, tok, hist, metric, load_reward_model(args.rm, device) if args.rm else None)

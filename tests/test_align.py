@@ -295,6 +295,13 @@ def test_sft_steps_lower_the_loss(tok):
         masked, unmasked = (tiny_model(tok, context=128)(X[idx], targets=Y[idx], doc_ids=d).item()
                             for d in (D[idx], None))
     assert hist[0]["loss"] == pytest.approx(masked, abs=1e-6) and abs(masked - unmasked) > 1e-3
+    # --seed orders the batches (it used to be seed 0's order whatever the flag)
+    other = align.batch_indices(len(X), 8, step=0, seed=7)
+    assert other != idx
+    with torch.no_grad():
+        masked = tiny_model(tok, context=128)(X[other], targets=Y[other], doc_ids=D[other]).item()
+    hist = align.train_sft(tiny_model(tok, context=128), tok, convos, steps=1, batch_size=8, lr=3e-3, seed=7)
+    assert hist[0]["loss"] == pytest.approx(masked, abs=1e-6)
 
 
 def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path, monkeypatch):
