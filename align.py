@@ -792,7 +792,11 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25, state=
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append({"loss": loss.item(), **metrics})
+        logged = loss.detach().float()
+        if WORLD > 1:  # each rank's loss is of its share of the batch: the log keeps the whole batch's
+            dist.all_reduce(logged)
+            logged /= WORLD
+        history.append({"loss": logged.item(), **metrics})
         if step % log_every == 0 or step == steps - 1:
             log(f"{name} step {step:4d}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
         state.save(step + 1, steps, history, {"module": module, "opt": opt})

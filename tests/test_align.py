@@ -466,7 +466,10 @@ def test_ddp_matches_one_process(tok, tmp_path, stage):
     log = json.loads((tmp_path / "one" / "align_log.json").read_text())  # beside the checkpoint: every step
     assert log["stage"] == stage and len(log["history"]) == 3 and log["args"]["steps"] == 3
     # really one and two processes (two copies of a single process would train alike and give the same weights)
-    assert (log["processes"], json.loads((tmp_path / "two" / "align_log.json").read_text())["processes"]) == (1, 2)
+    log2 = json.loads((tmp_path / "two" / "align_log.json").read_text())
+    assert (log["processes"], log2["processes"]) == (1, 2)
+    # the logged loss is the whole batch's under DDP too (it was rank 0's share)
+    assert [h["loss"] for h in log2["history"]] == pytest.approx([h["loss"] for h in log["history"]], abs=1e-5)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
