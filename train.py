@@ -391,6 +391,9 @@ if args.blocklist and not args.source:
     parser.error("--blocklist goes with --source: it leaves pages out of the data --source builds")
 if args.rope_factor is not None and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
+if args.init and os.path.realpath(args.init) == os.path.realpath(args.out_dir):
+    parser.error(f"--out_dir {args.out_dir} is --init's folder: this run would delete its checkpoints and log and "
+                 "overwrite its model; give another --out_dir")
 if args.init and args.model != parser.get_default("model"):
     parser.error("--init takes the shape of the model it loads: drop --model")
 if args.max_steps is None and args.max_minutes is None and args.device == "cpu":

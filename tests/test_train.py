@@ -303,7 +303,8 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
         in r.stderr, r.stderr
     for flags, what in ((["--grad_clip", "-1"], "--grad_clip must be > 0"), (["--seq_len", "0"], "--seq_len must be"),
                         (["--warmup_steps", "-5"], "--warmup_steps must be >= 0"),
-                        (["--init", str(reference), "--model", "llama3-8b"], "--init takes the shape")):
+                        (["--init", str(reference), "--model", "llama3-8b"], "--init takes the shape"),
+                        (["--init", str(tmp_path)], "is --init's folder: this run would delete")):
         r = train(corpus, tmp_path, *flags, ok=False)
         assert r.returncode == 2 and what in r.stderr, r.stderr
     r = train(corpus, tmp_path / "init", "--init", str(reference), "--dim", "64", ok=False)
