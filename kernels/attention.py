@@ -265,10 +265,10 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
               HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               PV_LAG: tl.constexpr = False):     # an autotune choice: see _fwd_tiles
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles start first
-    bh = tl.program_id(1)                                                # = b * Hq + h
-    b, h = bh // Hq, bh % Hq
+    h, b = tl.program_id(1), tl.program_id(2)   # (grid axes 1 and 2: one holding B * Hq would be capped at 65535)
+    bh = b * Hq + h
     hk = h // GROUP                                                      # GQA: the kv head this query head reads
-    Q += b.to(tl.int64) * stride_qb + h * stride_qh                      # int64: B*H*T*D can pass 2**31
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh    # int64: B*H*T*D can pass 2**31 (a row's: flash_attention)
     K += b.to(tl.int64) * stride_kb + hk * stride_kh
     V += b.to(tl.int64) * stride_vb + hk * stride_vh
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -375,8 +375,8 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_LOOPS: tl.constexpr = False):   # an autotune choice: see below
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)                                               # = b * Hkv + hk
-    b, hk = bhk // Hkv, bhk % Hkv
+    hk, b = tl.program_id(1), tl.program_id(2)
+    bhk = b * Hkv + hk
     offs_d = tl.arange(0, HEAD_DIM)
     k_pos = start_n + tl.arange(0, BLOCK_N)
     k_ok = k_pos[:, None] < Tk
@@ -454,8 +454,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
                  Hq, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
                  HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // Hq, bh % Hq
+    h, b = tl.program_id(1), tl.program_id(2)
+    bh = b * Hq + h
     hk = h // GROUP
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + hk * stride_kh
@@ -555,7 +555,7 @@ class _FlashAttention(torch.autograd.Function):
         spans = _spans_once(doc_ids) if doc_ids is not None else no_docs
         doc, first, _, run_first, _ = spans
         sm_scale = D ** -0.5
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq, B)  # noqa: E731
         _attn_fwd[grid](q, k, v, o, lse, doc, first, run_first,
                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                         Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, _bucket(T),
@@ -580,11 +580,11 @@ class _FlashAttention(torch.autograd.Function):
         dv = torch.empty((B, Hkv, Tk, D), device=v.device, dtype=v.dtype)
         sm_scale = D ** -0.5
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-        grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, doc, last, run_last, *strides,
                              Hq, Hkv, T, Tk, sm_scale * LOG2E, sm_scale, _bucket(T),
                              GROUP=Hq // Hkv, HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq, B)  # noqa: E731
         _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, doc, first, run_first, *strides,
                            Hq, T, Tk, Hq // Hkv, sm_scale * LOG2E, sm_scale, _bucket(T),
                            HAS_DOCS=ctx.has_docs, HEAD_DIM=D)
@@ -625,6 +625,13 @@ def flash_attention(q, k, v, doc_ids=None):
     D = q.shape[-1]
     if D not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head_dim {D} of q is not one of the kernel's {HEAD_DIMS}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        # Offsets within one batch row are int32 in the kernels' loops (int64 there costs registers the backward
+        # has not got): Llama 3 405B's q at 128K tokens in the model's layout, 2**31 - 1 at its last element, fits.
+        span = sum((n - 1) * s for n, s in zip(x.shape[1:], x.stride()[1:]))
+        if span >= 2 ** 31:
+            raise ValueError(f"flash_attention: {name} {tuple(x.shape)} with strides {x.stride()} spans {span:,} "
+                             "elements in one batch row, past the kernels' int32 offsets (2**31)")
     return _FlashAttention.apply(q, k, v, doc_ids)
 
 

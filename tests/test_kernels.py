@@ -423,6 +423,20 @@ def test_attention_errors():
     q = torch.randn(1, 2, 4, 16, dtype=torch.float64)  # the kernel's sums are fp32: not a float64 kernel
     with pytest.raises(ValueError, match="dtype torch.float64 of q is not one of the kernel's"):
         A.flash_attention(q, q, q)
+    # a batch row past int32 offsets (a meta tensor: the shape and strides, no memory): 1M tokens of a 16384-wide
+    # model's q, in the model's layout; Llama 3 405B's 128K tokens are just inside
+    q = torch.empty(1, 2 ** 20, 128, 128, device="meta").transpose(1, 2)
+    with pytest.raises(ValueError, match=r"q \(1, 128, 1048576, 128\) .* past the kernels' int32 offsets"):
+        A.flash_attention(q, q, q)
+    q = torch.empty(1, 2 ** 17, 128, 128, device="meta").transpose(1, 2)
+    assert sum((n - 1) * s for n, s in zip(q.shape[1:], q.stride()[1:])) == 2 ** 31 - 1   # (the last element)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA caps grid axes 1 and 2 at 65535 programs; the interpreter has no cap")
+def test_more_batch_heads_than_a_grid_axis_holds():
+    """B * H over 65535 (a large prefill batch: B = 2048 at Llama 3 8B's 32 heads): the heads and the batch
+    are grid axes of their own (one axis of B * H failed to launch)."""
+    check_attention(2, 40000, 40000, 3, 3)
 
 
 def test_second_derivatives_are_an_error_not_zero():
