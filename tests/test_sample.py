@@ -296,9 +296,9 @@ def test_sample_next_applies_temperature_before_top_p():
     assert 0.3 < (draws == 1).float().mean().item() < 0.5  # not ~0.73, the share at temperature 1
 
 
-def test_chat_turns_continue_one_dialog(tok, monkeypatch):
-    """Two chat turns leave exactly the Llama 3 dialog in the session: one <|begin_of_text|>, a reply cut at the
-    token limit closed by <|eot_id|>, then the next user turn without its own <|begin_of_text|>."""
+def chat_session(tok, monkeypatch, lines, system=None):
+    """Run sample.chat on a tiny model with `lines` typed (then ctrl-D), 4 new tokens a reply, greedy -> the
+    session's tokens at the end."""
     sessions = []
 
     class Recorded(sample.Session):
@@ -306,51 +306,40 @@ def test_chat_turns_continue_one_dialog(tok, monkeypatch):
             super().__init__(*a, **kw)
             sessions.append(self)
     monkeypatch.setattr(sample, "Session", Recorded)
-    lines = iter(["hello", "the quick brown fox"])
+    typed = iter(lines)
 
     def fake_input(prompt=""):
-        line = next(lines, None)
+        line = next(typed, None)
         if line is None:
             raise EOFError
         return line
     monkeypatch.setattr("builtins.input", fake_input)
     m = tiny_model(vocab_size=tok.n_words, max_seq_len=128).eval()
-    args = argparse.Namespace(ckpt="tiny", system="be brief", max_context=128, max_new_tokens=4, temperature=0,
+    args = argparse.Namespace(ckpt="tiny", system=system, max_context=128, max_new_tokens=4, temperature=0,
                               top_k=None, top_p=None)
     sample.chat(m, tok, args, torch.Generator().manual_seed(0))
+    return sessions[0].tokens
+
+
+def test_chat_turns_continue_one_dialog(tok, monkeypatch):
+    """Two chat turns leave exactly the Llama 3 dialog in the session: one <|begin_of_text|>, a reply cut at the
+    token limit closed by <|eot_id|>, then the next user turn without its own <|begin_of_text|>."""
+    tokens = chat_session(tok, monkeypatch, ["hello", "the quick brown fox"], system="be brief")
     system = [{"role": "system", "content": "be brief"}]
     first = tok.encode_dialog_prompt(system + [{"role": "user", "content": "hello"}])
-    reply = sessions[0].tokens[len(first):len(first) + 4]
+    reply = tokens[len(first):len(first) + 4]
     assert not set(reply) & tok.stop_ids  # (so the reply was cut by the token limit and must be closed)
     second = tok.encode_dialog_prompt([{"role": "user", "content": "the quick brown fox"}])[1:]
     expected = first + reply + [tok.eot_id] + second
-    assert sessions[0].tokens[:len(expected)] == expected
-    assert len(sessions[0].tokens) == len(expected) + 4
+    assert tokens[:len(expected)] == expected
+    assert len(tokens) == len(expected) + 4
 
 
 def test_chat_closes_a_reply_ended_by_end_of_text_with_eot(tok, monkeypatch):
     """A reply that stops at <|end_of_text|> (a stop token too) is closed as Meta's format closes every turn:
     <|eot_id|> in its place, not after it."""
-    sessions = []
-
-    class Recorded(sample.Session):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            sessions.append(self)
-    monkeypatch.setattr(sample, "Session", Recorded)
     monkeypatch.setattr(sample, "sample_next", lambda logits, *a: torch.tensor([tok.eos_id]))
-    lines = iter(["hello", "again"])
-
-    def fake_input(prompt=""):
-        line = next(lines, None)
-        if line is None:
-            raise EOFError
-        return line
-    monkeypatch.setattr("builtins.input", fake_input)
-    m = tiny_model(vocab_size=tok.n_words, max_seq_len=128).eval()
-    args = argparse.Namespace(ckpt="tiny", system=None, max_context=128, max_new_tokens=4, temperature=0,
-                              top_k=None, top_p=None)
-    sample.chat(m, tok, args, torch.Generator().manual_seed(0))
+    tokens = chat_session(tok, monkeypatch, ["hello", "again"])
     first = tok.encode_dialog_prompt([{"role": "user", "content": "hello"}])
     second = tok.encode_dialog_prompt([{"role": "user", "content": "again"}])[1:]
-    assert sessions[0].tokens == first + [tok.eot_id] + second + [tok.eos_id]
+    assert tokens == first + [tok.eot_id] + second + [tok.eos_id]
