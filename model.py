@@ -687,14 +687,15 @@ def read_safetensors_plain(file):
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: header is a JSON {type(header).__name__}, not an object")
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         info = info if isinstance(info, dict) else {}
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and
-                isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (JSON's true is no size)
+        if not (isinstance(shape, list) and all(whole(d) and d >= 0 for d in shape) and
+                isinstance(offsets, list) and len(offsets) == 2 and all(whole(o) for o in offsets)):
             raise CheckpointError(f"{file}: tensor {name} has header entry {header[name]!r}: expected shape [sizes] "
                                   "and data_offsets [begin, end], integers")
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
@@ -705,10 +706,15 @@ def read_safetensors_plain(file):
         if end - begin != nbytes or begin < 0 or 8 + n + end > size:
             raise CheckpointError(f"{file}: tensor {name} has data_offsets {[begin, end]} that do not hold "
                                   f"shape {shape} {info['dtype']} inside the file")
+        spans.append((begin, end, name))
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dtype)
         else:
             out[name] = torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).view(shape)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:   # (the safetensors package refuses overlapping tensors too)
+            raise CheckpointError(f"{file}: tensors {first} and {second} overlap in the file")
     return out
 
 

@@ -805,6 +805,13 @@ def test_bad_safetensors_and_shards_are_refused(tmp_path):
     (tmp_path / "y.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
     with pytest.raises(CheckpointError, match="y.safetensors: header of 1000 bytes"):
         M.read_safetensors_plain(tmp_path / "y.safetensors")
+    for header, said in (({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},   # two views of one place
+                           "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "tensors a and b overlap"),
+                         ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [False, False]}}, "tensor a has")):
+        head = json.dumps(header).encode()
+        (tmp_path / "z.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(8))
+        with pytest.raises(CheckpointError, match=f"z.safetensors: {said}"):
+            M.read_safetensors_plain(tmp_path / "z.safetensors")
     # Meta shards that disagree on their tensors
     m = tiny_model(vocab_size=96)
     write_meta_dir(tmp_path / "meta", m, n_shards=2)
