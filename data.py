@@ -1224,6 +1224,9 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         raise ValueError(f"token_kl={token_kl!r}: must be a number >= 0 (robust standard deviations; 0: off)")
     check_blocklist(blocklist, source)   # (a bad list: refused before the old cache is touched)
     phrases = read_word_list(dirty_words) if dirty_words else None
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{tokenizer_path}: no tokenizer there (tokenizer.py makes one; train.py too, with "
+                                "its data)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
@@ -1250,7 +1253,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     domains = read_blocklist(blocklist) if blocklist else set()   # (a line that is no domain: refused here)
     # The shards are written to out_dir/building and moved in at the end: a build refused half-way (a file of the
     # source found bad, too few documents) leaves the old dataset whole. (Disk: old and new side by side till then.)
-    build = os.path.join(out_dir, "building")
+    build, made = os.path.join(out_dir, "building"), not os.path.exists(out_dir)
     shutil.rmtree(build, ignore_errors=True)   # (a killed build's)
     os.makedirs(build)
     try:
@@ -1407,7 +1410,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         if problem:
             raise ValueError(f"source {source!r}: {problem}")
     except BaseException:  # (a refusal, a bad file in the source, Ctrl-C: the old dataset stays as it was)
-        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(out_dir if made else build, ignore_errors=True)   # (a folder it made: gone too)
         raise
     if os.path.exists(meta_path):  # the old dataset goes, meta.json first (a folder holds shards only with it)
         os.remove(meta_path)

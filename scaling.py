@@ -18,7 +18,7 @@ accuracy against that NLL, a sigmoid, fitted on the scaling runs and on older mo
 Here the benchmark is one made from the val split, which of four lines comes next in a document
 (next_line_task), scored like any multiple-choice benchmark: the choice of least NLL per character.
 
-    python train.py --max_minutes 0.1              # once: makes the tokenizer and data/stdlib that the runs read
+    python train.py --max_minutes 0.1 --out_dir out/prep   # once: the tokenizer and data/stdlib the runs read
     python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour here
     python scaling.py --more_models out/default    # read back, and a model of more compute in the accuracy fit
     python scaling.py --budgets 1e13 3e13 1e14 --dims 12 16 24 32 48 64 --predict 1e16   # (hours here)

@@ -43,8 +43,8 @@ Run it
                                                        # (data/ and out/ on a filesystem all nodes share)
     python train.py --init out/default --out_dir out/long --seq_len 1024 --rope_factor 4 --max_steps 200
                                                        # long-context stage: continue at 4x the context
-    python train.py --init out/default --out_dir out/anneal --data data/stdlib=0.5 data/best=0.5 --warmup_steps 0 \\
-        --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100 --average_last 20
+    python train.py --init out/default --out_dir out/anneal --data data/stdlib=0.5 data/best=0.5 --lr 3e-4 \\
+        --warmup_steps 0 --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100 --average_last 20
                                                        # annealing: lr to 0 on an upsampled source, averaged
 """
 import argparse
@@ -462,17 +462,21 @@ except (ValueError, FileNotFoundError) as e:
 if args.blocklist and building and os.path.exists(args.tokenizer):
     log(f"note: --tokenizer {args.tokenizer} is used as it is: the list leaves pages out of the shards only (a "
         "tokenizer made without it learned from them too; tokenizer.py --blocklist makes one with it)")
-if master and not os.path.exists(args.tokenizer):
-    log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
-    os.makedirs(os.path.dirname(args.tokenizer) or ".", exist_ok=True)
-    Tokenizer.train(map(data.clean_text, data.iter_documents(source, blocklist)), args.vocab_size).save(args.tokenizer)
-    log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")
+try:  # (a source that is not there, or too small for a val split: one line; torchrun then stops the other ranks)
+    if master and not os.path.exists(args.tokenizer):
+        log(f"training a {args.vocab_size}-token BPE tokenizer on {source} ...")
+        texts = map(data.clean_text, data.iter_documents(source, blocklist))
+        Tokenizer.train(texts, args.vocab_size).save(args.tokenizer)   # (its folder made only now: nothing is left
+        log(f"  -> {args.tokenizer} in {time.time() - t_start:.0f}s")   # behind by a source that fails)
+    for folder in folders:  # (one, or the default folder of a mix: a --source builds no folder of a mix)
+        if master and not os.path.exists(os.path.join(folder, "meta.json")):
+            log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")
+            data.prepare_data(source, args.tokenizer, folder, blocklist=args.blocklist)
+            log(f"  -> {folder} in {time.time() - t_start:.0f}s")
+except (ValueError, OSError) as e:
+    fail(f"{e}\n(train.py builds with data.py's default settings: to set others, such as --val_fraction, build the "
+         "folder with data.py first)")
 del blocklist  # (a million domains take ~100 MB: not kept for the run)
-for folder in folders:  # (one, or the default folder of a mix: a --source builds no folder of a mix)
-    if master and not os.path.exists(os.path.join(folder, "meta.json")):
-        log(f"tokenizing {source} into packed shards with {args.tokenizer} ...")
-        data.prepare_data(source, args.tokenizer, folder, blocklist=args.blocklist)
-        log(f"  -> {folder} in {time.time() - t_start:.0f}s")
 barrier()
 try:
     tok = Tokenizer.load(args.tokenizer)
@@ -566,7 +570,10 @@ else:
     overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
                  if getattr(args, k) is not None}
     T = args.seq_len or PRESETS[args.model].max_seq_len
-    model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
+    try:
+        model_args = dataclasses.replace(PRESETS[args.model], vocab_size=tok.n_words, max_seq_len=T, **overrides)
+    except ValueError as e:  # (a shape ModelArgs refuses: --dim 100 over 4 heads is an odd head_dim)
+        fail(f"--model {args.model} with {' '.join(f'--{k} {v}' for k, v in overrides.items())}: {e}")
     model = Transformer(model_args)
 if tok.n_words > model_args.vocab_size:
     fail(f"{args.tokenizer} has {tok.n_words} tokens, more than vocab_size={model_args.vocab_size}")

@@ -491,12 +491,15 @@ def test_removals_are_listed_in_pipeline_order(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"no document fell into the val split \(each of the 1 kept had a chance of "
                                          r"1 in 50"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), verbose=False)
-    assert os.listdir(tmp_path / "one") == []  # (the train shard it wrote went with the refusal)
+    assert not (tmp_path / "one").exists()  # (the folder it made, and the train shard it wrote, went with it)
     assert data.is_val(data.doc_hash(data.clean_text(clean)), 2)  # at val_fraction 0.5 it is val, and train has none
+    (tmp_path / "one").mkdir()   # (a folder that was there stays)
     with pytest.raises(ValueError, match="no document survived filtering into the train split .* 1 went to val"):
         data.prepare_data(str(tmp_path / "one.jsonl"), tok_path, str(tmp_path / "one"), val_fraction=0.5,
                           verbose=False)
     assert os.listdir(tmp_path / "one") == []
+    with pytest.raises(FileNotFoundError, match="nothing.model: no tokenizer there"):
+        data.prepare_data(str(tmp_path / "one.jsonl"), str(tmp_path / "nothing.model"), str(tmp_path / "two"))
 
 
 def test_val_split_is_the_same_whatever_the_other_documents(corpus, tmp_path):

@@ -336,10 +336,14 @@ def test_bad_flags_and_mismatched_checkpoints_are_refused(corpus, reference, tmp
              f"--tokenizer {tmp_path / 'tok.model'} not found, but --data {corpus / 'shards'} is built"),
             (["--init", str(tmp_path / "nothere")], f"--init: {tmp_path / 'nothere'}: no such folder"),
             (["--init", str(reference / "ckpt" / "step_000010")], "a training checkpoint (what train.py --resume "
-                                                                    "reads), not an exported model")):
+                                                                    "reads), not an exported model"),
+            (["--dim", "36"], "head_dim=9 must be even"),
+            (["--source", str(tmp_path / "nowhere"), "--data", str(tmp_path / "d"), "--tokenizer",
+              str(tmp_path / "d" / "tok.model")], f"{tmp_path / 'nowhere'}")):
         r = train(corpus, tmp_path / "out", *flags, ok=False)
         assert r.returncode == 1 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "tok.model").exists() and not (tmp_path / "out" / "log.csv").exists()
+        assert not (tmp_path / "d").exists()   # (a source that fails leaves no folder behind)
     r = train(corpus, tmp_path / "new", "--resume", ok=False)  # a mistyped --out_dir: no empty folder left there
     assert r.returncode == 1 and f"--resume: no checkpoint in {tmp_path / 'new' / 'ckpt'}" in r.stderr, r.stderr
     assert not (tmp_path / "new").exists()
