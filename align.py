@@ -174,15 +174,16 @@ def task_conversation(task):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Real data: JSONL loaders for the usual shapes; a malformed record is reported with its file and line.
 
-class BadData(ValueError):
-    """A --data file that is not what the stage reads; the message names file:line and the field."""
+class BadInput(ValueError):
+    """A --data file that is not what the stage reads (the message names file:line and the field), or a flag's
+    value the model cannot take (the message names the flag): the command line shows it as one line."""
 
 
 def read_jsonl(path):
     """Yield (line_number, record) for every non-blank line. A line that is not UTF-8 JSON, or a file with no
-    records, raises BadData naming path:line (or path). A byte-order mark (Windows editors write one) is skipped."""
+    records, raises BadInput naming path:line (or path). A byte-order mark (Windows editors write one) is skipped."""
     if os.path.isdir(path):
-        raise BadData(f"{path}: a folder, not a JSONL file")
+        raise BadInput(f"{path}: a folder, not a JSONL file")
     n = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -191,13 +192,13 @@ def read_jsonl(path):
             try:
                 record = json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
-                raise BadData(f"{path}:{lineno}: not UTF-8") from None
+                raise BadInput(f"{path}:{lineno}: not UTF-8") from None
             except json.JSONDecodeError as e:
-                raise BadData(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             n += 1
             yield lineno, record
     if n == 0:
-        raise BadData(f"{path}: no records")
+        raise BadInput(f"{path}: no records")
 
 
 def _messages(x, where, last):
@@ -207,9 +208,9 @@ def _messages(x, where, last):
     try:
         check_dialog(msgs)
     except ValueError as e:
-        raise BadData(f"{where}: {e}") from None
+        raise BadInput(f"{where}: {e}") from None
     if msgs[-1]["role"] != last:
-        raise BadData(f"{where}: the last message must be the {last}'s")
+        raise BadInput(f"{where}: the last message must be the {last}'s")
     return msgs
 
 
@@ -224,7 +225,7 @@ def load_sft(path):
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or "messages" not in rec:
-            raise BadData(f"{where}: expected an object with a 'messages' list")
+            raise BadInput(f"{where}: expected an object with a 'messages' list")
         out.append(_messages(rec["messages"], f"{where}: 'messages'", "assistant"))
     return out
 
@@ -237,14 +238,14 @@ def load_pairs(path):
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
-            raise BadData(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+            raise BadInput(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
         pair = dict(prompt=_messages(rec["prompt"], f"{where}: 'prompt'", "user"),
                     chosen=_response(rec["chosen"], f"{where}: 'chosen'"),
                     rejected=_response(rec["rejected"], f"{where}: 'rejected'"))
         if "margin" in rec:  # Llama 2's preference strength, for the reward model's loss
             m = rec["margin"]
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-                raise BadData(f"{where}: 'margin' must be a finite number, got {m!r}")
+                raise BadInput(f"{where}: 'margin' must be a finite number, got {m!r}")
             pair["margin"] = float(m)
         if pair["chosen"].strip() == pair["rejected"].strip():  # the chat format strips them: the same tokens
             same.append(lineno)
@@ -254,7 +255,7 @@ def load_pairs(path):
         print(f"{path}: dropped {len(same)} pairs whose chosen and rejected are the same (lines {same[:5]}"
               f"{', ...' if len(same) > 5 else ''})", file=sys.stderr)
     if not out:
-        raise BadData(f"{path}: no pair with two different answers")
+        raise BadInput(f"{path}: no pair with two different answers")
     return out
 
 
@@ -264,7 +265,7 @@ def load_prompts(path):
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or "prompt" not in rec:
-            raise BadData(f"{where}: expected an object with a 'prompt'")
+            raise BadInput(f"{where}: expected an object with a 'prompt'")
         out.append(_messages(rec["prompt"], f"{where}: 'prompt'", "user"))
     return out
 
@@ -535,7 +536,7 @@ def prompt_room(model, max_new):
     """Tokens a prompt may keep when max_new more must fit after it; a response of over half the context is
     refused rather than leaving every prompt cut to a few tokens."""
     if not 0 < max_new <= context_len(model) // 2:
-        raise ValueError(f"--max_new {max_new}: responses take 1 to {context_len(model) // 2} tokens (half the "
+        raise BadInput(f"--max_new {max_new}: responses take 1 to {context_len(model) // 2} tokens (half the "
                          f"model's context of {context_len(model)}), the rest is the prompt's")
     return context_len(model) - max_new
 
@@ -1123,7 +1124,9 @@ def stage_rs(args, device):
     winners, scores = rejection_sample(policy, rm, tok, prompts, args.k, args.max_new, args.temperature, args.seed)
     kept = [i for i, w in enumerate(winners) if w is not None]
     if not kept:
-        raise SystemExit(f"[rs] no sample of any prompt ended within --max_new {args.max_new} tokens")
+        raise SystemExit(f"[rs] no sample of any prompt ended within --max_new {args.max_new} tokens: the policy "
+                         "has not learned to end its answers (more SFT --steps before it; a pretrained --init "
+                         "needs more than a fresh model), or a larger --max_new")
     picked = "" if args.data else \
         f", winners correct {sum(check(tasks[i], winners[i][-1]['content']) for i in kept) / len(kept):.3f}"
     log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
@@ -1241,6 +1244,9 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true",
                    help="continue a killed stage from OUT/resume.pt, same flags (all: the stages not yet ended too)")
     args = p.parse_args()
+    if args.stage == "all" and args.data:   # (it would run SFT on it, then fail at the reward model's stage)
+        p.error("--data holds one stage's records (sft: messages; rm, dpo: pairs; rs, ppo: prompts): run the "
+                "stages one by one, each with its own --data")
     if args.stage != "all":
         if args.init is None:
             p.error(f"{args.stage} needs --init CKPT")
@@ -1273,7 +1279,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)
     try:
         stage[args.stage](args, device)
-    except (FileNotFoundError, CheckpointError, BadData) as e:  # a mistyped --init, --rm or --data: one line
+    except (FileNotFoundError, CheckpointError, BadInput) as e:  # a mistyped --init, --rm or --data: one line
         raise SystemExit(str(e)) from None  # (every rank says it: torchrun may stop rank 0 before it could)
     except Stopped as e:  # a signal: what --resume needs is saved
         log(str(e))

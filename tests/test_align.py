@@ -134,7 +134,7 @@ def test_malformed_jsonl_reports_line(tmp_path):
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: expected an object with 'prompt', 'chosen'"):
         align.load_pairs(pairs)
     pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": None}) + "\n")  # which field: named
-    with pytest.raises(align.BadData, match=r"pairs\.jsonl:1: 'rejected': a dialog is"):
+    with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: 'rejected': a dialog is"):
         align.load_pairs(pairs)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
@@ -259,8 +259,11 @@ def test_max_new_leaves_room_for_the_prompt(tok, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "align.py", "sft", "--init", str(tmp_path / "init"), "--max_new", "40",
                         "--out", str(tmp_path / "sft")], cwd=repo, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "--max_new 40: responses take 1 to 32 tokens" in r.stderr, r.stderr
-    assert "sft step" not in r.stdout and not (tmp_path / "sft").exists()
+    assert r.returncode == 1 and r.stderr.startswith("--max_new 40: responses take 1 to 32 tokens"), r.stderr
+    assert "sft step" not in r.stdout and not (tmp_path / "sft").exists()   # (one line, no traceback)
+    r = subprocess.run([sys.executable, "align.py", "all", "--data", str(tmp_path / "sft.jsonl")], cwd=repo,
+                       capture_output=True, text=True, timeout=300)   # (every stage would read one stage's records)
+    assert r.returncode == 2 and "--data holds one stage's records" in r.stderr, r.stderr
 
 
 def test_a_batch_larger_than_the_data_is_refused_under_ddp(monkeypatch):
