@@ -230,18 +230,22 @@ def main():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--min_steps", type=int, default=20, help="a run shorter than this is skipped (warmup alone)")
-    p.add_argument("--max_steps", type=int, default=12000, help="a run longer than this is skipped (time)")
+    p.add_argument("--max_steps", type=int, default=12000, help="a run longer than this is skipped (time; 0: none)")
     p.add_argument("--predict", type=float, nargs="*", default=[1e14, 1e15],
                    help="budgets to extrapolate the power law to (Llama 3 405B's: 3.8e25)")
-    p.add_argument("--train_args", default="", help="more train.py flags for every run, e.g. '--lr 2e-3'")
+    p.add_argument("--train_args", default="", help="more train.py flags for every run, e.g. '--lr 2e-3' (one "
+                   "flag alone: --train_args=--compile)")
     p.add_argument("--questions", type=int, default=500, help="of the next-line benchmark (0: no forecast of it)")
     p.add_argument("--more_models", nargs="*", default=[], help="checkpoints of more compute (same tokenizer, never "
                    "trained on this val split) whose scores join the accuracy fit, as Llama 2's did in Llama 3's")
     a = p.parse_args()
-    if not all(0 < b < math.inf for b in a.budgets) or min(a.dims) < 1 or a.batch_size < 1 or a.seq_len < 2 or \
-            min(a.questions, a.min_steps, a.max_steps) < 0:
-        p.error("--budgets must be finite and > 0, --dims, --batch_size >= 1, --seq_len >= 2, --questions, "
-                "--min_steps, --max_steps >= 0")
+    for flag, ok in (("--budgets must be finite and > 0", all(0 < b < math.inf for b in a.budgets)),
+                     ("--dims must be >= 1", min(a.dims) >= 1), ("--batch_size must be >= 1", a.batch_size >= 1),
+                     ("--seq_len must be >= 2", a.seq_len >= 2), ("--questions must be >= 0", a.questions >= 0),
+                     ("--min_steps must be >= 0, --max_steps 0 (no limit) or >= --min_steps",
+                      a.min_steps >= 0 and (a.max_steps == 0 or a.max_steps >= a.min_steps))):
+        if not ok:
+            p.error(flag)
     ours = {"--data", "--tokenizer", "--out_dir", "--dim", "--n_layers", "--n_heads", "--n_kv_heads", "--seq_len",
             "--batch_size", "--max_steps", "--max_minutes", "--eval_interval", "--ckpt_interval"}
     taken = sorted(ours & {arg.split("=")[0] for arg in a.train_args.split()})
@@ -310,6 +314,9 @@ def main():
             continue
         minima.append((budget, math.exp(fit[0])))
         print(f"  {budget:.1e}: {minima[-1][1]:,.0f} tokens (val loss {fit[1]:.4f} there)")
+    if not curves:
+        sys.exit(f"no run: every (budget, width) pays for under --min_steps {a.min_steps} or over --max_steps "
+                 f"{a.max_steps} steps of {tokens_per_step} tokens")
     if len(minima) < 2:
         sys.exit("fewer than two budgets with a minimum: no power law")
     alpha, coef = fit_power_law(*zip(*minima))

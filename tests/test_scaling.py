@@ -96,9 +96,15 @@ def test_a_sweep_runs_train_py_and_reads_finished_runs_back(tmp_path):
     assert "--lr" in bad.stderr
     # scaling.py's own flags are its own (train.py would take the later one, the FLOPs count the other); bad values
     for flags, said in ((["--train_args", "--batch_size 16"], "--train_args --batch_size: scaling.py sets these"),
-                        (["--budgets", "nan"], "--budgets must be finite"), (["--dims", "0"], "--dims, --batch_size")):
+                        (["--budgets", "nan"], "--budgets must be finite"), (["--dims", "0"], "--dims must be >= 1"),
+                        (["--min_steps", "50", "--max_steps", "10"], "--max_steps 0 (no limit) or >= --min_steps"),
+                        (["--train_args=--compile", "--min_steps", "100000", "--max_steps", "0"], None)):
         r = subprocess.run(cmd + flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and said in r.stderr, r.stderr
+        if said is None:   # every run too short: said, not an empty table
+            assert r.returncode == 1 and "no run: every (budget, width) pays for under --min_steps" in r.stderr, \
+                r.stderr
+        else:
+            assert r.returncode == 2 and said in r.stderr, r.stderr
 
 
 def test_model_args_at_any_width():
