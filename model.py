@@ -957,6 +957,8 @@ if __name__ == "__main__":
                         "average (Llama 3 section 4.1.5), written to --out")
     parser.add_argument("--out", help="a new folder, where --average writes the mean model")
     a = parser.parse_args()
+    if a.out and not a.average:
+        parser.error("--out is where --average writes: give the models to average")
     if a.average:
         if not a.out or len(a.average) < 2:
             parser.error("--average takes two models or more, and --out")

@@ -495,6 +495,9 @@ def test_average_models_and_their_reward_heads(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
     assert r.returncode == 1 and "not all with the same tokenizer.model" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    r = subprocess.run([sys.executable, "model.py", "--out", str(tmp_path / "y")],   # (it printed the presets)
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    assert r.returncode == 2 and "--out is where --average writes" in r.stderr, r.stderr
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path):

@@ -265,6 +265,10 @@ def test_cli_prompt_and_chat(tmp_path, tok):
     new, _ = sample.generate(m, [tok.encode("hello world", bos=True)], 8, temperature=0, stop_ids=tok.stop_ids)
     new = [t for t in new[0] if t not in tok.stop_ids]
     assert new and r.stdout == "hello world" + tok.decode(new) + "\n"
+    # 100 new tokens in a 48-token context (greedy, this model writes no stop token): it stops there, and says so
+    r = run_cli(["--ckpt", ckpt, "--prompt", "hello world", "--max_new_tokens", "100", "--temperature", "0",
+                 "--device", "cpu"])
+    assert r.returncode == 0 and "the model's context of 48 is full" in r.stderr, r.stderr
     # chat: three turns in a 48-token context with 16-token replies overflow; /reset; a too-long message; EOF
     r = run_cli(["--ckpt", ckpt, "--chat", "--system", "be brief", "--max_new_tokens", "16"],
                 stdin="hello\nthe quick brown fox\njumps over\n/reset\nllama\n" + "x " * 100 + "\n")
