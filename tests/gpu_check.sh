@@ -4,9 +4,10 @@
 # has its own time limit, writes its whole log to $OUT/<part>.log as it goes, and a part that fails or runs
 # out of time does not stop the next. The last lines printed are each part's status and the tail of its log.
 #
-#     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 590 s
-#     bash tests/gpu_check.sh bench_train bench_train_b4 bench_train_compile bench_loss graph bench_sample \
-#         train                                                # the model: 595 s
+#     bash tests/gpu_check.sh env tests bench_kernels          # the kernels: limits sum to 590 s (timeout_s 600)
+#     bash tests/gpu_check.sh train graph bench_train bench_train_b4 bench_sample bench_train_compile \
+#         bench_loss                                           # the model: 560 s, run in this order (the most
+#                                                              # needed first: what the device has left may be less)
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
 # more than the 15 minutes of device time, so they are ceilings, not plans: on an H200, 2026-11-27, the kernels
 # call took 270 s (with --against), the model call 361 s, and the device tool's lease counted 674 s for both with the machine's
@@ -18,15 +19,15 @@
 # b4e136d has the one-kernel backward:
 #     mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
 #
-# Parts: env, tests, bench_kernels, bench_train, bench_train_b4, bench_train_compile, bench_loss, graph, bench_sample,
-# train.
+# Parts, in the order they run: env, tests, bench_kernels, train, graph, bench_train, bench_train_b4, bench_sample,
+# bench_train_compile, bench_loss.
 # `train` uses data/stdlib when it is there (carry it: making the tokenizer and shards first took 23 s of 2 CPU
 # cores here) and starts afresh in out/gpu_check/train.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-PARTS=${*:-env tests bench_kernels bench_train bench_train_b4 bench_train_compile bench_loss graph bench_sample train}
+PARTS=${*:-env tests bench_kernels train graph bench_train bench_train_b4 bench_sample bench_train_compile bench_loss}
 export PYTHONUNBUFFERED=1  # logs stay complete up to the moment a time limit kills a part
 
 run() {  # run PART LIMIT_S CMD...: CMD under a time limit, its output in $OUT/PART.log
@@ -52,25 +53,25 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processo
 # b818606, 55 s at b4e136d, 107 s at c75f879 on the H200, when dk/dv had 5 configs: it has 7 since ca1c6eb;
 # bench_kernels took 153 s there with --against, compiling and autotuning two versions' spaces on an empty cache)
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
-run tests 180 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py \
+run tests 210 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py \
     tests/test_align.py::test_token_logprobs_chunked_equal_the_full_log_softmax
 AGAINST=$([ -f out/base/attention.py ] && echo "--against out/base")
-run bench_kernels 380 $PY tests/bench_kernels.py $AGAINST
-run bench_train 90 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 micro-steps a step
-# B = 4 as in the README's 1-GPU train.py line: per micro-step costs (autocast's bf16 copies of the weights,
-# adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
-run bench_train_b4 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
-run bench_train_compile 120 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile
-# chunked loss and log-probs: time, memory (the log-prob rows need more than 60 s: 86 s for all on the H200)
-run bench_loss 120 $PY tests/bench_loss.py --device cuda
-# generate's decode step as a CUDA graph: its test first, then the benchmark that times it
-run graph 60 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
-run bench_sample 60 $PY tests/bench_sample.py --device cuda   # (3 models since 2026-11-28)
+run bench_kernels 350 $PY tests/bench_kernels.py $AGAINST
 case " $PARTS " in *" train "*) rm -rf out/gpu_check/train ;; esac  # a fresh run dir, only when it runs
 run train 60 $PY train.py --out_dir out/gpu_check/train --max_steps 60 --eval_interval 30 --ckpt_interval 30 \
     --log_interval 10 --sample_tokens 40 --average_last 10  # (and the average's CUDA path)
 # appended to its log, not a file of its own: the device sends back at most 8 files
 [ -f out/gpu_check/train/log.csv ] && { echo "== log.csv"; cat out/gpu_check/train/log.csv; } >>"$OUT/train.log"
+# generate's decode step as a CUDA graph: its test first, then (bench_sample) the benchmark that times it
+run graph 50 $PY -m pytest -v -x tests/test_sample.py -k "cuda or replay"
+run bench_train 90 $PY tests/bench_train.py --skip_cpu              # B = 1, 8 micro-steps a step
+# B = 4 as in the README's 1-GPU train.py line: per micro-step costs (autocast's bf16 copies of the weights,
+# adding the bf16 gradients into the fp32 ones) spread over 4x the tokens, longer matrix products
+run bench_train_b4 90 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2
+run bench_sample 60 $PY tests/bench_sample.py --device cuda   # (3 models since 2026-11-28)
+run bench_train_compile 100 $PY tests/bench_train.py --skip_cpu --batch_size 4 --micro_steps 2 --compile
+# chunked loss and log-probs: time, memory (the log-prob rows need more than 60 s: 86 s for all on the H200)
+run bench_loss 110 $PY tests/bench_loss.py --device cuda
 
 for part in $PARTS; do
     [ -f "$OUT/$part.log" ] || continue
