@@ -138,7 +138,8 @@ def test_malformed_jsonl_reports_line(tmp_path):
         align.load_pairs(pairs)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: 'prompt': message 0 has role 'assistant', expected 'user'"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: 'prompt': message 0 has role 'assistant', "
+                                         r"expected 'user'"):
         align.load_prompts(prompts)
     # a prompt must end with the user's turn (it is what the model answers)
     prompts.write_text(json.dumps({"prompt": "q"}) + "\n" + json.dumps(
