@@ -275,6 +275,7 @@ def main():
                                          tok.stop_ids, generator))
     except KeyboardInterrupt:
         print()
+        return
     new = len(session.tokens) - len(ids)
     if new < args.max_new_tokens and session.tokens[-1] not in tok.stop_ids:
         print(f"(stopped after {new} new tokens: the model's context of {model.args.max_seq_len} is full)",
