@@ -317,6 +317,14 @@ def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path, monkeypatch):
     assert hist[0]["loss"] == pytest.approx(math.log(2))  # the zero head scores everything 0
     assert tail(hist) < 0.6
     assert align.rm_accuracy(rm, tok, pairs) > 0.65  # from 0 (all ties) at the start
+    # read at each sequence's own last token: padding a shorter one in a batch with a longer one changes nothing
+    # (a head read at the last column still learns, the pad positions seeing the whole sequence)
+    a, b = (tok.encode_dialog(align.user(t["prompt"]) + [{"role": "assistant", "content": t["answer"]}])[0]
+            for t in tasks[:2])
+    a, b = sorted((a, b), key=len)
+    assert len(a) < len(b)
+    with torch.no_grad():
+        torch.testing.assert_close(align.rm_scores(rm, [a, b])[:1], align.rm_scores(rm, [a]), atol=1e-5, rtol=0)
     # saved in Meta's layout + the head; reloading gives the same scores
     tok_path = tmp_path / "tok.model"
     tok.save(str(tok_path))
@@ -375,7 +383,7 @@ def test_rejection_sampling_keeps_the_best(tok, monkeypatch):
     assert tail(hist, n=3) < hist[0]["loss"]
 
 
-def test_ppo_raises_the_reward(tok):
+def test_ppo_raises_the_reward(tok, monkeypatch):
     """A dense toy reward, the share of response tokens with an even id: a random policy gets about half.
     Measured without sampling noise: the policy's probability mass on even ids at the first answer position."""
     policy = tiny_model(tok)
@@ -392,10 +400,16 @@ def test_ppo_raises_the_reward(tok):
     def reward_fn(seqs):
         return torch.tensor([sum(t % 2 == 0 for t in s[-6:]) / 6 for s in seqs])
     before = even_mass()
+    seen = []   # (gamma, lam) as train_ppo hands them to gae: a swap would still raise the reward
+    real_gae = align.gae
+    monkeypatch.setattr(align, "gae", lambda r, v, m, gamma, lam: (seen.append((gamma, lam)), real_gae(r, v, m, gamma,
+                                                                                                        lam))[1])
     hist = align.train_ppo(policy, ref, reward_fn, tok, prompts, iters=8, rollout_size=16, lr=1e-2, max_new=6,
-                           kl_coef=0.01, epochs=2, minibatch=8)
-    assert even_mass() > before + 0.05
+                           kl_coef=0.01, epochs=2, minibatch=8, gamma=0.99, lam=0.9)
+    assert even_mass() > before + 0.05 and set(seen) == {(0.99, 0.9)}
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    assert abs(hist[-1]["kl"]) > 1e-3   # and the last from a policy that moved away from it (a KL of 0 throughout:
+                                        # the reference's log-probs taken from the policy)
     # a rollout of one sequence (one prompt): its score's spread is 0, and nothing may turn NaN
     hist = align.train_ppo(policy, ref, reward_fn, tok, prompts[:1], iters=2, rollout_size=4, lr=1e-2, max_new=6)
     assert all(math.isfinite(v) for h in hist for v in h.values())

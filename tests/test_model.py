@@ -231,6 +231,9 @@ def test_rope_scaling_against_hand_computed_frequencies():
     # anchored at a model's own shorter context (train.py --init): the same wavelength 4096 is now > 2048 / 1
     short = ModelArgs(dim=4096, n_heads=32, use_scaled_rope=True, rope_scaling_factor=8.0, rope_original_context=2048)
     assert M.rope_frequencies(short)[-1].item() == pytest.approx(freqs[-1].item(), rel=1e-6)
+    # every frequency, against Meta's rule anchored at 2048 (the slowest alone is divided by 8 either way)
+    torch.testing.assert_close(M.rope_frequencies(short).double(), meta_apply_scaling(plain, 8.0, old_context_len=2048),
+                               rtol=1e-6, atol=0)
     assert M.scale_rope_frequencies(f, 8.0, original_context=2048).item() == pytest.approx(f.item() / 8)
 
 

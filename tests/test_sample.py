@@ -61,6 +61,11 @@ def test_sample_next_filters():
     # top_p: row 0 has probs ~[.09, .67, .24, .03]; 0.7 keeps the tokens needed to pass 0.7: {1, 2}
     draws = torch.stack([sample.sample_next(logits[:1], top_p=0.7, generator=g) for _ in range(200)])
     assert set(draws[:, 0].tolist()) == {1, 2}
+    # at a tie, Meta's rule (sample_top_p: drop where the mass ranked above passes p): probs exactly [.5, .25, .25]
+    # and p = 0.5 keep tokens 0 and 1 (a >= there would keep token 0 alone, as Hugging Face's warper does)
+    draws = torch.stack([sample.sample_next(torch.tensor([[.5, .25, .25]]).log(), top_p=0.5, generator=g)
+                         for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {0, 1}
     # temperature: a high one flattens the distribution, to softmax(logits / 5) ~[.22, .33, .27, .18] (at 1: token 1
     # has .64, token 3 .03). 300 draws: each frequency's std is <= sqrt(.25 / 300) ~ .029, so 4 std is .115
     draws = torch.stack([sample.sample_next(logits[:1], temperature=5.0, generator=g) for _ in range(300)])
