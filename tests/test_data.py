@@ -538,6 +538,16 @@ def test_heuristic_filters():
     assert data.heuristic_reject("<<>>{{}}##!! abcdef " * 20) == "many symbols"
     spam = prose(rng, 30) + "\n" + "Click here to buy cheap watches now!\n" * 20
     assert data.heuristic_reject(spam) == "repeated lines"
+    # each rule at its edge (a threshold moved by one, or measured against the wrong count, fails here)
+    edge = ("abcdefg " * 20)[:data.MIN_CHARS]
+    assert data.heuristic_reject(edge) is None and data.heuristic_reject(edge[:-1]) == "too short"
+    assert data.heuristic_reject("ab 1234567890 " * 20) == "few letters"   # 14% letters: by characters, not words
+    assert data.heuristic_reject("abcd 123456 " * 20) is None              # 33%
+    line = "word " * 24
+    assert data.heuristic_reject(f"{line}\n{line}\n{prose(rng, 8)}") == "repeated lines"   # twice is repeated
+    assert data.heuristic_reject(f"{line}\n{line.upper()}\n{prose(rng, 8)}") is None
+    five = " ".join(f"{prose(rng, 11)} Mail a{i}@corp.com." for i in range(5))   # 5 in ~65 words: the least counted
+    assert data.personal_data(five) == 5 and data.heuristic_reject(five) == "personal data"
 
 
 def test_ascii_fast_paths_count_as_the_regexes_do():

@@ -571,6 +571,17 @@ def test_compiled_blocks_train_like_eager_and_export_the_same_names(corpus, refe
     again = torch.load(run / "consolidated.00.pth")
     assert all(torch.equal(again[k], exported[k]) for k in exported)
 
+
+def test_wsd_holds_the_peak_then_decays_over_its_last_fraction(corpus, tmp_path):
+    """--schedule wsd --decay_frac 0.5 over 10 steps, warmup 2: the lr at step s (t = s + 1) climbs for 2 steps,
+    stays at the peak, and falls linearly to lr / 10 over the last half, t = 5 to 10 (with --decay_frac 1, as in
+    the other tests, the decay starts after the warmup, whatever the formula for its start)."""
+    train(corpus, tmp_path, "--batch_size", "2", "--schedule", "wsd", "--decay_frac", "0.5")
+    lr = [float(r["lr"]) for r in log_rows(tmp_path) if r["lr"]]
+    peak, low = 1e-2, 1e-3
+    assert lr == pytest.approx([peak / 2, peak, peak, peak, peak] + [peak + k / 5 * (low - peak) for k in range(1, 6)])
+
+
 def test_time_budget_runs_the_schedule_on_the_clock(corpus, tmp_path):
     """--max_minutes: the run ends when the budget is spent, however many steps that is, with the lr decayed.
     Under DDP, so that the ranks must agree on every lr and on the last step (rank 0's clock), or hang."""
