@@ -620,6 +620,8 @@ if tokens_per_step % tokens_per_micro:
          f"{tokens_per_micro}")
 grad_accum = tokens_per_step // tokens_per_micro
 eval_steps = max(1, args.eval_tokens // tokens_per_micro)
+
+
 # every rank takes its own rows of each global batch; the shards must come from this tokenizer (fingerprint). A mix
 # draws each row from one folder by its share (data.MixedLoader). The validation loaders are made here once too, so
 # that a split too small for seq_len stops the run now, not at its first evaluation

@@ -38,6 +38,7 @@ from kernels.rmsnorm import rms_norm_reference  # noqa: E402
 # -----------------------------------------------------------------------------
 # the baseline: a plain GPT in the style of nanoGPT's model.py
 
+
 class Block(nn.Module):
     def __init__(self, dim, n_heads):
         super().__init__()

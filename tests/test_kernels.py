@@ -287,12 +287,14 @@ def test_documents_cost_fewer_tiles(monkeypatch):
         pytest.skip("this triton's interpreter has no InterpreterBuilder.create_dot to count")
     dots, running = {}, [None]
     create_dot = interpreter.InterpreterBuilder.create_dot
+
     def counting_dot(self, *args, **kwargs):
         dots[running[0]] = dots.get(running[0], 0) + 1
         return create_dot(self, *args, **kwargs)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
     for kernel, (bm, bn) in zip(AUTOTUNED, ((64, 64), (32, 128), (64, 32))):
         monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
+
         def run(*args, _run=kernel.run, _name=kernel.fn.__name__, **kwargs):
             running[0] = _name
             return _run(*args, **kwargs)

@@ -356,6 +356,7 @@ def test_shards_of_another_source_are_refused_and_edited_sources_flagged(corpus,
     shutil.copytree(corpus / "docs", tmp_path / "docs")
     prepare_data(str(tmp_path / "docs"), str(corpus / "tok.model"), str(tmp_path / "shards"), num_proc=1,
                  verbose=False)
+
     def run(source):
         return subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "shards"), "--source", source,
                                "--tokenizer", str(corpus / "tok.model"), "--out_dir", str(tmp_path / "out"), *TINY,
