@@ -256,7 +256,7 @@ def main():
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:
-        load_tokenizer(args.ckpt)  # first: it is the quick one to find missing
+        tokenizer_path(args.ckpt)  # first: the quick one to find missing, before the weights are read
         model = load_model(args.ckpt, device=args.device, dtype=dtype).eval()
         tok = load_tokenizer(args.ckpt, model)
     except (FileNotFoundError, CheckpointError) as e:
