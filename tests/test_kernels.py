@@ -71,7 +71,8 @@ def check_attention(B, Hq, Hkv, T, Tk, doc_ids=None, dtype=torch.float32, d=D, s
     assert strided == (not q.is_contiguous()) == (not k.is_contiguous())
     o = A.flash_attention(q, k, v, doc_ids)
     assert o.shape == q.shape and o.dtype == dtype
-    do = torch.randn_like(o)
+    # (strided: the gradient as the model sends it back through y.transpose(1, 2).reshape, not contiguous)
+    do = torch.randn(B, T, Hq, d, device=DEV, dtype=dtype).transpose(1, 2) if strided else torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)
     ref = A.attention_reference(q.float(), k.float(), v.float(), doc_ids)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.float())
@@ -124,8 +125,9 @@ def test_flash_documents(case):
         g = torch.Generator().manual_seed(1)
         cuts = [sorted(torch.randperm(T - 1, generator=g)[:5].add(1).tolist()) for _ in range(2)]
         doc_ids = docs_from_lengths(*[torch.tensor([0] + c + [T]).diff().tolist() for c in cuts])
-    elif case == "block_edges":   # boundaries exactly on tile edges, and one tile-edge-minus-one
-        doc_ids = docs_from_lengths([TILE, 2 * TILE, TILE], [TILE - 1, 1, TILE, 2 * TILE])
+    elif case == "block_edges":   # boundaries exactly on tile edges, one tile-edge-minus-one, and a document whose
+        doc_ids = docs_from_lengths([TILE + 1, 2 * TILE - 1, TILE], [TILE - 1, 1, TILE, 2 * TILE])  # last row
+                                  # starts a tile (the dk/dv kernel's query range must reach it)
     elif case == "short":         # many short documents, some of length 1
         doc_ids = docs_from_lengths([1, 1, 3, 2, T - 13, 5, 1], [T // 8] * 8)
     elif case == "scattered_ids":  # the same id at separate places: still exact (only fewer tiles skipped)
@@ -325,12 +327,21 @@ def test_flash_under_inference_mode():
 
 @pytest.mark.parametrize("docs", [False, True])
 def test_flash_strided_inputs(docs):
-    """q, k, v as the model makes them ((B, T, H, D) transposed) and k, v as slices of a preallocated KV cache:
-    the forward and the backward read every input through its strides (training passes exactly these views)."""
+    """q, k, v as the model makes them ((B, T, H, D) transposed), k, v as slices of a preallocated KV cache, and dO
+    as the model's backward sends it: the forward and the backward read every input through its strides (training
+    passes exactly these views). And a head dimension that is not contiguous (the kernels read whole rows of it):
+    copied first."""
     if docs:
         check_attention(2, 4, 2, 37 * S, 37 * S, docs_from_lengths([10 * S, 27 * S], [37 * S]), strided=True)
     else:
         check_attention(2, 4, 1, 9 * S, 30 * S, strided=True)
+    q, k, v = (torch.randn(1, 2, D, 9 * S, device=DEV).transpose(-1, -2).requires_grad_() for _ in range(3))
+    assert q.stride(-1) != 1
+    o, ref = A.flash_attention(q, k, v), A.attention_reference(q, k, v)
+    assert_close(o, ref, TOL[torch.float32], "o")
+    do = torch.randn_like(o)
+    for name, g, r in zip("qkv", torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert_close(g, r, TOL[torch.float32], f"d{name}")
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter runs programs one at a time: any order repeats there")
