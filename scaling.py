@@ -183,27 +183,28 @@ def fit_sigmoid(nll, accuracy, chance):
     above = np.clip((y - chance) / (1 - chance), 0.01, 0.99)
     logit = np.log(above / (1 - above))
 
-    def fit(a, b):   # -> the curve's s and p at x, and the log-likelihood per question
+    def curve(a, b):   # -> its s and p at x, and the log-likelihood per question
         s = sigmoid(a + b * x)
         p = np.clip(chance + (1 - chance) * s, 1e-12, 1 - 1e-12)
         return s, p, np.sum(y * np.log(p) + (1 - y) * np.log(1 - p))
 
     def climb(a, b):
-        s, p, loglik = fit(a, b)
+        s, p, loglik = curve(a, b)
         for _ in range(200):
             grad = (1 - chance) * (s * (1 - s))[:, None] * np.stack([np.ones_like(x), x], 1)   # dp / d(a, b)
             w = 1 / (p * (1 - p))                                                              # 1 / binomial variance
             # (lstsq, not solve: accuracies all at chance drive a to -inf, where the curve is flat and the matrix 0)
             step = np.linalg.lstsq(grad.T @ (w[:, None] * grad), grad.T @ (w * (y - p)), rcond=None)[0]
             for _ in range(40):
-                new = fit(a + step[0], b + step[1])
+                new = curve(a + step[0], b + step[1])
                 if new[2] >= loglik:
                     break
                 step = step / 2
             else:
                 break
+            gain = new[2] - loglik
             a, b = a + step[0], b + step[1]
-            (s, p, _), gain, loglik = new, new[2] - loglik, new[2]
+            s, p, loglik = new
             if np.abs(step).max() < 1e-10 or gain < 1e-13:
                 break
         return loglik, a, b
