@@ -572,9 +572,10 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
     model = getattr(model, "module", model)     # DDP wrapper
     out_dir = Path(out_dir)
     sd = model.state_dict() if state_dict is None else state_dict
-    # a tied output layer is the embedding matrix: saved once, under its embedding name, as in Meta's Llama 3.2
-    # 1B/3B files (a GPU's two .cpu() copies would have written it twice)
-    sd = {k: v.detach().cpu() for k, v in sd.items() if not (k == "output.weight" and model.args.tie_embeddings)}
+    tied = model.args.tie_embeddings
+    sd = {k: v.detach().cpu() for k, v in sd.items() if not (k == "output.weight" and tied)}
+    if tied:  # Meta's loaders want both names (strict): one tensor, so torch.save stores its bytes once
+        sd["output.weight"] = sd["tok_embeddings.weight"]   # (two .cpu() copies of a GPU's would be two)
     atomic_save(sd, out_dir / "consolidated.00.pth")
     if tokenizer_path is not None:
         data = Path(tokenizer_path).read_bytes()
@@ -855,10 +856,12 @@ def load_model(path, device="cpu", dtype=None):
     path = model_dir(path)
     if (path / "params.json").exists():
         args, sd, files = read_meta_checkpoint(path)
-        if "output.weight" not in sd and not args.tie_embeddings:  # Meta's 3.2 1B/3B: the shared matrix once
-            warnings.warn(f"{path}: no output.weight, so the output layer is tied to tok_embeddings "
-                          "(as in Meta's Llama 3.2 1B/3B)", stacklevel=2)
+        out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+        if not args.tie_embeddings and out is None:
+            warnings.warn(f"{path}: no output.weight, so the output layer is tied to tok_embeddings", stacklevel=2)
             args.tie_embeddings = True
+        elif not args.tie_embeddings and emb is not None and torch.equal(out, emb):
+            args.tie_embeddings = True  # Meta's Llama 3.2 1B/3B: params.json does not say, the same matrix twice does
     elif (path / "config.json").exists():
         args, sd, files = read_hf_checkpoint(path)  # tied or not: config.json's tie_word_embeddings says
     else:

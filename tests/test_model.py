@@ -453,8 +453,9 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["consolidated.00.pth", "params.json",
                                                                       "tokenizer.model"]
     assert json.loads((tmp_path / "ckpt" / "params.json").read_text())["n_kv_heads"] == 2
-    # tied: the matrix saved once, under tok_embeddings (as Meta's 3.2 1B/3B; separate copies off a GPU were two)
-    assert "output.weight" not in torch.load(tmp_path / "ckpt" / "consolidated.00.pth")
+    # tied: under both names, as Meta's 3.2 1B/3B, one tensor (separate copies off a GPU were two)
+    sd = torch.load(tmp_path / "ckpt" / "consolidated.00.pth")
+    assert sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr()
     loaded = M.load_model(tmp_path / "ckpt")
     assert loaded.args == m.args and loaded.output.weight is loaded.tok_embeddings.weight
     tokens = torch.randint(0, 97, (2, 9))
@@ -932,10 +933,26 @@ def test_malformed_configs_and_state_dicts_name_the_file(tmp_path):
 
 
 def test_output_layer_is_tied_only_where_the_checkpoint_says(tmp_path):
-    """Meta's layout: a missing output.weight is a tied one (Meta's 3.2 1B/3B), said aloud. Hugging Face's: the
-    config's tie_word_embeddings decides, and a tensor that contradicts it is refused, naming its file."""
+    """Meta's layout: both names are saved (Meta's loader is strict: its Transformer always has `output`), the
+    tied matrix stored once; an output.weight equal to the embedding is tied (Meta's 3.2 1B/3B say it no other
+    way), a missing one too, said aloud. Hugging Face's: the config's tie_word_embeddings decides, and a tensor
+    that contradicts it is refused, naming its file."""
+    tied = tiny_model(tie_embeddings=True)
+    M.save_model(tied, tmp_path / "ours")
+    sd = torch.load(tmp_path / "ours" / "consolidated.00.pth")
+    meta = MetaModelArgs(max_seq_len=512, max_batch_size=4,
+                         **json.loads((tmp_path / "ours" / "params.json").read_text()))
+    assert set(sd) == set(meta_shapes(meta))
+    assert sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr()   # one copy in the file
+    params = json.loads((tmp_path / "ours" / "params.json").read_text())
+    del params["tie_embeddings"]                                  # Meta's 3.2 1B: the same matrix twice, no flag
+    (tmp_path / "ours" / "params.json").write_text(json.dumps(params))
+    torch.save({k: v.clone() for k, v in sd.items()}, tmp_path / "ours" / "consolidated.00.pth")
+    loaded = M.load_model(tmp_path / "ours")
+    assert loaded.args.tie_embeddings and loaded.output.weight is loaded.tok_embeddings.weight
     m = tiny_model()
     M.save_model(m, tmp_path / "meta")
+    assert not M.load_model(tmp_path / "meta").args.tie_embeddings   # two different matrices stay two
     sd = torch.load(tmp_path / "meta" / "consolidated.00.pth")
     torch.save({k: v for k, v in sd.items() if k != "output.weight"}, tmp_path / "meta" / "consolidated.00.pth")
     with pytest.warns(UserWarning, match="no output.weight, so the output layer is tied"):
