@@ -41,36 +41,57 @@ import heapq
 import itertools
 import multiprocessing
 import os
+import re
 import sys
 import sysconfig
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import regex
 import tiktoken
 from tqdm import tqdm
 
-# Meta's split regex for Llama 3 (meta-llama/llama3, llama/tokenizer.py `pat_str`; it is the regex of
-# tiktoken's cl100k_base, GPT-4's tokenizer): contractions, letters with one optional leading non-letter, numbers of at most 3 digits,
-# punctuation runs, newlines, and whitespace that never swallows the space before a word.
+# Meta's split regex for Llama 3 (meta-llama/llama3, llama/tokenizer.py `pat_str`; it is the regex of tiktoken's
+# cl100k_base, GPT-4's tokenizer): contractions, letters with one optional leading non-letter, numbers of at most 3
+# digits, punctuation runs, newlines, and whitespace that never swallows the space before a word.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 SURROGATE = regex.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: "\ud83d" alone is valid JSON, not UTF-8
 
-# Meta's Llama 3 special tokens, in id order after the mergeable ranks (meta-llama/llama3 tokenizer.py).
-# Llama 3.1 later renamed some reserved slots (<|eom_id|> at +8, <|python_tag|> at +10); the ids we use
-# (begin/end of text, headers, eot) are the same in both.
+# tiktoken's regex gives up on a run of about a million whitespace characters (a Rust panic, which `except
+# Exception` does not catch). Such runs are cut every MAX_SPACE_RUN characters before tiktoken sees them, as Meta's
+# Tokenizer.encode cuts every run at 25,000 (tiktoken issue 195); text without one is one piece, encoded as is.
+MAX_SPACE_RUN = 25_000
+LONG_SPACE_RUN = re.compile(r"(?<!\s)\s{%d,}" % (MAX_SPACE_RUN + 1))   # (re's \s is str.isspace)
+
+
+def space_run_pieces(text):
+    """text -> [text], or its pieces cut inside each run of over MAX_SPACE_RUN whitespace characters, every
+    MAX_SPACE_RUN of them. Such a run holds a whole slice [p, p + MAX_SPACE_RUN/2) with p a multiple of
+    MAX_SPACE_RUN/2, so one character in 12,500 is looked at unless a run may be there."""
+    half = MAX_SPACE_RUN // 2
+    if not any(text[p].isspace() and text[p:p + half].isspace() for p in range(0, len(text), half)):
+        return [text]
+    cuts = [i for m in LONG_SPACE_RUN.finditer(text) for i in range(m.start() + MAX_SPACE_RUN, m.end(), MAX_SPACE_RUN)]
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
+# Meta's Llama 3 special tokens, in id order after the mergeable ranks, under Llama 3.1's names (meta-llama/
+# llama-models, models/llama3/tokenizer.py): the same 256 ids as 3.0's (meta-llama/llama3), which called the slots
+# of <|finetune_right_pad_id|>, <|step_id|>, <|eom_id|> and <|python_tag|> reserved; one tokenizer.model serves both.
 N_SPECIAL = 256
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
     "<|reserved_special_token_0|>",
     "<|reserved_special_token_1|>",
-    "<|reserved_special_token_2|>",
-    "<|reserved_special_token_3|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
     "<|start_header_id|>",
     "<|end_header_id|>",
-    "<|reserved_special_token_4|>",
+    "<|eom_id|>",  # end of message: a tool call, whose answer the turn waits for
     "<|eot_id|>",  # end of turn
-] + [f"<|reserved_special_token_{i}|>" for i in range(5, N_SPECIAL - 5)]
+    "<|python_tag|>",  # a tool call follows
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, N_SPECIAL - 9)]
 assert len(SPECIAL_TOKENS) == N_SPECIAL
 
 ROLES = ("system", "user", "assistant")
@@ -339,9 +360,8 @@ class Tokenizer:
         self.start_header_id = self.special_tokens["<|start_header_id|>"]
         self.end_header_id = self.special_tokens["<|end_header_id|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
-        # generation ends at any: end of text, of a turn, or (Llama 3.1's <|eom_id|>, in 3.0's reserved slot 8: never
-        # sampled there) of a message that waits for a tool's answer
-        self.stop_ids = {self.eos_id, self.eot_id, len(ranks) + 8}
+        # generation ends at any: end of text, of a turn, or of a message that waits for a tool's answer
+        self.stop_ids = {self.eos_id, self.eot_id, self.special_tokens["<|eom_id|>"]}
 
     @classmethod
     def train(cls, texts, vocab_size, pattern=LLAMA3_PATTERN, processes=None, verbose=None):
@@ -414,19 +434,17 @@ class Tokenizer:
 
     def encode(self, text, bos=False, eos=False):
         """Plain text -> ids. Special-token strings in text are ordinary characters (encode_ordinary)."""
-        ids = self.enc.encode_ordinary(text)
-        if bos:
-            ids = [self.bos_id] + ids
+        ids = [self.bos_id] if bos else []
+        for piece in space_run_pieces(text):
+            ids += self.enc.encode_ordinary(piece)
         if eos:
             ids.append(self.eos_id)
         return ids
 
     def encode_batch(self, texts, bos=False, eos=False):
-        """Many texts at once, on tiktoken's thread pool."""
-        batch = self.enc.encode_ordinary_batch(list(texts))
-        if bos or eos:
-            batch = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
-        return batch
+        """Many texts at once, on threads (tiktoken's encoder lets go of the GIL), as tiktoken's own batch."""
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda text: self.encode(text, bos, eos), texts))
 
     def decode_bytes(self, ids):
         """ids -> raw bytes. A prefix of a stream may end inside a UTF-8 character: decode once complete."""

@@ -52,7 +52,10 @@ def test_special_tokens_follow_meta_layout(tok):
     assert (tok.start_header_id, tok.end_header_id, tok.eot_id) == (n + 6, n + 7, n + 9)
     assert tok.stop_ids == {n + 1, n + 8, n + 9}   # <|end_of_text|>, Llama 3.1's <|eom_id|>, <|eot_id|>
     assert tok.n_words == n + 256 == max(tok.special_tokens.values()) + 1
-    assert tok.special_tokens["<|reserved_special_token_250|>"] == n + 255
+    # Llama 3.1's names (Meta's llama-models; 3.0 called these slots reserved): a 3.1 tool call decodes as such
+    assert [tok.decode([n + i]) for i in (4, 5, 8, 10, 11)] == [
+        "<|finetune_right_pad_id|>", "<|step_id|>", "<|eom_id|>", "<|python_tag|>", "<|reserved_special_token_2|>"]
+    assert tok.special_tokens["<|reserved_special_token_246|>"] == n + 255
 
 
 # --- training: the fast trainer equals the reference -----------------------------------------------
@@ -127,6 +130,31 @@ def test_encode_batch_bos_eos(tok):
     batch = tok.encode_batch(texts, bos=True, eos=True)
     assert batch == [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in texts]
     assert tok.encode("hi", bos=True) == [tok.bos_id] + tok.encode("hi")
+
+
+def cut_runs_by_hand(text, limit):
+    """Meta's rule, a character at a time: a run of whitespace is cut each time it has grown `limit` long."""
+    pieces, start, run = [], 0, 0
+    for i, c in enumerate(text):
+        run = run + 1 if c.isspace() else 0
+        if run > limit:
+            pieces.append(text[start:i])
+            start, run = i, 1
+    return pieces + [text[start:]]
+
+
+def test_long_whitespace_runs_are_cut_before_tiktoken(tok):
+    """tiktoken's regex panics (a BaseException) on ~1M spaces: runs over MAX_SPACE_RUN are cut, every MAX_SPACE_RUN
+    characters, wherever they lie (the fast check looks at one character in 12,500), and nothing else is."""
+    limit, rng = T.MAX_SPACE_RUN, __import__("random").Random(0)
+    for n in [limit - 1, limit, limit + 1, 2 * limit, 2 * limit + 1, 3 * limit + 7]:
+        for at in [0, 1, limit // 2 - 1, limit // 2, rng.randrange(3 * limit)]:
+            text = "x" * at + "".join(rng.choice(" \t\n\u3000") for _ in range(n)) + "yz" * rng.randrange(2)
+            assert T.space_run_pieces(text) == cut_runs_by_hand(text, limit), (n, at)
+    text = "a" + " " * 1_000_000 + "b\n\n" + "\u00a0" * 700_000
+    ids = tok.encode(text, bos=True)
+    assert tok.decode(ids[1:]) == text and ids == tok.encode_batch([text], bos=True)[0]
+    assert T.space_run_pieces(CORPORA["code"] * 50) == [CORPORA["code"] * 50]
 
 
 def test_special_token_text_is_never_a_control_token(tok):
@@ -214,7 +242,7 @@ def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     assert load_tiktoken_bpe(path) == tok.ranks  # tiktoken reads our file as its own
     with open(tmp_path / "tok.vocab", encoding="utf-8") as f:
         vocab_lines = f.read().splitlines()
-    assert len(vocab_lines) == tok.n_words and vocab_lines[-1].endswith("<|reserved_special_token_250|>")
+    assert len(vocab_lines) == tok.n_words and vocab_lines[-1].endswith("<|reserved_special_token_246|>")
     other = Tokenizer.train(["something else entirely"], 256 + 5 + N_SPECIAL)
     assert other.fingerprint() != tok.fingerprint()
     tok.save(str(tmp_path / "new" / "dir" / "tok.model"))  # folders made as needed (data/ is not in a fresh clone)
