@@ -425,11 +425,12 @@ class Tokenizer:
         _write_atomic(vocab_path, "".join(lines))
 
     def fingerprint(self):
-        """Short hash of ranks, split pattern and special tokens: the same fingerprint, the same ids."""
+        """Short hash of ranks, split pattern and the number of special tokens: the same fingerprint, the same ids
+        (the special tokens' names are not in it: 3.1 renamed reserved slots, their ids stayed)."""
         h = hashlib.sha256(self.pattern.encode())
         for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             h.update(base64.b64encode(tok) + b" %d\n" % rank)
-        h.update("\n".join(self.special_tokens).encode())
+        h.update(b"special %d" % len(self.special_tokens))
         return h.hexdigest()[:16]
 
     def encode(self, text, bos=False, eos=False):
