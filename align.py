@@ -952,8 +952,10 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
             ref_logp = Policy(ref)(tokens)[0]
             score = reward_fn(seqs).to(dev)  # (B,)
             if score_mean is None:  # a reward model's scale is arbitrary (Bradley–Terry fixes only differences):
-                score_mean, score_std = score.mean(), score.std(correction=0).clamp(min=1e-3)  # standardise by
-                # the first rollout (correction=0: a rollout of one sequence has std 0, not NaN)
+                score_mean, score_std = score.mean(), score.std(correction=0)   # standardise by the first rollout
+                # (correction=0: one sequence has std 0, not NaN), unless its scores hardly differ (one sequence,
+                # a reward that all fail): dividing by ~0 would blow up every later score, so they are only centred
+                score_std = torch.where(score_std > 1e-3, score_std, torch.ones_like(score_std))
             rewards = kl_shaped_rewards((score - score_mean) / score_std, old_logp, ref_logp, mask, kl_ctl.coef)
             adv, returns = gae(rewards, old_values, mask, gamma, lam)
             adv = whiten(adv, mask)

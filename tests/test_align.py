@@ -615,6 +615,27 @@ def test_ppo_mask_covers_exactly_the_response_tokens(tok, monkeypatch):
         assert row.tolist() == expected + [0.0] * (len(row) - len(expected))
 
 
+def test_ppo_score_scale_survives_a_first_rollout_of_equal_scores(tok, monkeypatch):
+    """Scores are standardised by the first rollout's spread. When its scores are all equal (one sequence: --batch_size
+    1; a reward every first sample fails) there is no spread to divide by: the old floor of 1e-3 multiplied every
+    later score by 1000, and the KL penalty weighed nothing against it. They are then only centred (review, helper)."""
+    calls, seen = [0], []
+
+    def reward_fn(seqs):  # first rollout: all 0; later ones: 0 / 1
+        calls[0] += 1
+        return torch.zeros(len(seqs)) if calls[0] == 1 else torch.tensor([float(i % 2) for i in range(len(seqs))])
+
+    def spy(score, logp, ref_logp, mask, kl_coef):
+        seen.append(score.clone())
+        return shaped(score, logp, ref_logp, mask, kl_coef)
+    shaped = align.kl_shaped_rewards
+    monkeypatch.setattr(align, "kl_shaped_rewards", spy)
+    prompts = [align.user(t["prompt"]) for t in align.task_split(8, 0, seed=5)[0]]
+    align.train_ppo(tiny_model(tok), tiny_model(tok).requires_grad_(False), reward_fn, tok, prompts, iters=2,
+                    rollout_size=8, lr=1e-3, max_new=6)
+    assert seen[0].tolist() == [0.0] * 8 and seen[1].tolist() == [0.0, 1.0] * 4
+
+
 KILL_AT_STEP = """
 import os
 # SIGKILL this process (or KILL_SIGNAL; under torchrun only rank KILL_RANK, if given) as it starts its Nth step
