@@ -114,7 +114,8 @@ class ModelArgs:
         ours where they are not the default, and the RoPE factor whenever scaling is on."""
         defaults = ModelArgs()
         ours = {"use_scaled_rope", "rope_scaling_factor", "rope_original_context", "tie_embeddings", "ffn_hidden_dim"}
-        params = {k: v for k, v in dataclasses.asdict(self).items() if k not in ours or v != getattr(defaults, k)}
+        params = {k: v for k, v in dataclasses.asdict(self).items()  # (None, Meta's default, is left out, as
+                  if (k not in ours or v != getattr(defaults, k)) and v is not None}   # Meta's own files do)
         if self.use_scaled_rope:  # else read_meta_checkpoint would guess the factor at the Llama 3.2 1B/3B shapes
             params.update(rope_scaling_factor=self.rope_scaling_factor,
                           rope_original_context=self.rope_original_context)
@@ -625,9 +626,11 @@ def read_meta_checkpoint(path):
         args = ModelArgs.from_params(params)
     except (ValueError, TypeError, OSError) as e:  # (OSError: a folder named params.json, unreadable)
         raise CheckpointError(f"{path / 'params.json'}: {e}") from e
-    if args.use_scaled_rope and "rope_scaling_factor" not in params and (args.dim, args.n_layers) in \
-            {(2048, 16), (3072, 28)}:  # Llama 3.2 1B/3B: Meta's params.json omit their factor, 32 not 3.1's 8
+    if args.use_scaled_rope and "rope_scaling_factor" not in params and args.dim in (2048, 3072):
+        # Llama 3.2 1B/3B (and models pruned from them): Meta's params.json omit their factor, 32 not 3.1's 8
         args.rope_scaling_factor = 32.0  # (their config.json; meta-llama/llama-models issues 166 and 241)
+    if args.use_scaled_rope and not {"context_len", "max_seq_len"} & params.keys():
+        args.max_seq_len = 131072  # nor do they give the context: Llama 3.1's and 3.2's is 128K (config.json)
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
@@ -883,8 +886,9 @@ def load_model(path, device="cpu", dtype=None):
         if t.shape != expected[key].shape:
             raise CheckpointError(f"{files.get(key, path)}: tensor {key} has shape {tuple(t.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from the config")
-        if not t.is_floating_point():
-            raise CheckpointError(f"{files.get(key, path)}: tensor {key} has dtype {t.dtype}, not a floating point one")
+        if not t.is_floating_point() or t.element_size() == 1:  # (float8: a quantized download, scales elsewhere)
+            raise CheckpointError(f"{files.get(key, path)}: tensor {key} has dtype {t.dtype}, not a floating point one "
+                                  "of 16 bits or more (for Meta's FP8 405B, take the bf16 download)")
     model.load_state_dict(sd, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter

@@ -569,6 +569,7 @@ def test_params_json_loads_in_metas_reference_code(kw):
     assert meta_shapes(meta) == ours
     assert params["context_len"] == args.max_seq_len and ModelArgs.from_params(params).max_seq_len == args.max_seq_len
     assert ("use_scaled_rope" in params) == args.use_scaled_rope  # Meta's Llama 3 8B/70B files have no such key
+    assert None not in params.values()  # (Meta's files leave out what is None: HF's converter multiplies by it)
 
 
 def test_params_json_round_trip_keeps_context_rope_and_ffn(tmp_path):
@@ -979,14 +980,30 @@ def test_output_layer_is_tied_only_where_the_checkpoint_says(tmp_path):
         M.load_model(tmp_path / "tied")
 
 
-def test_meta_llama32_params_get_their_rope_factor(tmp_path):
-    """Meta's params.json of Llama 3.2 1B/3B say use_scaled_rope but not the factor, which is 32 for them."""
-    for dims, factor in [(dict(dim=2048, n_layers=16), 32.0), (dict(dim=4096, n_layers=32), 8.0)]:
-        d = tmp_path / str(dims["dim"])
+def test_meta_params_get_their_rope_factor_and_context(tmp_path):
+    """Meta's params.json of Llama 3.1 and 3.2 say use_scaled_rope but neither the factor (32 for 3.2 1B/3B, and
+    Llama Guard 3 1B, pruned to 12 layers; 8 for 3.1) nor the context, 128K (8K for 3.0, without scaling)."""
+    for dims, factor, context in [(dict(dim=2048, n_layers=16), 32.0, 131072), (dict(dim=2048, n_layers=12), 32.0,
+                                   131072), (dict(dim=4096, n_layers=32), 8.0, 131072),
+                                  (dict(dim=4096, n_layers=32, use_scaled_rope=False), 8.0, 8192)]:
+        d = tmp_path / f"{dims['dim']}-{dims['n_layers']}-{context}"
         d.mkdir()
-        (d / "params.json").write_text(json.dumps({**dims, "n_heads": 32, "n_kv_heads": 8, "use_scaled_rope": True}))
+        (d / "params.json").write_text(json.dumps({"n_heads": 32, "n_kv_heads": 8, "use_scaled_rope": True, **dims}))
         torch.save({}, d / "consolidated.00.pth")  # the shapes are all this reads
-        assert M.read_meta_checkpoint(d)[0].rope_scaling_factor == factor
+        args = M.read_meta_checkpoint(d)[0]
+        assert (args.rope_scaling_factor, args.max_seq_len) == (factor, context)
+
+
+def test_float8_weights_are_refused(tmp_path):
+    """Meta's FP8 405B keeps its scales in fp8_scales_N.pt beside the weights: its float8 tensors would load
+    unscaled, silently (float8 counts as floating point). Refused, naming the tensor."""
+    m = tiny_model()
+    M.save_model(m, tmp_path / "fp8")
+    sd = torch.load(tmp_path / "fp8" / "consolidated.00.pth")
+    sd["layers.0.feed_forward.w1.weight"] = sd["layers.0.feed_forward.w1.weight"].to(torch.float8_e4m3fn)
+    torch.save(sd, tmp_path / "fp8" / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match="tensor layers.0.feed_forward.w1.weight has dtype torch.float8_e4m3fn"):
+        M.load_model(tmp_path / "fp8")
 
 
 def test_tied_model_counts_its_shared_matrix_as_the_output_matmul():
