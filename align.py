@@ -1260,8 +1260,9 @@ if __name__ == "__main__":
     for name in ("steps", "batch_size", "n_prompts", "k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if (args.lr is not None and not args.lr > 0) or not args.temperature >= 0:
-        p.error("--lr must be > 0 and --temperature >= 0")
+    if (args.lr is not None and not args.lr > 0) or not args.temperature > 0:
+        p.error("--lr and --temperature must be > 0 (at temperature 0 the K samples of a prompt are one answer K "
+                "times: no pair to prefer, nothing to choose from)")
     if args.n_eval < (1 if args.stage == "all" else 0):
         p.error(f"--n_eval must be >= {1 if args.stage == 'all' else 0}")
     device = setup_device()

@@ -762,6 +762,8 @@ def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path
     for flag in ("--k", "--batch_size", "--steps", "--n_prompts"):
         r = run("sft", "--init", str(tmp_path / "init"), flag, "0")
         assert r.returncode == 2 and f"{flag} must be >= 1" in r.stderr, r.stderr
+    r = run("rs", "--init", str(tmp_path / "init"), "--rm", str(tmp_path / "rm"), "--temperature", "0")
+    assert r.returncode == 2 and "--temperature must be > 0 (at temperature 0 the K samples" in r.stderr, r.stderr
     assert run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft")).returncode == 0
     r = run("sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft"), "--resume")
     assert r.returncode == 0 and "[sft] ended before" in r.stdout and "sft step" not in r.stdout, r.stdout
