@@ -14,7 +14,7 @@ Design choices
   Held-out prompts never appear in any training set (nor in the texts the small tokenizer is trained on).
 - Preference pairs are on-policy, as in Llama 3 (§4.2.1: pairs are sampled from the latest models): K samples of
   the current policy per prompt, a correct one is "chosen" (else the checker's answer), an incorrect one is
-  "rejected" (else a corrupted answer: off-by-one, shuffled).
+  "rejected" (else a corrupted answer: a number off by one or two, or the letters shuffled).
 - SFT (Llama 3 §4.1.3): conversations rendered by tokenizer.encode_dialog, loss only on assistant tokens and their
   <|eot_id|>, several conversations packed per row with document masking (doc_ids), never across conversations;
   the loss is the mean over the batch's assistant tokens (under DDP too: each rank weighs its share).
@@ -867,7 +867,8 @@ def rm_accuracy(rm, tok, pairs):
 
 
 def response_logprobs(policy, seqs, masks):
-    """Summed log-prob of each sequence's masked (response) tokens: seqs (B lists), masks (B lists, len-1) -> (B,).
+    """Summed log-prob of each sequence's masked (response) tokens: seqs (B lists), masks (B lists, len-1) ->
+    (summed log-probs (B,), masked tokens per row (B,)).
     policy: a Policy (or DDP of one)."""
     tokens = pad(seqs).to(device_of(policy))
     m = pad(masks).to(tokens.device).float()  # (B, T-1), lines up with token_logprobs
@@ -1225,7 +1226,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see STAGE_DEFAULTS; "
                    "with `all` these overrides apply to every stage (a quick smoke run from a fresh model: --steps 3 "
                    "--n_prompts 16; from a pretrained --init, SFT needs more steps before RS finds answers that end)")
-    p.add_argument("--batch_size", type=int, help="sequences per step (ppo: rollouts per iteration)")
+    p.add_argument("--batch_size", type=int, help="per step: packed rows (sft, rs), preference pairs (rm, dpo: twice "
+                   "as many sequences); ppo: rollouts per iteration")
     p.add_argument("--lr", type=float)
     p.add_argument("--n_prompts", type=int, help="task prompts the stage draws (sft: conversations, rm/dpo: pairs)")
     p.add_argument("--n_eval", type=int, default=500, help="held-out tasks scored after every stage (the embedded "

@@ -9,8 +9,8 @@ Design choices
 - `generate` is the batched version align.py uses: prompts of different lengths are right-padded and run
   in one prefill (causal attention never looks right, so padding is invisible to the real tokens); each row
   then decodes at its own position, stops at its own stop token, and the log-prob of every sampled token under
-  the plain softmax (temperature 1, no top-k/top-p) is returned for PPO. On a GPU its decode step is a CUDA
-  graph (cuda_graphed), replayed for every token.
+  the plain softmax (temperature 1, no top-k/top-p) is returned for PPO. On a GPU, for 16 new tokens or more,
+  its decode step is a CUDA graph (cuda_graphed), replayed for every token.
 - Sampling: temperature, then top-k, then top-p (nucleus, Holtzman et al. 2019; Meta's llama3 generate uses
   temperature and top-p); temperature 0 is greedy.
 - Streaming prints bytes, not per-token strings: a UTF-8 character split across two tokens is decoded once

@@ -337,7 +337,8 @@ parser.add_argument("--vocab_size", type=int, default=8192, help="of a newly tra
 parser.add_argument("--model", default="cpu", choices=sorted(PRESETS), help="shape preset of model.py")
 for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
     parser.add_argument(f"--{name}", type=int, help="override the preset's " + name)
-parser.add_argument("--seq_len", type=int, help="context length T (default: the preset's max_seq_len)")
+parser.add_argument("--seq_len", type=int,
+                    help="context length T (default: the preset's max_seq_len; with --init the model's)")
 parser.add_argument("--init", help="start from this exported model instead of random weights (long-context stage)")
 parser.add_argument("--rope_factor", type=float, help="with --init: Llama 3.1 RoPE scaling by this factor")
 parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-step, per process")
@@ -424,8 +425,8 @@ fsdp, ddp = distributed and args.fsdp, distributed and not args.fsdp
 torch.manual_seed(args.seed)  # the same seed on every rank: every rank builds the same initial weights
 torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls left outside autocast
 # bf16 matmuls with fp32 master weights (Llama 3 trains in bf16), on GPU and on CPUs with bf16 matrix instructions
-# (model.bf16_matmuls): there a step of the cpu preset ran 1.3x faster than in fp32 (the elementwise ops stay fp32),
-# at the same loss per step (2.26 bits per byte after 200 steps either way)
+# (model.bf16_matmuls): there a step of the cpu preset ran 1.3x faster than in fp32 when it was 256 wide (the
+# elementwise ops stay fp32), at the same loss per step (2.26 bits per byte after 200 steps either way)
 args.dtype = args.dtype or ("bfloat16" if bf16_matmuls(device) else "float32")
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
 if device.type == "cpu":
