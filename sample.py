@@ -251,7 +251,7 @@ def main():
     args = parser.parse_args()
     if args.prompt is None and not args.chat:
         parser.error("give --prompt TEXT or --chat")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1:
+    if not args.temperature >= 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1]")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -268,7 +268,7 @@ def main():
     if len(ids) >= model.args.max_seq_len:
         sys.exit(f"the prompt is {len(ids)} tokens; the model's context is {model.args.max_seq_len}")
     session = Session(model, min(model.args.max_seq_len, len(ids) + args.max_new_tokens))
-    session.tokens = ids
+    session.tokens = list(ids)  # (stream() appends to it; ids stays the prompt)
     print(args.prompt, end="", flush=True)
     try:
         print_stream(tok, session.stream(args.max_new_tokens, args.temperature, args.top_k, args.top_p,

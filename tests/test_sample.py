@@ -352,3 +352,24 @@ def test_chat_closes_a_reply_ended_by_end_of_text_with_eot(tok, monkeypatch):
     first = tok.encode_dialog_prompt([{"role": "user", "content": "hello"}])
     second = tok.encode_dialog_prompt([{"role": "user", "content": "again"}])[1:]
     assert tokens == first + [tok.eot_id] + second + [tok.eos_id]
+
+
+def test_cli_prompt_says_the_context_is_full_only_when_it_is(tmp_path, tok, monkeypatch, capsys):
+    """(review, helper) main() set session.tokens = ids, the same list that stream() appends to, so its count of new tokens
+    was always 0: a run that simply reached --max_new_tokens claimed "stopped after 0 new tokens: the model's
+    context ... is full", and a run that did fill the context reported 0 new tokens."""
+    torch.manual_seed(0)
+    tok.save(str(tmp_path / "tok.model"))
+    m = tiny_model(vocab_size=tok.n_words, max_seq_len=48)
+    M.save_model(m, tmp_path / "ckpt", tokenizer_path=tmp_path / "tok.model")
+    ids = tok.encode("hello world", bos=True)
+    free, _ = sample.generate(m, [ids], 48 - len(ids), temperature=0)
+    assert not set(free[0]) & tok.stop_ids  # (so neither run below ends at a stop token)
+    base = ["sample.py", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "hello world", "--temperature", "0",
+            "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", base + ["--max_new_tokens", "4"])
+    sample.main()
+    assert "is full" not in capsys.readouterr().err  # 4 new tokens in a 48-token context: nothing is full
+    monkeypatch.setattr(sys, "argv", base + ["--max_new_tokens", "100"])
+    sample.main()
+    assert f"stopped after {48 - len(ids)} new tokens: the model's context of 48 is full" in capsys.readouterr().err
