@@ -97,6 +97,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     one's log-probability under the model's plain softmax at temperature 1."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt and no empty prompt (start with <|begin_of_text|>)")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens {max_new_tokens} < 0")
     was_training = model.training
     model.eval()
     device = model.tok_embeddings.weight.device

@@ -197,6 +197,8 @@ def test_generate_restores_mode_and_checks_length():
         sample.generate(m, [[1] * 60], 5)
     with pytest.raises(ValueError, match="no empty prompt"):
         sample.generate(m, [[1], []], 5)
+    with pytest.raises(ValueError, match="max_new_tokens -1 < 0"):   # (was: a KV cache message)
+        sample.generate(m, [[1, 2]], -1)
 
 
 # ---------------------------------------------------------------------------------------------- session, streaming
