@@ -117,13 +117,27 @@ def docstrings(node, name):
             yield from docstrings(child, f"{name}.{child.name}")
 
 
+class Part(str):
+    """A document that goes to the split (is_val) of `of`, the name of the whole it is part of: a module's
+    docstrings are in its code word for word, and split apart, val would hold text that train has."""
+
+    def __new__(cls, text, of):
+        self = super().__new__(cls, text)
+        self.of = of
+        return self
+
+    def __reduce__(self):  # (pickled on its way to a worker process)
+        return Part, (str(self), self.of)
+
+
 def stdlib_documents():
     """The default corpus: each standard-library module as code, then (except for test modules, whose
-    docstrings are one-liners) its docstrings as an English document, then pydoc's topic pages (the language
-    reference text behind help('if'))."""
+    docstrings are one-liners) its docstrings as an English document, in the module's split (Part), then
+    pydoc's topic pages (the language reference text behind help('if'))."""
     root = sysconfig.get_paths()["stdlib"]
     for path, text in stdlib_sources():
-        yield text
+        of = os.path.relpath(path, root)
+        yield Part(text, of)
         if {"test", "tests", "idle_test"} & set(os.path.relpath(path, root).split(os.sep)[:-1]):
             continue  # (inside the stdlib: a user named "test" keeps the docstrings)
         try:
@@ -133,7 +147,7 @@ def stdlib_documents():
         module = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, ".")
         parts = [f"{name}\n\n{doc}" for name, doc in docstrings(tree, module)]
         if parts:
-            yield "\n\n\n".join(parts)
+            yield Part("\n\n\n".join(parts), of)
     from pydoc_data.topics import topics
     for name in sorted(topics):
         yield topics[name]
@@ -1109,15 +1123,16 @@ def _init_worker(tokenizer_path, threads=None, phrases=None):
 
 def _clean_chunk(texts):
     """Raw documents -> [(clean text, heuristic rule broken or None, exact hash, MinHash signature, bytes of
-    repeated-content lines removed)]."""
+    repeated-content lines removed, the hash that decides its split: is_val)]."""
     out = []
-    for text in texts:
-        text, cut = repeated_content(clean_text(text))
+    for raw in texts:
+        text, cut = repeated_content(clean_text(raw))
         if not text.strip():
-            out.append((text, "empty", None, None, cut))
+            out.append((text, "empty", None, None, cut, None))
         else:
-            out.append((text, heuristic_reject(text, _worker["phrases"]), doc_hash(text),
-                        _worker["minhash"].signature(text), cut))
+            h = doc_hash(text)
+            out.append((text, heuristic_reject(text, _worker["phrases"]), h, _worker["minhash"].signature(text), cut,
+                        doc_hash(raw.of) if isinstance(raw, Part) else h))
     return out
 
 
@@ -1140,19 +1155,20 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-PIPELINE = 6  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+PIPELINE = 7  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
               # near-dedup compares every kept document that shares a band; 4: the personal data rule, the val
               # split by hash; 5: that hash taken before line dedup, lines of repeated content; 6: words and
-              # letters by Unicode's rules, combining marks included)
+              # letters by Unicode's rules, combining marks included; 7: a module's docstrings in its code's
+              # split, line dedup drops the documents it makes equal)
 
 
 def is_val(h, every):
     """The train/val split, by document: 1 in `every` (0: none) by h, the hash of the document's cleaned text
-    with its lines of repeated content gone (doc_hash, as exact dedup takes it), so that its split depends on its
-    text alone, not on the documents before it (a filter that removes some, or a source in another order, leaves
-    the val split as it was). Taken before line dedup, whose cut of a document depends on the others in its
-    bucket."""
+    with its lines of repeated content gone (doc_hash, as exact dedup takes it), or of the name of the whole it
+    is a Part of, so that its split depends on its text alone, not on the documents before it (a filter that
+    removes some, or a source in another order, leaves the val split as it was). Taken before line dedup, whose
+    cut of a document depends on the others in its bucket."""
     return every > 0 and int.from_bytes(h[:8], "little") % every == 0
 
 
@@ -1263,7 +1279,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         removed = {}  # step -> [documents, bytes] it removed
         seen, minhash, clf = set(), MinHashDedup(), None
         pending = []          # documents waiting for the quality classifier to be trained on them,
-        bucket = []           # and for their line counts (line_dedup): (text, doc_hash) pairs from here on
+        bucket = []           # and for their line counts (line_dedup): (text, split hash) pairs from here on
+        line_kept = set()     # doc_hash of each document line dedup let through
         every = round(1 / val_fraction) if val_fraction > 0 else 0
         writers = {s: ShardWriter(build, s, shard_tokens, tok.n_words, tok.bos_id, tok.fingerprint())
                    for s in ("train", "val")}
@@ -1276,7 +1293,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         def dedup_and_filter(features):
             """The sequential decisions, in this order: empty, exact duplicate, heuristic, near duplicate (only kept
             documents enter the MinHash index: a rejected one must not take a clean near-copy with it)."""
-            for text, rule, h, sig, cut in features:
+            for text, rule, h, sig, cut, split_h in features:
                 if cut:  # (a row of bytes: lines, not documents)
                     removed.setdefault("heuristic: repeated content", [0, 0])[1] += cut
                 if rule == "empty":
@@ -1291,12 +1308,13 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                 elif minhash.is_duplicate(sig):
                     drop("near duplicate", text)
                 else:
-                    yield text, h   # (h decides its split: is_val)
+                    yield text, split_h
 
         def line_filter(texts, final):
             """line_dedup: each bucket of LINE_BUCKET kept documents loses its lines repeated more than line_dedup times
             (after document dedup, so that copies do not count twice); what is left of a document that lost lines goes
-            through the heuristic filters again (Llama 3 filters after de-duplicating), and goes if it is blank.
+            through the heuristic filters again (Llama 3 filters after de-duplicating), and goes if it is blank, or
+            if it is now the text of a document kept before (two pages whose only difference was their boilerplate).
             The table's row: the documents left blank, and every byte the lines took."""
             if not line_dedup:
                 return texts
@@ -1305,14 +1323,17 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
             while len(bucket) >= LINE_BUCKET or (final and bucket):  # (the same buckets however the chunks fall)
                 done, n_bytes = drop_repeated_lines([text for text, _ in bucket[:LINE_BUCKET]], line_dedup)
                 removed.setdefault("line duplicates", [0, 0])[1] += n_bytes
-                for (before, h), text in zip(bucket, done):
+                for (before, split_h), text in zip(bucket, done):
                     rule = None if text == before else "blank" if not text.strip() else heuristic_reject(text, phrases)
                     if rule == "blank":
                         drop("line duplicates", text)
                     elif rule:
                         drop(f"heuristic: {rule}", text)
+                    elif (h := doc_hash(text)) in line_kept:
+                        drop("exact duplicate", text)
                     else:
-                        out.append((text, h))
+                        line_kept.add(h)
+                        out.append((text, split_h))
                 del bucket[:LINE_BUCKET]
             return out
 
@@ -1337,8 +1358,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         def split_jobs(texts):
             """(split, texts) jobs of about chunk_bytes, each (text, hash) in its split (is_val)."""
             by_split = {"train": [], "val": []}
-            for text, h in texts:
-                by_split["val" if is_val(h, every) else "train"].append(text)
+            for text, split_h in texts:
+                by_split["val" if is_val(split_h, every) else "train"].append(text)
             return [(split, c) for split, ts in by_split.items() for c in text_batches(ts, chunk_bytes)]
 
         docs = iter_documents(source, domains, removed)
@@ -1364,7 +1385,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                     n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in chunk)  # (raw: lone surrogates)
                     read[0], read[1] = read[0] + len(chunk), read[1] + n_bytes
                     bar.update(n_bytes)
-                    pages = [(raw, text, cut) for raw, (text, *_, cut) in zip(chunk, features) if isinstance(raw, HTML)]
+                    pages = [(raw, text, cut) for raw, (text, _, _, _, cut, _) in zip(chunk, features)
+                             if isinstance(raw, HTML)]
                     if pages:  # the bytes of a page that were not its text
                         removed.setdefault("HTML markup", [0, 0])[1] += sum(
                             len(raw.encode("utf-8", "surrogatepass")) - len(text.encode("utf-8")) - cut

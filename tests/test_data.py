@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import os
+import pickle
 import re
 import sys
 import unicodedata
@@ -95,6 +96,24 @@ def test_stdlib_documents_add_docstrings():
     docs = list(itertools.islice(data.stdlib_documents(), 2))
     assert docs[0] == code  # the module's source, then its docstrings as an English document
     assert ast.get_docstring(ast.parse(code)) in docs[1] and "def " not in docs[1]
+
+
+def test_a_modules_docstrings_take_its_codes_split(tmp_path):
+    """The docstrings are in the code word for word: each split by its own hash, 19 modules of the default build
+    had one in train and the other in val (review, helper). Both are Parts of the module: one split hash."""
+    tok_path = str(tmp_path / "tok.model")
+    Tokenizer.train(["def f(x):\n    return x  # a tiny corpus\n" * 20], 256 + 256 + 8).save(tok_path)
+    data._init_worker(tok_path, threads=1)
+    docs = list(itertools.islice(data.stdlib_documents(), 40))
+    assert all(isinstance(d, data.Part) for d in docs) and pickle.loads(pickle.dumps(docs[1])).of == docs[1].of
+    split_hashes = {}
+    for doc, (_, rule, _, _, _, split_h) in zip(docs, data._clean_chunk(docs)):
+        if rule != "empty":
+            split_hashes.setdefault(doc.of, set()).add(split_h)
+    assert all(len(hs) == 1 for hs in split_hashes.values())
+    assert sum(a.of == b.of for a, b in zip(docs, docs[1:])) >= 10   # (modules with docstrings: two documents)
+    plain = data._clean_chunk(["just a document"])[0]
+    assert plain[5] == plain[2] == data.doc_hash("just a document")   # others: by their own text
 
 
 # ----------------------------------------------------------------------------- web pages
@@ -1067,6 +1086,31 @@ def test_prepare_data_line_dedup_by_bucket(corpus, tmp_path, monkeypatch):
     assert val_5 & firsts == val and len(val) >= 2
     with pytest.raises(ValueError, match="line_dedup=-1"):
         data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "x"), line_dedup=-1)
+
+
+def test_line_dedup_drops_the_documents_it_makes_equal(corpus, tmp_path):
+    """Two pages of one body under two site footers are no near duplicates (the footers are most of their words);
+    line dedup takes both footers away and leaves one text twice: the second goes as an exact duplicate, else it
+    trained twice or (as here, split by their hashes before) sat in train and in val (review, helper)."""
+    _, docs, tok_path = corpus
+    rng = np.random.default_rng(5)
+    footer_a = "Copyright Example Media Group all rights reserved read our privacy policy and terms of use " \
+               "before you subscribe to the weekly newsletter of the example site"
+    footer_b = "This page was served by the northern mirror of the archive please report broken links to the " \
+               "webmaster and visit the help desk for any question about your account"
+    for _ in range(200):   # a body whose two pages fall on both sides of the split (1 in 2 at val_fraction 0.5)
+        body = prose(rng, 40)
+        a, b = body + "\n" + footer_a, body + "\n" + footer_b
+        if data.is_val(data.doc_hash(a), 2) != data.is_val(data.doc_hash(b), 2):
+            break
+    others = [d + "\n" + (footer_a, footer_b)[i % 2] for i, d in enumerate(docs[:16])]  # 8 pages of each footer
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in others + [a, b]))
+    meta = data.prepare_data(str(tmp_path / "src.jsonl"), tok_path, str(tmp_path / "out"), val_fraction=0.5,
+                             num_proc=1, line_dedup=6, verbose=False)
+    tok = Tokenizer.load(tok_path)
+    kept = read_docs(tmp_path / "out", "train", tok) + read_docs(tmp_path / "out", "val", tok)
+    assert kept.count(body) == 1 and len(kept) == len(set(kept)) == 17
+    assert meta["removed"]["exact duplicate"]["docs"] == 1
 
 
 def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
