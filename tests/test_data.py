@@ -713,6 +713,23 @@ def test_quality_classifier_separates_planted_sets():
     assert p_good.min() > p_bad.max()
 
 
+def test_quality_filter_drops_about_its_share():
+    """Documents of every grade between prose and spam, the spammiest 10% of the sample labelled junk: the
+    classifier, trained on a 10% minority, puts few documents below p(good) 0.5 (0.75% of the unseen ones here:
+    so --quality_drop 0.1 dropped almost nothing, review, helper); its threshold, the score below which the
+    sample's 10% lie, drops about that share (fewer of the unseen documents: it fits its sample)."""
+    rng, vocab = np.random.default_rng(0), set(WORDS)
+
+    def graded():
+        spam = rng.random()   # this document's share of spam words
+        return " ".join(junk(rng, 1) if rng.random() < spam else rng.choice(WORDS) for _ in range(60))
+    docs = [graded() for _ in range(800)]
+    clf = data.train_quality_filter(docs[:400], lambda ts: [np.mean([w in vocab for w in t.split()]) for t in ts],
+                                    drop=0.1)
+    assert (clf.score(docs[:400]) < clf.threshold).sum() == 40
+    assert 0.04 < (clf.score(docs[400:]) < clf.threshold).mean() < 0.2
+
+
 # ----------------------------------------------------------------------------- shards and the loader
 
 BOS = 0
