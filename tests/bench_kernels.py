@@ -109,7 +109,7 @@ src = torch.empty(2 ** 28, device=dev, dtype=torch.bfloat16)   # 512 MiB, far pa
 dst = torch.empty_like(src)
 copy_gbs = 2 * src.numel() * 2 / bench_ms(lambda: dst.copy_(src)) / 1e6
 del src, dst
-compiled = torch.compile(rms_norm_reference)
+compiled = torch.compile(rms_norm_reference, dynamic=False)   # (else its second shape compiles symbolic)
 if args.against:
     print(f"base: the kernels in {args.against} (the 'base' columns)")
 base_rms = load_base("rmsnorm") if args.against else None
@@ -172,7 +172,10 @@ table(f"RMSNorm forward+backward (bf16 x, fp32 weight), GB/s; copy bandwidth mea
 base = load_base("attention") if args.against else None
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    flex = torch.compile(flex_attention)
+    # static shapes, as FlexAttention's docs ask: by default the second T compiles with T symbolic, and inductor,
+    # unable to prove T % 128 == 0, takes the bounds-checked kernel (our table of 2026-11-27 had Flex that way
+    # from T = 2K on)
+    flex = torch.compile(flex_attention, dynamic=False)
     torch._dynamo.config.cache_size_limit = 64   # one compile per (T, mask) row: past the default 8 it runs eager
 except ImportError:  # older torch
     flex = None
