@@ -51,7 +51,9 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processo
 # that a time limit still shows which test it reached, --durations for where the time went (compiling every
 # config); 8 processes when pytest-xdist is there, since compiling is CPU work (39 s on the H100 machine at
 # b818606, 55 s at b4e136d, 107 s at c75f879 on the H200, when dk/dv had 5 configs: it has 7 since ca1c6eb;
-# bench_kernels took 153 s there with --against, compiling and autotuning two versions' spaces on an empty cache)
+# bench_kernels took 153 s there with --against, compiling and autotuning two versions' spaces on an empty cache;
+# since 2026-11-28 FlexAttention compiles with static shapes, once per (T, mask) row, 10 where it was ~3: rows print
+# as they end, so a time limit loses only the longest T's)
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
 run tests 210 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py \
     tests/test_align.py::test_token_logprobs_chunked_equal_the_full_log_softmax
