@@ -347,7 +347,8 @@ parser.add_argument("--max_steps", type=int, help="optimizer steps (default 300)
 parser.add_argument("--max_minutes", type=float, help="time budget instead of max_steps: the schedule runs on the "
                     "clock (default on a CPU when neither is given: 6; 0: none)")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-parser.add_argument("--warmup_steps", type=int, default=30)
+parser.add_argument("--warmup_steps", type=int, default=30,
+                    help="linear warmup (under --max_minutes: the first tenth of the time instead)")
 parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
 parser.add_argument("--decay_frac", type=float, default=0.2, help="wsd: share of the steps spent decaying")
 parser.add_argument("--min_lr", type=float, help="where the decay ends (default lr / 10; Llama 3 405B: lr / 100)")
