@@ -214,34 +214,58 @@ def _messages(x, where, last):
     return msgs
 
 
-def _response(x, where):
-    """A response given as a string, or as messages ending with the assistant's (HH-RLHF style) -> its text."""
-    return x if isinstance(x, str) else _messages(x, where, "assistant")[-1]["content"]
+def _response(x, prompt, where):
+    """An answer: a string; the assistant's message alone (TRL's explicit prompt); or the whole conversation, the
+    prompt first (HH-RLHF's, TRL's implicit prompt) -> its text. A conversation that is not the prompt and one
+    answer is refused: its other turns would be dropped and its answer trained as the answer to this prompt."""
+    if isinstance(x, str):
+        return x
+    msgs = _messages(prompt + x if isinstance(x, list) and len(x) == 1 else x, where, "assistant")
+    turns = lambda ms: [(m["role"], m["content"].strip()) for m in ms]  # noqa: E731  (as the chat format has them)
+    if turns(msgs[:-1]) != turns(prompt):
+        raise BadInput(f"{where}: a conversation must be the prompt's messages, then one assistant message")
+    return msgs[-1]["content"]
 
 
 def load_sft(path):
-    """{"messages": [...]} per line, ending with an assistant turn -> list of conversations."""
+    """{"messages": [...]} per line, ending with an assistant turn, or TRL's {"prompt", "completion"} (each a
+    string or messages) -> list of conversations."""
     out = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
+        if isinstance(rec, dict) and "messages" not in rec and {"prompt", "completion"} <= rec.keys():
+            answer = rec["completion"]
+            rec = {"messages": _messages(rec["prompt"], f"{where}: 'prompt'", "user") +
+                   ([{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer)}
         if not isinstance(rec, dict) or "messages" not in rec:
-            raise BadInput(f"{where}: expected an object with a 'messages' list")
+            raise BadInput(f"{where}: expected an object with a 'messages' list, or a 'prompt' and a 'completion'"
+                           f"{f' (its keys: {sorted(rec)})' if isinstance(rec, dict) else ''}")
         out.append(_messages(rec["messages"], f"{where}: 'messages'", "assistant"))
     return out
 
 
 def load_pairs(path):
-    """{"prompt", "chosen", "rejected"[, "margin"]} per line -> list of {"prompt": messages, "chosen": str,
-    "rejected": str[, "margin": float]}. A pair whose two answers are the same text (HH-RLHF has a few) teaches
-    nothing and would count as a miss in every accuracy: it is dropped, and the drops are counted."""
+    """{"prompt", "chosen", "rejected"[, "margin"]} per line, the answers strings or messages (_response), or
+    TRL's implicit prompt: {"chosen", "rejected"} conversations that share it -> list of {"prompt": messages,
+    "chosen": str, "rejected": str[, "margin": float]}. A pair whose two answers are the same text (HH-RLHF has a
+    few) teaches nothing and would count as a miss in every accuracy: it is dropped, and the drops are counted."""
     out, same = [], []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
+        if isinstance(rec, dict) and "prompt" not in rec and isinstance(rec.get("chosen"), list):
+            rec = dict(rec, prompt=rec["chosen"][:-1])   # the implicit prompt: all but the answer
         if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
-            raise BadInput(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
-        pair = dict(prompt=_messages(rec["prompt"], f"{where}: 'prompt'", "user"),
-                    chosen=_response(rec["chosen"], f"{where}: 'chosen'"),
-                    rejected=_response(rec["rejected"], f"{where}: 'rejected'"))
+            keys = f", its keys: {sorted(rec)}" if isinstance(rec, dict) else ""
+            raise BadInput(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected' (answers that are "
+                           f"conversations carry their prompt){keys}")
+        p, answers = rec["prompt"], (rec["chosen"], rec["rejected"])
+        if isinstance(p, str) and p.strip() and all(isinstance(a, str) and a.strip().startswith(p.strip())
+                                                    for a in answers):
+            raise BadInput(f"{where}: 'chosen' and 'rejected' both begin with the prompt: give the answers alone "
+                           "(else the prompt's tokens count as the answer's)")
+        prompt = _messages(p, f"{where}: 'prompt'", "user")
+        pair = dict(prompt=prompt, chosen=_response(rec["chosen"], prompt, f"{where}: 'chosen'"),
+                    rejected=_response(rec["rejected"], prompt, f"{where}: 'rejected'"))
         if "margin" in rec:  # Llama 2's preference strength, for the reward model's loss
             m = rec["margin"]
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):

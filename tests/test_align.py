@@ -804,3 +804,68 @@ def test_sigterm_saves_the_stage_and_resume_goes_on_exactly(tok, tmp_path):
     assert r.returncode == 0 and "nothing to resume" in r.stdout, r.stdout + r.stderr[-2000:]
     c = torch.load(tmp_path / "early" / "consolidated.00.pth")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --- TRL's documented dataset formats (huggingface.co/docs/trl/dataset_formats) ----------------------------
+
+def _U(c):
+    return {"role": "user", "content": c}
+
+
+def _A(c):
+    return {"role": "assistant", "content": c}
+
+
+def _write(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_trl_explicit_conversational_preference_loads(tmp_path):
+    """TRL's recommended conversational preference record: chosen/rejected hold only the completion's messages."""
+    for prompt in ([_U("What color is the sky?")],
+                   [{"role": "system", "content": "Be brief."}, _U("What color is the sky?")],
+                   [_U("hi"), _A("hello"), _U("What color is the sky?")]):
+        path = _write(tmp_path / "pairs.jsonl", {"prompt": prompt, "chosen": [_A("It is blue.")],
+                                                 "rejected": [_A("It is green.")]})
+        assert align.load_pairs(path) == [{"prompt": prompt, "chosen": "It is blue.", "rejected": "It is green."}]
+
+
+def test_trl_implicit_conversational_preference_loads(tmp_path):
+    """TRL's implicit prompt (RewardTrainer's recommended form): the prompt is the messages chosen and rejected share."""
+    path = _write(tmp_path / "pairs.jsonl", {"chosen": [_U("What color is the sky?"), _A("It is blue.")],
+                                             "rejected": [_U("What color is the sky?"), _A("It is green.")]})
+    assert align.load_pairs(path) == [{"prompt": [_U("What color is the sky?")], "chosen": "It is blue.",
+                                       "rejected": "It is green."}]
+
+
+@pytest.mark.parametrize("chosen, rejected", [
+    # a chosen conversation about another question: its user turn is dropped, "blue" trained as the answer to "q"
+    ([_U("something else"), _A("blue")], [_U("q"), _A("green")]),
+    # conversations that go on past the prompt (TRL: the completion is everything after the prompt): the later
+    # turns are dropped and the final answers are trained as answers to the first question
+    ([_U("q"), _A("a1"), _U("q2"), _A("blue")], [_U("q"), _A("a1"), _U("q2"), _A("green")]),
+])
+def test_a_response_conversation_that_does_not_continue_the_prompt_is_refused(tmp_path, chosen, rejected):
+    path = _write(tmp_path / "pairs.jsonl", {"prompt": [_U("q")], "chosen": chosen, "rejected": rejected})
+    with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: '(chosen|rejected)'"):
+        align.load_pairs(path)
+
+
+def test_string_answers_that_repeat_the_prompt_are_refused(tmp_path):
+    """Both answers begin with the whole prompt (HH-RLHF-style transcripts beside a 'prompt' column): as accepted
+    now, the prompt's tokens are inside the answer, counted in DPO's log-probs and scored by the RM."""
+    path = _write(tmp_path / "pairs.jsonl", {"prompt": "Reverse: a b c", "chosen": "Reverse: a b c\nc b a",
+                                             "rejected": "Reverse: a b c\nb a c"})
+    with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: "):
+        align.load_pairs(path)
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": [_U("What color is the sky?")], "completion": [_A("It is blue.")]},  # conversational
+    {"prompt": "What color is the sky?", "completion": "It is blue."},  # standard, read as one chat turn
+])
+def test_sft_reads_prompt_completion(tmp_path, record):
+    """SFTTrainer's other documented input type: prompt-completion."""
+    path = _write(tmp_path / "sft.jsonl", record)
+    assert align.load_sft(path) == [[_U("What color is the sky?"), _A("It is blue.")]]
