@@ -100,7 +100,7 @@ import regex
 import torch
 from tqdm import tqdm
 
-from tokenizer import SURROGATE, Tokenizer, space_run_pieces, stdlib_sources, text_batches
+from tokenizer import SURROGATE, Tokenizer, encode_pieces, stdlib_sources, text_batches
 
 # -----------------------------------------------------------------------------
 # 1. Sources: every function yields documents as str
@@ -1153,7 +1153,7 @@ def _encode_chunk(job):
     # uint32 array, no list of Python ints (faster than tiktoken's own encode_ordinary_batch). No special
     # tokens are allowed or checked: a "<|eot_id|>" in the text is plain text, as in Tokenizer.encode.
     encode = lambda text: np.concatenate([tok.enc.encode_to_numpy(piece, allowed_special=set(), disallowed_special=())
-                                          for piece in space_run_pieces(text)])  # noqa: E731  (see there)
+                                          for piece in encode_pieces(text)])  # noqa: E731  (Meta's cuts)
     with ThreadPoolExecutor(_worker["threads"]) as pool:
         docs = list(pool.map(encode, texts))
     bos = np.array([tok.bos_id], dtype=np.uint32)

@@ -54,25 +54,33 @@ from tqdm import tqdm
 # Meta's split regex for Llama 3 (meta-llama/llama3, llama/tokenizer.py `pat_str`; it is the regex of tiktoken's
 # cl100k_base, GPT-4's tokenizer): contractions, letters with one optional leading non-letter, numbers of at most 3
 # digits, punctuation runs, newlines, and whitespace that never swallows the space before a word.
+# (The trainer splits with the `regex` module, tiktoken with Rust's regex; their Unicode tables can be a version
+# apart, today 17 and 16: 4,657 code points new in 17 are letters to one, punctuation to the other.)
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 SURROGATE = regex.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: "\ud83d" alone is valid JSON, not UTF-8
 
-# tiktoken's regex gives up on a run of about a million whitespace characters (a Rust panic, which `except
-# Exception` does not catch). Such runs are cut every MAX_SPACE_RUN characters before tiktoken sees them, as Meta's
-# Tokenizer.encode cuts every run at 25,000 (tiktoken issue 195); text without one is one piece, encoded as is.
-MAX_SPACE_RUN = 25_000
-LONG_SPACE_RUN = re.compile(r"(?<!\s)\s{%d,}" % (MAX_SPACE_RUN + 1))   # (re's \s is str.isspace)
+# Meta's Tokenizer.encode hands tiktoken the text in pieces: windows of 400,000 characters, and in each, runs of
+# whitespace or of non-whitespace cut every 25,000 characters (tiktoken's regex gives up on a run of about a
+# million spaces: a Rust panic, which `except Exception` does not catch; tiktoken issue 195). The same cuts here
+# give Meta's ids for any text; text without such a run or window (nearly all) is one piece, encoded as is.
+MAX_PIECE, MAX_RUN = 400_000, 25_000
+LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN + 1, MAX_RUN + 1))   # (re's \s is str.isspace)
+SPACE = re.compile(r"\s")
 
 
-def space_run_pieces(text):
-    """text -> [text], or its pieces cut inside each run of over MAX_SPACE_RUN whitespace characters, every
-    MAX_SPACE_RUN of them. Such a run holds a whole slice [p, p + MAX_SPACE_RUN/2) with p a multiple of
-    MAX_SPACE_RUN/2, so one character in 12,500 is looked at unless a run may be there."""
-    half = MAX_SPACE_RUN // 2
-    if not any(text[p].isspace() and text[p:p + half].isspace() for p in range(0, len(text), half)):
-        return [text]
-    cuts = [i for m in LONG_SPACE_RUN.finditer(text) for i in range(m.start() + MAX_SPACE_RUN, m.end(), MAX_SPACE_RUN)]
-    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+def encode_pieces(text):
+    """text -> the pieces Meta's encode hands tiktoken (above). A run of over MAX_RUN holds a whole slice [p, p +
+    MAX_RUN/2) with p a multiple of MAX_RUN/2: those slices are looked at, and the text searched only if one is a
+    run (whitespace throughout, or none in it)."""
+    half, pieces = MAX_RUN // 2, []
+    for window in (text[w:w + MAX_PIECE] for w in range(0, max(len(text), 1), MAX_PIECE)):
+        if not any(window[p:p + half].isspace() or not SPACE.search(window, p, p + half)
+                   for p in range(0, len(window) - half + 1, half)):
+            pieces.append(window)
+            continue
+        cuts = [i for m in LONG_RUN.finditer(window) for i in range(m.start() + MAX_RUN, m.end(), MAX_RUN)]
+        pieces += [window[a:b] for a, b in zip([0] + cuts, cuts + [len(window)])]
+    return pieces
 
 
 # Meta's Llama 3 special tokens, in id order after the mergeable ranks, under Llama 3.1's names (meta-llama/
@@ -157,7 +165,7 @@ def encode_reference(ranks, text, pattern=LLAMA3_PATTERN):
     the adjacent pair whose joined bytes have the lowest rank, until no joined pair is a token.
     ranks: {token bytes: id}. E.g. ranks with b"ab"=256, b"abc"=257: "abc" -> [a,b,c] -> [ab,c] -> [abc]."""
     ids = []
-    for chunk in regex.findall(pattern, text):
+    for chunk in (c for piece in encode_pieces(text) for c in regex.findall(pattern, piece)):
         parts = [bytes([b]) for b in chunk.encode("utf-8")]
         while True:
             # the adjacent pair whose joined bytes are the lowest-ranked token (leftmost if several)
@@ -179,7 +187,8 @@ def _count_chunks(args):
     pattern, texts = args
     rx, counts = regex.compile(pattern), Counter()
     for text in texts:
-        counts.update(rx.findall(SURROGATE.sub("\ufffd", text)))  # as tiktoken encodes a lone surrogate
+        for piece in encode_pieces(SURROGATE.sub("\ufffd", text)):  # (as tiktoken encodes a lone surrogate)
+            counts.update(rx.findall(piece))                          # the chunks encode() makes
     return counts
 
 
@@ -436,7 +445,7 @@ class Tokenizer:
     def encode(self, text, bos=False, eos=False):
         """Plain text -> ids. Special-token strings in text are ordinary characters (encode_ordinary)."""
         ids = [self.bos_id] if bos else []
-        for piece in space_run_pieces(text):
+        for piece in encode_pieces(text):
             ids += self.enc.encode_ordinary(piece)
         if eos:
             ids.append(self.eos_id)

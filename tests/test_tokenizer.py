@@ -132,29 +132,40 @@ def test_encode_batch_bos_eos(tok):
     assert tok.encode("hi", bos=True) == [tok.bos_id] + tok.encode("hi")
 
 
-def cut_runs_by_hand(text, limit):
-    """Meta's rule, a character at a time: a run of whitespace is cut each time it has grown `limit` long."""
-    pieces, start, run = [], 0, 0
-    for i, c in enumerate(text):
-        run = run + 1 if c.isspace() else 0
-        if run > limit:
-            pieces.append(text[start:i])
-            start, run = i, 1
-    return pieces + [text[start:]]
+def metas_pieces(text, window=400_000, limit=25_000):
+    """Meta's Tokenizer.encode (meta-llama/llama3), a character at a time: windows of `window` characters, and in
+    each, a run of whitespace or of other characters cut each time it has grown `limit` long."""
+    pieces = []
+    for w in range(0, max(len(text), 1), window):
+        s = text[w:w + window]
+        start, run, space = 0, 0, s[:1].isspace()
+        for i, c in enumerate(s):
+            run = run + 1 if c.isspace() == space else 1
+            space = c.isspace()
+            if run > limit:
+                pieces.append(s[start:i])
+                start, run = i, 1
+        pieces.append(s[start:])
+    return pieces
 
 
-def test_long_whitespace_runs_are_cut_before_tiktoken(tok):
-    """tiktoken's regex panics (a BaseException) on ~1M spaces: runs over MAX_SPACE_RUN are cut, every MAX_SPACE_RUN
-    characters, wherever they lie (the fast check looks at one character in 12,500), and nothing else is."""
-    limit, rng = T.MAX_SPACE_RUN, __import__("random").Random(0)
+def test_text_is_cut_into_metas_pieces_before_tiktoken(tok):
+    """Meta's encode cuts windows of 400,000 characters and runs over 25,000 (tiktoken's regex panics, a
+    BaseException, on ~1M spaces): the same cuts, wherever the runs lie (the fast check looks at one character in
+    12,500), give Meta's ids; text without such a run or window is one piece."""
+    limit, rng = T.MAX_RUN, __import__("random").Random(0)
     for n in [limit - 1, limit, limit + 1, 2 * limit, 2 * limit + 1, 3 * limit + 7]:
         for at in [0, 1, limit // 2 - 1, limit // 2, rng.randrange(3 * limit)]:
-            text = "x" * at + "".join(rng.choice(" \t\n\u3000") for _ in range(n)) + "yz" * rng.randrange(2)
-            assert T.space_run_pieces(text) == cut_runs_by_hand(text, limit), (n, at)
-    text = "a" + " " * 1_000_000 + "b\n\n" + "\u00a0" * 700_000
+            for chars in (" \t\n\u3000", "ab.\u00e9"):   # a run of whitespace, of other characters
+                text = "x " * at + "".join(rng.choice(chars) for _ in range(n)) + " yz" * rng.randrange(2)
+                assert T.encode_pieces(text) == metas_pieces(text), (n, at, chars)
+    text = "a" + " " * 1_000_000 + "b\n\n" + "\u00a0" * 700_000 + "abc" * 10_000
+    assert T.encode_pieces(text) == metas_pieces(text)
     ids = tok.encode(text, bos=True)
     assert tok.decode(ids[1:]) == text and ids == tok.encode_batch([text], bos=True)[0]
-    assert T.space_run_pieces(CORPORA["code"] * 50) == [CORPORA["code"] * 50]
+    assert ids[1:] == [i for piece in metas_pieces(text) for i in tok.enc.encode_ordinary(piece)]
+    assert T.encode_pieces(CORPORA["code"] * 50) == [CORPORA["code"] * 50] and T.encode_pieces("") == [""]
+    assert set(T.count_chunks([" " * 30_000 + "x"])) == {b" " * 25_000, b" " * 4_999, b" x"}  # what encode makes
 
 
 def test_special_token_text_is_never_a_control_token(tok):
