@@ -58,6 +58,23 @@ def flops_per_token(args):
         return Transformer(args).flops_per_token(args.max_seq_len)
 
 
+def model_for(per_token, vocab_size, seq_len):
+    """(width, N) of the model of this family that spends per_token FLOPs a token: a budget's C over D* tokens is
+    that model's 6N + attention, so C / 6D* would count the attention as parameters too (19-34% more at this
+    sweep's budgets). Between the two even widths (RoPE pairs) around it, N and the width are interpolated."""
+    def at(half):
+        with torch.device("meta"):
+            m = Transformer(model_args(2 * half, vocab_size, seq_len))
+        return m.flops_per_token(seq_len), m.num_params()
+    lo, hi = 1, 1 << 15
+    while hi - lo > 1:   # (the FLOPs grow with the width)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid)[0] <= per_token else (lo, mid)
+    (f0, n0), (f1, n1) = at(lo), at(hi)
+    share = min(max((per_token - f0) / (f1 - f0), 0.0), 1.0)
+    return 2 * (lo + share), n0 + share * (n1 - n0)
+
+
 def final_val_loss(out, settings):
     """The val loss of the last step of a run that finished with these settings (train.py evaluates at its last
     step; sweep.json, written once train.py has exported the model, holds what the run was made with), else None."""
@@ -248,10 +265,14 @@ def main():
         if not ok:
             p.error(flag)
     ours = {"--data", "--tokenizer", "--out_dir", "--dim", "--n_layers", "--n_heads", "--n_kv_heads", "--seq_len",
-            "--batch_size", "--max_steps", "--max_minutes", "--eval_interval", "--ckpt_interval"}
-    taken = sorted(ours & {arg.split("=")[0] for arg in a.train_args.split()})
+            "--batch_size", "--max_steps", "--max_minutes", "--eval_interval", "--ckpt_interval",
+            "--tokens_per_step", "--model", "--init", "--average_last"}   # (other FLOPs, another model, or weights
+    # that are not the ones log.csv scored); argparse takes a unique prefix of a flag (--batch): those too
+    taken = sorted({arg.split("=")[0] for arg in a.train_args.split() if arg.startswith("--")
+                    and any(flag.startswith(arg.split("=")[0]) for flag in ours)})
     if taken:   # (the later flag would win in train.py, and the budget's FLOPs count the other)
-        p.error(f"--train_args {' '.join(taken)}: scaling.py sets these itself (its own flags: --batch_size, ...)")
+        p.error(f"--train_args {' '.join(taken)}: scaling.py sets these itself, or they change what a run's FLOPs "
+                "count (its own flags: --batch_size, ...)")
     for path in (a.data, a.tokenizer):
         if not os.path.exists(path):
             sys.exit(f"{path}: not there; `python train.py` makes data/stdlib and its tokenizer on first use")
@@ -324,8 +345,9 @@ def main():
     print(f"\nD*(C) = {coef:.3g} * C^{alpha:.3f}   (Llama 3: 0.29 * C^0.53)")
     for budget in a.predict:
         tokens = coef * budget ** alpha
-        print(f"  at {budget:.1e} FLOPs: {tokens:.3g} tokens, a model of ~{budget / (6 * tokens):.3g} parameters "
-              "(C = 6 N D)")
+        width, n = model_for(budget / tokens, vocab, a.seq_len)
+        print(f"  at {budget:.1e} FLOPs: {tokens:.3g} tokens, a model of ~{n:.3g} parameters (width ~{width:.0f}: "
+              "C = (6N + attention) D)")
     if a.questions:
         forecast(a, tok, curves, minima)
 

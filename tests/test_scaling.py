@@ -278,3 +278,51 @@ def test_missing_data_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "scaling.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "nowhere: not there" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- from a review (2026-11-28) ---------------------------------------------------------------------------------
+
+def test_predicted_parameters_are_the_models_that_spend_the_budget(lined_corpus, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The sweep's C is flops_per_token * D = (6N + attention) D, so the model that spends C on the law's D* tokens
+    has N = (C / D* - attention) / 6 parameters, not C / (6 D*). Synthetic IsoFLOP curves (train.py faked) whose
+    minimum is exactly the width-32 run at both budgets: --predict at the first budget must name that model."""
+    path, tok = lined_corpus
+    seq_len, batch = 256, 8
+
+    def fake_train(cmd, **kw):   # writes the log.csv train.py would, with a loss whose minimum is at width 32
+        arg = lambda name: cmd[cmd.index(name) + 1]   # noqa: E731
+        out, steps = arg("--out_dir"), int(arg("--max_steps"))
+        budget = float(os.path.basename(out).split("_")[0][1:])
+        tokens = steps * batch * seq_len
+        best = round(budget / scaling.flops_per_token(scaling.model_args(32, tok.n_words, seq_len)) / batch
+                     / seq_len) * batch * seq_len
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "log.csv"), "w") as f:
+            f.write("step,train_loss,val_loss\n"
+                    f"{steps},,{0.3 * (math.log(tokens) - math.log(best)) ** 2 + 5 - math.log10(budget) / 10}\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(scaling.subprocess, "run", fake_train)
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--data", str(path / "shards"), "--tokenizer",
+                                      str(path / "tok.model"), "--out_dir", str(tmp_path / "runs"),
+                                      "--budgets", "1e13", "1e14", "--dims", "8", "16", "32", "64", "128",
+                                      "--min_steps", "1", "--max_steps", "0", "--questions", "0",
+                                      "--predict", "1e13"])
+    scaling.main()
+    printed = capsys.readouterr().out
+    tokens, params = re.search(r"at 1\.0e\+13 FLOPs: ([\d.e+]+) tokens, a model of ~([\d.e+]+) parameters",
+                               printed).groups()
+    model = Transformer(scaling.model_args(32, tok.n_words, seq_len))
+    assert abs(float(tokens) / (round(1e13 / model.flops_per_token(seq_len) / 2048) * 2048) - 1) < 0.01
+    n = model.num_params(exclude_embedding=False)   # (tied: the embedding is the output matmul, counted once)
+    assert abs(float(params) / n - 1) < 0.05, (params, n)
+
+
+@pytest.mark.parametrize("flag", ["--tokens_per_step 4096", "--batch 16", "--seq 128", "--model llama3.2-1b"])
+def test_train_args_that_change_the_flops_are_refused(tmp_path, flag):
+    """Each of these makes a run spend other FLOPs than the budget scaling.py counted (train.py: --tokens_per_step
+    accumulates gradients to more tokens per step; argparse takes unique prefixes, so --batch is --batch_size and
+    --seq is --seq_len, and the later flag wins; --model changes the FFN and more of the shape)."""
+    r = subprocess.run([sys.executable, "scaling.py", "--data", str(tmp_path / "nowhere"), "--train_args", flag],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "scaling.py sets these" in r.stderr, (r.returncode, r.stderr)
