@@ -585,6 +585,10 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
         atomic_write(out_dir / "tokenizer.model", lambda f: f.write(data))
     params = json.dumps(model.args.to_params(), indent=2) + "\n"
     atomic_write(out_dir / "params.json", lambda f: f.write(params.encode()))
+    if model.args.use_scaled_rope and model.args.rope_original_context != 8192:   # (train.py --rope_factor)
+        warnings.warn(f"{out_dir}: RoPE scaling anchored at {model.args.rope_original_context} tokens; Meta's "
+                      "llama-models anchors it at 8192, whatever params.json says, so its code would run this model "
+                      "with other RoPE frequencies (ours read rope_original_context)", stacklevel=2)
 
 
 def load_pth(file):

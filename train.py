@@ -424,12 +424,13 @@ else:
 master = rank == 0  # logs, writes the CSV, the plot and the exported model
 fsdp, ddp = distributed and args.fsdp, distributed and not args.fsdp
 torch.manual_seed(args.seed)  # the same seed on every rank: every rank builds the same initial weights
-torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls left outside autocast
 # bf16 matmuls with fp32 master weights (Llama 3 trains in bf16), on GPU and on CPUs with bf16 matrix instructions
 # (model.bf16_matmuls): there a step of the cpu preset ran 1.3x faster than in fp32 when it was 256 wide (the
 # elementwise ops stay fp32), at the same loss per step (2.26 bits per byte after 200 steps either way)
 args.dtype = args.dtype or ("bfloat16" if bf16_matmuls(device) else "float32")
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+torch.backends.cuda.matmul.allow_tf32 = args.dtype == "bfloat16"  # the few fp32 matmuls outside autocast; not
+# with --dtype float32, which asks for fp32 everywhere
 if device.type == "cpu":
     keep_freed_memory()  # ~10% faster CPU steps: no page faults for each new activation (see model.py)
 

@@ -574,7 +574,10 @@ def test_params_json_loads_in_metas_reference_code(kw):
 
 def test_params_json_round_trip_keeps_context_rope_and_ffn(tmp_path):
     m = tiny_model(ffn_hidden_dim=200, use_scaled_rope=True, rope_scaling_factor=4.0, max_seq_len=96)
-    M.save_model(m, tmp_path / "ckpt")
+    M.save_model(m, tmp_path / "meta_anchor")   # anchored at 8192, as Meta's code has it: no warning
+    m.args.rope_original_context = 48   # what train.py --rope_factor writes: Meta's code would run other frequencies
+    with pytest.warns(UserWarning, match="anchored at 48 tokens; Meta's llama-models anchors it at 8192"):
+        M.save_model(m, tmp_path / "ckpt")
     params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
     loaded = M.load_model(tmp_path / "ckpt")
     a = loaded.args
