@@ -71,6 +71,7 @@ train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.
 """
 import argparse
 import ast
+import codecs
 import datetime
 import glob
 import gzip
@@ -309,9 +310,10 @@ BOILERPLATE = {"nav", "navbar", "navigation", "menu", "sidebar", "footer", "cook
 BLOCK = {"p": 2, "div": 1, "section": 2, "article": 2, "main": 2, "h1": 2, "h2": 2, "h3": 2, "h4": 2, "h5": 2,
          "h6": 2, "pre": 2, "blockquote": 2, "ul": 2, "ol": 2, "dl": 2, "table": 2, "figure": 2, "details": 2,
          "li": 1, "dt": 1, "dd": 1, "tr": 1, "br": 1, "hr": 2, "figcaption": 1, "caption": 1, "summary": 1,
-         "address": 1}  # a block's text stands on its own lines: 1 newline before it, or 2 (a blank line)
-KEEP = {"html", "body", "main", "article",  # the page itself (<html class="sidebar-visible">: not boilerplate)
-        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}  # no end
+         "address": 1, "center": 1, "form": 1, "fieldset": 1, "legend": 1, "dialog": 1, "search": 1,
+         "listing": 2}  # a block's text stands on its own lines: 1 newline before it, or 2 (a blank line)
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}  # no end
+KEEP = {"html", "body", "main", "article"} | VOID  # the page itself (<html class="sidebar-visible">: not boilerplate)
 SECTION_ENDS = {"table", "thead", "tbody", "tfoot"}
 CLOSED_BY = {  # elements whose end tag may be left out: the start tags and end tags that end them (HTML's rules)
     "p": (set(BLOCK) - {"br"}, set(BLOCK) | {"form", "td", "th", "body", "html"}),
@@ -334,9 +336,10 @@ class TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.blocks, self.parts, self.gap = [], [], 0  # finished blocks; the open block's text; newlines before it
         self.link_chars = 0  # characters of the open block in links to other pages
-        self.skip = None     # [tag, depth] inside an element whose text is dropped; depth: the elements inside
-                             # it still open that it cannot end before (opens_inside)
-        self.pre, self.link = 0, False  # depth inside <pre>; inside a link to another page (<a> do not nest)
+        self.skip = None     # [tag, depth, base] inside an element whose text is dropped; depth: the elements
+                             # inside it still open that it cannot end before (opens_inside); base: its place in
+        self.stack = []      # the open elements (HTML's stack, roughly: an end tag closes what is open inside it)
+        self.pre, self.link = False, False  # inside <pre>; inside a link to another page (<a> do not nest)
 
     def flush(self, gap):
         text = "".join(self.parts)
@@ -347,18 +350,22 @@ class TextExtractor(HTMLParser):
         self.parts, self.link_chars, self.gap = [], 0, max(self.gap, gap)
 
     def handle_starttag(self, tag, attrs):
+        while self.stack and tag in CLOSED_BY.get(self.stack[-1], ((),))[0]:  # <li>a<li>: the first item ends
+            self.stack.pop()
+        if tag not in VOID:
+            self.stack.append(tag)
         if self.skip:
-            name, depth = self.skip
+            name, depth, _ = self.skip
             if depth or name not in CLOSED_BY or tag not in CLOSED_BY[name][0]:
                 self.skip[1] += opens_inside(name, tag)
                 return
             self.skip = None  # <li hidden>a<li>b: the next item ends the skipped one, and is read below
         attrs = {k: v or "" for k, v in attrs}
         if tag in SKIP or (tag not in KEEP and boilerplate(attrs)):
-            self.skip = [tag, 0]
+            self.skip = [tag, 0, len(self.stack) - 1]
         elif tag in BLOCK:
             self.flush(BLOCK[tag])
-            self.pre += tag == "pre"
+            self.pre = "pre" in self.stack
         elif tag in ("td", "th"):
             self.parts.append(" ")
         elif tag == "a":  # (a heading that links to itself, href="#...", is not navigation)
@@ -367,22 +374,34 @@ class TextExtractor(HTMLParser):
             self.handle_data(f" {attrs['alt']} ")
         elif tag == "math" and attrs.get("alttext"):  # MathML with its TeX: the TeX, not the markup's symbols
             self.handle_data(f" {attrs['alttext']} ")
-            self.skip = [tag, 0]
+            self.skip = [tag, 0, len(self.stack) - 1]
 
     def handle_endtag(self, tag):
+        at = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i] == tag), None)  # what it ends
         if self.skip:
-            name, depth = self.skip
-            if depth or not (tag == name or tag in CLOSED_BY.get(name, ((), ()))[1]):
+            name, depth, base = self.skip
+            if at is not None and at < base:  # an element around the skipped one ends, and with it the skipped one
+                self.skip = None              # (<div><span class=share>3</div>: the page goes on after the div)
+            elif depth or not (tag == name or tag in CLOSED_BY.get(name, ((), ()))[1]):
                 self.skip[1] -= depth > 0 and opens_inside(name, tag)  # (an element inside it closes)
+                self.end_element(at)
                 return
-            self.skip = None  # its end tag, or <ul><li hidden>a</ul>: the parent's end ends the item (read below)
-            if tag == name:
-                return
+            else:  # its end tag, or <ul><li hidden>a</ul>: the parent's end ends the item (read below)
+                self.skip = None
+                if tag == name:
+                    return self.end_element(at)
         if tag in BLOCK:
             self.flush(BLOCK[tag])
-            self.pre -= tag == "pre" and self.pre > 0
         elif tag == "a":
             self.link = False
+        self.end_element(at)
+
+    def end_element(self, at):
+        """The end of the open element at stack position `at` (None: a stray end tag), and of those inside it:
+        an unclosed <pre> ends with its parent."""
+        if at is not None:
+            del self.stack[at:]
+            self.pre = "pre" in self.stack
 
     def handle_data(self, data):
         if not self.skip:
@@ -426,22 +445,55 @@ def html_to_text(html):
 
 
 META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([\w.:-]+)""", re.IGNORECASE)
+COMMENT, BODY = re.compile(rb"<!--.*?-->", re.DOTALL), re.compile(rb"<body", re.IGNORECASE)
+# Labels that the WHATWG Encoding Standard (what browsers follow) reads as another encoding than Python's codec of
+# that name, or that Python does not know: a page labelled latin-1 is windows-1252 in every browser (Python's
+# latin-1 turns its curly quotes and dashes into control characters, which clean_text then deletes), gb2312 is
+# GBK, euc-kr is windows-949, shift_jis is Windows-31J.
+WHATWG_LABELS = {
+    **dict.fromkeys(["iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "l1", "ascii", "us-ascii", "cp819", "ibm819",
+                     "x-cp1252", "x-user-defined"], "cp1252"),
+    **dict.fromkeys(["iso-8859-9", "iso8859-9", "iso_8859-9", "latin5", "l5"], "cp1254"),
+    **dict.fromkeys(["tis-620", "iso-8859-11", "windows-874", "dos-874"], "cp874"),
+    **dict.fromkeys(["gb2312", "gbk", "x-gbk", "chinese", "csgb2312", "gb_2312-80", "iso-ir-58"], "gb18030"),
+    **dict.fromkeys(["euc-kr", "ks_c_5601-1987", "ks_c_5601-1989", "ksc5601", "korean", "windows-949"], "cp949"),
+    **dict.fromkeys(["shift_jis", "shift-jis", "sjis", "x-sjis", "ms932", "ms_kanji", "windows-31j", "csshiftjis"],
+                    "cp932"),
+    **dict.fromkeys(["big5", "big5-hkscs", "cn-big5", "x-x-big5", "csbig5"], "big5hkscs"),
+    **dict.fromkeys(["iso-8859-8-i", "logical"], "iso-8859-8"),
+    **dict.fromkeys(["x-mac-roman", "macintosh", "mac", "csmacintosh"], "mac_roman"),
+}
 MAX_RECORD = 1 << 30  # bytes: a larger WARC record is a damaged header (Common Crawl cuts pages at 1 MiB)
+
+
+def codec_of(label):
+    """A charset label -> the Python codec a browser's decoder matches (WHATWG_LABELS), or None if it names none."""
+    label = label.strip().strip("\"'").lower()
+    try:
+        return codecs.lookup(WHATWG_LABELS.get(label, label)).name
+    except LookupError:
+        return None
 
 
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
-    tag, or UTF-8; bytes that do not decode become U+FFFD, as in a browser (pages often misstate their charset)."""
-    if not charset:
-        m = META_CHARSET.search(raw[:4096])
-        charset = m and m.group(1).decode("ascii")
-    for bom, codec in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+    tag (in its <head>, outside comments; UTF-16 there means UTF-8, since the tag was read as ASCII), or UTF-8; a
+    label that names no encoding is passed over; bytes that do not decode become U+FFFD, as in a browser (pages
+    often misstate their charset)."""
+    codec = charset and codec_of(charset)
+    if not codec:
+        head = raw[:1 << 16]
+        body = BODY.search(head)
+        m = META_CHARSET.search(COMMENT.sub(b"", head[:body.start()] if body else head))
+        codec = m and codec_of(m.group(1).decode("ascii"))
+        codec = "utf-8" if codec and codec.startswith(("utf-16", "utf-32")) else codec
+    for bom, name in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
         if raw.startswith(bom):  # a byte-order mark outranks every label, as in a browser
-            charset = codec
+            codec = name
     try:
-        return raw.decode(charset or "utf-8", "replace")
-    except (LookupError, UnicodeError):  # a charset Python does not know, or a codec that is no page's (charset=
-        return raw.decode("utf-8", "replace")  # undefined, idna: they raise even with "replace")
+        return raw.decode(codec or "utf-8", "replace")
+    except (LookupError, UnicodeError):  # a codec that is no page's (charset=undefined, idna, base64: they raise
+        return raw.decode("utf-8", "replace")  # even with "replace")
 
 
 def warc_records(path):
@@ -566,13 +618,21 @@ def check_blocklist(path, source):
 
 
 def host_form(host):
-    """One spelling per host name: lower case, no trailing dot, international names as IDNA ('bücher.de' ->
-    'xn--bcher-kva.de'), so that a list and a URL that spell a domain differently still meet."""
-    host = host.lower().rstrip(".")
+    """One spelling per host name: lower case, no trailing dot, international labels as punycode ('bücher.de' ->
+    'xn--bcher-kva.de'), so that a list and a URL that spell a domain differently still meet. As browsers spell
+    them (IDNA 2008, UTS #46 non-transitional): 'straße' is 'xn--strae-oqa', where Python's idna codec (IDNA
+    2003) makes it 'strasse'."""
+    labels = LABEL_DOTS.split(unicodedata.normalize("NFKC", host).lower())
+    while labels and not labels[-1]:
+        labels.pop()   # (the trailing dot)
     try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:  # not a valid international name (an empty or over-long label): as it is
+        return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                        for label in labels)
+    except UnicodeError:  # (a lone surrogate)
         return host
+
+
+LABEL_DOTS = re.compile("[.\u3002\uff0e\uff61]")  # the full stops IDNA reads as dots
 
 
 def blocked(url, domains):

@@ -449,6 +449,93 @@ def test_prepare_data_from_web_pages(corpus, tmp_path):
     assert texts[1] in text and texts[13] in text and not {"Home", "Menu", "Page", "<p>"} & set(text.split())
 
 
+# ----------------------------------------------------------------------------- web pages as browsers read them
+
+def test_latin1_and_ascii_labels_are_windows_1252(tmp_path):
+    """WHATWG Encoding: 'iso-8859-1', 'latin1', 'us-ascii', 'ascii' are labels of windows-1252. Python's latin-1
+    turns 0x80-0x9F into C1 controls, which clean_text then deletes: smart quotes, dashes, the euro vanish."""
+    body = b"<p>\x93Don\x92t\x94 \x96 2010\x962015, 5\x80</p>"
+    want = "\u201cDon\u2019t\u201d \u2013 2010\u20132015, 5\u20ac"
+    assert data.html_to_text(data.decode_html(b'<meta charset="iso-8859-1">' + body)) == want
+    assert data.html_to_text(data.decode_html(body, "us-ascii")) == want
+    # through a WARC record whose HTTP header says ISO-8859-1 (the commonest mislabel on the web)
+    write_warc(tmp_path / "a.warc", [page("http://x.org/", "2024-01-01T00:00:00Z", body, "200 OK",
+                                          "text/html; charset=ISO-8859-1")])
+    assert [data.clean_text(d) for d in data.iter_documents(str(tmp_path / "a.warc"))] == [want]
+
+
+def test_legacy_labels_python_lacks_or_maps_to_a_subset():
+    """WHATWG maps windows-874/tis-620 -> windows-874, gb2312 -> GBK (gb18030 decoder), euc-kr -> windows-949,
+    shift_jis -> Shift_JIS as Windows-31J, x-sjis, x-mac-roman...; Python knows some labels not at all (decoded
+    as UTF-8: a Thai page becomes all U+FFFD) and others as the strict subset (GBK / UHC / NEC characters lost)."""
+    assert data.decode_html(b"\xa1\xa2", "windows-874") == "\u0e01\u0e02"              # Thai ko kai, kho khai
+    assert data.decode_html(b"\x81\x40", "gb2312") == "\u4e02"                         # a GBK character
+    assert data.decode_html(b"\x81\x41", "euc-kr") == "\uac02"                         # a UHC (cp949) syllable
+    assert data.decode_html(b"\x87\x40", "shift_jis") == "\u2460"                      # NEC circled 1
+    assert data.decode_html(b'<meta charset="x-sjis">\x82\xa0').endswith("\u3042")      # hiragana a
+
+
+def test_meta_utf16_means_utf8():
+    """HTML §13.2.3.2 prescan: a <meta> that declares UTF-16 is read as UTF-8 (an ASCII-readable meta cannot be in
+    UTF-16); here the whole page turns into CJK-looking garbage."""
+    raw = b'<meta http-equiv="Content-Type" content="text/html; charset=utf-16"><p>caf\xc3\xa9</p>'
+    assert data.html_to_text(data.decode_html(raw)) == "caf\u00e9"
+
+
+def test_unknown_http_charset_falls_back_to_meta():
+    """WHATWG encoding sniffing: a transport-layer label that names no encoding is ignored and the <meta> prescan
+    decides; the code reads the page as UTF-8 and ignores the page's own declaration."""
+    raw = b'<meta charset="windows-1251"><p>\xcf\xf0\xe8\xe2\xe5\xf2</p>'
+    for label in ("none", "utf8mb4", "x-unknown"):
+        assert data.html_to_text(data.decode_html(raw, label)) == "\u041f\u0440\u0438\u0432\u0435\u0442", label
+
+
+def test_block_elements_missing_from_BLOCK_run_words_together():
+    """CSS UA stylesheet (HTML §15.3): center, form, fieldset, legend, dialog, ... are display: block; the extractor
+    treats them as inline, so neighbouring blocks' words are glued ('onetwo')."""
+    assert data.html_to_text("<center>one</center><center>two</center>") == "one\ntwo"
+    assert data.html_to_text("<p>Intro</p>text<form>Name</form>end") in ("Intro\n\ntext\nName\nend",
+                                                                       "Intro\n\ntext\n\nName\n\nend")
+    assert "Lx" not in data.html_to_text("<fieldset><legend>Legend</legend>x</fieldset>")
+
+
+def test_pre_ends_with_its_parent():
+    """HTML tree construction: '</div>' pops every element up to the div, <pre> included. The extractor stays in
+    <pre> mode for the rest of the page: whitespace kept raw, and the link-share filter off (menus kept)."""
+    html = ("<div><pre>x = 1</div><p>normal   text\n   wrapped</p>"
+            "<div><a href=/a>Home</a> <a href=/b>Blog</a> <a href=/c>About</a></div>")
+    assert data.html_to_text(html) == "x = 1\n\nnormal text wrapped"
+
+
+def test_blocklist_idna2008_deviation_characters():
+    """host_form uses Python's 'idna' codec, IDNA 2003 (nameprep maps ß -> ss, ς -> σ); URLs in crawls carry
+    UTS #46 non-transitional / IDNA 2008 punycode (what browsers and crawlers emit): 'straße.example' is
+    'xn--strae-oqa.example', so a list and a URL spelling the same domain in the two forms do not meet."""
+    assert data.host_form("stra\u00dfe.example") == "xn--strae-oqa.example"
+    domains = {data.host_form("stra\u00dfe.example")}
+    assert data.blocked("http://xn--strae-oqa.example/", domains)
+    assert data.blocked("http://www.stra\u00dfe.example/", {data.host_form("xn--strae-oqa.example")})
+
+
+def test_meta_charset_prescan_skips_comments_and_late_meta_still_counts():
+    """HTML §13.2.3.2 prescan skips comments ('<!--' to '-->'); the tree builder's 'change the encoding' (§13.2.3.4)
+    honours a <meta charset> in <head> found after the prescan's window. The regex takes a commented-out meta, and
+    misses a real one after 4,096 bytes of inline script."""
+    cyr = b"<p>\xcf\xf0\xe8\xe2\xe5\xf2</p>"
+    old = b'<!-- <meta charset="utf-8"> (old template) --><meta charset="windows-1251">'
+    assert data.html_to_text(data.decode_html(old + cyr)) == "\u041f\u0440\u0438\u0432\u0435\u0442"
+    late = b"<head><script>var x = '" + b"x" * 5000 + b"';</script><meta charset=windows-1251></head>"
+    assert data.html_to_text(data.decode_html(late + cyr)) == "\u041f\u0440\u0438\u0432\u0435\u0442"
+
+
+def test_skipped_element_ends_at_its_parents_end_tag():
+    """HTML tree construction ('any other end tag' / '</div>'): an end tag pops the elements open inside it, so an
+    unclosed <span class=share-count> ends at its parent's </div>. The extractor keeps skipping to the end of the
+    page: one unclosed counter in a toolbar loses the whole article."""
+    html = "<div class=post><span class=share-count>3</div><article><p>Main text of the article.</p></article>"
+    assert data.html_to_text(html) == "Main text of the article."
+
+
 # ----------------------------------------------------------------------------- dedup and filters
 
 def test_minhash_dedup_planted():
