@@ -1229,7 +1229,8 @@ PIPELINE = 7  # bump when a rule of cleaning, dedup or filtering changes: caches
               # near-dedup compares every kept document that shares a band; 4: the personal data rule, the val
               # split by hash; 5: that hash taken before line dedup, lines of repeated content; 6: words and
               # letters by Unicode's rules, combining marks included; 7: a module's docstrings in its code's
-              # split, line dedup drops the documents it makes equal, the quality filter drops a share)
+              # split, line dedup drops the documents it makes equal, the quality filter drops a share, charsets as
+              # browsers read them, end tags that end what is open inside them)
 
 
 def is_val(h, every):
