@@ -1583,7 +1583,8 @@ class PackedLoader:
             more = "a larger --val_fraction in data.py" if split == "val" else "more data"
             raise ValueError(f"{data_dir}: {split} has {self.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
                              f"a smaller seq_len, or {more}")
-        self.B, self.T, self.rank, self.world, self.seed = batch_size, seq_len, rank, world_size, seed
+        # (numpy integers made plain: the state they go into is saved as JSON and loaded weights-only)
+        self.B, self.T, self.rank, self.world, self.seed = map(int, (batch_size, seq_len, rank, world_size, seed))
         self.batch = 0  # batches this rank has returned
         self._cache = {}
 
@@ -1679,7 +1680,7 @@ class MixedLoader:
     def __init__(self, loaders, weights, seed=0):
         if len(loaders) != len(weights) or not loaders:
             raise ValueError(f"MixedLoader: {len(loaders)} loaders and {len(weights)} weights")
-        if not all(0 < w < math.inf for w in weights):
+        if not all(0 < w < math.inf for w in weights) or not math.isfinite(sum(weights)):  # (1e308 + 1e308: inf)
             raise ValueError(f"MixedLoader: weights {list(weights)} must all be finite and > 0")
         if len({(ld.B, ld.T, ld.rank, ld.world, ld.seed) for ld in loaders}) > 1:
             raise ValueError("MixedLoader: the loaders differ in batch_size, seq_len, rank, world_size or seed")

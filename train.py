@@ -640,6 +640,11 @@ try:
 except ValueError as e:
     fail(str(e))
 if len(folders) > 1:  # a mix: how often this run reads each folder (a small one with a large share: repeated)
+    fractions = {folder: metas[folder]["config"].get("val_fraction") for folder in folders}
+    if len(set(fractions.values())) > 1:  # the splits by hash nest, but not as the same sets
+        said = ", ".join(f"{f} {v}" for f, v in fractions.items())
+        log(f"note: the folders were split with other --val_fraction ({said}): a document in two of their sources "
+            "can be in one's val and in another's train")
     for folder, share in zip(folders, shares):
         n = metas[folder]["train"]["tokens"]
         reads = "" if args.max_minutes else f": {args.max_steps * tokens_per_step * share / n:.2f} epochs in this run"

@@ -2,6 +2,7 @@
 Hermetic: every corpus, tokenizer and shard is made here in tmp_path. Run: python -m pytest -q tests/test_data.py"""
 import ast
 import gzip
+import io
 import itertools
 import json
 import os
@@ -1514,3 +1515,39 @@ def test_cli_mistyped_paths_are_one_line(corpus, tmp_path):
         assert r.returncode == 1 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--dirty_words" in r.stdout, r.stderr
+
+
+@pytest.fixture
+def two_folders(tmp_path):
+    folders = []
+    for i in range(2):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        tokens, _ = synthetic_stream(50, np.random.default_rng(i))
+        write_split(d, "train", tokens, shard_tokens=300)
+        folders.append(str(d))
+    return folders
+
+
+def test_state_of_a_loader_built_with_numpy_ints_survives_json_and_weights_only_load(two_folders):
+    """(a review) PackedLoader accepts numpy integers (test_loader_arguments_are_checked), but its state held
+    numpy.int64 (windows, seq_len): json.dumps raised and torch.load(weights_only=True) refuses the checkpoint."""
+    ld = data.PackedLoader(two_folders[0], "train", np.int64(2), np.int64(16))
+    ld.next_batch()
+    sd = ld.state_dict()
+    json.dumps(sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True) == sd
+    mix = data.MixedLoader([data.PackedLoader(f, "train", np.int64(2), np.int64(16)) for f in two_folders], [1, 1])
+    mix.next_batch()
+    json.dumps(mix.state_dict())
+
+
+def test_mixed_loader_refuses_weights_whose_sum_overflows(two_folders):
+    """Each weight is finite and > 0 but their sum is inf: p = [0, 0]; accepted, then every next_batch raises
+    numpy's 'Probabilities do not sum to 1'. Refused at construction like [1, inf] is."""
+    loaders = [data.PackedLoader(f, "train", 2, 8) for f in two_folders]
+    with pytest.raises(ValueError, match="MixedLoader"):
+        data.MixedLoader(loaders, [1e308, 1e308])
