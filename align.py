@@ -50,8 +50,11 @@ Design choices
 
 Real data (JSONL, one record a line; a malformed record, a line that is not UTF-8, a prompt that does not end
 with the user's turn, or an empty file is reported with its file and line number):
-  SFT:      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-  RM, DPO:  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."[, "margin": 1.0 (RM only)]}
+  SFT:      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, or TRL's
+            {"prompt": "..." or [messages], "completion": "..." or [messages]}
+  RM, DPO:  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."[, "margin": 1.0 (RM only)]}, each
+            answer a string, [the assistant's message], or the whole conversation, the prompt first; without a
+            "prompt", the conversations carry it (TRL's implicit prompt)
   RS, PPO:  {"prompt": "..." or [messages]}
 Prompts longer than the context are truncated from the left (keeping <|begin_of_text|>) and counted.
 

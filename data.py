@@ -467,11 +467,14 @@ MAX_RECORD = 1 << 30  # bytes: a larger WARC record is a damaged header (Common 
 
 
 def codec_of(label):
-    """A charset label -> the Python codec a browser's decoder matches (WHATWG_LABELS), or None if it names none."""
+    """A charset label -> the Python codec a browser's decoder matches (WHATWG_LABELS), or None if it names none
+    that reads web pages: one that does not read ASCII markup as itself (undefined, base64; UTF-16 and UTF-32
+    aside) is none."""
     label = label.strip().strip("\"'").lower()
     try:
-        return codecs.lookup(WHATWG_LABELS.get(label, label)).name
-    except LookupError:
+        name = codecs.lookup(WHATWG_LABELS.get(label, label)).name
+        return name if name.startswith(("utf-16", "utf-32")) or b"<p>a</p>".decode(name) == "<p>a</p>" else None
+    except (LookupError, UnicodeError):
         return None
 
 

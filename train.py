@@ -44,7 +44,7 @@ Run it
     python train.py --init out/default --out_dir out/long --seq_len 1024 --rope_factor 4 --max_steps 200
                                                        # long-context stage: continue at 4x the context
     python train.py --init out/default --out_dir out/anneal --data data/stdlib=0.5 data/best=0.5 --lr 3e-4 \\
-        --warmup_steps 0 --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100 --average_last 20
+        --warmup_steps 0 --schedule wsd --decay_frac 1 --min_lr 0 --max_steps 100 --average_last 20 --seed 1
                                                        # annealing: lr to 0 on an upsampled source, averaged
 """
 import argparse

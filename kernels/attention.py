@@ -18,8 +18,9 @@ Design choices:
 - FlashAttention-2 (Dao, 2023): a program owns BLOCK_M query rows and walks the keys BLOCK_N at a time with an
   online softmax in fp32 (running max m, running sum l, rescaled accumulator), so the (T, Tk) score matrix never
   exists in memory. exp2 instead of exp: the scale log2(e) is folded into the score scale. Inputs in fp16, bf16 or
-  fp32; fp32 products run as TF32 on the tensor cores (tl.dot's default, like torch with allow_tf32: train.py
-  turns it on), so fp32 attention on a GPU matches the reference to ~1e-3, not to fp32's last bits.
+  fp32; fp32 products run as TF32 on the tensor cores (tl.dot's default, like torch with allow_tf32), even under
+  train.py's --dtype float32, which keeps torch's own matmuls fp32: fp32 attention on a GPU matches the
+  reference to ~1e-3, not to fp32's last bits.
 - Skipping wholly-masked tiles, not computing them: a query tile walks only the keys [lo, hi) that can be visible.
   hi is the causal diagonal. lo is the first position of the earliest document among the tile's rows (from
   doc_ids). For packed rows (each document one contiguous run, what data.py makes) no tile in [lo, hi) is
