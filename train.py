@@ -711,20 +711,22 @@ log(f"{world_size} process(es) on {device.type}, {'FSDP2' if fsdp else 'DDP' if 
 @torch.no_grad()
 def evaluate():
     """Mean loss over about eval_tokens tokens of each folder's validation split (whole global batches, at least
-    one): the loader's seeded order, so the same windows at every evaluation of a run. -> (val loss, bits per
-    byte, [each folder's loss]): the first two weigh the folders by their shares."""
+    one; no more than the split holds, so that no window counts twice): the loader's seeded order, so the same
+    windows at every evaluation of a run. -> (val loss, bits per byte, [each folder's loss]): the first two weigh
+    the folders by their shares."""
     model.eval()
-    total = torch.zeros(len(folders), device=device)
+    total, steps = torch.zeros(len(folders), device=device), []
     for i, folder in enumerate(folders):
         val_loader = loader(folder, "val")
-        for _ in range(eval_steps):
+        steps.append(min(eval_steps, max(1, val_loader.n_windows // (B * world_size))))
+        for _ in range(steps[-1]):
             x, y, doc_ids = (t.to(device) for t in val_loader.next_batch())
             with autocast:
                 total[i] += model(x, y, doc_ids=doc_ids)
     if distributed:
         dist.all_reduce(total)
     model.train()
-    losses = (total / (eval_steps * world_size)).tolist()
+    losses = [t / (n * world_size) for t, n in zip(total.tolist(), steps)]
     # bits per byte compare across tokenizers: nats per token / ln 2 / UTF-8 bytes per token (val split). A mix:
     # nats and bytes of each folder by its share of the tokens
     val_loss = sum(share * loss for share, loss in zip(shares, losses))

@@ -145,6 +145,20 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
     assert sorted(os.listdir(reference / "ckpt")) == ["step_000008", "step_000010"]  # the last two are kept
 
 
+def test_eval_reads_a_small_val_split_once(corpus, tmp_path):
+    """--eval_tokens past the val split's size: the evaluation reads each of its whole global batches once (it read
+    on into the split's next epochs, counting windows twice: a review found it, for a mix's small folder)."""
+    from data import PackedLoader
+    from model import load_model
+    train(corpus, tmp_path / "out", "--max_steps", "1", "--eval_tokens", "100000", "--batch_size", "3")
+    val_loader = PackedLoader(corpus / "shards", "val", 3, 32, seed=1337)   # (44 windows: 14 batches, 2 left)
+    model = load_model(tmp_path / "out")
+    with torch.no_grad():
+        batches = [val_loader.next_batch() for _ in range(val_loader.n_windows // 3)]
+        val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in batches) / len(batches)
+    assert val_loss == pytest.approx(losses(tmp_path / "out", "val_loss")[1], abs=1e-5)
+
+
 def test_default_dtype_is_bf16_where_the_cpu_has_it(corpus, reference, tmp_path):
     """Without --dtype, a CPU with bf16 matrix instructions trains under bf16 autocast (fp32 weights): the losses
     follow the fp32 reference's closely, the exported weights give the logged val loss under the same autocast, and
