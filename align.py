@@ -238,6 +238,8 @@ def load_sft(path):
         where = f"{path}:{lineno}"
         if isinstance(rec, dict) and "messages" not in rec and {"prompt", "completion"} <= rec.keys():
             answer = rec["completion"]
+            if not isinstance(answer, (str, list)):
+                raise BadInput(f"{where}: 'completion' must be a string or a list of messages")
             rec = {"messages": _messages(rec["prompt"], f"{where}: 'prompt'", "user") +
                    ([{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer)}
         if not isinstance(rec, dict) or "messages" not in rec:
@@ -252,20 +254,24 @@ def load_pairs(path):
     TRL's implicit prompt: {"chosen", "rejected"} conversations that share it -> list of {"prompt": messages,
     "chosen": str, "rejected": str[, "margin": float]}. A pair whose two answers are the same text (HH-RLHF has a
     few) teaches nothing and would count as a miss in every accuracy: it is dropped, and the drops are counted."""
-    out, same = [], []
+    out, same, echo = [], [], []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
-        if isinstance(rec, dict) and "prompt" not in rec and isinstance(rec.get("chosen"), list):
-            rec = dict(rec, prompt=rec["chosen"][:-1])   # the implicit prompt: all but the answer
-        if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= rec.keys():
+        if not isinstance(rec, dict) or not {"chosen", "rejected"} <= rec.keys() or \
+                "prompt" not in rec and not isinstance(rec["chosen"], list):
             keys = f", its keys: {sorted(rec)}" if isinstance(rec, dict) else ""
             raise BadInput(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected' (answers that are "
                            f"conversations carry their prompt){keys}")
+        if "prompt" not in rec:  # the implicit prompt: all of the chosen conversation but its answer
+            c = rec["chosen"]
+            if len(c) < 2 or not isinstance(c[-1], dict) or c[-1].get("role") != "assistant":
+                raise BadInput(f"{where}: 'chosen': a conversation that carries its prompt ends with the "
+                               "assistant's answer, after the prompt")
+            rec = dict(rec, prompt=c[:-1])
         p, answers = rec["prompt"], (rec["chosen"], rec["rejected"])
         if isinstance(p, str) and p.strip() and all(isinstance(a, str) and a.strip().startswith(p.strip())
                                                     for a in answers):
-            raise BadInput(f"{where}: 'chosen' and 'rejected' both begin with the prompt: give the answers alone "
-                           "(else the prompt's tokens count as the answer's)")
+            echo.append(lineno)  # (HH-RLHF's transcripts beside a 'prompt' column; or a short prompt both echo)
         prompt = _messages(p, f"{where}: 'prompt'", "user")
         pair = dict(prompt=prompt, chosen=_response(rec["chosen"], prompt, f"{where}: 'chosen'"),
                     rejected=_response(rec["rejected"], prompt, f"{where}: 'rejected'"))
@@ -281,6 +287,10 @@ def load_pairs(path):
     if same:
         print(f"{path}: dropped {len(same)} pairs whose chosen and rejected are the same (lines {same[:5]}"
               f"{', ...' if len(same) > 5 else ''})", file=sys.stderr)
+    if echo:
+        print(f"{path}: in {len(echo)} pairs both answers begin with the prompt (lines {echo[:5]}"
+              f"{', ...' if len(echo) > 5 else ''}): if they hold it, give the answers alone, else its tokens are "
+              "trained as the answer's", file=sys.stderr)
     if not out:
         raise BadInput(f"{path}: no pair with two different answers")
     return out
@@ -557,6 +567,10 @@ def device_of(module):
 
 def context_len(model):
     return model.args.max_seq_len
+
+
+SFT_ROW = 8192  # tokens per packed SFT row at most: Llama 3's pretraining context (a 3.1 download's is 128K, and
+                # --batch_size rows of it would be a million tokens a step)
 
 
 def prompt_room(model, max_new):
@@ -838,7 +852,7 @@ def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", stat
     """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks.
     The loss is the mean over the batch's target tokens, however many each row holds."""
     examples = [tok.encode_dialog(c) for c in conversations]
-    X, Y, D = pack_sft(examples, context_len(model))  # (N, T) each
+    X, Y, D = pack_sft(examples, min(context_len(model), SFT_ROW))  # (N, T) each
     net, dev = wrap_ddp(model), device_of(model)
 
     def step_loss(step):

@@ -61,18 +61,24 @@ def flops_per_token(args):
 def model_for(per_token, vocab_size, seq_len):
     """(width, N) of the model of this family that spends per_token FLOPs a token: a budget's C over D* tokens is
     that model's 6N + attention, so C / 6D* would count the attention as parameters too (19-34% more at this
-    sweep's budgets). Between the two even widths (RoPE pairs) around it, N and the width are interpolated."""
-    def at(half):
+    sweep's budgets). The family's widths: even below 64, multiples of 32 (heads of 32) from there on; between the
+    two around it, N and the width are interpolated; None below the narrowest."""
+    def at(width):
         with torch.device("meta"):
-            m = Transformer(model_args(2 * half, vocab_size, seq_len))
+            m = Transformer(model_args(width, vocab_size, seq_len))
         return m.flops_per_token(seq_len), m.num_params()
-    lo, hi = 1, 1 << 15
-    while hi - lo > 1:   # (the FLOPs grow with the width)
+    step = 32 if per_token >= at(64)[0] else 2
+    if per_token < at(step)[0]:
+        return None
+    lo, hi = 1, 2
+    while at(step * hi)[0] <= per_token:   # (Llama 3's 3.8e25 FLOPs: widths near 100,000)
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if at(mid)[0] <= per_token else (lo, mid)
-    (f0, n0), (f1, n1) = at(lo), at(hi)
-    share = min(max((per_token - f0) / (f1 - f0), 0.0), 1.0)
-    return 2 * (lo + share), n0 + share * (n1 - n0)
+        lo, hi = (mid, hi) if at(step * mid)[0] <= per_token else (lo, mid)
+    (f0, n0), (f1, n1) = at(step * lo), at(step * hi)
+    share = (per_token - f0) / (f1 - f0)
+    return step * (lo + share), n0 + share * (n1 - n0)
 
 
 def final_val_loss(out, settings):
@@ -268,7 +274,7 @@ def main():
             "--batch_size", "--max_steps", "--max_minutes", "--eval_interval", "--ckpt_interval",
             "--tokens_per_step", "--model", "--init", "--average_last"}   # (other FLOPs, another model, or weights
     # that are not the ones log.csv scored); argparse takes a unique prefix of a flag (--batch): those too
-    taken = sorted({arg.split("=")[0] for arg in a.train_args.split() if arg.startswith("--")
+    taken = sorted({arg.split("=")[0] for arg in a.train_args.split() if arg.startswith("--") and arg != "--"
                     and any(flag.startswith(arg.split("=")[0]) for flag in ours)})
     if taken:   # (the later flag would win in train.py, and the budget's FLOPs count the other)
         p.error(f"--train_args {' '.join(taken)}: scaling.py sets these itself, or they change what a run's FLOPs "
@@ -345,9 +351,10 @@ def main():
     print(f"\nD*(C) = {coef:.3g} * C^{alpha:.3f}   (Llama 3: 0.29 * C^0.53)")
     for budget in a.predict:
         tokens = coef * budget ** alpha
-        width, n = model_for(budget / tokens, vocab, a.seq_len)
-        print(f"  at {budget:.1e} FLOPs: {tokens:.3g} tokens, a model of ~{n:.3g} parameters (width ~{width:.0f}: "
-              "C = (6N + attention) D)")
+        model = model_for(budget / tokens, vocab, a.seq_len)
+        print(f"  at {budget:.1e} FLOPs: {tokens:.3g} tokens, " + (
+            f"a model of ~{model[1]:.3g} parameters (width ~{model[0]:.0f}: C = (6N + attention) D)" if model else
+            "fewer FLOPs a token than the narrowest model of this family spends"))
     if a.questions:
         forecast(a, tok, curves, minima)
 

@@ -308,6 +308,18 @@ def test_sft_steps_lower_the_loss(tok):
     assert hist[0]["loss"] == pytest.approx(masked, abs=1e-6)
 
 
+def test_sft_rows_stop_at_sft_row(tok, monkeypatch):
+    """SFT packs rows of the model's context, up to SFT_ROW (8192): a Llama 3.1 download's context is 128K, whose rows
+    at --batch_size 8 would be a million tokens a step, nearly all padding (a review found it)."""
+    seen, pack = [], align.pack_sft
+    monkeypatch.setattr(align, "pack_sft", lambda examples, seq_len: seen.append(seq_len) or pack(examples, seq_len))
+    monkeypatch.setattr(align, "SFT_ROW", 64)
+    convos = [align.task_conversation(t) for t in align.task_split(8, 0, seed=1)[0]]
+    align.train_sft(tiny_model(tok, context=128), tok, convos, steps=1, batch_size=2, lr=1e-3)
+    align.train_sft(tiny_model(tok, context=48), tok, convos, steps=1, batch_size=2, lr=1e-3)
+    assert seen == [64, 48]
+
+
 def test_reward_model_learns_pairs_and_roundtrips(tok, tmp_path, monkeypatch):
     rng = random.Random(0)
     tasks = align.task_split(64, 0, seed=2)[0]
@@ -852,13 +864,27 @@ def test_a_response_conversation_that_does_not_continue_the_prompt_is_refused(tm
         align.load_pairs(path)
 
 
-def test_string_answers_that_repeat_the_prompt_are_refused(tmp_path):
-    """Both answers begin with the whole prompt (HH-RLHF-style transcripts beside a 'prompt' column): as accepted
-    now, the prompt's tokens are inside the answer, counted in DPO's log-probs and scored by the RM."""
+def test_string_answers_that_repeat_the_prompt_are_told(tmp_path, capsys):
+    """Both answers begin with the whole prompt (HH-RLHF-style transcripts beside a 'prompt' column: the prompt's
+    tokens would be trained as the answer's), or a short prompt both answers echo ("Hello" -> "Hello! ..."): which
+    one, the loader cannot tell, so it says so on stderr and loads them. Records that cannot be read name the
+    field: an implicit prompt's 'chosen' that ends without an answer, a completion that is no string or list."""
     path = _write(tmp_path / "pairs.jsonl", {"prompt": "Reverse: a b c", "chosen": "Reverse: a b c\nc b a",
-                                             "rejected": "Reverse: a b c\nb a c"})
-    with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: "):
-        align.load_pairs(path)
+                                             "rejected": "Reverse: a b c\nb a c"},
+                  {"prompt": "Hello", "chosen": "Hello! How can I help?", "rejected": "Hello."})
+    assert len(align.load_pairs(path)) == 2
+    assert "in 2 pairs both answers begin with the prompt (lines [1, 2])" in capsys.readouterr().err
+    for chosen in ([], [_U("q")], [_A("a")]):
+        _write(tmp_path / "pairs.jsonl", {"chosen": chosen, "rejected": [_U("q"), _A("b")]})
+        with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: 'chosen': a conversation that carries its prompt"):
+            align.load_pairs(tmp_path / "pairs.jsonl")
+    _write(tmp_path / "pairs.jsonl", {"chosen": [_U("q"), _A("a")]})
+    with pytest.raises(align.BadInput, match=r"its keys: \['chosen'\]"):
+        align.load_pairs(tmp_path / "pairs.jsonl")
+    for completion in ({"role": "assistant", "content": "4"}, None, 4):
+        _write(tmp_path / "sft.jsonl", {"prompt": "2+2?", "completion": completion})
+        with pytest.raises(align.BadInput, match=r"sft\.jsonl:1: 'completion' must be a string or a list"):
+            align.load_sft(tmp_path / "sft.jsonl")
 
 
 @pytest.mark.parametrize("record", [

@@ -318,6 +318,16 @@ def test_predicted_parameters_are_the_models_that_spend_the_budget(lined_corpus,
     assert abs(float(params) / n - 1) < 0.05, (params, n)
 
 
+def test_model_for_any_budget():
+    """Past the widths a sweep tries (Llama 3's 3.8e25 FLOPs: 3.6e12 a token at its D*), the search widens on
+    (it stopped at width 65,534, half the FLOPs); below the narrowest model, None (it said width 2, 10x over)."""
+    width, n = scaling.model_for(3.6e12, 128256, 256)
+    with torch.device("meta"):
+        m = Transformer(scaling.model_args(32 * round(width / 32), 128256, 256))
+    assert width > 65536 and abs(m.flops_per_token(256) / 3.6e12 - 1) < 2e-3 and abs(m.num_params() / n - 1) < 2e-3
+    assert scaling.model_for(10, 8192, 256) is None
+
+
 @pytest.mark.parametrize("flag", ["--tokens_per_step 4096", "--batch 16", "--seq 128", "--model llama3.2-1b"])
 def test_train_args_that_change_the_flops_are_refused(tmp_path, flag):
     """Each of these makes a run spend other FLOPs than the budget scaling.py counted (train.py: --tokens_per_step
