@@ -339,6 +339,7 @@ class TextExtractor(HTMLParser):
         self.skip = None     # [tag, depth, base] inside an element whose text is dropped; depth: the elements
                              # inside it still open that it cannot end before (opens_inside); base: its place in
         self.stack = []      # the open elements (HTML's stack, roughly: an end tag closes what is open inside it)
+        self.open = Counter()  # how many of each tag it holds (sloppy pages leave thousands open: no list scans)
         self.pre, self.link = False, False  # inside <pre>; inside a link to another page (<a> do not nest)
 
     def flush(self, gap):
@@ -351,9 +352,10 @@ class TextExtractor(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         while self.stack and tag in CLOSED_BY.get(self.stack[-1], ((),))[0]:  # <li>a<li>: the first item ends
-            self.stack.pop()
+            self.open[self.stack.pop()] -= 1
         if tag not in VOID:
             self.stack.append(tag)
+            self.open[tag] += 1
         if self.skip:
             name, depth, _ = self.skip
             if depth or name not in CLOSED_BY or tag not in CLOSED_BY[name][0]:
@@ -365,7 +367,7 @@ class TextExtractor(HTMLParser):
             self.skip = [tag, 0, len(self.stack) - 1]
         elif tag in BLOCK:
             self.flush(BLOCK[tag])
-            self.pre = "pre" in self.stack
+            self.pre = self.open["pre"] > 0
         elif tag in ("td", "th"):
             self.parts.append(" ")
         elif tag == "a":  # (a heading that links to itself, href="#...", is not navigation)
@@ -377,7 +379,8 @@ class TextExtractor(HTMLParser):
             self.skip = [tag, 0, len(self.stack) - 1]
 
     def handle_endtag(self, tag):
-        at = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i] == tag), None)  # what it ends
+        at = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i] == tag), None) \
+            if self.open[tag] else None  # the element it ends
         if self.skip:
             name, depth, base = self.skip
             if at is not None and at < base:  # an element around the skipped one ends, and with it the skipped one
@@ -398,10 +401,17 @@ class TextExtractor(HTMLParser):
 
     def end_element(self, at):
         """The end of the open element at stack position `at` (None: a stray end tag), and of those inside it:
-        an unclosed <pre> ends with its parent."""
-        if at is not None:
-            del self.stack[at:]
-            self.pre = "pre" in self.stack
+        an unclosed <pre> ends with its parent (its text flushed as code first), an unclosed link too."""
+        if at is None:
+            return
+        ended = self.stack[at:]
+        if "pre" in ended and not self.skip:
+            self.flush(BLOCK["pre"])
+        self.link = self.link and "a" not in ended
+        for tag in ended:
+            self.open[tag] -= 1
+        del self.stack[at:]
+        self.pre = self.open["pre"] > 0
 
     def handle_data(self, data):
         if not self.skip:
@@ -428,7 +438,8 @@ def html_to_text(html):
     - dropped: <title>, scripts, styles, navigation, headers, footers, asides, buttons; elements hidden (hidden,
       aria-hidden, display:none, ...) or whose class names boilerplate (menu, sidebar, cookie, share, ads, ...);
       blocks whose characters are mostly link text. (Llama 3's parser aims at precision in removing boilerplate
-      and at recall of content; where they conflict, this one drops text: an unclosed <nav> ends its page.)
+      and at recall of content; where they conflict, this one drops text: an unclosed <nav> ends its page
+      unless an element around it ends.)
     - kept: text in reading order, <pre> with its spaces (code), the alt text of images and the TeX of <math
       alttext=...> (Llama 3 keeps both for mathematics), table cells separated by spaces.
     '<nav><a href=/>Home</a></nav><h1>Hi</h1><p>a &amp; <b>b</b></p><pre>x = 1\\n  y</pre>'
@@ -445,7 +456,8 @@ def html_to_text(html):
 
 
 META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([\w.:-]+)""", re.IGNORECASE)
-COMMENT, BODY = re.compile(rb"<!--.*?-->", re.DOTALL), re.compile(rb"<body", re.IGNORECASE)
+COMMENT = re.compile(rb"<!--.*?(?:-->|\Z)", re.DOTALL)  # (an unclosed one runs to the end, as in a browser)
+BODY = re.compile(rb"<body", re.IGNORECASE)
 # Labels that the WHATWG Encoding Standard (what browsers follow) reads as another encoding than Python's codec of
 # that name, or that Python does not know: a page labelled latin-1 is windows-1252 in every browser (Python's
 # latin-1 turns its curly quotes and dashes into control characters, which clean_text then deletes), gb2312 is
@@ -474,7 +486,7 @@ def codec_of(label):
     try:
         name = codecs.lookup(WHATWG_LABELS.get(label, label)).name
         return name if name.startswith(("utf-16", "utf-32")) or b"<p>a</p>".decode(name) == "<p>a</p>" else None
-    except (LookupError, UnicodeError):
+    except (LookupError, UnicodeError, ValueError):   # (ValueError: a NUL in the label)
         return None
 
 
@@ -485,9 +497,9 @@ def decode_html(raw, charset=None):
     often misstate their charset)."""
     codec = charset and codec_of(charset)
     if not codec:
-        head = raw[:1 << 16]
-        body = BODY.search(head)
-        m = META_CHARSET.search(COMMENT.sub(b"", head[:body.start()] if body else head))
+        head = COMMENT.sub(b"", raw[:1 << 16])
+        body = BODY.search(head)  # (a browser reads a <meta> in the first 1024 bytes wherever it is, later in the head)
+        m = META_CHARSET.search(head[:max(body.start(), 1024)] if body else head)
         codec = m and codec_of(m.group(1).decode("ascii"))
         codec = "utf-8" if codec and codec.startswith(("utf-16", "utf-32")) else codec
     for bom, name in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):

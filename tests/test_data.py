@@ -452,6 +452,34 @@ def test_prepare_data_from_web_pages(corpus, tmp_path):
 
 # ----------------------------------------------------------------------------- web pages as browsers read them
 
+CYR = "Привет, мир — тест".encode("cp1251")
+
+
+def test_unclosed_link_ends_with_its_parent():
+    """An unclosed <a href> counted the rest of the page as link text, and the link-share filter dropped it all."""
+    assert data.html_to_text("<div><a href=/x>Read more</div><p>A long paragraph that matters.</p>") == \
+        "A long paragraph that matters."
+
+
+def test_unclosed_pre_ended_by_its_cell_keeps_its_whitespace():
+    # </td> ends the unclosed <pre> (end_element sets pre False) without flushing its block first:
+    # the code is flushed later with pre False, collapsed, and run into the next cell ('a b next').
+    out = data.html_to_text("<table><tr><td><pre>a\n    b</td><td>next</td></tr></table>")
+    assert "a\n    b" in out, out
+
+
+def test_body_inside_a_head_comment_does_not_hide_the_meta():
+    # BODY is searched before COMMENT is removed: '<body' in a comment cuts the head before the <meta>.
+    raw = b'<html><head><!-- <body> --><meta charset="windows-1251"></head><body><p>' + CYR
+    assert data.decode_html(raw).endswith("Привет, мир — тест")
+
+
+def test_meta_after_body_is_read_as_browsers_read_it():
+    # Browsers' prescan (first 1024 bytes) and the tree builder's "in body" meta both honour it; the old code did.
+    raw = b'<html><body><meta charset="windows-1251"><p>' + CYR
+    assert data.decode_html(raw).endswith("Привет, мир — тест")
+
+
 def test_latin1_and_ascii_labels_are_windows_1252(tmp_path):
     """WHATWG Encoding: 'iso-8859-1', 'latin1', 'us-ascii', 'ascii' are labels of windows-1252. Python's latin-1
     turns 0x80-0x9F into C1 controls, which clean_text then deletes: smart quotes, dashes, the euro vanish."""
