@@ -405,7 +405,7 @@ class TextExtractor(HTMLParser):
         if at is None:
             return
         ended = self.stack[at:]
-        if "pre" in ended and not self.skip:
+        if self.pre and "pre" in ended and not self.skip:   # (one opened in a dropped element held no text)
             self.flush(BLOCK["pre"])
         self.link = self.link and "a" not in ended
         for tag in ended:
@@ -456,7 +456,9 @@ def html_to_text(html):
 
 
 META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([\w.:-]+)""", re.IGNORECASE)
-COMMENT = re.compile(rb"<!--.*?(?:-->|\Z)", re.DOTALL)  # (an unclosed one runs to the end, as in a browser)
+# scripts and comments, which hide a <meta> (an unclosed one runs to the end; <!--> and <!---> are empty comments, a
+# comment may end --!>, and a "<!--" inside a script is script)
+COMMENT = re.compile(rb"<script\b.*?(?:</script\s*>|\Z)|<!--(?:-?>|.*?(?:--!?>|\Z))", re.DOTALL | re.IGNORECASE)
 BODY = re.compile(rb"<body", re.IGNORECASE)
 # Labels that the WHATWG Encoding Standard (what browsers follow) reads as another encoding than Python's codec of
 # that name, or that Python does not know: a page labelled latin-1 is windows-1252 in every browser (Python's
@@ -492,7 +494,8 @@ def codec_of(label):
 
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
-    tag (in its <head>, outside comments; UTF-16 there means UTF-8, since the tag was read as ASCII), or UTF-8; a
+    tag (in its <head> or its first 1024 bytes, outside comments and scripts; UTF-16 there means UTF-8, since the
+    tag was read as ASCII), or UTF-8; a
     label that names no encoding is passed over; bytes that do not decode become U+FFFD, as in a browser (pages
     often misstate their charset)."""
     codec = charset and codec_of(charset)

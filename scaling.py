@@ -62,7 +62,7 @@ def model_for(per_token, vocab_size, seq_len):
     """(width, N) of the model of this family that spends per_token FLOPs a token: a budget's C over D* tokens is
     that model's 6N + attention, so C / 6D* would count the attention as parameters too (19-34% more at this
     sweep's budgets). The family's widths: even below 64, multiples of 32 (heads of 32) from there on; between the
-    two around it, N and the width are interpolated; None below the narrowest."""
+    two around it, N and the width are interpolated; None below the narrowest, or past 33M wide."""
     def at(width):
         with torch.device("meta"):
             m = Transformer(model_args(width, vocab_size, seq_len))
@@ -72,6 +72,8 @@ def model_for(per_token, vocab_size, seq_len):
         return None
     lo, hi = 1, 2
     while at(step * hi)[0] <= per_token:   # (Llama 3's 3.8e25 FLOPs: widths near 100,000)
+        if hi > 1 << 20:
+            return None   # past widths of 33M (a law fitted to noise can ask for that)
         lo, hi = hi, 2 * hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -354,7 +356,7 @@ def main():
         model = model_for(budget / tokens, vocab, a.seq_len)
         print(f"  at {budget:.1e} FLOPs: {tokens:.3g} tokens, " + (
             f"a model of ~{model[1]:.3g} parameters (width ~{model[0]:.0f}: C = (6N + attention) D)" if model else
-            "fewer FLOPs a token than the narrowest model of this family spends"))
+            "no model of this family spends that many FLOPs a token (width 2 to 33M)"))
     if a.questions:
         forecast(a, tok, curves, minima)
 

@@ -455,6 +455,25 @@ def test_prepare_data_from_web_pages(corpus, tmp_path):
 CYR = "Привет, мир — тест".encode("cp1251")
 
 
+@pytest.mark.parametrize("html", [
+    "<p>hello <span hidden><pre>x</span> world</p>",
+    "<p>hello <nav><pre>x</nav> world</p>",
+    "<b>hello <span class=share><pre>x</b> world",
+])
+def test_unclosed_pre_inside_a_skipped_element_does_not_split_its_paragraph(html):
+    """A <pre> opened in a dropped element held no text: its end flushed the paragraph around it in two."""
+    assert data.html_to_text(html) == "hello world"
+
+
+@pytest.mark.parametrize("raw", [
+    b'<!--><meta charset="windows-1251"><body><p>' + CYR,               # '<!-->' is a whole (empty) comment
+    b"<head><script>var s = '<!--';</script><meta charset=\"windows-1251\"></head><body><p>" + CYR,  # script text
+])
+def test_unclosed_comment_rule_does_not_swallow_the_meta(raw):
+    """An unclosed comment runs to the end, but '<!-->' is a whole one and a '<!--' in a script is script."""
+    assert data.decode_html(raw).endswith("Привет, мир — тест")
+
+
 def test_unclosed_link_ends_with_its_parent():
     """An unclosed <a href> counted the rest of the page as link text, and the link-share filter dropped it all."""
     assert data.html_to_text("<div><a href=/x>Read more</div><p>A long paragraph that matters.</p>") == \

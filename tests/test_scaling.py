@@ -326,6 +326,7 @@ def test_model_for_any_budget():
         m = Transformer(scaling.model_args(32 * round(width / 32), 128256, 256))
     assert width > 65536 and abs(m.flops_per_token(256) / 3.6e12 - 1) < 2e-3 and abs(m.num_params() / n - 1) < 2e-3
     assert scaling.model_for(10, 8192, 256) is None
+    assert scaling.model_for(1e22, 8192, 256) is None   # past 33M wide (building such a model overflowed torch)
 
 
 @pytest.mark.parametrize("flag", ["--tokens_per_step 4096", "--batch 16", "--seq 128", "--model llama3.2-1b"])
