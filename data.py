@@ -137,15 +137,15 @@ def stdlib_documents():
     pydoc's topic pages (the language reference text behind help('if'))."""
     root = sysconfig.get_paths()["stdlib"]
     for path, text in stdlib_sources():
-        of = os.path.relpath(path, root)
+        of = os.path.relpath(path, root)   # (the module's file: code and docstrings split as one)
         yield Part(text, of)
-        if {"test", "tests", "idle_test"} & set(os.path.relpath(path, root).split(os.sep)[:-1]):
+        if {"test", "tests", "idle_test"} & set(of.split(os.sep)[:-1]):
             continue  # (inside the stdlib: a user named "test" keeps the docstrings)
         try:
             tree = ast.parse(text)
         except (SyntaxError, ValueError):  # a few files are deliberately broken Python
             continue
-        module = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, ".")
+        module = os.path.splitext(of)[0].replace(os.sep, ".")
         parts = [f"{name}\n\n{doc}" for name, doc in docstrings(tree, module)]
         if parts:
             yield Part("\n\n\n".join(parts), of)
@@ -337,7 +337,8 @@ class TextExtractor(HTMLParser):
         self.blocks, self.parts, self.gap = [], [], 0  # finished blocks; the open block's text; newlines before it
         self.link_chars = 0  # characters of the open block in links to other pages
         self.skip = None     # [tag, depth, base] inside an element whose text is dropped; depth: the elements
-                             # inside it still open that it cannot end before (opens_inside); base: its place in
+                             # inside it still open that it cannot end before (opens_inside); base: its place
+                             # in the stack:
         self.stack = []      # the open elements (HTML's stack, roughly: an end tag closes what is open inside it)
         self.open = Counter()  # how many of each tag it holds (sloppy pages leave thousands open: no list scans)
         self.pre, self.link = False, False  # inside <pre>; inside a link to another page (<a> do not nest)
@@ -495,9 +496,8 @@ def codec_of(label):
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
     tag (in its <head> or its first 1024 bytes, outside comments and scripts; UTF-16 there means UTF-8, since the
-    tag was read as ASCII), or UTF-8; a
-    label that names no encoding is passed over; bytes that do not decode become U+FFFD, as in a browser (pages
-    often misstate their charset)."""
+    tag was read as ASCII), or UTF-8; a label that names no encoding is passed over; bytes that do not decode
+    become U+FFFD, as in a browser (pages often misstate their charset)."""
     codec = charset and codec_of(charset)
     if not codec:
         head = COMMENT.sub(b"", raw[:1 << 16])
@@ -1254,8 +1254,8 @@ PIPELINE = 7  # bump when a rule of cleaning, dedup or filtering changes: caches
 def is_val(h, every):
     """The train/val split, by document: 1 in `every` (0: none) by h, the hash of the document's cleaned text
     with its lines of repeated content gone (doc_hash, as exact dedup takes it), or of the name of the whole it
-    is a Part of, so that its split depends on its text alone, not on the documents before it (a filter that
-    removes some, or a source in another order, leaves the val split as it was). Taken before line dedup, whose
+    is a Part of, so that its split depends on it alone, not on the documents before it (a filter that removes
+    some, or a source in another order, leaves the val split as it was). Taken before line dedup, whose
     cut of a document depends on the others in its bucket."""
     return every > 0 and int.from_bytes(h[:8], "little") % every == 0
 

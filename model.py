@@ -866,11 +866,10 @@ def load_model(path, device="cpu", dtype=None):
     if (path / "params.json").exists():
         args, sd, files = read_meta_checkpoint(path)
         out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
-        if not args.tie_embeddings and out is None:
-            warnings.warn(f"{path}: no output.weight, so the output layer is tied to tok_embeddings", stacklevel=2)
-            args.tie_embeddings = True
-        elif not args.tie_embeddings and emb is not None and torch.equal(out, emb):
-            args.tie_embeddings = True  # Meta's Llama 3.2 1B/3B: params.json does not say, the same matrix twice does
+        if not args.tie_embeddings:  # Meta's Llama 3.2 1B/3B: params.json does not say, the same matrix twice does
+            if out is None:
+                warnings.warn(f"{path}: no output.weight, so the output layer is tied to tok_embeddings", stacklevel=2)
+            args.tie_embeddings = out is None or (emb is not None and torch.equal(out, emb))
     elif (path / "config.json").exists():
         args, sd, files = read_hf_checkpoint(path)  # tied or not: config.json's tie_word_embeddings says
     else:

@@ -53,9 +53,13 @@ def model_args(dim, vocab_size, seq_len):
                                vocab_size=vocab_size, max_seq_len=seq_len)
 
 
-def flops_per_token(args):
+def meta_model(args):
     with torch.device("meta"):   # shapes only: no memory, no initialisation
-        return Transformer(args).flops_per_token(args.max_seq_len)
+        return Transformer(args)
+
+
+def flops_per_token(args):
+    return meta_model(args).flops_per_token(args.max_seq_len)
 
 
 def model_for(per_token, vocab_size, seq_len):
@@ -64,8 +68,7 @@ def model_for(per_token, vocab_size, seq_len):
     sweep's budgets). The family's widths: even below 64, multiples of 32 (heads of 32) from there on; between the
     two around it, N and the width are interpolated; None below the narrowest, or past 33M wide."""
     def at(width):
-        with torch.device("meta"):
-            m = Transformer(model_args(width, vocab_size, seq_len))
+        m = meta_model(model_args(width, vocab_size, seq_len))
         return m.flops_per_token(seq_len), m.num_params()
     step = 32 if per_token >= at(64)[0] else 2
     if per_token < at(step)[0]:
