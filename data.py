@@ -1691,15 +1691,17 @@ class MixedLoader:
     it, so a small source of high weight is read for several epochs and a large one of low weight in part. The
     state is the number of rows served and each source's count: as PackedLoader's, it does not depend on how the
     global batch is split into ranks and micro-batches. A state may be loaded with other weights (Llama 3 changed
-    its mix while training): the rows from there on are drawn by the new ones, each source going on where it was."""
+    its mix while training): the rows from there on are drawn by the new ones, each source going on where it was.
+    A weight may be 0: that source is never drawn nor read, its count kept (a later state may give it a weight), and
+    the rows are those of the mix without it (the same draws among the others)."""
 
     chunk = 1 << 16  # rows whose sources are drawn at once
 
     def __init__(self, loaders, weights, seed=0):
         if len(loaders) != len(weights) or not loaders:
             raise ValueError(f"MixedLoader: {len(loaders)} loaders and {len(weights)} weights")
-        if not all(0 < w < math.inf for w in weights) or not math.isfinite(sum(weights)):  # (1e308 + 1e308: inf)
-            raise ValueError(f"MixedLoader: weights {list(weights)} must all be finite and > 0")
+        if not all(0 <= w < math.inf for w in weights) or not 0 < sum(weights) < math.inf:  # (1e308 + 1e308: inf)
+            raise ValueError(f"MixedLoader: weights {list(weights)} must all be finite and >= 0, and one > 0")
         if len({(ld.B, ld.T, ld.rank, ld.world, ld.seed) for ld in loaders}) > 1:
             raise ValueError("MixedLoader: the loaders differ in batch_size, seq_len, rank, world_size or seed")
         tokens = {(ld.fingerprint, ld.vocab_size, ld.bos_id) for ld in loaders}
@@ -1717,7 +1719,8 @@ class MixedLoader:
         for c in range(start // self.chunk, (stop - 1) // self.chunk + 1):
             if self._drawn[0] != c:  # ("mix" in ASCII keeps these draws apart from PackedLoader's shuffles)
                 rng = np.random.default_rng([self.seed, 0x6D6978, c])
-                self._drawn = (c, rng.choice(len(self.loaders), self.chunk, p=self.p))
+                live = np.flatnonzero(self.p)  # (weight > 0: a 0 is never drawn, the others as if it were not there)
+                self._drawn = (c, rng.choice(live, self.chunk, p=self.p[live]))
             out.append(self._drawn[1][max(start - c * self.chunk, 0): stop - c * self.chunk])
         return np.concatenate(out)
 

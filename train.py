@@ -12,7 +12,8 @@ Design choices
   never crosses a document boundary inside a sequence (Llama 3 paper, section 3.2). The loss is fp32.
   Several --data folders with their shares of the tokens are Llama 3's data mix (section 3.1.2, data.MixedLoader):
   each is evaluated on its own val split, and val loss / bits per byte weigh them by the shares, which a --resume
-  may change (Llama 3 changed its mix while training).
+  may change (Llama 3 changed its mix while training). A share of 0 keeps a folder out of training, its val loss
+  logged but not weighed in: an eval-only domain, or a source dropped on resume that a later one may take back.
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
   tenth of the peak (Llama 2 paper section 2.2; Llama 3 405B went to a hundredth, --min_lr), or
   warmup-stable-decay. Decay only on the matrices (model.configure_optimizer): it pulls weights toward 0, which
@@ -101,7 +102,8 @@ def get_lr(t, warmup, total, args):
 
 def parse_mix(specs):
     """--data's FOLDER=SHARE for each folder of a data mix, or one FOLDER alone -> (folders, shares of the tokens
-    summing to 1). An existing path is a folder as it is, '=' in its name or not."""
+    summing to 1). An existing path is a folder as it is, '=' in its name or not. A share may be 0 (a folder
+    evaluated, not trained on), not all of them: ['a=3', 'b=1', 'c=0'] -> (['a', 'b', 'c'], [0.75, 0.25, 0.0])."""
     mix = [(spec, None) if os.path.exists(spec) or "=" not in spec else spec.rsplit("=", 1) for spec in specs]
     if len(mix) > 1 and any(share is None for _, share in mix):
         raise ValueError("give each folder of a mix its share of the tokens (FOLDER=SHARE, e.g. --data data/web=0.7 "
@@ -110,8 +112,8 @@ def parse_mix(specs):
         shares = [1.0 if share is None else float(share) for _, share in mix]
     except ValueError:
         raise ValueError("a share is not a number (FOLDER=SHARE, e.g. data/web=0.7)") from None
-    if not all(0 < share < math.inf for share in shares) or sum(shares) == math.inf:
-        raise ValueError("a share must be a finite number > 0")
+    if not all(0 <= share < math.inf for share in shares) or not 0 < sum(shares) < math.inf:
+        raise ValueError("a share must be a finite number >= 0, and one > 0")
     if len({os.path.realpath(folder) for folder, _ in mix}) < len(mix):
         raise ValueError("a folder named twice (give it the sum of its shares)")
     return [folder for folder, _ in mix], [share / sum(shares) for share in shares]
@@ -328,7 +330,8 @@ parser = argparse.ArgumentParser(description="Pretrain a Llama 3 model (see the 
 parser.add_argument("--out_dir", default="out/default", help="model export, checkpoints, log.csv, loss.svg")
 parser.add_argument("--data", nargs="+", default=["data/stdlib"], metavar="FOLDER[=SHARE]",
                     help="folder of token shards (made from --source if missing), or several with their shares of "
-                         "the tokens, Llama 3's data mix: --data data/web=0.7 data/code=0.3")
+                         "the tokens, Llama 3's data mix: --data data/web=0.7 data/code=0.3 (a share of 0: "
+                         "evaluated only)")
 parser.add_argument("--source", help="what data.prepare_data reads to make a missing --data (default: stdlib)")
 parser.add_argument("--blocklist", help="with --source: a file of domains whose WARC/WET pages the new tokenizer and "
                     "shards leave out (data.py's --blocklist)")
@@ -646,6 +649,9 @@ if len(folders) > 1:  # a mix: how often this run reads each folder (a small one
         log(f"note: the folders were split with other --val_fraction ({said}): a document in two of their sources "
             "can be in one's val and in another's train")
     for folder, share in zip(folders, shares):
+        if share == 0:  # its train split is not read; its place in it is kept for a resume that gives it a share
+            log(f"data mix: {folder} 0% of the tokens (evaluated only, not trained on)")
+            continue
         n = metas[folder]["train"]["tokens"]
         reads = "" if args.max_minutes else f": {args.max_steps * tokens_per_step * share / n:.2f} epochs in this run"
         log(f"data mix: {folder} {share:.1%} of the tokens ({n:,} tokens in its train split{reads})")
@@ -713,7 +719,7 @@ def evaluate():
     """Mean loss over about eval_tokens tokens of each folder's validation split (whole global batches, at least
     one; no more than the split holds, so that no window counts twice): the loader's seeded order, so the same
     windows at every evaluation of a run. -> (val loss, bits per byte, [each folder's loss]): the first two weigh
-    the folders by their shares."""
+    the folders by their shares (a folder of share 0 counts for nothing in them: its loss is only reported)."""
     model.eval()
     total, steps = torch.zeros(len(folders), device=device), []
     for i, folder in enumerate(folders):

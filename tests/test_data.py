@@ -1139,8 +1139,8 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     with pytest.raises(ValueError, match="loader state is of one folder, this loader mixes 2"):
         mixed(two_sources, [0.5, 0.5], 2, T).load_state_dict(data.PackedLoader(two_sources[0], "train", 2, T)
                                                              .state_dict())
-    for weights in ([1, 0], [1, float("inf")]):
-        with pytest.raises(ValueError, match="must all be finite and > 0"):
+    for weights in ([0, 0], [1, -1], [1, float("inf")]):  # (a 0 is a source never drawn: test below)
+        with pytest.raises(ValueError, match="must all be finite and >= 0, and one > 0"):
             mixed(two_sources, weights, 2, T)
     with pytest.raises(ValueError, match="differ in"):
         data.MixedLoader([data.PackedLoader(f, "train", 2, T, seed=s) for s, f in enumerate(two_sources)], [1, 1])
@@ -1153,6 +1153,40 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     alone, single = data.PackedLoader(two_sources[0], "train", 3, T, seed=4), mixed(two_sources[:1], [1], 3, T)
     for _ in range(5):
         assert all(torch.equal(a, b) for a, b in zip(alone.next_batch(), single.next_batch()))
+
+
+def test_mixed_loader_zero_weight_is_never_read_and_keeps_its_place(two_sources, monkeypatch):
+    """A weight of 0 (an eval-only folder, or one dropped on resume): no row of it is drawn and its loader is never
+    read, the rows are those of the mix without it, and its count stays in the state, so that a later resume with
+    a weight > 0 goes on where it was."""
+    T, B = 8, 4
+    a, b = two_sources
+    with_zero, without = mixed([a, b, a], [3, 1, 0], B, T), mixed([a, b], [3, 1], B, T)  # (the third: a's folder)
+
+    def refuse(positions):
+        raise AssertionError("a source of weight 0 was read")
+    monkeypatch.setattr(with_zero.loaders[2], "read", refuse)
+    for _ in range(200):  # 800 rows
+        assert all(torch.equal(p, q) for p, q in zip(with_zero.next_batch(), without.next_batch()))
+    assert with_zero.state_dict()["taken"] == [*without.state_dict()["taken"], 0]
+    # dropped on resume: 0 rows of it, its count kept; given a weight again: it goes on from that count
+    even = mixed(two_sources, [1, 1], B, T)
+    for _ in range(10):
+        even.next_batch()
+    sd = even.state_dict()
+    assert sd["taken"][1] > 0
+    after = even.loaders[1].read([sd["taken"][1]])[0][0]  # the row source 1 would give next
+    dropped = mixed(two_sources, [1, 0], B, T)
+    dropped.load_state_dict(sd)
+    monkeypatch.setattr(dropped.loaders[1], "read", refuse)
+    for _ in range(50):
+        assert (dropped.next_batch()[0] < OTHER).all()  # (source 1's tokens are above OTHER)
+    sd = dropped.state_dict()
+    assert sd["taken"][1] == even.state_dict()["taken"][1] and sd["rows"] == 60 * B
+    back = mixed(two_sources, [1, 1], B, T)
+    back.load_state_dict(sd)
+    first = next(row for _ in range(20) for row in back.next_batch()[0] if row.max() >= OTHER)
+    assert torch.equal(first, after)
 
 
 def test_mixed_loader_draws_across_chunks(two_sources, monkeypatch):

@@ -493,6 +493,23 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     shutil.copytree(resumed, again)
     r = train(corpus, again, *even, "--resume", str(again / "ckpt" / "step_000009"))
     assert "data mix changes" not in r.stdout and losses(again) == after
+    # a share of 0, an eval-only folder: every row from the other, as in the reference (trained on it alone); its
+    # own val loss printed, the headline val loss and bits per byte the reference's to the digit
+    alone = ["--batch_size", "4", "--data", f"{corpus / 'shards'}=1", f"{second_source}=0"]
+    r = train(corpus, tmp_path / "eval_only", *alone)
+    assert f"data mix: {second_source} 0% of the tokens (evaluated only" in r.stdout, r.stdout
+    val = re.search(r"step 10: val loss ([\d.]+), [\d.]+ bits per byte \(.*shards [\d.]+, .*shards2 ([\d.]+)\)",
+                    r.stdout)
+    assert val and abs(float(val[1]) - float(val[2])) > 0.02, r.stdout
+    for column in ("train_loss", "val_loss", "val_bpb"):
+        assert losses(tmp_path / "eval_only", column) == losses(reference, column), column
+    # dropped on resume (a checkpoint's folders stay its folders): no row of it from there on, its count kept
+    dropped = tmp_path / "dropped"
+    shutil.copytree(tmp_path / "mix", dropped)
+    r = train(corpus, dropped, *alone, "--resume", str(dropped / "ckpt" / "step_000008"))
+    assert "shares 75.0% / 25.0% -> 100.0% / 0.0%" in r.stdout, r.stdout
+    was, now = (torch.load(dropped / "ckpt" / f"step_{s:06d}" / "state.pt")["loader"]["taken"] for s in (8, 10))
+    assert now == [was[0] + 2 * 4, was[1]] and was[1] > 0
     r = train(corpus, resumed, "--batch_size", "4", "--data", f"{second_source}=1", f"{corpus / 'shards'}=3",
               "--resume", ok=False)  # the folders are part of the position: not in another order
     assert r.returncode == 1 and "its data position does not fit this run (loader state has sources=" in r.stderr, \
@@ -517,7 +534,8 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     for flags, what in ((["--data", str(corpus / "shards"), str(second_source)], "give each folder of a mix its share"),
                         (["--data", f"{corpus / 'shards'}=x"], "a share is not a number"),
                         (["--data", f"{corpus / 'shards'}=1", f"{corpus / 'shards'}/=2"], "a folder named twice"),
-                        (["--data", f"{corpus / 'shards'}=inf"], "a share must be a finite number > 0"),
+                        (["--data", f"{corpus / 'shards'}=inf"], "a share must be a finite number >= 0, and one > 0"),
+                        (["--data", f"{corpus / 'shards'}=0", f"{second_source}=0"], "and one > 0"),
                         ([*mix, "--source", str(corpus / "docs")], "--source builds one --data folder"),
                         (["--min_lr", "1"], "--min_lr within [0, --lr]")):
         r = train(corpus, tmp_path / "bad", *flags, ok=False)
