@@ -248,7 +248,10 @@ def iter_documents(source, blocklist=(), removed=None):
         paths = source_files(source)
         newest = newest_pages([p for p in paths if p.endswith(WARC)], blocklist, removed)  # (URL dedup: all files)
         for path in paths:
-            yield from warc_pages(path, newest[path]) if path in newest else read_file(path)
+            if path in newest:
+                yield from (warc_page(h, b) for n, (h, b) in enumerate(warc_records(path)) if n in newest[path])
+            else:
+                yield from read_file(path)
 
 
 def hf_datasets(source):
@@ -670,13 +673,6 @@ def warc_time(date):
         return -math.inf
 
 
-def warc_pages(path, keep):
-    """The pages of a WARC file whose record numbers are in `keep` (newest_pages)."""
-    for n, (headers, block) in enumerate(warc_records(path)):
-        if n in keep:
-            yield warc_page(headers, block)
-
-
 # -----------------------------------------------------------------------------
 # 2. Cleaning: one canonical form, so that dedup compares like with like
 
@@ -782,16 +778,13 @@ class MinHashDedup:
 LINE_BUCKET = 100_000  # documents whose lines are counted together (Llama 3: 30M; ours are held in memory)
 
 
-def line_key(line):
-    return hashlib.blake2b(line.strip().encode("utf-8"), digest_size=8).digest()
-
-
 def drop_repeated_lines(texts, max_repeats):
     """Line-level de-duplication (Llama 3 §3.1.1, after CCNet): a line (stripped, not blank) that appears more than
     max_repeats times in these documents is removed from all of them: navigation menus, cookie notices, licence
     headers; frequent good lines too, which Llama 3 found a price worth paying (repeats inside one document count
     too). For web text: in code, `try:` and `else:` repeat by nature. -> (the texts, bytes removed)."""
-    keys = [[line_key(line) if line.strip() else None for line in text.split("\n")] for text in texts]
+    keys = [[hashlib.blake2b(line.strip().encode("utf-8"), digest_size=8).digest() if line.strip() else None
+             for line in text.split("\n")] for text in texts]
     counts = Counter(k for doc in keys for k in doc if k)
     out, n_bytes = [], 0
     for text, doc in zip(texts, keys):
@@ -974,10 +967,6 @@ class QualityClassifier:
         self.w, self.b = np.zeros(dim), 0.0
         self.threshold = 0.5  # documents that score below it go (train_quality_filter sets it)
 
-    def logits(self, texts):
-        rows, ids, vals = ngram_features(texts, len(self.w))
-        return np.bincount(rows, weights=self.w[ids] * vals, minlength=len(texts)) + self.b  # (N,) sparse X @ w
-
     def fit(self, texts, labels, steps=300, lr=4.0, l2=1e-4):
         """Full-batch gradient descent on the mean logistic loss + l2 |w|^2; labels 1 = good, 0 = junk.
         Rows have unit norm, so the loss is 1/4-smooth and lr = 4 < 2 / (1/4) is stable."""
@@ -995,7 +984,9 @@ class QualityClassifier:
 
     def score(self, texts):
         """P(good) for each text."""
-        return 1 / (1 + np.exp(-self.logits(texts)))
+        rows, ids, vals = ngram_features(texts, len(self.w))
+        z = np.bincount(rows, weights=self.w[ids] * vals, minlength=len(texts)) + self.b  # (N,) sparse X @ w
+        return 1 / (1 + np.exp(-z))
 
 
 def checkpoint_labeller(ckpt_dir, max_tokens=1024):
@@ -1243,12 +1234,7 @@ def _encode_chunk(job):
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
 PIPELINE = 7  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
-              # (2: the heuristics run before near-dedup; 3: NFC after the controls go, quality labels by rank,
-              # near-dedup compares every kept document that shares a band; 4: the personal data rule, the val
-              # split by hash; 5: that hash taken before line dedup, lines of repeated content; 6: words and
-              # letters by Unicode's rules, combining marks included; 7: a module's docstrings in its code's
-              # split, line dedup drops the documents it makes equal, the quality filter drops a share, charsets as
-              # browsers read them, end tags that end what is open inside them)
+              # (what each version changed: `git log -S"PIPELINE =" data.py`)
 
 
 def is_val(h, every):
@@ -1437,7 +1423,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                     return []
                 clf = train_quality_filter([text for text, _ in pending[:quality_sample]], labeller, quality_drop)
                 texts, pending = pending, []
-            keep = clf.score([text for text, _ in texts]) >= clf.threshold if texts else []
+            keep = clf.score([text for text, _ in texts]) >= clf.threshold
             for (text, _), k in zip(texts, keep):
                 if not k:
                     drop("quality", text)
@@ -1736,10 +1722,6 @@ class MixedLoader:
         self.rows += rows
         parts = [self.loaders[source[i]].read([position[i]]) for i in range(first.rank * B, first.rank * B + B)]
         return tuple(torch.cat(column) for column in zip(*parts))  # (x, y, doc_ids), (B, T) each
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def state_dict(self):
         return dict(rows=self.rows, taken=list(self.taken), seed=self.seed, weights=self.p.tolist(),
