@@ -71,7 +71,6 @@ train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.
 """
 import argparse
 import ast
-import codecs
 import datetime
 import glob
 import gzip
@@ -464,57 +463,86 @@ META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([\w.:-]+)""", re.I
 # comment may end --!>, and a "<!--" inside a script is script)
 COMMENT = re.compile(rb"<script\b.*?(?:</script\s*>|\Z)|<!--(?:-?>|.*?(?:--!?>|\Z))", re.DOTALL | re.IGNORECASE)
 BODY = re.compile(rb"<body", re.IGNORECASE)
-# Labels that the WHATWG Encoding Standard (what browsers follow) reads as another encoding than Python's codec of
-# that name, or that Python does not know: a page labelled latin-1 is windows-1252 in every browser (Python's
-# latin-1 turns its curly quotes and dashes into control characters, which clean_text then deletes), gb2312 is
-# GBK, euc-kr is windows-949, shift_jis is Windows-31J.
-WHATWG_LABELS = {
-    **dict.fromkeys(["iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "l1", "ascii", "us-ascii", "cp819", "ibm819",
-                     "x-cp1252", "x-user-defined"], "cp1252"),
-    **dict.fromkeys(["iso-8859-9", "iso8859-9", "iso_8859-9", "latin5", "l5"], "cp1254"),
-    **dict.fromkeys(["tis-620", "iso-8859-11", "windows-874", "dos-874"], "cp874"),
-    **dict.fromkeys(["gb2312", "gbk", "x-gbk", "chinese", "csgb2312", "gb_2312-80", "iso-ir-58"], "gb18030"),
-    **dict.fromkeys(["euc-kr", "ks_c_5601-1987", "ks_c_5601-1989", "ksc5601", "korean", "windows-949"], "cp949"),
-    **dict.fromkeys(["shift_jis", "shift-jis", "sjis", "x-sjis", "ms932", "ms_kanji", "windows-31j", "csshiftjis"],
-                    "cp932"),
-    **dict.fromkeys(["big5", "big5-hkscs", "cn-big5", "x-x-big5", "csbig5"], "big5hkscs"),
-    **dict.fromkeys(["iso-8859-8-i", "logical"], "iso-8859-8"),
-    **dict.fromkeys(["x-mac-roman", "macintosh", "mac", "csmacintosh"], "mac_roman"),
+# The WHATWG Encoding Standard's label table (encoding.spec.whatwg.org, "Names and labels"), by the Python codec that
+# decodes as its encoding does: every label a browser knows. Any other names no encoding to a browser, nor here
+# (utf-7, utf-32, latin_1, unicode_escape, base64: Python's codecs, no page's). Where Python's codec of a label's name
+# differs, the browser's wins: latin1 and ascii are windows-1252 (Python's latin-1 turns curly quotes and dashes into
+# control characters, which clean_text deletes), gb2312 is GBK (the gb18030 decoder), euc-kr is windows-949,
+# shift_jis is Windows-31J, utf-16 is UTF-16LE. x-user-defined is windows-1252 (a browser's reading of it in a <meta>).
+WHATWG_ENCODINGS = {
+    "utf-8": "unicode-1-1-utf-8 unicode11utf8 unicode20utf8 utf-8 utf8 x-unicode20utf8",
+    "cp866": "866 cp866 csibm866 ibm866",
+    "iso8859-2": "csisolatin2 iso-8859-2 iso-ir-101 iso8859-2 iso88592 iso_8859-2 iso_8859-2:1987 l2 latin2",
+    "iso8859-3": "csisolatin3 iso-8859-3 iso-ir-109 iso8859-3 iso88593 iso_8859-3 iso_8859-3:1988 l3 latin3",
+    "iso8859-4": "csisolatin4 iso-8859-4 iso-ir-110 iso8859-4 iso88594 iso_8859-4 iso_8859-4:1988 l4 latin4",
+    "iso8859-5": "csisolatincyrillic cyrillic iso-8859-5 iso-ir-144 iso8859-5 iso88595 iso_8859-5 iso_8859-5:1988",
+    "iso8859-6": "arabic asmo-708 csiso88596e csiso88596i csisolatinarabic ecma-114 iso-8859-6 iso-8859-6-e "
+                 "iso-8859-6-i iso-ir-127 iso8859-6 iso88596 iso_8859-6 iso_8859-6:1987",
+    "iso8859-7": "csisolatingreek ecma-118 elot_928 greek greek8 iso-8859-7 iso-ir-126 iso8859-7 iso88597 iso_8859-7 "
+                 "iso_8859-7:1987 sun_eu_greek",
+    "iso8859-8": "csiso88598e csisolatinhebrew hebrew iso-8859-8 iso-8859-8-e iso-ir-138 iso8859-8 iso88598 iso_8859-8 "
+                 "iso_8859-8:1988 visual csiso88598i iso-8859-8-i logical",  # (ISO-8859-8-I too: the same bytes)
+    "iso8859-10": "csisolatin6 iso-8859-10 iso-ir-157 iso8859-10 iso885910 l6 latin6",
+    "iso8859-13": "iso-8859-13 iso8859-13 iso885913",
+    "iso8859-14": "iso-8859-14 iso8859-14 iso885914",
+    "iso8859-15": "csisolatin9 iso-8859-15 iso8859-15 iso885915 iso_8859-15 l9",
+    "iso8859-16": "iso-8859-16",
+    "koi8-r": "cskoi8r koi koi8 koi8-r koi8_r",
+    "koi8-u": "koi8-ru koi8-u",
+    "mac-roman": "csmacintosh mac macintosh x-mac-roman",
+    "cp874": "dos-874 iso-8859-11 iso8859-11 iso885911 tis-620 windows-874",
+    "cp1250": "cp1250 windows-1250 x-cp1250",
+    "cp1251": "cp1251 windows-1251 x-cp1251",
+    "cp1252": "ansi_x3.4-1968 ascii cp1252 cp819 csisolatin1 ibm819 iso-8859-1 iso-ir-100 iso8859-1 iso88591 "
+              "iso_8859-1 iso_8859-1:1987 l1 latin1 us-ascii windows-1252 x-cp1252 x-user-defined",
+    "cp1253": "cp1253 windows-1253 x-cp1253",
+    "cp1254": "cp1254 csisolatin5 iso-8859-9 iso-ir-148 iso8859-9 iso88599 iso_8859-9 iso_8859-9:1989 l5 latin5 "
+              "windows-1254 x-cp1254",
+    "cp1255": "cp1255 windows-1255 x-cp1255",
+    "cp1256": "cp1256 windows-1256 x-cp1256",
+    "cp1257": "cp1257 windows-1257 x-cp1257",
+    "cp1258": "cp1258 windows-1258 x-cp1258",
+    "mac-cyrillic": "x-mac-cyrillic x-mac-ukrainian",
+    "gb18030": "chinese csgb2312 csiso58gb231280 gb2312 gb_2312 gb_2312-80 gbk iso-ir-58 x-gbk gb18030",
+    "big5hkscs": "big5 big5-hkscs cn-big5 csbig5 x-x-big5",
+    "euc_jp": "cseucpkdfmtjapanese euc-jp x-euc-jp",
+    "iso2022_jp": "csiso2022jp iso-2022-jp",
+    "cp932": "csshiftjis ms932 ms_kanji shift-jis shift_jis sjis windows-31j x-sjis",
+    "cp949": "cseuckr csksc56011987 euc-kr iso-ir-149 korean ks_c_5601-1987 ks_c_5601-1989 ksc5601 ksc_5601 "
+             "windows-949",
+    "replacement": "csiso2022kr hz-gb-2312 iso-2022-cn iso-2022-cn-ext iso-2022-kr replacement",
+    "utf-16-be": "unicodefffe utf-16be",
+    "utf-16-le": "csunicode iso-10646-ucs-2 ucs-2 unicode unicodefeff utf-16 utf-16le",
 }
+WHATWG_LABELS = {label: codec for codec, labels in WHATWG_ENCODINGS.items() for label in labels.split()}
 MAX_RECORD = 1 << 30  # bytes: a larger WARC record is a damaged header (Common Crawl cuts pages at 1 MiB)
 
 
 def codec_of(label):
-    """A charset label -> the Python codec a browser's decoder matches (WHATWG_LABELS), or None if it names none
-    that reads web pages: one that does not read ASCII markup as itself (undefined, base64; UTF-16 and UTF-32
-    aside) is none."""
-    label = label.strip().strip("\"'").lower()
-    try:
-        name = codecs.lookup(WHATWG_LABELS.get(label, label)).name
-        return name if name.startswith(("utf-16", "utf-32")) or b"<p>a</p>".decode(name) == "<p>a</p>" else None
-    except (LookupError, UnicodeError, ValueError):   # (ValueError: a NUL in the label)
-        return None
+    """A charset label -> the Python codec that decodes as a browser does (WHATWG_LABELS), "replacement" (a browser
+    shows no text), or None: a label no browser knows, which it reads as no label."""
+    return WHATWG_LABELS.get(label.strip().strip("\"'").lower())
 
 
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
     tag (in its <head> or its first 1024 bytes, outside comments and scripts; UTF-16 there means UTF-8, since the
-    tag was read as ASCII), or UTF-8; a label that names no encoding is passed over; bytes that do not decode
-    become U+FFFD, as in a browser (pages often misstate their charset)."""
+    tag was read as ASCII), or UTF-8; a label that names no encoding is passed over, one of the "replacement"
+    encoding (iso-2022-kr, hz-gb-2312, ...) leaves no text; bytes that do not decode become U+FFFD, as in a browser
+    (pages often misstate their charset)."""
     codec = charset and codec_of(charset)
     if not codec:
         head = COMMENT.sub(b"", raw[:1 << 16])
         body = BODY.search(head)  # (a browser reads a <meta> in the first 1024 bytes wherever it is, later in the head)
         m = META_CHARSET.search(head[:max(body.start(), 1024)] if body else head)
         codec = m and codec_of(m.group(1).decode("ascii"))
-        codec = "utf-8" if codec and codec.startswith(("utf-16", "utf-32")) else codec
+        codec = "utf-8" if codec and codec.startswith("utf-16") else codec
     for bom, name in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
         if raw.startswith(bom):  # a byte-order mark outranks every label, as in a browser
             codec = name
-    try:
-        return raw.decode(codec or "utf-8", "replace")
-    except (LookupError, UnicodeError):  # a codec that is no page's (charset=undefined, idna, base64: they raise
-        return raw.decode("utf-8", "replace")  # even with "replace")
+    if codec == "replacement":  # a browser shows one U+FFFD for the page (7-bit encodings that could hide markup)
+        return ""
+    return raw.decode(codec or "utf-8", "replace")
 
 
 def warc_records(path):
@@ -643,7 +671,7 @@ def host_form(host):
     'xn--bcher-kva.de'), so that a list and a URL that spell a domain differently still meet. As browsers spell
     them (IDNA 2008, UTS #46 non-transitional): 'straße' is 'xn--strae-oqa', where Python's idna codec (IDNA
     2003) makes it 'strasse'."""
-    labels = LABEL_DOTS.split(unicodedata.normalize("NFKC", host).lower())
+    labels = LABEL_DOTS.split(unicodedata.normalize("NFKC", IDNA_IGNORED.sub("", host)).lower())
     while labels and not labels[-1]:
         labels.pop()   # (the trailing dot)
     try:
@@ -654,6 +682,14 @@ def host_form(host):
 
 
 LABEL_DOTS = re.compile("[.\u3002\uff0e\uff61]")  # the full stops IDNA reads as dots
+# UTS #46's "ignored" code points, which IDNA maps to nothing before it normalizes (IdnaMappingTable.txt, Unicode 16,
+# as the idna package's uts46data has them): soft hyphen, zero-width space, word joiner, BOM, variation selectors,
+# invisible operators, Hangul fillers. A list or a link may carry one unseen: 'ex\u00adample.com' is 'example.com'
+# to a browser. (Stringprep's table B.1, IDNA 2003's "mapped to nothing", holds 24 of them, and U+1806, valid in
+# IDNA 2008, and the joiners U+200C/U+200D, which UTS #46 non-transitional keeps as "deviation" characters.)
+IDNA_IGNORED = re.compile("[\u00ad\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b\u2060-\u2064\u206a-\u206f"
+                          "\u3164\ufe00-\ufe0f\ufeff\uffa0\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+                          "\U000e0100-\U000e01ef]")
 
 
 def blocked(url, domains):

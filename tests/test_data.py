@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import stringprep
 import sys
 import unicodedata
 import zlib
@@ -207,7 +208,7 @@ def test_warc_pages_and_url_dedup(tmp_path, capsys):
              "Content-Encoding: gzip"),
         page("http://x.org/chunks", "2024-05-01T00:00:00Z", b"9\r\n<p>x</p>\r\n0\r\n\r\n", "200 OK", "text/html",
              "Transfer-Encoding: chunked"),
-        page("http://x.org/latin", "2024-05-01T00:00:00Z", b"<p>caf\xe9</p>", "200 OK", "text/html; charset = latin-1"),
+        page("http://x.org/latin", "2024-05-01T00:00:00Z", b"<p>caf\xe9</p>", "200 OK", "text/html; charset = latin1"),
         page("http://x.org/odd", "2024-05-01T00:00:00Z", b"<p>\xc3\xa9, charset undefined</p>", "200 OK",
              "text/html; charset=undefined"),  # (a misconfigured server: read as UTF-8)
         page("http://x.org/4", "2024-06-01T00:00:00.900Z", b"<p>x4, at 0.9 s</p>"),
@@ -574,6 +575,45 @@ def test_meta_charset_prescan_skips_comments_and_late_meta_still_counts():
     assert data.html_to_text(data.decode_html(old + cyr)) == "\u041f\u0440\u0438\u0432\u0435\u0442"
     late = b"<head><script>var x = '" + b"x" * 5000 + b"';</script><meta charset=windows-1251></head>"
     assert data.html_to_text(data.decode_html(late + cyr)) == "\u041f\u0440\u0438\u0432\u0435\u0442"
+
+
+def test_labels_browsers_lack_are_no_label():
+    """WHATWG Encoding: its label table is every encoding a browser knows; any other label is read as none (the
+    <meta>, else UTF-8). codec_of took any Python codec that reads ASCII as itself: utf-7, unicode_escape, utf-32,
+    latin_1, cp850 decoded pages as no browser does."""
+    cyr = b'<meta charset="windows-1251"><p>' + CYR
+    for label in ("utf-7", "unicode_escape", "raw_unicode_escape", "utf-32", "latin_1", "utf_8", "cp850", "rot13",
+                  "hex", "base64", "zlib", "x-unknown"):
+        assert data.codec_of(label) is None, label
+        assert data.decode_html(cyr, label).endswith("Привет, мир — тест"), label  # HTTP's
+        assert data.decode_html(f"<meta charset={label}><p>caf\u00e9".encode()).endswith("caf\u00e9"), label
+    for label, codec in data.WHATWG_LABELS.items():  # every other codec reads markup as ASCII
+        assert codec == "replacement" or codec.startswith("utf-16") or b"<p>a</p>".decode(codec) == "<p>a</p>", label
+    assert data.decode_html("<p>\u00e9".encode("utf-16-le"), "UTF-16") == "<p>\u00e9"  # (UTF-16LE to a browser)
+
+
+def test_replacement_labels_leave_no_text():
+    """WHATWG maps iso-2022-kr, hz-gb-2312, iso-2022-cn(-ext) to the "replacement" encoding: a browser shows one
+    U+FFFD, not the page (7-bit encodings whose shifts can hide markup). iso-2022-kr and hz were decoded by Python's
+    codecs, iso-2022-cn as UTF-8: the shifted bytes' ASCII soup became text."""
+    raw = "<p>\uc548\ub155</p>".encode("iso2022_kr")
+    for label in ("iso-2022-kr", "csiso2022kr", "hz-gb-2312", "iso-2022-cn", "iso-2022-cn-ext", "replacement"):
+        assert data.decode_html(raw, label) == "", label
+        assert data.decode_html(f"<meta charset={label}>".encode() + raw) == "", label
+    assert data.decode_html(b"\xef\xbb\xbf<p>x", "iso-2022-kr") == "<p>x"  # a byte-order mark outranks the label
+
+
+def test_host_form_drops_what_idna_ignores():
+    """UTS #46 maps its "ignored" code points (soft hyphen, zero-width space, word joiner, BOM, variation selectors)
+    to nothing; host_form kept them, so 'ex\\u00adample.com' in a link did not meet 'example.com' on a blocklist.
+    Stringprep's B.1 ("mapped to nothing" in IDNA 2003) is a part of that set, but for U+1806 (valid in IDNA 2008)
+    and the joiners U+200C/U+200D, which UTS #46 non-transitional keeps ("deviation" characters)."""
+    for c in "\u00ad\u034f\u180b\u200b\u2060\u2064\ufe0f\ufeff\U000e0100":
+        assert data.host_form(f"ex{c}ample.com") == "example.com", hex(ord(c))
+    assert data.blocked("http://b\u00fc\u00adcher.de/", {data.host_form("xn--bcher-kva.de")})
+    b1 = {chr(c) for c in range(0x10000) if stringprep.in_table_b1(chr(c))}
+    assert {c for c in b1 if data.host_form(f"a{c}b") == "ab"} == b1 - {"\u1806", "\u200c", "\u200d"}
+    assert data.host_form("a\u200db.com") == "xn--ab-m1t.com"
 
 
 def test_skipped_element_ends_at_its_parents_end_tag():
