@@ -527,9 +527,9 @@ def codec_of(label):
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
     tag (in its <head> or its first 1024 bytes, outside comments and scripts; UTF-16 there means UTF-8, since the
-    tag was read as ASCII), or UTF-8; a label that names no encoding is passed over, one of the "replacement"
-    encoding (iso-2022-kr, hz-gb-2312, ...) leaves no text; bytes that do not decode become U+FFFD, as in a browser
-    (pages often misstate their charset)."""
+    tag was read as ASCII), or else UTF-8, unless most of its non-ASCII bytes are no UTF-8: then windows-1252. A
+    label that names no encoding is passed over, one of the "replacement" encoding (iso-2022-kr, hz-gb-2312, ...)
+    leaves no text; bytes that do not decode become U+FFFD, as in a browser (pages often misstate their charset)."""
     codec = charset and codec_of(charset)
     if not codec:
         head = COMMENT.sub(b"", raw[:1 << 16])
@@ -542,7 +542,13 @@ def decode_html(raw, charset=None):
             codec = name
     if codec == "replacement":  # a browser shows one U+FFFD for the page (7-bit encodings that could hide markup)
         return ""
-    return raw.decode(codec or "utf-8", "replace")
+    text = raw.decode(codec or "utf-8", "replace")
+    # No label: HTML leaves the guess to the browser, whose detector reads an old page's bytes in its locale's legacy
+    # encoding, windows-1252 in most. Ours: that, when most of the non-ASCII characters came out as U+FFFD.
+    bad = text.count("\ufffd") if not codec else 0
+    if bad and 2 * bad > len(text) - len(text.encode("ascii", "ignore")):
+        text = raw.decode("cp1252", "replace")
+    return text
 
 
 def warc_records(path):
@@ -1269,7 +1275,7 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-PIPELINE = 7  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+PIPELINE = 8  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (what each version changed: `git log -S"PIPELINE =" data.py`)
 
 

@@ -176,6 +176,11 @@ def test_html_to_text():
     for label in ("no-such-codec", "undefined", "idna"):  # unknown, or a codec that raises even with "replace"
         assert data.decode_html(f"<meta charset={label}><p>".encode() + b"\xc3\xa9\xff").endswith("<p>\u00e9\ufffd")
     assert data.decode_html("<p>bom</p>".encode("utf-16"), "latin-1") == "<p>bom</p>"  # (with a BOM) the BOM wins
+    # no label at all: UTF-8, or windows-1252 when most of the non-ASCII is no UTF-8 (an old page of legacy bytes)
+    assert data.decode_html("<p>caf\u00e9 na\u00efve \u201cquoted\u201d".encode("cp1252")).endswith(
+        "caf\u00e9 na\u00efve \u201cquoted\u201d")
+    assert data.decode_html("<p>\u00e9t\u00e9 \u00e0".encode() + b"\xff") == "<p>\u00e9t\u00e9 \u00e0\ufffd"   # one bad byte
+    assert data.decode_html(b"<p>caf\xe9", "latin-1") == "<p>caf\u00e9"   # (a Python spelling, no WHATWG label)
 
 
 def warc_record(kind, url, date="2024-01-01T00:00:00Z", block=b"", http=None):
