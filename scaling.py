@@ -16,7 +16,9 @@ Llama 3 then forecast the flagship's score on a benchmark (ARC Challenge) in two
 negative log-likelihood (NLL) of the right answers against training FLOPs, for the compute-optimal models, and
 accuracy against that NLL, a sigmoid, fitted on the scaling runs and on older models of more compute (Llama 2).
 Here the benchmark is one made from the val split, which of four lines comes next in a document
-(next_line_task), scored like any multiple-choice benchmark: the choice of least NLL per character.
+(next_line_task), scored like any multiple-choice benchmark: the choice of least NLL per character. Every model
+answers the same questions, so their errors go together (a hard draw of questions is hard for all): the forecast's
+± redraws the questions, the same draw for every model, and runs the whole chain again (a question bootstrap).
 
     python train.py --max_minutes 0.1 --out_dir out/prep   # once: the tokenizer and data/stdlib the runs read
     python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour here
@@ -168,8 +170,9 @@ def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
 
 @torch.no_grad()
 def score_task(model, task, batch=64):
-    """-> (the mean NLL per character of the right answers, accuracy), accuracy being the share of questions
-    whose right answer has the least NLL per character of its choices. Each choice is scored after its context."""
+    """-> per question (two arrays): the NLL per character of its right answer, and whether it was answered right
+    (the right answer has the least NLL per character of its choices). Their means are the model's NLL and accuracy;
+    kept per question so that a bootstrap can redraw the questions. Each choice is scored after its context."""
     model.eval()
     rows = [(q, c, ctx + ids, len(ctx)) for q, (ctx, options, _, _) in enumerate(task) for c, ids in enumerate(options)]
     nll = torch.zeros(len(task), len(task[0][1]))
@@ -188,7 +191,7 @@ def score_task(model, task, batch=64):
             nll[q, c] = per_row[r]
     nll /= torch.tensor([chars for _, _, chars, _ in task], dtype=torch.float)
     right = torch.tensor([answer for *_, answer in task])
-    return nll[torch.arange(len(task)), right].mean().item(), (nll.argmin(1) == right).float().mean().item()
+    return nll[torch.arange(len(task)), right].numpy(), (nll.argmin(1) == right).numpy()
 
 
 def sigmoid_accuracy(nll, k, x0, chance):
@@ -240,13 +243,44 @@ def fit_sigmoid(nll, accuracy, chance):
     return -b, a / -b
 
 
-def sigmoid_spread(nll, k, x0, chance, questions, at, draws=200, seed=0):
-    """The fitted sigmoid's own uncertainty at the NLLs `at`: the standard deviation of its predictions when refitted
-    to accuracies drawn (binomially, `questions` each) from it at the measured NLLs (a parametric bootstrap)."""
+def forecast_chain(scores, curves, minima, more, predict, chance):
+    """forecast()'s numbers from each model's (NLL, accuracy) on the benchmark (scores: out_dir or --more_models path
+    -> pair), by name: the compute-optimal NLL at each budget of `minima` (a parabola in log tokens through the runs
+    near the budget's val-loss minimum, read at the minimum's tokens), the NLL power law through them (beta, coef),
+    the NLL it predicts at the `predict` budgets, the sigmoid through the runs (runs_fit) and what it says at each
+    `more` model, those models' accuracy and miss (measured - said), the sigmoid through all the models (fit), and
+    the accuracy it predicts from the predicted NLLs."""
+    f = {"optimal": []}
+    for budget, tokens in minima:
+        near = near_minimum(curves[budget])
+        coef = np.polyfit(np.log([t for t, *_ in near]), [scores[out][0] for *_, out in near], 2)
+        f["optimal"].append(np.polyval(coef, math.log(tokens)))
+    f["beta"], f["coef"] = fit_power_law([budget for budget, _ in minima], f["optimal"])
+    f["nll"] = f["coef"] * np.asarray(predict, dtype=float) ** f["beta"]
+    runs = [scores[out] for points in curves.values() for *_, out in points]
+    f["runs_fit"] = fit_sigmoid(*zip(*runs), chance)
+    f["said"] = sigmoid_accuracy([scores[path][0] for path in more], *f["runs_fit"], chance)
+    f["measured"] = np.array([scores[path][1] for path in more])
+    f["miss"] = f["measured"] - f["said"]
+    f["fit"] = fit_sigmoid(*zip(*runs, *(scores[path] for path in more)), chance) if more else f["runs_fit"]
+    f["accuracy"] = sigmoid_accuracy(f["nll"], *f["fit"], chance)
+    return f
+
+
+def question_bootstrap(per_question, statistic, draws=200, seed=0):
+    """The spread of statistic(scores) over other draws of the benchmark's questions: per_question is model ->
+    (NLL of each question, answered right or not); each of `draws` replicates draws the question indices with
+    replacement, the SAME draw for every model (they answer the same questions, so a hard draw is hard for all of
+    them: their errors are correlated, which independent binomial draws per model would miss), and hands statistic
+    each model's (mean NLL, accuracy) over it. -> {name: standard deviation over the replicates} for statistic's
+    dict of numbers (or arrays of them)."""
     rng = np.random.default_rng(seed)
-    truth = sigmoid_accuracy(nll, k, x0, chance)
-    refits = [fit_sigmoid(nll, rng.binomial(questions, truth) / questions, chance) for _ in range(draws)]
-    return np.std([sigmoid_accuracy(at, *fit, chance) for fit in refits], axis=0)
+    n = len(next(iter(per_question.values()))[0])
+    replicates = []
+    for _ in range(draws):
+        q = rng.integers(0, n, n)   # (question indices, with replacement)
+        replicates.append(statistic({m: (nll[q].mean(), right[q].mean()) for m, (nll, right) in per_question.items()}))
+    return {name: np.std([r[name] for r in replicates], axis=0) for name in replicates[0]}
 
 
 def main():
@@ -365,8 +399,12 @@ def main():
 
 
 def forecast(a, tok, curves, minima, choices=4):
-    """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark. (± figures: one
-    standard error, binomial, for a measured accuracy; sigmoid_spread for the sigmoid's predictions.)"""
+    """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark. A ± is one standard
+    deviation over a bootstrap of the questions (question_bootstrap, the whole forecast_chain refitted in each
+    replicate): how much another draw of as many questions would move the figure. It does not count run-to-run
+    training noise (another seed or data order would give each run another loss and score), nor the val-loss minima's
+    own noise (D* is taken as fitted), nor that questions of one document go together (each is drawn alone), nor
+    whether the power law and the sigmoid hold past the runs."""
     chance = 1 / choices
     task = next_line_task(a.data, tok, a.questions, choices, context=a.seq_len // 2)
     if len(task) < 50:
@@ -375,43 +413,41 @@ def forecast(a, tok, curves, minima, choices=4):
         return
     print(f"\nThe next-line benchmark: {len(task)} questions of {choices} lines from the val split (chance "
           f"{chance:.2f}); NLL per character of the right line, accuracy")
-    runs = {}   # out_dir -> (NLL, accuracy)
+    per_question = {}   # out_dir or path -> (NLL of each question's right line, answered right)
     for budget, points in curves.items():
         for tokens, _, out in sorted(points):
-            runs[out] = score_task(load(out), task)
-            print(f"  {budget:9.1e} {tokens:10,} tokens: NLL {runs[out][0]:.4f}, accuracy {runs[out][1]:.3f}",
-                  flush=True)
+            per_question[out] = score_task(load(out), task)
+            print(f"  {budget:9.1e} {tokens:10,} tokens: NLL {per_question[out][0].mean():.4f}, accuracy "
+                  f"{per_question[out][1].mean():.3f}", flush=True)
+    for path in a.more_models:
+        per_question[path] = score_task(load(path), task)
+
+    def chain(scores):
+        return forecast_chain(scores, curves, minima, a.more_models, a.predict, chance)
+    f = chain({m: (nll.mean(), right.mean()) for m, (nll, right) in per_question.items()})
+    draws = 200   # (a standard deviation to about 5%: 1 / sqrt(2 draws))
+    pm = question_bootstrap(per_question, chain, draws)   # (the ± of each of f's numbers)
+    print(f"± below: one standard deviation over {draws} draws of the {len(task)} questions (with replacement, "
+          "the whole chain refitted each time); not counting training noise (seeds)")
     print("The compute-optimal model's NLL (a parabola in log tokens through the runs near each minimum):")
-    optimal = []
-    for budget, tokens in minima:
-        near = near_minimum(curves[budget])
-        coef = np.polyfit(np.log([t for t, *_ in near]), [runs[out][0] for *_, out in near], 2)
-        optimal.append((budget, np.polyval(coef, math.log(tokens))))
-        print(f"  {budget:.1e}: NLL {optimal[-1][1]:.4f} at {tokens:,.0f} tokens")
-    beta, coef_nll = fit_power_law(*zip(*optimal))
-    print(f"NLL*(C) = {coef_nll:.3g} * C^{beta:.4f}")
-    points = list(runs.values())
+    for (budget, tokens), nll, error in zip(minima, f["optimal"], pm["optimal"]):
+        print(f"  {budget:.1e}: NLL {nll:.4f} ± {error:.4f} at {tokens:,.0f} tokens")
+    print(f"NLL*(C) = {f['coef']:.3g} * C^{f['beta']:.4f}   (exponent ± {pm['beta']:.4f})")
 
-    def fit_and_print(through):
-        k, x0 = fit_sigmoid(*zip(*points), chance)
+    def print_sigmoid(k, x0, through):
         print(f"accuracy = {chance:.2f} + {1 - chance:.2f} / (1 + exp({k:.3g} * (NLL - {x0:.4f})))   ({through})")
-        return k, x0
 
-    k, x0 = fit_and_print(f"through the {len(points)} runs")
-    for path in a.more_models:   # (each a test of the sigmoid beyond the runs, then a point of its final fit)
-        nll, accuracy = score_task(load(path), task)
-        spread, = sigmoid_spread([x for x, _ in runs.values()], k, x0, chance, len(task), [nll])
-        error = math.sqrt(accuracy * (1 - accuracy) / len(task))
-        print(f"  {path}: NLL {nll:.4f}, accuracy {accuracy:.3f} ± {error:.3f}; the sigmoid said "
-              f"{sigmoid_accuracy(nll, k, x0, chance):.3f} ± {spread:.3f}")
-        points.append((nll, accuracy))
+    print_sigmoid(*f["runs_fit"], f"through the {sum(map(len, curves.values()))} runs")
+    for i, path in enumerate(a.more_models):   # (each a test of the runs' sigmoid, then a point of the final fit;
+        # measured and said come from the same questions, so the miss's ± is its own, not the other two combined)
+        print(f"  {path}: NLL {per_question[path][0].mean():.4f}, accuracy {f['measured'][i]:.3f} ± "
+              f"{pm['measured'][i]:.3f}; the sigmoid said {f['said'][i]:.3f} ± {pm['said'][i]:.3f}; measured - said "
+              f"{f['miss'][i]:+.3f} ± {pm['miss'][i]:.3f}")
     if a.more_models:
-        k, x0 = fit_and_print(f"through all {len(points)} models")
-    predicted = [coef_nll * budget ** beta for budget in a.predict]
-    spreads = sigmoid_spread([x for x, _ in points], k, x0, chance, len(task), predicted)
-    for budget, nll, spread in zip(a.predict, predicted, spreads):
-        print(f"  at {budget:.1e} FLOPs: NLL {nll:.4f}, accuracy {sigmoid_accuracy(nll, k, x0, chance):.3f} ± "
-              f"{spread:.3f} (the sigmoid's alone; the NLL power law's three points add more)")
+        print_sigmoid(*f["fit"], f"through all {len(per_question)} models")
+    for i, budget in enumerate(a.predict):
+        print(f"  at {budget:.1e} FLOPs: NLL {f['nll'][i]:.4f} ± {pm['nll'][i]:.4f}, accuracy {f['accuracy'][i]:.3f} "
+              f"± {pm['accuracy'][i]:.3f}")
 
 
 def load(path):
