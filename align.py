@@ -23,7 +23,8 @@ Design choices
 - Rejection sampling (Llama 2 §3.2.3): K samples per prompt, the reward model keeps the best of those that ended
   with a stop token (a sample cut at --max_new is no whole answer), SFT on the winners.
 - DPO (Rafailov et al. 2023) with Llama 3's two changes (§4.1.4): header and termination tokens masked out of the
-  loss, and an NLL term (coefficient 0.2) on the chosen response; only the final response counts, not earlier
+  DPO loss, and an NLL term (coefficient 0.2) on the chosen response, its <|eot_id|> included (as SFT's loss has it:
+  the stopping that DPO's term no longer sees); only the final response counts, not earlier
   assistant turns of a multi-turn prompt. Reference log-probs are computed once, under the policy's autocast.
 - PPO (Ouyang et al. 2022; Ziegler et al. 2019): reward = reward-model score at the last token minus a per-token KL
   penalty to the frozen reference, with a fixed coefficient (adaptive with --kl_target); GAE; clipped policy and
@@ -909,15 +910,17 @@ def rm_accuracy(rm, tok, pairs):
 
 def response_logprobs(policy, seqs, masks):
     """Summed log-prob of each sequence's masked (response) tokens: seqs (B lists), masks (B lists, len-1) ->
-    (summed log-probs (B,), masked tokens per row (B,)).
-    policy: a Policy (or DDP of one)."""
+    (summed log-probs (B,), masked tokens per row (B,), log-prob of each sequence's last token (B,): the
+    <|eot_id|> closing its answer, which loss_mask leaves out). policy: a Policy (or DDP of one)."""
     tokens = pad(seqs).to(device_of(policy))
     m = pad(masks).to(tokens.device).float()  # (B, T-1), lines up with token_logprobs
-    return (policy(tokens)[0] * m).sum(-1), m.sum(-1)
+    logp = policy(tokens)[0]  # (B, T-1)
+    last = torch.tensor([len(s) - 2 for s in seqs], device=tokens.device)  # the position that predicts the last token
+    return (logp * m).sum(-1), m.sum(-1), logp[torch.arange(len(seqs), device=tokens.device), last]
 
 
 def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2, state=None, seed=0):
-    """DPO with Llama 3's changes: header/termination tokens out of the loss, NLL (per token) on chosen."""
+    """DPO with Llama 3's changes: header/termination tokens out of DPO's sums, NLL (per token) on chosen."""
     rows = _pair_rows(tok, pairs, context_len(policy))
 
     @torch.no_grad()
@@ -931,11 +934,13 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
 
     def step_loss(step):
         idx = batch_indices(len(rows), batch_size, step, seed)[RANK::WORLD]
-        lp, n = response_logprobs(net, [rows[i][0] for i in idx] + [rows[i][2] for i in idx],
-                                  [rows[i][1] for i in idx] + [rows[i][3] for i in idx])
-        (pi_c, pi_r), n_c = lp.chunk(2), n[:len(idx)]
+        lp, n, last = response_logprobs(net, [rows[i][0] for i in idx] + [rows[i][2] for i in idx],
+                                        [rows[i][1] for i in idx] + [rows[i][3] for i in idx])
+        (pi_c, pi_r), n_c, eot_c = lp.chunk(2), n[:len(idx)], last[:len(idx)]
         loss, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c[idx].to(dev), ref_r[idx].to(dev), beta)
-        nll = -(pi_c / n_c.clamp(min=1)).mean()
+        # the NLL is SFT's loss on the chosen answer, its <|eot_id|> included: the mask keeps the token both answers
+        # share out of DPO's contrast, and without it here nothing would hold up stopping after a good answer
+        nll = -((pi_c + eot_c) / (n_c + 1)).mean()
         return loss + nll_coef * nll, {"dpo": loss.item(), "nll": nll.item(), "margin": (r_c - r_r).mean().item(),
                                        "acc": (r_c > r_r).float().mean().item()}
     return optimize(net, step_loss, steps, lr, "dpo", state=state)

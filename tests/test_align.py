@@ -583,7 +583,8 @@ def test_value_loss_never_moves_the_policy(tok):
 
 def test_dpo_nll_is_per_token_on_the_chosen_response(tok):
     """Llama 3's NLL term: the chosen response's log-likelihood per token (a long answer weighs no more than a
-    short one), averaged over pairs, and added to the DPO loss with its coefficient."""
+    short one), its <|eot_id|> included (DPO's own sums leave it out: then nothing else keeps the policy stopping),
+    averaged over pairs, and added to the DPO loss with its coefficient."""
     pairs = [dict(prompt=align.user("What is 1 + 2?"), chosen="3", rejected="4"),
              dict(prompt=align.user("Sort the letters: c a b d"), chosen="a b c d", rejected="d c b a")]
     policy = tiny_model(tok)
@@ -592,9 +593,10 @@ def test_dpo_nll_is_per_token_on_the_chosen_response(tok):
     with torch.no_grad():
         for p in pairs:
             ids, mask = align.render(tok, p["prompt"], p["chosen"])
-            m = align.loss_mask(tok, ids, mask)  # m[t]: is ids[t + 1] a scored token
+            m = mask[1:]  # m[t]: is ids[t + 1] an answer token or its <|eot_id|> (SFT's targets)
             logp = torch.log_softmax(policy(torch.tensor([ids]))[0].float(), -1)
             lps = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if m[t]]
+            assert ids[-1] == tok.eot_id and m[-1] == 1
             per_token.append(-sum(lps) / len(lps))
             counts.append(len(lps))
     assert counts[0] < counts[1]  # answers of different lengths: a sum would not average to this
