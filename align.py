@@ -376,12 +376,9 @@ def pack_sft(examples, seq_len):
 
 def token_logprobs(h, weight, tokens, chunk=None):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T-1), from the final hidden states h (B, T, C) and
-    the output matrix weight (V, C). The logits go a chunk of rows at a time (model.chunk_rows), never all at once:
-    at Llama 3's 128K vocabulary a DPO batch of 16 x 2048 tokens makes 4.2G of them, 17 GB in fp32, and as much
-    again for the log-softmax. Unlike cross_entropy the gradient cannot be made in the forward pass (DPO and PPO
-    weigh each log-prob by what the whole batch decides), so with several chunks backward makes each one's logits
-    again (activation checkpointing: one more matmul of the head). A lone chunk is kept for backward, as plain
-    autograd would keep it."""
+    the output matrix weight (V, C), a chunk of rows at a time (model.chunk_rows): at 128K vocabulary a DPO batch of
+    16 x 2048 tokens has 17 GB of fp32 logits. Backward makes each chunk's logits again (activation checkpointing:
+    the loss weighs every log-prob, so the gradient cannot be made in the forward, as cross_entropy's is)."""
     if h.shape[:-1] != tokens.shape:
         raise ValueError(f"token_logprobs: hidden states {tuple(h.shape)} and tokens {tuple(tokens.shape)} do not "
                          "pair up (want h (B, T, dim) and tokens (B, T))")
@@ -566,10 +563,6 @@ def device_of(module):
     return next(module.parameters()).device
 
 
-def context_len(model):
-    return model.args.max_seq_len
-
-
 SFT_ROW = 8192  # tokens per packed SFT row at most: Llama 3's pretraining context (a 3.1 download's is 128K, and
                 # --batch_size rows of it would be a million tokens a step)
 
@@ -577,10 +570,11 @@ SFT_ROW = 8192  # tokens per packed SFT row at most: Llama 3's pretraining conte
 def prompt_room(model, max_new):
     """Tokens a prompt may keep when max_new more must fit after it; a response of over half the context is
     refused rather than leaving every prompt cut to a few tokens."""
-    if not 0 < max_new <= context_len(model) // 2:
-        raise BadInput(f"--max_new {max_new}: responses take 1 to {context_len(model) // 2} tokens (half the "
-                         f"model's context of {context_len(model)}), the rest is the prompt's")
-    return context_len(model) - max_new
+    n = model.args.max_seq_len
+    if not 0 < max_new <= n // 2:
+        raise BadInput(f"--max_new {max_new}: responses take 1 to {n // 2} tokens (half the model's context of {n}), "
+                       "the rest is the prompt's")
+    return n - max_new
 
 
 @torch.no_grad()
@@ -709,9 +703,9 @@ def run_flags(args):
     return {k: v for k, v in vars(args).items() if k not in ("resume", "ckpt_interval")}
 
 
-def flag_changes(saved, args):
-    """How this command's flags differ from a saved run's ({flag: value}), one '--flag there, here' each."""
-    return [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in run_flags(args).items() if saved.get(k) != v]
+def flag_changes(saved, flags):
+    """How this command's flags differ from a saved run's (both {flag: value}), one '--flag there, here' each."""
+    return [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in flags.items() if saved.get(k) != v]
 
 
 def forget(out):
@@ -723,11 +717,8 @@ def forget(out):
 
 
 class StageState:
-    """A stage's training loop on disk, so that a killed stage goes on exactly where it was (--resume): every
-    --ckpt_interval steps (default a tenth of the stage's) rank 0 writes what the loop holds (the trained modules,
-    the optimizer, the random generators, the step and the history so far) to OUT/resume.pt, atomically; it is
-    removed once the stage's checkpoint and align_log.json are written. What a stage computes before its loop (data,
-    generated pairs and winners, reference log-probs) follows from the flags and the seed, and is computed again."""
+    """A stage's training loop in OUT/resume.pt (modules, optimizer, random generators, step, history), written
+    atomically by rank 0 every --ckpt_interval steps, for --resume (the module docstring tells the whole story)."""
 
     def __init__(self, args=None):
         self.path = os.path.join(args.out, "resume.pt") if args else None
@@ -735,10 +726,8 @@ class StageState:
         self.flags = run_flags(args) if args else None
 
     def load(self, parts):
-        """Restore parts ({name: module, optimizer, torch.Generator or random.Random}) in place from the saved
-        state, with --resume. -> (step, history, extra); (0, [], {}) with nothing to resume. Called as the loop
-        starts: a signal during the work before it (RS's sampling, DPO's reference log-probs, minutes on a real
-        model) stops here, with nothing new to save (that work is done again on --resume)."""
+        """Restore parts ({name: module, optimizer, torch.Generator or random.Random}) in place, with --resume ->
+        (step, history, extra); (0, [], {}) with nothing to resume. A signal before the loop stops here."""
         if self.path and signalled():
             raise Stopped(f"stopped by {signal_name()} before the loop of this stage began: the same command with "
                           "--resume goes on from its last save, if any")
@@ -749,7 +738,7 @@ class StageState:
             return 0, [], {}
         state = load_pth(self.path)
         try:
-            changed = flag_changes(state["flags"], argparse.Namespace(**self.flags))
+            changed = flag_changes(state["flags"], self.flags)
             if changed:
                 raise SystemExit(f"{self.path}: written with other flags ({'; '.join(changed)}): resume with the "
                                  "same ones, or drop --resume to start the stage over")
@@ -853,7 +842,7 @@ def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", stat
     """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks.
     The loss is the mean over the batch's target tokens, however many each row holds."""
     examples = [tok.encode_dialog(c) for c in conversations]
-    X, Y, D = pack_sft(examples, min(context_len(model), SFT_ROW))  # (N, T) each
+    X, Y, D = pack_sft(examples, min(model.args.max_seq_len, SFT_ROW))  # (N, T) each
     net, dev = wrap_ddp(model), device_of(model)
 
     def step_loss(step):
@@ -885,7 +874,7 @@ def _pair_rows(tok, pairs, max_len):
 
 def train_rm(rm, tok, pairs, steps, batch_size, lr, state=None, seed=0):
     """Reward model: Bradley–Terry on (chosen, rejected), both in one forward; a pair may carry a "margin"."""
-    rows = _pair_rows(tok, pairs, context_len(rm.backbone))
+    rows = _pair_rows(tok, pairs, rm.backbone.args.max_seq_len)
     margins = torch.tensor([float(p.get("margin", 0.0)) for p in pairs])
     net, dev = wrap_ddp(rm), device_of(rm)
 
@@ -902,7 +891,7 @@ def train_rm(rm, tok, pairs, steps, batch_size, lr, state=None, seed=0):
 @torch.no_grad()
 def rm_accuracy(rm, tok, pairs):
     """Pairwise accuracy: how often the reward model scores chosen above rejected."""
-    rows = _pair_rows(tok, pairs, context_len(rm.backbone))
+    rows = _pair_rows(tok, pairs, rm.backbone.args.max_seq_len)
     r_chosen = rm_scores(rm, [r[0] for r in rows])
     r_rejected = rm_scores(rm, [r[2] for r in rows])
     return (r_chosen > r_rejected).float().mean().item()
@@ -921,7 +910,7 @@ def response_logprobs(policy, seqs, masks):
 
 def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef=0.2, state=None, seed=0):
     """DPO with Llama 3's changes: header/termination tokens out of DPO's sums, NLL (per token) on chosen."""
-    rows = _pair_rows(tok, pairs, context_len(policy))
+    rows = _pair_rows(tok, pairs, policy.args.max_seq_len)
 
     @torch.no_grad()
     def reference_logprobs(j):  # the reference never changes: its log-probs once, in batches of 64, under the
@@ -1081,14 +1070,14 @@ def fresh_base(out_dir, n_eval, seed=0):
     return out_dir
 
 
-def finish(args, stage, model, tok, history, metric, rm=None, save=None):
+def finish(args, stage, model, tok, history, metric, rm=None):
     """On rank 0: save the stage's checkpoint, evaluate it on the held-out tasks, and write beside it
     align_log.json (its flags, every step's metrics, the result), which marks the stage done (`all --resume`).
     Log one line."""
     res, cut = {}, Truncations.n  # (before the evaluation's prompts are counted too)
     if RANK == 0:
-        if save is not None:
-            save(args.out)  # the reward model: its head beside the transformer
+        if isinstance(model, RewardModel):  # its head beside the transformer
+            save_reward_model(model, args.out, tokenizer_path(args.init))
         else:
             save_model(model, args.out, tokenizer_path=tokenizer_path(args.init))
         if stage != "rm" and args.n_eval:  # the reward model's transformer is no policy: its own metric says it all
@@ -1113,11 +1102,10 @@ def finished(args):
         return None
     with open(log_path) as f:
         saved = json.load(f)
-    changed = flag_changes(saved["args"], args)
-    if changed or "result" not in saved:
-        why = f"other flags ({'; '.join(changed)})" if changed else "an older align.py"
-        raise SystemExit(f"{log_path}: a stage run with {why}: resume with the same flags, or drop --resume to run "
-                         f"{'the chain' if args.stage == 'all' else 'the stage'} again")
+    changed = flag_changes(saved["args"], run_flags(args))
+    if changed:
+        raise SystemExit(f"{log_path}: a stage run with other flags ({'; '.join(changed)}): resume with the same "
+                         f"flags, or drop --resume to run {'the chain' if args.stage == 'all' else 'the stage'} again")
     log(f"[{saved['stage']}] ended before: {args.out}")
     return saved["result"]
 
@@ -1162,8 +1150,7 @@ def stage_rm(args, device):
                     state=StageState(args), seed=args.seed)
     acc = f"{rm_accuracy(rm, tok, test_pairs):.3f}" if test_pairs else "n/a (no held-out pairs: --data, or --n_eval 0)"
     metric = f"BT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, held-out pair accuracy {acc}"
-    save = lambda out: save_reward_model(rm, out, tokenizer_path(args.init))  # noqa: E731  (the head beside it)
-    return finish(args, "rm", rm, tok, hist, metric, rm, save)
+    return finish(args, "rm", rm, tok, hist, metric)
 
 
 def stage_rs(args, device):
@@ -1218,9 +1205,6 @@ def stage_ppo(args, device):
 
 def stage_all(args, device):
     """base -> SFT -> RM -> RS -> DPO -> PPO, then every checkpoint reloaded and scored on the held-out tasks."""
-    if dist.is_initialized():
-        raise SystemExit("align.py all runs in one process (RS and PPO are single-process); "
-                         "sft, rm and dpo take torchrun on their own")
     t0 = time.time()
     run = args.run or (os.path.basename(args.init.rstrip("/")) if args.init else "align")
     if args.init is None:
@@ -1315,11 +1299,9 @@ if __name__ == "__main__":
         p.error(f"--n_eval must be >= {1 if args.stage == 'all' else 0}")
     device = setup_device()
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # the matrices here are tiny (64-256 wide): intra-op threads cost more in synchronisation than they save,
-        # and on shared cores they thrash (measured on this 2-core machine: generation 20x faster with one thread)
-        torch.set_num_threads(1)
-    if args.stage in ("rs", "ppo") and dist.is_initialized():
-        raise SystemExit(f"{args.stage} runs in one process: drop torchrun")
+        torch.set_num_threads(1)  # tiny matrices: threads cost more than they save (module docstring)
+    if args.stage in ("rs", "ppo", "all") and dist.is_initialized():
+        raise SystemExit(f"{args.stage} runs in one process (sft, rm and dpo take torchrun): drop torchrun")
     torch.manual_seed(args.seed)
     if args.stage != "all" and not args.resume:
         forget(args.out)
