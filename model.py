@@ -80,6 +80,9 @@ class ModelArgs:
         bad = [f"{f}={getattr(self, f)!r}" for f in sizes if not isinstance(getattr(self, f), int)]
         if bad:
             raise ValueError(f"ModelArgs: {', '.join(bad)}: sizes must be integers")
+        bad = [f"{f}={getattr(self, f)!r}" for f in sizes if getattr(self, f) <= 0]
+        if bad:
+            raise ValueError(f"ModelArgs: {', '.join(bad)} must be positive")
         reals = ("norm_eps", "rope_theta", "rope_scaling_factor") + \
             (("ffn_dim_multiplier",) if self.ffn_dim_multiplier is not None else ())
         bad = [f"{f}={getattr(self, f)!r}" for f in reals
@@ -87,18 +90,10 @@ class ModelArgs:
         if bad:
             raise ValueError(f"ModelArgs: {', '.join(bad)}: must be a positive number")
         checks = [
-            (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0 and self.n_kv_heads > 0,
-             "dim, n_layers, n_heads, n_kv_heads must be positive"),
             (self.dim % self.n_heads == 0, f"dim={self.dim} is not a multiple of n_heads={self.n_heads}"),
             (self.n_heads % self.n_kv_heads == 0,
              f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"),
             ((self.dim // self.n_heads) % 2 == 0, f"head_dim={self.dim // self.n_heads} must be even for RoPE"),
-            (self.vocab_size > 0, f"vocab_size={self.vocab_size} must be positive"),
-            (self.multiple_of > 0, f"multiple_of={self.multiple_of} must be positive"),
-            (self.max_seq_len > 0, f"max_seq_len={self.max_seq_len} must be positive"),
-            (self.rope_original_context > 0, f"rope_original_context={self.rope_original_context} must be positive"),
-            (self.ffn_hidden_dim is None or self.ffn_hidden_dim > 0,
-             f"ffn_hidden_dim={self.ffn_hidden_dim} must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -306,14 +301,10 @@ class TransformerBlock(nn.Module):
 # The loss: cross-entropy over a 128K vocabulary without holding the logits
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of softmax(h @ weight.T) against targets (-100: ignored), never holding all the logits.
-    With Llama 3's 128,256 tokens they are the largest activation by far: train.py's 1-GPU line (4 x 4096 rows of
-    the 1B model) makes 2.1G of them, 8.4 GB in fp32, and the plain loss keeps as much again for the softmax and
-    for the gradient. Here rows go through in chunks, and each chunk's gradients are made at once: the loss ends
-    the graph, so d loss / d logits = (softmax - onehot) / n is known in the forward pass. What is kept is the
-    gradient of h (rows x dim) and of the weight (vocab x dim, fp32), never a chunk's logits; backward only
-    scales them by the incoming gradient. The same FLOPs as the plain loss, none recomputed. Matmuls run in
-    `dtype` (the autocast dtype), softmax and sums in fp32, as autocast does for the plain loss."""
+    """Mean cross-entropy of softmax(h @ weight.T) against targets (-100: ignored), rows a chunk at a time. The
+    loss ends the graph, so d loss / d logits = (softmax - onehot) / n is known in the forward pass: each chunk's
+    gradients of h and weight are made there and kept (never its logits); backward only scales them. Matmuls in
+    `dtype` (the autocast dtype), softmax and sums in fp32, as autocast does for the plain loss (README, Model)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, dtype, chunk, grad_enabled):
@@ -350,11 +341,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def chunk_rows(weight):
-    """Rows per chunk of the output head's logits (weight: (vocab, dim)), for cross_entropy here and align.py's
-    token_logprobs: about 64M logits (256 MB in fp32; all the rows at the cpu preset's 8K vocabulary), but at
-    least `dim` rows: every chunk adds a (vocab, dim) product into the weight's gradient, ~10 bytes an element
-    moved, against ~20 for each of the chunk's own (rows, vocab) logits, so chunks of `dim` rows or more keep
-    that extra traffic within half of the loss's own (the 1B model at 128K: 2048-row chunks, 1.6 GB each)."""
+    """Rows per chunk of the logits (weight: (vocab, dim)), here and in align.py's token_logprobs: about 64M logits
+    (256 MB in fp32), but at least `dim` rows, so that adding each chunk's (vocab, dim) product into the weight's
+    gradient moves at most half the bytes of the chunk's own logits (the 1B model at 128K: 2048-row chunks)."""
     return max(weight.shape[1], (1 << 26) // weight.shape[0])
 
 
@@ -407,13 +396,16 @@ class Transformer(nn.Module):
         angles = positions[..., None].float() * rope_frequencies(self.args, positions.device)  # (B|1, T, D/2)
         return torch.polar(torch.ones_like(angles), angles)[:, :, None]  # broadcast over heads
 
-    def hidden_states(self, tokens, doc_ids=None):
-        """tokens (B, T) -> final-normed hidden states (B, T, dim); doc_ids (B, T) masks attention across docs."""
-        B, T = tokens.shape
-        rot = self.rope(torch.arange(T, device=tokens.device)[None])
+    def hidden_states(self, tokens, doc_ids=None, start_pos=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, dim); doc_ids (B, T) masks attention across docs.
+        start_pos (forward_cached): the position of tokens[:, 0], an int or a (B,) tensor; None: 0, no cache."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+        if start_pos is not None:
+            positions = positions + (start_pos if isinstance(start_pos, int) else start_pos[:, None])  # (B|1, T)
+        rot = self.rope(positions)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, rot, doc_ids)
+            h = layer(h, rot, doc_ids, start_pos)
         return self.norm(h)
 
     def forward(self, tokens, targets=None, doc_ids=None):
@@ -426,7 +418,7 @@ class Transformer(nn.Module):
 
     # --- generation: KV cache ------------------------------------------------------------------------------
 
-    def setup_cache(self, batch_size, max_seq_len, device=None, dtype=None):
+    def setup_cache(self, batch_size, max_seq_len):
         """Preallocate every layer's K and V: (batch_size, n_kv_heads, max_seq_len, head_dim) each."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"KV cache of {max_seq_len} positions exceeds the model's max_seq_len "
@@ -434,9 +426,7 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight
         for layer in self.layers:
             a = layer.attention
-            shape = (batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
-            a.cache_k = torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype)
-            a.cache_v = torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype)
+            a.cache_k, a.cache_v = (w.new_zeros(batch_size, a.n_kv_heads, max_seq_len, a.head_dim) for _ in "kv")
 
     def clear_cache(self):
         for layer in self.layers:
@@ -456,13 +446,7 @@ class Transformer(nn.Module):
             if B > cache.shape[0] or last > cache.shape[2]:
                 raise ValueError(f"KV cache holds {cache.shape[0]} rows x {cache.shape[2]} positions; "
                                  f"this chunk needs {B} rows x {last}")
-        offsets = torch.arange(T, device=tokens.device)
-        positions = (start_pos + offsets)[None] if isinstance(start_pos, int) else start_pos[:, None] + offsets
-        rot = self.rope(positions)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, rot, start_pos=start_pos)
-        return self.norm(h)
+        return self.hidden_states(tokens, start_pos=start_pos)
 
     # --- accounting and optimizer ----------------------------------------------------------------------------
 
@@ -508,24 +492,18 @@ def peak_flops(device):
 
 
 def bf16_matmuls(device):
-    """Whether matmuls run natively in bf16 on this device: CUDA, or a CPU with bf16 matrix instructions
-    (AVX512-BF16: AMD Zen 4, Intel Cooper Lake; AMX: Sapphire Rapids). Elsewhere a CPU emulates bf16, slower
-    than fp32. On this machine's Zen 4 a bf16 matmul of the cpu preset's shapes (then 256 wide) ran 2.4x faster
-    than fp32."""
+    """Whether matmuls run natively in bf16: CUDA, or a CPU with AVX512-BF16 (AMD Zen 4, Intel Cooper Lake) or AMX
+    (Sapphire Rapids); other CPUs emulate bf16, slower than fp32 (README, Pretraining, has the speed-ups)."""
     return device.type == "cuda" or device.type == "cpu" and any(
         getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))  # private: guarded
 
 
 def keep_freed_memory():
-    """CPU training: make glibc's malloc keep freed memory for the next tensor instead of returning it to the OS.
-    By default a tensor over a threshold (128 KB, raised as large blocks are freed, up to 32 MB) is a fresh mmap,
-    and every page of it costs a page fault that zeroes it when first written. A training step of the cpu preset
-    (then 256 wide) took ~75,000 such faults (300 MB zeroed; the 64 MB logits and their gradients are past any
-    threshold): with freed memory kept, none, and the step is ~10% faster (~18% at nanoGPT's width). This is what
-    preloading jemalloc or tcmalloc does, as PyTorch's CPU performance tuning guide suggests. The cost: the process
-    holds on to its peak memory (`python train.py`'s peak RSS: 1.15 GB, was 1.07 GB). Both settings are needed:
-    without the trim one, freed memory at the top of the heap still goes back; the trim one alone stops the
-    threshold's raising (4x the faults). Returns whether it took effect (False off glibc, e.g. macOS)."""
+    """CPU training: make glibc's malloc keep freed memory for the next tensor (as preloading jemalloc or tcmalloc
+    does). Otherwise each large tensor is a fresh mmap whose pages are zeroed by page faults when first written:
+    ~75,000 a step of the cpu preset; kept, none, and the step ~10% faster (README, Pretraining). Both settings are
+    needed: the mmap one stops fresh maps, the trim one stops freed memory at the top of the heap going back. The
+    cost: the process keeps its peak memory. Returns whether it took effect (False off glibc, e.g. macOS)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -571,8 +549,6 @@ def atomic_save(obj, path):
 def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
     """Write out_dir/{params.json, consolidated.00.pth[, tokenizer.model]}: Meta's layout, each file atomic.
     state_dict: pass a gathered full state dict when the model is sharded (FSDP); default model.state_dict()."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    model = getattr(model, "module", model)     # DDP wrapper
     out_dir = Path(out_dir)
     sd = model.state_dict() if state_dict is None else state_dict
     tied = model.args.tie_embeddings
@@ -592,11 +568,9 @@ def save_model(model, out_dir, tokenizer_path=None, state_dict=None):
 
 
 def load_pth(file):
-    """torch.load (CPU, weights only, mmapped) after checking each record's CRC-32: torch.save writes a zip that
-    holds one for each tensor's bytes (Meta's files too), and torch.load never checks them, so a flipped bit would
-    load silently. ~3 GB/s on one core here: a few seconds for an 8B model's 16 GB. Files written without CRCs (all
-    zero: torch.serialization.set_crc32_options(False)) and files that are no zip (torch.load decides) are not
-    checked."""
+    """torch.load (CPU, weights only, mmapped) after checking each zip record's CRC-32, which torch.save writes
+    (Meta's files too) and torch.load never checks: a flipped bit would load silently. ~3 GB/s on one core. Files
+    without CRCs (set_crc32_options(False)) or no zip at all (torch.load decides) are not checked."""
     try:
         with zipfile.ZipFile(file) as z:
             bad = z.testzip() if any(r.CRC for r in z.infolist()) else None
@@ -917,13 +891,10 @@ SAME_MODEL = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_ep
 
 
 def average_models(paths, out_dir):
-    """Model averaging (Llama 3 section 4.1.5: at each of the RM, SFT and DPO stages, the models of runs with other
-    data or hyperparameters are averaged): each tensor's mean over models of one architecture and one tokenizer,
-    written to a new folder out_dir in our layout, in the first model's dtype, with that tokenizer. The other .pth
-    files of the folders (a reward model's reward_head.pth) are averaged the same way: every folder must have them.
-    The models' files are mmapped (ours, and Hugging Face's safetensors): their pages are read as the sums need them,
-    and the memory held is one fp32 tensor at a time and the mean (a Hugging Face model's wq and wk, and a sharded
-    Meta model, are copied into memory as they are read). Everything is checked before anything is written."""
+    """Model averaging (Llama 3 section 4.1.5: the RM, SFT and DPO models of runs with other data or hyperparameters
+    are averaged): each tensor's mean over models of one architecture and tokenizer, written to a new folder in our
+    layout and the first model's dtype, with the other .pth files every folder has (reward_head.pth) averaged too.
+    The files are mmapped, so memory holds one fp32 tensor and the mean. All is checked before anything is written."""
     if len({os.path.realpath(p) for p in paths}) < max(len(paths), 2):
         raise ValueError(f"average_models: {', '.join(map(str, paths))}: give two models or more, each once")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):

@@ -61,12 +61,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 def cuda_graphed(fn, *args):
-    """fn(*args) captured once as a CUDA graph -> a function of new args (same shapes, same device) that copies
-    them into the captured inputs, replays the graph and returns its output tensor (overwritten by the next
-    call). Replaying launches every kernel of the step at once, where eager PyTorch launches them one at a time
-    from Python, which is what decoding a small model waits on (~100M parameters on an H100: 12.5 ms of
-    launches a token against 0.15 ms of reading the weights). One eager call first, on a side stream as CUDA
-    graphs require, so that Triton's autotuning and cuBLAS's set-up happen outside the capture."""
+    """fn(*args) captured once as a CUDA graph -> a function of new args (same shapes) that copies them into the
+    captured inputs, replays the graph and returns its output (overwritten by the next call). One replay launches
+    the whole step, where eager PyTorch launches kernel by kernel from Python: what decoding a small model waits on
+    (~100M parameters on an H100: 12.5 ms of launches a token, 0.15 ms of weights). One eager call first, on a side
+    stream, so that Triton's autotuning and cuBLAS's set-up happen outside the capture."""
     static = [a.clone() for a in args]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

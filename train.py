@@ -70,8 +70,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import (PRESETS, CheckpointError, Transformer, bf16_matmuls, keep_freed_memory, load_model, peak_flops,
-                   save_model, tokenizer_path)
+from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, bf16_matmuls, keep_freed_memory,
+                   load_model, peak_flops, save_model, tokenizer_path)
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -151,9 +151,7 @@ def finish(status=0):
     os._exit(1 if isinstance(status, str) else status)
 
 
-def fail(message):
-    """Stop the run with an error message (every rank reaches this together: they all read the same files)."""
-    finish(message)
+fail = finish  # fail(message): stop the run with an error (every rank reaches it together: they read the same files)
 
 
 def checksums(folder, names):
@@ -173,34 +171,21 @@ def checksums(folder, names):
     return {n: v for share in shares for n, v in share.items()}
 
 
-def save_file(obj, path):
-    """torch.save, then fsync, so that the manifest never describes bytes still in the page cache."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(path, model, optimizer, state, rank, average, keep=2):
     """Write the training state to path atomically: all of it goes to path.tmp, which rank 0 renames once every
     rank has finished. Model, optimizer and the weights' running average (empty without --average_last) go through
     dcp (under FSDP each rank writes only its own shards); `state` (step, loader position, RNG: the same on every
     rank) is rank 0's state.pt. The last `keep` stay."""
-    tmp = path + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left behind by a run killed in the middle of a save
-    barrier()
+    tmp = path + ".tmp"  # (one left by a run killed while saving went at the start of this run)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd, "average": average}, checkpoint_id=tmp)  # (collective)
     if rank == 0:
-        save_file(state, os.path.join(tmp, "state.pt"))
+        atomic_save(state, os.path.join(tmp, "state.pt"))  # (fsynced: the manifest describes bytes on disk)
     barrier()
     files = checksums(tmp, sorted(os.listdir(tmp)))
     if rank == 0:
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump({"step": state["step"], "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        manifest = json.dumps({"step": state["step"], "files": files}, indent=1).encode()
+        atomic_write(os.path.join(tmp, "manifest.json"), lambda f: f.write(manifest))
         if os.path.exists(path):  # a run resumed from an older checkpoint comes back to this step
             shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
@@ -287,12 +272,9 @@ def write_log(path, rows):
 
 
 def append_log(path, row):
-    new = not os.path.exists(path)
+    """One row (its missing fields empty) below the header write_log wrote at the start."""
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        csv.DictWriter(f, LOG_FIELDS).writerow(row)
 
 
 def plot_svg(rows, path, width=640, height=360, pad=50):
@@ -610,7 +592,7 @@ log(f"model: {raw_model.num_params(exclude_embedding=False) / 1e6:.2f}M paramete
 
 # -----------------------------------------------------------------------------
 # optimizer, batches, and the state to resume from
-optimizer = raw_model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.95), device_type=device.type)
+optimizer = raw_model.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
 # Polyak averaging (Llama 3 section 3.4.3: the pre-trained model is the average of checkpoints taken during the
 # annealing): the running mean of the weights after each of the last --average_last steps, in fp32 beside them
 # (sharded as they are under FSDP), in every checkpoint, and exported in place of the last weights. Keyed by the
