@@ -377,8 +377,9 @@ def pack_sft(examples, seq_len):
 def token_logprobs(h, weight, tokens, chunk=None):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T-1), from the final hidden states h (B, T, C) and
     the output matrix weight (V, C), a chunk of rows at a time (model.chunk_rows): at 128K vocabulary a DPO batch of
-    16 x 2048 tokens has 17 GB of fp32 logits. Backward makes each chunk's logits again (activation checkpointing:
-    the loss weighs every log-prob, so the gradient cannot be made in the forward, as cross_entropy's is)."""
+    16 x 2048 tokens has 17 GB of fp32 logits. With several chunks, backward makes each one's logits again
+    (activation checkpointing: the loss weighs every log-prob, so the gradient cannot be made in the forward, as
+    cross_entropy's is); a lone chunk is kept, as plain autograd keeps it."""
     if h.shape[:-1] != tokens.shape:
         raise ValueError(f"token_logprobs: hidden states {tuple(h.shape)} and tokens {tuple(tokens.shape)} do not "
                          "pair up (want h (B, T, dim) and tokens (B, T))")
@@ -1103,9 +1104,10 @@ def finished(args):
     with open(log_path) as f:
         saved = json.load(f)
     changed = flag_changes(saved["args"], run_flags(args))
-    if changed:
-        raise SystemExit(f"{log_path}: a stage run with other flags ({'; '.join(changed)}): resume with the same "
-                         f"flags, or drop --resume to run {'the chain' if args.stage == 'all' else 'the stage'} again")
+    if changed or "result" not in saved:  # (no result: written by align.py before 2026-11-27 12:31)
+        why = f"other flags ({'; '.join(changed)})" if changed else "an older align.py"
+        raise SystemExit(f"{log_path}: a stage run with {why}: resume with the same flags, or drop --resume to run "
+                         f"{'the chain' if args.stage == 'all' else 'the stage'} again")
     log(f"[{saved['stage']}] ended before: {args.out}")
     return saved["result"]
 

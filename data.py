@@ -527,7 +527,7 @@ def codec_of(label):
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
     tag (in its <head> or its first 1024 bytes, outside comments and scripts; UTF-16 there means UTF-8, since the
-    tag was read as ASCII), or else UTF-8, unless most of its non-ASCII bytes are no UTF-8: then windows-1252. A
+    tag was read as ASCII), or else UTF-8, or windows-1252 for an old Western page (latin_legacy). A
     label that names no encoding is passed over, one of the "replacement" encoding (iso-2022-kr, hz-gb-2312, ...)
     leaves no text; bytes that do not decode become U+FFFD, as in a browser (pages often misstate their charset)."""
     codec = charset and codec_of(charset)
@@ -543,12 +543,21 @@ def decode_html(raw, charset=None):
     if codec == "replacement":  # a browser shows one U+FFFD for the page (7-bit encodings that could hide markup)
         return ""
     text = raw.decode(codec or "utf-8", "replace")
-    # No label: HTML leaves the guess to the browser, whose detector reads an old page's bytes in its locale's legacy
-    # encoding, windows-1252 in most. Ours: that, when most of the non-ASCII characters came out as U+FFFD.
-    bad = text.count("\ufffd") if not codec else 0
-    if bad and 2 * bad > len(text) - len(text.encode("ascii", "ignore")):
-        text = raw.decode("cp1252", "replace")
+    if not codec and latin_legacy(raw, text):  # no label: HTML leaves the guess to the browser, whose detector
+        text = raw.decode("cp1252", "replace")  # reads an old Western page as windows-1252
     return text
+
+
+def latin_legacy(raw, text):
+    """Whether an unlabelled page, `text` its bytes `raw` read as UTF-8, is rather an old Western page: most of its
+    non-ASCII characters are no UTF-8 (a U+FFFD the page holds, validly encoded, is none of them), and most of its
+    non-ASCII bytes stand alone or in pairs, as accents do (é, ß; a Cyrillic or CJK legacy page's bytes run in words:
+    read as windows-1252 they would be fluent garbage, where U+FFFD lets the heuristics drop the page)."""
+    bad = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    if bad <= 0 or 2 * bad <= len(text) - len(text.encode("ascii", "ignore")):
+        return False
+    high = len(raw) - len(raw.decode("ascii", "ignore"))
+    return 2 * sum(map(len, re.findall(rb"[\x80-\xff]{3,}", raw))) < high
 
 
 def warc_records(path):
@@ -650,10 +659,10 @@ def read_blocklist(path):
     try:
         with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
-                words = line.split("#")[0].split()
-                if len(words) > 1 or any(c in "".join(words) for c in "/:@") or words and not words[0].strip("*."):
+                words = [host_form(w.lstrip("*.")) for w in line.split("#")[0].split()]
+                if len(words) > 1 or any(c in "".join(words) for c in "/:@") or words and not words[0]:
                     raise ValueError(f"{path}:{lineno}: not a domain ({line.strip()[:60]!r})")
-                domains.update(host_form(w.lstrip("*.")) for w in words)
+                domains.update(words)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
     return domains

@@ -709,6 +709,10 @@ def test_a_killed_chain_resumes_exactly(tmp_path):
     r = run("killed", "--resume", "--lr", "1e-3")
     assert r.returncode == 1 and "align-sft/align_log.json: a stage run with other flags (--lr None there, 0.001 " \
         "here)" in r.stderr, r.stderr
+    sft_log = tmp_path / "killed" / "out" / "align-sft" / "align_log.json"  # as align.py wrote it before 2026-11-27
+    sft_log.write_text(json.dumps({k: v for k, v in json.loads(sft_log.read_text()).items() if k != "result"}))
+    r = run("killed", "--resume")
+    assert r.returncode == 1 and "align-sft/align_log.json: a stage run with an older align.py" in r.stderr, r.stderr
     # a fresh chain over that one, killed in SFT's first step: the old chain's marks went with it, so --resume
     # runs every stage again (had it kept them, it would have taken the old chain's later stages as its own)
     assert run("killed", kill_at=1).returncode == -9

@@ -181,6 +181,10 @@ def test_html_to_text():
         "caf\u00e9 na\u00efve \u201cquoted\u201d")
     assert data.decode_html("<p>\u00e9t\u00e9 \u00e0".encode() + b"\xff") == "<p>\u00e9t\u00e9 \u00e0\ufffd"   # one bad byte
     assert data.decode_html(b"<p>caf\xe9", "latin-1") == "<p>caf\u00e9"   # (a Python spelling, no WHATWG label)
+    page = "<p>Don\ufffdt stop: caf\u00e9 \u2014 \ufffd\ufffd".encode()  # U+FFFD the page holds is no decoding error
+    assert data.decode_html(page) == page.decode()
+    russian = "<p>\u0422\u0435\u0430\u0442\u0440 \u0438 \u0443\u043b\u0438\u0446\u0430".encode("cp1251")
+    assert data.decode_html(russian) == russian.decode("utf-8", "replace")   # words of legacy bytes: no Latin page
 
 
 def warc_record(kind, url, date="2024-01-01T00:00:00Z", block=b"", http=None):
@@ -274,7 +278,7 @@ def test_blocklist(corpus, tmp_path, capsys):
     assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
                              verbose=False)["train"]["docs"] == 4
     for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443",
-                 "*."):
+                 "*.", "\u200b", "\u00ad."):   # (the last two: what IDNA ignores, so no domain: it blocked URLs of no host)
         blocklist.write_text(f"ok.example\n{line}\n")  # two words, or a line of UT1's `urls` files: nothing matches
         with pytest.raises(ValueError, match=r"adult\.txt:2: not a domain"):
             data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
