@@ -340,7 +340,7 @@ class TextExtractor(HTMLParser):
         self.link_chars = 0  # characters of the open block in links to other pages
         self.skip = None     # [tag, depth, base] inside an element whose text is dropped; depth: the elements
                              # inside it still open that it cannot end before (opens_inside); base: its place
-                             # in the stack:
+                             # in the stack (the end of an element around it ends it too)
         self.stack = []      # the open elements (HTML's stack, roughly: an end tag closes what is open inside it)
         self.open = Counter()  # how many of each tag it holds (sloppy pages leave thousands open: no list scans)
         self.pre, self.link = False, False  # inside <pre>; inside a link to another page (<a> do not nest)
@@ -524,6 +524,18 @@ def codec_of(label):
     return WHATWG_LABELS.get(label.strip().strip("\"'").lower())
 
 
+def latin_legacy(raw, text):
+    """Whether an unlabelled page, `text` its bytes `raw` read as UTF-8, is rather an old Western page: most of its
+    non-ASCII characters are no UTF-8 (a U+FFFD the page holds, validly encoded, is none of them), and most of its
+    non-ASCII bytes stand alone or in pairs, as accents do (é, ß; a Cyrillic or CJK legacy page's bytes run in words:
+    read as windows-1252 they would be fluent garbage, where U+FFFD lets the heuristics drop the page)."""
+    bad = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    if bad <= 0 or 2 * bad <= len(text) - len(text.encode("ascii", "ignore")):
+        return False
+    high = len(raw) - len(raw.decode("ascii", "ignore"))
+    return 2 * sum(map(len, re.findall(rb"[\x80-\xff]{3,}", raw))) < high
+
+
 def decode_html(raw, charset=None):
     """Bytes of a page -> str, by its byte-order mark, or else the charset its HTTP header gives, or its <meta>
     tag (in its <head> or its first 1024 bytes, outside comments and scripts; UTF-16 there means UTF-8, since the
@@ -546,18 +558,6 @@ def decode_html(raw, charset=None):
     if not codec and latin_legacy(raw, text):  # no label: HTML leaves the guess to the browser, whose detector
         text = raw.decode("cp1252", "replace")  # reads an old Western page as windows-1252
     return text
-
-
-def latin_legacy(raw, text):
-    """Whether an unlabelled page, `text` its bytes `raw` read as UTF-8, is rather an old Western page: most of its
-    non-ASCII characters are no UTF-8 (a U+FFFD the page holds, validly encoded, is none of them), and most of its
-    non-ASCII bytes stand alone or in pairs, as accents do (é, ß; a Cyrillic or CJK legacy page's bytes run in words:
-    read as windows-1252 they would be fluent garbage, where U+FFFD lets the heuristics drop the page)."""
-    bad = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
-    if bad <= 0 or 2 * bad <= len(text) - len(text.encode("ascii", "ignore")):
-        return False
-    high = len(raw) - len(raw.decode("ascii", "ignore"))
-    return 2 * sum(map(len, re.findall(rb"[\x80-\xff]{3,}", raw))) < high
 
 
 def warc_records(path):
