@@ -1336,6 +1336,40 @@ def read_meta(path, cache=False):
         raise ValueError(f"{path}: unreadable ({e}); re-run prepare_data / `python data.py`") from None
 
 
+def check_folder(folder, source=None, blocklist=None):
+    """train.py's check of a --data folder made earlier -> (its meta.json, notes to print). train.py never rebuilds
+    one (data.py's settings may differ from its defaults; rebuilding would lose them), so it must at least hold the
+    `source` asked for, made with the `blocklist` file as it is now; else ValueError, in train.py's flags. The notes
+    say when that source's files have changed, or that there are no CRC-32s to check the shards by (damaged_shards:
+    train.py shares that out among its ranks)."""
+    where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
+    try:
+        meta = read_meta(os.path.join(folder, "meta.json"))
+        made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.path.join(folder, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})"
+                         ) from None
+    if source and where(source) != where(made_from):
+        raise ValueError(f"--data {folder} holds the tokens of {made_from!r}, not of {source!r}: give a new --data "
+                         "folder (and --tokenizer) to build this source there")
+    made_with = meta["config"].get("blocklist") or ["", None]   # (prepare_data's: the list's path and CRC-32)
+    if blocklist and [where(made_with[0]), made_with[1]] != [where(blocklist), file_crc32(blocklist)]:
+        raise ValueError(f"--data {folder} was not made with --blocklist {blocklist} as it is now: give a new --data "
+                         "folder (and --tokenizer) to build it there")
+    notes = []
+    try:
+        changed = stamp is not None and source_stamp(made_from) != stamp
+    except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare
+        changed = False
+    if changed:
+        notes.append(f"warning: {made_from}'s files changed after {folder} was made from them; this run trains on the "
+                     f"old tokens (to use the new ones, rerun data.py with --out {folder}, or delete it)")
+    if not any("crc32" in meta.get(split, {}) for split in ("train", "val")):
+        notes.append(f"note: {folder}/meta.json has no CRC-32s of its shards (an older data.py): they are not "
+                     f"checked; rerun data.py with --out {folder} to rebuild it with them")
+    return meta, notes
+
+
 def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=None, shard_tokens=1 << 26,
                  max_docs=None, quality_model=None, quality_sample=2000, quality_drop=0.1, labeller=None,
                  line_dedup=0, blocklist=None, dirty_words=None, token_kl=0, chunk_bytes=1 << 22, verbose=True):

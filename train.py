@@ -475,48 +475,28 @@ if args.vocab_size != parser.get_default("vocab_size") and tok.n_words != args.v
     fail(f"--vocab_size {args.vocab_size}, but --tokenizer {args.tokenizer} exists with {tok.n_words} tokens: "
          "give a new --tokenizer path (and --data folder) to train one of that size")
 metas = {}  # each folder's meta.json: tokens and UTF-8 bytes per split, for bits per byte
-where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
 for folder in folders:
-    try:
-        meta = metas[folder] = data.read_meta(os.path.join(folder, "meta.json"))
-        made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{os.path.join(folder, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})")
-    # a folder made earlier is never rebuilt here (data.py's settings may differ from these defaults; rebuilding
-    # would lose them), so it must at least hold the source asked for (the default folder: the default source),
-    # and say so when that source's files have changed
+    # a folder made earlier is used as it is (data.check_folder): it must hold the source asked for (the default
+    # folder: the default source)
     asked = args.source or (source if folder == default_data else None)
-    if asked and where(asked) != where(made_from):
-        fail(f"--data {folder} holds the tokens of {made_from!r}, not of {asked!r}: give a new --data folder (and "
-             "--tokenizer) to build this source there")
-    made_with = meta["config"].get("blocklist") or ["", None]   # (data.py's: the list's path and CRC-32)
-    if args.blocklist and [where(made_with[0]), made_with[1]] != [where(args.blocklist),
-                                                                  data.file_crc32(args.blocklist)]:
-        fail(f"--data {folder} was not made with --blocklist {args.blocklist} as it is now: give a new --data folder "
-             "(and --tokenizer) to build it there")
     try:
-        changed = stamp is not None and data.source_stamp(made_from) != stamp
-    except (OSError, ValueError):  # the source is not here (shards copied to a cluster): nothing to compare
-        changed = False
-    if changed:
-        log(f"warning: {made_from}'s files changed after {folder} was made from them; this run trains on the old "
-            f"tokens (to use the new ones, rerun data.py with --out {folder}, or delete it)")
-    # every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound).
-    # The ranks of each node share the files out among themselves, so every node checks all of them (its own copy,
-    # when the data was copied to each node's disk)
-    if any("crc32" in meta.get(split, {}) for split in ("train", "val")):
-        local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        bad = data.damaged_shards(folder, meta, slice(local, None, per_node))
-        if distributed:  # (on the waiting room's gloo group: a large folder may take longer than NCCL's timeout)
-            shares_of_bad = [None] * world_size
-            dist.all_gather_object(shares_of_bad, bad, group=waiting_room)
-            bad = sorted(set(sum(shares_of_bad, [])))
-        if bad:
-            fail(f"{folder}: {', '.join(bad)} not as data.py wrote (missing, or its CRC-32 differs from meta.json's):"
-                 f" a damaged copy; copy the folder again, or rerun data.py with --out {folder} (it rebuilds it)")
-    else:
-        log(f"note: {folder}/meta.json has no CRC-32s of its shards (an older data.py): they are not checked; "
-            f"rerun data.py with --out {folder} to rebuild it with them")
+        metas[folder], notes = data.check_folder(folder, asked, args.blocklist)
+    except ValueError as e:
+        fail(str(e))
+    for note in notes:
+        log(note)
+    # every shard against the CRC-32 data.py wrote for it (a flipped bit in a token would train without a sound; an
+    # older data.py wrote none: nothing is checked, as the note said). The ranks of each node share the files out
+    # among themselves, so every node checks all of them (its own copy, when the data was copied to each node's disk)
+    local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    bad = data.damaged_shards(folder, metas[folder], slice(local, None, per_node))
+    if distributed:  # (on the waiting room's gloo group: a large folder may take longer than NCCL's timeout)
+        shares_of_bad = [None] * world_size
+        dist.all_gather_object(shares_of_bad, bad, group=waiting_room)
+        bad = sorted(set(sum(shares_of_bad, [])))
+    if bad:
+        fail(f"{folder}: {', '.join(bad)} not as data.py wrote (missing, or its CRC-32 differs from meta.json's):"
+             f" a damaged copy; copy the folder again, or rerun data.py with --out {folder} (it rebuilds it)")
 
 # -----------------------------------------------------------------------------
 # model: a preset shape with the tokenizer's vocabulary, or (--init) a trained model to continue at longer context

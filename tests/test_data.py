@@ -1536,6 +1536,26 @@ def test_prepare_data_failing_half_way_keeps_the_old_dataset(corpus, tmp_path):
     assert any("a lone surrogate \ufffd here" in d for d in read_docs(out, "train", Tokenizer.load(tok_path)))
 
 
+def test_check_folder_notes_and_refusals(tmp_path):
+    """train.py's check of a --data folder (its refusals of another source or blocklist run in test_train.py): a
+    source edited since is a warning, a meta.json of an older data.py (no CRC-32s) a note, one without its config
+    refused by name."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("a document")
+    meta = {"config": {"source": str(docs), "source_stamp": data.source_stamp(str(docs))}, "train": {"crc32": []}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert data.check_folder(str(tmp_path), f"{docs}/") == (meta, [])
+    os.utime(docs / "a.txt", ns=(0, 0))
+    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, train={})))
+    warning, note = data.check_folder(str(tmp_path))[1]
+    assert warning.startswith(f"warning: {docs}'s files changed"), warning
+    assert note.startswith(f"note: {tmp_path}/meta.json has no CRC-32s"), note
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"meta.json: not a meta.json of data.py \(KeyError: 'config'\)"):
+        data.check_folder(str(tmp_path))
+
+
 def test_optional_sources(tmp_path, monkeypatch, corpus, capsys):
     """parquet and hf: are real code paths; here they run on local stand-ins (no network in tests)."""
     class FakeDatasets:  # the slice of the `datasets` API iter_documents uses
