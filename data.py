@@ -1339,9 +1339,9 @@ def read_meta(path, cache=False):
 def check_folder(folder, source=None, blocklist=None):
     """train.py's check of a --data folder made earlier -> (its meta.json, notes to print). train.py never rebuilds
     one (data.py's settings may differ from its defaults; rebuilding would lose them), so it must at least hold the
-    `source` asked for, made with the `blocklist` file as it is now; else ValueError, in train.py's flags. The notes
-    say when that source's files have changed, or that there are no CRC-32s to check the shards by (damaged_shards:
-    train.py shares that out among its ranks)."""
+    `source` asked for, made with the `blocklist` file as it is now; else ValueError (naming train.py's flags).
+    The notes say when that source's files have changed, or that there are no CRC-32s to check the shards by
+    (damaged_shards: train.py shares that out among its ranks)."""
     where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
     try:
         meta = read_meta(os.path.join(folder, "meta.json"))
