@@ -18,7 +18,7 @@ accuracy against that NLL, a sigmoid, fitted on the scaling runs and on older mo
 Here the benchmark is one made from the val split, which of four lines comes next in a document
 (next_line_task), scored like any multiple-choice benchmark: the choice of least NLL per character. Every model
 answers the same questions, so their errors go together (a hard draw of questions is hard for all): the forecast's
-± redraws the questions, the same draw for every model, and runs the whole chain again (a question bootstrap).
+± redraws the questions' documents, the same draw for every model, and runs the whole chain again (a bootstrap).
 
     python train.py --max_minutes 0.1 --out_dir out/prep   # once: the tokenizer and data/stdlib the runs read
     python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour here
@@ -133,7 +133,7 @@ def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
     document, which of `choices` lines comes next: the document's own, or one of the lines of other val documents?
     Lines of 8-100 characters (stripped); every choice gets the right line's indentation, so only what the line
     says tells them apart; no choice twice. A question draws a document, then one of its lines, so that a long
-    file is not most of the benchmark. -> [(context ids, [choice ids], [choice characters], right index)]."""
+    file is not most of the benchmark. -> [(context ids, [choice ids], [choice characters], right index, document)]."""
     meta = read_meta(os.path.join(data_dir, "meta.json"))
     docs = []
     for name in meta["val"]["shards"]:
@@ -164,7 +164,7 @@ def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
         indent = right[:len(right) - len(right.lstrip())]
         texts = [indent + option for option in options]
         before = tok.encode("\n".join(docs[d][:i]) + "\n", bos=True)[-context:]   # (as in training: after a BOS)
-        task.append((before, [tok.encode(t) for t in texts], [len(t) for t in texts], options.index(right.strip())))
+        task.append((before, [tok.encode(t) for t in texts], [len(t) for t in texts], options.index(right.strip()), d))
     return task
 
 
@@ -174,7 +174,7 @@ def score_task(model, task, batch=64):
     (the right answer has the least NLL per character of its choices). Their means are the model's NLL and accuracy;
     kept per question so that a bootstrap can redraw the questions. Each choice is scored after its context."""
     model.eval()
-    rows = [(q, c, ctx + ids, len(ctx)) for q, (ctx, options, _, _) in enumerate(task) for c, ids in enumerate(options)]
+    rows = [(q, c, ctx + ids, len(ctx)) for q, (ctx, options, *_) in enumerate(task) for c, ids in enumerate(options)]
     nll = torch.zeros(len(task), len(task[0][1]))
     for start in range(0, len(rows), batch):
         part = rows[start:start + batch]
@@ -189,8 +189,8 @@ def score_task(model, task, batch=64):
         per_row = torch.zeros(len(part)).index_add_(0, scored.nonzero()[:, 0], -logp)
         for r, (q, c, _, _) in enumerate(part):
             nll[q, c] = per_row[r]
-    nll /= torch.tensor([chars for _, _, chars, _ in task], dtype=torch.float)
-    right = torch.tensor([answer for *_, answer in task])
+    nll /= torch.tensor([chars for _, _, chars, *_ in task], dtype=torch.float)
+    right = torch.tensor([answer for _, _, _, answer, _ in task])
     return nll[torch.arange(len(task)), right].numpy(), (nll.argmin(1) == right).numpy()
 
 
@@ -267,18 +267,19 @@ def forecast_chain(scores, curves, minima, more, predict, chance):
     return f
 
 
-def question_bootstrap(per_question, statistic, draws=200, seed=0):
-    """The spread of statistic(scores) over other draws of the benchmark's questions: per_question is model ->
-    (NLL of each question, answered right or not); each of `draws` replicates draws the question indices with
-    replacement, the SAME draw for every model (they answer the same questions, so a hard draw is hard for all of
-    them: their errors are correlated, which independent binomial draws per model would miss), and hands statistic
-    each model's (mean NLL, accuracy) over it. -> {name: standard deviation over the replicates} for statistic's
-    dict of numbers (or arrays of them)."""
+def question_bootstrap(per_question, statistic, documents, draws=200, seed=0):
+    """The spread of statistic(scores) over other draws of the benchmark: per_question is model -> (NLL of each
+    question, answered right or not), `documents` each question's document. The benchmark draws a document before
+    each question, so a replicate draws the documents with replacement and takes all their questions (the questions
+    of one document go together: a hard document is hard for all its questions), the SAME draw for every model (they
+    answer the same questions, so a hard draw is hard for all of them: their errors are correlated, which
+    independent binomial draws per model would miss), and hands statistic each model's (mean NLL, accuracy) over
+    it. -> {name: standard deviation over the `draws` replicates} for statistic's dict of numbers (or arrays)."""
     rng = np.random.default_rng(seed)
-    n = len(next(iter(per_question.values()))[0])
+    groups = [np.flatnonzero(np.asarray(documents) == d) for d in np.unique(documents)]
     replicates = []
     for _ in range(draws):
-        q = rng.integers(0, n, n)   # (question indices, with replacement)
+        q = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])   # (with replacement)
         replicates.append(statistic({m: (nll[q].mean(), right[q].mean()) for m, (nll, right) in per_question.items()}))
     return {name: np.std([r[name] for r in replicates], axis=0) for name in replicates[0]}
 
@@ -401,10 +402,9 @@ def main():
 def forecast(a, tok, curves, minima, choices=4):
     """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark. A ± is one standard
     deviation over a bootstrap of the questions (question_bootstrap, the whole forecast_chain refitted in each
-    replicate): how much another draw of as many questions would move the figure. It does not count run-to-run
+    replicate): how much another draw of as many documents would move the figure. It does not count run-to-run
     training noise (another seed or data order would give each run another loss and score), nor the val-loss minima's
-    own noise (D* is taken as fitted), nor that questions of one document go together (each is drawn alone), nor
-    whether the power law and the sigmoid hold past the runs."""
+    own noise (D* is taken as fitted), nor whether the power law and the sigmoid hold past the runs."""
     chance = 1 / choices
     task = next_line_task(a.data, tok, a.questions, choices, context=a.seq_len // 2)
     if len(task) < 50:
@@ -426,9 +426,10 @@ def forecast(a, tok, curves, minima, choices=4):
         return forecast_chain(scores, curves, minima, a.more_models, a.predict, chance)
     f = chain({m: (nll.mean(), right.mean()) for m, (nll, right) in per_question.items()})
     draws = 200   # (a standard deviation to about 5%: 1 / sqrt(2 draws))
-    pm = question_bootstrap(per_question, chain, draws)   # (the ± of each of f's numbers)
-    print(f"± below: one standard deviation over {draws} draws of the {len(task)} questions (with replacement, "
-          "the whole chain refitted each time); not counting training noise (seeds)")
+    documents = [d for *_, d in task]
+    pm = question_bootstrap(per_question, chain, documents, draws)   # (the ± of each of f's numbers)
+    print(f"± below: one standard deviation over {draws} draws of the questions' {len(set(documents))} documents (with "
+          "replacement, the whole chain refitted each time); not counting training noise (seeds)")
     print("The compute-optimal model's NLL (a parabola in log tokens through the runs near each minimum):")
     for (budget, tokens), nll, error in zip(minima, f["optimal"], pm["optimal"]):
         print(f"  {budget:.1e}: NLL {nll:.4f} ± {error:.4f} at {tokens:,.0f} tokens")

@@ -160,9 +160,20 @@ def test_question_bootstrap_of_a_mean_is_its_standard_error():
     rng = np.random.default_rng(1)
     nll, right = rng.gamma(2.0, 0.6, 400), rng.random(400) < 0.3
     pm = scaling.question_bootstrap({"m": (nll, right)}, lambda s: {"nll": s["m"][0], "accuracy": s["m"][1]},
-                                    draws=2000)   # (a standard deviation to ~2%)
+                                    np.arange(400), draws=2000)   # (a document each; a standard deviation to ~2%)
     assert pm["nll"] == pytest.approx(nll.std() / math.sqrt(400), rel=0.08)
     assert pm["accuracy"] == pytest.approx(math.sqrt(right.mean() * (1 - right.mean()) / 400), rel=0.08)
+
+
+def test_question_bootstrap_draws_documents():
+    """50 documents of 10 questions each, a document's questions all right or all wrong: another draw of the
+    benchmark (documents first, as next_line_task draws) moves the accuracy by sqrt(p (1 - p) / 50), the standard
+    error of 50 answers, not of 500 (3.2x less)."""
+    rng = np.random.default_rng(2)
+    right = np.repeat(rng.random(50) < 0.4, 10)
+    pm = scaling.question_bootstrap({"m": (np.zeros(500), right)}, lambda s: {"accuracy": s["m"][1]},
+                                    np.repeat(rng.permutation(50), 10), draws=2000)
+    assert pm["accuracy"] == pytest.approx(math.sqrt(right.mean() * (1 - right.mean()) / 50), rel=0.1)
 
 
 def test_question_bootstrap_sees_that_the_models_answer_the_same_questions():
@@ -181,7 +192,7 @@ def test_question_bootstrap_sees_that_the_models_answer_the_same_questions():
 
     def spread(ease):   # (12 models, 300 questions)
         per_question = {m: (np.full(300, nll[m]), ease[m] < truth[m]) for m in range(12)}
-        return scaling.question_bootstrap(per_question, predicted, draws=100)["at"]
+        return scaling.question_bootstrap(per_question, predicted, np.arange(300), draws=100)["at"]
     binomial = np.std([predicted({m: (nll[m], rng.binomial(300, truth[m]) / 300) for m in range(12)})["at"]
                        for _ in range(100)])
     shared, own = spread(np.tile(rng.random(300), (12, 1))), spread(rng.random((12, 300)))
@@ -216,7 +227,7 @@ def test_next_line_task_asks_for_a_documents_own_next_line(lined_corpus):
     _, tokens = read_shard(str(path / "shards" / "val_000.bin"))
     tokens = np.asarray(tokens)
     docs = [tok.decode(doc[1:]) + "\n" for doc in np.split(tokens, np.flatnonzero(tokens == tok.bos_id)[1:])]
-    for context, options, chars, right in task:
+    for context, options, chars, right, document in task:
         texts = [tok.decode(ids) for ids in options]
         assert [len(t) for t in texts] == chars and len(set(texts)) == 4 and len(context) <= 24
         indent = {t[:len(t) - len(t.lstrip())] for t in texts}
@@ -225,10 +236,10 @@ def test_next_line_task_asks_for_a_documents_own_next_line(lined_corpus):
         assert tags.count(tags[right]) == 1                        # the wrong lines are other documents'
         before = tok.decode(context[1:] if context[0] == tok.bos_id else context) + texts[right] + "\n"
         if context[0] == tok.bos_id:                               # a whole beginning: after <|begin_of_text|>
-            assert any(doc.startswith(before) for doc in docs)
-        assert any(before in doc for doc in docs)                  # the context, then its own next line
+            assert docs[document].startswith(before)
+        assert before in docs[document]                            # the context, then its own next line
         assert all(8 <= len(t.strip()) <= 100 for t in texts)
-    assert len({right for *_, right in task}) == 4                  # the right answer is not always first
+    assert len({right for _, _, _, right, _ in task}) == 4            # the right answer is not always first
     assert any(context[0] == tok.bos_id for context, *_ in task)
 
 
@@ -256,11 +267,11 @@ def test_score_task_is_each_choice_scored_alone(lined_corpus):
     nll, right = scaling.score_task(model, task, batch=7)   # (batches that split questions)
     per_char = torch.zeros(len(task), 4)
     with torch.no_grad():
-        for q, (context, options, chars, _) in enumerate(task):
+        for q, (context, options, chars, *_) in enumerate(task):
             for c, ids in enumerate(options):
                 logits = model(torch.tensor([context + ids]))[0, len(context) - 1:-1].double()
                 per_char[q, c] = -logits.log_softmax(-1)[torch.arange(len(ids)), ids].sum() / chars[c]
-    answer = torch.tensor([r for *_, r in task])
+    answer = torch.tensor([r for _, _, _, r, _ in task])
     assert np.abs(nll - per_char[torch.arange(len(task)), answer].numpy()).max() < 1e-5   # (per question)
     assert (right == (per_char.argmin(1) == answer).numpy()).all()
 
