@@ -175,7 +175,10 @@ def load_tokenizer(ckpt_dir, model=None):
     """The checkpoint's tokenizer; with its model, checked to fill the vocabulary exactly: more ids than embedding
     rows cannot run, and fewer is a tokenizer.model cut short at a line's end (Meta's format holds no count: such
     a file loads, every special id shifted) or another model's."""
-    tok = Tokenizer.load(tokenizer_path(ckpt_dir))
+    try:
+        tok = Tokenizer.load(tokenizer_path(ckpt_dir))
+    except ValueError as e:  # a malformed tokenizer.model (the message names file:line) is a bad checkpoint file
+        raise CheckpointError(str(e)) from None
     if model is not None and tok.n_words != model.args.vocab_size:
         raise CheckpointError(f"{tokenizer_path(ckpt_dir)}: {tok.n_words} ids, but the model's vocabulary has "
                               f"{model.args.vocab_size}: a file cut short, or another model's")

@@ -375,3 +375,22 @@ def test_cli_prompt_says_the_context_is_full_only_when_it_is(tmp_path, tok, monk
     monkeypatch.setattr(sys, "argv", base + ["--max_new_tokens", "100"])
     sample.main()
     assert f"stopped after {48 - len(ids)} new tokens: the model's context of 48 is full" in capsys.readouterr().err
+
+
+def test_a_malformed_tokenizer_model_is_a_checkpoint_error(tmp_path, tok, monkeypatch, capsys):
+    """(review, helper) Tokenizer.load's ValueError for a malformed tokenizer.model (it names file:line) went out of
+    load_tokenizer as it was, and sample.py's main (like align.py's) turns only CheckpointError and FileNotFoundError
+    into a one-line message: a damaged tokenizer in a checkpoint ended in a traceback."""
+    tok.save(str(tmp_path / "tok.model"))
+    m = tiny_model(vocab_size=tok.n_words, max_seq_len=48)
+    M.save_model(m, tmp_path / "ckpt", tokenizer_path=tmp_path / "tok.model")
+    path = tmp_path / "ckpt" / "tokenizer.model"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5] + ["not base64!! 5\n"] + lines[6:]))
+    with pytest.raises(M.CheckpointError, match="tokenizer.model:6: malformed line"):
+        sample.load_tokenizer(tmp_path / "ckpt", m)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--device",
+                                      "cpu"])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert "tokenizer.model:6: malformed line" in str(e.value.code)
