@@ -526,7 +526,7 @@ if __name__ == "__main__":
     if args.load:
         try:
             tok = Tokenizer.load(args.load)
-        except FileNotFoundError as e:
+        except (ValueError, OSError) as e:  # a malformed file (named with its line), a missing or unreadable one
             sys.exit(str(e))
     else:
         from data import check_blocklist, clean_text, iter_documents, read_blocklist  # data.py imports this file

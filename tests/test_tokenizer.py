@@ -384,3 +384,14 @@ def test_fingerprint_covers_the_split_pattern(tok):
     text = "I'm learning 12345 things"
     assert other.encode(text) != tok.encode(text)
     assert other.fingerprint() != tok.fingerprint()
+
+
+def test_cli_load_of_a_malformed_file_is_one_line(tmp_path):
+    """(review, helper) --load caught only FileNotFoundError: a malformed tokenizer.model (Tokenizer.load's ValueError
+    names file:line) or a folder given for the file ended in a traceback."""
+    path = tmp_path / "broken.model"
+    path.write_bytes(b"IQ== 0\nIg== 1\nnot-base64! 2\n")
+    for bad, where in ((path, "broken.model:3: malformed line"), (tmp_path, str(tmp_path))):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", str(bad)],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and where in r.stderr, r.stderr
