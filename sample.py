@@ -256,8 +256,9 @@ def main():
     if args.prompt is None and not args.chat:
         parser.error("give --prompt TEXT or --chat")
     if not args.temperature >= 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1 or \
-            args.max_new_tokens < 0:
-        parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0")
+            args.max_new_tokens < 0 or args.max_context < 1:
+        parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "
+                     "--max_context >= 1")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:

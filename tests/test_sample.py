@@ -394,3 +394,12 @@ def test_a_malformed_tokenizer_model_is_a_checkpoint_error(tmp_path, tok, monkey
     with pytest.raises(SystemExit) as e:
         sample.main()
     assert "tokenizer.model:6: malformed line" in str(e.value.code)
+
+
+def test_cli_max_context_below_one_is_refused(monkeypatch, capsys):
+    """(review, helper) --max_context was not checked: a negative one failed in torch (a negative dimension for the KV
+    cache), after the weights were read."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--chat", "--max_context", "-3"])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert e.value.code == 2 and "--max_context >= 1" in capsys.readouterr().err
