@@ -253,8 +253,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.prompt is None and not args.chat:
-        parser.error("give --prompt TEXT or --chat")
+    if (args.prompt is None) != args.chat or (args.system is not None and not args.chat):  # (one would be ignored)
+        parser.error("give --prompt TEXT or --chat (--system goes with --chat), not both")
     if not args.temperature >= 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1 or \
             args.max_new_tokens < 0 or args.max_context < 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "

@@ -357,8 +357,8 @@ def test_chat_closes_a_reply_ended_by_end_of_text_with_eot(tok, monkeypatch):
 
 
 def test_cli_prompt_says_the_context_is_full_only_when_it_is(tmp_path, tok, monkeypatch, capsys):
-    """(review, helper) main() set session.tokens = ids, the same list that stream() appends to, so its count of new tokens
-    was always 0: a run that simply reached --max_new_tokens claimed "stopped after 0 new tokens: the model's
+    """(review, helper) main() set session.tokens = ids, the same list that stream() appends to, so its count of new
+    tokens was always 0: a run that simply reached --max_new_tokens claimed "stopped after 0 new tokens: the model's
     context ... is full", and a run that did fill the context reported 0 new tokens."""
     torch.manual_seed(0)
     tok.save(str(tmp_path / "tok.model"))
@@ -403,3 +403,12 @@ def test_cli_max_context_below_one_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main()
     assert e.value.code == 2 and "--max_context >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--prompt", "hi", "--chat"], ["--prompt", "hi", "--system", "be brief"], []])
+def test_cli_prompt_or_chat_not_both(monkeypatch, capsys, flags):
+    """--prompt with --chat, or --system without it, was silently ignored: refused before anything is read."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", *flags])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert e.value.code == 2 and "give --prompt TEXT or --chat" in capsys.readouterr().err
