@@ -597,6 +597,9 @@ def _check(q, k, v, doc_ids):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v), ("doc_ids", doc_ids)):
+        if x is not None and x.device != q.device:
+            raise ValueError(f"attention: {name} is on {x.device}, q on {q.device}: all must be on one device")
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv, Tk, D={D})")

@@ -445,6 +445,22 @@ def test_attention_errors():
     assert sum((n - 1) * s for n, s in zip(q.shape[1:], q.stride()[1:])) == 2 ** 31 - 1   # (the last element)
 
 
+def test_attention_device_mismatch_is_an_error():
+    """k, v or doc_ids on another device than q (doc_ids left on the CPU by a data loader, with CUDA q): a clear
+    error naming the tensor, on every path. (On a GPU the kernel launch got a CPU pointer: by triton's launcher,
+    "Pointer argument cannot be accessed from Triton (cpu tensor?)"; here the meta device stands in for the other
+    one.)"""
+    q = torch.randn(1, 2, 8, 16)
+    docs = torch.zeros(1, 8, dtype=torch.long)
+    for fn in (A.attention, A.attention_sdpa, A.attention_reference, A.flash_attention):
+        with pytest.raises(ValueError, match="doc_ids is on meta, q on cpu"):
+            fn(q, q, q, docs.to("meta"))
+        with pytest.raises(ValueError, match="k is on meta, q on cpu"):
+            fn(q, q.to("meta"), q.to("meta"))
+        with pytest.raises(ValueError, match="v is on meta, q on cpu"):
+            fn(q, q, q.to("meta"), docs)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA caps grid axes 1 and 2 at 65535 programs; the interpreter has no cap")
 def test_more_batch_heads_than_a_grid_axis_holds():
     """B * H over 65535 (a large prefill batch: B = 2048 at Llama 3 8B's 32 heads): the heads and the batch
