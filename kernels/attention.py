@@ -91,28 +91,27 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ----------------------------------------------------------------------------- block sizes
 def _configs(shapes, **constexprs):
-    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an
-    H100 (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live
-    in registers (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two
-    BLOCK_N x D accumulators plus k and v), and past 255 registers a thread spills to local memory; a Hopper
-    warpgroup MMA is 64 rows tall, so 64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how
-    many K/V (or Q/dO) tiles are prefetched into shared memory. The forward takes 64x64 for short rows and for
-    documents (more, cheaper programs for 132 SMs), 128x64 for long causal rows; dk/dv 32x128 (on the H100 of
-    that day 2 stages with documents, 3 without); dq 64x32 or 128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128)
-    and 128x128 (never won), dk/dv's 16-row tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU
-    (cuobjdump's resource usage): all pipeline their loads and use wgmma; at D=128 the dk/dv 32x128 tiles fill
-    the 255 registers (two 128x128 fp32 accumulators) and spill 0-16 bytes (32-272 while each query head of
-    the group had a loop of its own). Added later, in the space since: dk/dv 32x64 at 4 warps (one warpgroup
-    per program at 243-255 registers, 64-81 KB of shared memory, so two programs share an SM), and the
-    forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against 181-234, no
-    spills in the loops). On an H100 and an H200 (2026-11-27) PV_LAG won only at T=1K with documents (64x64).
-    dk/dv's HEAD_LOOPS order is offered at 32x128, the tiles of b818606 (it spills 16-296 bytes there, the one
-    loop 0-16); on the H200 it won at 32x128 (8 warps) for causal rows, the one loop at 32x64 (4 warps) for
-    documents up to 8K. Added untimed (2026-11-27): dk/dv with 64 query rows a tile, 64x128 at 8 warps and 64x64
-    at 4, 2 stages, in the one loop (compiled for sm_90, bf16, D=128, with and without documents: 255 registers,
-    no spills; HEAD_LOOPS spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the
-    query rows (dv += p^T dO, dk += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's
-    trips and the waits between its products, for twice the p and ds tiles in registers."""
+    """Autotune space: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, the winners of a wider space timed on an H100
+    (tests/bench_kernels.py, bf16, D=128, T 1K-16K, causal and 8 documents; README). The running tiles live in registers
+    (forward: the BLOCK_M x D accumulator and the BLOCK_M x BLOCK_N scores, fp32; dk/dv: two BLOCK_N x D accumulators
+    plus k and v), and past 255 registers a thread spills to local memory; a Hopper warpgroup MMA is 64 rows tall, so
+    64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how many K/V (or Q/dO) tiles are prefetched
+    into shared memory. The forward takes 64x64 for short rows and for documents (more, cheaper programs for 132 SMs),
+    128x64 for long causal rows; dk/dv 32x128 (on the H100 of that day 2 stages with documents, 3 without); dq 64x32 or
+    128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128) and 128x128 (never won), dk/dv's 16-row
+    tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU (cuobjdump's resource usage): all pipeline their loads
+    and use wgmma; at D=128 the dk/dv 32x128 tiles fill the 255 registers (two 128x128 fp32 accumulators) and spill 0-16
+    bytes (32-272 while each query head of the group had a loop of its own). Added later, in the space since: dk/dv
+    32x64 at 4 warps (one warpgroup per program at 243-255 registers, 64-81 KB of shared memory, so two programs share
+    an SM), and the forward's PV_LAG loop (_fwd_tiles) at 128x64 and at 64x64 (2 stages; 212-255 registers against
+    181-234, no spills in the loops). On an H100 and an H200 (2026-11-27) PV_LAG won only at T=1K with documents
+    (64x64). dk/dv's HEAD_LOOPS order is offered at 32x128, the tiles of b818606 (it spills 16-296 bytes there, the one
+    loop 0-16); on the H200 it won at 32x128 (8 warps) for causal rows, the one loop at 32x64 (4 warps) for documents up
+    to 8K. Added untimed (2026-11-27): dk/dv with 64 query rows a tile, 64x128 at 8 warps and 64x64 at 4, 2 stages, in
+    the one loop (compiled for sm_90, bf16, D=128, with and without documents: 255 registers, no spills; HEAD_LOOPS
+    spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the query rows (dv += p^T dO, dk
+    += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's trips and the waits between its
+    products, for twice the p and ds tiles in registers."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -634,8 +633,8 @@ def flash_attention(q, k, v, doc_ids=None):
         # has not got): Llama 3 405B's q at 128K tokens in the model's layout, 2**31 - 1 at its last element, fits.
         span = sum((n - 1) * s for n, s in zip(x.shape[1:], x.stride()[1:]))
         if span >= 2 ** 31:
-            raise ValueError(f"flash_attention: {name} {tuple(x.shape)} with strides {x.stride()} spans {span:,} "
-                             "elements in one batch row, past the kernels' int32 offsets (2**31)")
+            raise ValueError(f"flash_attention: {name} {tuple(x.shape)} with strides {x.stride()} puts its last "
+                             f"element of a batch row at {span:,}, past the kernels' int32 offsets (2**31 - 1)")
     return _FlashAttention.apply(q, k, v, doc_ids)
 
 
