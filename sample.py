@@ -98,6 +98,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         raise ValueError("generate needs at least one prompt and no empty prompt (start with <|begin_of_text|>)")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens {max_new_tokens} < 0")
+    for b, p in enumerate(prompts):  # (an id past the embedding: an IndexError, or a device assert on CUDA)
+        bad = [t for t in p if not 0 <= t < model.args.vocab_size]
+        if bad:
+            raise ValueError(f"generate: prompt {b} holds token id {bad[0]}, outside the model's vocabulary of "
+                             f"{model.args.vocab_size} (another tokenizer's ids?)")
     was_training = model.training
     model.eval()
     device = model.tok_embeddings.weight.device

@@ -199,6 +199,11 @@ def test_generate_restores_mode_and_checks_length():
         sample.generate(m, [[1], []], 5)
     with pytest.raises(ValueError, match="max_new_tokens -1 < 0"):   # (was: a KV cache message)
         sample.generate(m, [[1, 2]], -1)
+    V = m.args.vocab_size   # (was: IndexError, index out of range in self, naming no id; a device assert on CUDA)
+    with pytest.raises(ValueError, match=f"prompt 1 holds token id {V}, outside the model's vocabulary of {V}"):
+        sample.generate(m, [[1, 2], [3, V, 4]], 3)
+    with pytest.raises(ValueError, match="prompt 0 holds token id -1"):
+        sample.generate(m, [[1, -1, V - 1]], 3)
 
 
 # ---------------------------------------------------------------------------------------------- session, streaming
