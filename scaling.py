@@ -267,7 +267,7 @@ def forecast_chain(scores, curves, minima, more, predict, chance):
     return f
 
 
-def question_bootstrap(per_question, statistic, documents, draws=200, seed=0):
+def benchmark_bootstrap(per_question, statistic, documents, draws=200, seed=0):
     """The spread of statistic(scores) over other draws of the benchmark: per_question is model -> (NLL of each
     question, answered right or not), `documents` each question's document. The benchmark draws a document before
     each question, so a replicate draws the documents with replacement and takes all their questions (the questions
@@ -401,7 +401,7 @@ def main():
 
 def forecast(a, tok, curves, minima, choices=4):
     """Llama 3's two steps from FLOPs to a benchmark's accuracy, on the next-line benchmark. A ± is one standard
-    deviation over a bootstrap of the questions (question_bootstrap, the whole forecast_chain refitted in each
+    deviation over a bootstrap of the benchmark (benchmark_bootstrap, the whole forecast_chain refitted in each
     replicate): how much another draw of as many documents would move the figure. It does not count run-to-run
     training noise (another seed or data order would give each run another loss and score), nor the val-loss minima's
     own noise (D* is taken as fitted), nor whether the power law and the sigmoid hold past the runs."""
@@ -427,7 +427,7 @@ def forecast(a, tok, curves, minima, choices=4):
     f = chain({m: (nll.mean(), right.mean()) for m, (nll, right) in per_question.items()})
     draws = 200   # (a standard deviation to about 5%: 1 / sqrt(2 draws))
     documents = [d for *_, d in task]
-    pm = question_bootstrap(per_question, chain, documents, draws)   # (the ± of each of f's numbers)
+    pm = benchmark_bootstrap(per_question, chain, documents, draws)   # (the ± of each of f's numbers)
     print(f"± below: one standard deviation over {draws} draws of the questions' {len(set(documents))} documents (with "
           "replacement, the whole chain refitted each time); not counting training noise (seeds)")
     print("The compute-optimal model's NLL (a parabola in log tokens through the runs near each minimum):")

@@ -109,9 +109,9 @@ def _configs(shapes, **constexprs):
     loop 0-16); on the H200 it won at 32x128 (8 warps) for causal rows, the one loop at 32x64 (4 warps) for documents up
     to 8K. Added untimed (2026-11-27): dk/dv with 64 query rows a tile, 64x128 at 8 warps and 64x64 at 4, 2 stages, in
     the one loop (compiled for sm_90, bf16, D=128, with and without documents: 255 registers, no spills; HEAD_LOOPS
-    spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the query rows (dv += p^T dO, dk
-    += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's trips and the waits between its
-    products, for twice the p and ds tiles in registers."""
+    spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the query rows
+    (dv += p^T dO, dk += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's trips and the
+    waits between its products, for twice the p and ds tiles in registers."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)

@@ -154,29 +154,29 @@ def test_sigmoid_fit_is_the_binomial_maximum_likelihood():
     assert np.all(scaling.sigmoid_accuracy(nll, k, x0, 0.25) < 0.5)
 
 
-def test_question_bootstrap_of_a_mean_is_its_standard_error():
+def test_benchmark_bootstrap_of_a_mean_is_its_standard_error():
     """Redrawing the questions, a model's mean NLL and accuracy spread by their analytic standard errors: the
     standard deviation over the root of the number of questions, sqrt(p (1 - p) / n) for a share."""
     rng = np.random.default_rng(1)
     nll, right = rng.gamma(2.0, 0.6, 400), rng.random(400) < 0.3
-    pm = scaling.question_bootstrap({"m": (nll, right)}, lambda s: {"nll": s["m"][0], "accuracy": s["m"][1]},
+    pm = scaling.benchmark_bootstrap({"m": (nll, right)}, lambda s: {"nll": s["m"][0], "accuracy": s["m"][1]},
                                     np.arange(400), draws=2000)   # (a document each; a standard deviation to ~2%)
     assert pm["nll"] == pytest.approx(nll.std() / math.sqrt(400), rel=0.08)
     assert pm["accuracy"] == pytest.approx(math.sqrt(right.mean() * (1 - right.mean()) / 400), rel=0.08)
 
 
-def test_question_bootstrap_draws_documents():
+def test_benchmark_bootstrap_draws_documents():
     """50 documents of 10 questions each, a document's questions all right or all wrong: another draw of the
     benchmark (documents first, as next_line_task draws) moves the accuracy by sqrt(p (1 - p) / 50), the standard
     error of 50 answers, not of 500 (3.2x less)."""
     rng = np.random.default_rng(2)
     right = np.repeat(rng.random(50) < 0.4, 10)
-    pm = scaling.question_bootstrap({"m": (np.zeros(500), right)}, lambda s: {"accuracy": s["m"][1]},
+    pm = scaling.benchmark_bootstrap({"m": (np.zeros(500), right)}, lambda s: {"accuracy": s["m"][1]},
                                     np.repeat(rng.permutation(50), 10), draws=2000)
     assert pm["accuracy"] == pytest.approx(math.sqrt(right.mean() * (1 - right.mean()) / 50), rel=0.1)
 
 
-def test_question_bootstrap_sees_that_the_models_answer_the_same_questions():
+def test_benchmark_bootstrap_sees_that_the_models_answer_the_same_questions():
     """12 models along a sigmoid, 300 questions. Where each question has one ease for all (a model answers it right
     if its ease is under the model's accuracy: a question right for one model is right for every better one), the
     accuracies move together from one draw of questions to the next, and the sigmoid at the models' middle NLL moves
@@ -192,7 +192,7 @@ def test_question_bootstrap_sees_that_the_models_answer_the_same_questions():
 
     def spread(ease):   # (12 models, 300 questions)
         per_question = {m: (np.full(300, nll[m]), ease[m] < truth[m]) for m in range(12)}
-        return scaling.question_bootstrap(per_question, predicted, np.arange(300), draws=100)["at"]
+        return scaling.benchmark_bootstrap(per_question, predicted, np.arange(300), draws=100)["at"]
     binomial = np.std([predicted({m: (nll[m], rng.binomial(300, truth[m]) / 300) for m in range(12)})["at"]
                        for _ in range(100)])
     shared, own = spread(np.tile(rng.random(300), (12, 1))), spread(rng.random((12, 300)))
