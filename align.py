@@ -92,7 +92,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth,
                    model_dir, save_model, tokenizer_path)
-from sample import generate, load_tokenizer
+from sample import generate, load_checkpoint, load_tokenizer
 from tokenizer import Tokenizer, check_dialog
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1115,9 +1115,8 @@ def finished(args):
 def load_init(args, device):
     """The stage's starting model (--init) and its tokenizer; --max_new checked against its context (each stage's
     evaluation generates) and --rm found, before any work (a mistyped one found after training would lose it)."""
-    model = load_model(args.init, device=device, dtype=torch.float32)  # fp32 master weights (Meta's are bf16)
+    model, tok = load_checkpoint(args.init, device, torch.float32)  # fp32 master weights (Meta's are bf16)
     prompt_room(model, args.max_new)
-    tok = load_tokenizer(args.init, model)
     if args.rm:
         reward_head(args.rm)
         if load_tokenizer(args.rm).fingerprint() != tok.fingerprint():  # its scores would read other text

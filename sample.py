@@ -176,18 +176,25 @@ class Session:
                 return
 
 
-def load_tokenizer(ckpt_dir, model=None):
-    """The checkpoint's tokenizer; with its model, checked to fill the vocabulary exactly: more ids than embedding
-    rows cannot run, and fewer is a tokenizer.model cut short at a line's end (Meta's format holds no count: such
-    a file loads, every special id shifted) or another model's."""
+def load_tokenizer(ckpt_dir):
+    """The checkpoint's tokenizer (ours: ckpt/tokenizer.model; Hugging Face's: ckpt/original/tokenizer.model)."""
     try:
-        tok = Tokenizer.load(tokenizer_path(ckpt_dir))
+        return Tokenizer.load(tokenizer_path(ckpt_dir))
     except ValueError as e:  # a malformed tokenizer.model (the message names file:line) is a bad checkpoint file
         raise CheckpointError(str(e)) from None
-    if model is not None and tok.n_words != model.args.vocab_size:
+
+
+def load_checkpoint(ckpt_dir, device, dtype):
+    """The checkpoint's model and tokenizer. The tokenizer is read first, so that a missing or malformed one is found
+    before the weights are (minutes, at 8B), then checked to fill the vocabulary exactly: more ids than embedding
+    rows cannot run, and fewer is a tokenizer.model cut short at a line's end (Meta's format holds no count: such
+    a file loads, every special id shifted) or another model's."""
+    tok = load_tokenizer(ckpt_dir)
+    model = load_model(ckpt_dir, device=device, dtype=dtype)
+    if tok.n_words != model.args.vocab_size:
         raise CheckpointError(f"{tokenizer_path(ckpt_dir)}: {tok.n_words} ids, but the model's vocabulary has "
                               f"{model.args.vocab_size}: a file cut short, or another model's")
-    return tok
+    return model, tok
 
 
 def print_stream(tok, tokens):
@@ -267,11 +274,10 @@ def main():
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:
-        tokenizer_path(args.ckpt)  # first: the quick one to find missing, before the weights are read
-        model = load_model(args.ckpt, device=args.device, dtype=dtype).eval()
-        tok = load_tokenizer(args.ckpt, model)
+        model, tok = load_checkpoint(args.ckpt, args.device, dtype)
     except (FileNotFoundError, CheckpointError) as e:
         sys.exit(str(e))
+    model.eval()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.chat:
         return chat(model, tok, args, generator)

@@ -245,15 +245,21 @@ def test_load_tokenizer(tmp_path, tok):
         sample.load_tokenizer(tmp_path / "empty")
     with pytest.raises(M.CheckpointError, match="nothing: no such folder"):
         sample.load_tokenizer(tmp_path / "hf" / "original" / "nothing")
-    # with its model: the vocabulary must match, or a tokenizer.model cut at a line's end (it loads: Meta's format
-    # holds no count) would shift every special id
+
+
+def test_load_checkpoint_checks_the_vocabulary(tmp_path, tok):
+    """The tokenizer must fill the model's vocabulary: a tokenizer.model cut at a line's end loads (Meta's format holds
+    no count) and would shift every special id."""
+    tok.save(str(tmp_path / "tok.model"))
     m = tiny_model(vocab_size=tok.n_words)
-    assert sample.load_tokenizer(tmp_path, m).n_words == tok.n_words
-    lines = (tmp_path / "tokenizer.model").read_text().splitlines(keepends=True)
-    (tmp_path / "tokenizer.model").write_text("".join(lines[:-3]))
+    M.save_model(m, tmp_path / "ckpt", tokenizer_path=tmp_path / "tok.model")
+    loaded, t = sample.load_checkpoint(tmp_path / "ckpt", "cpu", torch.float32)
+    assert t.n_words == tok.n_words and torch.equal(loaded.output.weight, m.output.weight)
+    path = tmp_path / "ckpt" / "tokenizer.model"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-3]))
     with pytest.raises(M.CheckpointError, match=f"tokenizer.model: {tok.n_words - 3} ids, but the model's "
                                                 f"vocabulary has {tok.n_words}"):
-        sample.load_tokenizer(tmp_path, m)
+        sample.load_checkpoint(tmp_path / "ckpt", "cpu", torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -385,7 +391,9 @@ def test_cli_prompt_says_the_context_is_full_only_when_it_is(tmp_path, tok, monk
 def test_a_malformed_tokenizer_model_is_a_checkpoint_error(tmp_path, tok, monkeypatch, capsys):
     """(review, helper) Tokenizer.load's ValueError for a malformed tokenizer.model (it names file:line) went out of
     load_tokenizer as it was, and sample.py's main (like align.py's) turns only CheckpointError and FileNotFoundError
-    into a one-line message: a damaged tokenizer in a checkpoint ended in a traceback."""
+    into a one-line message: a damaged tokenizer in a checkpoint ended in a traceback. And it is found before the
+    weights are read (it was after: minutes at 8B): here the weights file is empty, and the message names the
+    tokenizer."""
     tok.save(str(tmp_path / "tok.model"))
     m = tiny_model(vocab_size=tok.n_words, max_seq_len=48)
     M.save_model(m, tmp_path / "ckpt", tokenizer_path=tmp_path / "tok.model")
@@ -393,7 +401,8 @@ def test_a_malformed_tokenizer_model_is_a_checkpoint_error(tmp_path, tok, monkey
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:5] + ["not base64!! 5\n"] + lines[6:]))
     with pytest.raises(M.CheckpointError, match="tokenizer.model:6: malformed line"):
-        sample.load_tokenizer(tmp_path / "ckpt", m)
+        sample.load_tokenizer(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "consolidated.00.pth").write_bytes(b"")  # found before the weights are read
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--device",
                                       "cpu"])
     with pytest.raises(SystemExit) as e:
