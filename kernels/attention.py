@@ -87,6 +87,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange) that tl.dot takes; Llama 3 uses 64 and 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GRID_CAP = 65535  # programs CUDA allows on grid axes 1 and 2 (heads and batch here; axis 0, the tiles, 2**31 - 1)
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -635,7 +636,12 @@ def flash_attention(q, k, v, doc_ids=None):
         if span >= 2 ** 31:
             raise ValueError(f"flash_attention: {name} {tuple(x.shape)} with strides {x.stride()} puts its last "
                              f"element of a batch row at {span:,}, past the kernels' int32 offsets (2**31 - 1)")
-    return _FlashAttention.apply(q, k, v, doc_ids)
+    if q.shape[1] > GRID_CAP:
+        raise ValueError(f"flash_attention: q has {q.shape[1]} heads, over the {GRID_CAP} a CUDA grid axis holds")
+    if q.shape[0] <= GRID_CAP:
+        return _FlashAttention.apply(q, k, v, doc_ids)
+    parts = [slice(i, i + GRID_CAP) for i in range(0, q.shape[0], GRID_CAP)]   # a larger batch goes in parts
+    return torch.cat([flash_attention(q[s], k[s], v[s], None if doc_ids is None else doc_ids[s]) for s in parts])
 
 
 def attention_reference(q, k, v, doc_ids=None):

@@ -159,6 +159,8 @@ def rms_norm_triton(x, weight, eps):
     N = x.shape[-1]
     if weight.shape != (N,):
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({N},) for x {tuple(x.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: weight is on {weight.device}, x on {x.device}: both must be on one device")
     if N > MAX_N:
         raise ValueError(f"rms_norm_triton: hidden size {N} of x is over the kernel's limit of {MAX_N}")
     return _RMSNorm.apply(x, weight.contiguous(), eps)

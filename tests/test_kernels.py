@@ -445,11 +445,11 @@ def test_attention_errors():
     assert sum((n - 1) * s for n, s in zip(q.shape[1:], q.stride()[1:])) == 2 ** 31 - 1   # (the last element)
 
 
-def test_attention_device_mismatch_is_an_error():
+def test_device_mismatch_is_an_error():
     """k, v or doc_ids on another device than q (doc_ids left on the CPU by a data loader, with CUDA q): a clear
     error naming the tensor, on every path. (On a GPU the kernel launch got a CPU pointer: by triton's launcher,
     "Pointer argument cannot be accessed from Triton (cpu tensor?)"; here the meta device stands in for the other
-    one.)"""
+    one.) RMSNorm's weight likewise."""
     q = torch.randn(1, 2, 8, 16)
     docs = torch.zeros(1, 8, dtype=torch.long)
     for fn in (A.attention, A.attention_sdpa, A.attention_reference, A.flash_attention):
@@ -459,13 +459,29 @@ def test_attention_device_mismatch_is_an_error():
             fn(q, q.to("meta"), q.to("meta"))
         with pytest.raises(ValueError, match="v is on meta, q on cpu"):
             fn(q, q, q.to("meta"), docs)
+    with pytest.raises(ValueError, match="weight is on meta, x on cpu"):   # RMSNorm's kernel likewise
+        R.rms_norm_triton(q, torch.ones(16, device="meta"), 1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA caps grid axes 1 and 2 at 65535 programs; the interpreter has no cap")
 def test_more_batch_heads_than_a_grid_axis_holds():
     """B * H over 65535 (a large prefill batch: B = 2048 at Llama 3 8B's 32 heads): the heads and the batch
-    are grid axes of their own (one axis of B * H failed to launch)."""
+    are grid axes of their own (one axis of B * H failed to launch); a batch over 65535 goes in parts."""
     check_attention(2, 40000, 40000, 3, 3)
+    check_attention(70000, 1, 1, 3, 3)
+
+
+def test_a_batch_over_the_grid_cap_goes_in_parts(monkeypatch):
+    """The batch is a grid axis of its own, which CUDA caps at 65535 programs: a larger batch is cut into parts
+    (here the cap is lowered to 2, so 5 rows of different documents go as 2 + 2 + 1); values and gradients as
+    the reference's. More heads than the cap are refused by name."""
+    monkeypatch.setattr(A, "GRID_CAP", 2)
+    doc_ids = torch.randint(0, 3, (5, 11), device=DEV).sort(-1).values
+    check_attention(5, 2, 1, 11, 11, doc_ids)
+    check_attention(5, 2, 2, 7, 9)
+    q = torch.randn(1, 4, 8, D, device=DEV)
+    with pytest.raises(ValueError, match="q has 4 heads, over the 2 a CUDA grid axis holds"):
+        A.flash_attention(q, q, q)
 
 
 def test_second_derivatives_are_an_error_not_zero():
