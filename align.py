@@ -1166,8 +1166,9 @@ def stage_rs(args, device):
                          "needs more than a fresh model), or a larger --max_new")
     picked = "" if args.data else \
         f", winners correct {sum(check(tasks[i], winners[i][-1]['content']) for i in kept) / len(kept):.3f}"
-    log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} {scores.max(1).values.mean():.3f}"
-        + picked + f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
+    log(f"[rs] mean reward of all samples {scores.mean():.3f}, of the best of {args.k} "
+        f"{scores.max(1).values.mean():.3f}" + picked +
+        f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
     hist = train_sft(policy, tok, [winners[i] for i in kept], hp(args, "rs", "steps"), hp(args, "rs", "batch_size"),
                      hp(args, "rs", "lr"), name="rs", state=StageState(args), seed=args.seed)
     metric = (f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean {scores.mean():.3f}{picked}; "
@@ -1234,7 +1235,8 @@ def stage_all(args, device):
     held_out = task_split(0, args.n_eval, args.seed)[1]
     print(f"\nalign.py all: start {base}, {len(held_out)} held-out tasks, greedy answers; "
           f"total wall time {time.time() - t0:.0f} s\n")
-    print("| stage | checkpoint | held-out accuracy | " + " | ".join(TASK_KINDS) + " | mean reward | stage's own metric | wall time |")
+    print("| stage | checkpoint | held-out accuracy | " + " | ".join(TASK_KINDS) +
+          " | mean reward | stage's own metric | wall time |")
     print("|---" * (len(TASK_KINDS) + 6) + "|")
     for stage, path in [("base", base)] + [(s, f"out/{run}-{s}") for s in STAGES]:
         if stage == "rm":  # the reward model's transformer is no policy: its own metric says it all
@@ -1247,16 +1249,18 @@ def stage_all(args, device):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=STAGES + ("all",))
     p.add_argument("--init", help="checkpoint to start from (all: default a fresh small model, see the docstring)")
     p.add_argument("--out", help="where the stage writes its checkpoint (default: INIT-STAGE)")
     p.add_argument("--rm", help="reward model checkpoint (rs, ppo; other stages then also report mean reward)")
     p.add_argument("--data", help="JSONL instead of the embedded tasks (see the docstring for the shapes)")
     p.add_argument("--run", help="all: outputs go to out/RUN-sft, ... (default: the name of --init, else 'align')")
-    p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see STAGE_DEFAULTS; "
-                   "with `all` these overrides apply to every stage (a quick smoke run from a fresh model: --steps 3 "
-                   "--n_prompts 16; from a pretrained --init, SFT needs more steps before RS finds answers that end)")
+    p.add_argument("--steps", type=int, help="optimizer steps (ppo: iterations); default per stage, see "
+                   "STAGE_DEFAULTS; with `all` these overrides apply to every stage (a quick smoke run from a fresh "
+                   "model: --steps 3 --n_prompts 16; from a pretrained --init, SFT needs more steps before RS "
+                   "finds answers that end)")
     p.add_argument("--batch_size", type=int, help="per step: packed rows (sft, rs), preference pairs (rm, dpo: twice "
                    "as many sequences); ppo: rollouts per iteration")
     p.add_argument("--lr", type=float)

@@ -75,7 +75,8 @@ def shards(num_proc):
 
     def run():
         w = data.ShardWriter(out, "train", 1 << 26, tok.n_words, tok.bos_id, tok.fingerprint())
-        for _, tokens, n_docs, n_bytes in pmap(data._encode_chunk, [("train", c) for c in data.text_batches(texts, 1 << 22)]):
+        chunks = [("train", c) for c in data.text_batches(texts, 1 << 22)]
+        for _, tokens, n_docs, n_bytes in pmap(data._encode_chunk, chunks):
             w.add(tokens, n_docs, n_bytes)
         w.close()
     return run

@@ -72,8 +72,8 @@ def test_gae_against_hand_computed_example():
     # row 1: the last step is padding, so the episode ends after step 1 (its value 9 and reward 5 must not leak)
     #   d1 = 1 + 0.9 * 0 - 0.6 = 0.4  A1 = 0.4
     #   d0 = 0 + 0.9 * 0.6 - 0.5 = 0.04   A0 = 0.04 + 0.9 * 1.0 * 0.4 = 0.4
-    adv, _ = align.gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]),
-                       gamma=0.9, lam=1.0)
+    adv, _ = align.gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]),
+                       torch.tensor([[1.0, 1.0, 0.0]]), gamma=0.9, lam=1.0)
     assert adv[0].tolist() == pytest.approx([0.4, 0.4, 0.0])
 
 
@@ -850,7 +850,8 @@ def test_trl_explicit_conversational_preference_loads(tmp_path):
 
 
 def test_trl_implicit_conversational_preference_loads(tmp_path):
-    """TRL's implicit prompt (RewardTrainer's recommended form): the prompt is the messages chosen and rejected share."""
+    """TRL's implicit prompt (RewardTrainer's recommended form): the prompt is the messages chosen and rejected
+    share."""
     path = _write(tmp_path / "pairs.jsonl", {"chosen": [_U("What color is the sky?"), _A("It is blue.")],
                                              "rejected": [_U("What color is the sky?"), _A("It is green.")]})
     assert align.load_pairs(path) == [{"prompt": [_U("What color is the sky?")], "chosen": "It is blue.",

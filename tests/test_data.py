@@ -179,7 +179,8 @@ def test_html_to_text():
     # no label at all: UTF-8, or windows-1252 when most of the non-ASCII is no UTF-8 (an old page of legacy bytes)
     assert data.decode_html("<p>caf\u00e9 na\u00efve \u201cquoted\u201d".encode("cp1252")).endswith(
         "caf\u00e9 na\u00efve \u201cquoted\u201d")
-    assert data.decode_html("<p>\u00e9t\u00e9 \u00e0".encode() + b"\xff") == "<p>\u00e9t\u00e9 \u00e0\ufffd"   # one bad byte
+    # one bad byte
+    assert data.decode_html("<p>\u00e9t\u00e9 \u00e0".encode() + b"\xff") == "<p>\u00e9t\u00e9 \u00e0\ufffd"
     assert data.decode_html(b"<p>caf\xe9", "latin-1") == "<p>caf\u00e9"   # (a Python spelling, no WHATWG label)
     page = "<p>Don\ufffdt stop: caf\u00e9 \u2014 \ufffd\ufffd".encode()  # U+FFFD the page holds is no decoding error
     assert data.decode_html(page) == page.decode()
@@ -278,7 +279,8 @@ def test_blocklist(corpus, tmp_path, capsys):
     assert data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), val_fraction=0,
                              verbose=False)["train"]["docs"] == 4
     for line in ("adult.example casino.example", "http://adult.example/", "adult.example/path", "adult.example:443",
-                 "*.", "\u200b", "\u00ad."):   # (the last two: what IDNA ignores, so no domain: it blocked URLs of no host)
+                 "*.", "\u200b", "\u00ad."):   # (the last two: what IDNA ignores, so no domain: it blocked URLs
+        # of no host)
         blocklist.write_text(f"ok.example\n{line}\n")  # two words, or a line of UT1's `urls` files: nothing matches
         with pytest.raises(ValueError, match=r"adult\.txt:2: not a domain"):
             data.prepare_data(str(src), tok_path, out, num_proc=1, blocklist=str(blocklist), verbose=False)
@@ -1357,7 +1359,8 @@ def test_prepare_data_end_to_end(corpus, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "exact duplicate" in printed and "heuristic" in printed
     assert meta["removed"]["exact duplicate"]["docs"] == 2
-    assert meta["removed"]["heuristic: too short"]["docs"] == 1 and meta["removed"]["heuristic: few letters"]["docs"] == 1
+    assert meta["removed"]["heuristic: too short"]["docs"] == 1
+    assert meta["removed"]["heuristic: few letters"]["docs"] == 1
     cleaned = [data.clean_text(d) for d in docs]
     val, train = read_docs(out, "val", tok), read_docs(out, "train", tok)
     in_val = [data.is_val(data.doc_hash(d), 10) for d in cleaned]
