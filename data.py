@@ -1346,6 +1346,9 @@ def check_folder(folder, source=None, blocklist=None):
     try:
         meta = read_meta(os.path.join(folder, "meta.json"))
         made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
+        for split in ("train", "val"):
+            if not isinstance(meta.get(split, {}), dict):
+                raise TypeError(f'its "{split}" is a JSON {type(meta[split]).__name__}, not an object')
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{os.path.join(folder, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})"
                          ) from None

@@ -1542,7 +1542,7 @@ def test_prepare_data_failing_half_way_keeps_the_old_dataset(corpus, tmp_path):
 def test_check_folder_notes_and_refusals(tmp_path):
     """train.py's check of a --data folder (its refusals of another source or blocklist run in test_train.py): a
     source edited since is a warning, a meta.json of an older data.py (no CRC-32s) a note, one without its config
-    refused by name."""
+    or with a split that is no object refused by name."""
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("a document")
@@ -1556,6 +1556,10 @@ def test_check_folder_notes_and_refusals(tmp_path):
     assert note.startswith(f"note: {tmp_path}/meta.json has no CRC-32s"), note
     (tmp_path / "meta.json").write_text("{}")
     with pytest.raises(ValueError, match=r"meta.json: not a meta.json of data.py \(KeyError: 'config'\)"):
+        data.check_folder(str(tmp_path))
+    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, val=[3])))  # (by hand: a traceback, in the loader)
+    with pytest.raises(ValueError, match=r'not a meta.json of data.py \(TypeError: its "val" is a JSON list, not an '
+                                         r'object\)'):
         data.check_folder(str(tmp_path))
 
 
