@@ -23,7 +23,7 @@ answers the same questions, so their errors go together (a hard draw of question
     python train.py --max_minutes 0.1 --out_dir out/prep   # once: the tokenizer and data/stdlib the runs read
     python scaling.py                              # the default sweep: 26 runs (3 budgets x 9 widths), ~1 hour here
     python scaling.py --more_models out/default    # read back, and a model of more compute in the accuracy fit
-    python scaling.py --budgets 1e13 3e13 1e14 --dims 12 16 24 32 48 64 --predict 1e16   # (hours here)
+    python scaling.py --budgets 1e12 3e12 1e13 3e13 --dims 4 6 8 12 16 24 32 48 64 96   # 9 runs more, ~40 min
 """
 import argparse
 import csv
