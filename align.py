@@ -90,10 +90,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, chunk_rows, load_model, load_pth,
+from model import (PRESETS, CheckpointError, Transformer, atomic_save, chunk_rows, load_model, load_pth,
                    model_dir, save_model, tokenizer_path)
 from sample import generate, load_checkpoint, load_tokenizer
-from tokenizer import Tokenizer, check_dialog
+from tokenizer import Tokenizer, atomic_write, check_dialog
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The embedded task family: prompts with exact answers, and the checker that plays the annotator.
@@ -1242,7 +1242,7 @@ def stage_all(args, device):
         if stage == "rm":  # the reward model's transformer is no policy: its own metric says it all
             cells = ["—"] * (len(TASK_KINDS) + 2)
         else:
-            res = evaluate(load_model(path, device=device), load_tokenizer(path), held_out, rm, args.max_new)
+            res = evaluate(*load_checkpoint(path, device), held_out, rm, args.max_new)
             cells = [f"{res['accuracy']:.3f}"] + [f"{res[k]:.2f}" for k in TASK_KINDS] + [f"{res['reward']:.3f}"]
         print(f"| {stage} | `{path}` | {' | '.join(cells)} | {rows.get(stage, {}).get('metric', '')} "
               f"| {'an earlier run' if walls[stage] is None else f'{walls[stage]:.0f} s'} |")

@@ -100,7 +100,7 @@ import regex
 import torch
 from tqdm import tqdm
 
-from tokenizer import SURROGATE, Tokenizer, encode_pieces, stdlib_sources, text_batches
+from tokenizer import SURROGATE, Tokenizer, atomic_write, encode_pieces, stdlib_sources, text_batches
 
 # -----------------------------------------------------------------------------
 # 1. Sources: every function yields documents as str
@@ -1044,10 +1044,9 @@ def checkpoint_labeller(ckpt_dir, max_tokens=1024):
     """A labeller from a trained checkpoint (ours, Meta's or Hugging Face's): score = -(bits per UTF-8 byte) of
     the text's first max_tokens tokens, so lower loss = better. CCNet (Wenzek et al. 2019) filtered by a reference
     LM's perplexity in the same way; Llama 3 asked Llama 2 for labels instead."""
-    from model import load_model
-    from sample import load_tokenizer
-    model = load_model(ckpt_dir).eval()
-    tok = load_tokenizer(ckpt_dir, model)
+    from sample import load_checkpoint
+    model, tok = load_checkpoint(ckpt_dir)
+    model.eval()
     max_tokens = min(max_tokens, model.args.max_seq_len)
 
     @torch.no_grad()
@@ -1098,24 +1097,13 @@ HEADER = struct.Struct("<8sIIIIQ32s")  # magic, version, vocab_size, bos_id, n_d
 assert HEADER.size == 64
 
 
-def atomic_write(path, chunks):
-    """Write byte chunks to path.tmp, fsync, rename: a crash leaves the old file or no file, never half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(path, tokens, vocab_size, bos_id, fingerprint):
     """-> the file's CRC-32."""
     tokens = np.asarray(tokens, dtype="<u4")
     assert len(tokens) and tokens[0] == bos_id, "a shard starts with <|begin_of_text|>"
     n_docs = int(np.count_nonzero(tokens == bos_id))
     header = HEADER.pack(MAGIC, VERSION, vocab_size, bos_id, n_docs, len(tokens), fingerprint.encode("ascii"))
-    atomic_write(path, [header, tokens.tobytes()])
+    atomic_write(path, lambda f: f.writelines([header, tokens.tobytes()]))
     return zlib.crc32(tokens, zlib.crc32(header))
 
 
@@ -1600,12 +1588,12 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     if os.path.exists(meta_path):  # the old dataset goes, meta.json first (a folder holds shards only with it)
         os.remove(meta_path)
     for name in os.listdir(out_dir):  # (the loader must never mix another build's shards in)
-        if re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?", name):
+        if re.fullmatch(r"\.?(train|val)_\d{3,}\.bin(\.tmp\d*)?", name):   # (and a killed write's temporary)
             os.remove(os.path.join(out_dir, name))
     for name in meta["train"]["shards"] + meta["val"]["shards"]:
         os.replace(os.path.join(build, name), os.path.join(out_dir, name))
     os.rmdir(build)
-    atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")
         print(f"{'read':<28} {read[0]:>9,} {read[1] / 1e6:>9.2f}")

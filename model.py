@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from kernels.attention import attention
 from kernels.rmsnorm import rms_norm
+from tokenizer import atomic_write
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,28 +518,6 @@ def keep_freed_memory():
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file and the tensor."""
-
-
-def atomic_write(path, write):
-    """write(f) into a temporary file beside path, fsync, then rename over path: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def atomic_save(obj, path):

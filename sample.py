@@ -184,7 +184,7 @@ def load_tokenizer(ckpt_dir):
         raise CheckpointError(str(e)) from None
 
 
-def load_checkpoint(ckpt_dir, device, dtype):
+def load_checkpoint(ckpt_dir, device="cpu", dtype=None):
     """The checkpoint's model and tokenizer. The tokenizer is read first, so that a missing or malformed one is found
     before the weights are (minutes, at 8B), then checked to fill the vocabulary exactly: more ids than embedding
     rows cannot run, and fewer is a tokenizer.model cut short at a line's end (Meta's format holds no count: such

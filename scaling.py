@@ -40,9 +40,9 @@ import zlib
 import numpy as np
 import torch
 
-from data import atomic_write, read_meta, read_shard
+from data import read_meta, read_shard
 from model import PRESETS, Transformer, load_model, tokenizer_path
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, atomic_write
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")   # (run from any folder)
 
@@ -363,7 +363,7 @@ def main():
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 if run.returncode:
                     sys.exit(f"train.py failed for budget {budget:.3g}, dim {dim}:\n{run.stderr[-2000:]}")
-                atomic_write(os.path.join(out, "sweep.json"), [json.dumps(settings).encode()])
+                atomic_write(os.path.join(out, "sweep.json"), lambda f: f.write(json.dumps(settings).encode()))
                 loss = final_val_loss(out, settings)
                 if loss is None:
                     sys.exit(f"train.py ran for budget {budget:.3g}, dim {dim}, but {out}/log.csv has no val loss "

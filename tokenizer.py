@@ -428,10 +428,11 @@ class Tokenizer:
         vocab_path = os.path.splitext(path)[0] + ".vocab"
         if os.path.abspath(vocab_path) == os.path.abspath(path):
             raise ValueError(f"{path}: the tokenizer and its readable .vocab would be the same file: name it *.model")
-        _write_atomic(path, "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank))
+        text = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank)
+        atomic_write(path, lambda f: f.write(text.encode()))
         lines = [f"{rank}\t{render_token(tok)}\n" for tok, rank in by_rank]
         lines += [f"{i}\t{tok}\n" for tok, i in self.special_tokens.items()]
-        _write_atomic(vocab_path, "".join(lines))
+        atomic_write(vocab_path, lambda f: f.write("".join(lines).encode()))
 
     def fingerprint(self):
         """Short hash of ranks, split pattern and the number of special tokens: the same fingerprint, the same ids
@@ -494,16 +495,29 @@ class Tokenizer:
         return ids + self._header("assistant")
 
 
-def _write_atomic(path, text):
-    """Write to a temporary file in the same folder (made if missing), then rename: a crash never leaves half a
-    file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path, write):
+    """write(f) into a temporary file beside path (its folder made if missing), fsync, then rename over path: readers
+    see the old file or the new, never half of one, and a failed write leaves no temporary behind. Every file this
+    project writes goes through here (tokenizers, shards, meta.json, checkpoints)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------

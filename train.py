@@ -51,6 +51,7 @@ Run it
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -70,10 +71,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import (PRESETS, CheckpointError, Transformer, atomic_save, atomic_write, bf16_matmuls, keep_freed_memory,
+from model import (PRESETS, CheckpointError, Transformer, atomic_save, bf16_matmuls, keep_freed_memory,
                    load_model, peak_flops, save_model, tokenizer_path)
 from sample import generate
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, atomic_write
 
 # dcp warns that it runs "in a single process" when there is no process group: that is what we want
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
@@ -263,12 +264,12 @@ def read_log(path):
 
 
 def write_log(path, rows):
-    """The whole log, rewritten through a temporary file (a resume keeps the rows before its step)."""
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+    """The whole log, rewritten atomically (a resume keeps the rows before its step)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def append_log(path, row):
@@ -301,9 +302,7 @@ def plot_svg(rows, path, width=640, height=360, pad=50):
         if pts:
             out.append(f'<polyline points="{pts}" stroke="{color}" fill="none" stroke-width="1.5"/>')
         out.append(f'<text x="{width - pad - 80}" y="{pad + 15 * i}" fill="{color}">{key.replace("_", " ")}</text>')
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(out + ["</svg>\n"]))
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write("\n".join(out + ["</svg>\n"]).encode()))
 
 
 # -----------------------------------------------------------------------------

@@ -977,7 +977,7 @@ def test_shard_roundtrip_and_bad_files(tmp_path):
     (tmp_path / "fp.bin").write_bytes(raw[:32] + b"\xff" + raw[33:])  # a flipped bit in the fingerprint
     with pytest.raises(ValueError, match=r"fp\.bin: damaged header"):
         data.read_shard(str(tmp_path / "fp.bin"))
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic write leaves no temp file
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # atomic write leaves no temp file
 
 
 def test_loader_refuses_other_tokenizer_and_missing_meta(stream, tmp_path_factory):
