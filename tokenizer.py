@@ -498,7 +498,8 @@ class Tokenizer:
 def atomic_write(path, write):
     """write(f) into a temporary file beside path (its folder made if missing), fsync, then rename over path: readers
     see the old file or the new, never half of one, and a failed write leaves no temporary behind. Every file this
-    project writes goes through here (tokenizers, shards, meta.json, checkpoints)."""
+    project writes whole goes through here (tokenizers, shards, meta.json, checkpoints, logs); train.py appends
+    rows to log.csv."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)

@@ -664,8 +664,8 @@ if master:  # checkpoints after the start are another run's future: --resume mus
         shutil.rmtree(c)
     if later:
         log(f"removed {len(later)} checkpoint(s) after step {start_step} in {ckpt_dir}, left by an earlier run")
-    with open(os.path.join(args.out_dir, "train_args.json"), "w") as f:  # this run's flags, readable
-        json.dump(vars(args), f, indent=1)
+    atomic_write(os.path.join(args.out_dir, "train_args.json"),   # this run's flags, readable
+                 lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     write_log(log_path, log_rows)
 flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
 recomputed = sum("CheckpointWrapper" in type(block).__name__ for block in raw_model.layers)  # (as built, not asked)
