@@ -1336,7 +1336,8 @@ def check_folder(folder, source=None, blocklist=None):
         made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
         for split in ("train", "val"):
             if not isinstance(meta.get(split, {}), dict):
-                raise TypeError(f'its "{split}" is a JSON {type(meta[split]).__name__}, not an object')
+                kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+                raise TypeError(f'its "{split}" is a JSON {kind.get(type(meta[split]), "null")}, not an object')
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{os.path.join(folder, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})"
                          ) from None

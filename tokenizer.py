@@ -514,11 +514,14 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # some filesystems (a VM's shared folder, FUSE, CIFS) cannot fsync a folder: the file is there
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -640,7 +640,8 @@ def flash_attention(q, k, v, doc_ids=None):
         raise ValueError(f"flash_attention: q has {q.shape[1]} heads, over the {GRID_CAP} a CUDA grid axis holds")
     if q.shape[0] <= GRID_CAP:
         return _FlashAttention.apply(q, k, v, doc_ids)
-    parts = [slice(i, i + GRID_CAP) for i in range(0, q.shape[0], GRID_CAP)]   # a larger batch goes in parts
+    # a larger batch goes in parts (each finds its own documents' spans: doc_ids' slices miss _spans_once's cache)
+    parts = [slice(i, i + GRID_CAP) for i in range(0, q.shape[0], GRID_CAP)]
     return torch.cat([flash_attention(q[s], k[s], v[s], None if doc_ids is None else doc_ids[s]) for s in parts])
 
 

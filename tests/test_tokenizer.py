@@ -262,6 +262,23 @@ def test_save_load_round_trip(tok, tmp_path, monkeypatch):
         tok.save(str(tmp_path / "tok.vocab"))  # the readable listing would overwrite the model just written
 
 
+def test_atomic_write_on_a_filesystem_that_cannot_fsync_a_folder(tok, tmp_path, monkeypatch):
+    """(review, helper) atomic_write fsyncs the folder after the rename; some filesystems (a VM's shared folder, FUSE,
+    CIFS) refuse that with EINVAL. The file is written by then: the save must not fail (and lose the .vocab)."""
+    import errno
+    import stat
+    fsync = os.fsync
+
+    def no_folder_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return fsync(fd)
+    monkeypatch.setattr(os, "fsync", no_folder_fsync)
+    tok.save(str(tmp_path / "tok.model"))
+    assert Tokenizer.load(str(tmp_path / "tok.model")).ranks == tok.ranks and (tmp_path / "tok.vocab").exists()
+    assert sorted(os.listdir(tmp_path)) == ["tok.model", "tok.vocab"]   # no temporary left
+
+
 def write_meta_like_model(path, n_ranks=128_000):
     """A tokenizer.model laid out like Meta's: single bytes ranked printable-first (as in cl100k / Meta's
     file, not in byte order), then multi-byte tokens, one 'base64 rank' line each, in rank order."""
