@@ -1805,18 +1805,21 @@ class MixedLoader:
                     sources=[dict(n_tokens=ld.n_tokens, seq_len=ld.T, content=ld.content) for ld in self.loaders])
 
     def load_state_dict(self, sd):
-        if "windows" in sd:
-            raise ValueError(f"loader state is of one folder, this loader mixes {len(self.loaders)}: cannot resume "
-                             "exactly")
+        """A state of this mix's folders, or of its first ones: folders added on resume (a new source, or one to
+        evaluate) start at their beginning, the others go on where they were. One folder's state (PackedLoader's,
+        a run without a mix) is a mix of that one folder."""
+        if "windows" in sd:   # (PackedLoader's global position is the count of windows taken from its folder)
+            sd = dict(rows=sd["windows"], taken=[sd["windows"]], seed=sd["seed"],
+                      sources=[{k: sd.get(k) for k in ("n_tokens", "seq_len", "content")}])
         mine = self.state_dict()
-        described = len(sd["sources"]) == len(mine["sources"]) and all(   # each folder, in order
+        described = len(sd["sources"]) <= len(mine["sources"]) and all(   # each folder, in order
             same_data(key, theirs.get(key), value) for theirs, ours in zip(sd["sources"], mine["sources"])
             for key, value in ours.items())
         for k, ok in (("seed", sd["seed"] == mine["seed"]), ("sources", described)):
             if not ok:
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same folders "
-                                 "in the same order with the same seed, cannot resume exactly")
-        self.rows, self.taken = sd["rows"], list(sd["taken"])
+                                 "in the same order (new ones after them) with the same seed, cannot resume exactly")
+        self.rows, self.taken = sd["rows"], list(sd["taken"]) + [0] * (len(self.loaders) - len(sd["taken"]))
 
 
 # -----------------------------------------------------------------------------

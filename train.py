@@ -12,8 +12,9 @@ Design choices
   never crosses a document boundary inside a sequence (Llama 3 paper, section 3.2). The loss is fp32.
   Several --data folders with their shares of the tokens are Llama 3's data mix (section 3.1.2, data.MixedLoader):
   each is evaluated on its own val split, and val loss / bits per byte weigh them by the shares, which a --resume
-  may change (Llama 3 changed its mix while training). A share of 0 keeps a folder out of training, its val loss
-  logged but not weighed in: an eval-only domain, or a source dropped on resume that a later one may take back.
+  may change (Llama 3 changed its mix while training), adding folders after its own. A share of 0 keeps a folder out
+  of training, its val loss logged but not weighed in: an eval-only domain, or a source dropped on resume that a
+  later one may take back.
 - AdamW, betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear warmup then cosine decay to a
   tenth of the peak (Llama 2 paper section 2.2; Llama 3 405B went to a hundredth, --min_lr), or
   warmup-stable-decay. Decay only on the matrices (model.configure_optimizer): it pulls weights toward 0, which
@@ -646,11 +647,13 @@ if args.resume:
         train_loader.load_state_dict(state["loader"])
     except ValueError as e:  # another --seed, --seq_len, global batch or --data folders
         fail(f"{last_ckpt}: its data position does not fit this run ({e}); resume with the flags it was saved with")
-    was = state["loader"].get("weights")  # a mix may change its shares on resume, as Llama 3's did while training
-    if was is not None and any(abs(a - b) > 1e-9 for a, b in zip(was, train_loader.p)):  # (not the last bit)
+    # a mix may change its shares on resume, and add folders after its own, as Llama 3's did while training
+    was = state["loader"].get("weights") or ([1.0] if "windows" in state["loader"] else None)   # (one folder: all)
+    if was is not None and (len(was) != len(shares) or any(abs(a - b) > 1e-9 for a, b in zip(was, shares))):
+        added = f", the {len(shares) - len(was)} new one(s) from their beginning" if len(shares) > len(was) else ""
         log(f"note: the data mix changes at step {start_step}: shares {' / '.join(f'{w:.1%}' for w in was)} -> "
-            f"{' / '.join(f'{w:.1%}' for w in shares)} (each folder goes on where it was; val loss and bits per "
-            "byte are weighed by the new shares from here)")
+            f"{' / '.join(f'{w:.1%}' for w in shares)} (each folder goes on where it was{added}; val loss and bits "
+            "per byte are weighed by the new shares from here)")
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:  # (None: saved on a CPU)
         torch.cuda.set_rng_state(state["cuda_rng"])

@@ -1128,6 +1128,33 @@ def test_mixed_loader_shares_and_each_sources_order(two_sources):
     assert len(starts[1]) > 3 * small.n_windows  # the small source is read for several epochs
 
 
+def test_mixed_loader_resumes_with_folders_added(two_sources):
+    """A resume may add folders after the checkpoint's (a new source, or one to evaluate): the old ones go on where
+    they were, a new one starts at its beginning. One folder's state (PackedLoader's, a run without a mix) is that
+    of a mix of its folder alone (it was refused)."""
+    T = 8
+    alone = data.PackedLoader(two_sources[0], "train", 4, T, seed=4)
+    for _ in range(3):
+        alone.next_batch()
+    sd = json.loads(json.dumps(alone.state_dict()))
+    ld = mixed(two_sources, [0.5, 0.5], 4, T)
+    ld.load_state_dict(sd)
+    assert ld.rows == 12 and ld.taken == [12, 0]
+    own = [data.PackedLoader(f, "train", 1, T, seed=4) for f in two_sources]   # each folder in its own order
+    seen = [0, 0]
+    for _ in range(20):
+        for row in ld.next_batch()[0]:
+            s = int(row.max() >= OTHER)
+            assert torch.equal(row, own[s].read([(12 if s == 0 else 0) + seen[s]])[0][0]), (s, seen)
+            seen[s] += 1
+    assert min(seen) > 10 and ld.taken == [12 + seen[0], seen[1]]
+    grown = mixed(two_sources + two_sources[:1], [1, 1, 1], 4, T)   # a mix's state, a third folder after its two
+    grown.load_state_dict(json.loads(json.dumps(ld.state_dict())))
+    assert grown.rows == ld.rows and grown.taken == ld.taken + [0]
+    with pytest.raises(ValueError, match="new ones after them"):   # fewer folders than the state: refused
+        mixed(two_sources[:1], [1], 4, T).load_state_dict(ld.state_dict())
+
+
 def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     T = 8
     one = mixed(two_sources, [0.5, 0.5], 4, T)
@@ -1187,9 +1214,9 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     data.PackedLoader(like[1], "train", 2, T).load_state_dict(old)
     with pytest.raises(ValueError, match="loader state is of a data mix of 2 folders, this loader reads one"):
         data.PackedLoader(two_sources[0], "train", 2, T, seed=4).load_state_dict(sd)
-    with pytest.raises(ValueError, match="loader state is of one folder, this loader mixes 2"):
-        mixed(two_sources, [0.5, 0.5], 2, T).load_state_dict(data.PackedLoader(two_sources[0], "train", 2, T)
-                                                             .state_dict())
+    with pytest.raises(ValueError, match="sources"):   # one folder's state is the first folder's, not another's
+        mixed(two_sources[::-1], [0.5, 0.5], 2, T, seed=0).load_state_dict(
+            data.PackedLoader(two_sources[0], "train", 2, T).state_dict())
     for weights in ([0, 0], [1, -1], [1, float("inf")]):  # (a 0 is a source never drawn: test below)
         with pytest.raises(ValueError, match="must all be finite and >= 0, and one > 0"):
             mixed(two_sources, weights, 2, T)

@@ -516,6 +516,14 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
         r.stderr
     r = train(corpus, resumed, "--batch_size", "4", "--resume", ok=False)  # the mix's checkpoint, one folder
     assert r.returncode == 1 and "loader state is of a data mix of 2 folders" in r.stderr, r.stderr
+    # a run without a mix resumed with a folder added (a new source): its folder goes on, the new one from its start
+    grown = tmp_path / "grown"
+    shutil.copytree(reference, grown)
+    r = train(corpus, grown, "--batch_size", "4", *mix, "--resume", str(grown / "ckpt" / "step_000008"))
+    assert ("shares 100.0% -> 75.0% / 25.0% (each folder goes on where it was, the 1 new one(s) from their "
+            "beginning") in r.stdout, r.stdout
+    before, after = losses(reference), losses(grown)
+    assert all(after[s] == before[s] for s in before if s < 8) and any(after[s] != before[s] for s in before if s > 8)
     # the micro-batches may change (gradient accumulation, fewer processes): the same rows go on
     again = tmp_path / "accumulated"
     shutil.copytree(tmp_path / "mix", again)
