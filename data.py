@@ -1809,12 +1809,17 @@ class MixedLoader:
         evaluate) start at their beginning, the others go on where they were. One folder's state (PackedLoader's,
         a run without a mix) is a mix of that one folder."""
         if "windows" in sd:   # (PackedLoader's global position is the count of windows taken from its folder)
-            sd = dict(rows=sd["windows"], taken=[sd["windows"]], seed=sd["seed"],
+            if sd["seed"] != self.loaders[0].seed:   # (its windows' order: the seed of the mix's loaders)
+                raise ValueError(f"loader state has seed={sd['seed']}, this mix's folders seed="
+                                 f"{self.loaders[0].seed}: cannot resume exactly")
+            sd = dict(rows=sd["windows"], taken=[sd["windows"]], seed=self.seed,
                       sources=[{k: sd.get(k) for k in ("n_tokens", "seq_len", "content")}])
         mine = self.state_dict()
-        described = len(sd["sources"]) <= len(mine["sources"]) and all(   # each folder, in order
-            same_data(key, theirs.get(key), value) for theirs, ours in zip(sd["sources"], mine["sources"])
-            for key, value in ours.items())
+        if len(sd["sources"]) > len(mine["sources"]):
+            raise ValueError(f"loader state has {len(sd['sources'])} folders, this mix {len(mine['sources'])}: a "
+                             "resume may add folders after the state's, not drop any (give one a share of 0)")
+        described = all(same_data(key, theirs.get(key), value)   # each folder, in order
+                        for theirs, ours in zip(sd["sources"], mine["sources"]) for key, value in ours.items())
         for k, ok in (("seed", sd["seed"] == mine["seed"]), ("sources", described)):
             if not ok:
                 raise ValueError(f"loader state has {k}={sd[k]}, this loader {k}={mine[k]}: not the same folders "

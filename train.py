@@ -650,7 +650,8 @@ if args.resume:
     # a mix may change its shares on resume, and add folders after its own, as Llama 3's did while training
     was = state["loader"].get("weights") or ([1.0] if "windows" in state["loader"] else None)   # (one folder: all)
     if was is not None and (len(was) != len(shares) or any(abs(a - b) > 1e-9 for a, b in zip(was, shares))):
-        added = f", the {len(shares) - len(was)} new one(s) from their beginning" if len(shares) > len(was) else ""
+        added = "".join(f", {folder} new" + (" (evaluated only)" if share == 0 else " from its start")
+                        for folder, share in zip(folders[len(was):], shares[len(was):]))
         log(f"note: the data mix changes at step {start_step}: shares {' / '.join(f'{w:.1%}' for w in was)} -> "
             f"{' / '.join(f'{w:.1%}' for w in shares)} (each folder goes on where it was{added}; val loss and bits "
             "per byte are weighed by the new shares from here)")

@@ -1151,8 +1151,11 @@ def test_mixed_loader_resumes_with_folders_added(two_sources):
     grown = mixed(two_sources + two_sources[:1], [1, 1, 1], 4, T)   # a mix's state, a third folder after its two
     grown.load_state_dict(json.loads(json.dumps(ld.state_dict())))
     assert grown.rows == ld.rows and grown.taken == ld.taken + [0]
-    with pytest.raises(ValueError, match="new ones after them"):   # fewer folders than the state: refused
-        mixed(two_sources[:1], [1], 4, T).load_state_dict(ld.state_dict())
+    with pytest.raises(ValueError, match="loader state has 2 folders, this mix 1: a resume may add folders"):
+        mixed(two_sources[:1], [1], 4, T).load_state_dict(ld.state_dict())   # fewer folders than the state
+    with pytest.raises(ValueError, match="seed=5, this mix's folders seed=4"):   # (the mix's own seed is 0 here)
+        data.MixedLoader([data.PackedLoader(f, "train", 4, T, seed=4) for f in two_sources], [1, 1], 0) \
+            .load_state_dict(data.PackedLoader(two_sources[0], "train", 4, T, seed=5).state_dict())
 
 
 def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):

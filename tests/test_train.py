@@ -520,10 +520,17 @@ def test_data_mix_across_ranks_resume_and_annealing(corpus, reference, second_so
     grown = tmp_path / "grown"
     shutil.copytree(reference, grown)
     r = train(corpus, grown, "--batch_size", "4", *mix, "--resume", str(grown / "ckpt" / "step_000008"))
-    assert ("shares 100.0% -> 75.0% / 25.0% (each folder goes on where it was, the 1 new one(s) from their "
-            "beginning") in r.stdout, r.stdout
+    assert (f"shares 100.0% -> 75.0% / 25.0% (each folder goes on where it was, {second_source} new from its "
+            "start;") in r.stdout, r.stdout
     before, after = losses(reference), losses(grown)
     assert all(after[s] == before[s] for s in before if s < 8) and any(after[s] != before[s] for s in before if s > 8)
+    # and with the new folder at a share of 0 the run is the reference's to the digit: its own folder went on exactly
+    shutil.rmtree(grown)
+    shutil.copytree(reference, grown)
+    r = train(corpus, grown, *alone, "--resume", str(grown / "ckpt" / "step_000008"))
+    assert f"{second_source} new (evaluated only)" in r.stdout, r.stdout
+    for column in ("train_loss", "val_loss", "val_bpb"):
+        assert losses(grown, column) == losses(reference, column), column
     # the micro-batches may change (gradient accumulation, fewer processes): the same rows go on
     again = tmp_path / "accumulated"
     shutil.copytree(tmp_path / "mix", again)
