@@ -99,7 +99,8 @@ def _configs(shapes, **constexprs):
     64/128-row tiles keep 1-2 warpgroups (4/8 warps) busy; num_stages is how many K/V (or Q/dO) tiles are prefetched
     into shared memory. The forward takes 64x64 for short rows and for documents (more, cheaper programs for 132 SMs),
     128x64 for long causal rows; dk/dv 32x128 (on the H100 of that day 2 stages with documents, 3 without); dq 64x32 or
-    128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128) and 128x128 (never won), dk/dv's 16-row
+    128x64. Dropped after timing: forward 128x64 at 4 warps (spills at D=128) and 128x128 (never won: compiled for
+    sm_90 by triton 3.9 at D=128 it spills 88-104 bytes at 8 warps and 72 at 16, and 64x128 8-24), dk/dv's 16-row
     tiles, dq 128x32 and 64x64. Compiled for sm_90 without a GPU (cuobjdump's resource usage): all pipeline their loads
     and use wgmma; at D=128 the dk/dv 32x128 tiles fill the 255 registers (two 128x128 fp32 accumulators) and spill 0-16
     bytes (32-272 while each query head of the group had a loop of its own). Added later, in the space since: dk/dv
