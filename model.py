@@ -336,7 +336,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w, n = ctx.saved_tensors
-        scale = grad_loss / n
+        scale = grad_loss / n.clamp(min=1)  # n = 0: every row ignored, every gradient 0 (F.cross_entropy's), not nan
         return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
                 (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
 

@@ -169,6 +169,21 @@ def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(bf16, device):
         M.cross_entropy(h, w, targets[1:])
 
 
+def test_chunked_cross_entropy_with_every_target_ignored_gives_zero_gradients():
+    """Every target -100 (an SFT micro-batch, or one DDP rank's share, with no assistant tokens): the loss is nan, as
+    F.cross_entropy's, but the gradients are F.cross_entropy's zeros, not nan (nan * 0 is nan: a rank weighed by a
+    share of 0 would otherwise put nan into every rank's all-reduced gradients)."""
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    targets = torch.full((10,), -100)
+    for scale in (1.0, 0.0):
+        plain = torch.autograd.grad(scale * F.cross_entropy(h @ w.t(), targets, ignore_index=-100), (h, w))
+        loss = M.cross_entropy(h, w, targets, chunk=3)
+        assert loss.isnan()
+        for a, b in zip(torch.autograd.grad(scale * loss, (h, w)), plain):
+            assert torch.equal(a, b) and b.abs().max() == 0
+
+
 def test_chunked_cross_entropy_never_holds_all_the_logits(peak_growth):
     """The point of the chunked loss, measured: forward + backward at 4096 rows and Llama 3's 128,256-token
     vocabulary, in a fresh process, grows its peak memory by less than one fp32 copy of the logits (2.1 GB;
