@@ -839,10 +839,11 @@ def optimize(module, step_loss, steps, lr, name, warmup=10, log_every=25, state=
 # ----------------------------------------------------------------------------------------------------------------
 # 8. The stages. Each train_* function takes a model and data and returns its history; the CLI wraps them below.
 
-def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", state=None, seed=0):
+def train_sft(model, tok, conversations, steps, batch_size, lr, name="sft", state=None, seed=0, final_only=False):
     """SFT (Llama 3 §4.1.3): next-token loss on the assistant's tokens only; conversations packed with doc masks.
-    The loss is the mean over the batch's target tokens, however many each row holds."""
-    examples = [tok.encode_dialog(c) for c in conversations]
+    The loss is the mean over the batch's target tokens, however many each row holds. final_only (rejection
+    sampling): only the last assistant message is a target, not the earlier turns of a multi-turn prompt."""
+    examples = [render(tok, c[:-1], c[-1]["content"]) if final_only else tok.encode_dialog(c) for c in conversations]
     X, Y, D = pack_sft(examples, min(model.args.max_seq_len, SFT_ROW))  # (N, T) each
     net, dev = wrap_ddp(model), device_of(model)
 
@@ -1170,7 +1171,7 @@ def stage_rs(args, device):
         f"{scores.max(1).values.mean():.3f}" + picked +
         f"; {len(prompts) - len(kept)} prompts dropped (none of their samples ended within --max_new)")
     hist = train_sft(policy, tok, [winners[i] for i in kept], hp(args, "rs", "steps"), hp(args, "rs", "batch_size"),
-                     hp(args, "rs", "lr"), name="rs", state=StageState(args), seed=args.seed)
+                     hp(args, "rs", "lr"), name="rs", state=StageState(args), seed=args.seed, final_only=True)
     metric = (f"best-of-{args.k} reward {scores.max(1).values.mean():.3f} vs mean {scores.mean():.3f}{picked}; "
               f"SFT loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
     return finish(args, "rs", policy, tok, hist, metric, rm)

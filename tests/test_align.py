@@ -902,3 +902,30 @@ def test_sft_reads_prompt_completion(tmp_path, record):
     """SFTTrainer's other documented input type: prompt-completion."""
     path = _write(tmp_path / "sft.jsonl", record)
     assert align.load_sft(path) == [[_U("What color is the sky?"), _A("It is blue.")]]
+
+
+def test_rs_trains_only_the_winning_answer_not_earlier_turns_of_the_prompt(tok, tmp_path, monkeypatch):
+    """Rejection sampling is SFT on the winners: with a multi-turn prompt (load_prompts takes one), only the
+    sampled, RM-picked final answer (and its <|eot_id|>) is a target; the prompt's own earlier assistant turn,
+    which no reward model ranked, is not (as DPO's render() has it)."""
+    import argparse
+    prompt = [{"role": "user", "content": "Reverse: a b c"}, {"role": "assistant", "content": "h h h h"},
+              {"role": "user", "content": "What is 1 + 2?"}]
+    winner = prompt + [{"role": "assistant", "content": "3"}]
+    policy = tiny_model(tok, context=128)
+    monkeypatch.setattr(align, "load_init", lambda args, device: (policy, tok))
+    monkeypatch.setattr(align, "load_reward_model", lambda path, device: None)
+    monkeypatch.setattr(align, "load_prompts", lambda path: [prompt])
+    monkeypatch.setattr(align, "rejection_sample", lambda *a, **kw: ([winner], torch.zeros(1, 2)))
+    monkeypatch.setattr(align, "finish", lambda *a, **kw: {})
+    seen = []
+    pack = align.pack_sft
+    monkeypatch.setattr(align, "pack_sft", lambda examples, n: (seen.extend(examples), pack(examples, n))[1])
+    args = argparse.Namespace(rm="rm", data="prompts.jsonl", seed=0, n_eval=0, k=2, max_new=6, temperature=1.0,
+                              steps=1, batch_size=1, lr=1e-4, n_prompts=1, out=str(tmp_path), resume=False,
+                              ckpt_interval=0)
+    align.stage_rs(args, "cpu")
+    (ids, mask), = seen
+    # reference: the targets are exactly the tokens of the final answer and its <|eot_id|>
+    answer = tok.encode("3") + [tok.eot_id]
+    assert [t for t, m in zip(ids, mask) if m] == answer
