@@ -808,7 +808,9 @@ while True:
     step += 1
 
 if stopped:
-    log(f"stopped by signal {signal.Signals(stop_signal).name} at step {step}: "
+    # (stop_signal is this rank's own: 0 on a rank whose process got none, e.g. on a node that was not preempted)
+    by = signal.Signals(stop_signal).name if stop_signal else "to another process"
+    log(f"stopped by signal {by} at step {step}: "
         f"the same command with --resume continues from {last_ckpt}")
     finish(0)
 

@@ -726,3 +726,31 @@ def test_a_mix_of_folders_with_other_val_fractions_is_told(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val_fraction" in r.stdout + r.stderr, r.stdout[-2000:]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds rank 1's process through /proc (Linux)")
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(corpus, tmp_path):
+    """SIGTERM to rank 1 alone (one node of several preempted): all ranks save, exit 0, and rank 0, which got no
+    signal, says how to resume (it used to crash on signal.Signals(0) after the save)."""
+    p = subprocess.Popen(command(corpus, tmp_path, "--batch_size", "2", nproc=2), cwd=ROOT, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step     2 |"):
+            for pid in filter(str.isdigit, os.listdir("/proc")):   # torchrun's children: the ranks (Linux)
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/environ") as f:
+                        rank1 = "RANK=1" in f.read().split("\0")
+                except OSError:   # (a process that ended meanwhile)
+                    continue
+                if parent == p.pid and rank1:
+                    os.kill(int(pid), signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=120)
+    output = "".join(lines) + rest
+    stop = re.search(r"stopped by signal .* at step (\d+)", output)
+    assert p.returncode == 0 and stop, output[-3000:]
+    assert (tmp_path / "ckpt" / f"step_{int(stop[1]):06d}").is_dir()   # the checkpoint --resume goes on from
