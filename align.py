@@ -671,10 +671,12 @@ STOP = []  # the signal that asked the command line to stop: SIGTERM (a schedule
 
 def on_signal(signum, frame):
     """The first SIGTERM or Ctrl-C stops the stage's loop after its current step, saved for --resume (StageState);
-    a second one stops at once."""
-    if STOP:
+    Ctrl-C again stops at once. SIGTERM again is ignored, to the end: Slurm signals every process of a job and
+    torchrun forwards its own copy, so a worker gets the same preemption twice, and must still save."""
+    if STOP and signum == signal.SIGINT:
         raise KeyboardInterrupt
-    STOP.append(signum)
+    STOP[:] = STOP or [signum]
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def signalled():

@@ -715,15 +715,17 @@ def val_line(val_loss, val_bpb, losses):
 # -----------------------------------------------------------------------------
 # the loop
 # SIGTERM (a scheduler's preemption, torchrun's shutdown) or SIGINT (Ctrl-C): finish the step, save, exit.
-# A second one quits at once, without saving.
+# Ctrl-C again quits at once, without saving. SIGTERM again is ignored, to the end: Slurm signals every process of
+# a job and torchrun forwards its own copy, so a worker gets the same preemption twice, and must still save
 stop_signal = 0
 
 
 def on_signal(signum, frame):
     global stop_signal
-    if stop_signal:
+    if stop_signal and signum == signal.SIGINT:
         raise KeyboardInterrupt
-    stop_signal = signum
+    stop_signal = stop_signal or signum
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 signal.signal(signal.SIGTERM, on_signal)

@@ -652,7 +652,8 @@ def test_ppo_score_scale_survives_a_first_rollout_of_equal_scores(tok, monkeypat
 
 KILL_AT_STEP = """
 import os
-# SIGKILL this process (or KILL_SIGNAL; under torchrun only rank KILL_RANK, if given) as it starts its Nth step
+# SIGKILL this process (or KILL_SIGNAL; under torchrun only rank KILL_RANK, if given) as it starts its Nth step,
+# KILL_TIMES times (default once)
 if "KILL_AT_STEP" in os.environ and os.environ.get("KILL_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
     import signal
     import torch
@@ -660,7 +661,8 @@ if "KILL_AT_STEP" in os.environ and os.environ.get("KILL_RANK", os.environ.get("
     def killing_step(self, *a, **k):
         calls[0] += 1
         if calls[0] == int(os.environ["KILL_AT_STEP"]):
-            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
+            for _ in range(int(os.environ.get("KILL_TIMES", "1"))):
+                os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
         return step(self, *a, **k)
     torch.optim.AdamW.step = killing_step
     init = torch.optim.AdamW.__init__
@@ -804,7 +806,7 @@ def test_sigterm_saves_the_stage_and_resume_goes_on_exactly(tok, tmp_path):
                                "--ckpt_interval", "0", *a], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(tmp_path / "site"), **env})
     assert run("whole").returncode == 0
-    r = run("stopped", KILL_AT_STEP="3", KILL_SIGNAL="TERM")
+    r = run("stopped", KILL_AT_STEP="3", KILL_SIGNAL="TERM", KILL_TIMES="2")  # twice, as Slurm + torchrun send it
     assert r.returncode == 0 and "stopped by SIGTERM after step 3 of 6" in r.stdout, r.stdout + r.stderr[-2000:]
     assert not (tmp_path / "stopped" / "consolidated.00.pth").exists()
     r = run("stopped", "--resume")
