@@ -593,6 +593,15 @@ def response_text(tok, tokens):
     return tok.decode([t for t in tokens if t not in tok.stop_ids])
 
 
+def exchange(tok, prompt_ids, response):
+    """prompt + response as the reward model learned them: closed by <|eot_id|>, also when the sample stopped on
+    <|end_of_text|> or <|eom_id|> (the same whole answer; a score read at a token the RM was never trained at is
+    noise the policy could learn to exploit)."""
+    if response and response[-1] in tok.stop_ids:
+        response = response[:-1] + [tok.eot_id]
+    return prompt_ids + response
+
+
 @torch.no_grad()
 def rm_scores(rm, seqs, batch_size=64):
     """Reward-model score of each full sequence (prompt + response tokens), read at its last token -> (N,)."""
@@ -615,7 +624,7 @@ def evaluate(model, tok, tasks, rm=None, max_new=16):
         ks = [c for t, c in zip(tasks, correct) if t["kind"] == kind]
         res[kind] = sum(ks) / max(1, len(ks))
     if rm is not None:
-        res["reward"] = rm_scores(rm, [p + r for p, r in zip(prompts, responses)]).mean().item()
+        res["reward"] = rm_scores(rm, [exchange(tok, p, r) for p, r in zip(prompts, responses)]).mean().item()
     return res
 
 
@@ -948,7 +957,7 @@ def rejection_sample(policy, rm, tok, prompts, k, max_new, temperature=1.0, seed
     prompt_ids = [render_prompt(tok, p, prompt_room(policy, max_new)) for p in prompts]
     flat = [p for p in prompt_ids for _ in range(k)]
     responses = sample_responses(policy, tok, flat, max_new, temperature, generator=gen)
-    scores = rm_scores(rm, [p + r for p, r in zip(flat, responses)]).view(len(prompts), k)
+    scores = rm_scores(rm, [exchange(tok, p, r) for p, r in zip(flat, responses)]).view(len(prompts), k)
     ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses]).view(len(prompts), k)
     best = scores.masked_fill(~ended, float("-inf")).argmax(1).tolist()
     winners = [p + [{"role": "assistant", "content": response_text(tok, responses[i * k + b])}]
@@ -990,7 +999,7 @@ def train_ppo(policy, ref, reward_fn, tok, prompts, iters, rollout_size, lr, max
         with torch.no_grad():
             old_logp, old_values = pv(tokens)  # (B, T-1) each
             ref_logp = Policy(ref)(tokens)[0]
-            score = reward_fn(seqs).to(dev)  # (B,)
+            score = reward_fn([exchange(tok, p, r) for p, r in zip(prompt_ids, responses)]).to(dev)  # (B,)
             if score_mean is None:  # a reward model's scale is arbitrary (Bradley–Terry fixes only differences):
                 score_mean, score_std = score.mean(), score.std(correction=0)   # standardise by the first rollout
                 # (correction=0: one sequence has std 0, not NaN), unless its scores hardly differ (one sequence,

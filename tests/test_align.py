@@ -629,6 +629,31 @@ def test_ppo_mask_covers_exactly_the_response_tokens(tok, monkeypatch):
         assert row.tolist() == expected + [0.0] * (len(row) - len(expected))
 
 
+def test_the_reward_model_reads_every_answer_closed_by_eot(tok, monkeypatch):
+    """A sample that stopped on <|end_of_text|> or <|eom_id|> is scored as the same answer closed by <|eot_id|>,
+    the only ending the reward model was trained on (read at an untrained token, its score is noise that PPO could
+    learn to seek): in evaluate, rejection sampling and PPO alike."""
+    tasks = align.task_split(3, 0, seed=7)[0]
+    prompts = [align.user(t["prompt"]) for t in tasks]
+    ends = [tok.eos_id, tok.special_tokens["<|eom_id|>"], tok.eot_id]
+    responses = [[100 + j, 101 + j, end] for j, end in enumerate(ends)]
+    scored = []
+
+    def fake_scores(rm, seqs, batch_size=64):
+        scored.append(seqs)
+        return torch.zeros(len(seqs))
+    monkeypatch.setattr(align, "sample_responses", lambda model, tok_, prompt_ids, *a, **kw: responses)
+    monkeypatch.setattr(align, "rm_scores", fake_scores)
+    policy = tiny_model(tok)
+    align.evaluate(policy, tok, tasks, rm=object(), max_new=6)
+    align.rejection_sample(policy, object(), tok, prompts[:1], k=3, max_new=6)
+    align.train_ppo(policy, tiny_model(tok).requires_grad_(False), lambda seqs: fake_scores(None, seqs), tok, prompts,
+                    iters=1, rollout_size=3, lr=1e-3, max_new=6)
+    assert len(scored) == 3
+    for seqs in scored:
+        assert [s[-3:] for s in seqs] == [r[:2] + [tok.eot_id] for r in responses]
+
+
 def test_ppo_score_scale_survives_a_first_rollout_of_equal_scores(tok, monkeypatch):
     """Scores are standardised by the first rollout's spread. When its scores are all equal (one sequence: --batch_size
     1; a reward every first sample fails) there is no spread to divide by: the old floor of 1e-3 multiplied every
