@@ -456,8 +456,11 @@ def ppo_policy_loss(logp, old_logp, adv, mask, clip=0.2):
     """PPO's clipped surrogate, Schulman et al. 2017 eq. 7: -min(ρ A, clip(ρ, 1-ε, 1+ε) A), ρ = π/π_old.
     All (B, T). Returns the loss and the fraction of tokens where the clip was active."""
     ratio = torch.exp(logp - old_logp)
-    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+    clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
+    loss = torch.max(-adv * ratio, clipped)
+    # active: the clipped term won the max (the token gives no gradient); a ratio outside the range whose
+    # unclipped term is the larger (a loss not capped: the pessimistic bound) does not count
+    clipfrac = masked_mean((clipped > -adv * ratio).float(), mask)
     return masked_mean(loss, mask), clipfrac
 
 

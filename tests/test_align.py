@@ -84,7 +84,7 @@ def test_ppo_losses_clip():
     # adv +1: the gain is capped at 1.2; adv -1: the loss is not capped (pessimistic bound), 1.5
     loss, clipfrac = align.ppo_policy_loss(logp, old, torch.tensor([[1.0, -1.0]]), mask, clip=0.2)
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
-    assert clipfrac.item() == 1.0
+    assert clipfrac.item() == 0.5  # the clip acts on the first token only (both ratios are outside the range)
     loss, clipfrac = align.ppo_policy_loss(old, old, torch.tensor([[2.0, -1.0]]), mask)  # ratio 1: -mean(adv)
     assert loss.item() == pytest.approx(-0.5) and clipfrac.item() == 0.0
     # value: moved from 0 to 1 towards return 2, clip 0.2: max((1-2)^2, (0.2-2)^2) / 2 = 1.62
