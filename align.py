@@ -930,7 +930,8 @@ def train_dpo(policy, ref, tok, pairs, steps, batch_size, lr, beta=0.1, nll_coef
 
     @torch.no_grad()
     def reference_logprobs(j):  # the reference never changes: its log-probs once, in batches of 64, under the
-        with autocast(ref):     # policy's autocast (a policy equal to its reference must give exactly log 2)
+        with autocast(ref):     # policy's autocast: a policy equal to its reference gives log 2 (in bf16 on a GPU
+            # to rounding: its batches are padded to other lengths than the training steps', other kernels run)
             chunks = [rows[i:i + 64] for i in range(0, len(rows), 64)]
             lps = [response_logprobs(Policy(ref), [r[j] for r in c], [r[j + 1] for r in c])[0] for c in chunks]
             return torch.cat(lps).cpu()
