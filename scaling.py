@@ -290,7 +290,7 @@ def main():
     p.add_argument("--tokenizer", default="data/stdlib/tok.model")
     p.add_argument("--out_dir", default="out/scaling", help="one train.py run per (budget, width) under it")
     p.add_argument("--budgets", type=float, nargs="+", default=[1e12, 3e12, 1e13], help="training FLOPs")
-    p.add_argument("--dims", type=int, nargs="+", default=[4, 6, 8, 12, 16, 24, 32, 48, 64], help="model widths")
+    p.add_argument("--dims", type=int, nargs="+", default=[4, 6, 8, 12, 16, 24, 32, 48, 64], help="model widths (even)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--min_steps", type=int, default=20, help="a run shorter than this is skipped (warmup alone)")
@@ -304,12 +304,17 @@ def main():
                    "trained on this val split) whose scores join the accuracy fit, as Llama 2's did in Llama 3's")
     a = p.parse_args()
     for flag, ok in (("--budgets must be finite and > 0", all(0 < b < math.inf for b in a.budgets)),
-                     ("--dims must be >= 1", min(a.dims) >= 1), ("--batch_size must be >= 1", a.batch_size >= 1),
+                     ("--predict must be finite and > 0", all(0 < b < math.inf for b in a.predict)),
+                     # (a width that is no multiple of 32 is one head of it all: an odd one, an odd head_dim for RoPE)
+                     ("--dims must be even and >= 2", all(d >= 2 and d % 2 == 0 for d in a.dims)),
+                     ("--batch_size must be >= 1", a.batch_size >= 1),
                      ("--seq_len must be >= 2", a.seq_len >= 2), ("--questions must be >= 0", a.questions >= 0),
-                     ("--min_steps must be >= 0, --max_steps 0 (no limit) or >= --min_steps",
-                      a.min_steps >= 0 and (a.max_steps == 0 or a.max_steps >= a.min_steps))):
+                     # (a run of no steps: train.py refuses its --eval_interval 0)
+                     ("--min_steps must be >= 1, --max_steps 0 (no limit) or >= --min_steps",
+                      a.min_steps >= 1 and (a.max_steps == 0 or a.max_steps >= a.min_steps))):
         if not ok:
             p.error(flag)
+    a.budgets, a.dims = sorted(set(a.budgets)), sorted(set(a.dims))  # (a repeated one would weigh twice in the fits)
     ours = {"--data", "--tokenizer", "--out_dir", "--dim", "--n_layers", "--n_heads", "--n_kv_heads", "--seq_len",
             "--batch_size", "--max_steps", "--max_minutes", "--eval_interval", "--ckpt_interval",
             "--tokens_per_step", "--model", "--init", "--average_last"}   # (other FLOPs, another model, or weights

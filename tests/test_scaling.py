@@ -96,7 +96,8 @@ def test_a_sweep_runs_train_py_and_reads_finished_runs_back(tmp_path):
     assert "--lr" in bad.stderr
     # scaling.py's own flags are its own (train.py would take the later one, the FLOPs count the other); bad values
     for flags, said in ((["--train_args", "--batch_size 16"], "--train_args --batch_size: scaling.py sets these"),
-                        (["--budgets", "nan"], "--budgets must be finite"), (["--dims", "0"], "--dims must be >= 1"),
+                        (["--budgets", "nan"], "--budgets must be finite"),
+                        (["--dims", "0"], "--dims must be even and >= 2"),
                         (["--min_steps", "50", "--max_steps", "10"], "--max_steps 0 (no limit) or >= --min_steps"),
                         (["--train_args=--compile", "--min_steps", "100000", "--max_steps", "0"], None)):
         r = subprocess.run(cmd + flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -383,3 +384,18 @@ def test_train_args_that_change_the_flops_are_refused(tmp_path, flag):
     r = subprocess.run([sys.executable, "scaling.py", "--data", str(tmp_path / "nowhere"), "--train_args", flag],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "scaling.py sets these" in r.stderr, (r.returncode, r.stderr)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--dims", "16", "33"], "--dims must be even"),  # (an odd width: one head, of odd head_dim, which RoPE refuses)
+    (["--budgets", "1", "--min_steps", "0"], "--min_steps must be >= 1"),  # (a run of no step: train.py refuses it)
+    (["--predict=0"], "--predict must be finite and > 0"), (["--predict=inf"], "--predict must be finite and > 0")])
+def test_bad_flags_are_refused_before_the_sweep(monkeypatch, capsys, tmp_path, flags, said):
+    """Refused as the flags are read, not when the sweep reaches them, hours of runs later: an odd width was
+    ModelArgs' traceback there, --min_steps 0 a train.py run that refused --max_steps 0 and stopped the sweep,
+    and --predict 0 or inf printed a nan forecast at the end."""
+    monkeypatch.setattr(scaling.subprocess, "run", lambda cmd, **kw: pytest.fail(f"a run was started: {cmd}"))
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--data", str(tmp_path), "--out_dir", str(tmp_path), *flags])
+    with pytest.raises(SystemExit) as e:
+        scaling.main()
+    assert e.value.code == 2 and said in capsys.readouterr().err
