@@ -1383,7 +1383,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                          "documents goes to val)")
     if not 0 <= quality_drop < 1:
         raise ValueError(f"quality_drop={quality_drop}: the fraction of the sample labelled junk, within [0, 1)")
-    for name, value in (("num_proc", num_proc or 1), ("shard_tokens", shard_tokens), ("max_docs", max_docs or 1)):
+    for name, value in (("num_proc", 1 if num_proc is None else num_proc), ("shard_tokens", shard_tokens),
+                        ("max_docs", 1 if max_docs is None else max_docs)):   # (None: the default; 0 is no count)
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if not isinstance(line_dedup, numbers.Integral) or isinstance(line_dedup, bool) or line_dedup < 0:
@@ -1397,15 +1398,17 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                                 "its data)")
     tok = Tokenizer.load(tokenizer_path)
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
-    config = dict(source=source, source_stamp=source_stamp(source), val_fraction=val_fraction,
-                  shard_tokens=shard_tokens, max_docs=max_docs,
+    # (numbers as Python's: json cannot write numpy's, and they pass the checks above)
+    config = dict(source=source, source_stamp=source_stamp(source), val_fraction=float(val_fraction),
+                  shard_tokens=int(shard_tokens), max_docs=None if max_docs is None else int(max_docs),
                   quality_model=quality_model and [os.path.abspath(quality_model), model_stamp(quality_model)],
-                  quality_sample=quality_sample, quality_drop=quality_drop, pipeline=PIPELINE,
+                  quality_sample=quality_sample, quality_drop=float(quality_drop), pipeline=PIPELINE,
                   **({"line_dedup": int(line_dedup), "line_bucket": LINE_BUCKET} if line_dedup else {}),
                   **({"blocklist": [os.path.abspath(blocklist), file_crc32(blocklist)]} if blocklist else {}),
                   **({"dirty_words": [os.path.abspath(dirty_words), file_crc32(dirty_words)]} if dirty_words else {}),
-                  **({"token_kl": token_kl} if token_kl else {}))
-    # (line_dedup, blocklist, dirty_words and token_kl off: the config of older caches, which stay valid)
+                  **({"token_kl": float(token_kl)} if token_kl else {}),
+                  **({"labeller": True} if labeller is not None else {}))   # (its shards: no later call's)
+    # (line_dedup, blocklist, dirty_words, token_kl and labeller off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
@@ -1583,6 +1586,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
                        "documents")
         if problem:
             raise ValueError(f"source {source!r}: {problem}")
+        blob = json.dumps(meta, indent=1).encode()   # (one that cannot be written: refused before the old files go)
     except BaseException:  # (a refusal, a bad file in the source, Ctrl-C: the old dataset stays as it was)
         shutil.rmtree(out_dir if made else build, ignore_errors=True)   # (a folder it made: gone too)
         raise
@@ -1594,7 +1598,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     for name in meta["train"]["shards"] + meta["val"]["shards"]:
         os.replace(os.path.join(build, name), os.path.join(out_dir, name))
     os.rmdir(build)
-    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(meta_path, lambda f: f.write(blob))
     if verbose:
         print(f"{'step':<28} {'docs':>9} {'MB':>9}")
         print(f"{'read':<28} {read[0]:>9,} {read[1] / 1e6:>9.2f}")

@@ -1738,3 +1738,43 @@ def test_mixed_loader_refuses_weights_whose_sum_overflows(two_folders):
     loaders = [data.PackedLoader(f, "train", 2, 8) for f in two_folders]
     with pytest.raises(ValueError, match="MixedLoader"):
         data.MixedLoader(loaders, [1e308, 1e308])
+
+
+def test_prepare_data_takes_numpy_integers_and_loses_nothing(corpus, tmp_path):
+    """Sizes given as numpy integers (accepted as integers, as PackedLoader's are) build a folder: its meta.json
+    was written only after the old dataset had gone, and json cannot write an np.int64 (a TypeError left shards
+    and no meta.json)."""
+    root, docs, tok_path = corpus
+    out = str(tmp_path / "out")
+    meta = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,
+                             shard_tokens=2000, verbose=False)
+    again = data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=np.float32(0.1), num_proc=1,
+                              shard_tokens=np.int64(1500), max_docs=np.int64(1000), verbose=False)
+    assert data.read_meta(os.path.join(out, "meta.json")) == again
+    assert again["config"]["shard_tokens"] == 1500 and again["train"]["docs"] == meta["train"]["docs"]
+
+
+def test_a_folder_filtered_by_a_labeller_is_not_reused_without_it(corpus, tmp_path):
+    """labeller= filters the shards, but the cache key did not say so: the next call without it (the same
+    settings otherwise) returned the filtered folder as up to date."""
+    root, docs, tok_path = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, d in enumerate(docs[:60]):
+        (src / f"{i:03d}.txt").write_text(d)
+    build = lambda **kw: data.prepare_data(str(src), tok_path, str(tmp_path / "q"), val_fraction=0,  # noqa: E731
+                                           num_proc=1, quality_sample=60, quality_drop=0.5, verbose=False, **kw)
+    filtered = build(labeller=lambda texts: [len(t) for t in texts])
+    assert filtered["removed"]["quality"]["docs"] >= 20
+    plain = build()
+    assert "quality" not in plain["removed"] and plain["train"]["docs"] == 60
+
+
+@pytest.mark.parametrize("name", ["max_docs", "num_proc"])
+def test_zero_max_docs_or_processes_is_refused_by_name(corpus, tmp_path, name):
+    """0 passed the positive-integer check as if it were None (max_docs=0 read nothing and blamed the source:
+    'has no documents'; num_proc=0 took the default)."""
+    root, docs, tok_path = corpus
+    with pytest.raises(ValueError, match=rf"{name}=0: must be a positive integer"):
+        data.prepare_data(str(root / "docs.jsonl"), tok_path, str(tmp_path / "out"), verbose=False, **{name: 0})
+    assert not os.path.exists(tmp_path / "out")
