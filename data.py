@@ -323,6 +323,8 @@ CLOSED_BY = {  # elements whose end tag may be left out: the start tags and end 
     "tr": ({"tr"}, SECTION_ENDS), "td": ({"td", "th", "tr"}, SECTION_ENDS | {"tr"}),
     "th": ({"td", "th", "tr"}, SECTION_ENDS | {"tr"}), "option": ({"option", "optgroup"}, {"select", "optgroup"})}
 NESTS = {"ul", "ol", "dl", "table", "select"}  # inside these, items do not end the element around them
+INLINE = {"span", "abbr", "bdi", "bdo", "cite", "data", "dfn", "kbd", "label", "mark", "q", "samp", "sub", "sup",
+          "time", "var"}  # left open, they end with the item around them (HTML reopens <a>, <b>, <font>: not these)
 MAX_LINK_SHARE = 0.5  # a block whose characters are mostly link text is a menu, a tag cloud or "next / previous"
 
 
@@ -354,20 +356,31 @@ class TextExtractor(HTMLParser):
         self.parts, self.link_chars, self.gap = [], 0, max(self.gap, gap)
 
     def handle_starttag(self, tag, attrs):
-        while self.stack and tag in CLOSED_BY.get(self.stack[-1], ((),))[0]:  # <li>a<li>: the first item ends
-            self.open[self.stack.pop()] -= 1
+        top = len(self.stack)  # under the inline elements left open (8 at most: no scan of a page's thousands)
+        while top and self.stack[top - 1] in INLINE and len(self.stack) - top < 8:
+            top -= 1
+        at = top
+        while at and tag in CLOSED_BY.get(self.stack[at - 1], ((),))[0]:  # <li>a<li>: the first item ends, and
+            at -= 1                                                        # the <span>s left open in it
+        if self.skip and at < top and at > self.skip[2]:  # (ended inside the skipped element: its count of them)
+            self.skip[1] = max(0, self.skip[1] - sum(opens_inside(self.skip[0], t) for t in self.stack[at:]))
+        if at < top:
+            self.end_element(at)
         if tag not in VOID:
             self.stack.append(tag)
             self.open[tag] += 1
         if self.skip:
-            name, depth, _ = self.skip
-            if depth or name not in CLOSED_BY or tag not in CLOSED_BY[name][0]:
+            name, depth, base = self.skip
+            ended = at < top and at <= base  # (by an implied end above: <p><span hidden>a<p>b)
+            if not ended and (depth or name not in CLOSED_BY or tag not in CLOSED_BY[name][0]):
                 self.skip[1] += opens_inside(name, tag)
                 return
             self.skip = None  # <li hidden>a<li>b: the next item ends the skipped one, and is read below
         attrs = {k: v or "" for k, v in attrs}
         if tag in SKIP or (tag not in KEEP and boilerplate(attrs)):
             self.skip = [tag, 0, len(self.stack) - 1]
+            if tag in BLOCK:  # a block dropped still ends the text before it ('a<div class=ads>..</div>b' is no 'ab')
+                self.flush(BLOCK[tag])
         elif tag in BLOCK:
             self.flush(BLOCK[tag])
             self.pre = self.open["pre"] > 0
@@ -449,7 +462,7 @@ def html_to_text(html):
     -> 'Hi\\n\\na & b\\n\\nx = 1\\n  y'"""
     parser = TextExtractor()
     try:
-        parser.feed(html)
+        parser.feed(html.replace("\r\n", "\n").replace("\r", "\n"))  # (HTML reads CR LF and CR as LF)
         if not parser.rawdata.startswith("<"):  # a page cut inside a tag or comment: the rest is markup, not text
             parser.close()
     except AssertionError:  # html.parser gives up on a few malformed "<![" sections: keep the text before it
@@ -653,19 +666,24 @@ def newest_pages(paths, blocklist=(), removed=None):
 def read_blocklist(path):
     """Domains whose pages are left out (Llama 3's safety filter drops domains ranked harmful or known for adult
     content; FineWeb used the UT1 lists): one per line, '#' comments, a leading '*.' ignored -> a set of domains
-    in one form (host_form). A line that is not one domain (two words, a URL, a port) -> ValueError naming
-    file:line: UT1's `urls` files, beside its `domains` files, would otherwise block nothing."""
+    in one form (host_form). A line that is not one domain (two words, a URL, a port, an adblock rule) -> ValueError
+    naming file:line: UT1's `urls` files, beside its `domains` files, would otherwise block nothing."""
     domains = set()
     try:
         with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 words = [host_form(w.lstrip("*.")) for w in line.split("#")[0].split()]
-                if len(words) > 1 or any(c in "".join(words) for c in "/:@") or words and not words[0]:
+                if len(words) > 1 or any(c in "".join(words) for c in HOSTLESS) or words and not words[0]:
                     raise ValueError(f"{path}:{lineno}: not a domain ({line.strip()[:60]!r})")
                 domains.update(words)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    if not domains:  # (an empty download, the wrong file: it would leave out nothing)
+        raise ValueError(f"{path}: no domains listed")
     return domains
+
+
+HOSTLESS = "/:@#?<>[\\]^|%"  # what no URL's host holds (WHATWG's forbidden domain code points): '||ads.example^'
 
 
 def check_blocklist(path, source):
@@ -1272,7 +1290,7 @@ def _encode_chunk(job):
 # -----------------------------------------------------------------------------
 # 8. prepare_data: the whole pipeline, cached in out_dir/meta.json
 
-PIPELINE = 8  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
+PIPELINE = 9  # bump when a rule of cleaning, dedup or filtering changes: caches of an older pipeline are rebuilt
               # (what each version changed: `git log -S"PIPELINE =" data.py`)
 
 

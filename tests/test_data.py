@@ -468,7 +468,7 @@ CYR = "Привет, мир — тест".encode("cp1251")
 
 
 @pytest.mark.parametrize("html", [
-    "<p>hello <span hidden><pre>x</span> world</p>",
+    "<div>hello <span hidden><pre>x</span> world</div>",  # (in a <p>, the <pre> ends the p and the span: shown)
     "<p>hello <nav><pre>x</nav> world</p>",
     "<b>hello <span class=share><pre>x</b> world",
 ])
@@ -627,12 +627,65 @@ def test_host_form_drops_what_idna_ignores():
     assert data.host_form("a\u200db.com") == "xn--ab-m1t.com"
 
 
+def test_blocklist_lines_no_host_can_match_are_refused(tmp_path):
+    """read_blocklist: "a line that is not one domain -> ValueError naming file:line". An adblock-style line
+    ('||ads.example^') or one with '%', '?', '#' or '|' holds characters no URL's host has (WHATWG's forbidden
+    domain code points): it was read as a domain, and blocked nothing."""
+    blocklist = tmp_path / "list.txt"
+    for line in ("||ads.example^", "ads.example^", "ads%2eexample", "ads.example?x", "a\\b.example", "[ads.example]"):
+        blocklist.write_text(f"ok.example\n{line}\n")
+        with pytest.raises(ValueError, match=r"list\.txt:2: not a domain"):
+            data.read_blocklist(str(blocklist))
+    blocklist.write_text("ok.example\nb\u00fccher.example\n1.2.3.4\nmy_host.example\n")  # (these stay domains)
+    assert data.read_blocklist(str(blocklist)) == {"ok.example", "xn--bcher-kva.example", "1.2.3.4", "my_host.example"}
+
+
+def test_a_blocklist_of_no_domains_is_refused(tmp_path):
+    """An empty blocklist (a download that failed, the wrong file of a UT1 category) blocked nothing, silently; a
+    --dirty_words list of no words is refused by name, and so is this now."""
+    blocklist = tmp_path / "list.txt"
+    for text in ("", "# UT1 adult domains\n\n", "\ufeff\n"):
+        blocklist.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=r"list\.txt: no domains listed"):
+            data.read_blocklist(str(blocklist))
+
+
 def test_skipped_element_ends_at_its_parents_end_tag():
     """HTML tree construction ('any other end tag' / '</div>'): an end tag pops the elements open inside it, so an
     unclosed <span class=share-count> ends at its parent's </div>. The extractor keeps skipping to the end of the
     page: one unclosed counter in a toolbar loses the whole article."""
     html = "<div class=post><span class=share-count>3</div><article><p>Main text of the article.</p></article>"
     assert data.html_to_text(html) == "Main text of the article."
+
+
+def test_a_dropped_block_still_parts_the_text_around_it():
+    """A block's text stands on its own lines, also when the block between is dropped: an ad or share box in a post's
+    bare text ran the words on both sides together ('partSecond')."""
+    for html in ("<div>First part<div class=share>Tweet</div>Second part</div>",
+                 "<div>First part<section class=ads>Buy</section>Second part</div>",
+                 "<td>First part<p class=cookie>OK</p>Second part</td>"):
+        assert data.html_to_text(html).split() == ["First", "part", "Second", "part"], html
+
+
+def test_a_dropped_span_left_open_ends_with_its_paragraph():
+    """HTML's implied ends ('<p>' closes an open <p>, '<li>' an <li>, '<td>' a cell) close the <span>s left open in
+    them too. The extractor ended an item only when it was the innermost element: an unclosed <span class=share-count>
+    kept the next paragraphs, items and cells skipped, up to the end of the element around them."""
+    for html, shown in (("<p>Intro.<span class=share-count>3<p>Next paragraph.<p>And another.",
+                         "Intro.\n\nNext paragraph.\n\nAnd another."),
+                        ("<ul><li>one<span hidden>x<li>two<li>three</ul>", "one\ntwo\nthree"),
+                        ("<table><tr><td>a<span class=share>3<td>b<tr><td>c</table>", "a b\nc"),
+                        ("<p>a<span hidden>x<p>b<span class=ads>y</span>c", "a\n\nbc")):
+        assert data.html_to_text(html) == shown, html
+
+
+def test_crlf_page_gives_the_text_of_its_lf_twin():
+    """HTML's input stream reads CR LF and a lone CR as LF (HTML §13.2.3.5). The extractor kept them: a <pre> of a
+    page saved with CRLF lines began with a blank line its LF twin lacks (so the two were no exact duplicates)."""
+    lines = ["<p>Intro text.</p>", "<pre>", "def f(x):", "    return x", "</pre>", "<p>After.</p>"]
+    want = "Intro text.\n\ndef f(x):\n    return x\n\nAfter."
+    for nl in ("\n", "\r\n", "\r"):
+        assert data.clean_text(data.HTML(nl.join(lines))) == want, repr(nl)
 
 
 # ----------------------------------------------------------------------------- dedup and filters
