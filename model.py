@@ -502,7 +502,7 @@ def bf16_matmuls(device):
 def keep_freed_memory():
     """CPU training: make glibc's malloc keep freed memory for the next tensor (as preloading jemalloc or tcmalloc
     does). Otherwise each large tensor is a fresh mmap whose pages are zeroed by page faults when first written:
-    ~75,000 a step of the cpu preset; kept, none, and the step ~10% faster (README, Pretraining). Both settings are
+    ~75,000 a step of the old 256-wide preset; kept, none, ~10% faster (README, Pretraining). Both settings are
     needed: the mmap one stops fresh maps, the trim one stops freed memory at the top of the heap going back. The
     cost: the process keeps its peak memory. Returns whether it took effect (False off glibc, e.g. macOS)."""
     try:

@@ -56,7 +56,7 @@ Design choices:
 
 Dispatch rule of `attention`: CUDA tensors -> the Triton kernel; any other tensors -> PyTorch's own fused
 attention (F.scaled_dot_product_attention with the same boolean mask, GQA by enable_gqa): the same math as the
-reference, about 2x faster on CPU for a training step (fwd+bwd, the cpu preset's shapes). TRITON_INTERPRET=1
+reference, about 2x faster on CPU for a training step (fwd+bwd, the old 256-wide preset). TRITON_INTERPRET=1
 (which tests/conftest.py sets on machines without CUDA) does not route CPU tensors to Triton: the interpreter
 runs kernels in numpy (~200x slower than the reference at T=100, seen here), and the model and training tests
 call `attention` on CPU tensors (tried on 2026-11-26: with CPU tensors sent to the interpreter, the test suite
