@@ -1787,13 +1787,15 @@ class MixedLoader:
             raise ValueError(f"MixedLoader: {len(loaders)} loaders and {len(weights)} weights")
         if not all(0 <= w < math.inf for w in weights) or not 0 < sum(weights) < math.inf:  # (1e308 + 1e308: inf)
             raise ValueError(f"MixedLoader: weights {list(weights)} must all be finite and >= 0, and one > 0")
+        if not isinstance(seed, numbers.Integral) or seed < 0:  # (numpy ints too: made plain below, as PackedLoader's)
+            raise ValueError(f"MixedLoader: seed={seed!r}, must be an integer >= 0")
         if len({(ld.B, ld.T, ld.rank, ld.world, ld.seed) for ld in loaders}) > 1:
             raise ValueError("MixedLoader: the loaders differ in batch_size, seq_len, rank, world_size or seed")
         tokens = {(ld.fingerprint, ld.vocab_size, ld.bos_id) for ld in loaders}
         if len(tokens) > 1:  # the same ids must mean the same text in every row
             raise ValueError(f"MixedLoader: the folders were made with different tokenizers: "
                              f"{', '.join(f'{ld.data_dir} {ld.fingerprint}' for ld in loaders)}")
-        self.loaders, self.seed = loaders, seed
+        self.loaders, self.seed = loaders, int(seed)
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.rows, self.taken = 0, [0] * len(loaders)  # global rows served; windows taken from each source
         self._drawn = (None, None)                     # (chunk number, its rows' sources)
@@ -1823,7 +1825,8 @@ class MixedLoader:
         return tuple(torch.cat(column) for column in zip(*parts))  # (x, y, doc_ids), (B, T) each
 
     def state_dict(self):
-        return dict(rows=self.rows, taken=list(self.taken), seed=self.seed, weights=self.p.tolist(),
+        return dict(rows=self.rows, taken=list(self.taken), seed=self.seed, loader_seed=self.loaders[0].seed,
+                    weights=self.p.tolist(),
                     sources=[dict(n_tokens=ld.n_tokens, seq_len=ld.T, content=ld.content) for ld in self.loaders])
 
     def load_state_dict(self, sd):
@@ -1831,11 +1834,13 @@ class MixedLoader:
         evaluate) start at their beginning, the others go on where they were. One folder's state (PackedLoader's,
         a run without a mix) is a mix of that one folder."""
         if "windows" in sd:   # (PackedLoader's global position is the count of windows taken from its folder)
-            if sd["seed"] != self.loaders[0].seed:   # (its windows' order: the seed of the mix's loaders)
-                raise ValueError(f"loader state has seed={sd['seed']}, this mix's folders seed="
-                                 f"{self.loaders[0].seed}: cannot resume exactly")
-            sd = dict(rows=sd["windows"], taken=[sd["windows"]], seed=self.seed,
+            sd = dict(rows=sd["windows"], taken=[sd["windows"]], seed=self.seed, loader_seed=sd["seed"],
                       sources=[{k: sd.get(k) for k in ("n_tokens", "seq_len", "content")}])
+        # each folder's windows' order: the seed of the mix's loaders, not the mix's own (a state of an older
+        # data.py has none: not compared)
+        if sd.get("loader_seed", self.loaders[0].seed) != self.loaders[0].seed:
+            raise ValueError(f"loader state has seed={sd['loader_seed']}, this mix's folders seed="
+                             f"{self.loaders[0].seed}: cannot resume exactly")
         mine = self.state_dict()
         if len(sd["sources"]) > len(mine["sources"]):
             raise ValueError(f"loader state has {len(sd['sources'])} folders, this mix {len(mine['sources'])}: a "

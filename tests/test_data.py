@@ -1211,6 +1211,25 @@ def test_mixed_loader_resumes_with_folders_added(two_sources):
             .load_state_dict(data.PackedLoader(two_sources[0], "train", 4, T, seed=5).state_dict())
 
 
+def test_mixed_loader_refuses_a_state_of_folders_read_in_another_order(two_sources):
+    """The mix's own seed draws the rows' folders; its loaders' seed orders each folder's windows. A state whose
+    loaders had another seed is refused, as one folder's state of another seed is (it was taken, and each folder
+    then served other windows than the run it resumed would have)."""
+    T = 8
+    ref = data.MixedLoader([data.PackedLoader(f, "train", 4, T, seed=4) for f in two_sources], [1, 1], 0)
+    for _ in range(3):
+        ref.next_batch()
+    sd = json.loads(json.dumps(ref.state_dict()))
+    same = data.MixedLoader([data.PackedLoader(f, "train", 4, T, seed=4) for f in two_sources], [1, 1], 0)
+    same.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(ref.next_batch(), same.next_batch()))
+    other = data.MixedLoader([data.PackedLoader(f, "train", 4, T, seed=5) for f in two_sources], [1, 1], 0)
+    with pytest.raises(ValueError, match="seed=4, this mix's folders seed=5"):
+        other.load_state_dict(sd)
+    del sd["loader_seed"]   # a state saved before it was kept: its folders' seed unknown, resumed as before
+    other.load_state_dict(sd)
+
+
 def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     T = 8
     one = mixed(two_sources, [0.5, 0.5], 4, T)
@@ -1287,6 +1306,20 @@ def test_mixed_loader_ranks_resume_and_refusals(two_sources, tmp_path):
     alone, single = data.PackedLoader(two_sources[0], "train", 3, T, seed=4), mixed(two_sources[:1], [1], 3, T)
     for _ in range(5):
         assert all(torch.equal(a, b) for a, b in zip(alone.next_batch(), single.next_batch()))
+
+
+def test_mixed_loader_seed_is_checked_and_its_state_plain(two_sources):
+    """The mix's seed as PackedLoader's: a numpy integer is an integer, made plain in the state (json cannot write an
+    np.int64, nor does torch.load(weights_only=True) read one back: the checkpoint could not be resumed), and a
+    negative or non-integer seed is refused when the mix is made, not by numpy at its first batch."""
+    loaders = [data.PackedLoader(f, "train", 2, 8, seed=4) for f in two_sources]
+    ld = data.MixedLoader(loaders, [1, 1], np.int64(4))
+    ld.next_batch()
+    sd = ld.state_dict()
+    assert json.loads(json.dumps(sd)) == sd
+    for seed in (-1, 1.5, None):
+        with pytest.raises(ValueError, match=f"MixedLoader: seed={seed!r}, must be an integer >= 0"):
+            data.MixedLoader(loaders, [1, 1], seed)
 
 
 def test_mixed_loader_zero_weight_is_never_read_and_keeps_its_place(two_sources, monkeypatch):
