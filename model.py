@@ -603,7 +603,8 @@ def read_meta_checkpoint(path):
     for f, shard in zip(files[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())
-            raise CheckpointError(f"{f}: tensor {diff[0]} is in one shard and not in {files[0].name}")
+            where_else = "missing here but in" if diff[0] in shards[0] else "here but not in"
+            raise CheckpointError(f"{f}: tensor {diff[0]} is {where_else} {files[0].name}")
     for shard in shards:
         shard.pop("rope.freqs", None)  # a buffer of RoPE's frequencies some Meta checkpoints carry; we compute it
     where = files[0] if len(files) == 1 else path / "consolidated.*.pth"
@@ -725,7 +726,7 @@ def args_from_hf_config(config, file="config.json"):
         model_args = ModelArgs(**args)
     except ValueError as e:
         raise CheckpointError(f"{file}: {e}") from e
-    if config.get("head_dim", model_args.head_dim) != model_args.head_dim:
+    if config.get("head_dim") not in (None, model_args.head_dim):  # (null: derived, as in transformers)
         raise CheckpointError(f"{file}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
     return model_args
 
@@ -756,6 +757,18 @@ def read_hf_checkpoint(path):
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.json'}: a JSON {type(config).__name__}, not an object of fields")
     args = args_from_hf_config(config, path / "config.json")
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # sharded: a download cut short lacks some of the shards its index names
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r}): expected "
+                                  '{"weight_map": {tensor: file}}') from e
+        if missing:
+            name = next(k for k, f in weight_map.items() if f == missing[0])
+            raise CheckpointError(f"{index}: names {missing[0]} (tensor {name}, ...), which is not in {path}: "
+                                  "a download cut short? (fetch the missing shards)")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: config.json but no *.safetensors (only safetensors weights are read)")

@@ -927,6 +927,19 @@ def test_hf_shapes_and_names_are_checked_before_unpermuting(tmp_path):
         M.load_model(tmp_path / "hf")
 
 
+def test_hf_index_naming_a_missing_shard_names_it(tmp_path):
+    """(review, helper) A sharded download cut short (model.safetensors.index.json names a shard that is not there) was
+    reported as "missing tensor layers.1.attention.wq.weight", in Meta's name, naming neither the shard nor the index."""
+    write_hf_dir(tmp_path / "hf", tiny_model())
+    (tmp_path / "hf" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"hf/model.safetensors.index.json: names model-00002-of-00002."
+                                              r"safetensors \(tensor model\..*\), which is not in "):
+        M.load_model(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        M.load_model(tmp_path / "hf")
+
+
 def test_malformed_configs_and_state_dicts_name_the_file(tmp_path):
     write_hf_dir(tmp_path / "hf", tiny_model())
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -1041,3 +1054,29 @@ def test_hf_config_llama3_rope_keeps_its_original_context():
     assert args.use_scaled_rope and args.rope_scaling_factor == 8.0 and args.rope_original_context == 2048
     del config["rope_scaling"]["original_max_position_embeddings"]
     assert M.args_from_hf_config(config).rope_original_context == 8192  # the default when the config is silent
+
+
+def test_hf_config_head_dim_null_is_derived():
+    """(review, helper) "head_dim": null is what transformers' LlamaConfig reads as hidden_size / num_attention_heads
+    (configs written by other tools carry it: Granite's, Mistral's); it was refused as "head_dim None != ..."."""
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 97, "intermediate_size": 176, "head_dim": None}
+    assert M.args_from_hf_config(config).head_dim == 16
+    with pytest.raises(CheckpointError, match="head_dim 32 != hidden_size / num_attention_heads"):
+        M.args_from_hf_config({**config, "head_dim": 32})
+
+
+def test_meta_shards_that_disagree_say_which_lacks_the_tensor(tmp_path):
+    """(review, helper) A shard without a tensor the first holds was reported as "consolidated.01.pth: tensor
+    norm.weight is in one shard and not in consolidated.00.pth", the other way round."""
+    m = tiny_model(vocab_size=96)
+    write_meta_dir(tmp_path / "meta", m, n_shards=2)
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth")
+    torch.save({k: v for k, v in shard.items() if k != "norm.weight"}, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: tensor norm.weight is missing here but in "
+                                              r"consolidated.00.pth$"):
+        M.load_model(tmp_path / "meta")
+    torch.save({**shard, "extra.weight": torch.zeros(3)}, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: tensor extra.weight is here but not in "
+                                              r"consolidated.00.pth$"):
+        M.load_model(tmp_path / "meta")
