@@ -72,7 +72,6 @@ train.py calls prepare_data(...) and PackedLoader(...) itself, so `python train.
 import argparse
 import ast
 import datetime
-import glob
 import gzip
 import hashlib
 import ipaddress
@@ -170,11 +169,13 @@ def read_jsonl(path, field="text"):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))  # (a BOM: Windows editors write one)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); is the file truncated?") from None
+            except (ValueError, RecursionError) as e:  # valid JSON Python refuses: over 4,300 digits, deep nesting
+                raise ValueError(f"{path}:{lineno}: JSON that Python cannot read ({e})") from None
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 missing += 1
@@ -265,14 +266,30 @@ def hf_datasets(source):
 def source_files(source):
     """The files a file or folder source reads, in the order it reads them."""
     if os.path.isdir(source):
-        paths = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
-        paths = [p for p in paths if p.endswith(SUFFIXES) and os.path.isfile(p)]
+        paths = sorted(p for p in folder_files(source) if p.endswith(SUFFIXES))
         if not paths:
             raise ValueError(f"{source}: no {', '.join(SUFFIXES)} files in this folder")
         return paths
     if os.path.isfile(source):
         return [source]
     raise FileNotFoundError(f"source {source!r}: not 'stdlib', 'hf:NAME' or an existing file or folder")
+
+
+def folder_files(folder, inside=()):
+    """The files under folder as glob's "**" finds them (hidden names left out, symlinked folders followed), but for
+    a symlink to a folder they are inside (a loop: glob went ~40 deep, each file read 41 times, and two loops were
+    2^40 paths). A subfolder that cannot be listed is an error (glob left it out without a word)."""
+    inside += (os.path.realpath(folder),)
+    with os.scandir(folder) as it:
+        entries = list(it)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if os.path.realpath(entry.path) not in inside:
+                yield from folder_files(entry.path, inside)
+        elif entry.is_file():
+            yield entry.path
 
 
 def source_stamp(source):

@@ -1864,3 +1864,71 @@ def test_zero_max_docs_or_processes_is_refused_by_name(corpus, tmp_path, name):
     with pytest.raises(ValueError, match=rf"{name}=0: must be a positive integer"):
         data.prepare_data(str(root / "docs.jsonl"), tok_path, str(tmp_path / "out"), verbose=False, **{name: 0})
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
+    """A Windows editor's JSONL starts with a BOM (align.py's reader skips it): its first record is read, not
+    refused as 'not valid JSON ... is the file truncated?'; CR LF line ends too."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n{"text": "two"}\r\n')
+    assert list(data.iter_documents(str(path))) == ["one", "two"]
+    with gzip.open(tmp_path / "bom.jsonl.gz", "wb") as f:
+        f.write(path.read_bytes())
+    assert list(data.iter_documents(str(tmp_path / "bom.jsonl.gz"))) == ["one", "two"]
+
+
+@pytest.mark.parametrize("value", ["1" * 5000, "[" * 100_000 + "]" * 100_000], ids=["5000_digits", "deep"])
+def test_jsonl_line_pythons_json_cannot_hold_is_named_by_file_and_line(tmp_path, value):
+    """Valid JSON that Python's json refuses (a number over 4,300 digits, arrays nested past the recursion limit)
+    is an error naming file:line like any unreadable line, not a bare ValueError or RecursionError naming neither."""
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "x", "id": ' + value + '}\n')
+    with pytest.raises(ValueError, match=r"odd\.jsonl:2: "):
+        list(data.iter_documents(str(path)))
+
+
+def test_folder_whose_name_glob_reads_as_a_pattern(tmp_path):
+    """A folder named 'corpus[2024]' is read as itself: glob took the brackets as a pattern (matching 'corpus2/'),
+    so its files were not found ('no .txt ... files in this folder'), or another folder's were read."""
+    folder = tmp_path / "corpus[2024]"
+    folder.mkdir()
+    (folder / "a.txt").write_text("mine")
+    (tmp_path / "corpus2").mkdir()
+    (tmp_path / "corpus2" / "b.txt").write_text("another folder's")
+    assert list(data.iter_documents(str(folder))) == ["mine"]
+    assert data.source_files(str(folder)) == [str(folder / "a.txt")]
+
+
+def test_folder_with_symlinks_back_up_reads_each_file_once(tmp_path):
+    """A symlink to a folder a file is in (a loop) is not followed: glob's '**' followed it ~40 deep, every file
+    read 41 times; two such links made 2^40 paths (a hang). Other symlinked folders are still read, as before."""
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    os.symlink("..", tmp_path / "sub" / "up")
+    outside = tmp_path.parent / (tmp_path.name + "_linked")
+    outside.mkdir()
+    (outside / "c.txt").write_text("c")
+    os.symlink(outside, tmp_path / "linked")
+    want = [str(tmp_path / "a.txt"), str(tmp_path / "linked" / "c.txt"), str(tmp_path / "sub" / "b.txt")]
+    assert data.source_files(str(tmp_path)) == want
+    os.symlink(str(tmp_path), tmp_path / "sub" / "top")  # a second loop (absolute)
+    assert data.source_files(str(tmp_path)) == want
+    assert list(data.iter_documents(str(tmp_path))) == ["a", "c", "b"]
+
+
+def test_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    """A subfolder the user may not read (another user's, mode 000) stops the read naming it: glob left it out
+    without a word, and the corpus was built from part of the source."""
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "b.txt").write_text("b")
+    scandir = os.scandir
+
+    def refuse(path="."):  # (the tests may run as root, whom chmod 000 does not stop)
+        if os.path.basename(os.fspath(path).rstrip(os.sep)) == "private":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(PermissionError, match="private"):
+        data.source_files(str(tmp_path))
