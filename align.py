@@ -74,7 +74,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
@@ -135,7 +134,8 @@ def check(task, response):
 
 def corrupt(task, rng):
     """A plausible wrong answer, for a rejected response when the policy never erred:
-    a number off by one or two, or the letters shuffled (one letter added if shuffling cannot change them)."""
+    a number off by one or two, or the letters shuffled (one letter added when the shuffle gives the answer back,
+    as it must when no shuffle can change it)."""
     ans = task["answer"]
     while True:
         if ans.isdigit():
@@ -232,8 +232,8 @@ def _response(x, prompt, where):
 
 
 def load_sft(path):
-    """{"messages": [...]} per line, ending with an assistant turn, or TRL's {"prompt", "completion"} (each a
-    string or messages) -> list of conversations."""
+    """{"messages": [...]} per line, ending with an assistant turn (none of them empty), or TRL's {"prompt",
+    "completion"} (each a string or messages) -> list of conversations."""
     out = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -246,7 +246,12 @@ def load_sft(path):
         if not isinstance(rec, dict) or "messages" not in rec:
             raise BadInput(f"{where}: expected an object with a 'messages' list, or a 'prompt' and a 'completion'"
                            f"{f' (its keys: {sorted(rec)})' if isinstance(rec, dict) else ''}")
-        out.append(_messages(rec["messages"], f"{where}: 'messages'", "assistant"))
+        msgs = _messages(rec["messages"], f"{where}: 'messages'", "assistant")
+        empty = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and not m["content"].strip()]
+        if empty:  # (the chat format strips it: <|eot_id|> alone would be trained as the answer)
+            raise BadInput(f"{where}: 'messages': message {empty[0]} (the assistant's) is empty: SFT would train the "
+                           "model to answer with nothing")
+        out.append(msgs)
     return out
 
 
@@ -278,7 +283,9 @@ def load_pairs(path):
                     rejected=_response(rec["rejected"], prompt, f"{where}: 'rejected'"))
         if "margin" in rec:  # Llama 2's preference strength, for the reward model's loss
             m = rec["margin"]
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            # (abs(m) <= the largest float: False for NaN and inf, and for a JSON integer past a float's range, where
+            # math.isfinite raised OverflowError)
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not abs(m) <= sys.float_info.max:
                 raise BadInput(f"{where}: 'margin' must be a finite number, got {m!r}")
             pair["margin"] = float(m)
         if pair["chosen"].strip() == pair["rejected"].strip():  # the chat format strips them: the same tokens
@@ -1302,6 +1309,10 @@ if __name__ == "__main__":
     if args.stage == "all" and args.data:   # (it would run SFT on it, then fail at the reward model's stage)
         p.error("--data holds one stage's records (sft: messages; rm, dpo: pairs; rs, ppo: prompts): run the "
                 "stages one by one, each with its own --data")
+    if args.stage == "all" and args.out:  # (the chain would write out/RUN-STAGE all the same, over another run's)
+        p.error("--out names one stage's folder: `all` writes out/RUN-sft, out/RUN-rm, ...: name the run with --run")
+    if args.stage != "all" and args.run:
+        p.error(f"--run names the folders of `all`: {args.stage} writes to --out (default INIT-{args.stage})")
     if args.stage != "all":
         if args.init is None:
             p.error(f"{args.stage} needs --init CKPT")
@@ -1316,6 +1327,13 @@ if __name__ == "__main__":
     if (args.lr is not None and not args.lr > 0) or not args.temperature > 0:
         p.error("--lr and --temperature must be > 0 (at temperature 0 the K samples of a prompt are one answer K "
                 "times: no pair to prefer, nothing to choose from)")
+    if not args.beta > 0:  # (0: DPO's term is log 2 whatever the policy does; below: it prefers the rejected)
+        p.error("--beta must be > 0")
+    for name in ("nll_coef", "kl_coef"):  # (below 0 each rewards what it is there to hold down)
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name} must be >= 0 (0: {'no NLL term' if name == 'nll_coef' else 'no KL penalty'})")
+    if args.kl_target is not None and not args.kl_target > 0:  # (PPO divides the measured KL by it)
+        p.error("--kl_target must be > 0 (the KL per response the coefficient steers to; without it: fixed)")
     if args.n_eval < (1 if args.stage == "all" else 0):
         p.error(f"--n_eval must be >= {1 if args.stage == 'all' else 0}")
     device = setup_device()

@@ -956,3 +956,58 @@ def test_rs_trains_only_the_winning_answer_not_earlier_turns_of_the_prompt(tok, 
     # reference: the targets are exactly the tokens of the final answer and its <|eot_id|>
     answer = tok.encode("3") + [tok.eot_id]
     assert [t for t, m in zip(ids, mask) if m] == answer
+
+
+def _cli(tmp_path, *a):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(repo, "align.py"), *a], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_refuses_out_with_all_and_run_with_one_stage(tmp_path):
+    """`all` writes out/RUN-STAGE whatever --out says (over the default chain's folders, its marks removed first),
+    and one stage writes to --out whatever --run says: each refused, before any work, not ignored."""
+    r = _cli(tmp_path, "all", "--init", str(tmp_path / "nothere"), "--out", str(tmp_path / "mine"))
+    assert r.returncode == 2 and "--out names one stage's folder" in r.stderr, r.stderr[-2000:]
+    r = _cli(tmp_path, "sft", "--init", str(tmp_path / "nothere"), "--run", "mine")
+    assert r.returncode == 2 and "--run names the folders of `all`" in r.stderr, r.stderr[-2000:]
+
+
+def test_cli_refuses_a_kl_target_of_zero(tmp_path):
+    """--kl_target 0 was taken, then PPO's first iteration divided by it (ZeroDivisionError, a traceback after the
+    rollout); a negative target only ever shrank the coefficient. Refused before any work."""
+    for bad in ("0", "-0.1"):
+        r = _cli(tmp_path, "ppo", "--init", str(tmp_path / "nothere"), "--rm", str(tmp_path / "nothere"),
+                 "--kl_target", bad)
+        assert r.returncode == 2 and "--kl_target must be > 0" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stage, flag, bad", [("dpo", "--beta", "0"), ("dpo", "--beta", "-0.1"),
+                                              ("dpo", "--nll_coef", "-0.2"), ("ppo", "--kl_coef", "-0.5")])
+def test_cli_refuses_coefficients_that_turn_the_objective_around(tmp_path, stage, flag, bad):
+    """β = 0 leaves DPO's term at log 2 with no gradient (only the NLL trains), β < 0 trains toward the rejected
+    answers; a negative NLL or KL coefficient rewards what it is there to hold down. Each ran silently."""
+    r = _cli(tmp_path, stage, "--init", str(tmp_path / "nothere"), "--rm", str(tmp_path / "nothere"), flag, bad)
+    assert r.returncode == 2 and f"{flag} must be" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_margin_too_large_for_a_float_is_reported(tmp_path):
+    """JSON's integers have no limit: math.isfinite(10**400) raises OverflowError (a traceback, no file:line)."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1%s}\n' % ("0" * 400))
+    with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: 'margin' must be a finite number"):
+        align.load_pairs(path)
+
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [_U("What color is the sky?"), _A("")]},
+    {"messages": [_U("hi"), _A(" \n"), _U("What color is the sky?"), _A("Blue.")]},
+    {"prompt": "What color is the sky?", "completion": ""},
+])
+def test_sft_refuses_an_empty_assistant_message(tmp_path, record):
+    """An assistant message with no text (a failed export, a dropped field) is valid JSON of the right shape, and
+    SFT trained <|eot_id|> alone as the answer to its prompt: reported with file:line, as a malformed record."""
+    path = _write(tmp_path / "sft.jsonl", {"messages": [_U("q"), _A("a")]}, record)
+    with pytest.raises(align.BadInput, match=r"sft\.jsonl:2: 'messages': message \d \(the assistant's\) is empty"):
+        align.load_sft(path)
