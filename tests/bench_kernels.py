@@ -304,4 +304,3 @@ table("where the forward+backward time goes: wall ms (as above) against the GPU'
 table("document masking: our time with 8 docs over our causal time (ideal = the ratio of visible pairs)",
       ["T", "pairs docs/causal", "fwd time docs/causal", "fwd+bwd time docs/causal", "doc spans ms, once a batch"],
       skip_rows)
-

@@ -999,7 +999,6 @@ def test_a_margin_too_large_for_a_float_is_reported(tmp_path):
         align.load_pairs(path)
 
 
-
 @pytest.mark.parametrize("record", [
     {"messages": [_U("What color is the sky?"), _A("")]},
     {"messages": [_U("hi"), _A(" \n"), _U("What color is the sky?"), _A("Blue.")]},
