@@ -928,8 +928,8 @@ def test_hf_shapes_and_names_are_checked_before_unpermuting(tmp_path):
 
 
 def test_hf_index_naming_a_missing_shard_names_it(tmp_path):
-    """(review, helper) A sharded download cut short (model.safetensors.index.json names a shard that is not there) was
-    reported as "missing tensor layers.1.attention.wq.weight", in Meta's name, naming neither the shard nor the index."""
+    """A sharded download cut short (model.safetensors.index.json names a shard that is not there) was reported as
+    "missing tensor layers.1.attention.wq.weight", in Meta's name, naming neither the shard nor the index."""
     write_hf_dir(tmp_path / "hf", tiny_model())
     (tmp_path / "hf" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"hf/model.safetensors.index.json: names model-00002-of-00002."
