@@ -1428,6 +1428,8 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
         raise ValueError(f"token_kl={token_kl!r}: must be a number >= 0 (robust standard deviations; 0: off)")
     check_blocklist(blocklist, source)   # (a bad list: refused before the old cache is touched)
     phrases = read_word_list(dirty_words) if dirty_words else None
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):   # (else a NotADirectoryError once the build starts)
+        raise ValueError(f"{out_dir}: a file, not a folder: give the folder the shards go to")
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer there (tokenizer.py makes one; train.py too, with "
                                 "its data)")
@@ -1897,6 +1899,8 @@ if __name__ == "__main__":
                    "further from the corpus's token frequencies than documents of its length by over this many "
                    "robust standard deviations goes (5 is a start); 0: off")
     a = p.parse_args()
+    if a.quality_drop != p.get_default("quality_drop") and not a.quality_model:
+        p.error("--quality_drop goes with --quality_model: it is the share of the sample that model's filter drops")
     try:
         prepare_data(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, num_proc=a.num_proc,
                      shard_tokens=a.shard_tokens, max_docs=a.max_docs, quality_model=a.quality_model,

@@ -267,10 +267,17 @@ def main():
     args = parser.parse_args()
     if (args.prompt is None) != args.chat or (args.system is not None and not args.chat):  # (one would be ignored)
         parser.error("give --prompt TEXT or --chat (--system goes with --chat), not both")
+    if args.max_context != parser.get_default("max_context") and not args.chat:  # (--prompt's cache: prompt + new)
+        parser.error("--max_context goes with --chat: --prompt's context is the prompt and --max_new_tokens")
     if not args.temperature >= 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1 or \
             args.max_new_tokens < 0 or args.max_context < 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "
                      "--max_context >= 1")
+    try:  # (a name torch does not know, or CUDA on a machine without it: torch's traceback after the tokenizer)
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device here (give --device cpu)")
+    except RuntimeError as e:
+        parser.error(f"--device {args.device}: {e}")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:

@@ -540,6 +540,12 @@ if __name__ == "__main__":
         parser.error("--encode needs --load TOKENIZER (without --load, tokenizer.py trains one and writes --out)")
     if args.blocklist and args.load:
         parser.error("--blocklist is for training (it leaves pages out of the text); --load reads a tokenizer")
+    for name in ("source", "vocab_size", "out"):  # (--load writes nothing: each would be ignored)
+        if args.load and getattr(args, name) != parser.get_default(name):
+            parser.error(f"--{name} is for training; --load reads a tokenizer (and writes nothing)")
+    if not args.load and (os.path.isdir(args.out) or args.out.endswith(("/", os.sep))):  # (found after the training)
+        parser.error(f"--out {args.out} is a folder: give the tokenizer's file, e.g. "
+                     f"{os.path.join(args.out, 'tok.model')}")
 
     if args.load:
         try:

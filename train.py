@@ -367,8 +367,15 @@ if min(args.max_steps or 0, args.sample_tokens, args.warmup_steps) < 0 or not 0 
         not 0 <= (args.max_minutes or 0) < math.inf or not 1 < rope_factor < math.inf:
     parser.error("--max_steps, --max_minutes, --sample_tokens and --warmup_steps must be >= 0 (and finite), "
                  "--decay_frac within [0, 1], --rope_factor > 1")
-if not (args.lr > 0 and args.grad_clip > 0 and args.weight_decay >= 0 and 0 <= (args.min_lr or 0) <= args.lr):
-    parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --min_lr within [0, --lr]")
+if not (0 < args.lr < math.inf and args.grad_clip > 0 and 0 <= args.weight_decay < math.inf and
+        0 <= (args.min_lr or 0) <= args.lr):  # (--grad_clip inf: no clipping; an infinite --lr or decay: NaN weights)
+    parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --lr and --weight_decay finite, --min_lr "
+                 "within [0, --lr]")
+try:  # (a name torch does not know, or CUDA on a machine without it: torch's traceback at the first use)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (give --device cpu)")
+except RuntimeError as e:
+    parser.error(f"--device {args.device}: {e}")
 try:
     folders, shares = parse_mix(args.data)
 except ValueError as e:
@@ -377,6 +384,8 @@ if len(folders) > 1 and args.source:
     parser.error("--source builds one --data folder: build each folder of a mix with data.py")
 if args.blocklist and not args.source:
     parser.error("--blocklist goes with --source: it leaves pages out of the data --source builds")
+if args.decay_frac != parser.get_default("decay_frac") and args.schedule != "wsd":
+    parser.error("--decay_frac is the share of wsd's decay: give --schedule wsd (cosine decays over the whole run)")
 if args.rope_factor is not None and not args.init:
     parser.error("--rope_factor scales the RoPE of a trained model: it needs --init")
 if args.init and os.path.realpath(args.init) == os.path.realpath(args.out_dir):
@@ -384,8 +393,12 @@ if args.init and os.path.realpath(args.init) == os.path.realpath(args.out_dir):
                  "overwrite its model; give another --out_dir")
 if args.init and args.model != parser.get_default("model"):
     parser.error("--init takes the shape of the model it loads: drop --model")
-if args.max_steps is None and args.max_minutes is None and args.device == "cpu":
+clock_default = args.max_steps is None and args.max_minutes is None and args.device == "cpu"
+if clock_default:
     args.max_minutes = 6.0  # `python train.py` on a laptop: a few minutes, whatever its speed
+# on the clock the schedule counts no steps: the step flags given are not used (said once the log is up)
+unused = [f"--{k} {getattr(args, k)}" for k in ("max_steps", "warmup_steps")
+          if args.max_minutes and getattr(args, k) not in (None, parser.get_default(k))]
 args.max_steps = 300 if args.max_steps is None else args.max_steps
 if args.average_last and args.max_minutes:
     parser.error("--average_last counts the last of --max_steps: give --max_steps, not --max_minutes (without "
@@ -731,6 +744,10 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 budget = args.max_minutes * 60 if args.max_minutes else None
+if unused:
+    log(f"note: the schedule runs on the clock of --max_minutes {args.max_minutes:g}"
+        f"{' (the default on a CPU without --max_steps)' if clock_default else ''} (warmup: its first tenth): "
+        f"{', '.join(unused)} not used")
 if not budget and args.warmup_steps >= args.max_steps > start_step:
     log(f"note: --warmup_steps {args.warmup_steps} >= --max_steps {args.max_steps}: the lr never reaches --lr")
 step, stopped, t_loop = start_step, False, time.time() - elapsed  # a resumed run's clock goes on where it was

@@ -1932,3 +1932,30 @@ def test_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeyp
     monkeypatch.setattr(os, "scandir", refuse)
     with pytest.raises(PermissionError, match="private"):
         data.source_files(str(tmp_path))
+
+
+def test_cli_out_that_is_a_file_is_one_line(corpus, tmp_path):
+    """(review, helper) `python data.py --out FILE` (a file, not a folder) ended in a NotADirectoryError traceback."""
+    import subprocess
+    root, _, tok_path = corpus
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "notes.txt").write_text("mine")
+    r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "--source", str(root / "docs.jsonl"),
+                        "--tokenizer", tok_path, "--out", str(tmp_path / "notes.txt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "notes.txt: a file, not a folder" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_quality_drop_without_quality_model_is_refused(corpus, tmp_path):
+    """(review, helper) --quality_drop is the share the --quality_model filter drops: without a model it was silently
+    ignored (though, being in the folder's config, it made an up-to-date folder build again)."""
+    import subprocess
+    root, _, tok_path = corpus
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "--source", str(root / "docs.jsonl"),
+                        "--tokenizer", tok_path, "--out", str(tmp_path / "out"), "--quality_drop", "0.3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--quality_drop goes with --quality_model" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

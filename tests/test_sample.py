@@ -426,3 +426,21 @@ def test_cli_prompt_or_chat_not_both(monkeypatch, capsys, flags):
     with pytest.raises(SystemExit) as e:
         sample.main()
     assert e.value.code == 2 and "give --prompt TEXT or --chat" in capsys.readouterr().err
+
+
+def test_cli_a_device_that_is_not_there_is_one_line(monkeypatch, capsys):
+    """(review, helper) --device gpu (a name torch does not know) or --device cuda without CUDA ended in torch's
+    traceback after the tokenizer was read; now refused by the parser, naming --device."""
+    for device in ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--prompt", "hi", "--device", device])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        assert e.value.code == 2 and f"--device {device}:" in capsys.readouterr().err
+
+
+def test_cli_max_context_without_chat_is_refused(monkeypatch, capsys):
+    """(review, helper) --max_context is --chat's KV cache: with --prompt it was silently ignored."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--prompt", "hi", "--max_context", "64"])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert e.value.code == 2 and "--max_context goes with --chat" in capsys.readouterr().err

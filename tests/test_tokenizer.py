@@ -412,3 +412,22 @@ def test_cli_load_of_a_malformed_file_is_one_line(tmp_path):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", str(bad)],
                            capture_output=True, text=True)
         assert r.returncode == 1 and "Traceback" not in r.stderr and where in r.stderr, r.stderr
+
+
+def test_cli_out_that_is_a_folder_is_refused_before_training(tmp_path):
+    """(review, helper) --out DIR (a folder, e.g. data/web/) trained the whole tokenizer, then failed to write it with
+    a traceback (IsADirectoryError): the training was lost. Refused before any is done."""
+    (tmp_path / "a.txt").write_text("hello world hello there", encoding="utf-8")
+    for out in (str(tmp_path), str(tmp_path) + os.sep):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--source", str(tmp_path / "a.txt"),
+                            "--vocab_size", "520", "--out", out], capture_output=True, text=True)
+        assert r.returncode == 2 and "--out" in r.stderr and "is a folder" in r.stderr, r.stderr
+
+
+def test_cli_training_flags_with_load_are_refused(tmp_path):
+    """(review, helper) --load reads a tokenizer: --source, --vocab_size and --out given with it were silently
+    ignored (only --blocklist was refused)."""
+    for flag, value in (("--source", str(tmp_path)), ("--vocab_size", "600"), ("--out", str(tmp_path / "t.model"))):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", "x.model", flag, value],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and f"{flag} is for training" in r.stderr, r.stderr

@@ -759,3 +759,36 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(corpus, tmp_pat
     stop = re.search(r"stopped by signal .* at step (\d+)", output)
     assert p.returncode == 0 and stop, output[-3000:]
     assert (tmp_path / "ckpt" / f"step_{int(stop[1]):06d}").is_dir()   # the checkpoint --resume goes on from
+
+
+def test_a_device_that_is_not_there_is_one_line(corpus, tmp_path):
+    """(review, helper) --device gpu (a name torch does not know) or --device cuda on a machine without CUDA ended in
+    a traceback from torch; now a one-line message naming --device, before any work."""
+    for device in ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        r = train(corpus, tmp_path, "--device", device, ok=False)
+        assert r.returncode == 2 and f"--device {device}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_infinite_lr_or_weight_decay_is_refused(corpus, tmp_path):
+    """(review, helper) --lr inf or --weight_decay inf passed the parser: the first update made every weight NaN, and
+    with --max_steps 1 a NaN model was exported with exit status 0."""
+    for flags in (["--lr", "inf"], ["--weight_decay", "inf"]):
+        r = train(corpus, tmp_path, *flags, "--max_steps", "1", ok=False)
+        assert r.returncode == 2 and "finite" in r.stderr and not (tmp_path / "params.json").exists(), r.stderr
+
+
+def test_decay_frac_without_wsd_is_refused(corpus, tmp_path):
+    """(review, helper) --decay_frac is the wsd schedule's: with the default cosine schedule it was silently ignored
+    (the run decayed over all its steps)."""
+    r = train(corpus, tmp_path, "--decay_frac", "0.5", ok=False)
+    assert r.returncode == 2 and "--decay_frac" in r.stderr and "--schedule wsd" in r.stderr, r.stderr
+
+
+def test_steps_flags_under_a_time_budget_are_told_unused(corpus, tmp_path):
+    """(review, helper) under --max_minutes the schedule runs on the clock: --max_steps and --warmup_steps were
+    silently not used (--max_steps 2 --max_minutes 0.02 ran as many steps as fit in the time). A note says so."""
+    r = train(corpus, tmp_path, "--max_steps", "2", "--warmup_steps", "1", "--max_minutes", "0.01", "--eval_interval",
+              "100000", "--ckpt_interval", "100000")
+    assert re.search(r"note: .*--max_minutes 0\.01.*: --max_steps 2, --warmup_steps 1 not used", r.stdout), r.stdout
+    r = train(corpus, tmp_path, "--max_steps", "2")   # (TINY's --max_minutes 0: no clock, nothing to tell)
+    assert "not used" not in r.stdout, r.stdout
