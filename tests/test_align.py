@@ -383,6 +383,11 @@ def test_rejection_sampling_keeps_the_best(tok, monkeypatch):
             s.append(tok.eot_id)
     monkeypatch.setattr(align, "sample_responses", lambda *a, **kw: samples)
     winners, scores = align.rejection_sample(policy, rm, tok, prompts, k=3, max_new=6)
+    # each score is the reward model's for its own prompt + sample, each sequence scored alone (the winners below are
+    # picked by these scores, so a score given to another sequence would pass unseen there)
+    want = [align.rm_scores(rm, [tok.encode_dialog_prompt(p) + samples[3 * i + j]])[0].item()
+            for i, p in enumerate(prompts) for j in range(3)]
+    assert scores.flatten().tolist() == pytest.approx(want, abs=1e-5)
     for i, (p, w) in enumerate(zip(prompts, winners)):
         ended = [j for j in range(3) if samples[3 * i + j][-1] == tok.eot_id]
         if not ended:
