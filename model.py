@@ -492,6 +492,16 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
+def device_problem(name):
+    """What is wrong with a --device name (torch does not know it; cuda on a machine without CUDA), or None."""
+    try:
+        if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device here (give --device cpu)"
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def bf16_matmuls(device):
     """Whether matmuls run natively in bf16: CUDA, or a CPU with AVX512-BF16 (AMD Zen 4, Intel Cooper Lake) or AMX
     (Sapphire Rapids); other CPUs emulate bf16, slower than fp32 (README, Pretraining, has the speed-ups)."""

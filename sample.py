@@ -32,7 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, load_model, tokenizer_path
+from model import CheckpointError, device_problem, load_model, tokenizer_path
 from tokenizer import Tokenizer
 
 
@@ -273,11 +273,8 @@ def main():
             args.max_new_tokens < 0 or args.max_context < 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "
                      "--max_context >= 1")
-    try:  # (a name torch does not know, or CUDA on a machine without it: torch's traceback after the tokenizer)
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device here (give --device cpu)")
-    except RuntimeError as e:
-        parser.error(f"--device {args.device}: {e}")
+    if device_problem(args.device):  # (else torch's traceback at its first use)
+        parser.error(f"--device {args.device}: {device_problem(args.device)}")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:

@@ -72,7 +72,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import (PRESETS, CheckpointError, Transformer, atomic_save, bf16_matmuls, keep_freed_memory,
+from model import (PRESETS, CheckpointError, Transformer, atomic_save, bf16_matmuls, device_problem, keep_freed_memory,
                    load_model, peak_flops, save_model, tokenizer_path)
 from sample import generate
 from tokenizer import Tokenizer, atomic_write
@@ -371,11 +371,8 @@ if not (0 < args.lr < math.inf and args.grad_clip > 0 and 0 <= args.weight_decay
         0 <= (args.min_lr or 0) <= args.lr):  # (--grad_clip inf: no clipping; an infinite --lr or decay: NaN weights)
     parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --lr and --weight_decay finite, --min_lr "
                  "within [0, --lr]")
-try:  # (a name torch does not know, or CUDA on a machine without it: torch's traceback at the first use)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device here (give --device cpu)")
-except RuntimeError as e:
-    parser.error(f"--device {args.device}: {e}")
+if device_problem(args.device):  # (else torch's traceback at its first use)
+    parser.error(f"--device {args.device}: {device_problem(args.device)}")
 try:
     folders, shares = parse_mix(args.data)
 except ValueError as e:
