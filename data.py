@@ -680,6 +680,9 @@ def newest_pages(paths, blocklist=(), removed=None):
     return keep
 
 
+HOSTLESS = "/:@#?<>[\\]^|%"  # what no URL's host holds (WHATWG's forbidden domain code points): '||ads.example^'
+
+
 def read_blocklist(path):
     """Domains whose pages are left out (Llama 3's safety filter drops domains ranked harmful or known for adult
     content; FineWeb used the UT1 lists): one per line, '#' comments, a leading '*.' ignored -> a set of domains
@@ -698,9 +701,6 @@ def read_blocklist(path):
     if not domains:  # (an empty download, the wrong file: it would leave out nothing)
         raise ValueError(f"{path}: no domains listed")
     return domains
-
-
-HOSTLESS = "/:@#?<>[\\]^|%"  # what no URL's host holds (WHATWG's forbidden domain code points): '||ads.example^'
 
 
 def check_blocklist(path, source):
