@@ -273,8 +273,8 @@ def main():
             args.max_new_tokens < 0 or args.max_context < 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "
                      "--max_context >= 1")
-    if device_problem(args.device):  # (else torch's traceback at its first use)
-        parser.error(f"--device {args.device}: {device_problem(args.device)}")
+    if problem := device_problem(args.device):  # (else torch's traceback at its first use)
+        parser.error(f"--device {args.device}: {problem}")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:

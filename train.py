@@ -371,8 +371,8 @@ if not (0 < args.lr < math.inf and args.grad_clip > 0 and 0 <= args.weight_decay
         0 <= (args.min_lr or 0) <= args.lr):  # (--grad_clip inf: no clipping; an infinite --lr or decay: NaN weights)
     parser.error("--lr and --grad_clip must be > 0, --weight_decay >= 0, --lr and --weight_decay finite, --min_lr "
                  "within [0, --lr]")
-if device_problem(args.device):  # (else torch's traceback at its first use)
-    parser.error(f"--device {args.device}: {device_problem(args.device)}")
+if problem := device_problem(args.device):  # (else torch's traceback at its first use)
+    parser.error(f"--device {args.device}: {problem}")
 try:
     folders, shares = parse_mix(args.data)
 except ValueError as e:
