@@ -469,7 +469,7 @@ CYR = "Привет, мир — тест".encode("cp1251")
 
 @pytest.mark.parametrize("html", [
     "<div>hello <span hidden><pre>x</span> world</div>",  # (in a <p>, the <pre> ends the p and the span: shown)
-    "<p>hello <nav><pre>x</nav> world</p>",
+    "<p>hello <button><pre>x</button> world</p>",
     "<b>hello <span class=share><pre>x</b> world",
 ])
 def test_unclosed_pre_inside_a_skipped_element_does_not_split_its_paragraph(html):
@@ -663,7 +663,9 @@ def test_a_dropped_block_still_parts_the_text_around_it():
     bare text ran the words on both sides together ('partSecond')."""
     for html in ("<div>First part<div class=share>Tweet</div>Second part</div>",
                  "<div>First part<section class=ads>Buy</section>Second part</div>",
-                 "<td>First part<p class=cookie>OK</p>Second part</td>"):
+                 "<td>First part<p class=cookie>OK</p>Second part</td>",
+                 "<div>First part<nav>Home</nav>Second part</div>", "First part<aside>Ad</aside>Second part",
+                 "<p>First part<header>Site</header>Second part", "<li>First part<footer>(c)</footer>Second part"):
         assert data.html_to_text(html).split() == ["First", "part", "Second", "part"], html
 
 
