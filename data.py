@@ -1102,10 +1102,15 @@ def checkpoint_labeller(ckpt_dir, max_tokens=1024):
 
 def model_stamp(ckpt_dir):
     """What changes when a checkpoint does (retrained in place): the files_stamp of its folder's files (not of
-    subfolders: a run's ckpt/ changes as it trains, its exported model only when it ends). None: no folder."""
+    subfolders: a run's ckpt/ changes as it trains, its exported model only when it ends), and of the tokenizer
+    model.tokenizer_path reads from original/ when the folder has none (a Hugging Face download). None: no folder."""
     if not os.path.isdir(ckpt_dir):
         return None   # (refused by checkpoint_labeller, before the old dataset is touched)
-    return files_stamp(sorted(e.path for e in os.scandir(ckpt_dir) if e.is_file()), ckpt_dir)
+    files = sorted(e.path for e in os.scandir(ckpt_dir) if e.is_file())
+    hf_tokenizer = os.path.join(ckpt_dir, "original", "tokenizer.model")
+    if not os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")) and os.path.isfile(hf_tokenizer):
+        files.append(hf_tokenizer)
+    return files_stamp(files, ckpt_dir)
 
 
 def train_quality_filter(texts, labeller, drop=0.1):

@@ -1629,6 +1629,23 @@ def test_checkpoint_labeller_prefers_what_the_model_learned(corpus, tmp_path, on
     assert rebuilt["train"] == meta["train"]
 
 
+def test_model_stamp_covers_a_hugging_face_downloads_tokenizer(tmp_path):
+    """(review, helper) model_stamp (prepare_data's check that the --quality_model is the one its cache was built with)
+    stamped the folder's own files only: a Hugging Face download's tokenizer is original/tokenizer.model (what
+    model.tokenizer_path reads), so replacing it kept the old cache, filtered with the other tokenizer's ids."""
+    hf = tmp_path / "hf"
+    (hf / "original").mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (hf / "original" / "tokenizer.model").write_text("a")
+    before = data.model_stamp(str(hf))
+    (hf / "original" / "tokenizer.model").write_text("another")
+    assert data.model_stamp(str(hf)) != before
+    (hf / "tokenizer.model").write_text("b")   # one in the folder is the one read: original/'s is not used then
+    before = data.model_stamp(str(hf))
+    os.utime(hf / "original" / "tokenizer.model", ns=(0, 0))
+    assert data.model_stamp(str(hf)) == before
+
+
 def test_prepare_data_failing_half_way_keeps_the_old_dataset(corpus, tmp_path):
     """A build refused half-way (a file of the source found bad when read, shards already written) leaves the
     old dataset's files as they were. A lone surrogate in a JSON string is cleaned (U+FFFD), not a crash; a
