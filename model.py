@@ -603,6 +603,13 @@ def read_meta_checkpoint(path):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
+    # params.json does not say how many shards there are, but their names are numbered 00 .. N-1 (a missing last
+    # one leaves no gap: load_model finds the joined weights short of the config's shapes instead)
+    numbers = {int(m[1]) for f in files if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", f.name))}
+    missing = [f"consolidated.{i:02d}.pth" for i in range(max(numbers, default=-1) + 1) if i not in numbers]
+    if missing:
+        raise CheckpointError(f"{path}: {', '.join(missing)} missing (the shards are numbered up to "
+                              f"consolidated.{max(numbers):02d}.pth): a download cut short? (fetch the missing shards)")
     shards = [load_pth(f) for f in files]
     for f, shard in zip(files, shards):
         if not isinstance(shard, dict):

@@ -644,6 +644,19 @@ def test_meta_sharded_checkpoint_loads(tmp_path):
     assert loaded.args.max_seq_len == 8192  # Llama 3's context when params.json does not say
 
 
+def test_meta_checkpoint_missing_a_shard_names_it(tmp_path):
+    """(review, helper) Of 8 model-parallel shards, consolidated.03.pth missing was refused as a tensor whose shape
+    did not match the config: params.json does not give the number of shards, their numbered names do."""
+    write_meta_dir(tmp_path / "meta", tiny_model(vocab_size=96), n_shards=8)
+    (tmp_path / "meta" / "consolidated.03.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"meta: consolidated.03.pth missing \(the shards are numbered up to "
+                                              r"consolidated.07.pth\)"):
+        M.load_model(tmp_path / "meta")
+    (tmp_path / "meta" / "consolidated.00.pth").unlink()
+    with pytest.raises(CheckpointError, match="meta: consolidated.00.pth, consolidated.03.pth missing"):
+        M.load_model(tmp_path / "meta")
+
+
 def write_safetensors(path, tensors):
     """The format, written by hand: u64 header size, JSON header, raw little-endian bytes."""
     names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
