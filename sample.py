@@ -25,6 +25,7 @@ Tests: python -m pytest -q tests/test_sample.py      Benchmark: python tests/ben
 """
 import argparse
 import codecs
+import math
 import numbers
 import sys
 import warnings
@@ -38,8 +39,8 @@ from tokenizer import Tokenizer
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) fp32 -> next token ids (B,). Checks its arguments: generate and Session.stream come here."""
-    if not temperature >= 0:  # (NaN too) below 0 would favour the least likely tokens
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if not 0 <= temperature < math.inf:  # (NaN too) below 0 would favour the least likely tokens, inf draws uniformly
+        raise ValueError(f"temperature={temperature}: must be >= 0 and finite (0 is greedy)")
     if top_k is not None and (not isinstance(top_k, numbers.Integral) or top_k < 1):  # (numpy ints too)
         raise ValueError(f"top_k={top_k}: must be an integer >= 1 (or None: no top-k)")
     if top_p is not None and not 0 < top_p <= 1:
@@ -269,10 +270,10 @@ def main():
         parser.error("give --prompt TEXT or --chat (--system goes with --chat), not both")
     if args.max_context != parser.get_default("max_context") and not args.chat:  # (--prompt's cache: prompt + new)
         parser.error("--max_context goes with --chat: --prompt's context is the prompt and --max_new_tokens")
-    if not args.temperature >= 0 or (args.top_k is not None and args.top_k < 1) or not 0 < args.top_p <= 1 or \
-            args.max_new_tokens < 0 or args.max_context < 1:
+    if not 0 <= args.temperature < math.inf or (args.top_k is not None and args.top_k < 1) or \
+            not 0 < args.top_p <= 1 or args.max_new_tokens < 0 or args.max_context < 1:
         parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "
-                     "--max_context >= 1")
+                     "--max_context >= 1, --temperature finite")
     if problem := device_problem(args.device):  # (else torch's traceback at its first use)
         parser.error(f"--device {args.device}: {problem}")
 

@@ -419,6 +419,17 @@ def test_cli_max_context_below_one_is_refused(monkeypatch, capsys):
     assert e.value.code == 2 and "--max_context >= 1" in capsys.readouterr().err
 
 
+def test_an_infinite_temperature_is_refused(monkeypatch, capsys):
+    """(review, helper) --temperature inf passed the checks (inf >= 0): the logits divided by it are all 0, so every
+    token was drawn alike, whatever the model said. (--top_p inf and nan were refused already: not within (0, 1].)"""
+    with pytest.raises(ValueError, match="temperature=inf: must be >= 0 and finite"):
+        sample.sample_next(torch.tensor([[5.0, 0.0, -5.0]]), temperature=float("inf"))
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--prompt", "hi", "--temperature", "inf"])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert e.value.code == 2 and "--temperature finite" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags", [["--prompt", "hi", "--chat"], ["--prompt", "hi", "--system", "be brief"], []])
 def test_cli_prompt_or_chat_not_both(monkeypatch, capsys, flags):
     """--prompt with --chat, or --system without it, was silently ignored: refused before anything is read."""
