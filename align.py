@@ -74,6 +74,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -1324,9 +1325,9 @@ if __name__ == "__main__":
     for name in ("steps", "batch_size", "n_prompts", "k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if (args.lr is not None and not args.lr > 0) or not args.temperature > 0:
+    if (args.lr is not None and not 0 < args.lr < math.inf) or not 0 < args.temperature < math.inf:
         p.error("--lr and --temperature must be > 0 (at temperature 0 the K samples of a prompt are one answer K "
-                "times: no pair to prefer, nothing to choose from)")
+                "times: no pair to prefer, nothing to choose from), and finite")
     if not args.beta > 0:  # (0: DPO's term is log 2 whatever the policy does; below: it prefers the rejected)
         p.error("--beta must be > 0")
     for name in ("nll_coef", "kl_coef"):  # (below 0 each rewards what it is there to hold down)

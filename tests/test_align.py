@@ -987,6 +987,15 @@ def test_cli_refuses_a_kl_target_of_zero(tmp_path):
         assert r.returncode == 2 and "--kl_target must be > 0" in r.stderr, r.stderr[-2000:]
 
 
+def test_cli_refuses_an_infinite_lr_or_temperature(tmp_path):
+    """(review, helper) --temperature inf passed (inf > 0), and sample_next now refuses it: a ValueError at the first
+    sampling, after the stages before it had run; --lr inf made every weight NaN. Both refused before any work."""
+    for flag in ("--lr", "--temperature"):
+        r = _cli(tmp_path, "rs", "--init", str(tmp_path / "nothere"), "--rm", str(tmp_path / "nothere"), flag, "inf")
+        assert r.returncode == 2 and "--lr and --temperature must be > 0" in r.stderr and "and finite" in r.stderr, \
+            r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("stage, flag, bad", [("dpo", "--beta", "0"), ("dpo", "--beta", "-0.1"),
                                               ("dpo", "--nll_coef", "-0.2"), ("ppo", "--kl_coef", "-0.5")])
 def test_cli_refuses_coefficients_that_turn_the_objective_around(tmp_path, stage, flag, bad):
