@@ -406,6 +406,9 @@ if (args.average_last or 0) > args.max_steps:
 # -----------------------------------------------------------------------------
 # device, distribution, seeds: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is 1 of 1
 distributed = "RANK" in os.environ
+if args.fsdp and not distributed:  # (else one process, unsharded, said only as "no parallelism" in the log)
+    parser.error("--fsdp shards the model over torchrun's processes: launch it under torchrun, e.g. torchrun "
+                 "--standalone --nproc_per_node=N train.py --fsdp ...")
 device = torch.device(args.device)
 if distributed:
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

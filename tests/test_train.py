@@ -769,6 +769,15 @@ def test_a_device_that_is_not_there_is_one_line(corpus, tmp_path):
         assert r.returncode == 2 and f"--device {device}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_fsdp_without_torchrun_is_refused(corpus, tmp_path):
+    """(review, helper) --fsdp in a plain `python train.py` ran one unsharded process, said only as "no parallelism"
+    in the log (a model sized for sharding would not fit); now refused, saying to launch it under torchrun."""
+    r = train(corpus, tmp_path, "--fsdp", ok=False)
+    assert r.returncode == 2 and "--fsdp" in r.stderr and "torchrun --standalone --nproc_per_node=N" in r.stderr, \
+        r.stderr
+    assert not (tmp_path / "log.csv").exists()
+
+
 def test_an_infinite_lr_or_weight_decay_is_refused(corpus, tmp_path):
     """(review, helper) --lr inf or --weight_decay inf passed the parser: the first update made every weight NaN, and
     with --max_steps 1 a NaN model was exported with exit status 0."""
