@@ -388,6 +388,9 @@ if args.rope_factor is not None and not args.init:
 if args.init and os.path.realpath(args.init) == os.path.realpath(args.out_dir):
     parser.error(f"--out_dir {args.out_dir} is --init's folder: this run would delete its checkpoints and log and "
                  "overwrite its model; give another --out_dir")
+if os.path.isdir(args.tokenizer) or args.tokenizer.endswith(("/", os.sep)):  # (a new one: found after its training)
+    parser.error(f"--tokenizer {args.tokenizer} is a folder: give the tokenizer's file, e.g. "
+                 f"{os.path.join(args.tokenizer, 'tok.model')}")
 if args.init and args.model != parser.get_default("model"):
     parser.error("--init takes the shape of the model it loads: drop --model")
 clock_default = args.max_steps is None and args.max_minutes is None and args.device == "cpu"

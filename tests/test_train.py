@@ -778,6 +778,19 @@ def test_fsdp_without_torchrun_is_refused(corpus, tmp_path):
     assert not (tmp_path / "log.csv").exists()
 
 
+def test_a_tokenizer_that_is_a_folder_is_refused(corpus, tmp_path):
+    """(review, helper) --tokenizer new_dir/ (to be made) trained a tokenizer, then lost it to a NotADirectoryError
+    that did not name --tokenizer, leaving new_dir/ behind; an existing folder failed in data.py, "no tokenizer there".
+    Both refused before any work, naming --tokenizer."""
+    (tmp_path / "folder").mkdir()
+    for path in (tmp_path / "folder", str(tmp_path / "new_dir") + "/"):
+        r = subprocess.run(command(corpus, tmp_path / "out") + ["--source", str(corpus / "docs"), "--data",
+                           str(tmp_path / "shards"), "--tokenizer", str(path), "--vocab_size", "600"], cwd=ROOT,
+                           env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and f"--tokenizer {path} is a folder" in r.stderr, r.stdout + r.stderr
+        assert "training a" not in r.stdout and not (tmp_path / "new_dir").exists()
+
+
 def test_an_infinite_lr_or_weight_decay_is_refused(corpus, tmp_path):
     """(review, helper) --lr inf or --weight_decay inf passed the parser: the first update made every weight NaN, and
     with --max_steps 1 a NaN model was exported with exit status 0."""
