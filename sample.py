@@ -272,8 +272,8 @@ def main():
         parser.error("--max_context goes with --chat: --prompt's context is the prompt and --max_new_tokens")
     if not 0 <= args.temperature < math.inf or (args.top_k is not None and args.top_k < 1) or \
             not 0 < args.top_p <= 1 or args.max_new_tokens < 0 or args.max_context < 1:
-        parser.error("--temperature must be >= 0, --top_k >= 1, --top_p within (0, 1], --max_new_tokens >= 0, "
-                     "--max_context >= 1, --temperature finite")
+        parser.error("--temperature must be >= 0 and finite, --top_k >= 1, --top_p within (0, 1], "
+                     "--max_new_tokens >= 0, --max_context >= 1")
     if problem := device_problem(args.device):  # (else torch's traceback at its first use)
         parser.error(f"--device {args.device}: {problem}")
 

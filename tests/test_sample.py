@@ -294,7 +294,7 @@ def test_cli_prompt_and_chat(tmp_path, tok):
     assert r.stdout.count("outgrew the 48-token context") >= 1 and "(new conversation)" in r.stdout
     assert "shorten it" in r.stdout  # a message longer than the whole context is refused, not truncated
     r = run_cli(["--ckpt", ckpt, "--prompt", "hello", "--top_k", "0"])  # (it used to crash deep in sampling)
-    assert r.returncode == 2 and "--temperature must be >= 0, --top_k >= 1" in r.stderr
+    assert r.returncode == 2 and "--temperature must be >= 0 and finite, --top_k >= 1" in r.stderr
     (tmp_path / "ckpt" / "tokenizer.model").unlink()
     r = run_cli(["--ckpt", ckpt, "--prompt", "hello"])
     assert r.returncode == 1 and "no tokenizer.model (nor original/tokenizer.model" in r.stderr
@@ -427,7 +427,7 @@ def test_an_infinite_temperature_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--prompt", "hi", "--temperature", "inf"])
     with pytest.raises(SystemExit) as e:
         sample.main()
-    assert e.value.code == 2 and "--temperature finite" in capsys.readouterr().err
+    assert e.value.code == 2 and "--temperature must be >= 0 and finite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--prompt", "hi", "--chat"], ["--prompt", "hi", "--system", "be brief"], []])
