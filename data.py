@@ -1365,6 +1365,48 @@ def read_meta(path, cache=False):
         raise ValueError(f"{path}: unreadable ({e}); re-run prepare_data / `python data.py`") from None
 
 
+# the keys of a dataset's meta.json that are read back (here and in train.py), parents first, with their JSON types:
+# [t] is an array of t, (t, u) an array of a t and a u. A folder of an older data.py has no crc32s
+META_KEYS = {"config": dict, "config.source": str, "config.blocklist": (str, int), "fingerprint": str,
+             "vocab_size": int, "bos_id": int, "train": dict, "val": dict,
+             **{f"{split}.{key}": kind for split in ("train", "val") for key, kind in
+                (("shards", [str]), ("crc32", [int]), ("docs", int), ("tokens", int), ("bytes", int))}}
+JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a whole number", float: "a number",
+              bool: "a boolean"}
+
+
+def check_meta(path, meta, needed):
+    """A dataset's meta.json (read_meta) -> meta, if each key of META_KEYS it holds is of its type and the keys
+    `needed` (those the caller reads) are there; else ValueError naming the file and the key (a hand-edited file:
+    refused here, not by a KeyError or TypeError further on)."""
+    def fits(value, kind):
+        if isinstance(kind, list):
+            return isinstance(value, list) and all(fits(v, kind[0]) for v in value)
+        if isinstance(kind, tuple):
+            return isinstance(value, list) and len(value) == len(kind) and all(map(fits, value, kind))
+        return type(value) is kind  # (true is no whole number, 3.0 no shard size)
+
+    def words(kind):  # [str] -> "an array of strings", (str, int) -> "an array of a string and a whole number"
+        if isinstance(kind, list):
+            return f"an array of {words(kind[0]).split(' ', 1)[1]}s"
+        return "an array of " + " and ".join(map(words, kind)) if isinstance(kind, tuple) else JSON_NAMES[kind]
+    try:
+        for name, kind in META_KEYS.items():
+            *parents, key = name.split(".")
+            holder = meta
+            for parent in parents:  # (checked before its keys: an object, or not there)
+                holder = holder.get(parent, {})
+            if key not in holder:
+                if name in needed:
+                    raise KeyError(name)
+            elif not fits(holder[key], kind):
+                found = "null" if holder[key] is None else f"a JSON {JSON_NAMES[type(holder[key])].split(' ')[-1]}"
+                raise TypeError(f'its "{name}" is {found}, not {words(kind)}')
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a meta.json of data.py ({type(e).__name__}: {e})") from None
+    return meta
+
+
 def check_folder(folder, source=None, blocklist=None):
     """train.py's check of a --data folder made earlier -> (its meta.json, notes to print). train.py never rebuilds
     one (data.py's settings may differ from its defaults; rebuilding would lose them), so it must at least hold the
@@ -1372,16 +1414,9 @@ def check_folder(folder, source=None, blocklist=None):
     The notes say when that source's files have changed, or that there are no CRC-32s to check the shards by
     (damaged_shards: train.py shares that out among its ranks)."""
     where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
-    try:
-        meta = read_meta(os.path.join(folder, "meta.json"))
-        made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
-        for split in ("train", "val"):
-            if not isinstance(meta.get(split, {}), dict):
-                kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-                raise TypeError(f'its "{split}" is a JSON {kind.get(type(meta[split]), "null")}, not an object')
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{os.path.join(folder, 'meta.json')}: not a meta.json of data.py ({type(e).__name__}: {e})"
-                         ) from None
+    path = os.path.join(folder, "meta.json")
+    meta = check_meta(path, read_meta(path), ("config", "config.source", "train.tokens", "val.tokens", "val.bytes"))
+    made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
     if source and where(source) != where(made_from):
         raise ValueError(f"--data {folder} holds the tokens of {made_from!r}, not of {source!r}: give a new --data "
                          "folder (and --tokenizer) to build this source there")
@@ -1454,7 +1489,10 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     # (line_dedup, blocklist, dirty_words, token_kl and labeller off: the config of older caches, which stay valid)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
-        meta = read_meta(meta_path, cache=True)  # (unreadable: rebuilt)
+        try:  # (unreadable, or damaged by hand: rebuilt, as a damaged shard is)
+            meta = check_meta(meta_path, read_meta(meta_path), set(META_KEYS) - {"config.blocklist"})
+        except ValueError:
+            meta = {}
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint() and intact(out_dir, meta):
             if verbose:
                 print(f"data: {out_dir} is up to date ({meta['train']['tokens']:,} train tokens; same source "
@@ -1681,8 +1719,8 @@ class PackedLoader:
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: run prepare_data / `python data.py` first "
                                     "(a folder without meta.json is incomplete)")
-        meta = read_meta(meta_path)
-        if split not in meta or not meta[split]["shards"]:
+        meta = check_meta(meta_path, read_meta(meta_path), ("fingerprint", "vocab_size", "bos_id"))
+        if not meta.get(split, {}).get("shards"):
             raise ValueError(f"{data_dir}: no {split!r} shards in meta.json" +
                              (" (made with --val_fraction 0?)" if split == "val" else ""))
         self.shards, self.paths = [], [os.path.join(data_dir, name) for name in meta[split]["shards"]]

@@ -1682,11 +1682,12 @@ def test_check_folder_notes_and_refusals(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("a document")
-    meta = {"config": {"source": str(docs), "source_stamp": data.source_stamp(str(docs))}, "train": {"crc32": []}}
+    meta = {"config": {"source": str(docs), "source_stamp": data.source_stamp(str(docs))},
+            "train": {"crc32": [], "tokens": 0}, "val": {"tokens": 0, "bytes": 0}}   # (what train.py reads)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert data.check_folder(str(tmp_path), f"{docs}/") == (meta, [])
     os.utime(docs / "a.txt", ns=(0, 0))
-    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, train={})))
+    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, train={"tokens": 0})))
     warning, note = data.check_folder(str(tmp_path))[1]
     assert warning.startswith(f"warning: {docs}'s files changed"), warning
     assert note.startswith(f"note: {tmp_path}/meta.json has no CRC-32s"), note
@@ -1697,6 +1698,38 @@ def test_check_folder_notes_and_refusals(tmp_path):
     with pytest.raises(ValueError, match=r'not a meta.json of data.py \(TypeError: its "val" is a JSON array, not an '
                                          r'object\)'):
         data.check_folder(str(tmp_path))
+
+
+def test_a_hand_edited_meta_json_is_refused_by_key(corpus, tmp_path):
+    """(review, helper) A meta.json edited by hand ("train": [], "source": null, no "fingerprint", a shard named by a
+    number) crashed check_folder, PackedLoader and prepare_data's reuse check with a bare KeyError or TypeError, or
+    was half-read (a split without its token count, reused). Now check_folder and PackedLoader name the file and the
+    key; prepare_data takes it for a damaged cache, and rebuilds it as it does an unreadable one."""
+    root, docs, tok_path = corpus
+    out = str(tmp_path / "out")
+    build = lambda: data.prepare_data(str(root / "docs.jsonl"), tok_path, out, val_fraction=0.1, num_proc=1,  # noqa
+                                      verbose=False)
+    meta, path = build(), os.path.join(out, "meta.json")
+    for edit, key in ((dict(train=[]), "train"), (dict(config=dict(meta["config"], source=None)), "config.source"),
+                      (dict(fingerprint=None), "fingerprint"), (dict(vocab_size="600"), "vocab_size"),
+                      (dict(train=dict(meta["train"], shards=[0])), "train.shards"),
+                      (dict(train=dict(meta["train"], crc32=7)), "train.crc32"),
+                      (dict(config=dict(meta["config"], blocklist=["x"])), "config.blocklist")):
+        with open(path, "w") as f:
+            json.dump(dict(meta, **edit), f)
+        for read in (lambda: data.check_folder(out), lambda: data.PackedLoader(out, "train", 2, 8)):
+            with pytest.raises(ValueError, match=rf'meta\.json: not a meta\.json of data\.py \(TypeError: its "{key}"'):
+                read()
+    for gone, read in (("fingerprint", lambda: data.PackedLoader(out, "train", 2, 8)),
+                       ("config", lambda: data.check_folder(out)), ("val", lambda: data.check_folder(out))):
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in meta.items() if k != gone}, f)
+        with pytest.raises(ValueError, match=rf"meta\.json: not a meta\.json of data\.py \(KeyError: '{gone}"):
+            read()
+    for edit in (dict(train=[]), dict(train=dict(meta["train"], crc32=7)), dict(val=dict(meta["val"], tokens=None))):
+        with open(path, "w") as f:
+            json.dump(dict(meta, **edit), f)
+        assert build()["val"] == meta["val"]   # rebuilt (a reused one had no val token count)
 
 
 def test_optional_sources(tmp_path, monkeypatch, corpus, capsys):
