@@ -1710,7 +1710,7 @@ class PackedLoader:
 
     def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, fingerprint=None):
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1),
-                                 ("seed", seed, 0)):
+                                 ("rank", rank, 0), ("seed", seed, 0)):
             if not isinstance(value, numbers.Integral) or value < low:  # (numpy ints too)
                 raise ValueError(f"PackedLoader: {name}={value!r}, must be an integer >= {low}")
         if not 0 <= rank < world_size:

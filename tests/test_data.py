@@ -1058,7 +1058,7 @@ def test_loader_refuses_other_tokenizer_and_missing_meta(stream, tmp_path_factor
 
 @pytest.mark.parametrize("kwargs, what", [(dict(seq_len=0), "seq_len=0"), (dict(batch_size=0), "batch_size=0"),
                                           (dict(rank=2, world_size=2), "rank 2 is not one of the 2 processes"),
-                                          (dict(seed=-1), "seed=-1")])
+                                          (dict(seed=-1), "seed=-1"), (dict(rank=1.5, world_size=2), "rank=1.5")])
 def test_loader_arguments_are_checked(stream, kwargs, what):
     args = dict(batch_size=2, seq_len=16) | kwargs
     with pytest.raises(ValueError, match=what):
