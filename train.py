@@ -363,9 +363,9 @@ for name in ("batch_size", "eval_interval", "eval_tokens", "ckpt_interval", "log
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1")
 rope_factor = 2 if args.rope_factor is None else args.rope_factor
-if min(args.max_steps or 0, args.sample_tokens, args.warmup_steps) < 0 or not 0 <= args.decay_frac <= 1 or \
-        not 0 <= (args.max_minutes or 0) < math.inf or not 1 < rope_factor < math.inf:
-    parser.error("--max_steps, --max_minutes, --sample_tokens and --warmup_steps must be >= 0 (and finite), "
+if min(args.max_steps or 0, args.sample_tokens, args.warmup_steps, args.seed) < 0 or not 0 <= args.decay_frac <= 1 \
+        or not 0 <= (args.max_minutes or 0) < math.inf or not 1 < rope_factor < math.inf:
+    parser.error("--max_steps, --max_minutes, --sample_tokens, --seed and --warmup_steps must be >= 0 (and finite), "
                  "--decay_frac within [0, 1], --rope_factor > 1")
 if not (0 < args.lr < math.inf and args.grad_clip > 0 and 0 <= args.weight_decay < math.inf and
         0 <= (args.min_lr or 0) <= args.lr):  # (--grad_clip inf: no clipping; an infinite --lr or decay: NaN weights)

@@ -806,6 +806,13 @@ def test_decay_frac_without_wsd_is_refused(corpus, tmp_path):
     assert r.returncode == 2 and "--decay_frac" in r.stderr and "--schedule wsd" in r.stderr, r.stderr
 
 
+def test_a_negative_seed_is_refused_by_name(corpus, tmp_path):
+    """(review, helper) --seed -1 passed the parser and was refused later by the data loader, in its words
+    ("PackedLoader: seed=-1"), not naming --seed; now the parser refuses it, before any work."""
+    r = train(corpus, tmp_path, "--seed", "-1", ok=False)
+    assert r.returncode == 2 and "--seed and --warmup_steps must be >= 0" in r.stderr, r.stderr
+
+
 def test_steps_flags_under_a_time_budget_are_told_unused(corpus, tmp_path):
     """(review, helper) under --max_minutes the schedule runs on the clock: --max_steps and --warmup_steps were
     silently not used (--max_steps 2 --max_minutes 0.02 ran as many steps as fit in the time). A note says so."""
