@@ -907,10 +907,11 @@ MIN_DIRTY, MAX_DIRTY = 3, 0.01   # --dirty_words: a document goes with 3 or more
 
 LETTERS = regex.compile(r"[^\W\d_]+")   # letters (with their marks): word characters not digits or underscores
 SYMBOLS = regex.compile(r"[^\w\s]+|_+")  # characters that are not letters, digits or whitespace
-PII = regex.compile(r"(?<=[\w%+-])@(?:[a-z0-9-]{1,63}\.){1,8}(?:[a-z]{2}|com|org|net|edu|gov|info|biz|io)\b"  # e-mail
+PII = regex.compile(r"(?<=[\w%+-])@(?:[a-z0-9-]{1,63}\.){1,8}(?:[a-z]{2}|com|org|net|edu|gov|info|biz|io)\b(?!\()"
                     r"|(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?!\.?\d)", regex.IGNORECASE)  # IPv4 (not in 1.3.6.1.2.1)
-# (an e-mail's domain ends in a country's two letters or a common generic name, so that q@k.transpose is no
-# address; the repeats are bounded, else the regex module, 4x re's speed here, is quadratic on "a@b.b.b.b...")
+# (an e-mail's domain ends in a country's two letters or a common generic name, not followed by "(", so that
+# q@k.transpose and x@W.to(device) are no addresses; the repeats are bounded, else the regex module, 4x re's speed
+# here, is quadratic on "a@b.b.b.b...")
 
 
 ASCII_LETTERS = bytes(b for b in range(128) if LETTERS.fullmatch(chr(b)))   # the same rules, byte by byte

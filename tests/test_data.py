@@ -388,6 +388,8 @@ def test_personal_data_rule():
     assert data.personal_data("x = a @ b.T; y = a@b.T; print(f'{s}@{t}'); 1.2.3.400; 127.0.0.1; 192.0.2.1") == 0
     assert data.personal_data("s = q@k.transpose(-2, -1); h = x@w1.weight.T; oid 1.3.6.1.2.1.1.5.0") == 0
     assert data.personal_data("a.b@mail.example.co.uk, x@y.io") == 2
+    assert data.personal_data("y = x@W.to(device); z = h@self.wo(x)") == 0   # (a method call, not a domain)
+    assert data.personal_data("first.last@mail.example.org (work), a@b.co.") == 2
     contacts = " ".join(f"{prose(rng, 12)} Contact: person{i}@example.com." for i in range(10))  # 10 in ~150 words
     assert data.heuristic_reject(contacts) == "personal data"
     assert data.heuristic_reject(prose(rng, 200) + " Write to ana@corp.com or bob@corp.com.") is None
