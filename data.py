@@ -1122,6 +1122,10 @@ def train_quality_filter(texts, labeller, drop=0.1):
     stdlib documents labelled by compressibility, 6% of their junk; by the threshold 9.8%: 63% of the junk, at
     72% precision (2026-11-28)."""
     scores = np.asarray(labeller(texts), dtype=np.float64)
+    if np.isnan(scores).any():  # (NaN sorts above every score: labelled good. -inf is a score, the worst; NaN none)
+        i = int(np.flatnonzero(np.isnan(scores))[0])
+        raise ValueError(f"the quality labeller scored {int(np.isnan(scores).sum())} of the {len(texts)} sampled "
+                         f"documents NaN, the first #{i} ({texts[i][:60]!r}): a score is a number, higher = better")
     labels = np.ones(len(texts), dtype=np.float32)
     labels[np.argsort(scores, kind="stable")[:int(drop * len(texts))]] = 0  # by rank: ties cannot make all junk
     clf, k = QualityClassifier().fit(texts, labels), int(drop * len(texts))

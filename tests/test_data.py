@@ -973,6 +973,15 @@ def test_quality_filter_drops_about_its_share():
     assert 0.04 < (clf.score(docs[400:]) < clf.threshold).mean() < 0.2
 
 
+def test_a_nan_quality_score_is_an_error():
+    """(review, helper) A labeller that scored a document NaN (a model with NaN weights; a 0/0) had it labelled
+    good: NaN sorts above every score. It is no score (the worst is -inf): an error naming the document."""
+    rng = np.random.default_rng(0)
+    texts = [prose(rng, 40) for _ in range(9)] + ["the one a broken labeller scores NaN"]
+    with pytest.raises(ValueError, match=r"scored 1 of the 10 sampled documents NaN, the first #9 \('the one a broken"):
+        data.train_quality_filter(texts, lambda ts: [np.nan if "broken" in t else 1.0 for t in ts], drop=0.2)
+
+
 # ----------------------------------------------------------------------------- shards and the loader
 
 BOS = 0
