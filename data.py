@@ -1376,8 +1376,6 @@ META_KEYS = {"config": dict, "config.source": str, "config.blocklist": (str, int
              "vocab_size": int, "bos_id": int, "train": dict, "val": dict,
              **{f"{split}.{key}": kind for split in ("train", "val") for key, kind in
                 (("shards", [str]), ("crc32", [int]), ("docs", int), ("tokens", int), ("bytes", int))}}
-JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a whole number", float: "a number",
-              bool: "a boolean"}
 
 
 def check_meta(path, meta, needed):
@@ -1391,24 +1389,16 @@ def check_meta(path, meta, needed):
             return isinstance(value, list) and len(value) == len(kind) and all(map(fits, value, kind))
         return type(value) is kind  # (true is no whole number, 3.0 no shard size)
 
-    def words(kind):  # [str] -> "an array of strings", (str, int) -> "an array of a string and a whole number"
-        if isinstance(kind, list):
-            return f"an array of {words(kind[0]).split(' ', 1)[1]}s"
-        return "an array of " + " and ".join(map(words, kind)) if isinstance(kind, tuple) else JSON_NAMES[kind]
-    try:
-        for name, kind in META_KEYS.items():
-            *parents, key = name.split(".")
-            holder = meta
-            for parent in parents:  # (checked before its keys: an object, or not there)
-                holder = holder.get(parent, {})
-            if key not in holder:
-                if name in needed:
-                    raise KeyError(name)
-            elif not fits(holder[key], kind):
-                found = "null" if holder[key] is None else f"a JSON {JSON_NAMES[type(holder[key])].split(' ')[-1]}"
-                raise TypeError(f'its "{name}" is {found}, not {words(kind)}')
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a meta.json of data.py ({type(e).__name__}: {e})") from None
+    for name, kind in META_KEYS.items():
+        *parents, key = name.split(".")
+        holder = meta
+        for parent in parents:  # (checked before its keys: an object, or not there)
+            holder = holder.get(parent, {})
+        if key not in holder and name in needed:
+            raise ValueError(f"{path}: not a meta.json of data.py (KeyError: '{name}')")
+        if key in holder and not fits(holder[key], kind):
+            raise ValueError(f'{path}: not a meta.json of data.py (TypeError: its "{name}" is '
+                             f'{json.dumps(holder[key])[:40]}, not what data.py writes there)')
     return meta
 
 

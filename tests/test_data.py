@@ -1706,8 +1706,8 @@ def test_check_folder_notes_and_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"meta.json: not a meta.json of data.py \(KeyError: 'config'\)"):
         data.check_folder(str(tmp_path))
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, val=[3])))  # (by hand: a traceback, in the loader)
-    with pytest.raises(ValueError, match=r'not a meta.json of data.py \(TypeError: its "val" is a JSON array, not an '
-                                         r'object\)'):
+    with pytest.raises(ValueError, match=r'not a meta.json of data.py \(TypeError: its "val" is \[3\], not what '
+                                         r'data.py writes there\)'):
         data.check_folder(str(tmp_path))
 
 
