@@ -1122,6 +1122,9 @@ def train_quality_filter(texts, labeller, drop=0.1):
     stdlib documents labelled by compressibility, 6% of their junk; by the threshold 9.8%: 63% of the junk, at
     72% precision (2026-11-28)."""
     scores = np.asarray(labeller(texts), dtype=np.float64)
+    if scores.shape != (len(texts),):  # (a batch's scores lost or one per token: labels for the wrong documents)
+        raise ValueError(f"the quality labeller gave scores of shape {scores.shape} for {len(texts)} documents: "
+                         "one score per document")
     if np.isnan(scores).any():  # (NaN sorts above every score: labelled good. -inf is a score, the worst; NaN none)
         i = int(np.flatnonzero(np.isnan(scores))[0])
         raise ValueError(f"the quality labeller scored {int(np.isnan(scores).sum())} of the {len(texts)} sampled "

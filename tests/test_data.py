@@ -975,11 +975,15 @@ def test_quality_filter_drops_about_its_share():
 
 def test_a_nan_quality_score_is_an_error():
     """(review, helper) A labeller that scored a document NaN (a model with NaN weights; a 0/0) had it labelled
-    good: NaN sorts above every score. It is no score (the worst is -inf): an error naming the document."""
+    good: NaN sorts above every score. It is no score (the worst is -inf): an error naming the document. So is a
+    count of scores that is not one per document (labels went to the wrong documents, or to none)."""
     rng = np.random.default_rng(0)
     texts = [prose(rng, 40) for _ in range(9)] + ["the one a broken labeller scores NaN"]
     with pytest.raises(ValueError, match=r"scored 1 of the 10 sampled documents NaN, the first #9 \('the one a broken"):
         data.train_quality_filter(texts, lambda ts: [np.nan if "broken" in t else 1.0 for t in ts], drop=0.2)
+    for wrong in (lambda ts: [1.0] * (len(ts) - 1), lambda ts: [[1.0, 2.0]] * len(ts)):  # (one lost; two each)
+        with pytest.raises(ValueError, match="scores of shape .* for 10 documents: one score per document"):
+            data.train_quality_filter(texts, wrong, drop=0.2)
 
 
 # ----------------------------------------------------------------------------- shards and the loader
