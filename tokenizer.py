@@ -536,18 +536,19 @@ if __name__ == "__main__":
     parser.add_argument("--load", help="inspect an existing tokenizer.model instead of training")
     parser.add_argument("--encode", help="a string to show as tokens")
     args = parser.parse_args()
-    if args.encode is not None and not args.load:
+    if args.encode is not None and args.load is None:
         parser.error("--encode needs --load TOKENIZER (without --load, tokenizer.py trains one and writes --out)")
-    if args.blocklist and args.load:
+    if args.blocklist and args.load is not None:
         parser.error("--blocklist is for training (it leaves pages out of the text); --load reads a tokenizer")
     for name in ("source", "vocab_size", "out"):  # (--load writes nothing: each would be ignored)
-        if args.load and getattr(args, name) != parser.get_default(name):
+        if args.load is not None and getattr(args, name) != parser.get_default(name):
             parser.error(f"--{name} is for training; --load reads a tokenizer (and writes nothing)")
-    if not args.load and (os.path.isdir(args.out) or args.out.endswith(("/", os.sep))):  # (found after the training)
+    # (found after the training)
+    if args.load is None and (os.path.isdir(args.out) or args.out.endswith(("/", os.sep))):
         parser.error(f"--out {args.out} is a folder: give the tokenizer's file, e.g. "
                      f"{os.path.join(args.out, 'tok.model')}")
 
-    if args.load:
+    if args.load is not None:  # (--load "", an unset shell variable: an error, not a training over tok.model)
         try:
             tok = Tokenizer.load(args.load)
         except (ValueError, OSError) as e:  # a malformed file (named with its line), a missing or unreadable one

@@ -431,3 +431,13 @@ def test_cli_training_flags_with_load_are_refused(tmp_path):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", "x.model", flag, value],
                            capture_output=True, text=True)
         assert r.returncode == 2 and f"{flag} is for training" in r.stderr, r.stderr
+
+
+def test_cli_load_of_an_empty_path_is_refused(tmp_path):
+    """(review, helper) --load "" (a shell variable left unset) was taken for no --load: tokenizer.py trained a new
+    tokenizer on the standard library and wrote it over ./tok.model."""
+    (tmp_path / "tok.model").write_bytes(b"IQ== 0\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--load", ""], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "tok.model").read_bytes() == b"IQ== 0\n"
