@@ -543,10 +543,17 @@ if __name__ == "__main__":
     for name in ("source", "vocab_size", "out"):  # (--load writes nothing: each would be ignored)
         if args.load is not None and getattr(args, name) != parser.get_default(name):
             parser.error(f"--{name} is for training; --load reads a tokenizer (and writes nothing)")
-    # (found after the training)
-    if args.load is None and (os.path.isdir(args.out) or args.out.endswith(("/", os.sep))):
-        parser.error(f"--out {args.out} is a folder: give the tokenizer's file, e.g. "
-                     f"{os.path.join(args.out, 'tok.model')}")
+    if args.load is None:  # --out checked now: a save that fails (a traceback) would lose the training
+        if not args.out or os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):  # ("": the folder we are in)
+            parser.error(f"--out {args.out} is a folder: give the tokenizer's file, e.g. "
+                         f"{os.path.join(args.out, 'tok.model')}")
+        if os.path.abspath(os.path.splitext(args.out)[0] + ".vocab") == os.path.abspath(args.out):
+            parser.error(f"--out {args.out}: its readable .vocab would be written over it: name it *.model")
+        above = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.exists(above):  # the nearest folder there is: save makes the ones below it
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            parser.error(f"--out {args.out}: {above} is a file, not a folder")
 
     if args.load is not None:  # (--load "", an unset shell variable: an error, not a training over tok.model)
         try:

@@ -441,3 +441,18 @@ def test_cli_load_of_an_empty_path_is_refused(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "tok.model").read_bytes() == b"IQ== 0\n"
+
+
+def test_cli_out_that_cannot_be_written_is_refused_before_training(tmp_path):
+    """(review, helper) --out x.vocab (the readable listing would overwrite the model: save refuses it) and --out
+    under a file (a.txt/tok.model) or --out "" trained the whole tokenizer, then failed to save it with a traceback."""
+    (tmp_path / "a.txt").write_text("hello world hello there", encoding="utf-8")
+    for out, why in (("tok.vocab", "its readable .vocab would be written over it"),
+                     ("a.txt/tok.model", "a.txt is a file"), ("a.txt/sub/tok.model", "a.txt is a file")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--source", "a.txt",
+                            "--vocab_size", "520", "--out", out], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 2 and f"--out {out}: " in r.stderr and why in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--source", "a.txt", "--vocab_size", "520",
+                        "--out", ""], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "is a folder: give the tokenizer's file, e.g. tok.model" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]
