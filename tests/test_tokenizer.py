@@ -328,6 +328,8 @@ def test_small_corpus_stops_early_and_says_so(capsys):
 def test_vocab_size_too_small():
     with pytest.raises(ValueError, match="at least 512"):
         Tokenizer.train(["hello"], 511)
+    tok = Tokenizer.train(["hello"], 512)  # the smallest: the 256 bytes and the specials, no merge
+    assert len(tok.ranks) == 256 and tok.n_words == 512 and tok.encode("hello") == list(b"hello")
 
 
 @pytest.mark.parametrize("lines, where, what", [
