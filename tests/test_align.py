@@ -883,11 +883,12 @@ def test_trl_explicit_conversational_preference_loads(tmp_path):
 
 def test_trl_implicit_conversational_preference_loads(tmp_path):
     """TRL's implicit prompt (RewardTrainer's recommended form): the prompt is the messages chosen and rejected
-    share."""
-    path = _write(tmp_path / "pairs.jsonl", {"chosen": [_U("What color is the sky?"), _A("It is blue.")],
-                                             "rejected": [_U("What color is the sky?"), _A("It is green.")]})
-    assert align.load_pairs(path) == [{"prompt": [_U("What color is the sky?")], "chosen": "It is blue.",
-                                       "rejected": "It is green."}]
+    share, all of them (a system message, earlier turns), not only the last user turn."""
+    for prompt in ([_U("What color is the sky?")],
+                   [{"role": "system", "content": "Be brief."}, _U("hi"), _A("hello"), _U("What color is the sky?")]):
+        path = _write(tmp_path / "pairs.jsonl", {"chosen": prompt + [_A("It is blue.")],
+                                                 "rejected": prompt + [_A("It is green.")]})
+        assert align.load_pairs(path) == [{"prompt": prompt, "chosen": "It is blue.", "rejected": "It is green."}]
 
 
 @pytest.mark.parametrize("chosen, rejected", [
