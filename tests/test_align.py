@@ -894,6 +894,7 @@ def test_trl_implicit_conversational_preference_loads(tmp_path):
 @pytest.mark.parametrize("chosen, rejected", [
     # a chosen conversation about another question: its user turn is dropped, "blue" trained as the answer to "q"
     ([_U("something else"), _A("blue")], [_U("q"), _A("green")]),
+    ([_U("q"), _A("blue")], [_U("something else"), _A("green")]),  # the same on the rejected side
     # conversations that go on past the prompt (TRL: the completion is everything after the prompt): the later
     # turns are dropped and the final answers are trained as answers to the first question
     ([_U("q"), _A("a1"), _U("q2"), _A("blue")], [_U("q"), _A("a1"), _U("q2"), _A("green")]),
