@@ -912,10 +912,11 @@ def test_string_answers_that_repeat_the_prompt_are_told(tmp_path, capsys):
     field: an implicit prompt's 'chosen' that ends without an answer, a completion that is no string or list."""
     path = _write(tmp_path / "pairs.jsonl", {"prompt": "Reverse: a b c", "chosen": "Reverse: a b c\nc b a",
                                              "rejected": "Reverse: a b c\nb a c"},
-                  {"prompt": "Hello", "chosen": "Hello! How can I help?", "rejected": "Hello."})
-    assert len(align.load_pairs(path)) == 2
+                  {"prompt": "Hello\n", "chosen": "Hello! How can I help?", "rejected": "Hello."},
+                  {"prompt": "Hi", "chosen": "Hi there.", "rejected": "Hello."})  # one answer echoes: not told
+    assert len(align.load_pairs(path)) == 3
     assert "in 2 pairs both answers begin with the prompt (lines [1, 2])" in capsys.readouterr().err
-    for chosen in ([], [_U("q")], [_A("a")]):
+    for chosen in ([], [_U("q")], [_A("a")], [_U("q"), _U("r")]):
         _write(tmp_path / "pairs.jsonl", {"chosen": chosen, "rejected": [_U("q"), _A("b")]})
         with pytest.raises(align.BadInput, match=r"pairs\.jsonl:1: 'chosen': a conversation that carries its prompt"):
             align.load_pairs(tmp_path / "pairs.jsonl")
