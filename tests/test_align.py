@@ -1027,3 +1027,5 @@ def test_sft_refuses_an_empty_assistant_message(tmp_path, record):
     path = _write(tmp_path / "sft.jsonl", {"messages": [_U("q"), _A("a")]}, record)
     with pytest.raises(align.BadInput, match=r"sft\.jsonl:2: 'messages': message \d \(the assistant's\) is empty"):
         align.load_sft(path)
+    ok = [{"role": "system", "content": ""}, _U("q"), _A("a")]  # an empty system message is no answer: loaded
+    assert align.load_sft(_write(tmp_path / "ok.jsonl", {"messages": ok})) == [ok]
