@@ -999,13 +999,18 @@ def test_cli_refuses_an_infinite_lr_or_temperature(tmp_path):
             r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("stage, flag, bad", [("dpo", "--beta", "0"), ("dpo", "--beta", "-0.1"),
-                                              ("dpo", "--nll_coef", "-0.2"), ("ppo", "--kl_coef", "-0.5")])
-def test_cli_refuses_coefficients_that_turn_the_objective_around(tmp_path, stage, flag, bad):
+@pytest.mark.parametrize("stage, flag, value, refused", [
+    ("dpo", "--beta", "0", True), ("dpo", "--beta", "-0.1", True), ("dpo", "--nll_coef", "-0.2", True),
+    ("ppo", "--kl_coef", "-0.5", True), ("dpo", "--nll_coef", "0", False), ("ppo", "--kl_coef", "0", False)])
+def test_cli_refuses_coefficients_that_turn_the_objective_around(tmp_path, stage, flag, value, refused):
     """β = 0 leaves DPO's term at log 2 with no gradient (only the NLL trains), β < 0 trains toward the rejected
-    answers; a negative NLL or KL coefficient rewards what it is there to hold down. Each ran silently."""
-    r = _cli(tmp_path, stage, "--init", str(tmp_path / "nothere"), "--rm", str(tmp_path / "nothere"), flag, bad)
-    assert r.returncode == 2 and f"{flag} must be" in r.stderr, r.stderr[-2000:]
+    answers; a negative NLL or KL coefficient rewards what it is there to hold down. Each ran silently. An NLL or
+    KL coefficient of 0 (no NLL term, no KL penalty) is taken: the command goes on to the missing --init."""
+    r = _cli(tmp_path, stage, "--init", str(tmp_path / "nothere"), "--rm", str(tmp_path / "nothere"), flag, value)
+    if refused:
+        assert r.returncode == 2 and f"{flag} must be" in r.stderr, r.stderr[-2000:]
+    else:
+        assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'nothere'}: no such folder", r.stderr[-2000:]
 
 
 def test_a_margin_too_large_for_a_float_is_reported(tmp_path):
