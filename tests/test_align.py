@@ -781,8 +781,9 @@ def test_stage_state_refuses_other_flags_and_a_fresh_start_drops_it(tmp_path):
 
 
 def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path):
-    """A --init or --rm that is not there: a one-line message naming it, before any training. `rm --n_eval 0` has
-    no held-out pairs to score (it divided by zero). `--resume` of a stage that ended does nothing."""
+    """A --init or --rm that is not there, or an --rm that is no reward model: a one-line message naming it, before
+    any training. `rm --n_eval 0` has no held-out pairs to score (it divided by zero). `--resume` of a stage that
+    ended does nothing."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tok.save(str(tmp_path / "tok.model"))
     save_model(tiny_model(tok), tmp_path / "init", tokenizer_path=tmp_path / "tok.model")
@@ -794,6 +795,10 @@ def test_cli_mistyped_paths_no_eval_and_a_resume_of_an_ended_stage(tok, tmp_path
     assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'nothere'}: no such folder", r.stderr
     r = run("sft", "--init", str(tmp_path / "init"), "--rm", str(tmp_path / "typo"), "--out", str(tmp_path / "sft"))
     assert r.returncode == 1 and "typo" in r.stderr and "Traceback" not in r.stderr and "sft step" not in r.stdout
+    # a --rm that is there but no reward model (a policy's folder): found before training too, not at its end
+    r = run("sft", "--init", str(tmp_path / "init"), "--rm", str(tmp_path / "init"), "--out", str(tmp_path / "sft"))
+    assert r.returncode == 1 and "is not a reward model written by `align.py rm`" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "sft step" not in r.stdout
     r = run("rm", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "rm"), "--n_eval", "0")
     assert r.returncode == 0 and "held-out pair accuracy n/a (no held-out pairs" in r.stdout, r.stderr[-2000:]
     # a reward model of another tokenizer would score other text: refused, naming both
