@@ -90,6 +90,7 @@ def test_sampling_arguments_are_checked():
     # a tiny temperature is greedy, not NaN: the largest logit is moved to 0 before dividing
     assert sample.sample_next(logits, temperature=1e-45).tolist() == [0]
     assert sample.sample_next(logits, top_k=np.int64(1)).tolist() == [0]  # a numpy integer is an integer
+    assert sample.sample_next(logits, temperature=0, top_k=3, top_p=1.0).tolist() == [0]  # the ends of the ranges
 
 
 # ---------------------------------------------------------------------------------------------- generate
