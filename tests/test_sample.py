@@ -48,6 +48,18 @@ def reference_continuation(m, prompt, n, stop_ids=()):
     return seq[len(prompt):], logprobs
 
 
+def reference_sampled(m, prompts, n, generator, **kw):
+    """n tokens per prompt drawn by sample_next (kw: temperature, top_k, top_p) from a full forward's logits at every
+    step (no cache), all rows at once with `generator`: what generate and Session.stream draw with its same seed."""
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = torch.stack([m(torch.tensor([s]))[0, -1] for s in seqs])
+            for s, t in zip(seqs, sample.sample_next(logits, generator=generator, **kw).tolist()):
+                s.append(t)
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 def test_sample_next_filters():
@@ -179,7 +191,11 @@ def test_generate_sampled_logprobs_and_seed():
     assert a == b
     # generate's docstring: each log-prob is under the model's plain softmax at temperature 1, whatever the sampling
     # temperature; checked with a full forward, and at 0.7 too, where log_softmax(logits / T) would differ
-    c = sample.generate(m, prompts, 12, temperature=0.7, top_k=20, generator=torch.Generator().manual_seed(7))
+    c = sample.generate(m, prompts, 12, temperature=0.7, top_k=20, top_p=0.9,
+                        generator=torch.Generator().manual_seed(7))
+    # the draws are sample_next's, with every filter given, on the logits of a full forward (same seed: same tokens)
+    for got, kw in [(a, dict(temperature=1.0, top_k=20)), (c, dict(temperature=0.7, top_k=20, top_p=0.9))]:
+        assert got[0] == reference_sampled(m, prompts, 12, torch.Generator().manual_seed(7), **kw)
     for p, t, lp in [*zip(prompts, *a), *zip(prompts, *c)]:
         with torch.no_grad():
             logp = torch.log_softmax(m(torch.tensor([p + t]))[0], -1)[len(p) - 1:-1]
@@ -225,6 +241,17 @@ def test_session_keeps_the_conversation_in_the_cache():
     assert list(s.stream(4, temperature=0, stop_ids=stop)) == second[:2]
     s.tokens, s.cached = list(range(60)), 0
     assert len(list(s.stream(10, temperature=0))) == 4  # the cache ends at 64
+
+
+def test_session_stream_samples_as_sample_next_does():
+    """stream passes its temperature, top-k, top-p and generator to sample_next: a seeded stream draws the tokens
+    sample_next draws from a full forward's logits with the same seed."""
+    m = tiny_model().eval()
+    for kw in (dict(temperature=0.7, top_k=20, top_p=0.9), dict(temperature=1.0, top_k=5), dict(top_p=0.6)):
+        s = sample.Session(m, 64)
+        s.tokens = [1, 2, 3, 4]
+        got = list(s.stream(12, generator=torch.Generator().manual_seed(7), **kw))
+        assert got == reference_sampled(m, [[1, 2, 3, 4]], 12, torch.Generator().manual_seed(7), **kw)[0], kw
 
 
 def test_print_stream_decodes_characters_split_across_tokens(tok, capsys):
