@@ -2,6 +2,9 @@
 
     python -m pytest -q tests/test_model.py
 """
+import contextlib
+import errno
+import io
 import json
 import math
 import os
@@ -534,6 +537,37 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
         M.atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("name", ["consolidated.00.pth", "tokenizer.model", "params.json"])
+def test_save_model_over_a_checkpoint_keeps_a_file_whose_write_fails(tmp_path, monkeypatch, name):
+    """save_model writes each file atomically: one whose write fails part way (a full disk) over an existing
+    checkpoint is left as it was, and nothing is left beside it."""
+    (tmp_path / "old.model").write_bytes(b"dGVzdA== 0\n")
+    (tmp_path / "new.model").write_bytes(b"dGVzdQ== 0\n")
+    M.save_model(tiny_model(), tmp_path / "ckpt", tokenizer_path=tmp_path / "old.model")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    real_open = open
+
+    def fill_the_disk(file, mode="wb"):  # a few bytes land, then the disk is full
+        with real_open(file, mode) if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as f:
+            f.write(b"PK" if "b" in mode else "PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and name in os.fspath(file):
+            fill_the_disk(file, mode)
+        return real_open(file, mode, *args, **kwargs)
+    if name == "consolidated.00.pth":
+        monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: fill_the_disk(f))
+    else:  # (pathlib opens through io.open)
+        monkeypatch.setattr("builtins.open", failing_open)
+        monkeypatch.setattr(io, "open", failing_open)
+    with pytest.raises(OSError, match="No space left on device"):
+        M.save_model(tiny_model(ffn_hidden_dim=48), tmp_path / "ckpt", tokenizer_path=tmp_path / "new.model")
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    assert after.keys() == before.keys() and after[name] == before[name]
 
 
 class MetaModelArgs:
