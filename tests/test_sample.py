@@ -441,10 +441,11 @@ def test_a_malformed_tokenizer_model_is_a_checkpoint_error(tmp_path, tok, monkey
 def test_cli_max_context_below_one_is_refused(monkeypatch, capsys):
     """(review, helper) --max_context was not checked: a negative one failed in torch (a negative dimension for the KV
     cache), after the weights were read."""
-    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--chat", "--max_context", "-3"])
-    with pytest.raises(SystemExit) as e:
-        sample.main()
-    assert e.value.code == 2 and "--max_context >= 1" in capsys.readouterr().err
+    for context in ("-3", "0"):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", "nowhere", "--chat", "--max_context", context])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        assert e.value.code == 2 and "--max_context >= 1" in capsys.readouterr().err
 
 
 def test_an_infinite_temperature_is_refused(monkeypatch, capsys):
