@@ -149,6 +149,41 @@ def test_loss_goes_down_and_the_model_is_exported(corpus, reference):
     assert sorted(os.listdir(reference / "ckpt")) == ["step_000008", "step_000010"]  # the last two are kept
 
 
+def test_each_step_is_adamw_written_out_by_hand(corpus, reference):
+    """The reference's 10 steps against the recipe of train.py's docstring, written out here: the seeded fresh model on
+    the loader's batches, the global gradient norm clipped to 1.0, AdamW (betas 0.9 / 0.95, eps 1e-8, decoupled weight
+    decay 0.1 on the matrices only: linears and the embedding, not the norm gains) at the warmup + cosine lr. Each
+    logged loss and gradient norm is the hand loop's (no test above looks inside a step: the reference would carry a
+    lost zero_grad, other betas, or decay on the norms, into every run it is compared with)."""
+    from data import PackedLoader
+    from model import PRESETS, Transformer
+    torch.manual_seed(1337)
+    model = Transformer(dataclasses.replace(PRESETS["cpu"], dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                            vocab_size=600, max_seq_len=32))
+    loader = PackedLoader(corpus / "shards", "train", 4, 32, seed=1337)
+    params = list(model.parameters())
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    got, norms = {}, {}
+    for step in range(STEPS):
+        t = step + 1
+        lr = 1e-2 * t / 2 if t < 2 else 1e-3 + 0.5 * (1 + math.cos(math.pi * (t - 2) / (STEPS - 2))) * 9e-3
+        x, y, d = loader.next_batch()
+        loss = model(x, y, doc_ids=d)
+        grads = torch.autograd.grad(loss, params)
+        norm = math.sqrt(sum((g * g).sum().item() for g in grads))
+        got[step], norms[step] = loss.item(), norm
+        with torch.no_grad():
+            for p, g, mm, vv in zip(params, grads, m, v):
+                g = g * min(1.0, 1.0 / (norm + 1e-6))
+                if p.dim() >= 2:
+                    p.mul_(1 - lr * 0.1)
+                mm.mul_(0.9).add_(g, alpha=0.1)
+                vv.mul_(0.95).addcmul_(g, g, value=0.05)
+                p.sub_(lr * (mm / (1 - 0.9 ** t)) / ((vv / (1 - 0.95 ** t)).sqrt() + 1e-8))
+    assert losses(reference) == pytest.approx(got, abs=1e-5)   # (fused vs this loop: ~1e-6 apart at step 9)
+    assert losses(reference, "grad_norm") == pytest.approx(norms, abs=1e-4)   # (logged to 4 decimals)
+
+
 def test_eval_reads_a_small_val_split_once(corpus, tmp_path):
     """--eval_tokens past the val split's size: the evaluation reads each of its whole global batches once (it read
     on into the split's next epochs, counting windows twice: a review found it, for a mix's small folder)."""
