@@ -235,11 +235,13 @@ def test_same_losses_as_one_process(corpus, reference, tmp_path, mode):
         # it ran as asked (a --fsdp that fell back to DDP, or a lost --act_ckpt, would give the same losses)
         assert ("2 process(es) on cpu, FSDP2, activation checkpointing in 2 blocks" if mode == "fsdp" else
                 "2 process(es) on cpu, DDP") in r.stdout, r.stdout
-    for column in ("train_loss", "val_loss"):
+    # and the gradient norm each step clipped: a backward of the unscaled micro-batch losses (2x the gradient, with
+    # the logged loss right) moved the losses by < 5e-4, as AdamW hardly sees a gradient's scale
+    for column in ("train_loss", "val_loss", "grad_norm"):
         ref, got = losses(reference, column), losses(tmp_path, column)
         assert sorted(got) == sorted(ref)
         for step in ref:
-            assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-4), (column, step)
+            assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=2e-4), (column, step)   # (norm: 4 decimals)
     # and the exported weights agree
     a, b = (torch.load(d / "consolidated.00.pth") for d in (reference, tmp_path))
     for k in a:
