@@ -255,6 +255,11 @@ def test_killed_run_resumes_exactly(corpus, reference, tmp_path):
     assert re.search(r"resumed from .*step_00000[48] at step [48]", r.stdout), r.stdout
     assert losses(tmp_path) == losses(reference)  # exactly: same batches, same optimizer state, same order
     assert losses(tmp_path, "val_loss") == losses(reference, "val_loss")
+    # and the log is the reference's row for row: the resumed step's rows written once, not kept from before the kill
+    # too (the dicts above would hide a second row of a step)
+    rows = [[[r[k] for k in ("step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm")] for r in log_rows(out)]
+            for out in (tmp_path, reference)]
+    assert rows[0] == rows[1]
 
 
 def test_sigterm_saves_and_resumes_exactly(corpus, reference, tmp_path):
