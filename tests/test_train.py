@@ -272,6 +272,34 @@ def test_sigterm_saves_and_resumes_exactly(corpus, reference, tmp_path):
     assert losses(tmp_path) == losses(reference)
 
 
+KILLED_WHILE_SAVING = """
+import os
+import torch.distributed.checkpoint as dcp
+save = dcp.save
+def save_then_die(*a, checkpoint_id=None, **k):  # step 8's weights written, its state.pt and manifest not yet
+    save(*a, checkpoint_id=checkpoint_id, **k)
+    if "step_000008" in str(checkpoint_id):
+        os.kill(os.getpid(), 9)
+dcp.save = save_then_die
+"""
+
+
+def test_a_run_killed_while_saving_resumes_from_the_checkpoint_before(corpus, reference, tmp_path):
+    """SIGKILL in the middle of step 8's save: the half-written checkpoint is not under the name --resume looks for,
+    so --resume goes on from step 4 to the reference's losses, and the leftover is cleared (a checkpoint written in
+    place, without the rename, stopped --resume at step 8's folder: "not a complete checkpoint")."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILLED_WHILE_SAVING)
+    run = tmp_path / "run"
+    r = subprocess.run(command(corpus, run, "--batch_size", "4"), cwd=ROOT, capture_output=True, text=True,
+                       env=dict(env(), PYTHONPATH=str(tmp_path / "site")), timeout=300)
+    assert r.returncode == -signal.SIGKILL and "saved" in r.stdout and "step 8: saved" not in r.stdout, r.stdout
+    r = train(corpus, run, "--batch_size", "4", "--resume")
+    assert re.search(r"resumed from .*step_000004 at step 4", r.stdout), r.stdout
+    assert losses(run) == losses(reference)
+    assert sorted(os.listdir(run / "ckpt")) == ["step_000008", "step_000010"]
+
+
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(corpus, reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
