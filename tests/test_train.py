@@ -643,12 +643,21 @@ def test_average_of_the_last_steps_is_exported_and_resumes(corpus, reference, tm
         return torch.load(tmp_path / "full.pt")["model"]
     run, flags = tmp_path / "run", ["--batch_size", "4", "--ckpt_interval", "1", "--average_last", "2"]
     r = train(corpus, run, *flags)
-    assert re.search(r"the mean of the weights of the last 2 steps: val loss [\d.]+", r.stdout), r.stdout
+    mean_val = re.search(r"the mean of the weights of the last 2 steps: val loss ([\d.]+)", r.stdout)
+    assert mean_val, r.stdout
     exported = torch.load(run / "consolidated.00.pth")
     a, b = weights(run / "ckpt" / "step_000009"), weights(run / "ckpt" / "step_000010")
     for k, w in exported.items():
         torch.testing.assert_close(w, (a[k] + b[k]) / 2, rtol=0, atol=1e-6, msg=k)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # (two different weights)
+    # the val loss said for the mean is the exported model's own (train.py's eval: 2 batches of 4), not step 10's
+    from data import PackedLoader
+    from model import load_model
+    model, val_loader = load_model(run), PackedLoader(corpus / "shards", "val", 4, 32, seed=1337)
+    with torch.no_grad():
+        val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in (val_loader.next_batch() for _ in range(2))) / 2
+    assert float(mean_val[1]) == pytest.approx(val_loss, abs=1e-4)   # (printed to 4 decimals)
+    assert abs(val_loss - losses(run, "val_loss")[10]) > 1e-3   # (step 10's weights: another loss)
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     train(corpus, resumed, *flags, "--resume", str(resumed / "ckpt" / "step_000009"))
