@@ -184,16 +184,19 @@ def test_each_step_is_adamw_written_out_by_hand(corpus, reference):
     assert losses(reference, "grad_norm") == pytest.approx(norms, abs=1e-4)   # (logged to 4 decimals)
 
 
-def test_eval_reads_a_small_val_split_once(corpus, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_eval_reads_a_small_val_split_once(corpus, tmp_path, nproc):
     """--eval_tokens past the val split's size: the evaluation reads each of its whole global batches once (it read
-    on into the split's next epochs, counting windows twice: a review found it, for a mix's small folder)."""
+    on into the split's next epochs, counting windows twice: a review found it, for a mix's small folder). Under DDP
+    a global batch is every rank's rows (n_windows // batch_size, one rank's, passed the single process's case)."""
     from data import PackedLoader
     from model import load_model
-    train(corpus, tmp_path / "out", "--max_steps", "1", "--eval_tokens", "100000", "--batch_size", "3")
-    val_loader = PackedLoader(corpus / "shards", "val", 3, 32, seed=1337)   # (44 windows: 14 batches, 2 left)
+    train(corpus, tmp_path / "out", "--max_steps", "1", "--eval_tokens", "100000", "--batch_size", "3", nproc=nproc)
+    rows = 3 * nproc   # (44 windows: 14 batches of 3, 2 left; 7 of 6, 2 left)
+    val_loader = PackedLoader(corpus / "shards", "val", rows, 32, seed=1337)
     model = load_model(tmp_path / "out")
     with torch.no_grad():
-        batches = [val_loader.next_batch() for _ in range(val_loader.n_windows // 3)]
+        batches = [val_loader.next_batch() for _ in range(val_loader.n_windows // rows)]
         val_loss = sum(model(x, y, doc_ids=d).item() for x, y, d in batches) / len(batches)
     assert val_loss == pytest.approx(losses(tmp_path / "out", "val_loss")[1], abs=1e-5)
 
