@@ -603,8 +603,8 @@ def read_meta_checkpoint(path):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.*.pth")
-    # params.json does not say how many shards there are, but their names are numbered 00 .. N-1 (a missing last
-    # one leaves no gap: load_model finds the joined weights short of the config's shapes instead)
+    # params.json does not say how many shards there are, but their names are numbered 00 .. N-1, and each holds
+    # 1/N of wq's n_heads * head_dim rows (a missing last one leaves no gap in the names)
     numbers = {int(m[1]) for f in files if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", f.name))}
     missing = [f"consolidated.{i:02d}.pth" for i in range(max(numbers, default=-1) + 1) if i not in numbers]
     if missing:
@@ -617,6 +617,12 @@ def read_meta_checkpoint(path):
         for key, t in shard.items():
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{f}: tensor {key} is not a tensor but {type(t).__name__}")
+    wq, rows = shards[0].get("layers.0.attention.wq.weight"), args.n_heads * args.head_dim
+    n = rows // wq.shape[0] if wq is not None and wq.ndim == 2 and wq.shape[0] and rows % wq.shape[0] == 0 else 0
+    if n > len(files):
+        raise CheckpointError(f"{path}: {', '.join(f'consolidated.{i:02d}.pth' for i in range(len(files), n))} "
+                              f"missing (each shard holds 1/{n} of wq's rows, by params.json's n_heads): a download "
+                              "cut short?")
     for f, shard in zip(files[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())

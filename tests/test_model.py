@@ -685,7 +685,8 @@ def test_meta_sharded_checkpoint_loads(tmp_path):
 
 def test_meta_checkpoint_missing_a_shard_names_it(tmp_path):
     """(review, helper) Of 8 model-parallel shards, consolidated.03.pth missing was refused as a tensor whose shape
-    did not match the config: params.json does not give the number of shards, their numbered names do."""
+    did not match the config: params.json does not give the number of shards, their numbered names do, and (the
+    last one missing) the share of wq's rows in each."""
     write_meta_dir(tmp_path / "meta", tiny_model(vocab_size=96), n_shards=8)
     (tmp_path / "meta" / "consolidated.03.pth").unlink()
     with pytest.raises(CheckpointError, match=r"meta: consolidated.03.pth missing \(the shards are numbered up to "
@@ -694,6 +695,10 @@ def test_meta_checkpoint_missing_a_shard_names_it(tmp_path):
     (tmp_path / "meta" / "consolidated.00.pth").unlink()
     with pytest.raises(CheckpointError, match="meta: consolidated.00.pth, consolidated.03.pth missing"):
         M.load_model(tmp_path / "meta")
+    write_meta_dir(tmp_path / "tail", tiny_model(vocab_size=96), n_shards=8)  # the last one: no gap in the names
+    (tmp_path / "tail" / "consolidated.07.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"tail: consolidated.07.pth missing \(each shard holds 1/8 of wq's"):
+        M.load_model(tmp_path / "tail")
 
 
 def write_safetensors(path, tensors):
