@@ -62,11 +62,13 @@ def docs_from_lengths(*rows):
 def check_attention(B, Hq, Hkv, T, Tk, doc_ids=None, dtype=torch.float32, d=D, strided=False):
     """Forward and all three gradients of flash_attention against attention_reference (fp32 math).
     strided: q, k, v as the model makes them, (B, T, H, D) transposed, and k, v slices of a KV cache twice as
-    long, so every stride differs from a contiguous tensor's."""
+    long (its tail NaN), so every stride differs from a contiguous tensor's."""
     def make(H, n, room=0):
         if not strided:
             return torch.randn(B, H, n, d, device=DEV, dtype=dtype, requires_grad=True)
-        return torch.randn(B, n + room, H, d, device=DEV, dtype=dtype).transpose(1, 2)[:, :, :n].requires_grad_()
+        x = torch.randn(B, n + room, H, d, device=DEV, dtype=dtype)
+        x[:, n:] = float("nan")     # the cache's unwritten tail (torch.empty: anything): no key past Tk may be read
+        return x.transpose(1, 2)[:, :, :n].requires_grad_()
     q, k, v = make(Hq, T), make(Hkv, Tk, Tk), make(Hkv, Tk, Tk)
     assert strided == (not q.is_contiguous()) == (not k.is_contiguous())
     o = A.flash_attention(q, k, v, doc_ids)
