@@ -141,7 +141,11 @@ def test_flash_documents(case):
     check_attention(2, 4, 2, T, T, doc_ids)
 
 
-@pytest.mark.parametrize("T,Tk", [(1, 50 * S), (7, 40 * S), (20 * S, 37 * S)])
+# (18 * S, 18 * S + TILE - 2): Tk - T is 2 short of a multiple of every tile size. There a rounding at the diagonal
+# off by one row (the forward's first masked key tile, full_hi; dk/dv's first unmasked query tile, full_lo) moves a
+# whole tile and leaves unmasked a key that a row must not see; the other offsets (on the CPU, 1 past a multiple of
+# 16) hide it
+@pytest.mark.parametrize("T,Tk", [(1, 50 * S), (7, 40 * S), (20 * S, 37 * S), (18 * S, 18 * S + TILE - 2)])
 def test_flash_kv_cache_bottom_right(T, Tk):
     check_attention(1, 4, 1, T, Tk)
 
