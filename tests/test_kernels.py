@@ -282,24 +282,35 @@ def test_flash_head_loops(bm, bn, monkeypatch):
     check_attention(1, 4, 1, 45, 110)
 
 
-@pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products")
+@pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products and masks")
 def test_documents_cost_fewer_tiles(monkeypatch):
     """A row packed with short documents must cost less than one long document: count the tile iterations of
     each kernel (its tl.dot calls: 2 per tile in the forward, 4 in dk/dv, 3 in dq) with the tiles the H100
     picked at T=1K (forward 64x64, dk/dv 32x128, dq 64x32), for causal and for 8 documents of 128. Exact
     counts: causal query tile i of 64 sees i+1 key tiles (136 in all); a document is 2 of them and sees 1 + 2;
     dk/dv's key tile j of 128 sees 32 - 4j query tiles of 32 (144), its document 4; dq's query tile i sees 2i+2
-    key tiles of 32 (272), a document's two 2 + 4."""
+    key tiles of 32 (272), a document's two 2 + 4.
+    And a tile pays for a mask only where it needs one: count the masks applied to tiles (tl.where on a tile:
+    the causal one and the document one). Causal rows mask the diagonal tiles alone: 1 per query tile in the
+    forward, 4 per key tile in dk/dv, 2 per query tile in dq; the 8 documents the same tiles, with the document
+    mask too. One document of 256 costs no more masks than causal rows would: the document mask only on the
+    diagonal, its keys before are full tiles. A KV cache, T=128 queries against Tk=1151 keys, masks only at the
+    bottom-right diagonal: a forward query tile sees 17 or 18 key tiles, its last masked; dk/dv's last key tile
+    is seen by 4 query tiles, all masked, the 8 before by 4 unmasked; dq's query tile sees 34 or 36, 2 masked."""
     from triton.runtime import interpreter
-    if not hasattr(interpreter, "InterpreterBuilder") or not hasattr(interpreter.InterpreterBuilder, "create_dot"):
-        pytest.skip("this triton's interpreter has no InterpreterBuilder.create_dot to count")
-    dots, running = {}, [None]
-    create_dot = interpreter.InterpreterBuilder.create_dot
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if not (hasattr(builder, "create_dot") and hasattr(builder, "create_select")):
+        pytest.skip("this triton's interpreter has no InterpreterBuilder.create_dot/create_select to count")
+    counts, running = {}, [None]
 
-    def counting_dot(self, *args, **kwargs):
-        dots[running[0]] = dots.get(running[0], 0) + 1
-        return create_dot(self, *args, **kwargs)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    def counting(what, create):
+        def count(self, *args, **kwargs):
+            if what == "dot" or args[0].data.ndim == 2:   # a tile's mask (tl.where), not a row's or a number's
+                counts[running[0], what] = counts.get((running[0], what), 0) + 1
+            return create(self, *args, **kwargs)
+        return count
+    for what, f in (("dot", "create_dot"), ("mask", "create_select")):
+        monkeypatch.setattr(builder, f, counting(what, getattr(builder, f)))
     for kernel, (bm, bn) in zip(AUTOTUNED, ((64, 64), (32, 128), (64, 32))):
         monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
 
@@ -307,12 +318,19 @@ def test_documents_cost_fewer_tiles(monkeypatch):
             running[0] = _name
             return _run(*args, **kwargs)
         monkeypatch.setattr(kernel, "run", run)
-    T = 1024
-    for doc_ids, tiles in ((None, (136, 144, 272)), (docs_from_lengths([128] * 8), (8 * 3, 8 * 4, 8 * 6))):
-        dots.clear()
-        q, k, v = (torch.randn(1, 1, T, 16, requires_grad=True) for _ in range(3))
+    # (T, Tk, doc_ids, tiles, causal masks, document masks), each of (forward, dk/dv, dq)
+    for T, Tk, doc_ids, tiles, causal, doc in (
+            (1024, 1024, None, (136, 144, 272), (16, 32, 32), (0, 0, 0)),
+            (1024, 1024, docs_from_lengths([128] * 8), (8 * 3, 8 * 4, 8 * 6), (16, 32, 32), (16, 32, 32)),
+            (256, 256, docs_from_lengths([256]), (10, 12, 20), (4, 8, 8), (4, 8, 8)),
+            (128, 1151, None, (35, 36, 70), (2, 4, 4), (0, 0, 0))):
+        counts.clear()
+        q, k, v = (torch.randn(1, 1, n, 16, requires_grad=True) for n in (T, Tk, Tk))
         torch.autograd.grad(A.flash_attention(q, k, v, doc_ids), (q, k, v), torch.randn(1, 1, T, 16))
-        assert dots == {"_attn_fwd": 2 * tiles[0], "_attn_bwd_dkdv": 4 * tiles[1], "_attn_bwd_dq": 3 * tiles[2]}
+        names = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+        got = {name: tuple(counts.get((name, what), 0) for what in ("dot", "mask")) for name in names}
+        want = {name: (n * t, c + d) for name, n, t, c, d in zip(names, (2, 4, 3), tiles, causal, doc)}
+        assert got == want, f"T={T} Tk={Tk} docs={doc_ids is not None}: (dots, masks)"
 
 
 def test_flash_under_inference_mode():
