@@ -245,27 +245,28 @@ def test_flash_fp32_head_dim_128(monkeypatch):
 def test_flash_unequal_tiles(fwd, dkdv, dq, monkeypatch):
     """The interpreter's tiles are 16x16, but on a GPU BLOCK_M != BLOCK_N (128x64, 32x128, ...): the key and
     query ranges round to both. Run the interpreter on unequal tiles: documents (one id on both sides of
-    another), and Tk > T."""
+    another), and Tk > T (k, v slices of a KV cache whose tail is NaN: no tile may read past Tk)."""
     for kernel, (bm, bn) in zip(AUTOTUNED, (fwd, dkdv, dq)):
         monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1)])
     doc_ids = docs_from_lengths([37, 50, 40, 13], [5, 60, 75])
     doc_ids[0, 127:] = 0
     check_attention(2, 4, 2, 140, 140, doc_ids)
-    check_attention(1, 4, 2, 45, 110)
+    check_attention(1, 4, 2, 45, 110, strided=True)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the autotuner's PV_LAG configs")
 @pytest.mark.parametrize("bm", [16, 32])
 def test_flash_pv_lag(bm, monkeypatch):
     """The forward's other loop (PV_LAG: each key tile's p v issued after the next tile's q k^T), which the
-    interpreter's one config does not take: documents (ranges of one tile, several, none), causal rows, Tk > T."""
+    interpreter's one config does not take: documents (ranges of one tile, several, none), causal rows, Tk > T
+    (as a KV cache's slice, its tail NaN: the lagging v loads must stop at Tk too)."""
     monkeypatch.setattr(A._attn_fwd, "configs",
                         [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "PV_LAG": True}, num_warps=1)])
     doc_ids = docs_from_lengths([37, 50, 40, 13], [5, 60, 75])
     doc_ids[0, 127:] = 0
     check_attention(2, 4, 2, 140, 140, doc_ids)
     check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5)
-    check_attention(1, 4, 2, 45, 110)
+    check_attention(1, 4, 2, 45, 110, strided=True)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the autotuner's HEAD_LOOPS configs")
