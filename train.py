@@ -423,7 +423,7 @@ if distributed:
 else:
     rank, world_size = 0, 1
 master = rank == 0  # logs, writes the CSV, the plot and the exported model
-fsdp, ddp = distributed and args.fsdp, distributed and not args.fsdp
+fsdp, ddp = args.fsdp, distributed and not args.fsdp  # (--fsdp without torchrun: refused above)
 torch.manual_seed(args.seed)  # the same seed on every rank: every rank builds the same initial weights
 # bf16 matmuls with fp32 master weights (Llama 3 trains in bf16), on GPU and on CPUs with bf16 matrix instructions
 # (model.bf16_matmuls): there a step of the cpu preset ran 1.3x faster than in fp32 when it was 256 wide (the
