@@ -1047,6 +1047,13 @@ def test_shard_roundtrip_and_bad_files(tmp_path):
     (tmp_path / "fp.bin").write_bytes(raw[:32] + b"\xff" + raw[33:])  # a flipped bit in the fingerprint
     with pytest.raises(ValueError, match=r"fp\.bin: damaged header"):
         data.read_shard(str(tmp_path / "fp.bin"))
+    (tmp_path / "nobos.bin").write_bytes(raw[:64] + (5).to_bytes(4, "little") + raw[68:])  # the first token no BOS
+    with pytest.raises(ValueError, match=r"nobos\.bin: does not start with <\|begin_of_text\|> \(id 0\)"):
+        data.read_shard(str(tmp_path / "nobos.bin"))
+    (tmp_path / "bos.bin").write_bytes(data.HEADER.pack(data.MAGIC, data.VERSION, 100, 100, 1, 1, b"abc") +
+                                       (100).to_bytes(4, "little"))  # <|begin_of_text|> id not below the vocabulary
+    with pytest.raises(ValueError, match=r"bos\.bin: damaged header \(vocab size 100, <\|begin_of_text\|> id 100\)"):
+        data.read_shard(str(tmp_path / "bos.bin"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # atomic write leaves no temp file
 
 
