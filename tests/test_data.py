@@ -788,6 +788,8 @@ def test_shard_writer_cuts_the_same_however_documents_arrive(tmp_path):
         return [data.read_shard(os.path.join(out, n))[0]["n_tokens"] for n in w.close()["shards"]]
     a, b, c = [BOS] + [5] * 4, [BOS] + [6] * 4, [BOS, 7, 7]
     assert shard_sizes(tmp_path / "1", a + b + c) == shard_sizes(tmp_path / "2", a + b, c) == [10, 3]
+    huge = [BOS] + [8] * 14  # one document over the budget: a shard of its own, the documents after it cut as usual
+    assert shard_sizes(tmp_path / "3", huge + a + b + c) == shard_sizes(tmp_path / "4", huge, a + b + c) == [15, 10, 3]
 
 
 def test_heuristic_filters():
