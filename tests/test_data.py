@@ -1736,6 +1736,7 @@ def test_a_hand_edited_meta_json_is_refused_by_key(corpus, tmp_path):
     meta, path = build(), os.path.join(out, "meta.json")
     for edit, key in ((dict(train=[]), "train"), (dict(config=dict(meta["config"], source=None)), "config.source"),
                       (dict(fingerprint=None), "fingerprint"), (dict(vocab_size="600"), "vocab_size"),
+                      (dict(vocab_size=True), "vocab_size"),   # (a bool is an int to isinstance: no vocabulary size)
                       (dict(train=dict(meta["train"], shards=[0])), "train.shards"),
                       (dict(train=dict(meta["train"], crc32=7)), "train.crc32"),
                       (dict(config=dict(meta["config"], blocklist=["x"])), "config.blocklist")):
@@ -1931,6 +1932,34 @@ def test_a_folder_filtered_by_a_labeller_is_not_reused_without_it(corpus, tmp_pa
     assert filtered["removed"]["quality"]["docs"] >= 20
     plain = build()
     assert "quality" not in plain["removed"] and plain["train"]["docs"] == 60
+
+
+def test_prepare_data_rebuilds_for_another_tokenizer_a_missing_shard_or_a_crc_short(corpus, tmp_path):
+    """The cache is reused only when its tokenizer is the one given (the tokenizer's path is not in the config: a
+    folder made with another one was returned, ids of another vocabulary), and every shard meta.json lists is there
+    with its CRC-32 (a missing shard was a FileNotFoundError, a CRC-32 list one short left the last shard unchecked)."""
+    root, docs, tok_path = corpus
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    for i, d in enumerate(docs[:40]):
+        (src / f"{i:03d}.txt").write_text(d)
+    other = str(tmp_path / "other.model")
+    Tokenizer.train(docs[:40], 256 + 256 + 8).save(other)
+    build = lambda tok=tok_path: data.prepare_data(str(src), tok, out, val_fraction=0.1, num_proc=1,  # noqa: E731
+                                                   shard_tokens=500, verbose=False)
+    meta = build()
+    train = read_docs(out, "train", Tokenizer.load(tok_path))
+    assert len(meta["train"]["shards"]) > 2
+    theirs = build(other)   # the same documents in the other tokenizer's ids
+    assert theirs["fingerprint"] == Tokenizer.load(other).fingerprint() != meta["fingerprint"]
+    assert read_docs(out, "train", Tokenizer.load(other)) == train
+    timeless = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert timeless(build()) == timeless(meta)   # and back
+    os.remove(os.path.join(out, meta["train"]["shards"][1]))
+    assert timeless(build()) == timeless(meta) and os.path.exists(os.path.join(out, meta["train"]["shards"][1]))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(dict(meta, train=dict(meta["train"], crc32=meta["train"]["crc32"][:-1])), f)
+    assert build()["train"]["crc32"] == meta["train"]["crc32"]
 
 
 @pytest.mark.parametrize("name", ["max_docs", "num_proc"])
