@@ -1699,6 +1699,35 @@ def test_prepare_data_failing_half_way_keeps_the_old_dataset(corpus, tmp_path):
     assert any("a lone surrogate \ufffd here" in d for d in read_docs(out, "train", Tokenizer.load(tok_path)))
 
 
+def test_a_build_stopped_while_its_shards_move_in_leaves_no_meta_json(corpus, tmp_path, monkeypatch):
+    """The new shards replace the old ones after the old meta.json is gone, and the new one is written last: a build
+    stopped half-way through the moves leaves a folder without meta.json (refused by the loader, rebuilt by the next
+    call), never a meta.json beside shards it does not describe."""
+    root, docs, tok_path = corpus
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    for i, d in enumerate(docs[:40]):
+        (src / f"{i:03d}.txt").write_text(d)
+    build = lambda **kw: data.prepare_data(str(src), tok_path, out, num_proc=1, shard_tokens=500,  # noqa: E731
+                                           verbose=False, **kw)
+    meta = build(val_fraction=0.1)
+    assert len(meta["train"]["shards"]) > 2
+    replace = os.replace
+
+    def stopped(a, b):
+        if os.path.basename(os.path.dirname(a)) == "building" and b == os.path.join(out, "train_001.bin"):
+            raise KeyboardInterrupt
+        replace(a, b)
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build(val_fraction=0.2)
+    assert os.path.exists(os.path.join(out, "train_000.bin")) and not os.path.exists(os.path.join(out, "meta.json"))
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        data.PackedLoader(out, "train", 2, 8)
+    monkeypatch.setattr(os, "replace", replace)
+    assert build(val_fraction=0.2)["config"]["val_fraction"] == 0.2 and "building" not in os.listdir(out)
+
+
 def test_check_folder_notes_and_refusals(tmp_path):
     """train.py's check of a --data folder (its refusals of another source or blocklist run in test_train.py): a
     source edited since is a warning, a meta.json of an older data.py (no CRC-32s) a note, one without its config
