@@ -1146,6 +1146,15 @@ def test_loader_determinism_and_epochs(stream):
     assert a[:n_windows] != a[n_windows:] and sorted(a[:n_windows]) == sorted(a[n_windows:])  # reshuffled epoch
     batches = zip(range(3), data.PackedLoader(str(out), "train", 1, 8, seed=0))  # iterating: the same batches
     assert [window_start(x[0].numpy()) for _, (x, y, doc_ids) in batches] == a[:3]
+    # in shuffle blocks (as on a large data set): the blocks' order and each block's own order are drawn, each
+    # block's its own, and drawn again each epoch
+    ld, k = data.PackedLoader(str(out), "train", 1, 8, seed=0), n_windows // 7   # k full blocks, then a partial one
+    ld.block = 7
+    epochs = [[[ld.window(e * n_windows + 7 * b + j) for j in range(7)] for b in range(k)] for e in (0, 1)]
+    assert all(len({w // 7 for w in block}) == 1 for blocks in epochs for block in blocks)
+    order = [[b[0] // 7 for b in blocks] for blocks in epochs]                       # the blocks' order
+    assert sorted(order[0]) == list(range(k)) != order[0] != order[1]
+    assert len({tuple(w % 7 for w in block) for block in epochs[0]}) > k // 2        # each block's own order
 
 
 def test_resume_exact(stream):
@@ -1839,6 +1848,9 @@ def test_last_window_needs_a_target_after_it(tmp_path):
         assert x.shape == y.shape == (1, T)
         starts.append(window_start(x[0].numpy()))
     assert sorted(starts) == [0, T, 2 * T]
+    write_split(tmp_path, "train", tokens[:T + 1], shard_tokens=1000)  # T + 1 tokens: one window, its target the last
+    x, y, _ = data.PackedLoader(str(tmp_path), "train", 1, T).next_batch()
+    assert torch.equal(y[0], torch.from_numpy(tokens[1:T + 1].astype(np.int64)))
     write_split(tmp_path, "train", tokens[:T], shard_tokens=1000)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         data.PackedLoader(str(tmp_path), "train", 1, T)
