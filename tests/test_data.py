@@ -1003,11 +1003,11 @@ def synthetic_stream(n_docs, rng):
     return tokens, starts
 
 
-def write_split(out_dir, split, tokens, shard_tokens, fingerprint="f00d"):
+def write_split(out_dir, split, tokens, shard_tokens, fingerprint="f00d", vocab_size=1 << 31):
     """Write a stream as shards + meta.json with data.ShardWriter, as prepare_data does."""
-    w = data.ShardWriter(str(out_dir), split, shard_tokens, 1 << 31, BOS, fingerprint)
+    w = data.ShardWriter(str(out_dir), split, shard_tokens, vocab_size, BOS, fingerprint)
     w.add(tokens, int((tokens == BOS).sum()), 0)
-    meta = {"fingerprint": fingerprint, "vocab_size": 1 << 31, "bos_id": BOS, split: w.close()}
+    meta = {"fingerprint": fingerprint, "vocab_size": vocab_size, "bos_id": BOS, split: w.close()}
     (out_dir / "meta.json").write_text(json.dumps(meta))
     return meta
 
@@ -1176,6 +1176,8 @@ def test_resume_exact(stream):
     assert torch.equal(x[2:], expected[0][0])
     with pytest.raises(ValueError, match="seq_len"):
         data.PackedLoader(str(out), "train", 2, 32, seed=3).load_state_dict(sd)
+    with pytest.raises(ValueError, match="loader state has seed=3, this loader seed=4"):   # another window order
+        data.PackedLoader(str(out), "train", 2, 16, rank=1, world_size=2, seed=4).load_state_dict(sd)
     with pytest.raises(ValueError, match="global batch"):
         data.PackedLoader(str(out), "train", 3, 16, seed=3).load_state_dict(sd)
 
@@ -1400,6 +1402,8 @@ def test_mixed_loader_draws_across_chunks(two_sources, monkeypatch):
     drawn = ld.sources(0, 40)
     assert drawn.shape == (40,) and set(drawn.tolist()) == {0, 1}
     assert np.array_equal(ld.sources(3, 12), drawn[3:12])  # any range: the same draws
+    assert len({tuple(drawn[i:i + 5]) for i in range(0, 40, 5)}) > 1  # each chunk its own draws
+    assert not np.array_equal(mixed(two_sources, [1, 1], 4, 8, seed=5).sources(0, 40), drawn)  # and the seed's
     sources = [int(row.max() > OTHER) for _ in range(10) for row in ld.next_batch()[0].numpy()]
     assert sources == drawn.tolist()
 
@@ -1880,6 +1884,13 @@ def test_damaged_token_ids_are_refused_naming_the_shard(tmp_path):
     loader = data.PackedLoader(str(tmp_path), "train", 4, 8)  # one batch covers every window
     with pytest.raises(ValueError, match=r"train_001\.bin: token id 2147483674 is not below the tokenizer's"):
         loader.next_batch()
+    tokens[[0, 20]] = BOS
+    tokens[[25, 39]] = tokens[[39, 25]]   # id 40 in a window (the last token is in none): one past the last of 40 ids
+    write_split(tmp_path, "train", tokens, shard_tokens=20, vocab_size=41)
+    data.PackedLoader(str(tmp_path), "train", 4, 8).next_batch()
+    write_split(tmp_path, "train", tokens, shard_tokens=20, vocab_size=40)
+    with pytest.raises(ValueError, match=r"train_001\.bin: token id 40 is not below the tokenizer's 40 ids"):
+        data.PackedLoader(str(tmp_path), "train", 4, 8).next_batch()
 
 
 def test_padded_shard_is_refused(tmp_path):
