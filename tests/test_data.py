@@ -1075,6 +1075,12 @@ def test_loader_refuses_other_tokenizer_and_missing_meta(stream, tmp_path_factor
     os.truncate(out / "train_001.bin", 100)
     with pytest.raises(ValueError, match=r"train_001\.bin: truncated"):
         data.PackedLoader(str(out), "train", 2, 16)
+    meta = json.loads((out / "meta.json").read_text())
+    with pytest.raises(ValueError, match=r"no 'val' shards in meta\.json \(made with --val_fraction 0\?\)"):
+        data.PackedLoader(str(out), "val", 2, 16)
+    (out / "meta.json").write_text(json.dumps(dict(meta, bos_id=1)))   # not the shards' <|begin_of_text|>
+    with pytest.raises(ValueError, match=r"train_000\.bin: damaged header \(.*<\|begin_of_text\|> 0; meta\.json: "):
+        data.PackedLoader(str(out), "train", 2, 16)
     (out / "meta.json").write_text('{"version": 1, "con')  # cut short
     with pytest.raises(ValueError, match=r"meta\.json: unreadable"):
         data.PackedLoader(str(out), "train", 2, 16)
@@ -1982,6 +1988,8 @@ def test_a_folder_filtered_by_a_labeller_is_not_reused_without_it(corpus, tmp_pa
                                            num_proc=1, quality_sample=60, quality_drop=0.5, verbose=False, **kw)
     filtered = build(labeller=lambda texts: [len(t) for t in texts])
     assert filtered["removed"]["quality"]["docs"] >= 20
+    reverse = build(labeller=lambda texts: [-len(t) for t in texts])   # another labeller: rebuilt (none is compared)
+    assert reverse["train"]["crc32"] != filtered["train"]["crc32"]
     plain = build()
     assert "quality" not in plain["removed"] and plain["train"]["docs"] == 60
 
@@ -2012,6 +2020,29 @@ def test_prepare_data_rebuilds_for_another_tokenizer_a_missing_shard_or_a_crc_sh
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(dict(meta, train=dict(meta["train"], crc32=meta["train"]["crc32"][:-1])), f)
     assert build()["train"]["crc32"] == meta["train"]["crc32"]
+
+
+def test_prepare_data_bounds_val_fraction_and_refuses_a_source_with_no_train_documents(corpus, tmp_path):
+    """val_fraction f sends 1 in round(1 / f) documents to val (0.15: 1 in 7, not int's 6), f within [0, 0.5];
+    line_dedup is a count, no bool; a source none of whose documents survive is refused, its folder not made."""
+    root, docs, tok_path = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, d in enumerate(docs[:60]):
+        (src / f"{i:03d}.txt").write_text(d)
+    out = str(tmp_path / "out")
+    data.prepare_data(str(src), tok_path, out, val_fraction=0.15, num_proc=1, verbose=False)
+    cleaned = [data.clean_text(d) for d in docs[:60]]
+    assert read_docs(out, "val", Tokenizer.load(tok_path)) == [d for d in cleaned if data.is_val(data.doc_hash(d), 7)]
+    for kw, what in ((dict(val_fraction=0.6), "val_fraction=0.6"), (dict(line_dedup=True), "line_dedup=True")):
+        with pytest.raises(ValueError, match=what):
+            data.prepare_data(str(src), tok_path, out, num_proc=1, verbose=False, **kw)
+    with pytest.raises(FileNotFoundError, match="no tokenizer there"):  # 0.5 passes (then the tokenizer is missing)
+        data.prepare_data(str(src), tok_path + "x", out, val_fraction=0.5, verbose=False)
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps({"text": f"tiny {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(ValueError, match="no document survived filtering into the train split"):
+        data.prepare_data(str(tmp_path / "tiny.jsonl"), tok_path, str(tmp_path / "t"), num_proc=1, verbose=False)
+    assert not os.path.exists(tmp_path / "t")
 
 
 @pytest.mark.parametrize("name", ["max_docs", "num_proc"])
