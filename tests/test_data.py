@@ -43,6 +43,8 @@ def test_clean_text():
     assert data.clean_text(half_emoji) == "ok \ufffd!"
     parted = data.clean_text("Cafe\x00\u0301 menu")  # the control goes first, then the accent joins its letter
     assert parted == "Caf\u00e9 menu" and unicodedata.is_normalized("NFC", parted)
+    assert data.clean_text("a\rb\r\nc\x0b\x0c\x85\x9fd") == "a\nb\ncd"   # old Mac and DOS newlines; C0 and C1 controls
+    assert data.clean_text("x\u00b2 \ufb01le \u2126") == "x\u00b2 \ufb01le \u03a9"  # NFC, not NFKC: ², ﬁ kept
 
 
 def test_jsonl_bad_lines(tmp_path, capsys):
