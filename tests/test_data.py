@@ -805,7 +805,7 @@ def test_heuristic_filters():
     spam = prose(rng, 30) + "\n" + "Click here to buy cheap watches now!\n" * 20
     assert data.heuristic_reject(spam) == "repeated lines"
     # each rule at its edge (a threshold moved by one, or measured against the wrong count, fails here)
-    edge = ("abcdefg " * 20)[:data.MIN_CHARS]
+    edge = ("abcdefg " * 20)[:64]   # MIN_CHARS
     assert data.heuristic_reject(edge) is None and data.heuristic_reject(edge[:-1]) == "too short"
     assert data.heuristic_reject("ab 1234567890 " * 20) == "few letters"   # 14% letters: by characters, not words
     assert data.heuristic_reject("abcd 123456 " * 20) is None              # 33%
@@ -814,6 +814,31 @@ def test_heuristic_filters():
     assert data.heuristic_reject(f"{line}\n{line.upper()}\n{prose(rng, 8)}") is None
     five = " ".join(f"{prose(rng, 11)} Mail a{i}@corp.com." for i in range(5))   # 5 in ~65 words: the least counted
     assert data.personal_data(five) == 5 and data.heuristic_reject(five) == "personal data"
+
+
+def test_heuristic_rules_at_their_exact_thresholds():
+    """Each ratio exactly at its threshold is kept and one character (or word) past it goes: a comparison made
+    inclusive, a threshold moved a little, or a ratio taken over another count (words, non-space characters) fails."""
+    reject = data.heuristic_reject
+    mb = "abcdefg " * 125_000   # 1,000,000 characters: MAX_CHARS
+    assert reject(mb) is None and reject(mb + "x") == "too long"
+    quarter = "abc 1234567 " * 10   # 30 letters of 120 characters: MIN_ALPHA exactly
+    assert reject(quarter) is None and reject(quarter[1:]) == "few letters"   # 29 of 119
+    symbolic = "{{}} abcde" * 10     # 40 symbols of 100 characters (44% of those not spaces): MAX_SYMBOL exactly
+    assert reject(symbolic) is None and reject(symbolic + "{") == "many symbols"
+    twice = "abcdefghij klmnopqrs"   # 20 characters twice in 80: MAX_DUP_LINE_CHARS exactly
+    rest = "Only this last line is new, so it says"
+    assert len(rest) == 38 and reject(f"{twice}\n{twice}\n{rest}") is None
+    assert reject(f"{twice}\n{twice}\n{rest[:-1]}") == "repeated lines"
+    new = "\nThe rest of the text says something new."   # lines of 10 characters may repeat (`}`, `pass`), 11 not
+    assert reject("\n".join(["abcdefghij"] * 8) + new) is None
+    assert reject("\n".join(["abcdefghij."] * 8) + new) == "repeated lines"
+    mails = [f"a{i}@corp.com" for i in range(6)]   # 6 addresses in 300 words (as split by spaces): MAX_PII exactly
+    assert reject(" ".join(["river"] * 294 + mails)) is None
+    assert reject(" ".join(["river"] * 293 + mails)) == "personal data"
+    phrases = {(b"zorp",)}   # 3 listed words in 300 words (words(): "well-known" is two): MAX_DIRTY exactly
+    assert reject(" ".join(["well-known"] * 148 + ["river"] + ["zorp"] * 3), phrases) is None
+    assert reject(" ".join(["well-known"] * 148 + ["zorp"] * 3), phrases) == "dirty words"
 
 
 def test_ascii_fast_paths_count_as_the_regexes_do():
