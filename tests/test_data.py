@@ -714,6 +714,31 @@ def test_minhash_dedup_planted():
     assert np.mean(dedup.signature(originals[0]) == dedup.signature(originals[1])) < 0.1
 
 
+def test_minhash_shingles_are_ordered_word_5grams():
+    """Shingles are word 5-grams, in order, of lower-cased words: with every 5th word changed two documents share no
+    5-gram (no signature entry agrees), with every 6th they share 1 in 11 (some agree); 4- or 6-gram shingles, or
+    word order lost in the n-gram hash, fail here. A text of fewer than 5 words is hashed whole, not left blank."""
+    dedup, rng = data.MinHashDedup(), np.random.default_rng(0)
+    a = list(rng.choice(WORDS, 300))
+    sig = dedup.signature(" ".join(a))
+    for k, agree in ((5, False), (6, True)):
+        b = [f"q{i}" if i % k == k - 1 else w for i, w in enumerate(a)]   # unique words: no gram across them
+        assert (np.mean(dedup.signature(" ".join(b)) == sig) > 0) == agree, k
+    assert (dedup.signature("one two three four five") != dedup.signature("five four three two one")).all()
+    assert (dedup.signature("One two, three four five!") == dedup.signature("one two three four five")).all()
+    assert (dedup.signature("short text") != dedup.signature("other words")).all()
+
+
+def test_minhash_last_band_makes_a_candidate():
+    """A near copy that shares only band 19 (entries 114-119) with a kept document is compared with it (bands that
+    overlapped, or a band left out, missed it: every other band holds a changed entry)."""
+    dedup = data.MinHashDedup()
+    kept = np.random.default_rng(1).integers(0, 2**32, 120, dtype=np.uint64).astype(np.uint32)
+    copy = kept.copy()
+    copy[0:114:6] += 1   # one entry in each of bands 0-18: 101/120 = 0.84 agree
+    assert not dedup.is_duplicate(kept) and dedup.is_duplicate(copy)
+
+
 def test_minhash_compares_every_document_that_shares_a_band():
     """A band shared by chance with an earlier, dissimilar document must not hide the near duplicate that shares it
     too (each band bucket kept only its first document: the copy below was then compared with that one alone)."""
