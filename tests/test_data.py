@@ -978,6 +978,7 @@ def test_lines_of_repeated_content(corpus, tmp_path):
     twice = f"{said}; so we waited for an operator who cleared space; meanwhile requests queued and the dashboard " \
             f"showed stale numbers; {said}."  # 52 words, two thirds in one sentence said twice
     assert data.repeated_content(twice) == ("", len(twice))
+    assert data.repeated_content(" ".join(["ab"] * 49)) == (" ".join(["ab"] * 49), 0)  # 49 words: not long
     _, docs, tok_path = corpus
     (tmp_path / "src.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [docs[0] + "\n" + log] +
                                                  docs[1:20]))
@@ -985,6 +986,25 @@ def test_lines_of_repeated_content(corpus, tmp_path):
                              num_proc=1, verbose=False)
     assert meta["removed"]["heuristic: repeated content"] == dict(docs=0, bytes=len(log) + 1)
     assert read_docs(tmp_path / "out", "train", Tokenizer.load(tok_path))[0] == data.clean_text(docs[0])
+
+
+def test_repeated_content_at_its_thresholds():
+    """A line of 50 four-letter words: 30 of them in a 15-word phrase said twice is MAX_LINE_DUP_5GRAMS exactly (kept),
+    32 is over (cut); a 4-word phrase repeated with a new word after it each time repeats no 5-gram (kept); a line
+    that repeats itself goes when over two thirds of its visible characters are letters (7 in 10), not at two thirds."""
+    four = ["".join(w) for w in itertools.product("bcdfghjk", "aeiou", "lmnr", "stvz")]   # distinct 4-letter words
+    rng = np.random.default_rng(0)
+    new = iter(rng.permutation(four)[:400])
+    for m, kept in ((15, True), (16, False)):
+        phrase, rest = [next(new) for _ in range(m)], [next(new) for _ in range(50 - 2 * m)]
+        half = len(rest) // 2
+        line = " ".join(phrase + rest[:half] + phrase + rest[half:])
+        assert data.repeated_content(line) == ((line, 0) if kept else ("", len(line))), m
+    line = " ".join(w for _ in range(10) for w in ["fail", "disk", "read", "slow", next(new)])
+    assert data.repeated_content(line) == (line, 0)
+    for token, kept in (("abcdefg123", False), ("ab1", True)):
+        line = " ".join([token] * 50)
+        assert data.repeated_content(line) == ((line, 0) if kept else ("", len(line))), token
 
 
 def junk(rng, n_words):
