@@ -1670,9 +1670,11 @@ def test_prepare_data_quality_filter_and_empty(corpus, tmp_path):
     def labeller(texts):
         return [np.mean([w.strip(".").lower() in vocab for w in t.split()]) for t in texts]
 
-    meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
-                             labeller=labeller, quality_sample=60, quality_drop=0.35, verbose=False)  # 21/60 junk
-    assert meta["removed"]["quality"]["docs"] == 50 and meta["train"]["docs"] == 100
+    for chunk_bytes in (1 << 22, 3000):  # (in chunks of 3000 bytes the sample waits for several chunks: none lost)
+        meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
+                                 labeller=labeller, quality_sample=60, quality_drop=0.35, chunk_bytes=chunk_bytes,
+                                 verbose=False)  # 21/60 junk
+        assert meta["removed"]["quality"]["docs"] == 50 and meta["train"]["docs"] == 100
     # labels go by rank: no junk at drop 0 (the lowest score was junk at any drop), and scores that all tie do
     # not make every document junk (all of them were, and nothing survived)
     meta = data.prepare_data(str(mixed), tok_path, str(tmp_path / "q"), val_fraction=0, num_proc=1,
