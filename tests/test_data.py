@@ -1524,6 +1524,10 @@ def test_line_dedup_removes_lines_repeated_too_often():
     assert data.drop_repeated_lines(texts, 9) == (texts, 0)  # 9 is not more than 9
     unique = [f"line {i}\n\n\nend {i}" for i in range(9)]
     assert data.drop_repeated_lines(unique, 1) == (unique, 0)  # blank lines are never counted
+    menu = ["Home", "About", "Contact"]   # 7 times in one document: repeats inside a document count, 7 > 6
+    page = "\n".join(menu * 7) + "\n\nThe page's own text."
+    assert data.drop_repeated_lines([page], 6) == (["The page's own text."], len(page) - 20)
+    assert data.drop_repeated_lines([page], 7) == ([page], 0)   # 7 is not more than 7
 
 
 def test_prepare_data_line_dedup_by_bucket(corpus, tmp_path, monkeypatch):
