@@ -1129,9 +1129,10 @@ def train_quality_filter(texts, labeller, drop=0.1):
         i = int(np.flatnonzero(np.isnan(scores))[0])
         raise ValueError(f"the quality labeller scored {int(np.isnan(scores).sum())} of the {len(texts)} sampled "
                          f"documents NaN, the first #{i} ({texts[i][:60]!r}): a score is a number, higher = better")
+    k = int(drop * len(texts) + 1e-9)  # the junk's count (0.35 * 180 is 62.99999999999999 in floats)
     labels = np.ones(len(texts), dtype=np.float32)
-    labels[np.argsort(scores, kind="stable")[:int(drop * len(texts))]] = 0  # by rank: ties cannot make all junk
-    clf, k = QualityClassifier().fit(texts, labels), int(drop * len(texts))
+    labels[np.argsort(scores, kind="stable")[:k]] = 0  # by rank: ties cannot make all junk
+    clf = QualityClassifier().fit(texts, labels)
     score = np.sort(clf.score(texts))
     clf.threshold = (score[k - 1] + score[k]) / 2 if k else -np.inf   # between the k lowest and the rest
     return clf

@@ -1045,6 +1045,9 @@ def test_quality_filter_drops_about_its_share():
                                     drop=0.1)
     assert (clf.score(docs[:400]) < clf.threshold).sum() == 40
     assert 0.04 < (clf.score(docs[400:]) < clf.threshold).mean() < 0.2
+    clf = data.train_quality_filter(docs[:180], lambda ts: [np.mean([w in vocab for w in t.split()]) for t in ts],
+                                    drop=0.35)   # (review, helper) 0.35 * 180 is 62.99999999999999: 62 were junk
+    assert (clf.score(docs[:180]) < clf.threshold).sum() == 63
 
 
 def test_a_nan_quality_score_is_an_error():
