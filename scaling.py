@@ -40,7 +40,7 @@ import zlib
 import numpy as np
 import torch
 
-from data import read_meta, read_shard
+from data import check_meta, read_meta, read_shard
 from model import PRESETS, Transformer, load_model, tokenizer_path
 from tokenizer import Tokenizer, atomic_write
 
@@ -134,7 +134,8 @@ def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
     Lines of 8-100 characters (stripped); every choice gets the right line's indentation, so only what the line
     says tells them apart; no choice twice. A question draws a document, then one of its lines, so that a long
     file is not most of the benchmark. -> [(context ids, [choice ids], [choice characters], right index, document)]."""
-    meta = read_meta(os.path.join(data_dir, "meta.json"))
+    path = os.path.join(data_dir, "meta.json")
+    meta = check_meta(path, read_meta(path), ("val.shards",))
     docs = []
     for name in meta["val"]["shards"]:
         _, tokens = read_shard(os.path.join(data_dir, name))
@@ -340,7 +341,12 @@ def main():
             sys.exit(f"--more_models {path}: trained with another tokenizer than {a.tokenizer}: its NLL is not "
                      "comparable")
     tokens_per_step = a.batch_size * a.seq_len
-    data = zlib.crc32(str(read_meta(os.path.join(a.data, "meta.json"))["train"].get("crc32")).encode())
+    try:  # (a hand-edited or damaged meta.json: named, before the sweep)
+        meta = check_meta(os.path.join(a.data, "meta.json"), read_meta(os.path.join(a.data, "meta.json")),
+                          ("train", "val.shards"))
+    except ValueError as e:
+        sys.exit(str(e))
+    data = zlib.crc32(str(meta["train"].get("crc32")).encode())
     print(f"{'budget':>9} {'dim':>5} {'FLOPs/token':>12} {'tokens':>10} {'steps':>6} {'val loss':>9}")
     curves = {}
     for budget in a.budgets:

@@ -327,6 +327,20 @@ def test_missing_data_is_one_line(tmp_path):
     assert r.returncode == 1 and "nowhere: not there" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_hand_edited_meta_json_is_one_line(lined_corpus, tmp_path):
+    """A data folder whose meta.json lost its "val" (edited by hand) was a KeyError traceback, after the tokenizer
+    was read; now one line naming the file and the key, before the sweep."""
+    path, _ = lined_corpus
+    meta = json.loads((path / "shards" / "meta.json").read_text())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "val"}))
+    r = subprocess.run([sys.executable, "scaling.py", "--data", str(tmp_path / "data"), "--tokenizer",
+                        str(path / "tok.model"), "--out_dir", str(tmp_path / "runs")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "meta.json: not a meta.json of data.py (KeyError: 'val.shards')" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
+
+
 # --- from a review (2026-11-28) ---------------------------------------------------------------------------------
 
 def test_predicted_parameters_are_the_models_that_spend_the_budget(lined_corpus, tmp_path, monkeypatch,
