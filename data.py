@@ -330,8 +330,8 @@ BLOCK = {"p": 2, "div": 1, "section": 2, "article": 2, "main": 2, "h1": 2, "h2":
          "h6": 2, "pre": 2, "blockquote": 2, "ul": 2, "ol": 2, "dl": 2, "table": 2, "figure": 2, "details": 2,
          "li": 1, "dt": 1, "dd": 1, "tr": 1, "br": 1, "hr": 2, "figcaption": 1, "caption": 1, "summary": 1,
          "address": 1, "center": 1, "form": 1, "fieldset": 1, "legend": 1, "dialog": 1, "search": 1,
-         "listing": 2, "nav": 2, "header": 2, "footer": 2, "aside": 2,  # (these four are dropped: SKIP)
-         }  # a block's text stands on its own lines: 1 newline before it, or 2 (a blank line)
+         "listing": 2, "nav": 2, "header": 2, "footer": 2, "aside": 2}  # (the last four: dropped, see SKIP)
+# a block's text stands on its own lines: 1 newline before it, or 2 (a blank line); a dropped one still parts the text
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}  # no end
 KEEP = {"html", "body", "main", "article"} | VOID  # the page itself (<html class="sidebar-visible">: not boilerplate)
 SECTION_ENDS = {"table", "thead", "tbody", "tfoot"}
