@@ -1382,8 +1382,8 @@ META_KEYS = {"config": dict, "config.source": str, "config.blocklist": (str, int
                 (("shards", [str]), ("crc32", [int]), ("docs", int), ("tokens", int), ("bytes", int))}}
 
 
-def check_meta(path, meta, needed):
-    """A dataset's meta.json (read_meta) -> meta, if each key of META_KEYS it holds is of its type and the keys
+def check_meta(path, needed):
+    """A dataset's meta.json (read_meta) -> its dict, if each key of META_KEYS it holds is of its type and the keys
     `needed` (those the caller reads) are there; else ValueError naming the file and the key (a hand-edited file:
     refused here, not by a KeyError or TypeError further on)."""
     def fits(value, kind):
@@ -1393,6 +1393,7 @@ def check_meta(path, meta, needed):
             return isinstance(value, list) and len(value) == len(kind) and all(map(fits, value, kind))
         return type(value) is kind  # (true is no whole number, 3.0 no shard size)
 
+    meta = read_meta(path)
     for name, kind in META_KEYS.items():
         *parents, key = name.split(".")
         holder = meta
@@ -1414,7 +1415,7 @@ def check_folder(folder, source=None, blocklist=None):
     (damaged_shards: train.py shares that out among its ranks)."""
     where = lambda path: os.path.realpath(path) if os.path.exists(path) else path  # "corpus/" is "./corpus"
     path = os.path.join(folder, "meta.json")
-    meta = check_meta(path, read_meta(path), ("config", "config.source", "train.tokens", "val.tokens", "val.bytes"))
+    meta = check_meta(path, ("config", "config.source", "train.tokens", "val.tokens", "val.bytes"))
     made_from, stamp = meta["config"]["source"], meta["config"].get("source_stamp")  # (no stamp: older data.py)
     if source and where(source) != where(made_from):
         raise ValueError(f"--data {folder} holds the tokens of {made_from!r}, not of {source!r}: give a new --data "
@@ -1489,7 +1490,7 @@ def prepare_data(source, tokenizer_path, out_dir, val_fraction=0.02, num_proc=No
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and labeller is None:  # (a labeller function cannot be compared: always rebuild)
         try:  # (unreadable, or damaged by hand: rebuilt, as a damaged shard is)
-            meta = check_meta(meta_path, read_meta(meta_path), set(META_KEYS) - {"config.blocklist"})
+            meta = check_meta(meta_path, set(META_KEYS) - {"config.blocklist"})
         except ValueError:
             meta = {}
         if meta.get("config") == config and meta.get("fingerprint") == tok.fingerprint() and intact(out_dir, meta):
@@ -1718,7 +1719,7 @@ class PackedLoader:
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: run prepare_data / `python data.py` first "
                                     "(a folder without meta.json is incomplete)")
-        meta = check_meta(meta_path, read_meta(meta_path), ("fingerprint", "vocab_size", "bos_id"))
+        meta = check_meta(meta_path, ("fingerprint", "vocab_size", "bos_id"))
         if not meta.get(split, {}).get("shards"):
             raise ValueError(f"{data_dir}: no {split!r} shards in meta.json" +
                              (" (made with --val_fraction 0?)" if split == "val" else ""))

@@ -134,8 +134,7 @@ def next_line_task(data_dir, tok, questions, choices=4, context=128, seed=0):
     Lines of 8-100 characters (stripped); every choice gets the right line's indentation, so only what the line
     says tells them apart; no choice twice. A question draws a document, then one of its lines, so that a long
     file is not most of the benchmark. -> [(context ids, [choice ids], [choice characters], right index, document)]."""
-    path = os.path.join(data_dir, "meta.json")
-    meta = check_meta(path, read_meta(path), ("val.shards",))
+    meta = check_meta(os.path.join(data_dir, "meta.json"), ("val.shards",))
     docs = []
     for name in meta["val"]["shards"]:
         _, tokens = read_shard(os.path.join(data_dir, name))
@@ -342,8 +341,7 @@ def main():
                      "comparable")
     tokens_per_step = a.batch_size * a.seq_len
     try:  # (a hand-edited or damaged meta.json: named, before the sweep)
-        meta = check_meta(os.path.join(a.data, "meta.json"), read_meta(os.path.join(a.data, "meta.json")),
-                          ("train", "val.shards"))
+        meta = check_meta(os.path.join(a.data, "meta.json"), ("train", "val.shards"))
     except ValueError as e:
         sys.exit(str(e))
     data = zlib.crc32(str(meta["train"].get("crc32")).encode())
