@@ -9,6 +9,7 @@ Corpus: the running interpreter's standard library (stdlib_sources), the first -
 files in sorted order to train on, the next 2 MB of files held out for bytes-per-token and encode speed.
 HF tokenizers is imported here only; its rows are skipped if it is not installed."""
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -70,12 +71,9 @@ def main():
 
     # 1. Training wall time and compression, ours vs the Rust trainer: runs interleaved, best of --repeat,
     #    so that a burst of load from other jobs on a shared machine hits both sides alike.
-    try:
-        import tokenizers  # noqa: F401
-        have_hf = True
-    except ImportError:
+    have_hf = importlib.util.find_spec("tokenizers") is not None
+    if not have_hf:
         print("HF tokenizers not installed: skipping its rows (pip install tokenizers)")
-        have_hf = False
     t_ours = t_hf = t_count = t_merge = float("inf")
     for _ in range(args.repeat):
         t, tok = timed(lambda: T.Tokenizer.train(train_texts, args.vocab_size))

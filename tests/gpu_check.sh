@@ -9,15 +9,15 @@
 #         bench_loss                                           # the model: 560 s, run in this order (the most
 #                                                              # needed first: what the device has left may be less)
 # (two calls, each under the device's 10-minute cap; with no arguments it runs every part. The limits add up to
-# more than the 15 minutes of device time, so they are ceilings, not plans: on an H200, 2026-11-27, the kernels
-# call took 270 s (with --against), the model call 361 s, and the device tool's lease counted 674 s for both with the machine's
-# start: no time is left for a third call. Run the kernels call first, and the next at once: a machine idle for
+# more than the 15 minutes of device time, so they are ceilings, not plans: on an H200, 2026-11-28, the kernels
+# call took 307 s (with --against), the model call 402 s, and the device tool's lease counted 745 s for both with
+# the machine's start (2026-11-27: 270, 361, 674 s): no time is left for a third call. Run the kernels call first, and the next at once: a machine idle for
 # 30 s goes back. The device returns at most 8 files from $OUT: the model call writes exactly 8.)
 #
 # bench_kernels also times another version of the kernels beside ours when out/base/ holds its attention.py and
-# rmsnorm.py (carry it). b818606 (2026-11-26, the fastest causal rows before HEAD_LOOPS) was the last one timed;
-# b4e136d has the one-kernel backward:
-#     mkdir -p out/base && for f in attention rmsnorm; do git show b818606:kernels/$f.py > out/base/$f.py; done
+# rmsnorm.py (carry it). c75f879 (2026-11-27, before the 64-row dk/dv tiles) was the last one timed, on 2026-11-28;
+# b818606 has the fastest causal rows before HEAD_LOOPS, b4e136d the one-kernel backward:
+#     mkdir -p out/base && for f in attention rmsnorm; do git show c75f879:kernels/$f.py > out/base/$f.py; done
 #
 # Parts, in the order they run: env, tests, bench_kernels, train, graph, bench_train, bench_train_b4, bench_sample,
 # bench_train_compile, bench_loss.
@@ -50,10 +50,10 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processo
 # on the kernels against the same weights on CPU (test_model.py), and align's chunked log-probs on CUDA; -v so
 # that a time limit still shows which test it reached, --durations for where the time went (compiling every
 # config); 8 processes when pytest-xdist is there, since compiling is CPU work (39 s on the H100 machine at
-# b818606, 55 s at b4e136d, 107 s at c75f879 on the H200, when dk/dv had 5 configs: it has 7 since ca1c6eb;
-# bench_kernels took 153 s there with --against, compiling and autotuning two versions' spaces on an empty cache;
-# since 2026-11-28 FlexAttention compiles with static shapes, once per (T, mask) row, 10 where it was ~3: rows print
-# as they end, so a time limit loses only the longest T's)
+# b818606, 55 s at b4e136d, 107 s at c75f879 on the H200, when dk/dv had 5 configs; 73 s with 7 at 3df7f67;
+# bench_kernels took 153 s at c75f879 with --against, compiling and autotuning two versions' spaces on an empty
+# cache, and 228 s at 3df7f67, FlexAttention compiled with static shapes, once per (T, mask) row, 10 where it was ~3:
+# rows print as they end, so a time limit loses only the longest T's)
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
 run tests 210 $PY -m pytest -v -x --durations=10 $XDIST tests/test_kernels.py tests/test_model.py \
     tests/test_align.py::test_token_logprobs_chunked_equal_the_full_log_softmax
