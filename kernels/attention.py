@@ -43,6 +43,9 @@ Design choices:
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
+- The order the programs start in is an autotune choice of every kernel: one head's tiles in a row (CUDA's
+  order for the grid (tiles, heads, batch)), or HEADS_INNER, all heads and batch rows of one tile before the
+  next tile, so that the longest programs start first everywhere (_tile_head_batch).
 - Backward is two kernels: dk/dv per key tile (walking query tiles), dq per query tile (walking key tiles),
   both recomputing p from the saved lse, after a small kernel for delta. dq's kernel recomputes q k^T and
   dO v^T (7 matrix products in all, FlashAttention-2/3 do 5 by adding dq up with atomics): the price of a
@@ -113,7 +116,10 @@ def _configs(shapes, **constexprs):
     the one loop (compiled for sm_90, bf16, D=128, with and without documents: 255 registers, no spills; HEAD_LOOPS
     spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the query rows
     (dv += p^T dO, dk += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's trips and the
-    waits between its products, for twice the p and ds tiles in registers."""
+    waits between its products, for twice the p and ds tiles in registers. On the H200 (2026-11-28) they won
+    every document row from 2K on. Added untimed (2026-11-28): HEADS_INNER (_tile_head_batch) beside the tiles
+    that won that day (forward 64x64 and 128x64, dk/dv 64x128, 64x64 and HEAD_LOOPS 32x128, dq both); compiled
+    for sm_90 at D=128 it moves no register count by more than one."""
     if INTERPRET:  # one small tile: no benchmarking in the interpreter, and T=100 crosses ~7 tiles
         return [] if constexprs else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **constexprs}, num_warps=w, num_stages=s)
@@ -156,10 +162,14 @@ def _shared_memory_limit(device):
 
 # forward and dq walk keys for a query tile (tall M), dk/dv walks queries for a key tile (tall N)
 FWD_CONFIGS = (_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]) +
-               _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True))
+               _configs([(64, 64, 4, 2), (128, 64, 8, 3)], PV_LAG=True) +
+               _configs([(64, 64, 4, 3), (128, 64, 8, 3)], HEADS_INNER=True))
 DKDV_CONFIGS = (_configs([(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2)]) +
-                _configs([(32, 128, 8, 2), (32, 128, 8, 3)], HEAD_LOOPS=True))
-DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2)])
+                _configs([(32, 128, 8, 2), (32, 128, 8, 3)], HEAD_LOOPS=True) +
+                _configs([(64, 128, 8, 2), (64, 64, 4, 2)], HEADS_INNER=True) +
+                _configs([(32, 128, 8, 3)], HEAD_LOOPS=True, HEADS_INNER=True))
+DQ_CONFIGS = (_configs([(64, 32, 4, 3), (128, 64, 8, 2)]) +
+              _configs([(64, 32, 4, 3), (128, 64, 8, 2)], HEADS_INNER=True))
 # q kept, k and v streamed (with PV_LAG one more v tile in flight); dk/dv: k and v kept, q and dO streamed, and
 # BLOCK_M rows more, a margin for p^T and ds^T on their way to the tensor cores (compiled for sm_90, bf16, D=128,
 # 32x128 at 3 stages asks 115,200 bytes without documents and 115,456 with, up to 768 over the count without
@@ -171,6 +181,28 @@ DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, **_: (2 * BLOCK_M, 2 * BLOC
 
 
 # ----------------------------------------------------------------------------- forward
+@triton.jit
+def _tile_head_batch(HEADS_INNER: tl.constexpr):
+    """-> (tile, head, batch row) of this program; the grid is (tiles, heads, batch). CUDA starts programs in the
+    order of their linear id, axis 0 fastest: one head's tiles, then the next head's. HEADS_INNER, an autotune
+    choice, renumbers them so that every head and batch row of a tile starts before the next tile does. With
+    the tiles in order of work (the longest first, as the kernels take them when causal), the longest programs
+    then start first across all heads, not again at the start of each head's turn, and the last to start are
+    short: with documents each head's run of tiles repeats the documents' sawtooth of work, and the last head's
+    long tiles start late and finish alone (a model of the GPU as slots that take programs in order, for the
+    benchmark's 8 documents at T = 16K, put the end ~20% past an even finish for dk/dv, ~14% for the forward
+    and dq; ~1-2% renumbered). The price: the programs running at once read every kv head's keys, where
+    in order they share one head's (L2 reuse)."""
+    tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if HEADS_INNER:
+        n_heads, n_rows = tl.num_programs(1), tl.num_programs(2)
+        n = tile + tl.num_programs(0) * (h + n_heads * b.to(tl.int64))   # the program's linear id (int64:
+        h = (n % n_heads).to(tl.int32)                                   # tiles x heads x batch can pass 2**31)
+        b = (n // n_heads % n_rows).to(tl.int32)
+        tile = (n // n_heads // n_rows).to(tl.int32)
+    return tile, h, b
+
+
 @triton.jit
 def _key_ranges(start_m, offs_m, T, Tk,
                 DOC, DOC_FIRST, RUN_FIRST,   # this row's document numbers, first positions of documents and runs
@@ -265,9 +297,11 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
               Hq, T, Tk, GROUP, qk_scale,
               T_BUCKET,              # T rounded up to a power of two: read only by the autotuner (its key)
               HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PV_LAG: tl.constexpr = False):     # an autotune choice: see _fwd_tiles
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles start first
-    h, b = tl.program_id(1), tl.program_id(2)   # (grid axes 1 and 2: one holding B * Hq would be capped at 65535)
+              PV_LAG: tl.constexpr = False,      # autotune choices: see _fwd_tiles
+              HEADS_INNER: tl.constexpr = False):   # and _tile_head_batch
+    tile, h, b = _tile_head_batch(HEADS_INNER)   # (heads and batch on grid axes of their own: one holding
+    start_m = (tl.num_programs(0) - 1 - tile) * BLOCK_M   # B * Hq would be capped at 65535); the longest (last)
+    # query tiles start first
     bh = b * Hq + h
     hk = h // GROUP                                                      # GQA: the kv head this query head reads
     Q += b.to(tl.int64) * stride_qb + h * stride_qh    # int64: B*H*T*D can pass 2**31 (a row's: flash_attention)
@@ -375,9 +409,10 @@ def _attn_bwd_dkdv(Q, K, V,          # as in _attn_fwd
                    Hq, Hkv, T, Tk, qk_scale, sm_scale, T_BUCKET,
                    GROUP: tl.constexpr,  # query heads per kv head; a constant, so i // GROUP needs no division
                    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_LOOPS: tl.constexpr = False):   # an autotune choice: see below
-    start_n = tl.program_id(0) * BLOCK_N
-    hk, b = tl.program_id(1), tl.program_id(2)
+                   HEAD_LOOPS: tl.constexpr = False,    # autotune choices: see below
+                   HEADS_INNER: tl.constexpr = False):  # and _tile_head_batch
+    tile, hk, b = _tile_head_batch(HEADS_INNER)
+    start_n = tile * BLOCK_N                       # causal: the first key tiles see the most queries, start first
     bhk = b * Hkv + hk
     offs_d = tl.arange(0, HEAD_DIM)
     k_pos = start_n + tl.arange(0, BLOCK_N)
@@ -454,9 +489,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA,   # as in _attn_bwd_dkdv
                  DOC, DOC_FIRST, RUN_FIRST,   # as in _attn_fwd
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                  Hq, T, Tk, GROUP, qk_scale, sm_scale, T_BUCKET,
-                 HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    h, b = tl.program_id(1), tl.program_id(2)
+                 HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEADS_INNER: tl.constexpr = False):   # an autotune choice: see _tile_head_batch
+    tile, h, b = _tile_head_batch(HEADS_INNER)
+    start_m = (tl.num_programs(0) - 1 - tile) * BLOCK_M
     bh = b * Hq + h
     hk = h // GROUP
     Q += b.to(tl.int64) * stride_qb + h * stride_qh

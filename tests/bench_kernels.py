@@ -189,9 +189,9 @@ Hq, Hkv, D = 32, 8, 128
 
 def tile(kernel):
     """The block shape autotuning picked at the kernel's last call: BLOCK_MxBLOCK_N, warps, stages (and the
-    forward's PV_LAG loop, dk/dv's HEAD_LOOPS order, when it won)."""
+    forward's PV_LAG loop, dk/dv's HEAD_LOOPS order, the HEADS_INNER launch order, when it won)."""
     c = getattr(kernel, "best_config", None)
-    order = "".join(f" {flag}" for flag in ("PV_LAG", "HEAD_LOOPS") if c and c.kwargs.get(flag))
+    order = "".join(f" {flag}" for flag in ("PV_LAG", "HEAD_LOOPS", "HEADS_INNER") if c and c.kwargs.get(flag))
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{order}" if c else "?"
 
 

@@ -219,16 +219,18 @@ def test_autotune_key_buckets_T(monkeypatch):
 @pytest.mark.skipif(CUDA, reason="replaces the autotuner's timings")
 def test_autotuner_path_keeps_the_loop_choices(monkeypatch):
     """On a GPU every call goes through the autotuner's pre-pass (shared memory) and timings; the interpreter's
-    one config skips both. Here two configs a kernel, the timings replaced so that the one with the loop choice
-    (the forward's PV_LAG, dk/dv's HEAD_LOOPS) wins: the pre-pass must keep the flag, and the result is right."""
+    one config skips both. Here two configs a kernel, the timings replaced so that the one with the loop or
+    launch-order choice (the forward's PV_LAG, dk/dv's HEAD_LOOPS, dq's HEADS_INNER) wins: the pre-pass must keep
+    the flag, and the result is right."""
     monkeypatch.setattr(A, "_shared_memory_limit", lambda device: 2 ** 20)
-    for kernel, flag in ((A._attn_fwd, "PV_LAG"), (A._attn_bwd_dkdv, "HEAD_LOOPS"), (A._attn_bwd_dq, "")):
+    for kernel, flag in ((A._attn_fwd, "PV_LAG"), (A._attn_bwd_dkdv, "HEAD_LOOPS"), (A._attn_bwd_dq, "HEADS_INNER")):
         monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **extra}, num_warps=1)
-                                                for extra in ({}, {flag: True} if flag else {"BLOCK_N": 32})])
+                                                for extra in ({}, {flag: True})])
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "_bench", lambda *args, config, **kw: [1.0 if len(config.kwargs) == 2 else 0.5] * 3)
     check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5, docs_from_lengths([TILE - 3, 2 * TILE + 8]))
     assert A._attn_fwd.best_config.kwargs.get("PV_LAG") and A._attn_bwd_dkdv.best_config.kwargs.get("HEAD_LOOPS")
+    assert A._attn_bwd_dq.best_config.kwargs.get("HEADS_INNER")
 
 
 @pytest.mark.skipif(not CUDA, reason="shared memory limits are the GPU's")
@@ -281,6 +283,55 @@ def test_flash_head_loops(bm, bn, monkeypatch):
     check_attention(2, 8, 2, 140, 140, doc_ids)
     check_attention(1, 4, 2, 3 * TILE + 5, 3 * TILE + 5)
     check_attention(1, 4, 1, 45, 110)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU test_flash_every_config runs the autotuner's HEADS_INNER configs")
+def test_flash_heads_inner_gives_the_same_bits(monkeypatch):
+    """HEADS_INNER renumbers the programs (every head and batch row of a tile before the next tile), which the
+    interpreter's one config does not take. Each program still computes the same tile the same way, so the
+    output and the three gradients must equal the usual order's bit for bit: batch rows with documents of their
+    own, GQA, unequal tiles, and Tk > T strided (a KV cache's slice). A wrong renumbering leaves a tile unwritten
+    or writes one twice."""
+    def run(heads_inner, B, Hq, Hkv, T, Tk, doc_ids=None, strided=False):
+        for kernel, (bm, bn) in zip(AUTOTUNED, ((32, 16), (16, 32), (32, 16))):
+            extra = {"HEADS_INNER": True} if heads_inner else {}
+            monkeypatch.setattr(kernel, "configs", [A.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra},
+                                                                    num_warps=1)])
+        torch.manual_seed(0)
+        q = torch.randn(B, T, Hq, D, device=DEV).transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(B, 2 * Tk, Hkv, D, device=DEV).transpose(1, 2)[:, :, :Tk].requires_grad_()
+                for _ in range(2))
+        if not strided:
+            q, k, v = (x.detach().contiguous().requires_grad_() for x in (q, k, v))
+        o = A.flash_attention(q, k, v, doc_ids)
+        return [o, *torch.autograd.grad(o, (q, k, v), torch.randn_like(o))]
+    for args in [(3, 4, 2, 70, 70, docs_from_lengths([20, 30, 20], [50, 20], [7, 63])), (2, 4, 1, 37, 60, None, True)]:
+        for usual, renumbered, name in zip(run(False, *args), run(True, *args), ("o", "dq", "dk", "dv")):
+            assert torch.equal(usual, renumbered), f"{name} differs with HEADS_INNER for {args[:5]}"
+
+
+tl = A.tl   # triton.language (kernels/attention.py's stand-in where triton is missing)
+
+
+@A.triton.jit
+def _launch_order(OUT, HEADS_INNER: tl.constexpr):
+    """OUT[tile, head, batch row] = the launch position (CUDA's linear id) of the program that does it."""
+    tile, h, b = A._tile_head_batch(HEADS_INNER)
+    n = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    tl.store(OUT + (tile * tl.num_programs(1) + h) * tl.num_programs(2) + b, n)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs the same numbering (the GPU runs the kernels with it)")
+def test_heads_inner_starts_every_head_of_a_tile_first():
+    """The launch order HEADS_INNER promises: CUDA starts programs by linear id, axis 0 fastest, so in the usual
+    numbering one head's tiles go in a row; renumbered, tile by tile, each with every batch row and head."""
+    tiles, heads, rows = 5, 3, 2
+    for heads_inner in (False, True):
+        out = torch.full((tiles, heads, rows), -1, dtype=torch.int32, device=DEV)
+        _launch_order[(tiles, heads, rows)](out, HEADS_INNER=heads_inner)
+        t, h, b = torch.meshgrid(torch.arange(tiles), torch.arange(heads), torch.arange(rows), indexing="ij")
+        want = (t * rows + b) * heads + h if heads_inner else t + tiles * (h + heads * b)
+        assert torch.equal(out.cpu().long(), want), (heads_inner, out)
 
 
 @pytest.mark.skipif(CUDA, reason="counts the interpreter's matrix products and masks")
@@ -550,6 +601,8 @@ for jit, consts, warps, stages in [
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128), 8, 3),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=False, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64), 4, 3),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128), 8, 2),
+        (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128, HEADS_INNER=True),
+         8, 2),
         (A._attn_bwd_dkdv.fn, dict(GROUP=4, HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=128, HEAD_LOOPS=True),
          8, 3),
         (A._attn_bwd_dq.fn, dict(HAS_DOCS=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64), 8, 2),
