@@ -38,8 +38,8 @@ Design choices:
   two orders the autotuner times: (query tile, query head) pairs in one loop, one pipeline fill and drain per
   range at the price of head indexing in every tile (~6% more instructions), or HEAD_LOOPS, a loop per head:
   plainer tiles, but GROUP fills and drains, which the short ranges of short documents cannot hide. Which is
-  faster depends on the ranges' length: on an H200 (2026-11-27) HEAD_LOOPS won every causal row and 16K with
-  documents, the one loop documents at 1K-8K.
+  faster depends on the ranges' length: on an H200 (2026-11-28) HEAD_LOOPS won every causal row, the one loop
+  every row with documents (on 2026-11-27, before the 64-row tiles, HEAD_LOOPS won 16K with documents too).
 - The forward loop comes in two orders for the autotuner to choose from: FlashAttention-2's, and PV_LAG, which
   issues each tile's p v after the next tile's q k^T so the tensor cores work during the softmax
   (FlashAttention-3's intra-warpgroup overlap; _fwd_tiles).
@@ -112,7 +112,7 @@ def _configs(shapes, **constexprs):
     181-234, no spills in the loops). On an H100 and an H200 (2026-11-27) PV_LAG won only at T=1K with documents
     (64x64). dk/dv's HEAD_LOOPS order is offered at 32x128, the tiles of b818606 (it spills 16-296 bytes there, the one
     loop 0-16); on the H200 it won at 32x128 (8 warps) for causal rows, the one loop at 32x64 (4 warps) for documents up
-    to 8K. Added untimed (2026-11-27): dk/dv with 64 query rows a tile, 64x128 at 8 warps and 64x64 at 4, 2 stages, in
+    to 8K. Added 2026-11-27: dk/dv with 64 query rows a tile, 64x128 at 8 warps and 64x64 at 4, 2 stages, in
     the one loop (compiled for sm_90, bf16, D=128, with and without documents: 255 registers, no spills; HEAD_LOOPS
     spills 31-215 bytes there, so not offered). Two of dk/dv's four products sum over the query rows
     (dv += p^T dO, dk += ds^T q), and 32 rows make them 32-deep wgmma chains; 64 halves the loop's trips and the
