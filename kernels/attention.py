@@ -183,16 +183,13 @@ DQ_FIT = _fit_shared_memory(lambda BLOCK_M, BLOCK_N, **_: (2 * BLOCK_M, 2 * BLOC
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _tile_head_batch(HEADS_INNER: tl.constexpr):
-    """-> (tile, head, batch row) of this program; the grid is (tiles, heads, batch). CUDA starts programs in the
-    order of their linear id, axis 0 fastest: one head's tiles, then the next head's. HEADS_INNER, an autotune
-    choice, renumbers them so that every head and batch row of a tile starts before the next tile does. With
-    the tiles in order of work (the longest first, as the kernels take them when causal), the longest programs
-    then start first across all heads, not again at the start of each head's turn, and the last to start are
-    short: with documents each head's run of tiles repeats the documents' sawtooth of work, and the last head's
-    long tiles start late and finish alone (a model of the GPU as slots that take programs in order, for the
-    benchmark's 8 documents at T = 16K, put the end ~20% past an even finish for dk/dv, ~14% for the forward
-    and dq; ~1-2% renumbered). The price: the programs running at once read every kv head's keys, where
-    in order they share one head's (L2 reuse)."""
+    """-> (tile, head, batch row) of this program in the grid (tiles, heads, batch). CUDA starts programs in order
+    of their linear id, axis 0 fastest: one head's tiles in a row, then the next head's. HEADS_INNER, an autotune
+    choice, renumbers them: every head and batch row of a tile, then the next tile. The kernels take causal tiles
+    longest first, so the longest programs then start first across all heads. With documents each head's run
+    repeats the documents' sawtooth of work, and in the usual order the last head's long tiles start late and
+    finish alone (README: a model of the GPU as slots put dk/dv's end 20% past an even finish at T = 16K, 2%
+    renumbered). The price: the programs running together read every kv head's keys, not one head's (L2 reuse)."""
     tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if HEADS_INNER:
         n_heads, n_rows = tl.num_programs(1), tl.num_programs(2)
@@ -299,9 +296,9 @@ def _attn_fwd(Q, K, V,               # q (B, Hq, T, D), k and v (B, Hkv, Tk, D);
               HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               PV_LAG: tl.constexpr = False,      # autotune choices: see _fwd_tiles
               HEADS_INNER: tl.constexpr = False):   # and _tile_head_batch
-    tile, h, b = _tile_head_batch(HEADS_INNER)   # (heads and batch on grid axes of their own: one holding
-    start_m = (tl.num_programs(0) - 1 - tile) * BLOCK_M   # B * Hq would be capped at 65535); the longest (last)
-    # query tiles start first
+    tile, h, b = _tile_head_batch(HEADS_INNER)   # (heads and batch: grid axes of their own, as one axis
+    start_m = (tl.num_programs(0) - 1 - tile) * BLOCK_M   # holding B * Hq would be capped at 65535); the longest
+                                                          # (last) query tiles start first
     bh = b * Hq + h
     hk = h // GROUP                                                      # GQA: the kv head this query head reads
     Q += b.to(tl.int64) * stride_qb + h * stride_qh    # int64: B*H*T*D can pass 2**31 (a row's: flash_attention)
