@@ -413,3 +413,112 @@ def test_bad_flags_are_refused_before_the_sweep(monkeypatch, capsys, tmp_path, f
     with pytest.raises(SystemExit) as e:
         scaling.main()
     assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+# --- from a mutation check (2026-11-28): each test fails on a one-line change of scaling.py that the others missed
+
+def test_model_for_inverts_the_family():
+    """At a width of the family (even below 64, heads of 32 from there), the FLOPs of that width give back that
+    width and its N exactly (the narrowest included, not None); between two neighbours, the width and N are the
+    straight line between them; up to 2^20 steps of 32 wide (~33.6M) a model, past 2^21 none."""
+    def at(width):
+        m = scaling.meta_model(scaling.model_args(width, 8192, 256))
+        return m.flops_per_token(256), m.num_params()
+    for width in (2, 6, 22, 64, 96, 160):
+        flops, n = at(width)
+        assert scaling.model_for(flops, 8192, 256) == pytest.approx((width, n), rel=1e-12), width
+    (f6, n6), (f8, n8) = at(6), at(8)
+    assert scaling.model_for((3 * f6 + f8) / 4, 8192, 256) == pytest.approx((6.5, (3 * n6 + n8) / 4), rel=1e-12)
+    width, _ = scaling.model_for(1.01 * at(32 << 20)[0], 8192, 256)
+    assert 32 << 20 < width < 32 << 21
+    assert scaling.model_for(1.01 * at(32 << 21)[0], 8192, 256) is None
+
+
+def test_final_val_loss_is_the_last_steps_of_a_finished_run(tmp_path):
+    """The val loss of the row at the run's last step (rows without a val loss skipped); None when sweep.json holds
+    other settings, when there is none or no log.csv, or when the log stops before the run's steps."""
+    settings = {"steps": 30, "data": 1, "tokenizer": "t"}
+
+    def run(name, sweep, log):
+        (tmp_path / name).mkdir()
+        if sweep is not None:
+            (tmp_path / name / "sweep.json").write_text(json.dumps(sweep))
+        if log is not None:
+            (tmp_path / name / "log.csv").write_text("step,train_loss,val_loss\n" + log)
+        return scaling.final_val_loss(str(tmp_path / name), settings)
+    finished = "1,5.0,4.9\n10,4.0,\n20,3.5,3.6\n30,3.0,\n30,,3.25\n"
+    assert run("done", settings, finished) == 3.25
+    assert run("other", {**settings, "tokenizer": "u"}, finished) is None
+    assert run("unfinished", None, finished) is None
+    assert run("no_log", settings, None) is None
+    assert run("killed", settings, "1,5.0,4.9\n10,4.0,\n20,3.5,3.6\n30,3.0,\n") is None
+    assert run("no_val", settings, "30,3.0,\n") is None
+
+
+def test_near_minimum_is_the_lowest_loss_and_two_either_side_by_tokens():
+    """Handed in any order, the runs come back by tokens: the one of lowest loss and up to two either side of it,
+    fewer at either end."""
+    for best, kept in ((0, [0, 1, 2]), (1, [0, 1, 2, 3]), (4, [2, 3, 4, 5, 6]), (7, [5, 6, 7, 8]), (8, [6, 7, 8])):
+        points = [(1000 * 2 ** i, 3.0 + abs(i - best), f"run{i}") for i in range(9)]
+        random.Random(best).shuffle(points)
+        assert [out for *_, out in scaling.near_minimum(points)] == [f"run{i}" for i in kept], best
+
+
+def test_forecast_chain_on_scores_whose_answers_are_known():
+    """Runs whose NLL is a parabola in log tokens near each budget's val-loss minimum (and far off it past the two
+    either side), with vertex NLL 2 C^-0.05 at the minimum's tokens, and accuracies on a sigmoid (k 3, x0 1.1):
+    the compute-optimal NLLs, the power law through them and its prediction, the sigmoid through the runs, what it
+    says at a --more_models model off it, the miss, and the final fit through all of them, at the predicted NLL."""
+    curves, scores, minima = {}, {}, []
+    for budget in (1e9, 1e10, 1e11):
+        best = 1e6 * budget / 1e9
+        minima.append((budget, best))
+        for k in range(-3, 4):
+            out = f"C{budget:.0e}_{k}"
+            curves.setdefault(budget, []).append((best * math.exp(k), 3.0 + abs(k), out))
+            nll = 2 * budget ** -0.05 + (0.1 * k * k if abs(k) <= 2 else 5.0)
+            scores[out] = (nll, float(scaling.sigmoid_accuracy(nll, 3.0, 1.1, 0.25)))
+    scores["more"] = (0.5, 0.9)
+    f = scaling.forecast_chain(scores, curves, minima, ["more"], [1e13, 1e14], 0.25)
+    assert f["optimal"] == pytest.approx([2 * b ** -0.05 for b, _ in minima], rel=1e-9)
+    assert (f["beta"], f["coef"]) == pytest.approx((-0.05, 2), rel=1e-9)
+    assert f["nll"] == pytest.approx([2 * 1e13 ** -0.05, 2 * 1e14 ** -0.05], rel=1e-9)
+    assert f["runs_fit"] == pytest.approx((3.0, 1.1), abs=1e-6)
+    said = scaling.sigmoid_accuracy(0.5, 3.0, 1.1, 0.25)
+    assert f["said"] == pytest.approx([said], abs=1e-6) and f["measured"] == pytest.approx([0.9])
+    assert f["miss"] == pytest.approx([0.9 - said], abs=1e-6)
+    fit = scaling.fit_sigmoid(*zip(*scores.values()), 0.25)   # (every model: the runs and "more")
+    assert f["fit"] == pytest.approx(fit) and abs(fit[1] - 1.1) > 1e-3
+    assert f["accuracy"] == pytest.approx(scaling.sigmoid_accuracy(f["nll"], *fit, 0.25))
+
+
+def test_benchmark_bootstrap_of_two_documents():
+    """Two documents, NLL 0 and 1 for all of their questions: a draw of two documents with replacement has mean NLL
+    0, 1/2 or 1 with odds 1/4, 1/2, 1/4, a standard deviation of sqrt(1/8)."""
+    pm = scaling.benchmark_bootstrap({"m": (np.repeat([0.0, 1.0], 5), np.zeros(10))}, lambda s: {"nll": s["m"][0]},
+                                     np.repeat([7, 3], 5), draws=4000)
+    assert pm["nll"] == pytest.approx(math.sqrt(1 / 8), rel=0.05)
+
+
+def test_next_line_task_asks_every_line_of_8_to_100_characters_once(tmp_path):
+    """A val split of hand-made documents, more questions asked than it has lines: each line of 8 to 100 characters
+    (stripped; 7 and 101 are out) but a document's first is asked once, and no other; a document with no such line
+    is passed over; each choice is one of those lines. A val split of one document has no wrong lines to offer:
+    no question."""
+    tok = Tokenizer.train([f"line {i} of words" for i in range(200)], 600)
+
+    def val_split(name, docs):
+        tokens = [t for doc in docs for t in [tok.bos_id] + tok.encode("\n".join(doc))]
+        (tmp_path / name).mkdir()
+        write_shard(str(tmp_path / name / "val_000.bin"), tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+        (tmp_path / name / "meta.json").write_text(json.dumps({"val": {"shards": ["val_000.bin"]}}))
+        return str(tmp_path / name)
+    docs = [["first line, never asked", "seven c", "    eight ch", "y" * 100, "z" * 101, "  nine char"],
+            ["short", "lines", "only"],
+            ["a first line", "b second line", "  c third line"],
+            ["another first", "d fourth line", "e fifth line"]]
+    task = scaling.next_line_task(val_split("docs", docs), tok, 100, context=16)
+    asked = ["eight ch", "y" * 100, "nine char", "b second line", "c third line", "d fourth line", "e fifth line"]
+    assert sorted(tok.decode(options[right]).strip() for _, options, _, right, _ in task) == sorted(asked)
+    assert all(tok.decode(ids).strip() in asked for _, options, *_ in task for ids in options)
+    assert scaling.next_line_task(val_split("one", docs[:1]), tok, 10, context=16) == []
