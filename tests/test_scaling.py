@@ -500,19 +500,22 @@ def test_benchmark_bootstrap_of_two_documents():
     assert pm["nll"] == pytest.approx(math.sqrt(1 / 8), rel=0.05)
 
 
+def write_val_split(path, tok, docs):
+    """A data folder whose val split is these documents (each a list of lines) -> its path."""
+    tokens = [t for doc in docs for t in [tok.bos_id] + tok.encode("\n".join(doc))]
+    path.mkdir()
+    write_shard(str(path / "val_000.bin"), tokens, tok.n_words, tok.bos_id, tok.fingerprint())
+    (path / "meta.json").write_text(json.dumps({"val": {"shards": ["val_000.bin"]}}))
+    return str(path)
+
+
 def test_next_line_task_asks_every_line_of_8_to_100_characters_once(tmp_path):
     """A val split of hand-made documents, more questions asked than it has lines: each line of 8 to 100 characters
     (stripped; 7 and 101 are out) but a document's first is asked once, and no other; a document with no such line
     is passed over; each choice is one of those lines. A val split of one document has no wrong lines to offer:
     no question."""
     tok = Tokenizer.train([f"line {i} of words" for i in range(200)], 600)
-
-    def val_split(name, docs):
-        tokens = [t for doc in docs for t in [tok.bos_id] + tok.encode("\n".join(doc))]
-        (tmp_path / name).mkdir()
-        write_shard(str(tmp_path / name / "val_000.bin"), tokens, tok.n_words, tok.bos_id, tok.fingerprint())
-        (tmp_path / name / "meta.json").write_text(json.dumps({"val": {"shards": ["val_000.bin"]}}))
-        return str(tmp_path / name)
+    val_split = lambda name, docs: write_val_split(tmp_path / name, tok, docs)   # noqa: E731
     docs = [["first line, never asked", "seven c", "    eight ch", "y" * 100, "z" * 101, "  nine char"],
             ["short", "lines", "only"],
             ["a first line", "b second line", "  c third line"],
@@ -522,3 +525,48 @@ def test_next_line_task_asks_every_line_of_8_to_100_characters_once(tmp_path):
     assert sorted(tok.decode(options[right]).strip() for _, options, _, right, _ in task) == sorted(asked)
     assert all(tok.decode(ids).strip() in asked for _, options, *_ in task for ids in options)
     assert scaling.next_line_task(val_split("one", docs[:1]), tok, 10, context=16) == []
+
+
+def test_load_of_no_model_or_a_damaged_one_is_one_line(tmp_path):
+    """A folder with no model (OSError) or a damaged one (CheckpointError, a ValueError: here a params.json that
+    is no JSON) is a SystemExit naming it, not a traceback in the middle of the forecast."""
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "params.json").write_text("{not json")
+    for name in ("nothing", "damaged"):
+        with pytest.raises(SystemExit) as e:
+            scaling.load(str(tmp_path / name))
+        assert str(e.value).startswith("no model to score: ") and name in str(e.value), e.value
+
+
+def test_next_line_task_looks_long_enough_for_wrong_lines(tmp_path):
+    """One document of 40 lines and three of one line each: a question on the long one needs all three short ones'
+    lines as its wrong choices, each 1 in 43 of the lines drawn from: 200 draws find them (for 36 of its 40 lines
+    here), 20 draws did for 1."""
+    tok = Tokenizer.train([f"line {i} of words" for i in range(200)], 600)
+    docs = [["a first line"] + [f"long document line {i}" for i in range(40)]] + [
+        ["a first line", f"short document {d}"] for d in range(3)]
+    task = scaling.next_line_task(write_val_split(tmp_path / "data", tok, docs), tok, 100, context=16)
+    assert sum(document == 0 for *_, document in task) >= 30
+
+
+def test_next_line_task_offers_no_choice_twice(tmp_path):
+    """Where most lines of the val split are one line repeated (in several documents, and twice in each), a
+    question's four choices are still four different lines."""
+    tok = Tokenizer.train([f"line {i} of words" for i in range(200)], 600)
+    docs = [["a first line"] + [f"question line {i}" for i in range(10)]] + [
+        ["a first line", "the same line", "the same line", f"one more line {d}"] for d in range(6)]
+    task = scaling.next_line_task(write_val_split(tmp_path / "data", tok, docs), tok, 100, context=16)
+    assert len(task) > 10 and all(len({tok.decode(ids).strip() for ids in options}) == 4 for _, options, *_ in task)
+
+
+def test_sigmoid_fit_keeps_the_better_climb_and_climbs_to_the_peak():
+    """Two cases from random small ones where the fit's details showed. Five models, all but the first at or below
+    chance (of 388 questions): the peak is a step, the first model's own share there and chance past it; the climb
+    from the flat start ends on a flat curve at chance (lower likelihood), so the better of the two ends must be
+    kept. Three models of 133 questions: 200 steps reach the peak (scipy's Nelder-Mead: k 4.525, x0 0.800), 20 stop
+    at k 4.39, x0 0.873."""
+    nll = [0.569, 0.607, 1.794, 2.076, 2.438]
+    k, x0 = scaling.fit_sigmoid(nll, np.array([107, 81, 86, 98, 97]) / 388, 0.25)
+    assert scaling.sigmoid_accuracy(nll, k, x0, 0.25) == pytest.approx([107 / 388, 0.25, 0.25, 0.25, 0.25], abs=1e-3)
+    k, x0 = scaling.fit_sigmoid([2.206, 2.323, 2.633], np.array([31, 39, 27]) / 133, 0.25)
+    assert (k, x0) == pytest.approx((4.525, 0.800), abs=5e-3)
