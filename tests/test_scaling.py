@@ -420,7 +420,7 @@ def test_bad_flags_are_refused_before_the_sweep(monkeypatch, capsys, tmp_path, f
 def test_model_for_inverts_the_family():
     """At a width of the family (even below 64, heads of 32 from there), the FLOPs of that width give back that
     width and its N exactly (the narrowest included, not None); between two neighbours, the width and N are the
-    straight line between them; up to 2^20 steps of 32 wide (~33.6M) a model, past 2^21 none."""
+    straight line between them; a little past 2^20 heads of 32 (33.6M wide) still a model, past 2^21 none."""
     def at(width):
         m = scaling.meta_model(scaling.model_args(width, 8192, 256))
         return m.flops_per_token(256), m.num_params()
